@@ -1,0 +1,17 @@
+//! lethe: a model-serving sidecar that makes a language model forget.
+//!
+//! It hosts TinyMem (GPT-2) and Pythia (GPT-NeoX) models on candle, audits them for verbatim
+//! regurgitation, and removes memorized sequences from the weights with BalancedSubnet
+//! (Sakarvadia et al., ICLR 2025). This crate is the library; `src/main.rs` is a thin CLI over it.
+
+pub mod bench;
+pub mod cli;
+pub mod engine;
+pub mod error;
+pub mod loader;
+pub mod models;
+pub mod runtime;
+pub mod tokenizer;
+pub mod util;
+
+pub use error::{Error, Result};

@@ -1,0 +1,158 @@
+//! `lethe bench …`: measurements behind `docs/benchmarks.md`. Not tests: they are run by hand,
+//! print one JSON object, and report medians of several timed runs after a warm-up.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use clap::{Args, Subcommand, ValueEnum};
+
+use crate::engine::{self, GenerateRequest};
+use crate::models::{gpt2, gpt_neox, Model, ModelConfig, Weights};
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Greedy decode throughput on a random-weight model of a given shape.
+    Decode(DecodeArgs),
+}
+
+/// Model shapes the benchmarks use.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Shape {
+    /// TinyMem: GPT-2, 4 layers, 128 wide, 4 heads, vocab 14, context 150.
+    Tinymem,
+    /// Pythia-70m: GPT-NeoX, 6 layers, 512 wide, 8 heads, vocab 50304.
+    Pythia70m,
+}
+
+#[derive(Debug, Args)]
+pub struct DecodeArgs {
+    #[arg(long, value_enum, default_value = "tinymem")]
+    pub shape: Shape,
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Prompt tokens per sequence.
+    #[arg(long, default_value_t = 16)]
+    pub prompt_tokens: usize,
+    /// New tokens per sequence.
+    #[arg(long, default_value_t = 100)]
+    pub new_tokens: usize,
+    /// Timed runs (after one warm-up); the median is reported.
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Print JSON (the only output format; accepted for symmetry with other commands).
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Decode(a) => decode(a),
+    }
+}
+
+/// The config of a benchmark shape.
+pub fn shape_config(shape: Shape) -> ModelConfig {
+    match shape {
+        Shape::Tinymem => ModelConfig::Gpt2(gpt2::Config {
+            vocab_size: 14,
+            n_positions: 150,
+            n_embd: 128,
+            n_layer: 4,
+            n_head: 4,
+            n_inner: 512,
+            activation: crate::models::ops::Activation::Relu,
+            layer_norm_epsilon: 1e-5,
+            tie_word_embeddings: true,
+            scale_attn_weights: true,
+            scale_attn_by_inverse_layer_idx: false,
+            initializer_range: 0.8 / 128f64.sqrt(),
+            bos_token_id: Some(10),
+            eos_token_id: Some(11),
+            pad_token_id: Some(13),
+        }),
+        Shape::Pythia70m => ModelConfig::GptNeoX(gpt_neox::Config {
+            vocab_size: 50304,
+            hidden_size: 512,
+            num_hidden_layers: 6,
+            num_attention_heads: 8,
+            intermediate_size: 2048,
+            max_position_embeddings: 2048,
+            rotary_pct: 0.25,
+            rotary_emb_base: 10000.0,
+            use_parallel_residual: true,
+            layer_norm_eps: 1e-5,
+            activation: crate::models::ops::Activation::Gelu,
+            tie_word_embeddings: false,
+            attention_bias: true,
+            initializer_range: 0.02,
+            bos_token_id: Some(0),
+            eos_token_id: Some(0),
+            pad_token_id: None,
+        }),
+    }
+}
+
+/// A model of `config` with random (untracked) weights.
+pub fn random_model(config: &ModelConfig, device: &Device) -> anyhow::Result<Model> {
+    let init = Weights::init(DType::F32, device);
+    let trained = Model::new(config, &init)?;
+    let map = trained
+        .named_tensors()
+        .iter()
+        .map(|(n, t)| (n.clone(), t.detach()))
+        .collect();
+    Ok(Model::new(config, &Weights::from_tensors(map, "random"))?)
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+fn decode(a: DecodeArgs) -> anyhow::Result<()> {
+    let config = shape_config(a.shape);
+    let model = random_model(&config, &Device::Cpu)?;
+    let spec = model.spec();
+    let reqs: Vec<GenerateRequest> = (0..a.batch)
+        .map(|b| {
+            let prompt = (0..a.prompt_tokens)
+                .map(|i| ((b * 7 + i * 3) % (spec.vocab_size - 1)) as u32)
+                .collect();
+            let mut r = GenerateRequest::greedy(prompt, a.new_tokens);
+            r.banned_ids.extend(spec.eos_token_id);
+            r
+        })
+        .collect();
+    engine::generate(&model, None, &reqs)?;
+    let mut times = Vec::new();
+    for _ in 0..a.runs.max(1) {
+        let t = Instant::now();
+        let out = engine::generate(&model, None, &reqs)?;
+        times.push(t.elapsed().as_secs_f64());
+        anyhow::ensure!(
+            out.iter().all(|g| g.tokens.len() == a.new_tokens),
+            "short generation"
+        );
+    }
+    let secs = median(times.clone());
+    let tokens = (a.batch * a.new_tokens) as f64;
+    let v = serde_json::json!({
+        "benchmark": "decode",
+        "shape": format!("{:?}", a.shape).to_lowercase(),
+        "batch": a.batch,
+        "prompt_tokens": a.prompt_tokens,
+        "new_tokens": a.new_tokens,
+        "runs": times.len(),
+        "median_seconds": secs,
+        "tokens_per_second": tokens / secs,
+        "threads": std::env::var("RAYON_NUM_THREADS").ok(),
+    });
+    println!("{v}");
+    Ok(())
+}

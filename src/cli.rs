@@ -1,0 +1,268 @@
+//! The `lethe` command line: argument definitions and the commands they run.
+//!
+//! Every flag is documented and settable through a `LETHE_…` environment variable. Commands
+//! print machine-readable JSON on stdout where asked (`--json`) and log to stderr.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use candle_core::DType;
+use clap::{Args, Parser, Subcommand};
+
+use crate::engine::{self, GenerateRequest, SamplingParams};
+use crate::loader::{self, LoadedModel};
+use crate::runtime;
+
+/// lethe: serve a language model and make it forget memorized sequences.
+#[derive(Debug, Parser)]
+#[command(name = "lethe", version, about)]
+pub struct Cli {
+    /// Compute threads (default: the CPUs this process may use).
+    #[arg(long, global = true, env = "LETHE_THREADS")]
+    pub threads: Option<usize>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Continue a prompt.
+    Generate(GenerateArgs),
+    /// Per-line mean negative log-likelihood and perplexity of a text file.
+    Score(ScoreArgs),
+    /// Print a model's architecture, size, dtype and context length.
+    Inspect(InspectArgs),
+    /// Benchmarks (run by hand; results go to docs/benchmarks.md).
+    #[command(subcommand)]
+    Bench(crate::bench::BenchCommand),
+}
+
+/// Which model to load and where to run it.
+#[derive(Debug, Args, Clone)]
+pub struct ModelArgs {
+    /// Model directory or Hugging Face hub id `org/name[@revision]` (default: the bundled TinyMem
+    /// noise model).
+    #[arg(long, env = "LETHE_MODEL")]
+    pub model: Option<String>,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, env = "LETHE_DEVICE", default_value = "cpu")]
+    pub device: String,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> anyhow::Result<LoadedModel> {
+        let device = runtime::parse_device(&self.device)?;
+        let spec = match &self.model {
+            Some(m) => m.clone(),
+            None => {
+                let dir = loader::bundled_model_dir();
+                if !dir.is_dir() {
+                    bail!(
+                        "no --model given and the bundled model is missing at {}",
+                        dir.display()
+                    );
+                }
+                dir.display().to_string()
+            }
+        };
+        loader::load(&spec, &device, DType::F32).with_context(|| format!("loading model {spec}"))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Maximum number of new tokens.
+    #[arg(long, default_value_t = 32, env = "LETHE_MAX_TOKENS")]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling mass in (0, 1].
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Keep only the k most likely tokens (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Sampling seed (same seed, same output).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Never generate the EOS token.
+    #[arg(long)]
+    pub ban_eos: bool,
+    /// Print a JSON object instead of plain text.
+    #[arg(long)]
+    pub json: bool,
+    /// The prompt text.
+    pub prompt: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Print one JSON object per line (otherwise a table).
+    #[arg(long)]
+    pub json: bool,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Text file; each line is one sequence ("-" for stdin).
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    runtime::configure_threads(cli.threads);
+    match cli.command {
+        Command::Generate(a) => generate(a),
+        Command::Score(a) => score(a),
+        Command::Inspect(a) => inspect(a),
+        Command::Bench(b) => crate::bench::run(b),
+    }
+}
+
+fn generate(a: GenerateArgs) -> anyhow::Result<()> {
+    let lm = a.model.load()?;
+    let prompt = lm.tokenizer.encode(&a.prompt)?;
+    let mut req = GenerateRequest::greedy(prompt.clone(), a.max_tokens);
+    req.sampling = SamplingParams {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k,
+        seed: a.seed,
+    };
+    req.stop = a.stop;
+    if a.ban_eos {
+        req.banned_ids.extend(lm.model.spec().eos_token_id);
+    }
+    let out = engine::generate(&lm.model, Some(&lm.tokenizer), &[req])?.remove(0);
+    let text = out.text.clone().unwrap_or_default();
+    let stdout = std::io::stdout();
+    let mut w = stdout.lock();
+    if a.json {
+        let v = serde_json::json!({
+            "prompt": a.prompt,
+            "prompt_tokens": prompt.len(),
+            "text": text,
+            "tokens": out.tokens,
+            "finish_reason": out.finish_reason.as_str(),
+        });
+        writeln!(w, "{v}")?;
+    } else {
+        writeln!(w, "{}{}", a.prompt, text)?;
+    }
+    Ok(())
+}
+
+fn score(a: ScoreArgs) -> anyhow::Result<()> {
+    let lm = a.model.load()?;
+    let reader: Box<dyn BufRead> = if a.file.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        let f = std::fs::File::open(&a.file)
+            .with_context(|| format!("opening {}", a.file.display()))?;
+        Box::new(std::io::BufReader::new(f))
+    };
+    let mut seqs = Vec::new();
+    for (i, line) in reader.lines().enumerate() {
+        let line = line.with_context(|| {
+            format!(
+                "{}: line {} is not valid UTF-8 text",
+                a.file.display(),
+                i + 1
+            )
+        })?;
+        let line = line.strip_suffix('\r').unwrap_or(&line);
+        let ids = lm.tokenizer.encode(line)?;
+        if ids.len() < 2 {
+            bail!(
+                "{}: line {} has {} token(s); scoring needs at least 2",
+                a.file.display(),
+                i + 1,
+                ids.len()
+            );
+        }
+        let ctx = lm.model.spec().context_length;
+        if ids.len() > ctx {
+            bail!(
+                "{}: line {} has {} tokens, more than the model's context length {ctx}",
+                a.file.display(),
+                i + 1,
+                ids.len()
+            );
+        }
+        seqs.push(ids);
+    }
+    let scores = engine::score(&lm.model, &seqs, a.batch_size)?;
+    let stdout = std::io::stdout();
+    let mut w = stdout.lock();
+    if !a.json {
+        writeln!(
+            w,
+            "{:>6} {:>7} {:>10} {:>12}",
+            "line", "tokens", "nll", "perplexity"
+        )?;
+    }
+    for (i, s) in scores.iter().enumerate() {
+        if a.json {
+            let v = serde_json::json!({"line": i + 1, "tokens": s.tokens, "nll": s.nll, "perplexity": s.perplexity});
+            writeln!(w, "{v}")?;
+        } else {
+            writeln!(
+                w,
+                "{:>6} {:>7} {:>10.5} {:>12.4}",
+                i + 1,
+                s.tokens,
+                s.nll,
+                s.perplexity
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn inspect(a: InspectArgs) -> anyhow::Result<()> {
+    let lm = a.model.load()?;
+    let spec = lm.model.spec();
+    let v = serde_json::json!({
+        "source": lm.source,
+        "dir": lm.dir.display().to_string(),
+        "architecture": spec.architecture.model_type(),
+        "parameters": lm.model.num_parameters(),
+        "stored_dtype": lm.stored_dtype,
+        "compute_dtype": format!("{:?}", lm.model.dtype()).to_lowercase(),
+        "context_length": spec.context_length,
+        "layers": spec.num_layers,
+        "hidden_size": spec.hidden_size,
+        "heads": spec.num_heads,
+        "intermediate_size": spec.intermediate_size,
+        "vocab_size": spec.vocab_size,
+        "tokenizer_vocab_size": lm.tokenizer.vocab_size(),
+        "eos_token_id": spec.eos_token_id,
+    });
+    let stdout = std::io::stdout();
+    let mut w = stdout.lock();
+    if a.json {
+        writeln!(w, "{v}")?;
+    } else {
+        for (k, val) in v.as_object().into_iter().flatten() {
+            writeln!(w, "{k:>22}: {}", val.to_string().trim_matches('"'))?;
+        }
+    }
+    Ok(())
+}

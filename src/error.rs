@@ -1,0 +1,68 @@
+//! The library's error type.
+//!
+//! Every fallible operation in the library returns [`Result`]. Variants are chosen so a caller can
+//! tell *whose* problem it is: the operator's (a missing file, a malformed config), the client's
+//! (bad input), or ours (a tensor-shape bug surfaces as [`Error::Candle`]). Messages always name
+//! the file, tensor, field or value at fault; nothing in the library panics on input.
+
+use std::path::PathBuf;
+
+/// Errors raised by lethe's library code.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file the model needs could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A required file is absent from a model directory.
+    #[error("model directory {dir} has no {file}")]
+    MissingFile { dir: PathBuf, file: String },
+    /// `config.json` (or another JSON file) is malformed or inconsistent.
+    #[error("invalid {file}: {message}")]
+    Config { file: String, message: String },
+    /// `model_type` names an architecture lethe does not implement.
+    #[error("unsupported model_type {0:?} (lethe serves \"gpt2\" and \"gpt_neox\")")]
+    UnsupportedArchitecture(String),
+    /// A checkpoint lacks a tensor or stores it with the wrong shape.
+    #[error("checkpoint {file}: {message}")]
+    Weights { file: String, message: String },
+    /// Tokenizer load or encode/decode failure.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// The Hugging Face hub cache could not resolve a model id.
+    #[error("hub: {0}")]
+    Hub(String),
+    /// A request or argument is invalid; `field` names what is wrong.
+    #[error("invalid {field}: {message}")]
+    InvalidInput { field: String, message: String },
+    /// A long-running job was cancelled cooperatively.
+    #[error("cancelled")]
+    Cancelled,
+    /// A tensor operation failed. On validated input this is a bug in lethe.
+    #[error("tensor operation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// The library's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Shorthand for [`Error::InvalidInput`].
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::InvalidInput {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Shorthand for [`Error::Config`].
+    pub fn config(file: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Config {
+            file: file.into(),
+            message: message.into(),
+        }
+    }
+}

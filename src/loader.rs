@@ -1,0 +1,250 @@
+//! Resolving `--model` and loading a model directory.
+//!
+//! `--model` is a local directory (`config.json`, `model.safetensors` or a sharded
+//! `model.safetensors.index.json`, `tokenizer.json`) or a hub id `org/name[@revision]`. Hub ids are
+//! looked up in the Hugging Face cache first (`HF_HUB_CACHE`, else `$HF_HOME/hub`, else
+//! `~/.cache/huggingface/hub`), which works offline; only on a cache miss, and never when
+//! `HF_HUB_OFFLINE` is set, does lethe download through hf-hub. The architecture is chosen from
+//! `config.json`'s `model_type`.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+
+use crate::error::{Error, Result};
+use crate::models::{Model, ModelConfig, Weights};
+use crate::tokenizer::Tokenizer;
+
+/// A model ready to run, with where it came from.
+#[derive(Debug, Clone)]
+pub struct LoadedModel {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    /// The directory the files were read from.
+    pub dir: PathBuf,
+    /// What the user asked for (`--model`).
+    pub source: String,
+    /// The dtype the checkpoint stores its floating tensors in (compute is in `model.dtype()`).
+    pub stored_dtype: String,
+    /// `config.json` exactly as read, so derived checkpoints keep every key.
+    pub config_json: String,
+}
+
+/// The directory of the model that ships with lethe (`models/tinymem-noise`).
+pub fn bundled_model_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models")
+        .join("tinymem-noise")
+}
+
+/// Loads `spec` (a directory or hub id) onto `device`, computing in `dtype`.
+pub fn load(spec: &str, device: &Device, dtype: DType) -> Result<LoadedModel> {
+    let dir = resolve(spec)?;
+    load_dir(&dir, spec, device, dtype)
+}
+
+/// Loads a model directory.
+pub fn load_dir(dir: &Path, source: &str, device: &Device, dtype: DType) -> Result<LoadedModel> {
+    let config_path = require(dir, "config.json")?;
+    let tokenizer_path = require(dir, "tokenizer.json")?;
+    let config_json = std::fs::read_to_string(&config_path).map_err(|source| Error::Io {
+        path: config_path.clone(),
+        source,
+    })?;
+    let config = ModelConfig::from_json(&config_json, &config_path.display().to_string())?;
+    let stored_dtype = serde_json::from_str::<serde_json::Value>(&config_json)
+        .ok()
+        .and_then(|v| {
+            v.get("torch_dtype")
+                .or_else(|| v.get("dtype"))
+                .and_then(|d| d.as_str().map(str::to_string))
+        })
+        .unwrap_or_else(|| "float32".to_string());
+    let weights = Weights::from_dir(dir, dtype, device)?;
+    let model = Model::new(&config, &weights)?;
+    let tokenizer = Tokenizer::from_file(&tokenizer_path)?;
+    let spec = model.spec();
+    if tokenizer.vocab_size() > spec.vocab_size {
+        return Err(Error::config(
+            tokenizer_path.display().to_string(),
+            format!(
+                "tokenizer has {} tokens but the model's vocab_size is {}",
+                tokenizer.vocab_size(),
+                spec.vocab_size
+            ),
+        ));
+    }
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        dir: dir.to_path_buf(),
+        source: source.to_string(),
+        stored_dtype,
+        config_json,
+    })
+}
+
+fn require(dir: &Path, file: &str) -> Result<PathBuf> {
+    let p = dir.join(file);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(Error::MissingFile {
+            dir: dir.to_path_buf(),
+            file: file.to_string(),
+        })
+    }
+}
+
+/// Turns `--model` into a local directory.
+pub fn resolve(spec: &str) -> Result<PathBuf> {
+    let path = Path::new(spec);
+    if path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    let Some(hub) = HubId::parse(spec) else {
+        return Err(Error::invalid(
+            "model",
+            format!("{spec:?} is neither a directory nor a hub id of the form org/name[@revision]"),
+        ));
+    };
+    if let Some(dir) = cached_snapshot(&hub_cache_dir(), &hub) {
+        return Ok(dir);
+    }
+    if env_flag("HF_HUB_OFFLINE") {
+        return Err(Error::Hub(format!(
+            "{spec} is not in the Hugging Face cache at {} and HF_HUB_OFFLINE is set",
+            hub_cache_dir().display()
+        )));
+    }
+    download(&hub)
+}
+
+/// `org/name[@revision]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubId {
+    pub owner: String,
+    pub name: String,
+    pub revision: String,
+}
+
+impl HubId {
+    pub fn parse(spec: &str) -> Option<Self> {
+        let (repo, revision) = match spec.split_once('@') {
+            Some((r, rev)) if !rev.is_empty() => (r, rev),
+            Some(_) => return None,
+            None => (spec, "main"),
+        };
+        let (owner, name) = repo.split_once('/')?;
+        let ok = |s: &str| {
+            !s.is_empty()
+                && !s.starts_with('.')
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        };
+        if !ok(owner) || !ok(name) || revision.contains("..") {
+            return None;
+        }
+        Some(Self {
+            owner: owner.to_string(),
+            name: name.to_string(),
+            revision: revision.to_string(),
+        })
+    }
+}
+
+fn env_flag(name: &str) -> bool {
+    std::env::var(name)
+        .is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+}
+
+/// The hub cache directory, following huggingface_hub's precedence.
+pub fn hub_cache_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("HF_HUB_CACHE") {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = std::env::var_os("HF_HOME") {
+        return PathBuf::from(p).join("hub");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    home.join(".cache").join("huggingface").join("hub")
+}
+
+/// The snapshot directory of `id` in `cache`, if it holds a complete model.
+pub fn cached_snapshot(cache: &Path, id: &HubId) -> Option<PathBuf> {
+    let repo = cache.join(format!("models--{}--{}", id.owner, id.name));
+    let refs = repo.join("refs").join(&id.revision);
+    let commit = match std::fs::read_to_string(&refs) {
+        Ok(s) => s.trim().to_string(),
+        // A revision given as a commit hash has no ref file.
+        Err(_) => id.revision.clone(),
+    };
+    let dir = repo.join("snapshots").join(commit);
+    let complete = dir.join("config.json").is_file()
+        && dir.join("tokenizer.json").is_file()
+        && (dir.join("model.safetensors").is_file()
+            || dir.join("model.safetensors.index.json").is_file());
+    complete.then_some(dir)
+}
+
+fn download(id: &HubId) -> Result<PathBuf> {
+    let hub_err = |e: hf_hub::HFError| Error::Hub(format!("{}/{}: {e}", id.owner, id.name));
+    let client = hf_hub::HFClientSync::new().map_err(hub_err)?;
+    let repo = client.model(id.owner.clone(), id.name.clone());
+    let fetch = |file: &str| -> Result<PathBuf> {
+        tracing::info!(file, repo = %format!("{}/{}", id.owner, id.name), "downloading");
+        repo.download_file()
+            .filename(file)
+            .revision(id.revision.clone())
+            .send()
+            .map_err(hub_err)
+    };
+    let config = fetch("config.json")?;
+    fetch("tokenizer.json")?;
+    match fetch("model.safetensors") {
+        Ok(_) => {}
+        Err(_) => {
+            let index = fetch("model.safetensors.index.json")?;
+            let text = std::fs::read_to_string(&index).map_err(|source| Error::Io {
+                path: index.clone(),
+                source,
+            })?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::config(index.display().to_string(), e.to_string()))?;
+            let mut shards: Vec<String> = json["weight_map"]
+                .as_object()
+                .map(|m| {
+                    m.values()
+                        .filter_map(|v| v.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default();
+            shards.sort();
+            shards.dedup();
+            for s in shards {
+                fetch(&s)?;
+            }
+        }
+    }
+    Ok(config.parent().unwrap_or(Path::new(".")).to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_ids_parse() {
+        let id = HubId::parse("EleutherAI/pythia-70m@step3000").unwrap();
+        assert_eq!(
+            (id.owner.as_str(), id.name.as_str(), id.revision.as_str()),
+            ("EleutherAI", "pythia-70m", "step3000")
+        );
+        assert_eq!(HubId::parse("a/b").unwrap().revision, "main");
+        for bad in ["noslash", "a/b@", "../x/y", "a/b/c", "a b/c", "/b"] {
+            assert!(HubId::parse(bad).is_none(), "{bad}");
+        }
+    }
+}

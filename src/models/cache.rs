@@ -1,0 +1,96 @@
+//! The key/value cache, owned by the caller rather than the model.
+//!
+//! Keeping the cache outside the model lets one immutable, shared model (`Arc<Model>`) serve many
+//! generations at once and be swapped atomically. Storage per layer is a preallocated
+//! `[batch, heads, capacity, head_dim]` buffer written in place; capacity doubles when full, so
+//! appending a token costs O(new tokens), not O(sequence). Invariant: every layer holds exactly
+//! [`KvCache::len`] positions. The cache is an inference structure: it is never used under
+//! autograd (training and unlearning run full sequences without one).
+
+use candle_core::{Result, Tensor};
+
+#[derive(Debug, Clone)]
+struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+}
+
+/// Per-layer key/value buffers for a batch of sequences.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<LayerKv>>,
+    len: usize,
+    capacity: usize,
+}
+
+impl KvCache {
+    /// An empty cache for a model with `num_layers` blocks.
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: vec![None; num_layers],
+            len: 0,
+            capacity: 0,
+        }
+    }
+
+    /// Number of cached positions (the same in every layer).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends `k`, `v: [B, H, T, D]` for `layer` and returns all cached keys and values,
+    /// `[B, H, len + T, D]`. The last layer to append advances [`KvCache::len`].
+    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, h, t, d) = k.dims4()?;
+        let start = self.len;
+        let needed = start + t;
+        if needed > self.capacity {
+            let new_cap = needed.max(self.capacity * 2).max(16);
+            for entry in self.layers.iter_mut().flatten() {
+                entry.k = grow(&entry.k, new_cap, start)?;
+                entry.v = grow(&entry.v, new_cap, start)?;
+            }
+            self.capacity = new_cap;
+        }
+        let entry = match &mut self.layers[layer] {
+            Some(e) => e,
+            slot @ None => {
+                let shape = (b, h, self.capacity, d);
+                slot.insert(LayerKv {
+                    k: Tensor::zeros(shape, k.dtype(), k.device())?,
+                    v: Tensor::zeros(shape, v.dtype(), v.device())?,
+                })
+            }
+        };
+        entry.k.slice_set(&k.contiguous()?, 2, start)?;
+        entry.v.slice_set(&v.contiguous()?, 2, start)?;
+        let out = (entry.k.narrow(2, 0, needed)?, entry.v.narrow(2, 0, needed)?);
+        if layer + 1 == self.layers.len() {
+            self.len = needed;
+        }
+        Ok(out)
+    }
+
+    /// Keeps only the batch rows in `rows` (in that order), e.g. to drop finished sequences.
+    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
+        for entry in self.layers.iter_mut().flatten() {
+            entry.k = entry.k.index_select(rows, 0)?.contiguous()?;
+            entry.v = entry.v.index_select(rows, 0)?.contiguous()?;
+        }
+        Ok(())
+    }
+}
+
+/// Copies the first `used` positions of `t` into a buffer of `capacity` positions.
+fn grow(t: &Tensor, capacity: usize, used: usize) -> Result<Tensor> {
+    let (b, h, _, d) = t.dims4()?;
+    let bigger = Tensor::zeros((b, h, capacity, d), t.dtype(), t.device())?;
+    if used > 0 {
+        bigger.slice_set(&t.narrow(2, 0, used)?.contiguous()?, 2, 0)?;
+    }
+    Ok(bigger)
+}

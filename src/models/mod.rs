@@ -1,0 +1,339 @@
+//! The model runtime: the two architectures lethe serves, behind one [`Model`] type.
+//!
+//! Invariants every architecture keeps:
+//! - `forward(&self, ..)` never mutates the model; the KV cache is the caller's ([`KvCache`]), so
+//!   one `Arc<Model>` serves many requests and is swapped atomically as a whole.
+//! - Parameters use Hugging Face's names and layouts (GPT-2 `Conv1D` as `[in, out]`, GPT-NeoX
+//!   `Linear` as `[out, in]`), so a checkpoint written by transformers loads unchanged and one
+//!   written by lethe loads in transformers.
+//! - The two MLP weight matrices of every block can be replaced at call time by tensors the caller
+//!   supplies ([`MlpWeights`]); BalancedSubnet trains a mask over exactly these through the same
+//!   forward that serves inference.
+
+pub mod cache;
+pub mod gpt2;
+pub mod gpt_neox;
+pub mod ops;
+pub mod weights;
+
+use candle_core::{DType, Device, Result as CResult, Tensor};
+use serde::Deserialize;
+
+pub use cache::KvCache;
+pub use weights::{Params, Weights};
+
+use crate::error::{Error, Result};
+
+/// The architectures lethe implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    Gpt2,
+    GptNeoX,
+}
+
+impl Architecture {
+    /// The `model_type` string of `config.json`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Self::Gpt2 => "gpt2",
+            Self::GptNeoX => "gpt_neox",
+        }
+    }
+}
+
+impl std::fmt::Display for Architecture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.model_type())
+    }
+}
+
+/// Facts about a model that callers need, whatever its architecture.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSpec {
+    pub architecture: Architecture,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub intermediate_size: usize,
+    /// Maximum number of positions (prompt + generated tokens).
+    pub context_length: usize,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+    pub pad_token_id: Option<u32>,
+}
+
+/// A parsed, validated `config.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelConfig {
+    Gpt2(gpt2::Config),
+    GptNeoX(gpt_neox::Config),
+}
+
+impl ModelConfig {
+    /// Parses `config.json` text; `file` names it in errors.
+    pub fn from_json(text: &str, file: &str) -> Result<Self> {
+        #[derive(Deserialize)]
+        struct Probe {
+            model_type: Option<String>,
+        }
+        let probe: Probe =
+            serde_json::from_str(text).map_err(|e| Error::config(file, e.to_string()))?;
+        match probe.model_type.as_deref() {
+            Some("gpt2") => Ok(Self::Gpt2(gpt2::Config::from_json(text, file)?)),
+            Some("gpt_neox") => Ok(Self::GptNeoX(gpt_neox::Config::from_json(text, file)?)),
+            Some(other) => Err(Error::UnsupportedArchitecture(other.to_string())),
+            None => Err(Error::config(file, "missing \"model_type\"")),
+        }
+    }
+
+    pub fn spec(&self) -> ModelSpec {
+        match self {
+            Self::Gpt2(c) => c.spec(),
+            Self::GptNeoX(c) => c.spec(),
+        }
+    }
+
+    /// The `config.json` text Hugging Face transformers reads for this config.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        match self {
+            Self::Gpt2(c) => c.to_hf_json(),
+            Self::GptNeoX(c) => c.to_hf_json(),
+        }
+    }
+}
+
+/// One forward call's inputs: token ids, their position ids, and the attention mask.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    /// `[B, T]` u32 token ids.
+    pub ids: Tensor,
+    /// `[B, T]` u32 position ids.
+    pub positions: Tensor,
+    /// `[B, 1, T, S]` additive mask (0 = attend, −∞ = masked) over the `S = cached + T` keys, or
+    /// `None` for unpadded rows that continue at the same offset (plain causal attention).
+    pub mask: Option<Tensor>,
+}
+
+impl Inputs {
+    /// Unpadded rows of equal length whose first token sits at position `past`, which must equal
+    /// the number of positions already in the cache (0 without one).
+    pub fn causal(ids: &Tensor, past: usize) -> CResult<Self> {
+        let (b, t) = ids.dims2()?;
+        let pos: Vec<u32> = (0..b)
+            .flat_map(|_| (past..past + t).map(|p| p as u32))
+            .collect();
+        let positions = Tensor::from_vec(pos, (b, t), ids.device())?;
+        Ok(Self {
+            ids: ids.clone(),
+            positions,
+            mask: None,
+        })
+    }
+}
+
+/// Builds the causal mask `[1, 1, T, past + T]` for unpadded rows, or `None` when `T == 1`.
+pub(crate) fn causal_mask(
+    t: usize,
+    past: usize,
+    dtype: DType,
+    dev: &Device,
+) -> CResult<Option<Tensor>> {
+    if t <= 1 {
+        return Ok(None);
+    }
+    let s = past + t;
+    let data: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..s).map(move |j| {
+                if j <= past + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Ok(Some(
+        Tensor::from_vec(data, (1, 1, t, s), dev)?.to_dtype(dtype)?,
+    ))
+}
+
+/// Replacement MLP weights, one `(input projection, output projection)` pair per block, each in
+/// the checkpoint's own layout (GPT-2 `c_fc`/`c_proj` `[in, out]`; GPT-NeoX
+/// `dense_h_to_4h`/`dense_4h_to_h` `[out, in]`).
+#[derive(Debug, Clone)]
+pub struct MlpWeights(pub Vec<(Tensor, Tensor)>);
+
+/// A loaded model of either architecture.
+#[derive(Debug, Clone)]
+pub enum Model {
+    Gpt2(gpt2::Gpt2),
+    GptNeoX(gpt_neox::GptNeoX),
+}
+
+impl Model {
+    /// Builds the model from `weights` (a checkpoint, or fresh initialisation for training).
+    pub fn new(config: &ModelConfig, weights: &Weights) -> Result<Self> {
+        let mut params = Params::new(weights);
+        Ok(match config {
+            ModelConfig::Gpt2(c) => Self::Gpt2(gpt2::Gpt2::new(c.clone(), &mut params)?),
+            ModelConfig::GptNeoX(c) => {
+                Self::GptNeoX(gpt_neox::GptNeoX::new(c.clone(), &mut params)?)
+            }
+        })
+    }
+
+    pub fn config(&self) -> ModelConfig {
+        match self {
+            Self::Gpt2(m) => ModelConfig::Gpt2(m.config().clone()),
+            Self::GptNeoX(m) => ModelConfig::GptNeoX(m.config().clone()),
+        }
+    }
+
+    pub fn spec(&self) -> ModelSpec {
+        self.config().spec()
+    }
+
+    pub fn device(&self) -> &Device {
+        match self {
+            Self::Gpt2(m) => m.device(),
+            Self::GptNeoX(m) => m.device(),
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self {
+            Self::Gpt2(m) => m.dtype(),
+            Self::GptNeoX(m) => m.dtype(),
+        }
+    }
+
+    /// Runs the blocks and the final LayerNorm: hidden states `[B, T, H]`.
+    ///
+    /// `cache`, when given, must hold exactly the positions before `inputs` and is extended by
+    /// them. `mlp`, when given, replaces every block's MLP weight matrices for this call.
+    pub fn forward_hidden(
+        &self,
+        inputs: &Inputs,
+        cache: Option<&mut KvCache>,
+        mlp: Option<&MlpWeights>,
+    ) -> CResult<Tensor> {
+        if let Some(m) = mlp {
+            if m.0.len() != self.spec().num_layers {
+                candle_core::bail!(
+                    "MLP override has {} layers, model has {}",
+                    m.0.len(),
+                    self.spec().num_layers
+                );
+            }
+        }
+        match self {
+            Self::Gpt2(m) => m.forward_hidden(inputs, cache, mlp),
+            Self::GptNeoX(m) => m.forward_hidden(inputs, cache, mlp),
+        }
+    }
+
+    /// Projects hidden states `[.., H]` to vocabulary logits `[.., V]`.
+    pub fn logits(&self, hidden: &Tensor) -> CResult<Tensor> {
+        match self {
+            Self::Gpt2(m) => m.logits(hidden),
+            Self::GptNeoX(m) => m.logits(hidden),
+        }
+    }
+
+    /// `forward_hidden` followed by `logits`: `[B, T, V]`.
+    pub fn forward(
+        &self,
+        inputs: &Inputs,
+        cache: Option<&mut KvCache>,
+        mlp: Option<&MlpWeights>,
+    ) -> CResult<Tensor> {
+        self.logits(&self.forward_hidden(inputs, cache, mlp)?)
+    }
+
+    /// The model's own MLP weight matrices, in the layout [`MlpWeights`] documents.
+    pub fn mlp_weights(&self) -> MlpWeights {
+        match self {
+            Self::Gpt2(m) => m.mlp_weights(),
+            Self::GptNeoX(m) => m.mlp_weights(),
+        }
+    }
+
+    /// Checkpoint names of the MLP matrices, parallel to [`Model::mlp_weights`].
+    pub fn mlp_weight_names(&self) -> Vec<(String, String)> {
+        match self {
+            Self::Gpt2(m) => m.mlp_weight_names(),
+            Self::GptNeoX(m) => m.mlp_weight_names(),
+        }
+    }
+
+    /// Whether MLP matrices are stored `[out, in]` (`nn.Linear`) rather than `[in, out]`.
+    pub fn mlp_is_linear_layout(&self) -> bool {
+        matches!(self, Self::GptNeoX(_))
+    }
+
+    /// Every parameter under its Hugging Face name, as a checkpoint stores it (a tied LM head is
+    /// not repeated).
+    pub fn named_tensors(&self) -> &[(String, Tensor)] {
+        match self {
+            Self::Gpt2(m) => m.named_tensors(),
+            Self::GptNeoX(m) => m.named_tensors(),
+        }
+    }
+
+    /// Total number of parameters (a tied head counted once).
+    pub fn num_parameters(&self) -> usize {
+        self.named_tensors()
+            .iter()
+            .map(|(_, t)| t.elem_count())
+            .sum()
+    }
+
+    /// A new model sharing every tensor with `self` except the MLP matrices, replaced by `mlp`
+    /// (used to publish unlearned weights without touching the live model).
+    pub fn with_mlp_weights(&self, mlp: &MlpWeights) -> Result<Self> {
+        let names = self.mlp_weight_names();
+        if mlp.0.len() != names.len() {
+            return Err(Error::invalid(
+                "mlp",
+                format!("{} layers given, model has {}", mlp.0.len(), names.len()),
+            ));
+        }
+        let mut map: std::collections::HashMap<String, Tensor> =
+            self.named_tensors().iter().cloned().collect();
+        for ((n_in, n_out), (w_in, w_out)) in names.iter().zip(&mlp.0) {
+            for (name, w) in [(n_in, w_in), (n_out, w_out)] {
+                let old = &map[name];
+                if old.dims() != w.dims() {
+                    return Err(Error::invalid(
+                        "mlp",
+                        format!("{name}: shape {:?}, expected {:?}", w.dims(), old.dims()),
+                    ));
+                }
+                map.insert(name.clone(), w.detach());
+            }
+        }
+        Model::new(
+            &self.config(),
+            &Weights::from_tensors(map, "replacement MLP weights"),
+        )
+    }
+}
+
+/// A token id in `config.json`: a number, or a list whose first entry is used.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum TokenId {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenId {
+    pub(crate) fn first(&self) -> Option<u32> {
+        match self {
+            Self::One(t) => Some(*t),
+            Self::Many(v) => v.first().copied(),
+        }
+    }
+}

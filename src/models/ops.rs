@@ -1,0 +1,221 @@
+//! Numeric building blocks shared by the architectures, each in two forms.
+//!
+//! candle's fused CPU kernels (`candle_nn::ops::layer_norm`, `softmax_last_dim`,
+//! `rotary_emb::rope`) are fast but have **no backward**: used on a tensor that needs a gradient,
+//! they silently cut the graph. Every function here therefore looks at its inputs: when any of
+//! them is tracked by autograd (`Tensor::track_op`), it composes differentiable primitives;
+//! otherwise it calls the fused kernel. Inference gets the fast path, training and unlearning get
+//! correct gradients, and no caller has to choose. Both paths compute the same function; tests
+//! pin them to each other.
+
+use candle_core::{DType, Result, Tensor, D};
+
+/// True when autograd must see through an op on these tensors.
+fn needs_grad(ts: &[&Tensor]) -> bool {
+    ts.iter().any(|t| t.track_op())
+}
+
+/// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * w + b`.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if needs_grad(&[x, w, b]) || x.dtype() != DType::F32 {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+        xn.broadcast_mul(w)?.broadcast_add(b)
+    } else {
+        candle_nn::ops::layer_norm(&x.contiguous()?, w, b, eps as f32)
+    }
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if needs_grad(&[x]) {
+        candle_nn::ops::softmax(x, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(&x.contiguous()?)
+    }
+}
+
+/// Rotary embedding (GPT-NeoX / "rotate_half" convention) of `x: [B, H, T, R]` with
+/// `cos`, `sin: [B, T, R/2]` already gathered at each row's positions.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if needs_grad(&[x, cos, sin]) {
+        let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?;
+        let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(1)?;
+        let half = x.dim(D::Minus1)? / 2;
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+    } else {
+        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos.contiguous()?, &sin.contiguous()?)
+    }
+}
+
+/// MLP activations found in `config.json` files of the supported architectures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Relu,
+    /// Exact GELU, `x·Φ(x)` (Hugging Face `"gelu"`).
+    Gelu,
+    /// Tanh approximation (Hugging Face `"gelu_new"`, `"gelu_fast"`, `"gelu_pytorch_tanh"`).
+    GeluTanh,
+    Silu,
+}
+
+impl Activation {
+    /// Parses a Hugging Face activation name; `None` when lethe does not implement it.
+    pub fn from_hf(name: &str) -> Option<Self> {
+        Some(match name {
+            "relu" => Self::Relu,
+            "gelu" => Self::Gelu,
+            "gelu_new" | "gelu_fast" | "gelu_pytorch_tanh" => Self::GeluTanh,
+            "silu" | "swish" => Self::Silu,
+            _ => return None,
+        })
+    }
+
+    /// The Hugging Face name of this activation.
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Self::Relu => "relu",
+            Self::Gelu => "gelu",
+            Self::GeluTanh => "gelu_new",
+            Self::Silu => "silu",
+        }
+    }
+
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Relu => x.relu(),
+            Self::Gelu => x.gelu_erf(),
+            Self::GeluTanh => x.gelu(),
+            Self::Silu => x.silu(),
+        }
+    }
+}
+
+/// Scaled dot-product attention with an optional additive mask.
+///
+/// `q: [B, H, T, D]`, `k`, `v: [B, H, S, D]`, `mask: [B, 1, T, S]` (0 or −∞), broadcast over heads.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    softmax_last(&scores)?.matmul(v)
+}
+
+/// Applies a `[in, out]` weight (GPT-2 `Conv1D` layout) or an `[out, in]` weight (`nn.Linear`
+/// layout) with an optional bias to `x: [.., in]`.
+pub fn dense(x: &Tensor, w: &Tensor, b: Option<&Tensor>, transposed: bool) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (rows, d_in) = (
+        dims[..dims.len() - 1].iter().product::<usize>(),
+        dims[dims.len() - 1],
+    );
+    let x2 = x.reshape((rows, d_in))?;
+    let y = if transposed {
+        x2.matmul(&w.t()?)?
+    } else {
+        x2.matmul(w)?
+    };
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out_dims = dims;
+    let last = out_dims.len() - 1;
+    out_dims[last] = y.dim(1)?;
+    y.reshape(out_dims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        // Deterministic pseudo-random values in [-2, 2) without touching global RNG state.
+        let n: usize = shape.iter().product();
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn fast_and_differentiable_paths_agree() {
+        let x = rand(&[2, 3, 5, 8], 1);
+        let w = rand(&[8], 2);
+        let b = rand(&[8], 3);
+        let xv = Var::from_tensor(&x).unwrap();
+        let fast = layer_norm(&x, &w, &b, 1e-5).unwrap();
+        let slow = layer_norm(xv.as_tensor(), &w, &b, 1e-5).unwrap();
+        assert!(max_diff(&fast, &slow) < 1e-5);
+
+        let fast = softmax_last(&x).unwrap();
+        let slow = softmax_last(xv.as_tensor()).unwrap();
+        assert!(max_diff(&fast, &slow) < 1e-6);
+
+        let cos = rand(&[2, 5, 4], 4);
+        let sin = rand(&[2, 5, 4], 5);
+        let fast = rope(&x, &cos, &sin).unwrap();
+        let slow = rope(xv.as_tensor(), &cos, &sin).unwrap();
+        assert!(max_diff(&fast, &slow) < 1e-5);
+    }
+
+    #[test]
+    fn differentiable_path_keeps_the_gradient() {
+        let x = Var::from_tensor(&rand(&[4, 8], 7)).unwrap();
+        let w = rand(&[8], 8);
+        let b = rand(&[8], 9);
+        let y = softmax_last(&layer_norm(x.as_tensor(), &w, &b, 1e-5).unwrap()).unwrap();
+        let loss = (y * rand(&[4, 8], 10)).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let g = grads
+            .get(x.as_tensor())
+            .expect("gradient reaches the input");
+        assert!(
+            g.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        );
+    }
+
+    #[test]
+    fn activation_names_round_trip() {
+        for name in ["relu", "gelu", "gelu_new", "silu"] {
+            assert_eq!(Activation::from_hf(name).unwrap().hf_name(), name);
+        }
+        assert!(Activation::from_hf("mish").is_none());
+    }
+}
