@@ -109,6 +109,25 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> R
     softmax_last(&scores)?.matmul(v)
 }
 
+/// Causal language-modelling loss as transformers computes it with `labels = input_ids`: the
+/// mean cross-entropy of `logits[:, t]` against `ids[:, t + 1]` over every row and every one of
+/// the `T − 1` shifted positions (padding included, no ignore index).
+///
+/// `logits: [B, T, V]`, `ids: [B, T]` u32. Returns a scalar.
+pub fn lm_loss(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    per_sequence_lm_loss(logits, ids)?.mean_all()
+}
+
+/// Per-sequence mean cross-entropy over the `T − 1` shifted positions: `[B]`.
+pub fn per_sequence_lm_loss(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let (b, t, v) = logits.dims3()?;
+    let pred = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
+    let target = ids.narrow(1, 1, t - 1)?.contiguous()?.reshape(b * (t - 1))?;
+    let lp = candle_nn::ops::log_softmax(&pred, D::Minus1)?;
+    let picked = lp.gather(&target.unsqueeze(1)?, 1)?.reshape((b, t - 1))?;
+    picked.mean(1)?.neg()
+}
+
 /// Applies a `[in, out]` weight (GPT-2 `Conv1D` layout) or an `[out, in]` weight (`nn.Linear`
 /// layout) with an optional bias to `x: [.., in]`.
 pub fn dense(x: &Tensor, w: &Tensor, b: Option<&Tensor>, transposed: bool) -> Result<Tensor> {
