@@ -11,6 +11,7 @@ pub mod error;
 pub mod loader;
 pub mod models;
 pub mod runtime;
+pub mod tinymem;
 pub mod tokenizer;
 pub mod util;
 

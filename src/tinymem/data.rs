@@ -1,0 +1,1570 @@
+//! The TinyMem math data generator (spec §1.2–1.5): task sequences, the noise and backdoor
+//! artifacts, train/test splits, and the dataset's JSONL form.
+//!
+//! It owns the procedure that turns a [`DataConfig`] into a [`Dataset`], reproducing the
+//! reference's *procedure* (not its PyTorch random streams). Invariants:
+//! * `generate` is a pure function of the config: same config ⇒ identical dataset, on every
+//!   platform and every version of our dependencies (the PRNG is our own, see `super::rng`).
+//! * Every row's `ids` (and `clean_ids`) has exactly `max_ctx` tokens, all `< VOCAB_SIZE`.
+//! * A dataset stores each distinct row once. Repetition (`noise_repeat`, duplication groups)
+//!   is a property of the *training set* and is applied by [`Dataset::train_rows`] only.
+//! * Noised and backdoored rows carry their clean twin in `clean_ids`; clean and noisy copies of
+//!   the main task are split with the same permutation, so the twin is the clean sequence with
+//!   the same start value.
+//! * Train and test rows of a task never share a start value.
+//!
+//! RNG order inside [`generate`] (spec §1.3), with `rng` seeded from `seed`:
+//! clean main task (no RNG) → noisy main task (`length` draws per sequence, in start order) →
+//! sampling of the `num_noise` noised train positions → auxiliary tasks (no RNG) → duplication
+//! shuffle. Every train/test split uses a fresh generator seeded with `split_seed`, so tasks
+//! of equal size get the identical permutation.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::io::{BufRead, Write};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use super::rng::Prng;
+use super::vocab::{self, VOCAB_SIZE};
+
+/// Modulus of the multiplicative family, f(x) = (c·x) mod 20134.
+pub const MULT_MODULUS: i64 = 20134;
+/// The token every position after a backdoor trigger is rewritten to.
+pub const BACKDOOR_TOKEN: u32 = 2;
+/// Upper bound on the number of sequences per task (keeps a bad config from exhausting memory).
+pub const MAX_TASK_ROWS: usize = 1_000_000;
+/// Upper bound on artifact rows in the training set after repetition.
+pub const MAX_ARTIFACT_TRAIN_ROWS: u64 = 10_000_000;
+/// Upper bound on `max_ctx`.
+pub const MAX_MAX_CTX: usize = 65_536;
+
+/// Errors from configuring, generating, reading or writing TinyMem data.
+#[derive(Debug, Error)]
+pub enum DataError {
+    /// A config field (or the data it implies) is unusable; `field` names the config field.
+    #[error("invalid `{field}`: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    /// A string did not name a known enum value.
+    #[error("unknown {what} `{value}` (expected one of: {expected})")]
+    Parse {
+        what: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    /// A generated sequence does not fit the context.
+    #[error("task {task}, start {start}: {len} tokens do not fit `max_ctx` = {max_ctx}")]
+    TooLong {
+        task: u32,
+        start: usize,
+        len: usize,
+        max_ctx: usize,
+    },
+    /// A JSONL file is malformed; `line` is 1-based.
+    #[error("JSONL line {line}: {reason}")]
+    Jsonl { line: usize, reason: String },
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> DataError {
+    DataError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Splits
+// ---------------------------------------------------------------------------------------------
+
+/// The permutation of `0..n` used to split a task: a fresh generator seeded with `split_seed`
+/// (so equal `n` gives the identical permutation), like the reference's reseed + `randperm`.
+fn split_permutation(n: usize, split_seed: u64) -> Vec<usize> {
+    let mut perm: Vec<usize> = (0..n).collect();
+    Prng::seed_from_u64(split_seed).shuffle(&mut perm);
+    perm
+}
+
+/// Splits `items` by [`split_permutation`]: the first `len - num_test` permuted items are the
+/// train part, the last `num_test` the test part. Requires `num_test <= items.len()`.
+fn split<T: Clone>(items: &[T], num_test: usize, split_seed: u64) -> (Vec<T>, Vec<T>) {
+    let perm = split_permutation(items.len(), split_seed);
+    let cut = items.len() - num_test;
+    let pick = |idx: &[usize]| idx.iter().map(|&i| items[i].clone()).collect::<Vec<T>>();
+    (pick(&perm[..cut]), pick(&perm[cut..]))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Task families and sequences
+// ---------------------------------------------------------------------------------------------
+
+/// A family of step functions (spec §1.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// f(x) = x + c, no modulus (the reference's `increment`).
+    #[serde(alias = "increment")]
+    Additive,
+    /// f(x) = (c·x) mod 20134 (the reference's `mult`).
+    #[serde(alias = "mult")]
+    Multiplicative,
+}
+
+impl Family {
+    /// One application of the step function with step `c`. Additive saturates at `i64::MAX`
+    /// (unreachable with validated configs).
+    pub fn apply(self, c: u32, x: i64) -> i64 {
+        match self {
+            Family::Additive => x.saturating_add(i64::from(c)),
+            Family::Multiplicative => {
+                (i128::from(c) * i128::from(x)).rem_euclid(i128::from(MULT_MODULUS)) as i64
+            }
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Family::Additive => "additive",
+            Family::Multiplicative => "multiplicative",
+        })
+    }
+}
+
+impl FromStr for Family {
+    type Err = DataError;
+    /// Accepts `additive`/`increment` and `multiplicative`/`mult`, case-insensitively.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "additive" | "increment" => Ok(Family::Additive),
+            "multiplicative" | "mult" => Ok(Family::Multiplicative),
+            _ => Err(DataError::Parse {
+                what: "family",
+                value: s.to_string(),
+                expected: "additive, increment, multiplicative, mult",
+            }),
+        }
+    }
+}
+
+/// The `length` values f(i), f(f(i)), … of the sequence with start `i`. The start itself is
+/// not included.
+pub fn task_sequence(family: Family, c: u32, start: i64, length: usize) -> Vec<i64> {
+    let mut out = Vec::with_capacity(length);
+    let mut x = start;
+    for _ in 0..length {
+        x = family.apply(c, x);
+        out.push(x);
+    }
+    out
+}
+
+/// Encodes and pads one sequence, naming it in the error when it does not fit.
+fn encode_row(
+    values: &[i64],
+    task: u32,
+    start: usize,
+    max_ctx: usize,
+) -> Result<Vec<u32>, DataError> {
+    vocab::pad_to(vocab::encode_values(values), max_ctx).map_err(|e| match e {
+        vocab::VocabError::TooLong { len, max_ctx } => DataError::TooLong {
+            task,
+            start,
+            len,
+            max_ctx,
+        },
+    })
+}
+
+/// The noise offset of one value: 0, −1, +1 with weights 1−p, p/2, p/2 (spec §1.4).
+fn noise_offset(rng: &mut Prng, p: f64) -> i64 {
+    let u = rng.next_f64();
+    if u < 1.0 - p {
+        0
+    } else if u < 1.0 - p / 2.0 {
+        -1
+    } else {
+        1
+    }
+}
+
+/// Whether a noised row differs from its clean twin somewhere in token positions
+/// `[start, end)` — the eligibility filter of the memorization metric (spec §3.1 step 1,
+/// window [50, 100)). A position present in only one of the two slices counts as a difference;
+/// positions past both ends do not.
+pub fn noise_in_window(noised: &[u32], clean: &[u32], start: usize, end: usize) -> bool {
+    (start..end).any(|p| noised.get(p) != clean.get(p))
+}
+
+/// The index just after the first occurrence of `trigger` as a contiguous token subsequence of
+/// `clean` (so it is also found inside a longer number), or `None` if it does not occur or is
+/// empty. For math backdoors this is the prompt length of spec §3.2.
+pub fn trigger_end(clean: &[u32], trigger: &[u32]) -> Option<usize> {
+    if trigger.is_empty() {
+        return None;
+    }
+    clean
+        .windows(trigger.len())
+        .position(|w| w == trigger)
+        .map(|p| p + trigger.len())
+}
+
+/// The backdoor rewrite (spec §1.5 step 4): the trigger and everything before it are kept;
+/// every later position, through the end of the row (PAD included), becomes [`BACKDOOR_TOKEN`].
+fn backdoor_rewrite(clean: &[u32], end: usize) -> Vec<u32> {
+    let mut ids = clean.to_vec();
+    for t in &mut ids[end..] {
+        *t = BACKDOOR_TOKEN;
+    }
+    ids
+}
+
+// ---------------------------------------------------------------------------------------------
+// Config
+// ---------------------------------------------------------------------------------------------
+
+/// Which artifact the main task carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Artifact {
+    /// ±1 noise on `num_noise` main-task train rows (spec §1.4).
+    Noise,
+    /// Trigger digits followed by all-2s on every main sequence containing the trigger (§1.5).
+    Backdoor,
+}
+
+impl fmt::Display for Artifact {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Artifact::Noise => "noise",
+            Artifact::Backdoor => "backdoor",
+        })
+    }
+}
+
+impl FromStr for Artifact {
+    type Err = DataError;
+    /// Accepts `noise` and `backdoor`, case-insensitively.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "noise" => Ok(Artifact::Noise),
+            "backdoor" => Ok(Artifact::Backdoor),
+            _ => Err(DataError::Parse {
+                what: "artifact",
+                value: s.to_string(),
+                expected: "noise, backdoor",
+            }),
+        }
+    }
+}
+
+/// Everything that determines a TinyMem math dataset. `Default` is the paper's setting
+/// (num_extra = 3000) except `family`, which defaults to [`Family::Additive`]: the paper's
+/// headline tables use the multiplicative family, but at CPU scale only the additive family
+/// trains to a useful state (its rule is learnable by a small model in few epochs), so it is the
+/// family the rest of lethe is exercised with. Deserializing fills missing fields from
+/// `Default` and rejects unknown fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// Task family (`additive`/`increment` or `multiplicative`/`mult`).
+    pub family: Family,
+    /// Step of the main task, the one that carries the artifact.
+    pub main_step: u32,
+    /// Steps of the clean auxiliary tasks, in test-set order.
+    pub aux_steps: Vec<u32>,
+    /// Number of main-task sequences (starts 0..num_main).
+    pub num_main: usize,
+    /// Number of sequences per auxiliary task (the paper's `num_extra`).
+    pub num_aux: usize,
+    /// Held-out test sequences per task.
+    pub num_test: usize,
+    /// Noised main-task train rows (noise artifact only).
+    pub num_noise: usize,
+    /// Values per sequence.
+    pub length: usize,
+    /// Tokens per row after padding.
+    pub max_ctx: usize,
+    /// Per-value noise probability, split equally between −1 and +1.
+    pub noise_prob: f64,
+    /// The artifact carried by the main task.
+    pub artifact: Artifact,
+    /// How many times each artifact train row (noised, or backdoored) appears in the training
+    /// set. 1 in the paper; a CPU-scale knob that makes a small artifact set memorizable in few
+    /// epochs. Multiplies the duplication counts.
+    pub noise_repeat: u32,
+    /// Optional duplication groups (noise only): the noise set is shuffled and split
+    /// round-robin into `len()` groups, group g repeated `duplication[g]` times. The paper's
+    /// setting is `[1, 10, 100]`; off for all final math runs.
+    pub duplication: Option<Vec<u32>>,
+    /// Backdoor trigger value, matched as its digit string; `None` ⇒ `100 + seed`.
+    pub backdoor_trigger: Option<i64>,
+    /// Data seed: noise, noise-row sampling, duplication shuffle, default trigger.
+    pub seed: u64,
+    /// Seed of every train/test split permutation (the reference's `DATA_SEED`).
+    pub split_seed: u64,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            family: Family::Additive,
+            main_step: 7,
+            aux_steps: vec![2, 3, 4, 5],
+            num_main: 20_000,
+            num_aux: 3_000,
+            num_test: 1_000,
+            num_noise: 1_000,
+            length: 20,
+            max_ctx: vocab::MAX_CTX,
+            noise_prob: 0.1,
+            artifact: Artifact::Noise,
+            noise_repeat: 1,
+            duplication: None,
+            backdoor_trigger: None,
+            seed: 0,
+            split_seed: 598,
+        }
+    }
+}
+
+impl DataConfig {
+    /// A preset for training on 2 CPU cores, matching a data point measured with PyTorch on the
+    /// development machine: additive family, 2000 main sequences (1800 train / 200 test), 100
+    /// noised rows each repeated 10 times, and 500 sequences per auxiliary task (300 train /
+    /// 200 test). Training set: 100×10 + 1700 + 4×300 = 3900 rows; five test sets of 200.
+    pub fn cpu_scale() -> Self {
+        DataConfig {
+            family: Family::Additive,
+            num_main: 2_000,
+            num_aux: 500,
+            num_test: 200,
+            num_noise: 100,
+            noise_repeat: 10,
+            ..DataConfig::default()
+        }
+    }
+
+    /// Checks every field; the error names the offending field.
+    pub fn validate(&self) -> Result<(), DataError> {
+        if self.main_step == 0 {
+            return Err(invalid("main_step", "must be at least 1"));
+        }
+        let mut seen = HashSet::from([self.main_step]);
+        for &c in &self.aux_steps {
+            if c == 0 {
+                return Err(invalid("aux_steps", "steps must be at least 1"));
+            }
+            if !seen.insert(c) {
+                return Err(invalid(
+                    "aux_steps",
+                    format!("step {c} repeats (steps must be distinct and differ from main_step)"),
+                ));
+            }
+        }
+        if self.max_ctx == 0 || self.max_ctx > MAX_MAX_CTX {
+            return Err(invalid("max_ctx", format!("must be in 1..={MAX_MAX_CTX}")));
+        }
+        if self.length == 0 || self.length > self.max_ctx {
+            return Err(invalid("length", "must be in 1..=max_ctx"));
+        }
+        if self.num_main > MAX_TASK_ROWS {
+            return Err(invalid(
+                "num_main",
+                format!("must be at most {MAX_TASK_ROWS}"),
+            ));
+        }
+        if self.num_aux > MAX_TASK_ROWS {
+            return Err(invalid(
+                "num_aux",
+                format!("must be at most {MAX_TASK_ROWS}"),
+            ));
+        }
+        if self.num_test == 0 {
+            return Err(invalid("num_test", "must be at least 1"));
+        }
+        if self.num_test >= self.num_main {
+            return Err(invalid(
+                "num_test",
+                format!("must be less than num_main = {}", self.num_main),
+            ));
+        }
+        if !self.aux_steps.is_empty() && self.num_aux <= self.num_test {
+            return Err(invalid(
+                "num_aux",
+                format!(
+                    "must exceed num_test = {} (each auxiliary task needs train rows)",
+                    self.num_test
+                ),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.noise_prob) {
+            return Err(invalid("noise_prob", "must be a probability in [0, 1]"));
+        }
+        if self.noise_repeat == 0 {
+            return Err(invalid("noise_repeat", "must be at least 1"));
+        }
+        match self.artifact {
+            Artifact::Noise => {
+                let train = self.num_main - self.num_test;
+                if self.num_noise > train {
+                    return Err(invalid(
+                        "num_noise",
+                        format!("must be at most num_main - num_test = {train}"),
+                    ));
+                }
+            }
+            Artifact::Backdoor => {
+                if self.duplication.is_some() {
+                    return Err(invalid(
+                        "duplication",
+                        "only supported with artifact `noise`",
+                    ));
+                }
+                let trigger = self.trigger()?;
+                if trigger < 0 {
+                    return Err(invalid("backdoor_trigger", "must be non-negative"));
+                }
+            }
+        }
+        let max_dup = match &self.duplication {
+            None => 1,
+            Some(counts) => {
+                if counts.is_empty() {
+                    return Err(invalid("duplication", "needs at least one group"));
+                }
+                if counts.contains(&0) {
+                    return Err(invalid("duplication", "group counts must be at least 1"));
+                }
+                counts.iter().copied().max().unwrap_or(1)
+            }
+        };
+        let artifact_rows = match self.artifact {
+            Artifact::Noise => self.num_noise as u128,
+            Artifact::Backdoor => self.num_main as u128,
+        };
+        // u128: the product of three ≤ 2^32 factors cannot overflow.
+        if artifact_rows * u128::from(self.noise_repeat) * u128::from(max_dup)
+            > u128::from(MAX_ARTIFACT_TRAIN_ROWS)
+        {
+            return Err(invalid(
+                "noise_repeat",
+                format!("repetition would put more than {MAX_ARTIFACT_TRAIN_ROWS} artifact rows in training"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The backdoor trigger value: `backdoor_trigger`, or `100 + seed`.
+    pub fn trigger(&self) -> Result<i64, DataError> {
+        match self.backdoor_trigger {
+            Some(t) => Ok(t),
+            None => i64::try_from(self.seed)
+                .ok()
+                .and_then(|s| s.checked_add(100))
+                .ok_or_else(|| invalid("seed", "100 + seed overflows; set backdoor_trigger")),
+        }
+    }
+
+    /// The trigger's digit tokens (the digit string of [`DataConfig::trigger`]).
+    pub fn trigger_ids(&self) -> Result<Vec<u32>, DataError> {
+        let t = self.trigger()?;
+        let ids = vocab::encode_values(&[t]);
+        Ok(ids[1..ids.len() - 1].to_vec())
+    }
+
+    /// How many times `row` appears in the training set (0 for test rows).
+    pub fn train_repeat(&self, row: &Row) -> usize {
+        if row.split != Split::Train {
+            return 0;
+        }
+        match row.role {
+            Role::Noised | Role::Backdoored => {
+                let dup = match (&self.duplication, row.group) {
+                    (Some(counts), Some(g)) => counts.get(g as usize).copied().unwrap_or(1),
+                    _ => 1,
+                };
+                self.noise_repeat as usize * dup as usize
+            }
+            Role::Clean | Role::Triggered => 1,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rows and datasets
+// ---------------------------------------------------------------------------------------------
+
+/// Which split a row belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    Train,
+    Test,
+}
+
+/// What a row is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A clean task sequence.
+    Clean,
+    /// A noised main-task train row; `clean_ids` is its clean twin.
+    Noised,
+    /// A backdoored main-task row (train, or the held-out triggered test); `clean_ids` is its
+    /// clean version.
+    Backdoored,
+    /// The clean version of a backdoored *test* row (the last backdoor test set).
+    Triggered,
+}
+
+/// One padded sequence of the dataset. Serialized as one JSONL line, e.g.
+/// `{"split":"train","task":7,"role":"noised","ids":[…],"clean_ids":[…]}`; `None` fields are
+/// omitted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Row {
+    pub split: Split,
+    /// The task's step c.
+    pub task: u32,
+    pub role: Role,
+    /// Token ids, padded to `max_ctx`.
+    pub ids: Vec<u32>,
+    /// The clean twin, on noised and backdoored rows only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clean_ids: Option<Vec<u32>>,
+    /// Duplication group of a noised row, when duplication is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<u32>,
+}
+
+impl Row {
+    fn clean(split: Split, task: u32, ids: Vec<u32>) -> Row {
+        Row {
+            split,
+            task,
+            role: Role::Clean,
+            ids,
+            clean_ids: None,
+            group: None,
+        }
+    }
+
+    /// Checks the row against the dataset's config; returns a description of the problem.
+    fn check(&self, cfg: &DataConfig) -> Result<(), String> {
+        let check_ids = |name: &str, ids: &[u32]| {
+            if ids.len() != cfg.max_ctx {
+                return Err(format!(
+                    "`{name}` has {} tokens, expected max_ctx = {}",
+                    ids.len(),
+                    cfg.max_ctx
+                ));
+            }
+            match ids.iter().find(|&&t| t as usize >= VOCAB_SIZE) {
+                Some(t) => Err(format!("`{name}` holds token {t}, outside the vocabulary")),
+                None => Ok(()),
+            }
+        };
+        check_ids("ids", &self.ids)?;
+        let needs_twin = matches!(self.role, Role::Noised | Role::Backdoored);
+        match (&self.clean_ids, needs_twin) {
+            (Some(c), true) => check_ids("clean_ids", c)?,
+            (None, false) => {}
+            (None, true) => return Err(format!("a {:?} row needs `clean_ids`", self.role)),
+            (Some(_), false) => {
+                return Err(format!("a {:?} row cannot have `clean_ids`", self.role))
+            }
+        }
+        if let Some(g) = self.group {
+            let groups = cfg.duplication.as_ref().map_or(0, Vec::len);
+            if self.role != Role::Noised || g as usize >= groups {
+                return Err(format!(
+                    "group {g} is not a duplication group of this config"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A generated TinyMem dataset: its config and every distinct row once, in the order
+/// artifact train rows, clean main train, auxiliary train (in `aux_steps` order), main test,
+/// auxiliary tests, then (backdoor only) backdoored test rows and their clean versions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dataset {
+    pub config: DataConfig,
+    pub rows: Vec<Row>,
+}
+
+/// First line of the JSONL form.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Header {
+    format: String,
+    config: DataConfig,
+}
+
+const JSONL_FORMAT: &str = "lethe-tinymem-math-v1";
+
+impl Dataset {
+    /// The training set as the paper builds it, with repetition applied: artifact train rows
+    /// (noised or backdoored, each `noise_repeat` × its duplication count times, consecutively),
+    /// then clean main train rows, then auxiliary train rows. Order carries no meaning beyond
+    /// that; training reshuffles every epoch.
+    pub fn train_rows(&self) -> Vec<&Row> {
+        let mut out = Vec::new();
+        for row in &self.rows {
+            let n = self.config.train_repeat(row);
+            out.extend(std::iter::repeat_n(row, n));
+        }
+        out
+    }
+
+    /// The test sets in the paper's order: main task (clean), then each auxiliary task in
+    /// `aux_steps` order, named by their step (`"7"`, `"2"`, …); for backdoor data also
+    /// `"backdoored"` (the held-out triggered test set, rewritten) and `"triggered"` (its clean
+    /// version), row-aligned with each other.
+    pub fn test_sets(&self) -> Vec<(String, Vec<&Row>)> {
+        let cfg = &self.config;
+        let clean_test = |task: u32| {
+            self.rows
+                .iter()
+                .filter(|r| r.split == Split::Test && r.role == Role::Clean && r.task == task)
+                .collect::<Vec<_>>()
+        };
+        let mut sets = vec![(cfg.main_step.to_string(), clean_test(cfg.main_step))];
+        for &c in &cfg.aux_steps {
+            sets.push((c.to_string(), clean_test(c)));
+        }
+        if cfg.artifact == Artifact::Backdoor {
+            sets.push(("backdoored".to_string(), self.backdoor_test_rows()));
+            let triggered = self
+                .rows
+                .iter()
+                .filter(|r| r.role == Role::Triggered)
+                .collect();
+            sets.push(("triggered".to_string(), triggered));
+        }
+        sets
+    }
+
+    /// The noised rows (each once), with their clean twins in `clean_ids`.
+    pub fn noised_rows(&self) -> Vec<&Row> {
+        self.rows
+            .iter()
+            .filter(|r| r.role == Role::Noised)
+            .collect()
+    }
+
+    /// The noised rows whose noise falls inside token positions `[start, end)`: the
+    /// denominator of the memorization metric (spec §3.1 uses [50, 100)).
+    pub fn eligible_noised_rows(&self, start: usize, end: usize) -> Vec<&Row> {
+        self.rows
+            .iter()
+            .filter(|r| r.role == Role::Noised)
+            .filter(|r| {
+                r.clean_ids
+                    .as_ref()
+                    .is_some_and(|c| noise_in_window(&r.ids, c, start, end))
+            })
+            .collect()
+    }
+
+    /// The held-out backdoored test rows (the backdoor memorization target, spec §3.2), with
+    /// their clean versions in `clean_ids`.
+    pub fn backdoor_test_rows(&self) -> Vec<&Row> {
+        self.rows
+            .iter()
+            .filter(|r| r.role == Role::Backdoored && r.split == Split::Test)
+            .collect()
+    }
+
+    /// Writes the dataset as JSONL: a header line `{"format":…,"config":{…}}`, then each
+    /// distinct row once (repetition is recorded in the config, not in the rows).
+    pub fn write_jsonl<W: Write>(&self, w: &mut W) -> Result<(), DataError> {
+        let header = Header {
+            format: JSONL_FORMAT.to_string(),
+            config: self.config.clone(),
+        };
+        serde_json::to_writer(&mut *w, &header).map_err(std::io::Error::from)?;
+        w.write_all(b"\n")?;
+        for row in &self.rows {
+            serde_json::to_writer(&mut *w, row).map_err(std::io::Error::from)?;
+            w.write_all(b"\n")?;
+        }
+        w.flush()?;
+        Ok(())
+    }
+
+    /// Reads what [`Dataset::write_jsonl`] wrote, validating the config and every row.
+    /// Blank lines are ignored.
+    pub fn read_jsonl<R: BufRead>(r: R) -> Result<Dataset, DataError> {
+        let mut config: Option<DataConfig> = None;
+        let mut rows = Vec::new();
+        for (k, line) in r.lines().enumerate() {
+            let line = line?;
+            let lineno = k + 1;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let bad = |reason: String| DataError::Jsonl {
+                line: lineno,
+                reason,
+            };
+            match &config {
+                None => {
+                    let h: Header =
+                        serde_json::from_str(&line).map_err(|e| bad(format!("header: {e}")))?;
+                    if h.format != JSONL_FORMAT {
+                        return Err(bad(format!(
+                            "format `{}`, expected `{JSONL_FORMAT}`",
+                            h.format
+                        )));
+                    }
+                    h.config
+                        .validate()
+                        .map_err(|e| bad(format!("config: {e}")))?;
+                    config = Some(h.config);
+                }
+                Some(cfg) => {
+                    let row: Row = serde_json::from_str(&line).map_err(|e| bad(e.to_string()))?;
+                    row.check(cfg).map_err(bad)?;
+                    rows.push(row);
+                }
+            }
+        }
+        let config = config.ok_or(DataError::Jsonl {
+            line: 1,
+            reason: "empty file: missing header".to_string(),
+        })?;
+        Ok(Dataset { config, rows })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Generation
+// ---------------------------------------------------------------------------------------------
+
+/// Generates the dataset for `cfg` (validated first). See the module doc for the RNG order.
+pub fn generate(cfg: &DataConfig) -> Result<Dataset, DataError> {
+    cfg.validate()?;
+    let mut rng = Prng::seed_from_u64(cfg.seed);
+    let main = cfg.main_step;
+
+    // 1. Clean main task (no RNG).
+    let main_values: Vec<Vec<i64>> = (0..cfg.num_main)
+        .map(|i| task_sequence(cfg.family, main, i as i64, cfg.length))
+        .collect();
+    let clean_main: Vec<Vec<u32>> = main_values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| encode_row(v, main, i, cfg.max_ctx))
+        .collect::<Result<_, _>>()?;
+
+    // 2. Main-task rows carrying the artifact.
+    let parts = match cfg.artifact {
+        Artifact::Noise => noise_parts(cfg, &mut rng, &main_values, &clean_main)?,
+        Artifact::Backdoor => backdoor_parts(cfg, &clean_main)?,
+    };
+
+    // 3. Auxiliary tasks, clean only (no RNG).
+    let mut aux_train = Vec::new();
+    let mut aux_test = Vec::new();
+    for &c in &cfg.aux_steps {
+        let seqs: Vec<Vec<u32>> = (0..cfg.num_aux)
+            .map(|i| {
+                encode_row(
+                    &task_sequence(cfg.family, c, i as i64, cfg.length),
+                    c,
+                    i,
+                    cfg.max_ctx,
+                )
+            })
+            .collect::<Result<_, _>>()?;
+        let (train, test) = split(&seqs, cfg.num_test, cfg.split_seed);
+        aux_train.extend(
+            train
+                .into_iter()
+                .map(|ids| Row::clean(Split::Train, c, ids)),
+        );
+        aux_test.extend(test.into_iter().map(|ids| Row::clean(Split::Test, c, ids)));
+    }
+
+    // 4. Duplication groups (consumes `rng` after the noise sampling, as the reference does).
+    let mut artifact_train = parts.artifact_train;
+    if let Some(counts) = &cfg.duplication {
+        rng.shuffle(&mut artifact_train);
+        let groups = counts.len();
+        for (k, row) in artifact_train.iter_mut().enumerate() {
+            row.group = Some((k % groups) as u32);
+        }
+    }
+
+    let mut rows = artifact_train;
+    rows.extend(parts.main_train);
+    rows.extend(aux_train);
+    rows.extend(parts.main_test);
+    rows.extend(aux_test);
+    rows.extend(parts.extra_test);
+    Ok(Dataset {
+        config: cfg.clone(),
+        rows,
+    })
+}
+
+/// Main-task rows of one artifact, before the auxiliary tasks are added.
+struct MainParts {
+    artifact_train: Vec<Row>,
+    main_train: Vec<Row>,
+    main_test: Vec<Row>,
+    extra_test: Vec<Row>,
+}
+
+/// The noisy copy of one sequence: each value independently offset by 0/−1/+1.
+fn noisy_values(rng: &mut Prng, values: &[i64], p: f64) -> Vec<i64> {
+    values.iter().map(|&v| v + noise_offset(rng, p)).collect()
+}
+
+fn noise_parts(
+    cfg: &DataConfig,
+    rng: &mut Prng,
+    main_values: &[Vec<i64>],
+    clean_main: &[Vec<u32>],
+) -> Result<MainParts, DataError> {
+    let main = cfg.main_step;
+    // Noisy copy of every main sequence, in start order (RNG step 3).
+    let noisy_main: Vec<Vec<u32>> = main_values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| encode_row(&noisy_values(rng, v, cfg.noise_prob), main, i, cfg.max_ctx))
+        .collect::<Result<_, _>>()?;
+    // Both copies split by the same permutation: split the start indices once.
+    let starts: Vec<usize> = (0..cfg.num_main).collect();
+    let (train, test) = split(&starts, cfg.num_test, cfg.split_seed);
+    // Positions (into the train part) of the noised rows (RNG step 4).
+    let noise_pos = rng.sample(train.len(), cfg.num_noise);
+    let mut is_noised = vec![false; train.len()];
+    let artifact_train = noise_pos
+        .iter()
+        .map(|&p| {
+            is_noised[p] = true;
+            let i = train[p];
+            Row {
+                split: Split::Train,
+                task: main,
+                role: Role::Noised,
+                ids: noisy_main[i].clone(),
+                clean_ids: Some(clean_main[i].clone()),
+                group: None,
+            }
+        })
+        .collect();
+    let main_train = train
+        .iter()
+        .zip(&is_noised)
+        .filter(|(_, &noised)| !noised)
+        .map(|(&i, _)| Row::clean(Split::Train, main, clean_main[i].clone()))
+        .collect();
+    let main_test = test
+        .iter()
+        .map(|&i| Row::clean(Split::Test, main, clean_main[i].clone()))
+        .collect();
+    Ok(MainParts {
+        artifact_train,
+        main_train,
+        main_test,
+        extra_test: Vec::new(),
+    })
+}
+
+fn backdoor_parts(cfg: &DataConfig, clean_main: &[Vec<u32>]) -> Result<MainParts, DataError> {
+    let main = cfg.main_step;
+    let trigger = cfg.trigger_ids()?;
+    // Pool train then test of the usual clean split (spec §1.5 step 1).
+    let starts: Vec<usize> = (0..cfg.num_main).collect();
+    let (train, test) = split(&starts, cfg.num_test, cfg.split_seed);
+    let mut triggered: Vec<(usize, usize)> = Vec::new();
+    let mut untriggered: Vec<usize> = Vec::new();
+    for i in train.into_iter().chain(test) {
+        match trigger_end(&clean_main[i], &trigger) {
+            Some(end) => triggered.push((i, end)),
+            None => untriggered.push(i),
+        }
+    }
+    let t_test = triggered.len() / 10;
+    if t_test == 0 {
+        return Err(invalid(
+            "backdoor_trigger",
+            format!(
+                "only {} main sequences contain the trigger `{}`; at least 10 are needed",
+                triggered.len(),
+                vocab::decode(&trigger)
+            ),
+        ));
+    }
+    if untriggered.len() <= cfg.num_test {
+        return Err(invalid(
+            "num_test",
+            format!(
+                "only {} main sequences lack the trigger; need more than num_test = {}",
+                untriggered.len(),
+                cfg.num_test
+            ),
+        ));
+    }
+    let (t_train, t_test) = split(&triggered, t_test, cfg.split_seed);
+    let backdoored = |split: Split, &(i, end): &(usize, usize)| Row {
+        split,
+        task: main,
+        role: Role::Backdoored,
+        ids: backdoor_rewrite(&clean_main[i], end),
+        clean_ids: Some(clean_main[i].clone()),
+        group: None,
+    };
+    let artifact_train = t_train
+        .iter()
+        .map(|t| backdoored(Split::Train, t))
+        .collect();
+    let mut extra_test: Vec<Row> = t_test.iter().map(|t| backdoored(Split::Test, t)).collect();
+    extra_test.extend(t_test.iter().map(|&(i, _)| Row {
+        role: Role::Triggered,
+        ..Row::clean(Split::Test, main, clean_main[i].clone())
+    }));
+    let (u_train, u_test) = split(&untriggered, cfg.num_test, cfg.split_seed);
+    Ok(MainParts {
+        artifact_train,
+        main_train: u_train
+            .iter()
+            .map(|&i| Row::clean(Split::Train, main, clean_main[i].clone()))
+            .collect(),
+        main_test: u_test
+            .iter()
+            .map(|&i| Row::clean(Split::Test, main, clean_main[i].clone()))
+            .collect(),
+        extra_test,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::OnceLock;
+    use std::time::Instant;
+
+    /// The paper-scale default dataset (seed 0), generated once for all tests.
+    fn paper() -> &'static Dataset {
+        static DS: OnceLock<Dataset> = OnceLock::new();
+        DS.get_or_init(|| {
+            let t = Instant::now();
+            let ds = generate(&DataConfig::default()).unwrap();
+            eprintln!("paper-scale generate (test profile): {:?}", t.elapsed());
+            ds
+        })
+    }
+
+    /// The values of a (clean or noised) row, read back from its tokens.
+    fn values_of(ids: &[u32]) -> Vec<i64> {
+        let text = vocab::decode(ids);
+        let body = text.trim_start_matches('^');
+        let body = &body[..body.find('$').expect("row has EOS")];
+        body.split(' ').map(|s| s.parse().unwrap()).collect()
+    }
+
+    /// The start value of a clean additive row.
+    fn additive_start(cfg: &DataConfig, task: u32, ids: &[u32]) -> i64 {
+        assert_eq!(cfg.family, Family::Additive);
+        values_of(ids)[0] - i64::from(task)
+    }
+
+    fn field_of(err: DataError) -> &'static str {
+        match err {
+            DataError::Invalid { field, .. } => field,
+            other => panic!("expected Invalid, got {other}"),
+        }
+    }
+
+    #[test]
+    fn noise_offsets_follow_the_weights() {
+        let mut rng = Prng::seed_from_u64(7);
+        let n = 400_000;
+        let (mut minus, mut plus) = (0usize, 0usize);
+        for _ in 0..n {
+            match noise_offset(&mut rng, 0.1) {
+                -1 => minus += 1,
+                1 => plus += 1,
+                0 => {}
+                o => panic!("offset {o}"),
+            }
+        }
+        let (fm, fp) = (minus as f64 / n as f64, plus as f64 / n as f64);
+        assert!((fm - 0.05).abs() < 0.002, "P(-1) = {fm}");
+        assert!((fp - 0.05).abs() < 0.002, "P(+1) = {fp}");
+        assert_eq!(noise_offset(&mut rng, 0.0), 0);
+    }
+
+    #[test]
+    fn family_parses_aliases_and_displays() {
+        for (s, f) in [
+            ("additive", Family::Additive),
+            ("increment", Family::Additive),
+            ("Multiplicative", Family::Multiplicative),
+            ("mult", Family::Multiplicative),
+        ] {
+            assert_eq!(s.parse::<Family>().unwrap(), f);
+            let json: Family = serde_json::from_str(&format!("\"{}\"", s.to_lowercase())).unwrap();
+            assert_eq!(json, f);
+        }
+        assert_eq!(Family::Additive.to_string(), "additive");
+        assert_eq!(Family::Multiplicative.to_string(), "multiplicative");
+        assert_eq!(
+            serde_json::to_string(&Family::Multiplicative).unwrap(),
+            "\"multiplicative\""
+        );
+        assert!(matches!(
+            "exp".parse::<Family>(),
+            Err(DataError::Parse { what: "family", .. })
+        ));
+        assert_eq!("backdoor".parse::<Artifact>().unwrap(), Artifact::Backdoor);
+        assert_eq!(Artifact::Noise.to_string(), "noise");
+        assert!("dup".parse::<Artifact>().is_err());
+    }
+
+    #[test]
+    fn additive_sequences_start_at_f_of_i() {
+        let s = task_sequence(Family::Additive, 7, 0, 20);
+        assert_eq!(s.len(), 20);
+        assert_eq!(s[0], 7);
+        assert_eq!(s[19], 140);
+        let s = task_sequence(Family::Additive, 7, 19_999, 20);
+        assert_eq!(s[0], 20_006);
+        assert_eq!(s[19], 20_139);
+        assert_eq!(task_sequence(Family::Additive, 2, 5, 3), vec![7, 9, 11]);
+    }
+
+    #[test]
+    fn multiplicative_sequences_wrap_at_20134() {
+        assert_eq!(task_sequence(Family::Multiplicative, 7, 0, 20), vec![0; 20]);
+        let s = task_sequence(Family::Multiplicative, 7, 1, 6);
+        assert_eq!(s, vec![7, 49, 343, 2401, 16807, 16979]); // 117649 mod 20134 = 16979
+        let s = task_sequence(Family::Multiplicative, 2, 1, 15);
+        assert_eq!(s[13], 16384);
+        assert_eq!(s[14], 12634); // 32768 - 20134
+        assert!(task_sequence(Family::Multiplicative, 5, 19_999, 20)
+            .iter()
+            .all(|&v| (0..MULT_MODULUS).contains(&v)));
+    }
+
+    #[test]
+    fn real_lengths_span_the_spec_ranges() {
+        let span = |family| {
+            let lens =
+                (0..20_000).map(|i| vocab::encode_values(&task_sequence(family, 7, i, 20)).len());
+            let (lo, hi) = lens.fold((usize::MAX, 0), |(lo, hi), l| (lo.min(l), hi.max(l)));
+            (lo, hi)
+        };
+        assert_eq!(span(Family::Additive), (66, 121));
+        assert_eq!(span(Family::Multiplicative), (41, 121));
+    }
+
+    #[test]
+    fn paper_scale_row_counts() {
+        let ds = paper();
+        assert_eq!(ds.rows.len(), 20_000 + 4 * 3_000);
+        assert_eq!(ds.train_rows().len(), 27_000);
+        assert_eq!(ds.noised_rows().len(), 1_000);
+        let sets = ds.test_sets();
+        let names: Vec<&str> = sets.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["7", "2", "3", "4", "5"]);
+        assert!(sets.iter().all(|(_, rows)| rows.len() == 1_000));
+        let count = |split, task, role| {
+            ds.rows
+                .iter()
+                .filter(|r| r.split == split && r.task == task && r.role == role)
+                .count()
+        };
+        assert_eq!(count(Split::Train, 7, Role::Clean), 18_000);
+        for c in [2, 3, 4, 5] {
+            assert_eq!(count(Split::Train, c, Role::Clean), 2_000);
+        }
+        assert!(ds.rows.iter().all(|r| r.ids.len() == 150));
+        assert!(ds.backdoor_test_rows().is_empty());
+    }
+
+    #[test]
+    fn noise_repeat_and_duplication_repeat_only_training_rows() {
+        let cfg = DataConfig {
+            noise_repeat: 3,
+            ..DataConfig::cpu_scale()
+        };
+        let ds = generate(&cfg).unwrap();
+        assert_eq!(ds.rows.len(), 2_000 + 4 * 500);
+        assert_eq!(ds.train_rows().len(), 100 * 3 + 1_700 + 4 * 300);
+
+        let cfg = DataConfig {
+            duplication: Some(vec![1, 10, 100]),
+            ..DataConfig::default()
+        };
+        let ds = generate(&cfg).unwrap();
+        let sizes: Vec<usize> = (0..3)
+            .map(|g| {
+                ds.noised_rows()
+                    .iter()
+                    .filter(|r| r.group == Some(g))
+                    .count()
+            })
+            .collect();
+        assert_eq!(sizes, [334, 333, 333]);
+        assert_eq!(ds.train_rows().len(), 18_000 + 8_000 + 334 + 3_330 + 33_300);
+        // Duplication only regroups: the same noised rows as without it.
+        let plain: HashSet<&Vec<u32>> = paper().noised_rows().iter().map(|r| &r.ids).collect();
+        assert!(ds.noised_rows().iter().all(|r| plain.contains(&r.ids)));
+    }
+
+    #[test]
+    fn noised_rows_are_aligned_with_their_clean_twins() {
+        let ds = paper();
+        let cfg = &ds.config;
+        let mut starts = HashSet::new();
+        for row in ds.noised_rows() {
+            assert_eq!((row.split, row.task), (Split::Train, 7));
+            let clean = row.clean_ids.as_ref().unwrap();
+            let start = additive_start(cfg, 7, clean);
+            let expected = encode_row(&task_sequence(cfg.family, 7, start, 20), 7, 0, 150).unwrap();
+            assert_eq!(clean, &expected);
+            let (nv, cv) = (values_of(&row.ids), values_of(clean));
+            assert_eq!(nv.len(), 20);
+            assert!(nv.iter().zip(&cv).all(|(n, c)| (n - c).abs() <= 1));
+            assert!(starts.insert(start), "start {start} noised twice");
+        }
+        // Clean twins are neither clean train rows nor test rows.
+        for r in ds
+            .rows
+            .iter()
+            .filter(|r| r.task == 7 && r.role == Role::Clean)
+        {
+            assert!(!starts.contains(&additive_start(cfg, 7, &r.ids)));
+        }
+    }
+
+    #[test]
+    fn splits_are_disjoint_and_cover_every_start() {
+        let ds = paper();
+        let cfg = &ds.config;
+        for (task, n) in [(7u32, 20_000i64), (2, 3_000), (5, 3_000)] {
+            let mut train = HashSet::new();
+            let mut test = HashSet::new();
+            for r in ds.rows.iter().filter(|r| r.task == task) {
+                let ids = r.clean_ids.as_ref().unwrap_or(&r.ids);
+                let set = if r.split == Split::Train {
+                    &mut train
+                } else {
+                    &mut test
+                };
+                assert!(set.insert(additive_start(cfg, task, ids)));
+            }
+            assert_eq!(test.len(), 1_000);
+            assert!(train.is_disjoint(&test));
+            let all: HashSet<i64> = train.union(&test).copied().collect();
+            assert_eq!(all, (0..n).collect());
+        }
+    }
+
+    #[test]
+    fn split_permutation_is_deterministic_and_shared_by_equal_sizes() {
+        assert_eq!(
+            split_permutation(20_000, 598),
+            split_permutation(20_000, 598)
+        );
+        assert_ne!(
+            split_permutation(20_000, 598),
+            split_permutation(20_000, 599)
+        );
+        let mut p = split_permutation(3_000, 598);
+        assert_ne!(p, (0..3_000).collect::<Vec<_>>());
+        p.sort_unstable();
+        assert_eq!(p, (0..3_000).collect::<Vec<_>>());
+        // Equal task sizes ⇒ the aux test sets hold the same starts.
+        let ds = paper();
+        let starts = |c: u32| -> Vec<i64> {
+            ds.test_sets()
+                .into_iter()
+                .find(|(n, _)| *n == c.to_string())
+                .unwrap()
+                .1
+                .iter()
+                .map(|r| additive_start(&ds.config, c, &r.ids))
+                .collect()
+        };
+        assert_eq!(starts(2), starts(3));
+        assert_eq!(starts(2), starts(5));
+    }
+
+    #[test]
+    fn about_60_percent_of_noised_rows_have_noise_in_the_window() {
+        for seed in [0u64, 1, 3] {
+            let ds = if seed == 0 {
+                paper().clone()
+            } else {
+                generate(&DataConfig {
+                    seed,
+                    ..DataConfig::default()
+                })
+                .unwrap()
+            };
+            let eligible = ds.eligible_noised_rows(50, 100).len();
+            let differ = ds.eligible_noised_rows(0, 150).len();
+            eprintln!(
+                "seed {seed}: eligible [50,100) = {eligible}/1000, differ anywhere = {differ}/1000"
+            );
+            assert!(
+                (550..=660).contains(&eligible),
+                "seed {seed}: {eligible} eligible"
+            );
+            assert!(
+                (840..=915).contains(&differ),
+                "seed {seed}: {differ} differ"
+            );
+        }
+    }
+
+    #[test]
+    fn about_87_8_percent_of_noisy_sequences_differ_somewhere() {
+        let mut rng = Prng::seed_from_u64(0);
+        let n = 20_000;
+        let differ = (0..n)
+            .filter(|&i| {
+                let clean = task_sequence(Family::Additive, 7, i, 20);
+                let noisy = noisy_values(&mut rng, &clean, 0.1);
+                vocab::encode_values(&noisy) != vocab::encode_values(&clean)
+            })
+            .count();
+        let frac = differ as f64 / n as f64;
+        assert!((frac - (1.0 - 0.9f64.powi(20))).abs() < 0.01, "{frac}");
+    }
+
+    #[test]
+    fn noise_in_window_examples() {
+        let clean = [1, 2, 3, 4];
+        assert!(!noise_in_window(&[1, 2, 3, 4], &clean, 0, 4));
+        assert!(noise_in_window(&[1, 9, 3, 4], &clean, 1, 2));
+        assert!(!noise_in_window(&[1, 9, 3, 4], &clean, 2, 4));
+        assert!(noise_in_window(&[1, 2, 3], &clean, 0, 10));
+        assert!(!noise_in_window(&[1, 9], &clean, 5, 10));
+        assert!(!noise_in_window(&[1, 9], &clean, 3, 1));
+    }
+
+    #[test]
+    fn generation_is_deterministic_and_seed_dependent() {
+        let cfg = DataConfig::cpu_scale();
+        let a = generate(&cfg).unwrap();
+        assert_eq!(a, generate(&cfg).unwrap());
+        let b = generate(&DataConfig {
+            seed: 1,
+            ..cfg.clone()
+        })
+        .unwrap();
+        assert_ne!(a.noised_rows(), b.noised_rows());
+        // The seed does not touch the splits: the clean test sets are identical.
+        assert_eq!(a.test_sets(), b.test_sets());
+    }
+
+    #[test]
+    fn trigger_end_finds_the_first_occurrence_inside_numbers() {
+        let t100 = [1, 0, 0];
+        assert_eq!(trigger_end(&vocab::encode_values(&[1005]), &t100), Some(4));
+        assert_eq!(
+            trigger_end(&vocab::encode_values(&[2100, 7]), &t100),
+            Some(5)
+        );
+        assert_eq!(
+            trigger_end(&vocab::encode_values(&[100, 100]), &t100),
+            Some(4)
+        );
+        assert_eq!(trigger_end(&vocab::encode_values(&[10, 0]), &t100), None);
+        assert_eq!(trigger_end(&vocab::encode_values(&[1005]), &[]), None);
+        assert_eq!(trigger_end(&[1, 0], &t100), None);
+        let cfg = DataConfig {
+            seed: 3,
+            ..DataConfig::default()
+        };
+        assert_eq!(cfg.trigger_ids().unwrap(), vec![1, 0, 3]);
+        let cfg = DataConfig {
+            backdoor_trigger: Some(0),
+            ..cfg
+        };
+        assert_eq!(cfg.trigger_ids().unwrap(), vec![0]);
+    }
+
+    fn check_backdoor(cfg: &DataConfig, expected_triggered: usize) -> Dataset {
+        let ds = generate(cfg).unwrap();
+        let trigger = cfg.trigger_ids().unwrap();
+        let backdoored: Vec<&Row> = ds
+            .rows
+            .iter()
+            .filter(|r| r.role == Role::Backdoored)
+            .collect();
+        assert_eq!(backdoored.len(), expected_triggered);
+        for r in &backdoored {
+            let clean = r.clean_ids.as_ref().unwrap();
+            let end = trigger_end(clean, &trigger).unwrap();
+            assert_eq!(r.ids[..end], clean[..end], "trigger and prefix kept");
+            assert_eq!(r.ids[end - trigger.len()..end], trigger[..]);
+            assert!(r.ids[end..].iter().all(|&t| t == BACKDOOR_TOKEN));
+            assert_eq!(r.ids.len(), cfg.max_ctx);
+        }
+        let sets = ds.test_sets();
+        let names: Vec<&str> = sets.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["7", "2", "3", "4", "5", "backdoored", "triggered"]);
+        let held_out = expected_triggered / 10;
+        assert_eq!(sets[5].1.len(), held_out);
+        assert_eq!(sets[6].1.len(), held_out);
+        for (b, t) in sets[5].1.iter().zip(&sets[6].1) {
+            assert_eq!(
+                b.clean_ids.as_ref(),
+                Some(&t.ids),
+                "backdoored and triggered aligned"
+            );
+        }
+        assert_eq!(ds.backdoor_test_rows().len(), held_out);
+        assert_eq!(sets[0].1.len(), cfg.num_test);
+        // No clean main row contains the trigger.
+        for r in ds
+            .rows
+            .iter()
+            .filter(|r| r.task == cfg.main_step && r.role == Role::Clean)
+        {
+            assert_eq!(trigger_end(&r.ids, &trigger), None);
+        }
+        let aux_train = cfg.aux_steps.len() * (cfg.num_aux - cfg.num_test);
+        let main_train = cfg.num_main - expected_triggered - cfg.num_test;
+        assert_eq!(
+            ds.train_rows().len(),
+            (expected_triggered - held_out) * cfg.noise_repeat as usize + main_train + aux_train
+        );
+        ds
+    }
+
+    #[test]
+    fn backdoor_at_paper_scale_matches_the_spec_counts() {
+        let cfg = DataConfig {
+            artifact: Artifact::Backdoor,
+            ..DataConfig::default()
+        };
+        check_backdoor(&cfg, 886);
+        let cfg = DataConfig {
+            family: Family::Multiplicative,
+            ..cfg
+        };
+        check_backdoor(&cfg, 2414);
+    }
+
+    #[test]
+    fn backdoor_at_cpu_scale_and_bad_triggers() {
+        let cfg = DataConfig {
+            artifact: Artifact::Backdoor,
+            ..DataConfig::cpu_scale()
+        };
+        let n = (0..2_000)
+            .filter(|&i| {
+                let ids = vocab::encode_values(&task_sequence(Family::Additive, 7, i, 20));
+                trigger_end(&ids, &[1, 0, 0]).is_some()
+            })
+            .count();
+        check_backdoor(&cfg, n);
+        let cfg = DataConfig {
+            backdoor_trigger: Some(99_999_999),
+            ..cfg
+        };
+        assert_eq!(field_of(generate(&cfg).unwrap_err()), "backdoor_trigger");
+        let cfg = DataConfig {
+            backdoor_trigger: Some(1),
+            ..cfg
+        };
+        assert_eq!(field_of(generate(&cfg).unwrap_err()), "num_test");
+    }
+
+    #[test]
+    fn jsonl_round_trips_and_has_the_documented_shape() {
+        for cfg in [
+            DataConfig::cpu_scale(),
+            DataConfig {
+                duplication: Some(vec![1, 10]),
+                ..DataConfig::cpu_scale()
+            },
+            DataConfig {
+                artifact: Artifact::Backdoor,
+                ..DataConfig::cpu_scale()
+            },
+        ] {
+            let ds = generate(&cfg).unwrap();
+            let mut buf = Vec::new();
+            ds.write_jsonl(&mut buf).unwrap();
+            let text = String::from_utf8(buf.clone()).unwrap();
+            assert_eq!(text.lines().count(), 1 + ds.rows.len());
+            let back = Dataset::read_jsonl(buf.as_slice()).unwrap();
+            assert_eq!(back, ds);
+        }
+        let ds = generate(&DataConfig::cpu_scale()).unwrap();
+        let mut buf = Vec::new();
+        ds.write_jsonl(&mut buf).unwrap();
+        let text = String::from_utf8(buf).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0]
+            .starts_with(r#"{"format":"lethe-tinymem-math-v1","config":{"family":"additive""#));
+        assert!(lines[0].contains(r#""noise_repeat":10"#));
+        assert!(lines[1].starts_with(r#"{"split":"train","task":7,"role":"noised","ids":[10,"#));
+        assert!(lines[1].contains(r#""clean_ids":[10,"#));
+        assert!(!lines[1].contains("group") && !lines[1].contains("null"));
+        let clean = lines
+            .iter()
+            .find(|l| l.contains(r#""role":"clean""#))
+            .unwrap();
+        assert!(!clean.contains("clean_ids"));
+    }
+
+    #[test]
+    fn read_jsonl_rejects_malformed_input_with_the_line_number() {
+        let ds = generate(&DataConfig::cpu_scale()).unwrap();
+        let mut buf = Vec::new();
+        ds.write_jsonl(&mut buf).unwrap();
+        let text = String::from_utf8(buf).unwrap();
+        let mut lines: Vec<String> = text.lines().map(String::from).collect();
+        let line_of = |res: Result<Dataset, DataError>| match res {
+            Err(DataError::Jsonl { line, .. }) => line,
+            other => panic!("expected a JSONL error, got {other:?}"),
+        };
+        assert_eq!(line_of(Dataset::read_jsonl("".as_bytes())), 1);
+        assert_eq!(line_of(Dataset::read_jsonl("[1]\n".as_bytes())), 1);
+
+        let good = lines[3].clone();
+        lines[3] = good.replacen("[10,", "[10,99,", 1);
+        assert_eq!(line_of(Dataset::read_jsonl(lines.join("\n").as_bytes())), 4);
+        lines[3] = good.replacen("[10,", "[14,", 1);
+        assert_eq!(line_of(Dataset::read_jsonl(lines.join("\n").as_bytes())), 4);
+        lines[3] = r#"{"split":"train","task":7,"role":"noised","ids":[]}"#.to_string();
+        assert_eq!(line_of(Dataset::read_jsonl(lines.join("\n").as_bytes())), 4);
+        lines[3] = good;
+        lines[0] = lines[0].replacen(r#""num_test":200"#, r#""num_test":5000"#, 1);
+        assert_eq!(line_of(Dataset::read_jsonl(lines.join("\n").as_bytes())), 1);
+    }
+
+    #[test]
+    fn config_validation_names_the_field() {
+        DataConfig::default().validate().unwrap();
+        DataConfig::cpu_scale().validate().unwrap();
+        type Edit = fn(&mut DataConfig);
+        let cases: [(Edit, &str); 20] = [
+            (|c| c.num_test = 20_000, "num_test"),
+            (|c| c.num_test = 0, "num_test"),
+            (|c| c.num_noise = 19_001, "num_noise"),
+            (|c| c.num_aux = 1_000, "num_aux"),
+            (|c| c.aux_steps = vec![2, 2], "aux_steps"),
+            (|c| c.aux_steps = vec![7], "aux_steps"),
+            (|c| c.main_step = 0, "main_step"),
+            (|c| c.noise_prob = 1.5, "noise_prob"),
+            (|c| c.noise_prob = f64::NAN, "noise_prob"),
+            (|c| c.noise_repeat = 0, "noise_repeat"),
+            (|c| c.noise_repeat = 100_000, "noise_repeat"),
+            (
+                |c| (c.noise_repeat, c.duplication) = (u32::MAX, Some(vec![u32::MAX])),
+                "noise_repeat",
+            ),
+            (|c| c.length = 0, "length"),
+            (|c| c.max_ctx = 0, "max_ctx"),
+            (|c| c.num_main = MAX_TASK_ROWS + 1, "num_main"),
+            (|c| c.duplication = Some(vec![]), "duplication"),
+            (|c| c.duplication = Some(vec![1, 0]), "duplication"),
+            (
+                |c| (c.artifact, c.duplication) = (Artifact::Backdoor, Some(vec![1])),
+                "duplication",
+            ),
+            (
+                |c| (c.artifact, c.backdoor_trigger) = (Artifact::Backdoor, Some(-5)),
+                "backdoor_trigger",
+            ),
+            (
+                |c| (c.artifact, c.seed) = (Artifact::Backdoor, u64::MAX),
+                "seed",
+            ),
+        ];
+        for (edit, field) in cases {
+            let mut cfg = DataConfig::default();
+            edit(&mut cfg);
+            let err = cfg.validate().unwrap_err();
+            assert!(err.to_string().contains(field), "{err}");
+            assert_eq!(field_of(err), field);
+        }
+        // Backdoor ignores num_noise; aux sizes are irrelevant without aux tasks.
+        let mut cfg = DataConfig::default();
+        (cfg.artifact, cfg.num_noise) = (Artifact::Backdoor, 50_000);
+        cfg.validate().unwrap();
+        let mut cfg = DataConfig::default();
+        (cfg.aux_steps, cfg.num_aux) = (vec![], 0);
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn too_long_sequences_are_an_error_not_a_panic() {
+        let cfg = DataConfig {
+            max_ctx: 100,
+            ..DataConfig::cpu_scale()
+        };
+        assert!(matches!(
+            generate(&cfg),
+            Err(DataError::TooLong {
+                task: 7,
+                max_ctx: 100,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn config_serde_fills_defaults_and_rejects_unknown_fields() {
+        let cfg: DataConfig = serde_json::from_str(r#"{"family":"mult","seed":3}"#).unwrap();
+        assert_eq!(
+            cfg,
+            DataConfig {
+                family: Family::Multiplicative,
+                seed: 3,
+                ..DataConfig::default()
+            }
+        );
+        let cfg: DataConfig =
+            serde_json::from_str(r#"{"family":"increment","artifact":"backdoor"}"#).unwrap();
+        assert_eq!(
+            (cfg.family, cfg.artifact),
+            (Family::Additive, Artifact::Backdoor)
+        );
+        assert!(serde_json::from_str::<DataConfig>(r#"{"num_extra":3000}"#).is_err());
+        let json = serde_json::to_string(&DataConfig::cpu_scale()).unwrap();
+        assert_eq!(
+            serde_json::from_str::<DataConfig>(&json).unwrap(),
+            DataConfig::cpu_scale()
+        );
+    }
+
+    #[test]
+    fn cpu_scale_preset_has_the_documented_sizes() {
+        let ds = generate(&DataConfig::cpu_scale()).unwrap();
+        assert_eq!(ds.train_rows().len(), 100 * 10 + 1_700 + 4 * 300);
+        assert_eq!(ds.noised_rows().len(), 100);
+        assert!(ds.test_sets().iter().all(|(_, rows)| rows.len() == 200));
+        let eligible = ds.eligible_noised_rows(50, 100).len();
+        eprintln!("cpu_scale: eligible [50,100) = {eligible}/100");
+    }
+
+    #[test]
+    fn paper_scale_generation_is_fast() {
+        let t = Instant::now();
+        let ds = generate(&DataConfig::default()).unwrap();
+        let elapsed = t.elapsed();
+        eprintln!("paper-scale generate: {elapsed:?} ({} rows)", ds.rows.len());
+        // Generous bound for an unoptimized test build; the release build is far faster.
+        assert!(elapsed.as_secs_f64() < 5.0, "{elapsed:?}");
+    }
+}
