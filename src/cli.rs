@@ -33,6 +33,9 @@ pub enum Command {
     Score(ScoreArgs),
     /// Print a model's architecture, size, dtype and context length.
     Inspect(InspectArgs),
+    /// TinyMem: data, training, evaluation.
+    #[command(subcommand)]
+    Tinymem(crate::tinymem::cli::TinymemCommand),
     /// Benchmarks (run by hand; results go to docs/benchmarks.md).
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
@@ -132,6 +135,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate(a),
         Command::Score(a) => score(a),
         Command::Inspect(a) => inspect(a),
+        Command::Tinymem(t) => crate::tinymem::cli::run(t),
         Command::Bench(b) => crate::bench::run(b),
     }
 }

@@ -10,6 +10,7 @@ pub mod engine;
 pub mod error;
 pub mod loader;
 pub mod models;
+pub mod optim;
 pub mod runtime;
 pub mod tinymem;
 pub mod tokenizer;

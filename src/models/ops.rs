@@ -122,7 +122,10 @@ pub fn lm_loss(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
 pub fn per_sequence_lm_loss(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
     let pred = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
-    let target = ids.narrow(1, 1, t - 1)?.contiguous()?.reshape(b * (t - 1))?;
+    let target = ids
+        .narrow(1, 1, t - 1)?
+        .contiguous()?
+        .reshape(b * (t - 1))?;
     let lp = candle_nn::ops::log_softmax(&pred, D::Minus1)?;
     let picked = lp.gather(&target.unsqueeze(1)?, 1)?.reshape((b, t - 1))?;
     picked.mean(1)?.neg()

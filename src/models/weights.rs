@@ -7,6 +7,10 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Mutex;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Init, VarMap};
@@ -20,11 +24,14 @@ pub enum Weights {
         map: HashMap<String, Tensor>,
         origin: String,
     },
-    /// Trainable variables, created on first request with the architecture's initialiser.
+    /// Trainable variables, created on first request with the architecture's initialiser,
+    /// drawn from a seeded RNG (candle's CPU RNG cannot be seeded) in request order, so the same
+    /// seed gives the same initial weights.
     Init {
         varmap: VarMap,
         dtype: DType,
         device: Device,
+        rng: Box<Mutex<StdRng>>,
     },
 }
 
@@ -58,13 +65,38 @@ impl Weights {
         Ok(Self::from_tensors(map, dir.display().to_string()))
     }
 
-    /// A fresh initialisation into a new [`VarMap`].
+    /// A fresh initialisation into a new [`VarMap`] with RNG seed 0.
     pub fn init(dtype: DType, device: &Device) -> Self {
+        Self::init_seeded(0, dtype, device)
+    }
+
+    /// A fresh initialisation into a new [`VarMap`], reproducible from `seed`.
+    pub fn init_seeded(seed: u64, dtype: DType, device: &Device) -> Self {
         Self::Init {
             varmap: VarMap::new(),
             dtype,
             device: device.clone(),
+            rng: Box::new(Mutex::new(StdRng::seed_from_u64(seed))),
         }
+    }
+
+    /// Trainable variables initialised from the tensors of a checkpoint (to resume training).
+    pub fn vars_from_tensors(map: HashMap<String, Tensor>, seed: u64) -> Result<Self> {
+        let device = map
+            .values()
+            .next()
+            .map_or(Device::Cpu, |t| t.device().clone());
+        let w = Self::init_seeded(seed, DType::F32, &device);
+        if let Self::Init { varmap, .. } = &w {
+            let mut data = varmap
+                .data()
+                .lock()
+                .map_err(|_| Error::invalid("weights", "poisoned lock"))?;
+            for (n, t) in map {
+                data.insert(n, candle_core::Var::from_tensor(&t)?);
+            }
+        }
+        Ok(w)
     }
 
     /// The variables of an [`Weights::Init`] source (what an optimiser trains).
@@ -105,9 +137,62 @@ impl Weights {
                 varmap,
                 dtype,
                 device,
-            } => Ok(varmap.get(shape, name, init, *dtype, device)?),
+                rng,
+            } => {
+                let mut data = varmap
+                    .data()
+                    .lock()
+                    .map_err(|_| Error::invalid("weights", "poisoned lock"))?;
+                if let Some(v) = data.get(name) {
+                    if v.dims() != shape {
+                        return Err(Error::Weights {
+                            file: "initial weights".into(),
+                            message: format!(
+                                "tensor {name} has shape {:?}, config implies {shape:?}",
+                                v.dims()
+                            ),
+                        });
+                    }
+                    return Ok(v.as_tensor().clone());
+                }
+                let mut rng = rng
+                    .lock()
+                    .map_err(|_| Error::invalid("weights", "poisoned lock"))?;
+                let t = init_tensor(&mut rng, init, shape, device)?.to_dtype(*dtype)?;
+                let var = candle_core::Var::from_tensor(&t)?;
+                let out = var.as_tensor().clone();
+                data.insert(name.to_string(), var);
+                Ok(out)
+            }
         }
     }
+}
+
+/// Draws a tensor for `init` from `rng`.
+fn init_tensor(rng: &mut StdRng, init: Init, shape: &[usize], device: &Device) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = match init {
+        Init::Const(c) => vec![c as f32; n],
+        Init::Randn { mean, stdev } => (0..n)
+            .map(|_| {
+                // Box–Muller; u1 in (0, 1] so ln(u1) is finite.
+                let u1: f64 = 1.0 - rng.random::<f64>();
+                let u2: f64 = rng.random::<f64>();
+                let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+                (mean + stdev * z) as f32
+            })
+            .collect(),
+        Init::Uniform { lo, up } => (0..n)
+            .map(|_| (lo + (up - lo) * rng.random::<f64>()) as f32)
+            .collect(),
+        other => {
+            return Err(Error::invalid(
+                "init",
+                format!("unsupported initialiser {other:?}"),
+            ));
+        }
+    };
+    Ok(Tensor::from_vec(data, shape, device)?)
 }
 
 /// Hands tensors to an architecture's constructor and remembers them by name.

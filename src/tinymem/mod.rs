@@ -6,6 +6,10 @@
 //! `rng`. All are pure (no I/O except through caller-supplied readers and writers) and
 //! deterministic in their config.
 
+pub mod cli;
 pub mod data;
+pub mod eval;
 mod rng;
+pub mod tokenizer;
+pub mod train;
 pub mod vocab;

@@ -1,0 +1,274 @@
+//! `lethe tinymem …`: generate the math data, train models, evaluate them.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand, ValueEnum};
+
+use super::data::{self, Artifact, DataConfig, Family};
+use super::eval::{self, EvalParams};
+use super::train::{self, Card, TrainConfig};
+use crate::cli::ModelArgs;
+
+#[derive(Debug, Subcommand)]
+pub enum TinymemCommand {
+    /// Write the math dataset as JSONL (one row per line after a header line).
+    Data(DataArgs),
+    /// Train a TinyMem model into an HF-format directory.
+    Train(TrainArgs),
+    /// Evaluate a TinyMem model on the data it was trained on (spec §3).
+    Eval(EvalArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Preset {
+    /// The paper's sizes (20000 main sequences, 3000 per auxiliary task, 1000 noised).
+    Paper,
+    /// Scaled for 2 CPU cores (2000 main, 500 per auxiliary task, 100 noised rows × 10).
+    Cpu,
+}
+
+/// Data flags; unset ones come from the preset.
+#[derive(Debug, Args, Clone)]
+pub struct DataFlags {
+    /// Starting point for every data setting.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub preset: Preset,
+    /// additive or multiplicative.
+    #[arg(long)]
+    pub family: Option<Family>,
+    /// noise or backdoor.
+    #[arg(long)]
+    pub artifact: Option<Artifact>,
+    #[arg(long)]
+    pub num_main: Option<usize>,
+    #[arg(long)]
+    pub num_aux: Option<usize>,
+    #[arg(long)]
+    pub num_test: Option<usize>,
+    #[arg(long)]
+    pub num_noise: Option<usize>,
+    /// Times each artifact row is repeated in training.
+    #[arg(long)]
+    pub noise_repeat: Option<u32>,
+    /// Data seed.
+    #[arg(long)]
+    pub data_seed: Option<u64>,
+}
+
+impl DataFlags {
+    pub fn config(&self) -> anyhow::Result<DataConfig> {
+        let mut c = match self.preset {
+            Preset::Paper => DataConfig::default(),
+            Preset::Cpu => DataConfig::cpu_scale(),
+        };
+        if let Some(v) = self.family {
+            c.family = v;
+        }
+        if let Some(v) = self.artifact {
+            c.artifact = v;
+        }
+        if let Some(v) = self.num_main {
+            c.num_main = v;
+        }
+        if let Some(v) = self.num_aux {
+            c.num_aux = v;
+        }
+        if let Some(v) = self.num_test {
+            c.num_test = v;
+        }
+        if let Some(v) = self.num_noise {
+            c.num_noise = v;
+        }
+        if let Some(v) = self.noise_repeat {
+            c.noise_repeat = v;
+        }
+        if let Some(v) = self.data_seed {
+            c.seed = v;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct DataArgs {
+    /// Regenerate exactly the data this model was trained on (its card records the flags).
+    #[arg(long)]
+    pub model: Option<String>,
+    #[command(flatten)]
+    pub data: DataFlags,
+    /// Output file.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub data: DataFlags,
+    #[arg(long, default_value_t = 4)]
+    pub layers: usize,
+    #[arg(long, default_value_t = 128)]
+    pub n_embd: usize,
+    #[arg(long, default_value_t = 4)]
+    pub n_head: usize,
+    #[arg(long, default_value_t = 512)]
+    pub n_inner: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0.1)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0.9)]
+    pub beta1: f64,
+    #[arg(long, default_value_t = 0.98)]
+    pub beta2: f64,
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 10)]
+    pub epochs: usize,
+    /// Initialisation and shuffling seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Evaluate every N epochs (0: only at the end).
+    #[arg(long, default_value_t = 1)]
+    pub eval_every: usize,
+    /// Checkpoint every N epochs (0: only at the end).
+    #[arg(long, default_value_t = 1)]
+    pub checkpoint_every: usize,
+    /// Continue from the checkpoint in --out.
+    #[arg(long)]
+    pub resume: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Output model directory.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(cmd: TinymemCommand) -> anyhow::Result<()> {
+    match cmd {
+        TinymemCommand::Data(a) => data_cmd(a),
+        TinymemCommand::Train(a) => train_cmd(a),
+        TinymemCommand::Eval(a) => eval_cmd(a),
+    }
+}
+
+fn data_cmd(a: DataArgs) -> anyhow::Result<()> {
+    let ds = match &a.model {
+        Some(m) => {
+            let dir = crate::loader::resolve(m)?;
+            Card::read(&dir)?.dataset()?
+        }
+        None => data::generate(&a.data.config()?)?,
+    };
+    let f =
+        std::fs::File::create(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let mut w = std::io::BufWriter::new(f);
+    ds.write_jsonl(&mut w)?;
+    w.flush()?;
+    eprintln!("wrote {} rows to {}", ds.rows.len(), a.out.display());
+    Ok(())
+}
+
+fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
+    let data_cfg = a.data.config()?;
+    let cfg = TrainConfig {
+        n_layer: a.layers,
+        n_embd: a.n_embd,
+        n_head: a.n_head,
+        n_inner: a.n_inner,
+        lr: a.lr,
+        weight_decay: a.weight_decay,
+        beta1: a.beta1,
+        beta2: a.beta2,
+        eps: 1e-8,
+        batch_size: a.batch_size,
+        epochs: a.epochs,
+        seed: a.seed,
+        eval_every: a.eval_every,
+        checkpoint_every: a.checkpoint_every,
+    };
+    let bar = if a.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "epoch {prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}",
+            )?
+            .progress_chars("=> "),
+        );
+        b
+    };
+    let mut progress = |epoch: usize, step: usize, steps: usize, loss: f64, tps: f64| {
+        if bar.length() != Some(steps as u64) {
+            bar.set_length(steps as u64);
+        }
+        bar.set_prefix(format!("{}/{}", epoch + 1, a.epochs));
+        bar.set_position(step as u64);
+        bar.set_message(format!("loss {loss:.4} {tps:.0} tok/s"));
+    };
+    let card = train::train(
+        &data_cfg,
+        &cfg,
+        &a.out,
+        a.resume,
+        &EvalParams::default(),
+        &mut progress,
+    )?;
+    bar.finish_and_clear();
+    for e in &card.history {
+        let ev = e.eval.as_ref().map_or(String::new(), |r| {
+            format!(
+                " memorized {} accuracy {:.4} perplexity {:.4}",
+                r.memorized_ratio
+                    .or(r.attack_success_ratio)
+                    .map_or("-".into(), |m| format!("{:.3}", m)),
+                r.accuracy,
+                r.perplexity
+            )
+        });
+        eprintln!(
+            "epoch {:>4} loss {:.4} {:>6.1}s {:>7.0} tok/s{ev}",
+            e.epoch, e.loss, e.seconds, e.tokens_per_second
+        );
+    }
+    eprintln!(
+        "model written to {} ({:.1}s of training)",
+        a.out.display(),
+        card.train_seconds
+    );
+    Ok(())
+}
+
+fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
+    let lm = a.model.load()?;
+    let card = Card::read(&lm.dir)
+        .with_context(|| format!("{} is not a TinyMem model directory", lm.dir.display()))?;
+    let ds = card.dataset()?;
+    let params = EvalParams {
+        batch_size: a.batch_size,
+        ..EvalParams::default()
+    };
+    let r = eval::evaluate(&lm.model, &ds, &params)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    }
+    Ok(())
+}

@@ -1,0 +1,314 @@
+//! TinyMem evaluation, literally as spec §3.
+//!
+//! - Memorization of noise (§3.1): rows whose noise lies in token positions `[P, P+K)` are
+//!   eligible; each is prompted with its *clean* first `P` tokens, decoded greedily with EOS
+//!   banned, and counts as memorized when the `K` generated tokens equal the *noised*
+//!   continuation exactly.
+//! - Backdoor attack success (§3.2): held-out backdoored rows (eligible by the same window
+//!   test), prompted with the clean row up to and including the first trigger occurrence (each
+//!   row its own prompt length: the reference code's stale `prompt_len` bug is not copied),
+//!   succeed when the `K` generated tokens equal the backdoored row there (all 2s).
+//! - Accuracy (§3.3): teacher-forced next-token accuracy over all `T − 1` positions, PAD
+//!   included, averaged per batch and then over batches (unweighted); also pooled over non-PAD
+//!   targets.
+//! - Perplexity (§3.4): the mean over batches of `exp(mean token loss of the batch)`.
+
+use candle_core::{Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use super::data::{noise_in_window, trigger_end, Artifact, Dataset, Row};
+use super::vocab;
+use crate::engine::{self, GenerateRequest};
+use crate::error::{Error, Result};
+use crate::models::{ops, Inputs, Model};
+
+/// Prompt and comparison lengths and the batch size of an evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EvalParams {
+    /// Prompt length P (50 in the paper).
+    pub prompt_len: usize,
+    /// Compared length K (50 in the paper).
+    pub compare_len: usize,
+    /// Sequences per forward pass (no semantic effect on memorization; accuracy and perplexity
+    /// average per batch as the paper's code does).
+    pub batch_size: usize,
+}
+
+impl Default for EvalParams {
+    fn default() -> Self {
+        Self {
+            prompt_len: 50,
+            compare_len: 50,
+            batch_size: 64,
+        }
+    }
+}
+
+/// The outcome of a memorization (or attack-success) measurement.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Memorization {
+    /// Rows that passed the window filter (the denominator).
+    pub eligible: usize,
+    /// Rows whose generation matched the target continuation exactly.
+    pub memorized: usize,
+    /// `memorized / eligible` (0 when nothing is eligible).
+    pub ratio: f64,
+    /// Rows whose generation matched the clean continuation instead.
+    pub clean_continuation: usize,
+    /// Indices (into the rows given) of the memorized rows: the forget set for unlearning.
+    pub memorized_rows: Vec<usize>,
+}
+
+/// Memorization of noised rows (spec §3.1). Rows without `clean_ids` are rejected.
+pub fn memorization(model: &Model, rows: &[&Row], p: &EvalParams) -> Result<Memorization> {
+    let (pl, k) = (p.prompt_len, p.compare_len);
+    let mut cases = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
+        let clean = r.clean_ids.as_ref().ok_or_else(|| {
+            Error::invalid(format!("rows[{i}]"), "has no clean_ids (not a noised row)")
+        })?;
+        if r.ids.len() < pl + k || clean.len() < pl + k {
+            return Err(Error::invalid(
+                format!("rows[{i}]"),
+                format!("is shorter than {}", pl + k),
+            ));
+        }
+        if noise_in_window(&r.ids, clean, pl, pl + k) {
+            cases.push(Case {
+                row: i,
+                prompt: clean[..pl].to_vec(),
+                target: r.ids[pl..pl + k].to_vec(),
+                clean: clean[pl..pl + k].to_vec(),
+            });
+        }
+    }
+    run_cases(model, &cases, k, p.batch_size)
+}
+
+/// Backdoor attack success on held-out backdoored rows (spec §3.2).
+pub fn attack_success(
+    model: &Model,
+    rows: &[&Row],
+    trigger: &[u32],
+    p: &EvalParams,
+) -> Result<Memorization> {
+    let k = p.compare_len;
+    let (lo, hi) = (p.prompt_len, p.prompt_len + p.compare_len);
+    let mut cases = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
+        let clean = r.clean_ids.as_ref().ok_or_else(|| {
+            Error::invalid(
+                format!("rows[{i}]"),
+                "has no clean_ids (not a backdoored row)",
+            )
+        })?;
+        if !noise_in_window(&r.ids, clean, lo, hi) {
+            continue;
+        }
+        let Some(pl) = trigger_end(clean, trigger) else {
+            continue;
+        };
+        if pl + k > r.ids.len() {
+            continue;
+        }
+        cases.push(Case {
+            row: i,
+            prompt: clean[..pl].to_vec(),
+            target: r.ids[pl..pl + k].to_vec(),
+            clean: clean[pl..pl + k].to_vec(),
+        });
+    }
+    run_cases(model, &cases, k, p.batch_size)
+}
+
+struct Case {
+    row: usize,
+    prompt: Vec<u32>,
+    target: Vec<u32>,
+    clean: Vec<u32>,
+}
+
+fn run_cases(model: &Model, cases: &[Case], k: usize, batch: usize) -> Result<Memorization> {
+    let eos = model.spec().eos_token_id;
+    let mut memorized_rows = Vec::new();
+    let mut clean_continuation = 0;
+    for chunk in cases.chunks(batch.max(1)) {
+        let reqs: Vec<GenerateRequest> = chunk
+            .iter()
+            .map(|c| {
+                let mut r = GenerateRequest::greedy(c.prompt.clone(), k);
+                r.banned_ids.extend(eos);
+                r.stop_at_eos = false;
+                r
+            })
+            .collect();
+        for (c, g) in chunk.iter().zip(engine::generate(model, None, &reqs)?) {
+            if g.tokens == c.target {
+                memorized_rows.push(c.row);
+            } else if g.tokens == c.clean {
+                clean_continuation += 1;
+            }
+        }
+    }
+    let eligible = cases.len();
+    let memorized = memorized_rows.len();
+    Ok(Memorization {
+        eligible,
+        memorized,
+        ratio: if eligible == 0 {
+            0.0
+        } else {
+            memorized as f64 / eligible as f64
+        },
+        clean_continuation,
+        memorized_rows,
+    })
+}
+
+/// Accuracy and perplexity of one test set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskMetrics {
+    /// Spec §3.3: PAD included, mean of per-batch means.
+    pub accuracy: f64,
+    /// Pooled over targets that are not PAD.
+    pub accuracy_non_pad: f64,
+    /// Spec §3.4: mean over batches of exp(batch mean loss).
+    pub perplexity: f64,
+    pub rows: usize,
+}
+
+/// Teacher-forced accuracy and perplexity of `rows` (equal-length, padded sequences).
+pub fn task_metrics(model: &Model, rows: &[&Row], batch: usize) -> Result<TaskMetrics> {
+    if rows.is_empty() {
+        return Err(Error::invalid("rows", "an empty test set has no accuracy"));
+    }
+    let dev = model.device();
+    let (mut acc_sum, mut ppl_sum, mut batches) = (0.0, 0.0, 0usize);
+    let (mut np_hit, mut np_total) = (0usize, 0usize);
+    for chunk in rows.chunks(batch.max(1)) {
+        let t = chunk[0].ids.len();
+        if chunk.iter().any(|r| r.ids.len() != t) {
+            return Err(Error::invalid(
+                "rows",
+                "test rows must share one padded length",
+            ));
+        }
+        let flat: Vec<u32> = chunk.iter().flat_map(|r| r.ids.iter().copied()).collect();
+        let ids = Tensor::from_vec(flat, (chunk.len(), t), dev)?;
+        let logits = model.forward(&Inputs::causal(&ids, 0)?, None, None)?;
+        let loss = ops::lm_loss(&logits, &ids)?.to_scalar::<f32>()? as f64;
+        let pred = logits
+            .narrow(1, 0, t - 1)?
+            .argmax(D::Minus1)?
+            .to_vec2::<u32>()?;
+        let mut hit = 0usize;
+        for (r, row_pred) in chunk.iter().zip(&pred) {
+            for (j, &p) in row_pred.iter().enumerate() {
+                let target = r.ids[j + 1];
+                let ok = p == target;
+                hit += ok as usize;
+                if target != vocab::PAD {
+                    np_total += 1;
+                    np_hit += ok as usize;
+                }
+            }
+        }
+        acc_sum += hit as f64 / (chunk.len() * (t - 1)) as f64;
+        ppl_sum += loss.exp();
+        batches += 1;
+    }
+    Ok(TaskMetrics {
+        accuracy: acc_sum / batches as f64,
+        accuracy_non_pad: if np_total == 0 {
+            0.0
+        } else {
+            np_hit as f64 / np_total as f64
+        },
+        perplexity: ppl_sum / batches as f64,
+        rows: rows.len(),
+    })
+}
+
+/// Everything `lethe tinymem eval` reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// Noise models: fraction of eligible noised rows memorized (§3.1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memorized_ratio: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memorized: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eligible: Option<usize>,
+    /// Backdoor models: fraction of eligible held-out triggered rows completed with the
+    /// backdoor (§3.2).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attack_success_ratio: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attack_eligible: Option<usize>,
+    /// Mean of the clean test tasks' §3.3 accuracies (main task + auxiliary tasks).
+    pub accuracy: f64,
+    pub accuracy_by_task: std::collections::BTreeMap<String, f64>,
+    /// Mean over the clean test tasks of the non-PAD accuracy.
+    pub accuracy_non_pad: f64,
+    /// Mean over the clean test tasks of the §3.4 perplexity.
+    pub perplexity: f64,
+    pub seconds: f64,
+}
+
+/// Evaluates `model` on `ds`'s artifact and clean test tasks.
+pub fn evaluate(model: &Model, ds: &Dataset, p: &EvalParams) -> Result<EvalReport> {
+    let start = std::time::Instant::now();
+    let cfg = &ds.config;
+    let mut report = EvalReport {
+        memorized_ratio: None,
+        memorized: None,
+        eligible: None,
+        attack_success_ratio: None,
+        attack_eligible: None,
+        accuracy: 0.0,
+        accuracy_by_task: Default::default(),
+        accuracy_non_pad: 0.0,
+        perplexity: 0.0,
+        seconds: 0.0,
+    };
+    match cfg.artifact {
+        Artifact::Noise => {
+            let m = memorization(model, &ds.noised_rows(), p)?;
+            report.memorized_ratio = Some(m.ratio);
+            report.memorized = Some(m.memorized);
+            report.eligible = Some(m.eligible);
+        }
+        Artifact::Backdoor => {
+            let trigger = cfg
+                .trigger_ids()
+                .map_err(|e| Error::invalid("backdoor_trigger", e.to_string()))?;
+            let m = attack_success(model, &ds.backdoor_test_rows(), &trigger, p)?;
+            report.attack_success_ratio = Some(m.ratio);
+            report.attack_eligible = Some(m.eligible);
+        }
+    }
+    let clean_tasks: Vec<String> = std::iter::once(cfg.main_step)
+        .chain(cfg.aux_steps.iter().copied())
+        .map(|c| c.to_string())
+        .collect();
+    let (mut acc, mut np, mut ppl) = (0.0, 0.0, 0.0);
+    let mut n = 0usize;
+    for (name, rows) in ds.test_sets() {
+        if !clean_tasks.contains(&name) || rows.is_empty() {
+            continue;
+        }
+        let m = task_metrics(model, &rows, p.batch_size)?;
+        report.accuracy_by_task.insert(name, m.accuracy);
+        acc += m.accuracy;
+        np += m.accuracy_non_pad;
+        ppl += m.perplexity;
+        n += 1;
+    }
+    if n > 0 {
+        report.accuracy = acc / n as f64;
+        report.accuracy_non_pad = np / n as f64;
+        report.perplexity = ppl / n as f64;
+    }
+    report.seconds = start.elapsed().as_secs_f64();
+    Ok(report)
+}

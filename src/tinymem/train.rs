@@ -1,0 +1,371 @@
+//! Training TinyMem models (spec §2) and writing them as Hugging Face checkpoints.
+//!
+//! A model directory holds `config.json`, `model.safetensors` and `tokenizer.json` (what
+//! `--model` and transformers' `GPT2LMHeadModel` load), plus `lethe_tinymem.json` (the card: the
+//! data and training configs, so the exact data can be regenerated, and the training history)
+//! and `optimizer.safetensors` (AdamW state, for `--resume`). Each file is replaced atomically;
+//! the card is written last, so it never claims an epoch whose weights are not on disk.
+//!
+//! Determinism: initial weights come from `seed`, each epoch's shuffle from `seed` and the epoch
+//! number, so a resumed run continues the same sequence of batches.
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use super::data::{self, DataConfig, Dataset};
+use super::eval::{self, EvalParams, EvalReport};
+use super::vocab;
+use crate::error::{Error, Result};
+use crate::models::ops::{self, Activation};
+use crate::models::weights::{read_safetensors, write_safetensors};
+use crate::models::{gpt2, Inputs, Model, ModelConfig, Weights};
+use crate::optim::{AdamW, AdamWParams};
+
+/// The card's file name inside a model directory.
+pub const CARD_FILE: &str = "lethe_tinymem.json";
+const CARD_FORMAT: &str = "lethe-tinymem-v1";
+
+/// Model shape and optimisation settings. Defaults are the paper's (spec §2.1–2.2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_head: usize,
+    pub n_inner: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub batch_size: usize,
+    /// Passes over the training set.
+    pub epochs: usize,
+    /// Weight-initialisation and shuffling seed.
+    pub seed: u64,
+    /// Evaluate every this many epochs (0: only after the last).
+    pub eval_every: usize,
+    /// Write a checkpoint every this many epochs (0: only after the last).
+    pub checkpoint_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            n_layer: 4,
+            n_embd: 128,
+            n_head: 4,
+            n_inner: 512,
+            lr: 1e-3,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-8,
+            batch_size: 128,
+            epochs: 10,
+            seed: 0,
+            eval_every: 1,
+            checkpoint_every: 1,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("n_layer", self.n_layer),
+            ("n_embd", self.n_embd),
+            ("n_head", self.n_head),
+            ("n_inner", self.n_inner),
+            ("batch_size", self.batch_size),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(Error::invalid(name, "must be positive"));
+            }
+        }
+        if !self.n_embd.is_multiple_of(self.n_head) {
+            return Err(Error::invalid("n_head", "must divide n_embd"));
+        }
+        for (name, v) in [("lr", self.lr), ("eps", self.eps)] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(Error::invalid(name, "must be a positive number"));
+            }
+        }
+        for (name, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(Error::invalid(name, "must be in [0, 1)"));
+            }
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(Error::invalid("weight_decay", "must be >= 0"));
+        }
+        Ok(())
+    }
+
+    /// The GPT-2 config of the model this trains (spec §2.1).
+    pub fn model_config(&self, data: &DataConfig) -> gpt2::Config {
+        gpt2::Config {
+            vocab_size: vocab::VOCAB_SIZE,
+            n_positions: data.max_ctx,
+            n_embd: self.n_embd,
+            n_layer: self.n_layer,
+            n_head: self.n_head,
+            n_inner: self.n_inner,
+            activation: Activation::Relu,
+            layer_norm_epsilon: 1e-5,
+            tie_word_embeddings: true,
+            scale_attn_weights: true,
+            scale_attn_by_inverse_layer_idx: false,
+            initializer_range: 0.8 / (self.n_embd as f64).sqrt(),
+            bos_token_id: Some(vocab::BOS),
+            eos_token_id: Some(vocab::EOS),
+            pad_token_id: Some(vocab::PAD),
+        }
+    }
+}
+
+/// One epoch's record in the card.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochLog {
+    pub epoch: usize,
+    /// Mean training loss over the epoch's batches.
+    pub loss: f64,
+    pub seconds: f64,
+    pub tokens_per_second: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval: Option<EvalReport>,
+}
+
+/// `lethe_tinymem.json`: how a model was made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Card {
+    pub format: String,
+    pub data: DataConfig,
+    pub train: TrainConfig,
+    pub epochs_done: usize,
+    pub steps_done: u64,
+    pub train_seconds: f64,
+    pub history: Vec<EpochLog>,
+}
+
+impl Card {
+    /// Reads the card of a model directory.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(CARD_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let card: Card = serde_json::from_str(&text)
+            .map_err(|e| Error::config(path.display().to_string(), e.to_string()))?;
+        if card.format != CARD_FORMAT {
+            return Err(Error::config(
+                path.display().to_string(),
+                format!("format {:?}, expected {CARD_FORMAT:?}", card.format),
+            ));
+        }
+        Ok(card)
+    }
+
+    /// Regenerates the exact dataset the model was trained on.
+    pub fn dataset(&self) -> Result<Dataset> {
+        data::generate(&self.data).map_err(|e| Error::invalid("data", e.to_string()))
+    }
+}
+
+/// Progress callback: (epoch, step in epoch, steps per epoch, last loss, tokens/s).
+pub type Progress<'a> = &'a mut dyn FnMut(usize, usize, usize, f64, f64);
+
+/// Trains (or resumes training of) a TinyMem model into `out`.
+pub fn train(
+    data_cfg: &DataConfig,
+    cfg: &TrainConfig,
+    out: &Path,
+    resume: bool,
+    eval_params: &EvalParams,
+    progress: Progress,
+) -> Result<Card> {
+    cfg.validate()?;
+    let ds = data::generate(data_cfg).map_err(|e| Error::invalid("data", e.to_string()))?;
+    std::fs::create_dir_all(out).map_err(|source| Error::Io {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    let model_cfg = ModelConfig::Gpt2(cfg.model_config(data_cfg));
+    let dev = Device::Cpu;
+    let resuming = resume && out.join(CARD_FILE).is_file();
+    let (weights, mut card) = if resuming {
+        let card = Card::read(out)?;
+        if &card.data != data_cfg {
+            return Err(Error::invalid(
+                "resume",
+                "the data config differs from the checkpoint's",
+            ));
+        }
+        let same_model = TrainConfig {
+            epochs: cfg.epochs,
+            eval_every: cfg.eval_every,
+            checkpoint_every: cfg.checkpoint_every,
+            ..card.train.clone()
+        };
+        if &same_model != cfg {
+            return Err(Error::invalid(
+                "resume",
+                "the model or optimiser settings differ from the checkpoint's",
+            ));
+        }
+        let map = read_safetensors(&out.join("model.safetensors"), DType::F32, &dev)?;
+        (
+            Weights::vars_from_tensors(map, cfg.seed)?,
+            Card {
+                train: cfg.clone(),
+                ..card
+            },
+        )
+    } else {
+        let card = Card {
+            format: CARD_FORMAT.into(),
+            data: data_cfg.clone(),
+            train: cfg.clone(),
+            epochs_done: 0,
+            steps_done: 0,
+            train_seconds: 0.0,
+            history: Vec::new(),
+        };
+        (Weights::init_seeded(cfg.seed, DType::F32, &dev), card)
+    };
+    let model = Model::new(&model_cfg, &weights)?;
+    let vars = named_vars(&model, &weights)?;
+    let mut opt = AdamW::new(
+        vars,
+        AdamWParams {
+            lr: cfg.lr,
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.eps,
+            weight_decay: cfg.weight_decay,
+        },
+    )?;
+    if resuming {
+        opt.load(&out.join("optimizer.safetensors"))?;
+    }
+    super::tokenizer::write(&out.join("tokenizer.json"))?;
+
+    let rows: Vec<&[u32]> = ds
+        .train_rows()
+        .into_iter()
+        .map(|r| r.ids.as_slice())
+        .collect();
+    let t = data_cfg.max_ctx;
+    let steps_per_epoch = rows.len().div_ceil(cfg.batch_size);
+    for epoch in card.epochs_done..cfg.epochs {
+        let started = Instant::now();
+        let mut order: Vec<usize> = (0..rows.len()).collect();
+        let mut rng =
+            StdRng::seed_from_u64(cfg.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        order.shuffle(&mut rng);
+        let (mut loss_sum, mut tokens) = (0.0, 0usize);
+        for (step, batch) in order.chunks(cfg.batch_size).enumerate() {
+            let flat: Vec<u32> = batch
+                .iter()
+                .flat_map(|&i| rows[i].iter().copied())
+                .collect();
+            let ids = Tensor::from_vec(flat, (batch.len(), t), &dev)?;
+            let logits = model.forward(&Inputs::causal(&ids, 0)?, None, None)?;
+            let loss = ops::lm_loss(&logits, &ids)?;
+            opt.backward_step(&loss)?;
+            let l = loss.to_scalar::<f32>()? as f64;
+            if !l.is_finite() {
+                return Err(Error::invalid(
+                    "lr",
+                    format!("training diverged (loss {l}) at epoch {epoch}"),
+                ));
+            }
+            loss_sum += l;
+            tokens += batch.len() * t;
+            card.steps_done += 1;
+            progress(
+                epoch,
+                step + 1,
+                steps_per_epoch,
+                l,
+                tokens as f64 / started.elapsed().as_secs_f64(),
+            );
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        card.train_seconds += seconds;
+        card.epochs_done = epoch + 1;
+        let last = epoch + 1 == cfg.epochs;
+        let due = |every: usize| last || (every > 0 && (epoch + 1).is_multiple_of(every));
+        let eval = if due(cfg.eval_every) {
+            Some(eval::evaluate(&model, &ds, eval_params)?)
+        } else {
+            None
+        };
+        card.history.push(EpochLog {
+            epoch: epoch + 1,
+            loss: loss_sum / steps_per_epoch as f64,
+            seconds,
+            tokens_per_second: tokens as f64 / seconds,
+            eval,
+        });
+        if due(cfg.checkpoint_every) {
+            save_checkpoint(out, &model, &model_cfg, &opt, &card)?;
+        }
+    }
+    if card.epochs_done >= cfg.epochs && !out.join("model.safetensors").is_file() {
+        save_checkpoint(out, &model, &model_cfg, &opt, &card)?;
+    }
+    Ok(card)
+}
+
+/// The trainable variables behind `model`'s parameters, by checkpoint name.
+fn named_vars(model: &Model, weights: &Weights) -> Result<Vec<(String, Var)>> {
+    let varmap = weights
+        .varmap()
+        .ok_or_else(|| Error::invalid("weights", "not trainable"))?;
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| Error::invalid("weights", "poisoned lock"))?;
+    model
+        .named_tensors()
+        .iter()
+        .map(|(name, _)| {
+            // Checkpoint names equal the names the model asked for (GPT-2 reads with the
+            // `transformer.` prefix when training).
+            data.get(name)
+                .cloned()
+                .map(|v| (name.clone(), v))
+                .ok_or_else(|| Error::invalid("weights", format!("no variable for {name}")))
+        })
+        .collect()
+}
+
+fn save_checkpoint(
+    out: &Path,
+    model: &Model,
+    cfg: &ModelConfig,
+    opt: &AdamW,
+    card: &Card,
+) -> Result<()> {
+    write_safetensors(
+        model.named_tensors(),
+        DType::F32,
+        &out.join("model.safetensors"),
+    )?;
+    let config = serde_json::to_string_pretty(&cfg.to_hf_json())
+        .map_err(|e| Error::invalid("config", e.to_string()))?;
+    crate::util::write_atomic(&out.join("config.json"), config.as_bytes())?;
+    opt.save(&out.join("optimizer.safetensors"))?;
+    let card_json =
+        serde_json::to_string_pretty(card).map_err(|e| Error::invalid("card", e.to_string()))?;
+    crate::util::write_atomic(&out.join(CARD_FILE), card_json.as_bytes())
+}
