@@ -18,7 +18,8 @@ use crate::runtime;
 #[derive(Debug, Parser)]
 #[command(name = "lethe", version, about)]
 pub struct Cli {
-    /// Compute threads (default: the CPUs this process may use).
+    /// Compute threads (default: the CPUs this process may use; 0: leave candle's and rayon's
+    /// own defaults, for comparison).
     #[arg(long, global = true, env = "LETHE_THREADS")]
     pub threads: Option<usize>,
     #[command(subcommand)]

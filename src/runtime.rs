@@ -1,37 +1,47 @@
 //! Process-wide runtime settings: compute threads, devices, logging.
 //!
-//! Threads: candle sizes its CPU thread pools from `RAYON_NUM_THREADS` and otherwise from its own
-//! guess of the physical core count, while rayon's global pool (used by gemm and tokenizers)
-//! sizes itself from the scheduler's CPU set. Left alone, the two can disagree and
-//! oversubscribe small machines. [`configure_threads`] pins both to one number, by default the
-//! CPUs this process may run on, before any pool exists. `docs/benchmarks.md` has the
-//! measurement that motivated it.
+//! Threads: candle asks for its thread count on **every** matmul. With `RAYON_NUM_THREADS` set
+//! that is an environment lookup; without it, candle 0.11 falls back to
+//! `num_cpus::get_physical()`, which re-reads and parses `/proc/cpuinfo` each time (strace: one
+//! `openat("/proc/cpuinfo")` per matmul). Small-op workloads such as KV-cache decode spent most
+//! of their time there (3.2× slower decode, `docs/benchmarks.md`). [`configure_threads`] (the
+//! CLI) and [`ensure_threads`] (every model load) therefore set `RAYON_NUM_THREADS` to the CPUs
+//! this process may use when it is unset, before any pool exists.
 
 use candle_core::Device;
 
 use crate::error::{Error, Result};
 
 /// Sets `RAYON_NUM_THREADS` (read by candle and rayon) to `threads`, or to the number of CPUs
-/// this process may use when `threads` is `None` and the variable is unset. Returns the count
-/// in force. Must run before the first tensor operation; later calls cannot resize pools.
-pub fn configure_threads(threads: Option<usize>) -> usize {
+/// this process may use when `threads` is `None` and the variable is unset. `Some(0)` leaves
+/// the libraries' own defaults in place (for comparison). Only the first call in a process has
+/// an effect (pools cannot be resized); it must come before the first tensor operation.
+/// Returns the thread count in force, if one is set.
+pub fn configure_threads(threads: Option<usize>) -> Option<usize> {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| apply_threads(threads));
+    std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse().ok())
+}
+
+/// [`configure_threads`]`(None)`: called whenever a model is built, so library users get the
+/// fast setting without doing anything.
+pub fn ensure_threads() {
+    configure_threads(None);
+}
+
+fn apply_threads(threads: Option<usize>) {
     let n = match threads {
-        Some(n) if n > 0 => n,
-        _ => match std::env::var("RAYON_NUM_THREADS")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-        {
+        Some(0) => return,
+        Some(n) => n,
+        None => match std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse::<usize>().ok()) {
             Some(n) if n > 0 => n,
             _ => std::thread::available_parallelism().map_or(1, |n| n.get()),
         },
     };
-    // SAFETY: called at start-up, before lethe spawns threads; nothing else reads the
-    // environment concurrently.
+    // SAFETY: Rust's environment accessors (all that candle and rayon use) are serialised by
+    // std's internal lock; lethe calls this at start-up or model load, from Rust code only.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build_global();
-    n
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
 }
 
 /// Parses `cpu`, `cuda`, `cuda:N` (or `gpu`) into a device.

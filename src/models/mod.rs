@@ -175,6 +175,7 @@ pub enum Model {
 impl Model {
     /// Builds the model from `weights` (a checkpoint, or fresh initialisation for training).
     pub fn new(config: &ModelConfig, weights: &Weights) -> Result<Self> {
+        crate::runtime::ensure_threads();
         let mut params = Params::new(weights);
         Ok(match config {
             ModelConfig::Gpt2(c) => Self::Gpt2(gpt2::Gpt2::new(c.clone(), &mut params)?),
