@@ -20,7 +20,9 @@ use crate::error::{Error, Result};
 pub fn configure_threads(threads: Option<usize>) -> Option<usize> {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| apply_threads(threads));
-    std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse().ok())
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
 }
 
 /// [`configure_threads`]`(None)`: called whenever a model is built, so library users get the
@@ -33,7 +35,10 @@ fn apply_threads(threads: Option<usize>) {
     let n = match threads {
         Some(0) => return,
         Some(n) => n,
-        None => match std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse::<usize>().ok()) {
+        None => match std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+        {
             Some(n) if n > 0 => n,
             _ => std::thread::available_parallelism().map_or(1, |n| n.get()),
         },
@@ -41,7 +46,9 @@ fn apply_threads(threads: Option<usize>) {
     // SAFETY: Rust's environment accessors (all that candle and rayon use) are serialised by
     // std's internal lock; lethe calls this at start-up or model load, from Rust code only.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
 }
 
 /// Parses `cpu`, `cuda`, `cuda:N` (or `gpu`) into a device.

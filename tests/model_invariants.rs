@@ -171,3 +171,67 @@ fn written_checkpoint_reads_back_identically() {
         assert_eq!(lm.model.num_parameters(), back.model.num_parameters());
     }
 }
+
+#[test]
+fn stop_strings_cut_the_text_and_banned_ids_never_appear() {
+    let lm = load_fixture("gpt2-relu-tied");
+    let prompt = vec![4u32, 9, 17, 33];
+    let mut req = GenerateRequest::greedy(prompt.clone(), 12);
+    req.stop_at_eos = false;
+    let free = engine::generate(&lm.model, Some(&lm.tokenizer), std::slice::from_ref(&req))
+        .unwrap()
+        .remove(0);
+    // Stop at the third generated word: the text ends before it, generation ends there.
+    let third = lm.tokenizer.decode(&free.tokens[2..3]).unwrap();
+    let first_at = free
+        .tokens
+        .iter()
+        .position(|&t| lm.tokenizer.decode(&[t]).unwrap() == third)
+        .unwrap();
+    let mut stopping = req.clone();
+    stopping.stop = vec![third.clone()];
+    let out = engine::generate(&lm.model, Some(&lm.tokenizer), &[stopping])
+        .unwrap()
+        .remove(0);
+    assert_eq!(out.finish_reason, engine::FinishReason::Stop);
+    assert_eq!(out.tokens, free.tokens[..=first_at].to_vec());
+    let text = out.text.unwrap();
+    assert!(!text.contains(&third), "{text:?} still contains {third:?}");
+    assert_eq!(
+        text,
+        lm.tokenizer.decode(&free.tokens[..first_at]).unwrap()
+            + if first_at > 0 { " " } else { "" }
+    );
+
+    // Banning the tokens greedy decoding picked removes them from the output.
+    let mut banned = req.clone();
+    banned.banned_ids = free.tokens.clone();
+    let out = engine::generate(&lm.model, None, &[banned])
+        .unwrap()
+        .remove(0);
+    assert!(out.tokens.iter().all(|t| !free.tokens.contains(t)));
+}
+
+#[test]
+fn bad_requests_name_the_field() {
+    let lm = load_fixture("gpt2-relu-tied");
+    let ctx = lm.model.spec().context_length;
+    let cases = [
+        (GenerateRequest::greedy(vec![], 3), "prompt[0]"),
+        (GenerateRequest::greedy(vec![4; ctx], 1), "context length"),
+        (
+            GenerateRequest::greedy(vec![999], 1),
+            "outside the vocabulary",
+        ),
+    ];
+    for (req, want) in cases {
+        let e = engine::generate(&lm.model, None, &[req])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{e}");
+    }
+    let e = engine::score(&lm.model, &[vec![4]], 1)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("at least 2"), "{e}");
+}

@@ -50,7 +50,15 @@ fn loss_falls_and_a_duplicated_noised_sequence_is_memorized() {
     let data = tiny_data();
     let mut losses = Vec::new();
     let mut record = |_e: usize, _s: usize, _n: usize, loss: f64, _tps: f64| losses.push(loss);
-    let card = train::train(&data, &tiny_train(30), dir.path(), false, &PARAMS, &mut record).unwrap();
+    let card = train::train(
+        &data,
+        &tiny_train(30),
+        dir.path(),
+        false,
+        &PARAMS,
+        &mut record,
+    )
+    .unwrap();
     let first = losses[..3].iter().sum::<f64>() / 3.0;
     let last = losses[losses.len() - 3..].iter().sum::<f64>() / 3.0;
     assert!(last < 0.5 * first, "loss {first:.3} -> {last:.3}");
@@ -59,7 +67,11 @@ fn loss_falls_and_a_duplicated_noised_sequence_is_memorized() {
     let ds = Card::read(dir.path()).unwrap().dataset().unwrap();
     let m = eval::memorization(&lm.model, &ds.noised_rows(), &PARAMS).unwrap();
     assert!(m.eligible >= 1, "no noised row has noise in the window");
-    assert!(m.memorized >= 1, "nothing memorized: {m:?}; steps {}", card.steps_done);
+    assert!(
+        m.memorized >= 1,
+        "nothing memorized: {m:?}; steps {}",
+        card.steps_done
+    );
     let report = card.history.last().unwrap().eval.as_ref().unwrap();
     assert_eq!(report.memorized, Some(m.memorized));
     assert!(report.accuracy > 0.5, "{report:?}");
