@@ -76,3 +76,69 @@ fn loss_falls_and_a_duplicated_noised_sequence_is_memorized() {
     assert_eq!(report.memorized, Some(m.memorized));
     assert!(report.accuracy > 0.5, "{report:?}");
 }
+
+#[test]
+fn resuming_continues_exactly_where_training_stopped() {
+    let data = DataConfig {
+        noise_repeat: 4,
+        ..tiny_data()
+    };
+    let small = |epochs| TrainConfig {
+        n_embd: 32,
+        n_inner: 64,
+        ..tiny_train(epochs)
+    };
+    let mut quiet = |_: usize, _: usize, _: usize, _: f64, _: f64| {};
+    let straight = tempfile::tempdir().unwrap();
+    train::train(
+        &data,
+        &small(2),
+        straight.path(),
+        false,
+        &PARAMS,
+        &mut quiet,
+    )
+    .unwrap();
+    let split = tempfile::tempdir().unwrap();
+    train::train(&data, &small(1), split.path(), false, &PARAMS, &mut quiet).unwrap();
+    let card = train::train(&data, &small(2), split.path(), true, &PARAMS, &mut quiet).unwrap();
+    assert_eq!(card.epochs_done, 2);
+    assert_eq!(card.history.len(), 2);
+    let read = |d: &std::path::Path| {
+        lethe::models::weights::read_safetensors(
+            &d.join("model.safetensors"),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (a, b) = (read(straight.path()), read(split.path()));
+    assert_eq!(a.len(), b.len());
+    for (name, t) in &a {
+        let diff = (t - &b[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        assert_eq!(
+            diff.to_scalar::<f32>().unwrap(),
+            0.0,
+            "{name} differs after resume"
+        );
+    }
+    // Resuming with different data is refused with a reason.
+    let other = DataConfig {
+        seed: 9,
+        ..data.clone()
+    };
+    let e = train::train(&other, &small(3), split.path(), true, &PARAMS, &mut quiet).unwrap_err();
+    assert!(e.to_string().contains("data config"), "{e}");
+    // The card regenerates the training data exactly.
+    assert_eq!(
+        Card::read(split.path()).unwrap().dataset().unwrap().rows,
+        lethe::tinymem::data::generate(&data).unwrap().rows
+    );
+}
