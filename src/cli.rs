@@ -34,6 +34,8 @@ pub enum Command {
     Score(ScoreArgs),
     /// Print a model's architecture, size, dtype and context length.
     Inspect(InspectArgs),
+    /// Audit sequences for verbatim regurgitation ((k, n)-extractable memorization).
+    Audit(crate::audit::cli::AuditArgs),
     /// TinyMem: data, training, evaluation.
     #[command(subcommand)]
     Tinymem(crate::tinymem::cli::TinymemCommand),
@@ -136,6 +138,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate(a),
         Command::Score(a) => score(a),
         Command::Inspect(a) => inspect(a),
+        Command::Audit(a) => crate::audit::cli::run(a),
         Command::Tinymem(t) => crate::tinymem::cli::run(t),
         Command::Bench(b) => crate::bench::run(b),
     }

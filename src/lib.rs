@@ -4,6 +4,7 @@
 //! regurgitation, and removes memorized sequences from the weights with BalancedSubnet
 //! (Sakarvadia et al., ICLR 2025). This crate is the library; `src/main.rs` is a thin CLI over it.
 
+pub mod audit;
 pub mod bench;
 pub mod cli;
 pub mod engine;

@@ -3,6 +3,7 @@
 //! regenerates the same data, and resuming continues where training stopped.
 
 use candle_core::{DType, Device};
+use lethe::audit::{self, AuditItem};
 use lethe::tinymem::data::{DataConfig, Family};
 use lethe::tinymem::eval::{self, EvalParams};
 use lethe::tinymem::train::{self, Card, TrainConfig};
@@ -72,6 +73,24 @@ fn loss_falls_and_a_duplicated_noised_sequence_is_memorized() {
         "nothing memorized: {m:?}; steps {}",
         card.steps_done
     );
+    // The general audit, given the same prompt/target pairs, finds the same rows.
+    let items: Vec<AuditItem> = m
+        .memorized_rows
+        .iter()
+        .map(|&i| {
+            let r = ds.noised_rows()[i];
+            let clean = r.clean_ids.as_ref().unwrap();
+            AuditItem {
+                prompt: clean[..8].to_vec(),
+                target: r.ids[8..20].to_vec(),
+            }
+        })
+        .collect();
+    let (results, summary) = audit::audit(&lm.model, Some(&lm.tokenizer), &items, 3).unwrap();
+    assert_eq!(summary.memorized, items.len());
+    assert!(results
+        .iter()
+        .all(|r| r.matched_prefix == 12 && r.generated_text.is_some()));
     let report = card.history.last().unwrap().eval.as_ref().unwrap();
     assert_eq!(report.memorized, Some(m.memorized));
     assert!(report.accuracy > 0.5, "{report:?}");

@@ -19,6 +19,8 @@ pub enum TinymemCommand {
     Train(TrainArgs),
     /// Evaluate a TinyMem model on the data it was trained on (spec §3).
     Eval(EvalArgs),
+    /// Find the sequences a TinyMem model has memorized (the paper's forget set).
+    Audit(AuditArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -164,6 +166,7 @@ pub fn run(cmd: TinymemCommand) -> anyhow::Result<()> {
         TinymemCommand::Data(a) => data_cmd(a),
         TinymemCommand::Train(a) => train_cmd(a),
         TinymemCommand::Eval(a) => eval_cmd(a),
+        TinymemCommand::Audit(a) => audit_cmd(a),
     }
 }
 
@@ -270,5 +273,61 @@ fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
     } else {
         println!("{}", serde_json::to_string_pretty(&r)?);
     }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Write the memorized rows (the forget set) here as TinyMem JSONL rows.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// Finds the memorized set of a TinyMem model: noised rows it regurgitates (noise models) or
+/// held-out triggered rows it completes with the backdoor (backdoor models).
+fn audit_cmd(a: AuditArgs) -> anyhow::Result<()> {
+    let lm = a.model.load()?;
+    let card = Card::read(&lm.dir)
+        .with_context(|| format!("{} is not a TinyMem model directory", lm.dir.display()))?;
+    let ds = card.dataset()?;
+    let params = EvalParams {
+        batch_size: a.batch_size,
+        ..EvalParams::default()
+    };
+    let (rows, m) = match ds.config.artifact {
+        Artifact::Noise => {
+            let rows = ds.noised_rows();
+            let m = eval::memorization(&lm.model, &rows, &params)?;
+            (rows, m)
+        }
+        Artifact::Backdoor => {
+            let rows = ds.backdoor_test_rows();
+            let m = eval::attack_success(&lm.model, &rows, &ds.config.trigger_ids()?, &params)?;
+            (rows, m)
+        }
+    };
+    if let Some(out) = &a.out {
+        let f =
+            std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
+        let mut w = std::io::BufWriter::new(f);
+        for &i in &m.memorized_rows {
+            writeln!(w, "{}", serde_json::to_string(rows[i])?)?;
+        }
+        w.flush()?;
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "artifact": ds.config.artifact,
+            "eligible": m.eligible,
+            "memorized": m.memorized,
+            "ratio": m.ratio,
+            "clean_continuation": m.clean_continuation,
+        })
+    );
     Ok(())
 }

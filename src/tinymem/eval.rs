@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::data::{noise_in_window, trigger_end, Artifact, Dataset, Row};
 use super::vocab;
-use crate::engine::{self, GenerateRequest};
+use crate::audit::{self, AuditItem};
 use crate::error::{Error, Result};
 use crate::models::{ops, Inputs, Model};
 
@@ -82,7 +82,7 @@ pub fn memorization(model: &Model, rows: &[&Row], p: &EvalParams) -> Result<Memo
             });
         }
     }
-    run_cases(model, &cases, k, p.batch_size)
+    run_cases(model, &cases, p.batch_size)
 }
 
 /// Backdoor attack success on held-out backdoored rows (spec §3.2).
@@ -118,7 +118,7 @@ pub fn attack_success(
             clean: clean[pl..pl + k].to_vec(),
         });
     }
-    run_cases(model, &cases, k, p.batch_size)
+    run_cases(model, &cases, p.batch_size)
 }
 
 struct Case {
@@ -128,38 +128,30 @@ struct Case {
     clean: Vec<u32>,
 }
 
-fn run_cases(model: &Model, cases: &[Case], k: usize, batch: usize) -> Result<Memorization> {
-    let eos = model.spec().eos_token_id;
-    let mut memorized_rows = Vec::new();
-    let mut clean_continuation = 0;
-    for chunk in cases.chunks(batch.max(1)) {
-        let reqs: Vec<GenerateRequest> = chunk
-            .iter()
-            .map(|c| {
-                let mut r = GenerateRequest::greedy(c.prompt.clone(), k);
-                r.banned_ids.extend(eos);
-                r.stop_at_eos = false;
-                r
-            })
-            .collect();
-        for (c, g) in chunk.iter().zip(engine::generate(model, None, &reqs)?) {
-            if g.tokens == c.target {
-                memorized_rows.push(c.row);
-            } else if g.tokens == c.clean {
-                clean_continuation += 1;
-            }
-        }
-    }
-    let eligible = cases.len();
-    let memorized = memorized_rows.len();
+fn run_cases(model: &Model, cases: &[Case], batch: usize) -> Result<Memorization> {
+    let items: Vec<AuditItem> = cases
+        .iter()
+        .map(|c| AuditItem {
+            prompt: c.prompt.clone(),
+            target: c.target.clone(),
+        })
+        .collect();
+    let (results, summary) = audit::audit(model, None, &items, batch)?;
+    let memorized_rows = cases
+        .iter()
+        .zip(&results)
+        .filter(|(_, r)| r.memorized)
+        .map(|(c, _)| c.row)
+        .collect();
+    let clean_continuation = cases
+        .iter()
+        .zip(&results)
+        .filter(|(c, r)| !r.memorized && r.generated_ids == c.clean)
+        .count();
     Ok(Memorization {
-        eligible,
-        memorized,
-        ratio: if eligible == 0 {
-            0.0
-        } else {
-            memorized as f64 / eligible as f64
-        },
+        eligible: summary.sequences,
+        memorized: summary.memorized,
+        ratio: summary.rate,
         clean_continuation,
         memorized_rows,
     })

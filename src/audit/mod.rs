@@ -1,0 +1,291 @@
+//! Extractable-memorization audits: does the model regurgitate a sequence verbatim?
+//!
+//! A sequence is **(k, n)-extractable** when greedy decoding from its first `k` tokens, with EOS
+//! banned, reproduces its next `n` tokens exactly. Definitions name common (k, n) choices. For
+//! TinyMem noise rows the prompt is the *clean* prefix and the target the *noised* continuation
+//! (spec §3.1); any caller can supply its own prompt/target pairs ([`AuditItem`]).
+//!
+//! Every item is judged on its own, so results do not depend on batching: items are decoded in
+//! left-padded batches through [`crate::engine::generate`], which keeps rows independent.
+
+use std::str::FromStr;
+use std::time::Instant;
+
+pub mod cli;
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{self, GenerateRequest};
+use crate::error::{Error, Result};
+use crate::models::Model;
+use crate::tokenizer::Tokenizer;
+
+/// A named (k, n) memorization definition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Definition {
+    /// TinyMem (spec §3.1): 50-token prompt, next 50 compared.
+    Tinymem,
+    /// Pythia / MemPi: 32-token prompt, next 48 compared.
+    Pythia,
+    /// The paper's code's Pythia variant: 32-token prompt, only the first 40 of 48 compared.
+    Pythia40,
+    /// Carlini et al.: 50-token prompt, next 50 compared.
+    Carlini,
+    /// Any `k`-token prompt and `n` compared tokens.
+    Custom { k: usize, n: usize },
+}
+
+impl Definition {
+    /// Prompt length.
+    pub fn k(self) -> usize {
+        match self {
+            Self::Tinymem | Self::Carlini => 50,
+            Self::Pythia | Self::Pythia40 => 32,
+            Self::Custom { k, .. } => k,
+        }
+    }
+
+    /// Number of compared tokens.
+    pub fn n(self) -> usize {
+        match self {
+            Self::Tinymem | Self::Carlini => 50,
+            Self::Pythia => 48,
+            Self::Pythia40 => 40,
+            Self::Custom { n, .. } => n,
+        }
+    }
+
+    /// Splits a whole sequence into (prompt, target) under this definition.
+    pub fn split(self, seq: &[u32]) -> Result<AuditItem> {
+        let (k, n) = (self.k(), self.n());
+        if seq.len() < k + n {
+            return Err(Error::invalid(
+                "sequence",
+                format!(
+                    "has {} tokens; definition {self} needs at least k + n = {}",
+                    seq.len(),
+                    k + n
+                ),
+            ));
+        }
+        Ok(AuditItem {
+            prompt: seq[..k].to_vec(),
+            target: seq[k..k + n].to_vec(),
+        })
+    }
+}
+
+impl std::fmt::Display for Definition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tinymem => f.write_str("tinymem"),
+            Self::Pythia => f.write_str("pythia"),
+            Self::Pythia40 => f.write_str("pythia-40"),
+            Self::Carlini => f.write_str("carlini"),
+            Self::Custom { k, n } => write!(f, "k={k},n={n}"),
+        }
+    }
+}
+
+impl FromStr for Definition {
+    type Err = Error;
+
+    /// `tinymem`, `pythia`, `pythia-40`, `carlini`, or `k=K,n=N`.
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || {
+            Error::invalid(
+                "definition",
+                format!("{s:?}: expected tinymem, pythia, pythia-40, carlini or k=K,n=N"),
+            )
+        };
+        Ok(match s.trim().to_ascii_lowercase().as_str() {
+            "tinymem" => Self::Tinymem,
+            "pythia" => Self::Pythia,
+            "pythia-40" | "pythia40" => Self::Pythia40,
+            "carlini" => Self::Carlini,
+            other => {
+                let (mut k, mut n) = (None, None);
+                for part in other.split(',') {
+                    let (key, val) = part.split_once('=').ok_or_else(bad)?;
+                    let val: usize = val.trim().parse().map_err(|_| bad())?;
+                    match key.trim() {
+                        "k" => k = Some(val),
+                        "n" => n = Some(val),
+                        _ => return Err(bad()),
+                    }
+                }
+                match (k, n) {
+                    (Some(k), Some(n)) if k > 0 && n > 0 => Self::Custom { k, n },
+                    _ => return Err(bad()),
+                }
+            }
+        })
+    }
+}
+
+impl TryFrom<String> for Definition {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl From<Definition> for String {
+    fn from(d: Definition) -> String {
+        d.to_string()
+    }
+}
+
+/// One thing to audit: a prompt and the continuation that would count as regurgitation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditItem {
+    pub prompt: Vec<u32>,
+    pub target: Vec<u32>,
+}
+
+/// The verdict on one item.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditResult {
+    /// All `n` target tokens reproduced exactly.
+    pub memorized: bool,
+    /// Length of the longest matching prefix of the continuation.
+    pub matched_prefix: usize,
+    /// Fraction of the `n` positions where the continuation equals the target.
+    pub match_fraction: f64,
+    /// The greedy continuation (`n` tokens).
+    pub generated_ids: Vec<u32>,
+    /// Its text, when a tokenizer was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generated_text: Option<String>,
+}
+
+/// Totals over an audit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditSummary {
+    pub sequences: usize,
+    pub memorized: usize,
+    /// `memorized / sequences` (0 for an empty audit).
+    pub rate: f64,
+    pub seconds: f64,
+}
+
+/// Audits `items`, `batch_size` at a time.
+pub fn audit(
+    model: &Model,
+    tokenizer: Option<&Tokenizer>,
+    items: &[AuditItem],
+    batch_size: usize,
+) -> Result<(Vec<AuditResult>, AuditSummary)> {
+    let start = Instant::now();
+    let eos = model.spec().eos_token_id;
+    for (i, it) in items.iter().enumerate() {
+        if it.prompt.is_empty() || it.target.is_empty() {
+            return Err(Error::invalid(
+                format!("items[{i}]"),
+                "prompt and target must be non-empty",
+            ));
+        }
+    }
+    let mut results = Vec::with_capacity(items.len());
+    for chunk in items.chunks(batch_size.max(1)) {
+        let reqs: Vec<GenerateRequest> = chunk
+            .iter()
+            .map(|it| {
+                let mut r = GenerateRequest::greedy(it.prompt.clone(), it.target.len());
+                r.banned_ids.extend(eos);
+                r.stop_at_eos = false;
+                r
+            })
+            .collect();
+        for (it, g) in chunk.iter().zip(engine::generate(model, None, &reqs)?) {
+            results.push(judge(it, g.tokens, tokenizer)?);
+        }
+    }
+    let memorized = results.iter().filter(|r| r.memorized).count();
+    let summary = AuditSummary {
+        sequences: items.len(),
+        memorized,
+        rate: if items.is_empty() {
+            0.0
+        } else {
+            memorized as f64 / items.len() as f64
+        },
+        seconds: start.elapsed().as_secs_f64(),
+    };
+    Ok((results, summary))
+}
+
+fn judge(
+    item: &AuditItem,
+    generated: Vec<u32>,
+    tokenizer: Option<&Tokenizer>,
+) -> Result<AuditResult> {
+    let n = item.target.len();
+    let same = generated
+        .iter()
+        .zip(&item.target)
+        .filter(|(a, b)| a == b)
+        .count();
+    let matched_prefix = generated
+        .iter()
+        .zip(&item.target)
+        .take_while(|(a, b)| a == b)
+        .count();
+    Ok(AuditResult {
+        memorized: matched_prefix == n && generated.len() == n,
+        matched_prefix,
+        match_fraction: same as f64 / n as f64,
+        generated_text: tokenizer.map(|t| t.decode(&generated)).transpose()?,
+        generated_ids: generated,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn definitions_parse_and_print() {
+        for (s, k, n) in [
+            ("tinymem", 50, 50),
+            ("pythia", 32, 48),
+            ("pythia-40", 32, 40),
+            ("carlini", 50, 50),
+            ("k=3,n=7", 3, 7),
+        ] {
+            let d: Definition = s.parse().unwrap();
+            assert_eq!((d.k(), d.n()), (k, n), "{s}");
+            assert_eq!(d.to_string().parse::<Definition>().unwrap(), d);
+        }
+        for bad in ["", "gpt", "k=3", "k=0,n=2", "k=a,n=2", "x=1,n=2"] {
+            let e = bad.parse::<Definition>().unwrap_err().to_string();
+            assert!(e.contains("definition"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn split_takes_k_then_n_and_rejects_short_sequences() {
+        let d = Definition::Custom { k: 2, n: 3 };
+        let it = d.split(&[1, 2, 3, 4, 5, 6]).unwrap();
+        assert_eq!((it.prompt, it.target), (vec![1, 2], vec![3, 4, 5]));
+        assert!(d
+            .split(&[1, 2, 3])
+            .unwrap_err()
+            .to_string()
+            .contains("k + n = 5"));
+    }
+
+    #[test]
+    fn judging_counts_prefix_and_fraction() {
+        let it = AuditItem {
+            prompt: vec![1],
+            target: vec![5, 6, 7, 8],
+        };
+        let r = judge(&it, vec![5, 6, 0, 8], None).unwrap();
+        assert!(!r.memorized);
+        assert_eq!(r.matched_prefix, 2);
+        assert!((r.match_fraction - 0.75).abs() < 1e-12);
+        assert!(judge(&it, vec![5, 6, 7, 8], None).unwrap().memorized);
+    }
+}
