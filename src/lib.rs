@@ -15,6 +15,7 @@ pub mod optim;
 pub mod runtime;
 pub mod tinymem;
 pub mod tokenizer;
+pub mod unlearn;
 pub mod util;
 
 pub use error::{Error, Result};

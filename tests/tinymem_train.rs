@@ -2,11 +2,14 @@
 //! becomes memorized (its noised continuation is reproduced from the clean prompt), the card
 //! regenerates the same data, and resuming continues where training stopped.
 
+use std::sync::OnceLock;
+
 use candle_core::{DType, Device};
 use lethe::audit::{self, AuditItem};
 use lethe::tinymem::data::{DataConfig, Family};
 use lethe::tinymem::eval::{self, EvalParams};
 use lethe::tinymem::train::{self, Card, TrainConfig};
+use lethe::unlearn::{balanced_subnet, BalancedSubnetConfig, JobControl, Mode};
 
 fn tiny_data() -> DataConfig {
     DataConfig {
@@ -45,21 +48,35 @@ const PARAMS: EvalParams = EvalParams {
     batch_size: 64,
 };
 
+/// The tiny model, trained once and shared by the tests of this file.
+struct Trained {
+    dir: tempfile::TempDir,
+    card: Card,
+    losses: Vec<f64>,
+}
+
+fn trained() -> &'static Trained {
+    static TRAINED: OnceLock<Trained> = OnceLock::new();
+    TRAINED.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut losses = Vec::new();
+        let mut record = |_e: usize, _s: usize, _n: usize, loss: f64, _tps: f64| losses.push(loss);
+        let card = train::train(
+            &tiny_data(),
+            &tiny_train(30),
+            dir.path(),
+            false,
+            &PARAMS,
+            &mut record,
+        )
+        .unwrap();
+        Trained { dir, card, losses }
+    })
+}
+
 #[test]
 fn loss_falls_and_a_duplicated_noised_sequence_is_memorized() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = tiny_data();
-    let mut losses = Vec::new();
-    let mut record = |_e: usize, _s: usize, _n: usize, loss: f64, _tps: f64| losses.push(loss);
-    let card = train::train(
-        &data,
-        &tiny_train(30),
-        dir.path(),
-        false,
-        &PARAMS,
-        &mut record,
-    )
-    .unwrap();
+    let Trained { dir, card, losses } = trained();
     let first = losses[..3].iter().sum::<f64>() / 3.0;
     let last = losses[losses.len() - 3..].iter().sum::<f64>() / 3.0;
     assert!(last < 0.5 * first, "loss {first:.3} -> {last:.3}");
@@ -160,4 +177,58 @@ fn resuming_continues_exactly_where_training_stopped() {
         Card::read(split.path()).unwrap().dataset().unwrap().rows,
         lethe::tinymem::data::generate(&data).unwrap().rows
     );
+}
+
+#[test]
+fn balanced_subnet_forgets_the_memorized_rows_and_keeps_accuracy() {
+    let t = trained();
+    let lm = lethe::loader::load_dir(t.dir.path(), "tiny", &Device::Cpu, DType::F32).unwrap();
+    let ds = t.card.dataset().unwrap();
+    let noised = ds.noised_rows();
+    let before = eval::memorization(&lm.model, &noised, &PARAMS).unwrap();
+    assert!(before.memorized >= 1);
+    let forget_rows: Vec<&lethe::tinymem::data::Row> =
+        before.memorized_rows.iter().map(|&i| noised[i]).collect();
+    let forget: Vec<Vec<u32>> = forget_rows.iter().map(|r| r.ids.clone()).collect();
+    let items: Vec<AuditItem> = forget_rows
+        .iter()
+        .map(|r| AuditItem {
+            prompt: r.clean_ids.as_ref().unwrap()[..8].to_vec(),
+            target: r.ids[8..20].to_vec(),
+        })
+        .collect();
+    let retain: Vec<Vec<u32>> = ds
+        .train_rows()
+        .into_iter()
+        .filter(|r| r.role == lethe::tinymem::data::Role::Clean)
+        .map(|r| r.ids.clone())
+        .collect();
+    let cfg = BalancedSubnetConfig {
+        mode: Mode::Balanced,
+        ratio: 0.1,
+        w: 0.9,
+        max_steps: 60,
+        check_every: 5,
+        forget_per_batch: 8,
+        batch_size: 32,
+        ..BalancedSubnetConfig::default()
+    };
+    let out = balanced_subnet(
+        &lm.model,
+        &forget,
+        &retain,
+        &items,
+        &cfg,
+        &JobControl::new(),
+    )
+    .unwrap();
+    let after = eval::memorization(&out.model, &forget_rows, &PARAMS).unwrap();
+    assert_eq!(
+        after.memorized, 0,
+        "still memorized after {} steps: {after:?}",
+        out.steps
+    );
+    let acc = |m: &lethe::models::Model| eval::evaluate(m, &ds, &PARAMS).unwrap().accuracy;
+    let (a0, a1) = (acc(&lm.model), acc(&out.model));
+    assert!(a1 >= a0 - 0.01, "accuracy {a0:.4} -> {a1:.4}");
 }

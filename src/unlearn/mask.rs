@@ -1,0 +1,160 @@
+//! Score-based masks over the MLP weight matrices (spec §4.1), shared by Subnet and
+//! BalancedSubnet.
+//!
+//! One score tensor per masked matrix, the matrix's own shape, Kaiming-uniform initialised with
+//! bound `1/√fan_in` where `fan_in` is the output width (the second dimension in GPT-2's
+//! `[in, out]` orientation, which the reference uses for both architectures). The mask zeroes
+//! exactly `⌊ratio·numel⌋` entries per matrix, those with the smallest `|score|`. The effective
+//! weight is `W ⊙ (hard + (|s| − stop_grad(|s|)))`: numerically `W ⊙ hard`, while the gradient
+//! reaching `s` is `(∂L/∂W_eff ⊙ W) · sign(s)` — the straight-through estimator.
+
+use candle_core::{Device, Tensor, Var};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::error::{Error, Result};
+use crate::models::{MlpWeights, Model};
+
+/// The trainable scores of every masked matrix, in [`MlpWeights`] order.
+pub struct Scores {
+    /// `(input projection, output projection)` scores per block.
+    pub vars: Vec<(Var, Var)>,
+    pub ratio: f64,
+    linear_layout: bool,
+}
+
+impl Scores {
+    /// Fresh scores for `model`'s MLP matrices, reproducible from `seed`.
+    pub fn init(model: &Model, ratio: f64, seed: u64) -> Result<Self> {
+        if !(0.0..1.0).contains(&ratio) {
+            return Err(Error::invalid(
+                "ratio",
+                format!("{ratio} is outside [0, 1)"),
+            ));
+        }
+        let linear_layout = model.mlp_is_linear_layout();
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut make = |w: &Tensor| -> Result<Var> {
+            let dims = w.dims();
+            let fan_in = if linear_layout { dims[0] } else { dims[1] };
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            let data: Vec<f32> = (0..w.elem_count())
+                .map(|_| (rng.random::<f64>() * 2.0 * bound - bound) as f32)
+                .collect();
+            Ok(Var::from_tensor(&Tensor::from_vec(
+                data,
+                dims,
+                w.device(),
+            )?)?)
+        };
+        let mut vars = Vec::new();
+        for (a, b) in &model.mlp_weights().0 {
+            vars.push((make(a)?, make(b)?));
+        }
+        Ok(Self {
+            vars,
+            ratio,
+            linear_layout,
+        })
+    }
+
+    /// Every score variable (what the optimiser trains).
+    pub fn all_vars(&self) -> Vec<Var> {
+        self.vars
+            .iter()
+            .flat_map(|(a, b)| [a.clone(), b.clone()])
+            .collect()
+    }
+
+    /// Whether the masked matrices are stored `[out, in]`.
+    pub fn linear_layout(&self) -> bool {
+        self.linear_layout
+    }
+
+    /// The masked weights for a forward pass with straight-through gradients to the scores.
+    pub fn masked(&self, base: &MlpWeights) -> Result<MlpWeights> {
+        let one = |w: &Tensor, s: &Var| -> Result<Tensor> {
+            let hard = hard_mask(s.as_tensor(), self.ratio)?;
+            let a = s.as_tensor().abs()?;
+            let ste = (hard + (&a - a.detach())?)?;
+            Ok((w * ste)?)
+        };
+        let mut out = Vec::with_capacity(base.0.len());
+        for ((w1, w2), (s1, s2)) in base.0.iter().zip(&self.vars) {
+            out.push((one(w1, s1)?, one(w2, s2)?));
+        }
+        Ok(MlpWeights(out))
+    }
+
+    /// The final edit `W ← W ⊙ mask` (plain tensors, no graph).
+    pub fn apply(&self, base: &MlpWeights) -> Result<MlpWeights> {
+        let mut out = Vec::with_capacity(base.0.len());
+        for ((w1, w2), (s1, s2)) in base.0.iter().zip(&self.vars) {
+            out.push((
+                (w1 * hard_mask(s1.as_tensor(), self.ratio)?)?.detach(),
+                (w2 * hard_mask(s2.as_tensor(), self.ratio)?)?.detach(),
+            ));
+        }
+        Ok(MlpWeights(out))
+    }
+}
+
+/// The number of entries the mask zeroes in a matrix of `numel` entries.
+pub fn zeros_for(numel: usize, ratio: f64) -> usize {
+    ((ratio * numel as f64).floor() as usize).min(numel)
+}
+
+/// `1` everywhere except the `⌊ratio·numel⌋` entries of smallest `|score|`, which are `0`
+/// (ties broken by position, deterministically).
+pub fn hard_mask(scores: &Tensor, ratio: f64) -> Result<Tensor> {
+    let dims = scores.dims().to_vec();
+    let flat: Vec<f32> = scores.flatten_all()?.to_device(&Device::Cpu)?.to_vec1()?;
+    let j = zeros_for(flat.len(), ratio);
+    let mut mask = vec![1f32; flat.len()];
+    if j > 0 {
+        let mut idx: Vec<u32> = (0..flat.len() as u32).collect();
+        let key = |i: &u32| (flat[*i as usize].abs(), *i);
+        idx.select_nth_unstable_by(j - 1, |a, b| {
+            let (ka, kb) = (key(a), key(b));
+            ka.0.total_cmp(&kb.0).then(ka.1.cmp(&kb.1))
+        });
+        for &i in &idx[..j] {
+            mask[i as usize] = 0.0;
+        }
+    }
+    Ok(Tensor::from_vec(mask, dims, scores.device())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_zeroes_exactly_floor_ratio_numel_smallest_scores() {
+        let s = Tensor::new(&[[0.5f32, -0.1, 0.3], [-0.9, 0.2, 0.05]], &Device::Cpu).unwrap();
+        for (ratio, zeros) in [(0.0, 0), (0.17, 1), (0.34, 2), (0.5, 3), (0.99, 5)] {
+            let m = hard_mask(&s, ratio).unwrap();
+            let v: Vec<f32> = m.flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(
+                v.iter().filter(|&&x| x == 0.0).count(),
+                zeros,
+                "ratio {ratio}"
+            );
+        }
+        let m: Vec<f32> = hard_mask(&s, 0.5)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // |s| ascending: 0.05 (5), 0.1 (1), 0.2 (4) are zeroed.
+        assert_eq!(m, vec![1.0, 0.0, 1.0, 1.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn ties_still_give_exactly_the_count() {
+        let s = Tensor::new(&[0.1f32; 10], &Device::Cpu).unwrap();
+        let m: Vec<f32> = hard_mask(&s, 0.35).unwrap().to_vec1().unwrap();
+        assert_eq!(m.iter().filter(|&&x| x == 0.0).count(), 3);
+    }
+}
