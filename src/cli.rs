@@ -36,6 +36,8 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Audit sequences for verbatim regurgitation ((k, n)-extractable memorization).
     Audit(crate::audit::cli::AuditArgs),
+    /// Remove memorized sequences from a model's weights (BalancedSubnet, Subnet).
+    Unlearn(crate::unlearn::cli::UnlearnArgs),
     /// TinyMem: data, training, evaluation.
     #[command(subcommand)]
     Tinymem(crate::tinymem::cli::TinymemCommand),
@@ -139,6 +141,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Score(a) => score(a),
         Command::Inspect(a) => inspect(a),
         Command::Audit(a) => crate::audit::cli::run(a),
+        Command::Unlearn(a) => crate::unlearn::cli::run(a),
         Command::Tinymem(t) => crate::tinymem::cli::run(t),
         Command::Bench(b) => crate::bench::run(b),
     }

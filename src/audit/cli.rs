@@ -42,38 +42,54 @@ struct Line {
     target_ids: Option<Vec<u32>>,
 }
 
-/// Turns one parsed line into an audit item.
-fn item(line: Line, def: Definition, tk: &Tokenizer) -> anyhow::Result<AuditItem> {
+/// One parsed input row: the whole sequence (what unlearning trains on) and its audit item.
+pub struct Parsed {
+    pub sequence: Vec<u32>,
+    pub item: AuditItem,
+}
+
+/// Turns one parsed line into a sequence and an audit item.
+fn parse(line: Line, def: Definition, tk: &Tokenizer) -> anyhow::Result<Parsed> {
     Ok(match line {
-        Line { prompt_ids: Some(p), target_ids: Some(t), .. } => AuditItem { prompt: p, target: t },
+        Line { prompt_ids: Some(p), target_ids: Some(t), .. } => Parsed {
+            sequence: p.iter().chain(&t).copied().collect(),
+            item: AuditItem { prompt: p, target: t },
+        },
         Line { ids: Some(noised), clean_ids: Some(clean), .. } => {
             let (k, n) = (def.k(), def.n());
             if noised.len() < k + n || clean.len() < k {
                 bail!("row is shorter than k + n = {}", k + n);
             }
-            AuditItem {
+            let item = AuditItem {
                 prompt: clean[..k].to_vec(),
                 target: noised[k..k + n].to_vec(),
-            }
+            };
+            Parsed { sequence: noised, item }
         }
-        Line { ids: Some(ids), .. } => def.split(&ids)?,
-        Line { text: Some(text), .. } => def.split(&tk.encode(&text)?)?,
+        Line { ids: Some(ids), .. } => Parsed { item: def.split(&ids)?, sequence: ids },
+        Line { text: Some(text), .. } => {
+            let ids = tk.encode(&text)?;
+            Parsed { item: def.split(&ids)?, sequence: ids }
+        }
         _ => bail!("expected \"text\", \"ids\" (optionally with \"clean_ids\") or \"prompt_ids\" + \"target_ids\""),
     })
 }
 
-pub fn run(a: AuditArgs) -> anyhow::Result<()> {
-    let lm = a.model.load()?;
-    let reader: Box<dyn BufRead> = if a.file.as_os_str() == "-" {
+/// Reads a JSONL file of audit rows (see the module docs); `-` is stdin. Errors name the line.
+pub fn read_rows(
+    file: &std::path::Path,
+    def: Definition,
+    tk: &Tokenizer,
+) -> anyhow::Result<Vec<Parsed>> {
+    let reader: Box<dyn BufRead> = if file.as_os_str() == "-" {
         Box::new(std::io::stdin().lock())
     } else {
-        let f = std::fs::File::open(&a.file)
-            .with_context(|| format!("opening {}", a.file.display()))?;
+        let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
         Box::new(std::io::BufReader::new(f))
     };
-    let mut items = Vec::new();
+    let mut rows = Vec::new();
     for (i, line) in reader.lines().enumerate() {
-        let where_ = || format!("{} line {}", a.file.display(), i + 1);
+        let where_ = || format!("{} line {}", file.display(), i + 1);
         let line = line.with_context(where_)?;
         if line.trim().is_empty() {
             continue;
@@ -83,8 +99,17 @@ pub fn run(a: AuditArgs) -> anyhow::Result<()> {
             continue;
         }
         let parsed: Line = serde_json::from_value(v).with_context(where_)?;
-        items.push(item(parsed, a.definition, &lm.tokenizer).with_context(where_)?);
+        rows.push(parse(parsed, def, tk).with_context(where_)?);
     }
+    Ok(rows)
+}
+
+pub fn run(a: AuditArgs) -> anyhow::Result<()> {
+    let lm = a.model.load()?;
+    let items: Vec<AuditItem> = read_rows(&a.file, a.definition, &lm.tokenizer)?
+        .into_iter()
+        .map(|p| p.item)
+        .collect();
     let (results, summary) = audit(&lm.model, Some(&lm.tokenizer), &items, a.batch_size)?;
     let stdout = std::io::stdout();
     let mut w = stdout.lock();

@@ -17,6 +17,7 @@
 //! Jobs are cooperative: [`JobControl`] carries a cancel flag checked between steps and a
 //! progress record a server can read.
 
+pub mod cli;
 pub mod mask;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,11 +44,22 @@ pub enum Mode {
     Balanced,
 }
 
+/// Which score-mask method runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// Spec §4.3: forget and retain sets, loss `−(1 − w)·L_forget + w·L_retain`.
+    BalancedSubnet,
+    /// Spec §4.2: the forget set alone, unshuffled, loss `−L_forget` (gradient ascent).
+    Subnet,
+}
+
 /// BalancedSubnet settings. Defaults: the paper's optimiser (SGD lr 0.1, momentum 0.9,
 /// weight decay 5e-4, batch 32) with ratio 0.3 and w 0.9.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BalancedSubnetConfig {
+    pub method: Method,
     /// Fraction of each MLP matrix that is zeroed.
     pub ratio: f64,
     /// Retain weight: loss = −(1 − w)·L_forget + w·L_retain.
@@ -71,6 +83,7 @@ pub struct BalancedSubnetConfig {
 impl Default for BalancedSubnetConfig {
     fn default() -> Self {
         Self {
+            method: Method::BalancedSubnet,
             ratio: 0.3,
             w: 0.9,
             mode: Mode::Paper,
@@ -189,9 +202,17 @@ pub fn balanced_subnet(
     if forget.is_empty() {
         return Err(Error::invalid("forget", "the forget set is empty"));
     }
-    if retain.is_empty() {
+    let subnet = cfg.method == Method::Subnet;
+    if retain.is_empty() && !subnet {
         return Err(Error::invalid("retain", "the retain set is empty"));
     }
+    if subnet && cfg.mode == Mode::Balanced {
+        return Err(Error::invalid(
+            "mode",
+            "Subnet uses the forget set alone; use paper mode",
+        ));
+    }
+    let w = if subnet { 0.0 } else { cfg.w };
     let start = Instant::now();
     let base = model.mlp_weights();
     let scores = Scores::init(model, cfg.ratio, cfg.seed)?;
@@ -212,14 +233,16 @@ pub fn balanced_subnet(
                     ids: s,
                     forget: true,
                 })
-                .chain(retain.iter().map(|s| Example {
+                .chain(retain.iter().filter(|_| !subnet).map(|s| Example {
                     ids: s,
                     forget: false,
                 }))
                 .collect();
             let mut out = Vec::new();
             for _ in 0..cfg.epochs {
-                all.shuffle(&mut rng);
+                if !subnet {
+                    all.shuffle(&mut rng);
+                }
                 out.extend(all.chunks(cfg.batch_size).map(<[Example]>::to_vec));
             }
             out
@@ -270,7 +293,7 @@ pub fn balanced_subnet(
             }
         };
         let masked = scores.masked(&base)?;
-        let (loss, lf, lr) = batch_loss(model, &masked, &batch, cfg.w)?;
+        let (loss, lf, lr) = batch_loss(model, &masked, &batch, w)?;
         let grads = loss.backward()?;
         opt.step(&grads)?;
         steps += 1;
