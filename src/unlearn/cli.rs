@@ -14,6 +14,7 @@ use candle_core::DType;
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
+use super::search::{paper_grid, search, Candidate, Quality};
 use super::{balanced_subnet, BalancedSubnetConfig, JobControl, Method, Mode};
 use crate::audit::cli::read_rows;
 use crate::audit::{self, AuditItem, Definition};
@@ -73,6 +74,13 @@ pub struct UnlearnArgs {
     /// Memorization definition for the forget set's audit.
     #[arg(long, default_value = "tinymem")]
     pub definition: Definition,
+    /// Search the paper's grid (ratio × epochs × w, spec §4.4) and keep the best run by the
+    /// paper's selection score (§3.6).
+    #[arg(long)]
+    pub search: bool,
+    /// Wall-time budget of --search in seconds (no new candidate starts after it).
+    #[arg(long, default_value_t = 600.0)]
+    pub budget_seconds: f64,
     /// Output model directory.
     #[arg(long)]
     pub out: PathBuf,
@@ -108,31 +116,41 @@ pub struct Report {
     pub weights_zeroed: usize,
     pub zeros_per_matrix: Vec<(usize, usize)>,
     pub seconds: f64,
+    /// With --search: every candidate tried.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub search: Option<Vec<Candidate>>,
 }
 
-struct Quality {
-    accuracy: Option<(f64, BTreeMap<String, f64>)>,
-    perplexity: f64,
-}
-
+/// Held-out quality: TinyMem test-task accuracies (and their §3.4 perplexity), or the mean
+/// perplexity of held-out sequences.
 fn quality(
     model: &Model,
     tinymem: Option<&Dataset>,
     heldout: &[Vec<u32>],
-) -> anyhow::Result<Quality> {
+) -> crate::Result<Quality> {
     if let Some(ds) = tinymem {
         let r = eval::evaluate(model, ds, &EvalParams::default())?;
         return Ok(Quality {
-            accuracy: Some((r.accuracy, r.accuracy_by_task)),
+            accuracy_by_task: r.accuracy_by_task.into_iter().collect(),
             perplexity: r.perplexity,
         });
     }
     let scores = engine::score(model, heldout, 32)?;
     let ppl = scores.iter().map(|s| s.perplexity).sum::<f64>() / scores.len().max(1) as f64;
     Ok(Quality {
-        accuracy: None,
+        accuracy_by_task: Vec::new(),
         perplexity: ppl,
     })
+}
+
+fn mean_accuracy(q: &Quality) -> Option<f64> {
+    (!q.accuracy_by_task.is_empty()).then(|| {
+        q.accuracy_by_task.iter().map(|(_, a)| a).sum::<f64>() / q.accuracy_by_task.len() as f64
+    })
+}
+
+fn by_task(q: &Quality) -> Option<BTreeMap<String, f64>> {
+    (!q.accuracy_by_task.is_empty()).then(|| q.accuracy_by_task.iter().cloned().collect())
 }
 
 pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
@@ -195,23 +213,43 @@ pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
         seed: a.seed,
         ..BalancedSubnetConfig::default()
     };
-    let out = balanced_subnet(
-        &lm.model,
-        &forget,
-        &retain,
-        &items,
-        &cfg,
-        &JobControl::new(),
-    )?;
+    let ctl = JobControl::new();
+    let (out, cfg, candidates) = if a.search {
+        let grid = paper_grid(&cfg);
+        let q = |m: &Model| quality(m, dataset.as_ref(), &heldout);
+        let res = search(
+            &lm.model,
+            &forget,
+            &retain,
+            &items,
+            &grid,
+            a.budget_seconds,
+            &ctl,
+            &q,
+        )?;
+        let (i, out) = res
+            .best
+            .context("the search budget ran out before any candidate finished")?;
+        let cfg = res.candidates[i].config.clone();
+        (out, cfg, Some(res.candidates))
+    } else {
+        (
+            balanced_subnet(&lm.model, &forget, &retain, &items, &cfg, &ctl)?,
+            cfg,
+            None,
+        )
+    };
     let (_, after_mem) = audit::audit(&out.model, None, &items, 64)?;
     let after = quality(&out.model, dataset.as_ref(), &heldout)?;
-
-    let relative_accuracy_change = match (&before.accuracy, &after.accuracy) {
-        (Some((_, b)), Some((_, a))) if !b.is_empty() => {
-            Some(b.iter().map(|(k, v)| (a[k] - v) / v).sum::<f64>() / b.len() as f64)
-        }
-        _ => None,
-    };
+    let relative_accuracy_change = (!before.accuracy_by_task.is_empty()).then(|| {
+        before
+            .accuracy_by_task
+            .iter()
+            .zip(&after.accuracy_by_task)
+            .map(|((_, b), (_, a))| (a - b) / b)
+            .sum::<f64>()
+            / before.accuracy_by_task.len() as f64
+    });
     let report = Report {
         method: match cfg.method {
             Method::BalancedSubnet => "balanced-subnet",
@@ -227,16 +265,17 @@ pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
         retain_sequences: retain.len(),
         memorized_before: before_mem.rate,
         memorized_after: after_mem.rate,
-        accuracy_before: before.accuracy.as_ref().map(|x| x.0),
-        accuracy_after: after.accuracy.as_ref().map(|x| x.0),
-        accuracy_by_task_before: before.accuracy.map(|x| x.1),
-        accuracy_by_task_after: after.accuracy.map(|x| x.1),
+        accuracy_before: mean_accuracy(&before),
+        accuracy_after: mean_accuracy(&after),
+        accuracy_by_task_before: by_task(&before),
+        accuracy_by_task_after: by_task(&after),
         relative_accuracy_change,
         perplexity_before: before.perplexity,
         perplexity_after: after.perplexity,
         weights_zeroed: out.zeros_per_matrix.iter().map(|(x, y)| x + y).sum(),
         zeros_per_matrix: out.zeros_per_matrix.clone(),
         seconds: out.seconds,
+        search: candidates,
     };
     write_model_dir(&lm.dir, &a.out, &out.model)?;
     let json = serde_json::to_string_pretty(&report)?;

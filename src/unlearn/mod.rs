@@ -19,6 +19,7 @@
 
 pub mod cli;
 pub mod mask;
+pub mod search;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
