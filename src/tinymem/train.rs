@@ -305,7 +305,11 @@ pub fn train(
         let last = epoch + 1 == cfg.epochs;
         let due = |every: usize| last || (every > 0 && (epoch + 1).is_multiple_of(every));
         let eval = if due(cfg.eval_every) {
-            Some(eval::evaluate(&model, &ds, eval_params)?)
+            Some(eval::evaluate(
+                &snapshot(&model, &model_cfg)?,
+                &ds,
+                eval_params,
+            )?)
         } else {
             None
         };
@@ -324,6 +328,17 @@ pub fn train(
         save_checkpoint(out, &model, &model_cfg, &opt, &card)?;
     }
     Ok(card)
+}
+
+/// An untracked copy of `model` sharing its storage: it runs the inference kernels, so its
+/// evaluation equals what `lethe tinymem eval` computes on the written checkpoint.
+fn snapshot(model: &Model, cfg: &ModelConfig) -> Result<Model> {
+    let map = model
+        .named_tensors()
+        .iter()
+        .map(|(n, t)| (n.clone(), t.detach()))
+        .collect();
+    Model::new(cfg, &Weights::from_tensors(map, "training snapshot"))
 }
 
 /// The trainable variables behind `model`'s parameters, by checkpoint name.
