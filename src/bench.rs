@@ -10,7 +10,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::engine::{self, GenerateRequest};
-use crate::models::{gpt2, gpt_neox, ops, Inputs, Model, ModelConfig, Weights};
+use crate::models::{fused, gpt2, gpt_neox, ops, Inputs, Model, ModelConfig, Weights};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -219,6 +219,30 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         steps.push((t.elapsed().as_secs_f64(), s));
         first_loss.get_or_insert(steps[0].1.loss);
     }
+    // The untracked (inference/scoring) forward on the same batch, through the fused kernels
+    // and through the composed reference path, to check inference did not get slower.
+    let frozen = Model::new(
+        &config,
+        &Weights::from_tensors(
+            model
+                .named_tensors()
+                .iter()
+                .map(|(n, t)| (n.clone(), t.detach()))
+                .collect(),
+            "bench",
+        ),
+    )?;
+    let time_forward = || -> anyhow::Result<f64> {
+        let t = Instant::now();
+        frozen.forward(&inputs, None, None)?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    let mut infer = Vec::new();
+    let mut infer_ref = Vec::new();
+    for _ in 0..5 {
+        infer.push(time_forward()?);
+        infer_ref.push(fused::with_reference_ops(time_forward)?);
+    }
     let phase = |f: fn(&StepTimes) -> f64| median(steps.iter().map(|(_, s)| f(s)).collect());
     let secs = median(steps.iter().map(|(t, _)| *t).collect());
     let tokens = (a.batch * a.seq_len) as f64;
@@ -236,6 +260,8 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         "forward_seconds": phase(|s| s.forward),
         "backward_seconds": phase(|s| s.backward),
         "optimizer_seconds": phase(|s| s.optimizer),
+        "inference_forward_seconds": median(infer),
+        "inference_forward_reference_seconds": median(infer_ref),
         "first_loss": first_loss,
         "last_loss": steps.last().map(|(_, s)| s.loss),
         "threads": std::env::var("RAYON_NUM_THREADS").ok(),
