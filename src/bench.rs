@@ -3,16 +3,22 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use clap::{Args, Subcommand, ValueEnum};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 use crate::engine::{self, GenerateRequest};
-use crate::models::{gpt2, gpt_neox, Model, ModelConfig, Weights};
+use crate::models::{fused, gpt2, gpt_neox, ops, Inputs, Model, ModelConfig, Weights};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Greedy decode throughput on a random-weight model of a given shape.
     Decode(DecodeArgs),
+    /// Training-step throughput (forward + `lm_loss` + backward + AdamW) on a TinyMem-shaped
+    /// GPT-2 initialised from scratch.
+    Train(TrainArgs),
 }
 
 /// Model shapes the benchmarks use.
@@ -45,9 +51,35 @@ pub struct DecodeArgs {
     pub json: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Transformer blocks (TinyMem uses 2, 4, 8 or 16).
+    #[arg(long, default_value_t = 4)]
+    pub layers: usize,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Tokens per sequence (at most the context length, 150).
+    #[arg(long, default_value_t = 150)]
+    pub seq_len: usize,
+    /// Timed steps; the median step time is reported.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Untimed steps first (allocator and thread pools warm up).
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Seed of the token ids and of nothing else (the weights use candle's own RNG).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print JSON (the only output format; accepted for symmetry with other commands).
+    #[arg(long)]
+    pub json: bool,
+}
+
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Decode(a) => decode(a),
+        BenchCommand::Train(a) => train(a),
     }
 }
 
@@ -113,6 +145,129 @@ fn median(mut xs: Vec<f64>) -> f64 {
     } else {
         (xs[n / 2 - 1] + xs[n / 2]) / 2.0
     }
+}
+
+/// One timed training step, split into its phases (seconds).
+struct StepTimes {
+    forward: f64,
+    backward: f64,
+    optimizer: f64,
+    loss: f32,
+}
+
+fn train_step(model: &Model, opt: &mut AdamW, inputs: &Inputs) -> anyhow::Result<StepTimes> {
+    let t0 = Instant::now();
+    let logits = model.forward(inputs, None, None)?;
+    let loss = ops::lm_loss(&logits, &inputs.ids)?;
+    let loss_value = loss.to_scalar::<f32>()?;
+    let t1 = Instant::now();
+    let grads = loss.backward()?;
+    let t2 = Instant::now();
+    opt.step(&grads)?;
+    let t3 = Instant::now();
+    Ok(StepTimes {
+        forward: (t1 - t0).as_secs_f64(),
+        backward: (t2 - t1).as_secs_f64(),
+        optimizer: (t3 - t2).as_secs_f64(),
+        loss: loss_value,
+    })
+}
+
+fn train(a: TrainArgs) -> anyhow::Result<()> {
+    let mut config = shape_config(Shape::Tinymem);
+    let ModelConfig::Gpt2(c) = &mut config else {
+        anyhow::bail!("the TinyMem shape is not GPT-2")
+    };
+    anyhow::ensure!(a.layers > 0, "--layers must be positive");
+    anyhow::ensure!(a.batch > 0, "--batch must be positive");
+    anyhow::ensure!(
+        (2..=c.n_positions).contains(&a.seq_len),
+        "--seq-len must be in 2..={}",
+        c.n_positions
+    );
+    c.n_layer = a.layers;
+    let vocab = c.vocab_size as u32;
+    let device = Device::Cpu;
+    let weights = Weights::init(DType::F32, &device);
+    let model = Model::new(&config, &weights)?;
+    let vars = weights.varmap().map(|v| v.all_vars()).unwrap_or_default();
+    let mut opt = AdamW::new(
+        vars,
+        ParamsAdamW {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        },
+    )?;
+    let mut rng = StdRng::seed_from_u64(a.seed);
+    let ids: Vec<u32> = (0..a.batch * a.seq_len)
+        .map(|_| rng.random_range(0..vocab))
+        .collect();
+    let ids = Tensor::from_vec(ids, (a.batch, a.seq_len), &device)?;
+    let inputs = Inputs::causal(&ids, 0)?;
+    let mut first_loss = None;
+    for _ in 0..a.warmup {
+        let s = train_step(&model, &mut opt, &inputs)?;
+        first_loss.get_or_insert(s.loss);
+    }
+    let mut steps = Vec::with_capacity(a.steps.max(1));
+    for _ in 0..a.steps.max(1) {
+        let t = Instant::now();
+        let s = train_step(&model, &mut opt, &inputs)?;
+        steps.push((t.elapsed().as_secs_f64(), s));
+        first_loss.get_or_insert(steps[0].1.loss);
+    }
+    // The untracked (inference/scoring) forward on the same batch, through the fused kernels
+    // and through the composed reference path, to check inference did not get slower.
+    let frozen = Model::new(
+        &config,
+        &Weights::from_tensors(
+            model
+                .named_tensors()
+                .iter()
+                .map(|(n, t)| (n.clone(), t.detach()))
+                .collect(),
+            "bench",
+        ),
+    )?;
+    let time_forward = || -> anyhow::Result<f64> {
+        let t = Instant::now();
+        frozen.forward(&inputs, None, None)?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    let mut infer = Vec::new();
+    let mut infer_ref = Vec::new();
+    for _ in 0..5 {
+        infer.push(time_forward()?);
+        infer_ref.push(fused::with_reference_ops(time_forward)?);
+    }
+    let phase = |f: fn(&StepTimes) -> f64| median(steps.iter().map(|(_, s)| f(s)).collect());
+    let secs = median(steps.iter().map(|(t, _)| *t).collect());
+    let tokens = (a.batch * a.seq_len) as f64;
+    let v = serde_json::json!({
+        "benchmark": "train",
+        "implementation": "lethe",
+        "layers": a.layers,
+        "batch": a.batch,
+        "seq_len": a.seq_len,
+        "steps": steps.len(),
+        "warmup": a.warmup,
+        "seconds_per_step": secs,
+        "tokens_per_second": tokens / secs,
+        "statistic": "median over timed steps",
+        "forward_seconds": phase(|s| s.forward),
+        "backward_seconds": phase(|s| s.backward),
+        "optimizer_seconds": phase(|s| s.optimizer),
+        "inference_forward_seconds": median(infer),
+        "inference_forward_reference_seconds": median(infer_ref),
+        "first_loss": first_loss,
+        "last_loss": steps.last().map(|(_, s)| s.loss),
+        "threads": std::env::var("RAYON_NUM_THREADS").ok(),
+    });
+    println!("{v}");
+    Ok(())
 }
 
 fn decode(a: DecodeArgs) -> anyhow::Result<()> {

@@ -354,27 +354,30 @@ impl Gpt2 {
         for (i, blk) in self.blocks.iter().enumerate() {
             let a_in = ops::layer_norm(&x, &blk.ln_1.w, &blk.ln_1.b, eps)?;
             let qkv = ops::dense(&a_in, &blk.c_attn_w, Some(&blk.c_attn_b), false)?;
-            let heads = |j: usize| -> CResult<Tensor> {
-                qkv.narrow(2, j * h, h)?
-                    .reshape((b, t, nh, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()
+            let mut scale = if self.cfg.scale_attn_weights {
+                1.0 / (hd as f64).sqrt()
+            } else {
+                1.0
             };
-            let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
-            let (k, v) = match cache.as_deref_mut() {
-                Some(c) => c.append(i, &k, &v)?,
-                None => (k, v),
-            };
-            let mut q = q;
-            if !self.cfg.scale_attn_weights {
-                // ops::attention always divides by sqrt(head_dim); undo it.
-                q = (q * (hd as f64).sqrt())?;
-            }
             if self.cfg.scale_attn_by_inverse_layer_idx {
-                q = (q / (i + 1) as f64)?;
+                scale /= (i + 1) as f64;
             }
-            let att = ops::attention(&q, &k, &v, mask)?;
-            let att = att.transpose(1, 2)?.reshape((b, t, h))?;
+            let att = match cache.as_deref_mut() {
+                // Training, unlearning and scoring: one fused kernel on the packed projection.
+                None => ops::self_attention(&qkv, nh, scale, mask)?,
+                Some(c) => {
+                    let heads = |j: usize| -> CResult<Tensor> {
+                        qkv.narrow(2, j * h, h)?
+                            .reshape((b, t, nh, hd))?
+                            .transpose(1, 2)?
+                            .contiguous()
+                    };
+                    let (k, v) = c.append(i, &heads(1)?, &heads(2)?)?;
+                    let q = ops::prescale_query(&heads(0)?, scale)?;
+                    let att = ops::attention(&q, &k, &v, mask)?;
+                    att.transpose(1, 2)?.reshape((b, t, h))?
+                }
+            };
             x = (x + ops::dense(&att, &blk.attn_proj_w, Some(&blk.attn_proj_b), false)?)?;
 
             let m_in = ops::layer_norm(&x, &blk.ln_2.w, &blk.ln_2.b, eps)?;

@@ -11,6 +11,7 @@
 //!   forward that serves inference.
 
 pub mod cache;
+pub mod fused;
 pub mod gpt2;
 pub mod gpt_neox;
 pub mod ops;

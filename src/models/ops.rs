@@ -7,8 +7,14 @@
 //! otherwise it calls the fused kernel. Inference gets the fast path, training and unlearning get
 //! correct gradients, and no caller has to choose. Both paths compute the same function; tests
 //! pin them to each other.
+//!
+//! On the tracked path, f32 tensors on the CPU go through [`super::fused`]: one candle node per
+//! op with a hand-written backward (tested against the composed form kept here as the reference
+//! for other devices and dtypes).
 
 use candle_core::{DType, Result, Tensor, D};
+
+use super::fused;
 
 /// True when autograd must see through an op on these tensors.
 fn needs_grad(ts: &[&Tensor]) -> bool {
@@ -17,7 +23,9 @@ fn needs_grad(ts: &[&Tensor]) -> bool {
 
 /// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * w + b`.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    if needs_grad(&[x, w, b]) || x.dtype() != DType::F32 {
+    if needs_grad(&[x, w, b]) && fused::supported(&[x, w, b]) {
+        fused::layer_norm(x, w, b, eps)
+    } else if needs_grad(&[x, w, b]) || x.dtype() != DType::F32 {
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -30,7 +38,9 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
 
 /// Softmax over the last dimension.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    if needs_grad(&[x]) {
+    if needs_grad(&[x]) && fused::supported(&[x]) {
+        fused::softmax_last(x)
+    } else if needs_grad(&[x]) {
         candle_nn::ops::softmax(x, D::Minus1)
     } else {
         candle_nn::ops::softmax_last_dim(&x.contiguous()?)
@@ -88,6 +98,7 @@ impl Activation {
 
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
+            Self::Relu if needs_grad(&[x]) && fused::supported(&[x]) => fused::relu(x),
             Self::Relu => x.relu(),
             Self::Gelu => x.gelu_erf(),
             Self::GeluTanh => x.gelu(),
@@ -109,6 +120,48 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> R
     softmax_last(&scores)?.matmul(v)
 }
 
+/// Multiplies `q: [.., D]` so that [`attention`] (which divides by `sqrt(D)`) applies `scale`
+/// instead; a no-op when `scale` is already `1/sqrt(D)`.
+pub fn prescale_query(q: &Tensor, scale: f64) -> Result<Tensor> {
+    let factor = scale * (q.dim(D::Minus1)? as f64).sqrt();
+    if (factor - 1.0).abs() < 1e-12 {
+        Ok(q.clone())
+    } else {
+        q * factor
+    }
+}
+
+/// Multi-head self-attention without a KV cache over a packed projection `qkv: [B, T, 3·H]`
+/// (query, key and value blocks side by side, `n_head` heads each): returns the merged heads
+/// `[B, T, H]` of `softmax(scale · q kᵀ + mask) v`. `mask` is additive, `[1 | B, 1, T, T]`.
+///
+/// f32 on the CPU runs one fused kernel (forward and backward), tracked or not; elsewhere the heads
+/// are split and [`attention`] runs. A query row with every key masked yields zeros on the fused
+/// path and NaN on the composed one; no caller builds such a row.
+pub fn self_attention(
+    qkv: &Tensor,
+    n_head: usize,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    if fused::supported(&[qkv]) {
+        return fused::self_attention(qkv, n_head, scale, mask);
+    }
+    let (b, t, three_h) = qkv.dims3()?;
+    let h = three_h / 3;
+    let hd = h / n_head;
+    let heads = |j: usize| -> Result<Tensor> {
+        qkv.narrow(2, j * h, h)?
+            .reshape((b, t, n_head, hd))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let q = prescale_query(&heads(0)?, scale)?;
+    attention(&q, &heads(1)?, &heads(2)?, mask)?
+        .transpose(1, 2)?
+        .reshape((b, t, h))
+}
+
 /// Causal language-modelling loss as transformers computes it with `labels = input_ids`: the
 /// mean cross-entropy of `logits[:, t]` against `ids[:, t + 1]` over every row and every one of
 /// the `T − 1` shifted positions (padding included, no ignore index).
@@ -120,6 +173,9 @@ pub fn lm_loss(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
 
 /// Per-sequence mean cross-entropy over the `T − 1` shifted positions: `[B]`.
 pub fn per_sequence_lm_loss(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    if needs_grad(&[logits]) && fused::supported(&[logits]) {
+        return fused::per_sequence_lm_loss(logits, ids);
+    }
     let (b, t, v) = logits.dims3()?;
     let pred = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
     let target = ids
@@ -134,6 +190,10 @@ pub fn per_sequence_lm_loss(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
 /// Applies a `[in, out]` weight (GPT-2 `Conv1D` layout) or an `[out, in]` weight (`nn.Linear`
 /// layout) with an optional bias to `x: [.., in]`.
 pub fn dense(x: &Tensor, w: &Tensor, b: Option<&Tensor>, transposed: bool) -> Result<Tensor> {
+    let all: Vec<&Tensor> = [Some(x), Some(w), b].into_iter().flatten().collect();
+    if needs_grad(&all) && fused::supported(&all) {
+        return fused::linear(x, w, b, transposed);
+    }
     let dims = x.dims().to_vec();
     let (rows, d_in) = (
         dims[..dims.len() - 1].iter().product::<usize>(),
