@@ -207,9 +207,9 @@ fn balanced_subnet_forgets_the_memorized_rows_and_keeps_accuracy() {
         mode: Mode::Balanced,
         ratio: 0.1,
         w: 0.9,
-        max_steps: 60,
+        max_steps: 200,
         check_every: 5,
-        forget_per_batch: 8,
+        forget_per_batch: 4,
         batch_size: 32,
         ..BalancedSubnetConfig::default()
     };
