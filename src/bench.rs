@@ -19,6 +19,10 @@ pub enum BenchCommand {
     /// Training-step throughput (forward + `lm_loss` + backward + AdamW) on a TinyMem-shaped
     /// GPT-2 initialised from scratch.
     Train(TrainArgs),
+    /// One BalancedSubnet step (32 rows × 150 tokens) on a TinyMem-shaped model.
+    Unlearn(crate::bench_unlearn::UnlearnBenchArgs),
+    /// Audit throughput (tinymem definition) on a TinyMem-shaped model.
+    Audit(crate::bench_unlearn::AuditBenchArgs),
 }
 
 /// Model shapes the benchmarks use.
@@ -80,6 +84,8 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Decode(a) => decode(a),
         BenchCommand::Train(a) => train(a),
+        BenchCommand::Unlearn(a) => crate::bench_unlearn::unlearn(a),
+        BenchCommand::Audit(a) => crate::bench_unlearn::audit_bench(a),
     }
 }
 
@@ -137,7 +143,7 @@ pub fn random_model(config: &ModelConfig, device: &Device) -> anyhow::Result<Mod
     Ok(Model::new(config, &Weights::from_tensors(map, "random"))?)
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
+pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     let n = xs.len();
     if n % 2 == 1 {

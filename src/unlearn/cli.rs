@@ -14,8 +14,9 @@ use candle_core::DType;
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
+use super::durable::durable;
 use super::search::{paper_grid, search, Candidate, Quality};
-use super::{balanced_subnet, BalancedSubnetConfig, JobControl, Method, Mode};
+use super::{balanced_subnet, BalancedSubnetConfig, JobControl, Method, Mode, Outcome};
 use crate::audit::cli::read_rows;
 use crate::audit::{self, AuditItem, Definition};
 use crate::cli::ModelArgs;
@@ -29,6 +30,10 @@ use crate::tinymem::train::{Card, CARD_FILE};
 pub enum MethodArg {
     BalancedSubnet,
     Subnet,
+    /// Spec §4.5: one shot, zero the largest accumulated forget-set gradients per MLP tensor.
+    Durable,
+    /// Durable with the top entries taken over all MLP parameters together.
+    DurableAgg,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -198,8 +203,8 @@ pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
     let before = quality(&lm.model, dataset.as_ref(), &heldout)?;
     let cfg = BalancedSubnetConfig {
         method: match a.method {
-            MethodArg::BalancedSubnet => Method::BalancedSubnet,
             MethodArg::Subnet => Method::Subnet,
+            _ => Method::BalancedSubnet,
         },
         mode: match a.mode {
             ModeArg::Paper => Mode::Paper,
@@ -214,6 +219,8 @@ pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
         ..BalancedSubnetConfig::default()
     };
     let ctl = JobControl::new();
+    // Durable also zeroes biases; the subnet methods zero weight-matrix entries only.
+    let mut zeroed_total: Option<usize> = None;
     let (out, cfg, candidates) = if a.search {
         let grid = paper_grid(&cfg);
         let q = |m: &Model| quality(m, dataset.as_ref(), &heldout);
@@ -232,6 +239,27 @@ pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
             .context("the search budget ran out before any candidate finished")?;
         let cfg = res.candidates[i].config.clone();
         (out, cfg, Some(res.candidates))
+    } else if let MethodArg::Durable | MethodArg::DurableAgg = a.method {
+        let agg = matches!(a.method, MethodArg::DurableAgg);
+        let d = durable(&lm.model, &forget, a.ratio, 64, agg)?;
+        let by_name: std::collections::HashMap<&str, usize> =
+            d.zeros.iter().map(|(n, z)| (n.as_str(), *z)).collect();
+        let zeros_per_matrix = lm
+            .model
+            .mlp_weight_names()
+            .iter()
+            .map(|(x, y)| (by_name[x.as_str()], by_name[y.as_str()]))
+            .collect();
+        let out = Outcome {
+            mlp: d.model.mlp_weights(),
+            model: d.model,
+            zeros_per_matrix,
+            steps: forget.len().div_ceil(64),
+            seconds: d.seconds,
+            stopped_early: false,
+        };
+        zeroed_total = Some(d.zeros.iter().map(|(_, z)| z).sum());
+        (out, cfg, None)
     } else {
         (
             balanced_subnet(&lm.model, &forget, &retain, &items, &cfg, &ctl)?,
@@ -251,9 +279,11 @@ pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
             / before.accuracy_by_task.len() as f64
     });
     let report = Report {
-        method: match cfg.method {
-            Method::BalancedSubnet => "balanced-subnet",
-            Method::Subnet => "subnet",
+        method: match a.method {
+            MethodArg::BalancedSubnet => "balanced-subnet",
+            MethodArg::Subnet => "subnet",
+            MethodArg::Durable => "durable",
+            MethodArg::DurableAgg => "durable-agg",
         },
         mode: cfg.mode,
         ratio: cfg.ratio,
@@ -272,7 +302,8 @@ pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
         relative_accuracy_change,
         perplexity_before: before.perplexity,
         perplexity_after: after.perplexity,
-        weights_zeroed: out.zeros_per_matrix.iter().map(|(x, y)| x + y).sum(),
+        weights_zeroed: zeroed_total
+            .unwrap_or_else(|| out.zeros_per_matrix.iter().map(|(x, y)| x + y).sum()),
         zeros_per_matrix: out.zeros_per_matrix.clone(),
         seconds: out.seconds,
         search: candidates,

@@ -18,6 +18,7 @@
 //! progress record a server can read.
 
 pub mod cli;
+pub mod durable;
 pub mod mask;
 pub mod search;
 

@@ -1,0 +1,154 @@
+//! `lethe bench unlearn` and `lethe bench audit`: the BalancedSubnet step and audit throughput
+//! on a TinyMem-shaped model (4 layers, 128 wide, vocab 14, 150 tokens), random weights.
+
+use std::time::Instant;
+
+use candle_core::Device;
+use clap::Args;
+
+use crate::audit::{self, AuditItem};
+use crate::bench::{median, random_model, shape_config, Shape};
+use crate::optim::{Sgd, SgdParams};
+use crate::unlearn::batch_loss;
+use crate::unlearn::mask::Scores;
+use crate::unlearn::Example;
+
+#[derive(Debug, Args)]
+pub struct UnlearnBenchArgs {
+    /// Rows per step (half forget, half retain).
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 4)]
+    pub layers: usize,
+    /// Fraction of each MLP matrix masked.
+    #[arg(long, default_value_t = 0.3)]
+    pub ratio: f64,
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Accepted for symmetry; the output is JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AuditBenchArgs {
+    /// Sequences per audit batch.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Sequences audited per run.
+    #[arg(long, default_value_t = 128)]
+    pub sequences: usize,
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Accepted for symmetry; the output is JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn rows(n: usize, t: usize, seed: u64) -> Vec<Vec<u32>> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            (0..t)
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    (s % 14) as u32
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn tinymem(layers: usize) -> anyhow::Result<crate::models::Model> {
+    let mut config = shape_config(Shape::Tinymem);
+    if let crate::models::ModelConfig::Gpt2(c) = &mut config {
+        c.n_layer = layers;
+    }
+    random_model(&config, &Device::Cpu)
+}
+
+/// One BalancedSubnet step (masked forward, loss, backward, SGD on the scores), timed.
+pub fn unlearn(a: UnlearnBenchArgs) -> anyhow::Result<()> {
+    let model = tinymem(a.layers)?;
+    let base = model.mlp_weights();
+    let scores = Scores::init(&model, a.ratio, 0)?;
+    let mut opt = Sgd::new(
+        scores.all_vars(),
+        SgdParams {
+            lr: 0.1,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+        },
+    );
+    let data = rows(a.batch, 150, 1);
+    let batch: Vec<Example> = data
+        .iter()
+        .enumerate()
+        .map(|(i, ids)| Example {
+            ids,
+            forget: i < a.batch / 2,
+        })
+        .collect();
+    let mut times = Vec::new();
+    for step in 0..a.warmup + a.steps {
+        let t = Instant::now();
+        let masked = scores.masked(&base)?;
+        let (loss, _, _) = batch_loss(&model, &masked, &batch, 0.9)?;
+        let grads = loss.backward()?;
+        opt.step(&grads)?;
+        if step >= a.warmup {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let v = serde_json::json!({
+        "benchmark": "unlearn",
+        "implementation": "lethe",
+        "method": "balanced-subnet",
+        "layers": a.layers,
+        "batch": a.batch,
+        "seq_len": 150,
+        "ratio": a.ratio,
+        "steps": times.len(),
+        "seconds_per_step": median(times),
+        "statistic": "median over timed steps",
+        "threads": std::env::var("RAYON_NUM_THREADS").ok(),
+    });
+    println!("{v}");
+    Ok(())
+}
+
+/// Audit throughput: the `tinymem` definition (50-token prompt, 50 compared), batched.
+pub fn audit_bench(a: AuditBenchArgs) -> anyhow::Result<()> {
+    let model = tinymem(4)?;
+    let items: Vec<AuditItem> = rows(a.sequences, 100, 2)
+        .into_iter()
+        .map(|r| AuditItem {
+            prompt: r[..50].to_vec(),
+            target: r[50..].to_vec(),
+        })
+        .collect();
+    audit::audit(&model, None, &items, a.batch)?;
+    let mut times = Vec::new();
+    for _ in 0..a.runs.max(1) {
+        let t = Instant::now();
+        audit::audit(&model, None, &items, a.batch)?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    let secs = median(times.clone());
+    let v = serde_json::json!({
+        "benchmark": "audit",
+        "definition": "tinymem",
+        "batch": a.batch,
+        "sequences": a.sequences,
+        "runs": times.len(),
+        "median_seconds": secs,
+        "sequences_per_second": a.sequences as f64 / secs,
+        "threads": std::env::var("RAYON_NUM_THREADS").ok(),
+    });
+    println!("{v}");
+    Ok(())
+}
