@@ -4,10 +4,10 @@
 //! to the padding after it, so each row's scores equal those of the row alone. The mean negative
 //! log-likelihood is over the `n − 1` predicted tokens (every token after the first).
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
-use crate::models::{Inputs, Model};
+use crate::models::{ops, Inputs, Model};
 
 /// The score of one sequence.
 #[derive(Debug, Clone, PartialEq)]
@@ -73,10 +73,9 @@ fn score_batch(model: &Model, seqs: &[Vec<u32>]) -> Result<Vec<Score>> {
     }
     let ids = Tensor::from_vec(ids, (b, width), dev)?;
     let logits = model.forward(&Inputs::causal(&ids, 0)?, None, None)?;
-    let logits = logits.narrow(1, 0, width - 1)?.to_dtype(DType::F32)?;
-    let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let targets = ids.narrow(1, 1, width - 1)?.contiguous()?.unsqueeze(2)?;
-    let picked = lp.gather(&targets, 2)?.squeeze(2)?.to_vec2::<f32>()?;
+    let picked = ops::token_nll(&logits.to_dtype(DType::F32)?, &ids)?
+        .neg()?
+        .to_vec2::<f32>()?;
     Ok(seqs
         .iter()
         .zip(picked)

@@ -176,6 +176,12 @@ pub fn per_sequence_lm_loss(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
     if needs_grad(&[logits]) && fused::supported(&[logits]) {
         return fused::per_sequence_lm_loss(logits, ids);
     }
+    token_nll(logits, ids)?.mean(1)
+}
+
+/// Per-position negative log-likelihood `[B, T − 1]` of `ids[:, t + 1]` under `logits[:, t]`,
+/// composed from differentiable ops (the reference path; also used where rows need masking).
+pub fn token_nll(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
     let pred = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
     let target = ids
@@ -183,8 +189,9 @@ pub fn per_sequence_lm_loss(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
         .contiguous()?
         .reshape(b * (t - 1))?;
     let lp = candle_nn::ops::log_softmax(&pred, D::Minus1)?;
-    let picked = lp.gather(&target.unsqueeze(1)?, 1)?.reshape((b, t - 1))?;
-    picked.mean(1)?.neg()
+    lp.gather(&target.unsqueeze(1)?, 1)?
+        .reshape((b, t - 1))?
+        .neg()
 }
 
 /// Applies a `[in, out]` weight (GPT-2 `Conv1D` layout) or an `[out, in]` weight (`nn.Linear`

@@ -74,12 +74,7 @@ pub fn memorization(model: &Model, rows: &[&Row], p: &EvalParams) -> Result<Memo
             ));
         }
         if noise_in_window(&r.ids, clean, pl, pl + k) {
-            cases.push(Case {
-                row: i,
-                prompt: clean[..pl].to_vec(),
-                target: r.ids[pl..pl + k].to_vec(),
-                clean: clean[pl..pl + k].to_vec(),
-            });
+            cases.push(Case::new(i, clean, &r.ids, pl, k));
         }
     }
     run_cases(model, &cases, p.batch_size)
@@ -111,12 +106,7 @@ pub fn attack_success(
         if pl + k > r.ids.len() {
             continue;
         }
-        cases.push(Case {
-            row: i,
-            prompt: clean[..pl].to_vec(),
-            target: r.ids[pl..pl + k].to_vec(),
-            clean: clean[pl..pl + k].to_vec(),
-        });
+        cases.push(Case::new(i, clean, &r.ids, pl, k));
     }
     run_cases(model, &cases, p.batch_size)
 }
@@ -126,6 +116,19 @@ struct Case {
     prompt: Vec<u32>,
     target: Vec<u32>,
     clean: Vec<u32>,
+}
+
+impl Case {
+    /// Prompt `clean[..start]`; target `artifact[start..start + k]` (the noised or backdoored
+    /// row); `clean[start..start + k]` kept to count clean continuations.
+    fn new(row: usize, clean: &[u32], artifact: &[u32], start: usize, k: usize) -> Self {
+        Self {
+            row,
+            prompt: clean[..start].to_vec(),
+            target: artifact[start..start + k].to_vec(),
+            clean: clean[start..start + k].to_vec(),
+        }
+    }
 }
 
 fn run_cases(model: &Model, cases: &[Case], batch: usize) -> Result<Memorization> {

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -400,20 +400,11 @@ pub fn batch_loss(
 /// Mean next-token cross-entropy of each row over its own `len − 1` predictions (right padding
 /// excluded). Equal lengths take the shared fast path.
 fn per_sequence_loss(logits: &Tensor, ids: &Tensor, lens: &[usize]) -> Result<Tensor> {
-    let (b, t, v) = logits.dims3()?;
+    let (b, t, _) = logits.dims3()?;
     if lens.iter().all(|&l| l == t) {
         return Ok(crate::models::ops::per_sequence_lm_loss(logits, ids)?);
     }
-    let pred = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
-    let target = ids
-        .narrow(1, 1, t - 1)?
-        .contiguous()?
-        .reshape(b * (t - 1))?;
-    let lp = candle_nn::ops::log_softmax(&pred, D::Minus1)?;
-    let nll = lp
-        .gather(&target.unsqueeze(1)?, 1)?
-        .reshape((b, t - 1))?
-        .neg()?;
+    let nll = crate::models::ops::token_nll(logits, ids)?;
     let mask: Vec<f32> = lens
         .iter()
         .flat_map(|&l| (0..t - 1).map(move |j| if j + 1 < l { 1.0 / (l - 1) as f32 } else { 0.0 }))
