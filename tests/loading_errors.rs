@@ -131,3 +131,52 @@ fn not_a_directory_nor_hub_id_is_explained() {
         "{e}"
     );
 }
+
+#[test]
+fn sharded_checkpoints_load_like_single_files() {
+    let dir = copy_fixture("neox-parallel-rot25");
+    let single = dir.path().join("model.safetensors");
+    let map = lethe::models::weights::read_safetensors(&single, DType::F32, &Device::Cpu).unwrap();
+    let mut names: Vec<String> = map.keys().cloned().collect();
+    names.sort();
+    let (a, b) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (file, part) in [
+        ("model-00001-of-00002.safetensors", a),
+        ("model-00002-of-00002.safetensors", b),
+    ] {
+        let tensors: Vec<(String, candle_core::Tensor)> =
+            part.iter().map(|n| (n.clone(), map[n].clone())).collect();
+        lethe::models::weights::write_safetensors(&tensors, DType::F32, &dir.path().join(file))
+            .unwrap();
+        for n in part {
+            weight_map.insert(n.clone(), file.into());
+        }
+    }
+    std::fs::remove_file(&single).unwrap();
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let sharded = loader::load_dir(dir.path(), "sharded", &Device::Cpu, DType::F32).unwrap();
+    let original = common::load_fixture("neox-parallel-rot25");
+    assert_eq!(
+        sharded.model.num_parameters(),
+        original.model.num_parameters()
+    );
+    for ((n1, t1), (n2, t2)) in sharded
+        .model
+        .named_tensors()
+        .iter()
+        .zip(original.model.named_tensors())
+    {
+        assert_eq!(n1, n2);
+        assert_eq!(common::max_abs_diff(t1, t2), 0.0, "{n1}");
+    }
+    // A shard named in the index but absent is reported by name.
+    std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
+    let e = load_err(dir.path());
+    assert!(e.contains("model-00002-of-00002.safetensors"), "{e}");
+}
