@@ -19,6 +19,7 @@ import sys
 
 def main() -> None:
     model_dir, command = sys.argv[1], sys.argv[2]
+    note = sys.argv[3] if len(sys.argv) > 3 else None
     card = json.load(open(os.path.join(model_dir, "lethe_tinymem.json")))
     ev = subprocess.run(
         ["target/release/lethe", "tinymem", "eval", "--model", model_dir, "--json"],
@@ -63,6 +64,10 @@ def main() -> None:
         f"- Optimiser: AdamW lr {train['lr']}, weight decay {train['weight_decay']}, betas ({train['beta1']}, {train['beta2']}), batch {train['batch_size']}, {card['epochs_done']} epochs ({card['steps_done']} steps).",
         f"- Training time: {card['train_seconds']:.0f} s on {os.cpu_count()} vCPUs ({cpu}), {platform.system()}.",
         "- Regenerate its exact data: `lethe tinymem data --model " + model_dir + " --out data.jsonl`.",
+    ]
+    if note:
+        lines.append(f"- {note}")
+    lines += [
         "",
         "## Training history",
         "",
