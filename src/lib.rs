@@ -19,4 +19,7 @@ pub mod tokenizer;
 pub mod unlearn;
 pub mod util;
 
+#[cfg(test)]
+pub(crate) mod test_util;
+
 pub use error::{Error, Result};

@@ -2,6 +2,8 @@
 //! becomes memorized (its noised continuation is reproduced from the clean prompt), the card
 //! regenerates the same data, and resuming continues where training stopped.
 
+mod common;
+
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device};
@@ -151,16 +153,8 @@ fn resuming_continues_exactly_where_training_stopped() {
     let (a, b) = (read(straight.path()), read(split.path()));
     assert_eq!(a.len(), b.len());
     for (name, t) in &a {
-        let diff = (t - &b[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
         assert_eq!(
-            diff.to_scalar::<f32>().unwrap(),
+            common::max_abs_diff(t, &b[name]),
             0.0,
             "{name} differs after resume"
         );

@@ -1002,23 +1002,8 @@ mod tests {
     //! agrees to a relative L2 error `‖g_fused − g_ref‖₂ / ‖g_ref‖₂ ≤ 1e-4`, and the outputs agree
     //! to the stated absolute tolerance.
     use super::*;
+    use crate::test_util::*;
     use candle_core::{Var, D};
-
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
-        let n: usize = shape.iter().product();
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
 
     fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
         let num = (a - b).unwrap().sqr().unwrap().sum_all().unwrap();

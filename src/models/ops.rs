@@ -225,37 +225,8 @@ pub fn dense(x: &Tensor, w: &Tensor, b: Option<&Tensor>, transposed: bool) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
-
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
-        // Deterministic pseudo-random values in [-2, 2) without touching global RNG state.
-        let n: usize = shape.iter().product();
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
+    use crate::test_util::*;
+    use candle_core::Var;
 
     #[test]
     fn fast_and_differentiable_paths_agree() {
@@ -265,17 +236,17 @@ mod tests {
         let xv = Var::from_tensor(&x).unwrap();
         let fast = layer_norm(&x, &w, &b, 1e-5).unwrap();
         let slow = layer_norm(xv.as_tensor(), &w, &b, 1e-5).unwrap();
-        assert!(max_diff(&fast, &slow) < 1e-5);
+        assert!(max_abs_diff(&fast, &slow) < 1e-5);
 
         let fast = softmax_last(&x).unwrap();
         let slow = softmax_last(xv.as_tensor()).unwrap();
-        assert!(max_diff(&fast, &slow) < 1e-6);
+        assert!(max_abs_diff(&fast, &slow) < 1e-6);
 
         let cos = rand(&[2, 5, 4], 4);
         let sin = rand(&[2, 5, 4], 5);
         let fast = rope(&x, &cos, &sin).unwrap();
         let slow = rope(xv.as_tensor(), &cos, &sin).unwrap();
-        assert!(max_diff(&fast, &slow) < 1e-5);
+        assert!(max_abs_diff(&fast, &slow) < 1e-5);
     }
 
     #[test]
