@@ -182,3 +182,52 @@ fn before_mlp(lm: &lethe::loader::LoadedModel) -> Vec<f32> {
         .to_vec1()
         .unwrap()
 }
+
+#[test]
+fn balanced_mode_honours_min_steps_before_stopping_early() {
+    let lm = load_fixture("gpt2-relu-tied");
+    let forget = vec![vec![4u32, 5, 6, 7, 8, 9]];
+    // Nothing in this forget set is extractable, so the first audit would stop the run.
+    let items = vec![lethe::audit::AuditItem {
+        prompt: vec![4, 5],
+        target: vec![6, 7, 8, 9],
+    }];
+    let retain: Vec<Vec<u32>> = (0..8).map(|i| vec![10 + i, 11, 12, 13, 14, 15]).collect();
+    let cfg = |min_steps| BalancedSubnetConfig {
+        mode: lethe::unlearn::Mode::Balanced,
+        batch_size: 4,
+        forget_per_batch: 1,
+        check_every: 1,
+        min_steps,
+        max_steps: 20,
+        ..Default::default()
+    };
+    let quick = balanced_subnet(
+        &lm.model,
+        &forget,
+        &retain,
+        &items,
+        &cfg(0),
+        &JobControl::new(),
+    )
+    .unwrap();
+    assert!(
+        quick.stopped_early && quick.steps == 1,
+        "{} steps",
+        quick.steps
+    );
+    let patient = balanced_subnet(
+        &lm.model,
+        &forget,
+        &retain,
+        &items,
+        &cfg(7),
+        &JobControl::new(),
+    )
+    .unwrap();
+    assert!(
+        patient.stopped_early && patient.steps == 7,
+        "{} steps",
+        patient.steps
+    );
+}

@@ -72,6 +72,9 @@ pub struct UnlearnArgs {
     /// Balanced mode: step budget.
     #[arg(long, default_value_t = 200)]
     pub max_steps: usize,
+    /// Balanced mode: minimum steps before stopping early.
+    #[arg(long, default_value_t = 0)]
+    pub min_steps: usize,
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
     #[arg(long, default_value_t = 0)]
@@ -214,6 +217,7 @@ pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
         w: a.w,
         epochs: a.epochs,
         max_steps: a.max_steps,
+        min_steps: a.min_steps,
         batch_size: a.batch_size,
         seed: a.seed,
         ..BalancedSubnetConfig::default()

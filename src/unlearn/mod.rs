@@ -75,6 +75,9 @@ pub struct BalancedSubnetConfig {
     pub forget_per_batch: usize,
     /// Balanced mode: audit the forget set every this many steps (0: never stop early).
     pub check_every: usize,
+    /// Balanced mode: never stop before this many steps (the retain term keeps repairing the
+    /// pruned weights after the forget set stops being extractable).
+    pub min_steps: usize,
     pub batch_size: usize,
     pub lr: f64,
     pub momentum: f64,
@@ -93,6 +96,7 @@ impl Default for BalancedSubnetConfig {
             max_steps: 200,
             forget_per_batch: 16,
             check_every: 25,
+            min_steps: 0,
             batch_size: 32,
             lr: 0.1,
             momentum: 0.9,
@@ -306,6 +310,7 @@ pub fn balanced_subnet(
             retain_loss: lr,
         });
         if cfg.mode == Mode::Balanced
+            && steps >= cfg.min_steps
             && cfg.check_every > 0
             && steps % cfg.check_every == 0
             && !forget_items.is_empty()
