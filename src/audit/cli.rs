@@ -3,7 +3,8 @@
 //! Each input line is one of `{"text": "…"}`, `{"ids": […]}` (split into a `k`-token prompt
 //! and `n`-token target by the definition), `{"ids": […], "clean_ids": […]}` (a TinyMem noise
 //! row: prompt from the clean row, target from the noised one), or
-//! `{"prompt_ids": […], "target_ids": […]}`. A TinyMem data header line (`{"format": …}`) is
+//! `{"prompt_ids": […], "target_ids": […]}` (optionally with `"ids"`, the whole sequence that
+//! unlearning trains on). A TinyMem data header line (`{"format": …}`) is
 //! skipped. Output: one JSON result per input row, then one summary line.
 
 use std::io::{BufRead, Write};
@@ -51,8 +52,10 @@ pub struct Parsed {
 /// Turns one parsed line into a sequence and an audit item.
 fn parse(line: Line, def: Definition, tk: &Tokenizer) -> anyhow::Result<Parsed> {
     Ok(match line {
-        Line { prompt_ids: Some(p), target_ids: Some(t), .. } => Parsed {
-            sequence: p.iter().chain(&t).copied().collect(),
+        Line { prompt_ids: Some(p), target_ids: Some(t), ids, .. } => Parsed {
+            // `ids`, when present, is the whole sequence to train on (e.g. a backdoored row
+            // whose prompt ends at its trigger).
+            sequence: ids.unwrap_or_else(|| p.iter().chain(&t).copied().collect()),
             item: AuditItem { prompt: p, target: t },
         },
         Line { ids: Some(noised), clean_ids: Some(clean), .. } => {

@@ -314,8 +314,27 @@ fn audit_cmd(a: AuditArgs) -> anyhow::Result<()> {
         let f =
             std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
         let mut w = std::io::BufWriter::new(f);
+        let trigger = match ds.config.artifact {
+            Artifact::Backdoor => Some(ds.config.trigger_ids()?),
+            Artifact::Noise => None,
+        };
         for &i in &m.memorized_rows {
-            writeln!(w, "{}", serde_json::to_string(rows[i])?)?;
+            let row = rows[i];
+            match (&trigger, &row.clean_ids) {
+                // A backdoor row's prompt ends at its own trigger (spec §3.2), so it is written
+                // as an explicit prompt/target pair plus the whole row to train on.
+                (Some(t), Some(clean)) => {
+                    let p = super::data::trigger_end(clean, t).unwrap_or(params.prompt_len);
+                    let end = (p + params.compare_len).min(row.ids.len());
+                    let line = serde_json::json!({
+                        "ids": row.ids,
+                        "prompt_ids": &clean[..p],
+                        "target_ids": &row.ids[p..end],
+                    });
+                    writeln!(w, "{line}")?;
+                }
+                _ => writeln!(w, "{}", serde_json::to_string(row)?)?,
+            }
         }
         w.flush()?;
     }
