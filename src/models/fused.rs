@@ -1015,19 +1015,6 @@ mod tests {
         num / den.max(1e-30)
     }
 
-    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
-
     /// Checks outputs (absolute `out_tol`) and the gradient of `Σ R ⊙ f(vars)` for every var.
     fn check(
         inputs: &[Tensor],
@@ -1044,7 +1031,7 @@ mod tests {
         let yf = fused(&ts).unwrap();
         let yr = reference(&ts).unwrap();
         assert_eq!(yf.dims(), yr.dims());
-        let diff = max_abs(&yf, &yr);
+        let diff = max_abs_diff(&yf, &yr);
         assert!(diff <= out_tol, "outputs differ by {diff}");
         let r = rand(yr.dims(), seed);
         let gf = (yf * &r).unwrap().sum_all().unwrap().backward().unwrap();
@@ -1095,22 +1082,7 @@ mod tests {
     }
 
     fn linear_ref(x: &Tensor, w: &Tensor, b: Option<&Tensor>, transposed: bool) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let d_in = dims[dims.len() - 1];
-        let x2 = x.reshape(((), d_in))?;
-        let y = if transposed {
-            x2.matmul(&w.t()?)?
-        } else {
-            x2.matmul(w)?
-        };
-        let y = match b {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        let mut out = dims;
-        let last = out.len() - 1;
-        out[last] = y.dim(1)?;
-        y.reshape(out)
+        crate::models::ops::dense_composed(x, w, b, transposed)
     }
 
     #[test]

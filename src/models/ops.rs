@@ -201,6 +201,16 @@ pub fn dense(x: &Tensor, w: &Tensor, b: Option<&Tensor>, transposed: bool) -> Re
     if needs_grad(&all) && fused::supported(&all) {
         return fused::linear(x, w, b, transposed);
     }
+    dense_composed(x, w, b, transposed)
+}
+
+/// [`dense`] composed from candle primitives (the reference path, differentiable by autograd).
+pub(crate) fn dense_composed(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    transposed: bool,
+) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let (rows, d_in) = (
         dims[..dims.len() - 1].iter().product::<usize>(),
