@@ -14,6 +14,7 @@ pub mod loader;
 pub mod models;
 pub mod optim;
 pub mod runtime;
+pub mod server;
 pub mod tinymem;
 pub mod tokenizer;
 pub mod unlearn;

@@ -86,6 +86,93 @@ fn padded_batch_equals_each_row_alone() {
 }
 
 #[test]
+fn rows_joining_and_leaving_a_running_batch_get_their_solo_tokens() {
+    use lethe::engine::generate::{DecodeBatch, Event};
+    for name in FIXTURES {
+        let lm = load_fixture(name);
+        let m = &lm.model;
+        let req = |prompt: Vec<u32>, n: usize, seed: Option<u64>| {
+            let mut r = GenerateRequest::greedy(prompt, n);
+            r.stop_at_eos = false;
+            r.top_logprobs = Some(2);
+            if let Some(s) = seed {
+                r.sampling = SamplingParams {
+                    temperature: 0.9,
+                    top_p: 0.95,
+                    top_k: 0,
+                    seed: Some(s),
+                };
+            }
+            r
+        };
+        let reqs = [
+            req((0..5).map(|i| 5 + i).collect(), 20, None),
+            req((0..19).map(|i| 4 + (i * 5 % 59)).collect(), 6, Some(3)),
+            req((0..2).map(|i| 10 + i).collect(), 9, None),
+            req((0..11).map(|i| 7 + (i * 3 % 50)).collect(), 12, Some(9)),
+        ];
+        let solo: Vec<_> = reqs
+            .iter()
+            .map(|r| {
+                engine::generate(m, None, std::slice::from_ref(r))
+                    .unwrap()
+                    .remove(0)
+            })
+            .collect();
+        // Row 0 starts alone; row 1 (longer prompt) joins after 3 steps; rows 2 and 3 join
+        // after 8; row 2 is cancelled mid-way, and the others must not notice.
+        let mut batch = DecodeBatch::new(m);
+        let mut events = Vec::new();
+        batch
+            .admit(m, None, vec![(0, reqs[0].clone())], &mut events)
+            .unwrap();
+        let mut done = vec![None; 4];
+        let mut streamed: Vec<Vec<u32>> = vec![Vec::new(); 4];
+        for step in 0.. {
+            for ev in events.drain(..) {
+                match ev {
+                    Event::Token { id, token, .. } => streamed[id as usize].push(token),
+                    Event::Done { id, generation } => done[id as usize] = Some(generation),
+                }
+            }
+            if step == 3 {
+                batch
+                    .admit(m, None, vec![(1, reqs[1].clone())], &mut events)
+                    .unwrap();
+            }
+            if step == 8 {
+                let late = vec![(2, reqs[2].clone()), (3, reqs[3].clone())];
+                batch.admit(m, None, late, &mut events).unwrap();
+            }
+            if step == 11 {
+                assert_eq!(batch.cancel(&[2]).unwrap(), 1);
+            }
+            if batch.is_empty() && step > 8 {
+                break;
+            }
+            batch.step(m, None, &mut events).unwrap();
+        }
+        for i in [0usize, 1, 3] {
+            let g = done[i]
+                .as_ref()
+                .unwrap_or_else(|| panic!("{name}: row {i} never finished"));
+            assert_eq!(g.tokens, solo[i].tokens, "{name} row {i}");
+            assert_eq!(streamed[i], solo[i].tokens, "{name} row {i} events");
+            for (a, b) in g.token_logprobs.iter().zip(&solo[i].token_logprobs) {
+                assert!((a - b).abs() < 1e-4, "{name} row {i}: logprob {a} vs {b}");
+            }
+        }
+        assert!(done[2].is_none(), "{name}: a cancelled row reports nothing");
+        assert!(streamed[2].len() < reqs[2].max_new_tokens);
+        assert_eq!(
+            batch.cache_len(),
+            0,
+            "{name}: an empty batch frees its cache"
+        );
+    }
+}
+
+#[test]
 fn seeded_sampling_is_reproducible() {
     let lm = load_fixture("neox-parallel-rot25");
     let req = |seed| {

@@ -10,11 +10,10 @@
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Args;
-use serde::Deserialize;
 
-use super::{audit, AuditItem, Definition};
+use super::{audit, AuditItem, AuditRow, Definition, Parsed};
 use crate::cli::ModelArgs;
 use crate::tokenizer::Tokenizer;
 
@@ -30,52 +29,6 @@ pub struct AuditArgs {
     pub batch_size: usize,
     /// JSONL input ("-" for stdin).
     pub file: PathBuf,
-}
-
-/// One input line. Other fields (e.g. a TinyMem row's `split`, `task`, `role`) are ignored; a
-/// line with none of the recognised combinations is an error naming the line.
-#[derive(Debug, Deserialize)]
-struct Line {
-    text: Option<String>,
-    ids: Option<Vec<u32>>,
-    clean_ids: Option<Vec<u32>>,
-    prompt_ids: Option<Vec<u32>>,
-    target_ids: Option<Vec<u32>>,
-}
-
-/// One parsed input row: the whole sequence (what unlearning trains on) and its audit item.
-pub struct Parsed {
-    pub sequence: Vec<u32>,
-    pub item: AuditItem,
-}
-
-/// Turns one parsed line into a sequence and an audit item.
-fn parse(line: Line, def: Definition, tk: &Tokenizer) -> anyhow::Result<Parsed> {
-    Ok(match line {
-        Line { prompt_ids: Some(p), target_ids: Some(t), ids, .. } => Parsed {
-            // `ids`, when present, is the whole sequence to train on (e.g. a backdoored row
-            // whose prompt ends at its trigger).
-            sequence: ids.unwrap_or_else(|| p.iter().chain(&t).copied().collect()),
-            item: AuditItem { prompt: p, target: t },
-        },
-        Line { ids: Some(noised), clean_ids: Some(clean), .. } => {
-            let (k, n) = (def.k(), def.n());
-            if noised.len() < k + n || clean.len() < k {
-                bail!("row is shorter than k + n = {}", k + n);
-            }
-            let item = AuditItem {
-                prompt: clean[..k].to_vec(),
-                target: noised[k..k + n].to_vec(),
-            };
-            Parsed { sequence: noised, item }
-        }
-        Line { ids: Some(ids), .. } => Parsed { item: def.split(&ids)?, sequence: ids },
-        Line { text: Some(text), .. } => {
-            let ids = tk.encode(&text)?;
-            Parsed { item: def.split(&ids)?, sequence: ids }
-        }
-        _ => bail!("expected \"text\", \"ids\" (optionally with \"clean_ids\") or \"prompt_ids\" + \"target_ids\""),
-    })
 }
 
 /// Reads a JSONL file of audit rows (see the module docs); `-` is stdin. Errors name the line.
@@ -101,8 +54,8 @@ pub fn read_rows(
         if v.get("format").is_some() {
             continue;
         }
-        let parsed: Line = serde_json::from_value(v).with_context(where_)?;
-        rows.push(parse(parsed, def, tk).with_context(where_)?);
+        let row: AuditRow = serde_json::from_value(v).with_context(where_)?;
+        rows.push(row.parse(def, tk).with_context(where_)?);
     }
     Ok(rows)
 }

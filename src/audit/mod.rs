@@ -144,6 +144,74 @@ pub struct AuditItem {
     pub target: Vec<u32>,
 }
 
+/// One sequence to audit, in any of the accepted shapes: `{"text"}`, `{"ids"}` (split into a
+/// `k`-token prompt and `n`-token target by the definition), `{"ids", "clean_ids"}` (a TinyMem
+/// noise row: prompt from the clean row, target from the noised one), or
+/// `{"prompt_ids", "target_ids"}` (optionally with `"ids"`, the whole sequence that unlearning
+/// trains on). Other fields (a TinyMem row's `split`, `task`, `role`) are ignored.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct AuditRow {
+    pub text: Option<String>,
+    pub ids: Option<Vec<u32>>,
+    pub clean_ids: Option<Vec<u32>>,
+    pub prompt_ids: Option<Vec<u32>>,
+    pub target_ids: Option<Vec<u32>>,
+}
+
+/// One parsed row: the whole sequence (what unlearning trains on) and its audit item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parsed {
+    pub sequence: Vec<u32>,
+    pub item: AuditItem,
+}
+
+impl AuditRow {
+    /// Turns the row into a sequence and an audit item under `def`.
+    pub fn parse(self, def: Definition, tk: &Tokenizer) -> Result<Parsed> {
+        Ok(match self {
+            AuditRow { prompt_ids: Some(p), target_ids: Some(t), ids, .. } => {
+                if p.is_empty() || t.is_empty() {
+                    return Err(Error::invalid(
+                        "prompt_ids",
+                        "prompt_ids and target_ids must be non-empty",
+                    ));
+                }
+                Parsed {
+                    // `ids`, when present, is the whole sequence to train on (e.g. a backdoored
+                    // row whose prompt ends at its trigger).
+                    sequence: ids.unwrap_or_else(|| p.iter().chain(&t).copied().collect()),
+                    item: AuditItem { prompt: p, target: t },
+                }
+            }
+            AuditRow { ids: Some(noised), clean_ids: Some(clean), .. } => {
+                let (k, n) = (def.k(), def.n());
+                if noised.len() < k + n || clean.len() < k {
+                    return Err(Error::invalid(
+                        "ids",
+                        format!("row is shorter than k + n = {} for definition {def}", k + n),
+                    ));
+                }
+                let item = AuditItem {
+                    prompt: clean[..k].to_vec(),
+                    target: noised[k..k + n].to_vec(),
+                };
+                Parsed { sequence: noised, item }
+            }
+            AuditRow { ids: Some(ids), .. } => Parsed { item: def.split(&ids)?, sequence: ids },
+            AuditRow { text: Some(text), .. } => {
+                let ids = tk.encode(&text)?;
+                Parsed { item: def.split(&ids)?, sequence: ids }
+            }
+            _ => {
+                return Err(Error::invalid(
+                    "row",
+                    "expected \"text\", \"ids\" (optionally with \"clean_ids\") or \"prompt_ids\" + \"target_ids\"",
+                ))
+            }
+        })
+    }
+}
+
 /// The verdict on one item.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditResult {
@@ -189,34 +257,42 @@ pub fn audit(
     }
     let mut results = Vec::with_capacity(items.len());
     for chunk in items.chunks(batch_size.max(1)) {
-        let reqs: Vec<GenerateRequest> = chunk
-            .iter()
-            .map(|it| {
-                let mut r = GenerateRequest::greedy(it.prompt.clone(), it.target.len());
-                r.banned_ids.extend(eos);
-                r.stop_at_eos = false;
-                r
-            })
-            .collect();
+        let reqs: Vec<GenerateRequest> = chunk.iter().map(|it| request(it, eos)).collect();
         for (it, g) in chunk.iter().zip(engine::generate(model, None, &reqs)?) {
             results.push(judge(it, g.tokens, tokenizer)?);
         }
     }
-    let memorized = results.iter().filter(|r| r.memorized).count();
-    let summary = AuditSummary {
-        sequences: items.len(),
-        memorized,
-        rate: if items.is_empty() {
-            0.0
-        } else {
-            memorized as f64 / items.len() as f64
-        },
-        seconds: start.elapsed().as_secs_f64(),
-    };
+    let summary = AuditSummary::of(&results, start.elapsed().as_secs_f64());
     Ok((results, summary))
 }
 
-fn judge(
+impl AuditSummary {
+    /// Totals over `results`, which took `seconds`.
+    pub fn of(results: &[AuditResult], seconds: f64) -> Self {
+        let memorized = results.iter().filter(|r| r.memorized).count();
+        Self {
+            sequences: results.len(),
+            memorized,
+            rate: if results.is_empty() {
+                0.0
+            } else {
+                memorized as f64 / results.len() as f64
+            },
+            seconds,
+        }
+    }
+}
+
+/// The greedy, EOS-banned generation request that audits `item`.
+pub fn request(item: &AuditItem, eos: Option<u32>) -> GenerateRequest {
+    let mut r = GenerateRequest::greedy(item.prompt.clone(), item.target.len());
+    r.banned_ids.extend(eos);
+    r.stop_at_eos = false;
+    r
+}
+
+/// Compares a greedy continuation with the item's target.
+pub fn judge(
     item: &AuditItem,
     generated: Vec<u32>,
     tokenizer: Option<&Tokenizer>,

@@ -1,9 +1,15 @@
-//! Batched autoregressive generation with a shared, left-padded KV cache.
+//! Batched autoregressive generation with a shared, left-padded KV cache, and continuous batching.
 //!
 //! Prompts of different lengths are left-padded into one batch; each row gets its own position
 //! ids (starting at 0 at its first real token) and an attention mask that hides its padding, so
-//! a row's tokens are the same whether it runs alone or in a batch. Rows leave the batch (and
-//! the cache) as soon as they finish. Each row samples with its own seeded RNG.
+//! a row's tokens are the same whether it runs alone or in a batch. Each row samples with its
+//! own seeded RNG.
+//!
+//! [`DecodeBatch`] is the continuous form: rows join between decode steps ([`DecodeBatch::admit`]
+//! prefills them as their own left-padded batch, then stacks their cache under the running one,
+//! left-padding the shorter) and leave as soon as they finish or are cancelled; padding columns
+//! that no row needs any more are trimmed from the cache. [`generate`] is one admission followed
+//! by steps until the batch is empty, so the server and the CLI share one decode path.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -52,6 +58,8 @@ pub enum FinishReason {
     Length,
     /// A stop string or the EOS token.
     Stop,
+    /// Cut by a content filter (the server's regurgitation guard).
+    ContentFilter,
 }
 
 impl FinishReason {
@@ -59,6 +67,7 @@ impl FinishReason {
         match self {
             Self::Length => "length",
             Self::Stop => "stop",
+            Self::ContentFilter => "content_filter",
         }
     }
 }
@@ -79,7 +88,8 @@ pub struct Generation {
 }
 
 struct Row {
-    req: usize,
+    id: u64,
+    req: GenerateRequest,
     sampler: Sampler,
     tokens: Vec<u32>,
     logprobs: Vec<f32>,
@@ -92,8 +102,336 @@ struct Row {
     next_pos: usize,
 }
 
+impl Row {
+    fn new(id: u64, req: GenerateRequest, width: usize) -> Self {
+        let pad = width - req.prompt.len();
+        Self {
+            id,
+            sampler: Sampler::new(req.sampling.clone()),
+            tokens: Vec::with_capacity(req.max_new_tokens),
+            logprobs: Vec::new(),
+            top: Vec::new(),
+            text: None,
+            done: (req.max_new_tokens == 0).then_some(FinishReason::Length),
+            keys: (0..width).map(|j| j >= pad).collect(),
+            next_pos: req.prompt.len(),
+            req,
+        }
+    }
+
+    /// Picks the next token from `logits`; returns the event for it, if one was emitted.
+    fn advance(
+        &mut self,
+        logits: &mut [f32],
+        eos: Option<u32>,
+        tokenizer: Option<&Tokenizer>,
+    ) -> Result<Option<Event>> {
+        let req = &self.req;
+        let lp = req.top_logprobs.map(|n| (log_softmax(logits), n));
+        let tok = self.sampler.sample(logits, &req.banned_ids);
+        if req.stop_at_eos && Some(tok) == eos && !req.banned_ids.contains(&tok) {
+            self.done = Some(FinishReason::Stop);
+            return Ok(None);
+        }
+        let mut logprob = None;
+        let mut top = Vec::new();
+        if let Some((lp, n)) = lp {
+            logprob = Some(lp[tok as usize]);
+            self.logprobs.push(lp[tok as usize]);
+            if n > 0 {
+                top = top_n(&lp, n);
+                self.top.push(top.clone());
+            }
+        }
+        self.tokens.push(tok);
+        if !req.stop.is_empty() {
+            if let Some(tk) = tokenizer {
+                let text = tk.decode(&self.tokens)?;
+                if let Some(cut) = req.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                    self.text = Some(text[..cut].to_string());
+                    self.done = Some(FinishReason::Stop);
+                    return Ok(None);
+                }
+            }
+        }
+        if self.tokens.len() >= req.max_new_tokens {
+            self.done = Some(FinishReason::Length);
+        }
+        Ok(Some(Event::Token {
+            id: self.id,
+            token: tok,
+            logprob,
+            top,
+        }))
+    }
+
+    fn finish(self, tokenizer: Option<&Tokenizer>) -> Result<Event> {
+        let text = match (self.text, tokenizer) {
+            (Some(t), _) => Some(t),
+            (None, Some(tk)) => Some(tk.decode(&self.tokens)?),
+            (None, None) => None,
+        };
+        Ok(Event::Done {
+            id: self.id,
+            generation: Generation {
+                tokens: self.tokens,
+                text,
+                finish_reason: self.done.unwrap_or(FinishReason::Length),
+                token_logprobs: self.logprobs,
+                top_logprobs: self.top,
+            },
+        })
+    }
+}
+
+/// What a decode step produced for one row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A token was generated (a stop string's last token and an ending EOS are not reported).
+    Token {
+        id: u64,
+        token: u32,
+        /// Its log-probability, when asked for.
+        logprob: Option<f32>,
+        /// The most likely alternatives, when asked for.
+        top: Vec<(u32, f32)>,
+    },
+    /// The row finished; it has left the batch.
+    Done { id: u64, generation: Generation },
+}
+
+/// A running batch of generations that rows can join and leave between decode steps.
+///
+/// Invariant: every row in the batch is unfinished and has generated at least one token that
+/// has not yet been fed to the model.
+pub struct DecodeBatch {
+    cache: KvCache,
+    rows: Vec<Row>,
+    num_layers: usize,
+    dev: Device,
+}
+
+impl DecodeBatch {
+    /// An empty batch for `model`.
+    pub fn new(model: &Model) -> Self {
+        let num_layers = model.spec().num_layers;
+        Self {
+            cache: KvCache::new(num_layers),
+            rows: Vec::new(),
+            num_layers,
+            dev: model.device().clone(),
+        }
+    }
+
+    /// Number of rows generating.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Positions held in the shared cache (the longest row plus any padding).
+    pub fn cache_len(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Prefills `reqs` (each tagged with a caller-chosen id) and adds them to the batch; their
+    /// first tokens, and the rows that finish at once, are pushed to `events`. Requests are
+    /// validated first: on an error nothing is admitted.
+    pub fn admit(
+        &mut self,
+        model: &Model,
+        tokenizer: Option<&Tokenizer>,
+        reqs: Vec<(u64, GenerateRequest)>,
+        events: &mut Vec<Event>,
+    ) -> Result<()> {
+        {
+            let plain: Vec<&GenerateRequest> = reqs.iter().map(|(_, r)| r).collect();
+            validate_all(model, &plain)?;
+            if plain.iter().any(|r| !r.stop.is_empty()) && tokenizer.is_none() {
+                return Err(Error::invalid("stop", "stop strings need a tokenizer"));
+            }
+        }
+        let width = reqs.iter().map(|(_, r)| r.prompt.len()).max().unwrap_or(0);
+        let mut fresh = Vec::with_capacity(reqs.len());
+        for (id, req) in reqs {
+            let row = Row::new(id, req, width);
+            if row.done.is_some() {
+                events.push(row.finish(tokenizer)?);
+            } else {
+                fresh.push(row);
+            }
+        }
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let dev = model.device().clone();
+        let b = fresh.len();
+        let mut ids = Vec::with_capacity(b * width);
+        let mut pos = Vec::with_capacity(b * width);
+        for row in &fresh {
+            let p = &row.req.prompt;
+            let pad = width - p.len();
+            ids.extend(std::iter::repeat_n(0u32, pad).chain(p.iter().copied()));
+            pos.extend((0..width).map(|j| j.saturating_sub(pad) as u32));
+        }
+        let key_rows: Vec<&[bool]> = fresh.iter().map(|r| r.keys.as_slice()).collect();
+        let inputs = Inputs {
+            ids: Tensor::from_vec(ids, (b, width), &dev)?,
+            positions: Tensor::from_vec(pos, (b, width), &dev)?,
+            mask: padding_mask(&key_rows, width, model.dtype(), &dev)?,
+        };
+        let mut cache = KvCache::new(self.num_layers);
+        let hidden = model.forward_hidden(&inputs, Some(&mut cache), None)?;
+        let logits = model
+            .logits(&hidden.narrow(1, width - 1, 1)?)?
+            .squeeze(1)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
+        let eos = model.spec().eos_token_id;
+        let fresh = advance_rows(fresh, logits, eos, tokenizer, &mut cache, &dev, events)?;
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        // Stack the new rows under the running ones; the shorter side gets left padding.
+        let (old_len, new_len) = (self.cache.len(), cache.len());
+        let len = old_len.max(new_len);
+        for row in &mut self.rows {
+            row.keys
+                .splice(0..0, std::iter::repeat_n(false, len - old_len));
+        }
+        self.cache.merge(&cache)?;
+        self.rows.extend(fresh.into_iter().map(|mut row| {
+            row.keys
+                .splice(0..0, std::iter::repeat_n(false, len - new_len));
+            row
+        }));
+        Ok(())
+    }
+
+    /// Runs one decode step for every row; generated tokens and finished rows go to `events`.
+    pub fn step(
+        &mut self,
+        model: &Model,
+        tokenizer: Option<&Tokenizer>,
+        events: &mut Vec<Event>,
+    ) -> Result<()> {
+        if self.rows.is_empty() {
+            return Ok(());
+        }
+        let dev = model.device().clone();
+        let b = self.rows.len();
+        let mut ids = Vec::with_capacity(b);
+        let mut pos = Vec::with_capacity(b);
+        for row in &mut self.rows {
+            ids.push(
+                *row.tokens
+                    .last()
+                    .expect("a row in the batch has generated a token"),
+            );
+            pos.push(row.next_pos as u32);
+            row.next_pos += 1;
+            row.keys.push(true);
+        }
+        let key_rows: Vec<&[bool]> = self.rows.iter().map(|r| r.keys.as_slice()).collect();
+        let inputs = Inputs {
+            ids: Tensor::from_vec(ids, (b, 1), &dev)?,
+            positions: Tensor::from_vec(pos, (b, 1), &dev)?,
+            mask: padding_mask(&key_rows, 1, model.dtype(), &dev)?,
+        };
+        let hidden = model.forward_hidden(&inputs, Some(&mut self.cache), None)?;
+        let logits = model
+            .logits(&hidden)?
+            .squeeze(1)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
+        let eos = model.spec().eos_token_id;
+        let rows = std::mem::take(&mut self.rows);
+        self.rows = advance_rows(rows, logits, eos, tokenizer, &mut self.cache, &dev, events)?;
+        self.compact()
+    }
+
+    /// Removes the rows whose id is in `ids` (e.g. their client went away); returns how many
+    /// were removed. No events are emitted for them.
+    pub fn cancel(&mut self, ids: &[u64]) -> Result<usize> {
+        let keep: Vec<u32> = (0..self.rows.len() as u32)
+            .filter(|&i| !ids.contains(&self.rows[i as usize].id))
+            .collect();
+        let removed = self.rows.len() - keep.len();
+        if removed > 0 {
+            let idx = Tensor::new(keep.as_slice(), &self.dev)?;
+            self.cache.select_rows(&idx)?;
+            let mut i = 0;
+            self.rows.retain(|_| {
+                i += 1;
+                keep.binary_search(&(i as u32 - 1)).is_ok()
+            });
+            self.compact()?;
+        }
+        Ok(removed)
+    }
+
+    /// Resets an empty batch's cache and trims padding columns that every row has.
+    fn compact(&mut self) -> Result<()> {
+        if self.rows.is_empty() {
+            self.cache = KvCache::new(self.num_layers);
+            return Ok(());
+        }
+        let lead = self
+            .rows
+            .iter()
+            .map(|r| r.keys.iter().take_while(|&&k| !k).count())
+            .min()
+            .unwrap_or(0);
+        if lead > 0 {
+            self.cache.trim_front(lead)?;
+            for row in &mut self.rows {
+                row.keys.drain(..lead);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Samples one token per row from `logits` (row order), pushes events, and drops finished rows
+/// from `rows` and `cache`.
+fn advance_rows(
+    rows: Vec<Row>,
+    mut logits: Vec<Vec<f32>>,
+    eos: Option<u32>,
+    tokenizer: Option<&Tokenizer>,
+    cache: &mut KvCache,
+    dev: &Device,
+    events: &mut Vec<Event>,
+) -> Result<Vec<Row>> {
+    let mut kept = Vec::with_capacity(rows.len());
+    let mut keep_idx = Vec::with_capacity(rows.len());
+    let total = rows.len();
+    for (slot, mut row) in rows.into_iter().enumerate() {
+        if let Some(ev) = row.advance(&mut logits[slot], eos, tokenizer)? {
+            events.push(ev);
+        }
+        if row.done.is_some() {
+            events.push(row.finish(tokenizer)?);
+        } else {
+            keep_idx.push(slot as u32);
+            kept.push(row);
+        }
+    }
+    if !kept.is_empty() && kept.len() < total {
+        cache.select_rows(&Tensor::new(keep_idx.as_slice(), dev)?)?;
+    }
+    Ok(kept)
+}
+
 /// Checks requests against the model before any compute.
 pub fn validate(model: &Model, reqs: &[GenerateRequest]) -> Result<()> {
+    validate_all(model, &reqs.iter().collect::<Vec<_>>())
+}
+
+fn validate_all(model: &Model, reqs: &[&GenerateRequest]) -> Result<()> {
     let spec = model.spec();
     for (i, r) in reqs.iter().enumerate() {
         if r.prompt.is_empty() {
@@ -134,154 +472,33 @@ pub fn generate(
     tokenizer: Option<&Tokenizer>,
     reqs: &[GenerateRequest],
 ) -> Result<Vec<Generation>> {
-    validate(model, reqs)?;
-    if reqs.iter().any(|r| !r.stop.is_empty()) && tokenizer.is_none() {
-        return Err(Error::invalid("stop", "stop strings need a tokenizer"));
-    }
-    let spec = model.spec();
-    let dev = model.device().clone();
-    let eos = spec.eos_token_id;
-    let width = reqs.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
-    let mut rows: Vec<Row> = reqs
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let pad = width - r.prompt.len();
-            Row {
-                req: i,
-                sampler: Sampler::new(r.sampling.clone()),
-                tokens: Vec::with_capacity(r.max_new_tokens),
-                logprobs: Vec::new(),
-                top: Vec::new(),
-                text: None,
-                done: (r.max_new_tokens == 0).then_some(FinishReason::Length),
-                keys: (0..width).map(|j| j >= pad).collect(),
-                next_pos: r.prompt.len(),
-            }
-        })
-        .collect();
-
-    // Rows still generating, by index into `rows`; their order is the batch order.
-    let mut active: Vec<usize> = (0..rows.len())
-        .filter(|&i| rows[i].done.is_none())
-        .collect();
-    if !active.is_empty() {
-        let mut ids = Vec::with_capacity(active.len() * width);
-        let mut pos = Vec::with_capacity(active.len() * width);
-        for &a in &active {
-            let p = &reqs[rows[a].req].prompt;
-            let pad = width - p.len();
-            ids.extend(std::iter::repeat_n(0u32, pad).chain(p.iter().copied()));
-            pos.extend((0..width).map(|j| j.saturating_sub(pad) as u32));
-        }
-        let b = active.len();
-        let key_rows: Vec<&[bool]> = active.iter().map(|&a| rows[a].keys.as_slice()).collect();
-        let inputs = Inputs {
-            ids: Tensor::from_vec(ids, (b, width), &dev)?,
-            positions: Tensor::from_vec(pos, (b, width), &dev)?,
-            mask: padding_mask(&key_rows, width, model.dtype(), &dev)?,
-        };
-        let mut cache = KvCache::new(spec.num_layers);
-        let hidden = model.forward_hidden(&inputs, Some(&mut cache), None)?;
-        let mut logits = model
-            .logits(&hidden.narrow(1, width - 1, 1)?)?
-            .squeeze(1)?
-            .to_dtype(DType::F32)?
-            .to_vec2::<f32>()?;
-
-        loop {
-            // Pick a token for every active row.
-            for (slot, &a) in active.iter().enumerate() {
-                let row = &mut rows[a];
-                let req = &reqs[row.req];
-                let lg = &mut logits[slot];
-                let lp = req.top_logprobs.map(|n| (log_softmax(lg), n));
-                let tok = row.sampler.sample(lg, &req.banned_ids);
-                if req.stop_at_eos && Some(tok) == eos && !req.banned_ids.contains(&tok) {
-                    row.done = Some(FinishReason::Stop);
-                    continue;
-                }
-                if let Some((lp, n)) = lp {
-                    row.logprobs.push(lp[tok as usize]);
-                    if n > 0 {
-                        row.top.push(top_n(&lp, n));
-                    }
-                }
-                row.tokens.push(tok);
-                if !req.stop.is_empty() {
-                    if let Some(tk) = tokenizer {
-                        let text = tk.decode(&row.tokens)?;
-                        if let Some(cut) =
-                            req.stop.iter().filter_map(|s| text.find(s.as_str())).min()
-                        {
-                            row.text = Some(text[..cut].to_string());
-                            row.done = Some(FinishReason::Stop);
-                            continue;
-                        }
-                    }
-                }
-                if row.tokens.len() >= req.max_new_tokens {
-                    row.done = Some(FinishReason::Length);
-                }
-            }
-            let still: Vec<usize> = (0..active.len())
-                .filter(|&s| rows[active[s]].done.is_none())
-                .collect();
-            if still.is_empty() {
-                break;
-            }
-            if still.len() < active.len() {
-                let idx: Vec<u32> = still.iter().map(|&s| s as u32).collect();
-                cache.select_rows(&Tensor::new(idx.as_slice(), &dev)?)?;
-                active = still.iter().map(|&s| active[s]).collect();
-            }
-            let b = active.len();
-            let mut ids = Vec::with_capacity(b);
-            let mut pos = Vec::with_capacity(b);
-            for &a in &active {
-                let row = &mut rows[a];
-                ids.push(
-                    *row.tokens
-                        .last()
-                        .expect("an active row has generated a token"),
-                );
-                pos.push(row.next_pos as u32);
-                row.next_pos += 1;
-                row.keys.push(true);
-            }
-            let key_rows: Vec<&[bool]> = active.iter().map(|&a| rows[a].keys.as_slice()).collect();
-            let inputs = Inputs {
-                ids: Tensor::from_vec(ids, (b, 1), &dev)?,
-                positions: Tensor::from_vec(pos, (b, 1), &dev)?,
-                mask: padding_mask(&key_rows, 1, model.dtype(), &dev)?,
-            };
-            let hidden = model.forward_hidden(&inputs, Some(&mut cache), None)?;
-            logits = model
-                .logits(&hidden)?
-                .squeeze(1)?
-                .to_dtype(DType::F32)?
-                .to_vec2::<f32>()?;
-        }
-    }
-
+    let mut batch = DecodeBatch::new(model);
+    let mut events = Vec::new();
+    batch.admit(
+        model,
+        tokenizer,
+        reqs.iter()
+            .cloned()
+            .enumerate()
+            .map(|(i, r)| (i as u64, r))
+            .collect(),
+        &mut events,
+    )?;
     let mut out: Vec<Option<Generation>> = vec![None; reqs.len()];
-    for row in rows {
-        let text = match (row.text, tokenizer) {
-            (Some(t), _) => Some(t),
-            (None, Some(tk)) => Some(tk.decode(&row.tokens)?),
-            (None, None) => None,
-        };
-        out[row.req] = Some(Generation {
-            tokens: row.tokens,
-            text,
-            finish_reason: row.done.unwrap_or(FinishReason::Length),
-            token_logprobs: row.logprobs,
-            top_logprobs: row.top,
-        });
+    loop {
+        for ev in events.drain(..) {
+            if let Event::Done { id, generation } = ev {
+                out[id as usize] = Some(generation);
+            }
+        }
+        if batch.is_empty() {
+            break;
+        }
+        batch.step(model, tokenizer, &mut events)?;
     }
     Ok(out
         .into_iter()
-        .map(|g| g.expect("every request has a row"))
+        .map(|g| g.expect("every request finishes"))
         .collect())
 }
 

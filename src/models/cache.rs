@@ -83,6 +83,78 @@ impl KvCache {
         }
         Ok(())
     }
+
+    /// Drops the first `n` cached positions of every row (e.g. left padding that no row needs
+    /// any more). Callers keep per-row position ids, so the remaining keys keep their meaning.
+    pub fn trim_front(&mut self, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        if n > self.len {
+            candle_core::bail!("cannot trim {n} of {} cached positions", self.len);
+        }
+        let keep = self.len - n;
+        for entry in self.layers.iter_mut().flatten() {
+            entry.k = entry.k.narrow(2, n, keep)?.contiguous()?;
+            entry.v = entry.v.narrow(2, n, keep)?.contiguous()?;
+        }
+        self.len = keep;
+        self.capacity = keep;
+        Ok(())
+    }
+
+    /// Stacks `other`'s rows after this cache's rows. The shorter cache is left-padded with
+    /// zeros to the longer one's length; the caller masks those padding positions.
+    pub fn merge(&mut self, other: &KvCache) -> Result<()> {
+        if self.layers.len() != other.layers.len() {
+            candle_core::bail!(
+                "cannot merge caches of {} and {} layers",
+                self.layers.len(),
+                other.layers.len()
+            );
+        }
+        if other.layers.iter().all(Option::is_none) {
+            return Ok(());
+        }
+        if self.layers.iter().all(Option::is_none) {
+            *self = other.clone();
+            return Ok(());
+        }
+        let len = self.len.max(other.len);
+        for (mine, theirs) in self.layers.iter_mut().zip(&other.layers) {
+            let (Some(a), Some(b)) = (mine.as_mut(), theirs.as_ref()) else {
+                candle_core::bail!("cannot merge caches with different filled layers");
+            };
+            a.k = Tensor::cat(
+                &[
+                    &left_pad(&a.k, self.len, len)?,
+                    &left_pad(&b.k, other.len, len)?,
+                ],
+                0,
+            )?;
+            a.v = Tensor::cat(
+                &[
+                    &left_pad(&a.v, self.len, len)?,
+                    &left_pad(&b.v, other.len, len)?,
+                ],
+                0,
+            )?;
+        }
+        self.len = len;
+        self.capacity = len;
+        Ok(())
+    }
+}
+
+/// The first `used` positions of `t`, left-padded with zeros to `len` positions.
+fn left_pad(t: &Tensor, used: usize, len: usize) -> Result<Tensor> {
+    let (b, h, _, d) = t.dims4()?;
+    let used_part = t.narrow(2, 0, used)?;
+    if used == len {
+        return used_part.contiguous();
+    }
+    let pad = Tensor::zeros((b, h, len - used, d), t.dtype(), t.device())?;
+    Tensor::cat(&[&pad, &used_part], 2)
 }
 
 /// Copies the first `used` positions of `t` into a buffer of `capacity` positions.

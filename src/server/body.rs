@@ -1,0 +1,142 @@
+//! Request bodies: read under a byte limit, then parsed as JSON with errors that name the field.
+//!
+//! actix's own extractors answer limit and parse failures in plain text; lethe reads the payload
+//! itself so every failure is an [`ApiError`] in OpenAI's shape: 413 over the limit, 415 for a
+//! non-JSON content type, 400 for malformed JSON, wrong types, unknown fields or bad values.
+
+use actix_web::http::header;
+use actix_web::{web, HttpRequest};
+use futures_util::StreamExt;
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+
+/// Reads the whole body, refusing more than `limit` bytes.
+pub async fn read(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<web::Bytes, ApiError> {
+    let too_large = || ApiError::TooLarge {
+        message: format!("request body is larger than the limit of {limit} bytes"),
+        param: None,
+    };
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        if len > limit {
+            return Err(too_large());
+        }
+    }
+    if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+        let ct = ct.to_str().unwrap_or_default().to_ascii_lowercase();
+        if !(ct.starts_with("application/json") || ct.contains("+json")) {
+            return Err(ApiError::UnsupportedMediaType(format!(
+                "content-type {ct:?} is not supported; send application/json"
+            )));
+        }
+    }
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::Invalid {
+            message: format!("could not read the request body: {e}"),
+            param: None,
+            code: "invalid_body",
+        })?;
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// Parses `bytes` as a `T`; a failure names the JSON path of the offending field.
+pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::Invalid {
+            message: "the request body is empty; expected a JSON object".into(),
+            param: None,
+            code: "invalid_json",
+        });
+    }
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    let value: T = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let syntax = inner.is_syntax() || inner.is_eof();
+        let param = (!syntax && path != ".").then(|| path.clone());
+        let message = match &param {
+            Some(p) => format!("{p}: {inner}"),
+            None if syntax => format!("malformed JSON: {inner}"),
+            None => inner.to_string(),
+        };
+        ApiError::Invalid {
+            message,
+            param,
+            code: if syntax {
+                "invalid_json"
+            } else {
+                "invalid_value"
+            },
+        }
+    })?;
+    Ok(value)
+}
+
+/// Reads and parses a JSON body in one go.
+pub async fn json<T: DeserializeOwned>(
+    req: &HttpRequest,
+    payload: web::Payload,
+    limit: usize,
+) -> Result<T, ApiError> {
+    parse(&read(req, payload, limit).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct T {
+        n: u32,
+        inner: Option<Inner>,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Inner {
+        flag: bool,
+    }
+
+    fn param_of(body: &str) -> (Option<String>, String) {
+        match parse::<T>(body.as_bytes()).unwrap_err() {
+            ApiError::Invalid { param, message, .. } => (param, message),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(param_of(r#"{"n": "x"}"#).0.as_deref(), Some("n"));
+        assert_eq!(
+            param_of(r#"{"n": 1, "inner": {"flag": 3}}"#).0.as_deref(),
+            Some("inner.flag")
+        );
+        let (_, msg) = param_of(r#"{"n": 1, "bogus": 1}"#);
+        assert!(msg.contains("bogus"), "{msg}");
+        let (p, msg) = param_of(r#"{"n": 1"#);
+        assert_eq!(p, None);
+        assert!(msg.starts_with("malformed JSON"), "{msg}");
+        let (_, msg) = param_of(r#"{}"#);
+        assert!(msg.contains("missing field `n`"), "{msg}");
+        let (_, msg) = param_of("   ");
+        assert!(msg.contains("empty"), "{msg}");
+    }
+}

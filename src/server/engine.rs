@@ -1,0 +1,443 @@
+//! The engine thread: all model compute for HTTP requests runs here, never on an actix worker.
+//!
+//! Handlers submit [`Job`]s through a bounded queue; when it is full they answer 429 at once.
+//! Generation is **continuously batched**: between decode steps the engine admits waiting
+//! sequences into the running batch (up to `max_batch` sequences) and sequences leave as soon as
+//! they finish, so throughput grows with concurrency. Rows of different model versions run in
+//! separate batches, so a request always finishes on the version it started on. A row whose
+//! client went away (its event receiver dropped) is cancelled at the next step.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc as tmpsc, oneshot};
+
+use super::error::ApiError;
+use super::metrics::Metrics;
+use super::state::Served;
+use crate::engine::generate::{DecodeBatch, Event};
+use crate::engine::{self, GenerateRequest, Generation, Score};
+
+/// Engine sizing.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Most sequences decoded together.
+    pub max_batch: usize,
+    /// Jobs that may wait in the queue before requests get 429.
+    pub queue_capacity: usize,
+    /// Sequences scored together (echo / perplexity requests).
+    pub score_batch: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 32,
+            queue_capacity: 256,
+            score_batch: 32,
+        }
+    }
+}
+
+/// What a generation row reports back to its request.
+#[derive(Debug, Clone)]
+pub enum RowEvent {
+    Token {
+        index: usize,
+        token: u32,
+        logprob: Option<f32>,
+        top: Vec<(u32, f32)>,
+    },
+    Done {
+        index: usize,
+        generation: Generation,
+    },
+    /// The engine failed (a bug); the request should answer 500.
+    Failed { message: String },
+}
+
+/// Work for the engine.
+pub enum Job {
+    /// Generate every request (its index in `reqs` is the event's `index`).
+    Generate {
+        served: Arc<Served>,
+        reqs: Vec<GenerateRequest>,
+        events: tmpsc::UnboundedSender<RowEvent>,
+    },
+    /// Score token sequences (per-token log-probabilities).
+    Score {
+        served: Arc<Served>,
+        seqs: Vec<Vec<u32>>,
+        reply: oneshot::Sender<Result<Vec<Score>, String>>,
+    },
+}
+
+/// The handlers' side of the engine.
+pub struct EngineHandle {
+    jobs: Mutex<Option<SyncSender<Job>>>,
+    probes: SyncSender<oneshot::Sender<()>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    alive: Arc<AtomicBool>,
+}
+
+impl EngineHandle {
+    /// Starts the engine thread.
+    pub fn start(config: EngineConfig, metrics: Metrics) -> Self {
+        let (jobs_tx, jobs_rx) = mpsc::sync_channel(config.queue_capacity.max(1));
+        let (probe_tx, probe_rx) = mpsc::sync_channel(64);
+        let alive = Arc::new(AtomicBool::new(true));
+        let engine = Engine {
+            config,
+            metrics,
+            jobs: jobs_rx,
+            probes: probe_rx,
+            waiting: VecDeque::new(),
+            groups: Vec::new(),
+            routes: HashMap::new(),
+            next_id: 0,
+        };
+        let flag = alive.clone();
+        let thread = std::thread::Builder::new()
+            .name("lethe-engine".into())
+            .spawn(move || {
+                engine.run();
+                flag.store(false, Ordering::SeqCst);
+            })
+            .expect("spawning the engine thread");
+        Self {
+            jobs: Mutex::new(Some(jobs_tx)),
+            probes: probe_tx,
+            thread: Mutex::new(Some(thread)),
+            alive,
+        }
+    }
+
+    /// Queues a job, or answers 429 (full) / 503 (stopped) at once.
+    pub fn submit(&self, job: Job) -> Result<(), ApiError> {
+        let guard = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(tx) = guard.as_ref() else {
+            return Err(ApiError::Unavailable("the engine is shutting down".into()));
+        };
+        match tx.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(ApiError::Overloaded {
+                retry_after_seconds: 1,
+            }),
+            Err(TrySendError::Disconnected(_)) => {
+                Err(ApiError::Unavailable("the engine has stopped".into()))
+            }
+        }
+    }
+
+    /// True when the engine thread answers within `timeout`.
+    pub async fn probe(&self, timeout: Duration) -> bool {
+        if !self.alive.load(Ordering::SeqCst) {
+            return false;
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.probes.try_send(tx).is_err() {
+            return false;
+        }
+        matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(())))
+    }
+
+    /// Stops accepting jobs, lets the engine finish what it holds, and joins it.
+    pub fn shutdown(&self) {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            if t.join().is_err() {
+                tracing::error!("the engine thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for EngineHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Where a row's events go.
+struct Route {
+    events: tmpsc::UnboundedSender<RowEvent>,
+    /// The version the row runs on, and whether it is in that version's batch yet.
+    served: Arc<Served>,
+    admitted: bool,
+    index: usize,
+    queued: Instant,
+    last_token: Option<Instant>,
+}
+
+/// A row waiting for a batch slot.
+struct Pending {
+    id: u64,
+    served: Arc<Served>,
+    req: GenerateRequest,
+}
+
+/// A request tagged with its row id.
+type Tagged = (u64, GenerateRequest);
+
+/// The running batch of one model version.
+struct Group {
+    served: Arc<Served>,
+    batch: DecodeBatch,
+}
+
+struct Engine {
+    config: EngineConfig,
+    metrics: Metrics,
+    jobs: mpsc::Receiver<Job>,
+    probes: mpsc::Receiver<oneshot::Sender<()>>,
+    waiting: VecDeque<Pending>,
+    groups: Vec<Group>,
+    routes: HashMap<u64, Route>,
+    next_id: u64,
+}
+
+impl Engine {
+    fn run(mut self) {
+        let mut open = true;
+        loop {
+            while let Ok(p) = self.probes.try_recv() {
+                let _ = p.send(());
+            }
+            let busy = !self.waiting.is_empty() || self.groups.iter().any(|g| !g.batch.is_empty());
+            if !busy {
+                if !open {
+                    break;
+                }
+                match self.jobs.recv_timeout(Duration::from_millis(50)) {
+                    Ok(job) => self.accept(job),
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        open = false;
+                        continue;
+                    }
+                }
+            }
+            // Pull more work while there is room for it to wait.
+            while open && self.waiting.len() < self.config.max_batch {
+                match self.jobs.try_recv() {
+                    Ok(job) => self.accept(job),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => open = false,
+                }
+            }
+            self.admit();
+            self.step();
+            self.groups.retain(|g| !g.batch.is_empty());
+            self.metrics.queue_depth.set(self.waiting.len() as i64);
+        }
+    }
+
+    fn accept(&mut self, job: Job) {
+        match job {
+            Job::Generate {
+                served,
+                reqs,
+                events,
+            } => {
+                let queued = Instant::now();
+                for (index, req) in reqs.into_iter().enumerate() {
+                    let id = self.next_id;
+                    self.next_id += 1;
+                    self.routes.insert(
+                        id,
+                        Route {
+                            events: events.clone(),
+                            served: served.clone(),
+                            admitted: false,
+                            index,
+                            queued,
+                            last_token: None,
+                        },
+                    );
+                    self.waiting.push_back(Pending {
+                        id,
+                        served: served.clone(),
+                        req,
+                    });
+                }
+            }
+            Job::Score {
+                served,
+                seqs,
+                reply,
+            } => {
+                self.metrics.batch_size.observe(seqs.len() as f64);
+                let out = engine::score(&served.model, &seqs, self.config.score_batch)
+                    .map_err(|e| e.to_string());
+                let _ = reply.send(out);
+            }
+        }
+    }
+
+    fn running(&self) -> usize {
+        self.groups.iter().map(|g| g.batch.len()).sum()
+    }
+
+    /// Moves waiting rows into their version's batch while there is room.
+    fn admit(&mut self) {
+        let room = self.config.max_batch.saturating_sub(self.running());
+        if room == 0 || self.waiting.is_empty() {
+            return;
+        }
+        let take = room.min(self.waiting.len());
+        let mut by_version: Vec<(Arc<Served>, Vec<Tagged>)> = Vec::new();
+        for p in self.waiting.drain(..take) {
+            // Rows whose client already left are dropped before any compute.
+            if self.routes.get(&p.id).is_some_and(|r| r.events.is_closed()) {
+                self.routes.remove(&p.id);
+                continue;
+            }
+            match by_version
+                .iter_mut()
+                .find(|(s, _)| Arc::ptr_eq(s, &p.served))
+            {
+                Some((_, rows)) => rows.push((p.id, p.req)),
+                None => by_version.push((p.served, vec![(p.id, p.req)])),
+            }
+        }
+        for (served, rows) in by_version {
+            let gi = match self
+                .groups
+                .iter()
+                .position(|g| Arc::ptr_eq(&g.served, &served))
+            {
+                Some(i) => i,
+                None => {
+                    self.groups.push(Group {
+                        batch: DecodeBatch::new(&served.model),
+                        served,
+                    });
+                    self.groups.len() - 1
+                }
+            };
+            let ids: Vec<u64> = rows.iter().map(|(id, _)| *id).collect();
+            for id in &ids {
+                if let Some(r) = self.routes.get_mut(id) {
+                    r.admitted = true;
+                }
+            }
+            self.metrics.batch_size.observe(rows.len() as f64);
+            let mut events = Vec::new();
+            let g = &mut self.groups[gi];
+            let result = g.batch.admit(
+                &g.served.model,
+                Some(&g.served.tokenizer),
+                rows,
+                &mut events,
+            );
+            self.route(gi, events);
+            if let Err(e) = result {
+                self.fail(&ids, &e.to_string());
+            }
+        }
+    }
+
+    /// One decode step for every running batch.
+    fn step(&mut self) {
+        for gi in 0..self.groups.len() {
+            if self.groups[gi].batch.is_empty() {
+                continue;
+            }
+            self.metrics
+                .batch_size
+                .observe(self.groups[gi].batch.len() as f64);
+            let mut events = Vec::new();
+            let g = &mut self.groups[gi];
+            let result = g
+                .batch
+                .step(&g.served.model, Some(&g.served.tokenizer), &mut events);
+            self.route(gi, events);
+            if let Err(e) = result {
+                // The batch state is unknown after a failure: fail its rows and start afresh.
+                let g = &mut self.groups[gi];
+                g.batch = DecodeBatch::new(&g.served.model);
+                let running: Vec<u64> = self
+                    .routes
+                    .iter()
+                    .filter(|(_, r)| r.admitted && Arc::ptr_eq(&r.served, &self.groups[gi].served))
+                    .map(|(id, _)| *id)
+                    .collect();
+                self.fail(&running, &e.to_string());
+            }
+        }
+    }
+
+    /// Sends events to their requests; cancels rows whose request is gone.
+    fn route(&mut self, gi: usize, events: Vec<Event>) {
+        let now = Instant::now();
+        let mut gone = Vec::new();
+        for ev in events {
+            match ev {
+                Event::Token {
+                    id,
+                    token,
+                    logprob,
+                    top,
+                } => {
+                    let Some(route) = self.routes.get_mut(&id) else {
+                        continue;
+                    };
+                    self.metrics.generated_tokens.inc();
+                    match route.last_token {
+                        None => self
+                            .metrics
+                            .time_to_first_token
+                            .observe((now - route.queued).as_secs_f64()),
+                        Some(t) => self
+                            .metrics
+                            .inter_token_latency
+                            .observe((now - t).as_secs_f64()),
+                    }
+                    route.last_token = Some(now);
+                    let sent = route.events.send(RowEvent::Token {
+                        index: route.index,
+                        token,
+                        logprob,
+                        top,
+                    });
+                    if sent.is_err() {
+                        gone.push(id);
+                    }
+                }
+                Event::Done { id, generation } => {
+                    if let Some(route) = self.routes.remove(&id) {
+                        let _ = route.events.send(RowEvent::Done {
+                            index: route.index,
+                            generation,
+                        });
+                    }
+                }
+            }
+        }
+        if !gone.is_empty() {
+            for id in &gone {
+                self.routes.remove(id);
+            }
+            if let Err(e) = self.groups[gi].batch.cancel(&gone) {
+                tracing::error!(error = %e, "cancelling rows failed; resetting the batch");
+                let g = &mut self.groups[gi];
+                g.batch = DecodeBatch::new(&g.served.model);
+            }
+        }
+    }
+
+    fn fail(&mut self, ids: &[u64], message: &str) {
+        tracing::error!(error = %message, rows = ids.len(), "engine failure");
+        for id in ids {
+            if let Some(route) = self.routes.remove(id) {
+                let _ = route.events.send(RowEvent::Failed {
+                    message: message.to_string(),
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! The HTTP error type: one exhaustive mapping from what went wrong to a status code and
+//! OpenAI's error body `{"error": {"message", "type", "param", "code"}}`.
+//!
+//! Bad input is a 4xx that names the field (`param`); a 500 means a bug in lethe.
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+
+use crate::error::Error;
+
+/// Everything a handler can answer besides success.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ApiError {
+    /// 400: the request is malformed or a value is out of range. `param` names the field.
+    Invalid {
+        message: String,
+        param: Option<String>,
+        code: &'static str,
+    },
+    /// 401: a key is required and missing or wrong.
+    Unauthorized(String),
+    /// 403: the route is disabled in this configuration.
+    Forbidden(String),
+    /// 404: no such route, model or object.
+    NotFound {
+        message: String,
+        param: Option<String>,
+        code: &'static str,
+    },
+    /// 405: the route exists but not with this method.
+    MethodNotAllowed(String),
+    /// 409: a compare-and-swap precondition failed.
+    Conflict { message: String, code: &'static str },
+    /// 413: the body or a count in it is over a configured limit.
+    TooLarge {
+        message: String,
+        param: Option<String>,
+    },
+    /// 415: the body is not JSON.
+    UnsupportedMediaType(String),
+    /// 429: the engine queue is full; retry after this many seconds.
+    Overloaded { retry_after_seconds: u64 },
+    /// 503: the model or engine is not ready (starting, stopping).
+    Unavailable(String),
+    /// 500: a bug in lethe. The message is logged; clients see it too, without internals.
+    Internal(String),
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Detail<'a>,
+}
+
+#[derive(Serialize)]
+struct Detail<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: Option<&'a str>,
+}
+
+impl ApiError {
+    /// A 400 naming `param`.
+    pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError::Invalid {
+            message: message.into(),
+            param: Some(param.into()),
+            code: "invalid_value",
+        }
+    }
+
+    /// OpenAI's `type` string.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Invalid { .. } | Self::TooLarge { .. } | Self::UnsupportedMediaType(_) => {
+                "invalid_request_error"
+            }
+            Self::Unauthorized(_) => "authentication_error",
+            Self::Forbidden(_) => "permission_error",
+            Self::NotFound { .. } | Self::MethodNotAllowed(_) => "not_found_error",
+            Self::Conflict { .. } => "conflict_error",
+            Self::Overloaded { .. } => "rate_limit_error",
+            Self::Unavailable(_) => "service_unavailable_error",
+            Self::Internal(_) => "server_error",
+        }
+    }
+
+    /// The stable machine-readable `code`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Invalid { code, .. } | Self::NotFound { code, .. } => code,
+            Self::Conflict { code, .. } => code,
+            Self::Unauthorized(_) => "invalid_api_key",
+            Self::Forbidden(_) => "forbidden",
+            Self::MethodNotAllowed(_) => "method_not_allowed",
+            Self::TooLarge { .. } => "request_too_large",
+            Self::UnsupportedMediaType(_) => "unsupported_media_type",
+            Self::Overloaded { .. } => "server_overloaded",
+            Self::Unavailable(_) => "not_ready",
+            Self::Internal(_) => "internal_error",
+        }
+    }
+
+    fn message(&self) -> &str {
+        match self {
+            Self::Invalid { message, .. }
+            | Self::NotFound { message, .. }
+            | Self::Conflict { message, .. }
+            | Self::TooLarge { message, .. } => message,
+            Self::Unauthorized(m)
+            | Self::Forbidden(m)
+            | Self::MethodNotAllowed(m)
+            | Self::UnsupportedMediaType(m)
+            | Self::Unavailable(m)
+            | Self::Internal(m) => m,
+            Self::Overloaded { .. } => "the request queue is full; retry later",
+        }
+    }
+
+    fn param(&self) -> Option<&str> {
+        match self {
+            Self::Invalid { param, .. }
+            | Self::NotFound { param, .. }
+            | Self::TooLarge { param, .. } => param.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({}): {}",
+            self.status_code(),
+            self.code(),
+            self.message()
+        )
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            Self::Invalid { .. } => StatusCode::BAD_REQUEST,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Conflict { .. } => StatusCode::CONFLICT,
+            Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        if let Self::Internal(m) = self {
+            tracing::error!(error = %m, "internal error");
+        }
+        let mut resp = HttpResponse::build(self.status_code());
+        match self {
+            Self::Overloaded {
+                retry_after_seconds,
+            } => {
+                resp.insert_header((header::RETRY_AFTER, retry_after_seconds.to_string()));
+            }
+            Self::Unauthorized(_) => {
+                resp.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+            }
+            _ => {}
+        }
+        resp.json(Body {
+            error: Detail {
+                message: self.message(),
+                kind: self.kind(),
+                param: self.param(),
+                code: Some(self.code()),
+            },
+        })
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::InvalidInput { field, message } => ApiError::Invalid {
+                message: format!("invalid {field}: {message}"),
+                param: Some(field),
+                code: "invalid_value",
+            },
+            Error::Tokenizer(m) => ApiError::Invalid {
+                message: format!("tokenizer: {m}"),
+                param: None,
+                code: "invalid_value",
+            },
+            Error::Cancelled => ApiError::Unavailable("the operation was cancelled".into()),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_variant_maps_to_its_status_and_type() {
+        let cases = [
+            (ApiError::invalid("n", "bad"), 400, "invalid_request_error"),
+            (
+                ApiError::Unauthorized("k".into()),
+                401,
+                "authentication_error",
+            ),
+            (ApiError::Forbidden("f".into()), 403, "permission_error"),
+            (
+                ApiError::NotFound {
+                    message: "m".into(),
+                    param: None,
+                    code: "not_found",
+                },
+                404,
+                "not_found_error",
+            ),
+            (
+                ApiError::MethodNotAllowed("m".into()),
+                405,
+                "not_found_error",
+            ),
+            (
+                ApiError::Conflict {
+                    message: "c".into(),
+                    code: "version_mismatch",
+                },
+                409,
+                "conflict_error",
+            ),
+            (
+                ApiError::TooLarge {
+                    message: "t".into(),
+                    param: None,
+                },
+                413,
+                "invalid_request_error",
+            ),
+            (
+                ApiError::UnsupportedMediaType("u".into()),
+                415,
+                "invalid_request_error",
+            ),
+            (
+                ApiError::Overloaded {
+                    retry_after_seconds: 1,
+                },
+                429,
+                "rate_limit_error",
+            ),
+            (
+                ApiError::Unavailable("u".into()),
+                503,
+                "service_unavailable_error",
+            ),
+            (ApiError::Internal("bug".into()), 500, "server_error"),
+        ];
+        for (e, status, kind) in cases {
+            assert_eq!(e.status_code().as_u16(), status, "{e:?}");
+            assert_eq!(e.kind(), kind, "{e:?}");
+        }
+    }
+
+    #[test]
+    fn library_input_errors_become_400_naming_the_field() {
+        let e: ApiError = Error::invalid("prompt[0]", "is empty").into();
+        assert_eq!(e.status_code(), StatusCode::BAD_REQUEST);
+        assert_eq!(e.param(), Some("prompt[0]"));
+        let e: ApiError = Error::Cancelled.into();
+        assert_eq!(e.status_code(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn overload_carries_retry_after() {
+        let r = ApiError::Overloaded {
+            retry_after_seconds: 2,
+        }
+        .error_response();
+        assert_eq!(r.headers().get(header::RETRY_AFTER).unwrap(), "2");
+    }
+}

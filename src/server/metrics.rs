@@ -1,0 +1,201 @@
+//! Prometheus metrics (`GET /metrics`). `docs/metrics.md` lists each one.
+//!
+//! Names follow Prometheus conventions: `lethe_` prefix, base units in the name, `_total` on
+//! counters, `_info` for metadata gauges. Labels are bounded: route templates, methods, status
+//! codes, outcomes; never prompts, ids or sequences.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Every metric lethe exports, registered in one registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub request_duration: HistogramVec,
+    pub time_to_first_token: Histogram,
+    pub inter_token_latency: Histogram,
+    pub prompt_tokens: IntCounter,
+    pub generated_tokens: IntCounter,
+    pub queue_depth: IntGauge,
+    pub requests_in_flight: IntGauge,
+    pub batch_size: Histogram,
+    pub model_info: IntGaugeVec,
+    pub audit_sequences: IntCounterVec,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+const TOKEN_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "lethe_request_duration_seconds",
+                "HTTP request latency until the response head (streams: until the first byte)",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route", "method", "status"],
+        )
+        .expect("valid metric");
+        let time_to_first_token = Histogram::with_opts(
+            HistogramOpts::new(
+                "lethe_time_to_first_token_seconds",
+                "Time from a generation being queued to its first generated token",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        let inter_token_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "lethe_inter_token_latency_seconds",
+                "Time between consecutive generated tokens of one sequence",
+            )
+            .buckets(TOKEN_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        let prompt_tokens = IntCounter::new(
+            "lethe_prompt_tokens_total",
+            "Prompt tokens received by completion requests",
+        )
+        .expect("valid metric");
+        let generated_tokens =
+            IntCounter::new("lethe_generated_tokens_total", "Tokens generated").expect("valid");
+        let queue_depth = IntGauge::new(
+            "lethe_queue_depth",
+            "Engine work waiting: queued jobs plus sequences waiting for a batch slot",
+        )
+        .expect("valid metric");
+        let requests_in_flight = IntGauge::new(
+            "lethe_requests_in_flight",
+            "HTTP requests being handled (streams until their head is sent)",
+        )
+        .expect("valid metric");
+        let batch_size = Histogram::with_opts(
+            HistogramOpts::new(
+                "lethe_batch_size",
+                "Sequences in each engine forward pass (prefill or decode step)",
+            )
+            .buckets(BATCH_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        let model_info = IntGaugeVec::new(
+            Opts::new(
+                "lethe_model_info",
+                "The served model: 1 for the live version, labelled by version and architecture",
+            ),
+            &["version", "architecture"],
+        )
+        .expect("valid metric");
+        let audit_sequences = IntCounterVec::new(
+            Opts::new(
+                "lethe_audit_sequences_total",
+                "Sequences audited through the API, by result",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let m = Self {
+            registry,
+            request_duration,
+            time_to_first_token,
+            inter_token_latency,
+            prompt_tokens,
+            generated_tokens,
+            queue_depth,
+            requests_in_flight,
+            batch_size,
+            model_info,
+            audit_sequences,
+        };
+        for c in m.collectors() {
+            m.registry.register(c).expect("metric names are unique");
+        }
+        for result in ["memorized", "not_memorized"] {
+            m.audit_sequences.with_label_values(&[result]);
+        }
+        m
+    }
+
+    fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.request_duration.clone()),
+            Box::new(self.time_to_first_token.clone()),
+            Box::new(self.inter_token_latency.clone()),
+            Box::new(self.prompt_tokens.clone()),
+            Box::new(self.generated_tokens.clone()),
+            Box::new(self.queue_depth.clone()),
+            Box::new(self.requests_in_flight.clone()),
+            Box::new(self.batch_size.clone()),
+            Box::new(self.model_info.clone()),
+            Box::new(self.audit_sequences.clone()),
+        ]
+    }
+
+    /// Registers another collector (later subsystems add their own metrics).
+    pub fn register(&self, c: Box<dyn prometheus::core::Collector>) {
+        self.registry.register(c).expect("metric names are unique");
+    }
+
+    /// Marks `version` as the live model (and no other).
+    pub fn set_model(&self, version: &str, architecture: &str) {
+        self.model_info.reset();
+        self.model_info
+            .with_label_values(&[version, architecture])
+            .set(1);
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding of valid metrics");
+        String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_renders_with_its_name() {
+        let m = Metrics::new();
+        m.set_model("abc", "gpt2");
+        m.request_duration
+            .with_label_values(&["/v1/completions", "POST", "200"])
+            .observe(0.1);
+        let text = m.render();
+        for name in [
+            "lethe_request_duration_seconds",
+            "lethe_time_to_first_token_seconds",
+            "lethe_inter_token_latency_seconds",
+            "lethe_prompt_tokens_total",
+            "lethe_generated_tokens_total",
+            "lethe_queue_depth",
+            "lethe_requests_in_flight",
+            "lethe_batch_size",
+            "lethe_model_info",
+            "lethe_audit_sequences_total",
+        ] {
+            assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
+        }
+        assert!(text.contains(r#"lethe_model_info{architecture="gpt2",version="abc"} 1"#));
+        m.set_model("def", "gpt2");
+        assert!(!m.render().contains(r#"version="abc""#));
+    }
+}

@@ -1,0 +1,165 @@
+//! `POST /v1/audit` (admin): which of these sequences does the live model regurgitate?
+//!
+//! Each sequence is a string, a list of token ids, or an audit row object (`{"text"}`,
+//! `{"ids"}`, `{"ids", "clean_ids"}`, `{"prompt_ids", "target_ids"}`, as in `lethe audit`).
+//! The audit rows join the engine's continuous batch like any generation (greedy, EOS banned).
+
+use std::time::Instant;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use super::completions::{check_model, VERSION_HEADER};
+use crate::audit::{self, AuditItem, AuditRow, AuditSummary, Definition};
+use crate::server::body;
+use crate::server::engine::{Job, RowEvent};
+use crate::server::error::ApiError;
+use crate::server::state::{AppState, Served};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditRequest {
+    #[serde(default)]
+    model: Option<String>,
+    sequences: Vec<Value>,
+    #[serde(default)]
+    definition: Option<Definition>,
+}
+
+/// Parses `sequences[i]` into an audit item under `def`, checking it fits the model.
+pub fn parse_sequence(
+    i: usize,
+    v: &Value,
+    def: Definition,
+    s: &Served,
+) -> Result<AuditItem, ApiError> {
+    let field = format!("sequences[{i}]");
+    let bad = |m: String| ApiError::invalid(field.clone(), m);
+    let row = match v {
+        Value::String(t) => AuditRow {
+            text: Some(t.clone()),
+            ..AuditRow::default()
+        },
+        Value::Array(_) => {
+            AuditRow {
+                ids: Some(serde_json::from_value(v.clone()).map_err(|_| {
+                    bad("a list of token ids must hold non-negative integers".into())
+                })?),
+                ..AuditRow::default()
+            }
+        }
+        Value::Object(_) => serde_json::from_value(v.clone()).map_err(|e| bad(e.to_string()))?,
+        _ => {
+            return Err(bad(
+                "must be a string, a list of token ids, or an audit row object".into(),
+            ))
+        }
+    };
+    let item = row
+        .parse(def, &s.tokenizer)
+        .map_err(|e| bad(e.to_string()))?
+        .item;
+    let spec = s.model.spec();
+    if let Some(t) = item
+        .prompt
+        .iter()
+        .chain(&item.target)
+        .find(|&&t| t as usize >= spec.vocab_size)
+    {
+        return Err(bad(format!(
+            "token id {t} is outside the vocabulary (size {})",
+            spec.vocab_size
+        )));
+    }
+    if item.prompt.len() + item.target.len() > spec.context_length {
+        return Err(bad(format!(
+            "prompt + target is {} tokens, more than the context length {}",
+            item.prompt.len() + item.target.len(),
+            spec.context_length
+        )));
+    }
+    Ok(item)
+}
+
+pub async fn audit(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    state.auth.admin(&req)?;
+    let r: AuditRequest = body::json(&req, payload, state.limits.max_body_bytes).await?;
+    let s = state.served();
+    check_model(r.model.as_deref(), &s)?;
+    let max = state.limits.max_audit_sequences;
+    if r.sequences.is_empty() {
+        return Err(ApiError::invalid("sequences", "must not be empty"));
+    }
+    if r.sequences.len() > max {
+        return Err(ApiError::TooLarge {
+            message: format!(
+                "{} sequences in one audit; the limit is {max}",
+                r.sequences.len()
+            ),
+            param: Some("sequences".into()),
+        });
+    }
+    let def = r.definition.unwrap_or(Definition::Tinymem);
+    let items: Vec<AuditItem> = r
+        .sequences
+        .iter()
+        .enumerate()
+        .map(|(i, v)| parse_sequence(i, v, def, &s))
+        .collect::<Result<_, _>>()?;
+    let start = Instant::now();
+    let eos = s.model.spec().eos_token_id;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    state.engine.submit(Job::Generate {
+        served: s.clone(),
+        reqs: items.iter().map(|it| audit::request(it, eos)).collect(),
+        events: tx,
+    })?;
+    let mut gens = vec![None; items.len()];
+    let mut left = items.len();
+    while left > 0 {
+        match rx.recv().await {
+            Some(RowEvent::Done { index, generation }) => {
+                gens[index] = Some(generation.tokens);
+                left -= 1;
+            }
+            Some(RowEvent::Token { .. }) => {}
+            Some(RowEvent::Failed { message }) => return Err(ApiError::Internal(message)),
+            None => return Err(ApiError::Unavailable("the engine stopped".into())),
+        }
+    }
+    let mut results = Vec::with_capacity(items.len());
+    for (it, g) in items.iter().zip(gens) {
+        results.push(audit::judge(it, g.unwrap_or_default(), Some(&s.tokenizer))?);
+    }
+    let summary = AuditSummary::of(&results, start.elapsed().as_secs_f64());
+    let m = &state.metrics.audit_sequences;
+    m.with_label_values(&["memorized"])
+        .inc_by(summary.memorized as u64);
+    m.with_label_values(&["not_memorized"])
+        .inc_by((summary.sequences - summary.memorized) as u64);
+    let results: Vec<Value> = results
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let mut v = serde_json::to_value(r).unwrap_or_default();
+            v["index"] = i.into();
+            v
+        })
+        .collect();
+    Ok(HttpResponse::Ok()
+        .insert_header((VERSION_HEADER, s.version.clone()))
+        .json(serde_json::json!({
+            "object": "audit",
+            "model": s.name,
+            "model_version": s.version,
+            "definition": def,
+            "results": results,
+            "summary": summary,
+        })))
+}

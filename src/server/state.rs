@@ -1,0 +1,179 @@
+//! What the server shares between handlers: the live model version behind one atomic pointer,
+//! the engine, metrics, keys and limits.
+
+use std::io::Read;
+use std::path::Path;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use sha2::{Digest, Sha256};
+
+use super::auth::Auth;
+use super::engine::EngineHandle;
+use super::metrics::Metrics;
+use crate::error::{Error, Result};
+use crate::loader::LoadedModel;
+use crate::models::Model;
+use crate::tokenizer::Tokenizer;
+
+/// One immutable model version being served. Requests load the pointer once and keep this
+/// `Arc` until they finish, so a swap never changes the weights under a running request.
+pub struct Served {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    /// The name clients put in `model` (the directory name unless configured).
+    pub name: String,
+    /// Content hash of config and weights (hex, 16 characters).
+    pub version: String,
+    /// Unix time the version was loaded.
+    pub created: u64,
+}
+
+impl Served {
+    /// Wraps a loaded model, hashing its directory's files into the version id.
+    pub fn new(lm: LoadedModel, name: Option<String>) -> Result<Self> {
+        let version = content_hash(&lm.dir)?;
+        let name = name.unwrap_or_else(|| {
+            lm.dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| lm.source.clone())
+        });
+        Ok(Self {
+            model: lm.model,
+            tokenizer: lm.tokenizer,
+            name,
+            version,
+            created: unix_now(),
+        })
+    }
+
+    pub fn architecture(&self) -> &'static str {
+        self.model.spec().architecture.model_type()
+    }
+}
+
+/// Request limits (all configurable).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_audit_sequences: usize,
+    pub max_prompts: usize,
+    pub max_n: usize,
+    pub max_logprobs: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1 << 20,
+            max_audit_sequences: 256,
+            max_prompts: 64,
+            max_n: 16,
+            max_logprobs: 20,
+        }
+    }
+}
+
+/// Shared server state.
+pub struct AppState {
+    pub current: ArcSwap<Served>,
+    pub engine: EngineHandle,
+    pub metrics: Metrics,
+    pub auth: Auth,
+    pub limits: Limits,
+}
+
+impl AppState {
+    /// Starts the engine on `served` and publishes it as the live version.
+    pub fn new(
+        served: Served,
+        engine: super::engine::EngineConfig,
+        auth: Auth,
+        limits: Limits,
+    ) -> Self {
+        let metrics = Metrics::new();
+        metrics.set_model(&served.version, served.architecture());
+        let served = Arc::new(served);
+        let engine = EngineHandle::start(engine, metrics.clone());
+        Self {
+            current: ArcSwap::new(served),
+            engine,
+            metrics,
+            auth,
+            limits,
+        }
+    }
+
+    /// The live version; keep the returned `Arc` for the whole request.
+    pub fn served(&self) -> Arc<Served> {
+        self.current.load_full()
+    }
+}
+
+/// sha256 over `config.json` and every `*.safetensors` file (sorted by name), as 16 hex
+/// characters: the same weights always get the same version id.
+pub fn content_hash(dir: &Path) -> Result<String> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|source| Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name().is_some_and(|n| n == "config.json")
+                || p.extension().is_some_and(|e| e == "safetensors")
+        })
+        .collect();
+    files.sort();
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for path in files {
+        let io = |source| Error::Io {
+            path: path.clone(),
+            source,
+        };
+        h.update(path.file_name().unwrap_or_default().as_encoded_bytes());
+        let mut f = std::fs::File::open(&path).map_err(io)?;
+        loop {
+            let n = f.read(&mut buf).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+    }
+    Ok(hex(&h.finalize())[..16].to_string())
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_hash_changes_with_the_weights_only() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("config.json"), "{}").unwrap();
+        std::fs::write(d.path().join("model.safetensors"), [1u8, 2, 3]).unwrap();
+        std::fs::write(d.path().join("README.md"), "a").unwrap();
+        let a = content_hash(d.path()).unwrap();
+        assert_eq!(a.len(), 16);
+        std::fs::write(d.path().join("README.md"), "b").unwrap();
+        assert_eq!(content_hash(d.path()).unwrap(), a);
+        std::fs::write(d.path().join("model.safetensors"), [1u8, 2, 4]).unwrap();
+        assert_ne!(content_hash(d.path()).unwrap(), a);
+    }
+}
