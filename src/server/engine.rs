@@ -82,6 +82,9 @@ pub struct EngineHandle {
     probes: SyncSender<oneshot::Sender<()>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     alive: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
+    /// Set by the engine while it honours `paused`.
+    holding: Arc<AtomicBool>,
 }
 
 impl EngineHandle {
@@ -90,7 +93,11 @@ impl EngineHandle {
         let (jobs_tx, jobs_rx) = mpsc::sync_channel(config.queue_capacity.max(1));
         let (probe_tx, probe_rx) = mpsc::sync_channel(64);
         let alive = Arc::new(AtomicBool::new(true));
+        let paused = Arc::new(AtomicBool::new(false));
+        let holding = Arc::new(AtomicBool::new(false));
         let engine = Engine {
+            paused: paused.clone(),
+            holding: holding.clone(),
             config,
             metrics,
             jobs: jobs_rx,
@@ -113,6 +120,8 @@ impl EngineHandle {
             probes: probe_tx,
             thread: Mutex::new(Some(thread)),
             alive,
+            paused,
+            holding,
         }
     }
 
@@ -145,8 +154,24 @@ impl EngineHandle {
         matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(())))
     }
 
+    /// Holds (or releases) the engine between steps: queued work waits and probes go
+    /// unanswered, so readiness turns false. For maintenance and tests. Holding returns once
+    /// the engine has stopped taking work (or after 10 s if it is stuck in a long step).
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while paused
+            && self.alive.load(Ordering::SeqCst)
+            && !self.holding.load(Ordering::SeqCst)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Stops accepting jobs, lets the engine finish what it holds, and joins it.
     pub fn shutdown(&self) {
+        self.set_paused(false);
         self.jobs.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
             if t.join().is_err() {
@@ -190,6 +215,8 @@ struct Group {
 }
 
 struct Engine {
+    paused: Arc<AtomicBool>,
+    holding: Arc<AtomicBool>,
     config: EngineConfig,
     metrics: Metrics,
     jobs: mpsc::Receiver<Job>,
@@ -204,6 +231,12 @@ impl Engine {
     fn run(mut self) {
         let mut open = true;
         loop {
+            if self.paused.load(Ordering::SeqCst) {
+                self.holding.store(true, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            self.holding.store(false, Ordering::SeqCst);
             while let Ok(p) = self.probes.try_recv() {
                 let _ = p.send(());
             }
