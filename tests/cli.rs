@@ -130,3 +130,60 @@ fn generate_and_inspect_work() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/model"));
 }
+
+#[test]
+fn serve_finishes_in_flight_requests_on_sigterm_and_exits_0() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let data = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lethe"))
+        .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
+        .arg(data.path())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let addr = loop {
+        let mut line = String::new();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "serve exited early");
+        if let Some(a) = line.trim().strip_prefix("lethe: listening on http://") {
+            break a.to_string();
+        }
+    };
+    let drain = std::thread::spawn(move || {
+        let mut rest = String::new();
+        stderr.read_to_string(&mut rest).unwrap();
+        rest
+    });
+    // A long streamed completion is in flight when SIGTERM arrives.
+    let body = r#"{"prompt": "^3 5 7", "max_tokens": 120, "n": 16, "seed": 1, "stream": true}"#;
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("data: ") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "connection closed before the first event");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    s.read_to_end(&mut got).unwrap();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.contains("data: [DONE]"), "the in-flight stream was cut:\n{text}");
+    let finished = text.matches("\"finish_reason\":\"").count();
+    assert_eq!(finished, 16, "every choice finishes:\n{text}");
+    let status = child.wait().unwrap();
+    let log = drain.join().unwrap();
+    assert!(status.success(), "exit status {status:?}; stderr:\n{log}");
+}
