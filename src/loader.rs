@@ -30,11 +30,26 @@ pub struct LoadedModel {
     pub config_json: String,
 }
 
-/// The directory of the model that ships with lethe (`models/tinymem-noise`).
+/// The directory of the model that ships with lethe (`models/tinymem-noise`): under
+/// `$LETHE_MODELS_DIR` when set, else beside the executable (`<bin>/models` or
+/// `<bin>/../share/lethe/models`, as packaged images lay it out), else in the source tree.
 pub fn bundled_model_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("models")
-        .join("tinymem-noise")
+    bundled_models_root().join("tinymem-noise")
+}
+
+/// The folder holding the bundled models (see [`bundled_model_dir`]).
+pub fn bundled_models_root() -> PathBuf {
+    if let Some(dir) = std::env::var_os("LETHE_MODELS_DIR") {
+        return PathBuf::from(dir);
+    }
+    let source_tree = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    let beside_exe = std::env::current_exe().ok().and_then(|exe| {
+        let bin = exe.parent()?.to_path_buf();
+        [bin.join("models"), bin.join("../share/lethe/models")]
+            .into_iter()
+            .find(|d| d.join("tinymem-noise").is_dir())
+    });
+    beside_exe.unwrap_or(source_tree)
 }
 
 /// Loads `spec` (a directory or hub id) onto `device`, computing in `dtype`.

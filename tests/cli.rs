@@ -146,7 +146,10 @@ fn serve_finishes_in_flight_requests_on_sigterm_and_exits_0() {
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let addr = loop {
         let mut line = String::new();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "serve exited early");
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "serve exited early"
+        );
         if let Some(a) = line.trim().strip_prefix("lethe: listening on http://") {
             break a.to_string();
         }
@@ -180,7 +183,10 @@ fn serve_finishes_in_flight_requests_on_sigterm_and_exits_0() {
     assert!(kill.success());
     s.read_to_end(&mut got).unwrap();
     let text = String::from_utf8_lossy(&got);
-    assert!(text.contains("data: [DONE]"), "the in-flight stream was cut:\n{text}");
+    assert!(
+        text.contains("data: [DONE]"),
+        "the in-flight stream was cut:\n{text}"
+    );
     let finished = text.matches("\"finish_reason\":\"").count();
     assert_eq!(finished, 16, "every choice finishes:\n{text}");
     let status = child.wait().unwrap();
