@@ -61,9 +61,9 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    pub fn load(&self) -> anyhow::Result<LoadedModel> {
-        let device = runtime::parse_device(&self.device)?;
-        let spec = match &self.model {
+    /// The `--model` spec, or the bundled model's directory when it is omitted.
+    pub fn spec(&self) -> anyhow::Result<String> {
+        Ok(match &self.model {
             Some(m) => m.clone(),
             None => {
                 let dir = loader::bundled_model_dir();
@@ -75,7 +75,12 @@ impl ModelArgs {
                 }
                 dir.display().to_string()
             }
-        };
+        })
+    }
+
+    pub fn load(&self) -> anyhow::Result<LoadedModel> {
+        let device = runtime::parse_device(&self.device)?;
+        let spec = self.spec()?;
         loader::load(&spec, &device, DType::F32).with_context(|| format!("loading model {spec}"))
     }
 }

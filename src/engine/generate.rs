@@ -18,6 +18,29 @@ use crate::error::{Error, Result};
 use crate::models::{Inputs, KvCache, Model};
 use crate::tokenizer::Tokenizer;
 
+/// Cuts a generation when it would reproduce protected text (the server's regurgitation
+/// guard implements it).
+pub trait OutputFilter: Send + Sync {
+    /// A fresh per-sequence state that has seen `prompt`.
+    fn start(&self, prompt: &[u32]) -> Box<dyn FilterState>;
+}
+
+/// Per-sequence state of an [`OutputFilter`].
+pub trait FilterState: Send {
+    /// Sees the next generated token; true means it must not be emitted.
+    fn push(&mut self, token: u32) -> bool;
+}
+
+/// A shared output filter attached to a request.
+#[derive(Clone)]
+pub struct Filter(pub std::sync::Arc<dyn OutputFilter>);
+
+impl std::fmt::Debug for Filter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Filter")
+    }
+}
+
 /// One sequence to continue.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
@@ -34,6 +57,8 @@ pub struct GenerateRequest {
     /// `None`: no log-probabilities. `Some(n)`: the chosen token's log-probability, plus the
     /// `n` most likely alternatives per position when `n > 0`.
     pub top_logprobs: Option<usize>,
+    /// Ends the sequence (finish reason `content_filter`) before a token the filter refuses.
+    pub filter: Option<Filter>,
 }
 
 impl GenerateRequest {
@@ -47,6 +72,7 @@ impl GenerateRequest {
             banned_ids: Vec::new(),
             stop_at_eos: true,
             top_logprobs: None,
+            filter: None,
         }
     }
 }
@@ -91,6 +117,7 @@ struct Row {
     id: u64,
     req: GenerateRequest,
     sampler: Sampler,
+    filter: Option<Box<dyn FilterState>>,
     tokens: Vec<u32>,
     logprobs: Vec<f32>,
     top: Vec<Vec<(u32, f32)>>,
@@ -108,6 +135,7 @@ impl Row {
         Self {
             id,
             sampler: Sampler::new(req.sampling.clone()),
+            filter: req.filter.as_ref().map(|f| f.0.start(&req.prompt)),
             tokens: Vec::with_capacity(req.max_new_tokens),
             logprobs: Vec::new(),
             top: Vec::new(),
@@ -132,6 +160,12 @@ impl Row {
         if req.stop_at_eos && Some(tok) == eos && !req.banned_ids.contains(&tok) {
             self.done = Some(FinishReason::Stop);
             return Ok(None);
+        }
+        if let Some(f) = self.filter.as_mut() {
+            if f.push(tok) {
+                self.done = Some(FinishReason::ContentFilter);
+                return Ok(None);
+            }
         }
         let mut logprob = None;
         let mut top = Vec::new();

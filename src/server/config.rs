@@ -10,6 +10,7 @@ use clap::Args;
 use super::auth::{Auth, Secret};
 use super::engine::EngineConfig;
 use super::state::Limits;
+use super::takedowns::TakedownConfig;
 use crate::cli::ModelArgs;
 
 #[derive(Debug, Args)]
@@ -50,6 +51,97 @@ pub struct ServeArgs {
     /// Seconds to let in-flight requests finish after SIGTERM/SIGINT.
     #[arg(long, env = "LETHE_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     pub shutdown_timeout: u64,
+    #[command(flatten)]
+    pub takedown: TakedownArgs,
+}
+
+/// Takedown worker, gates and auditor flags.
+#[derive(Debug, Args, Clone)]
+pub struct TakedownArgs {
+    /// Retain set for unlearning: JSONL of {"text"} or {"ids"} rows (TinyMem default: the clean
+    /// training data regenerated from the model's card).
+    #[arg(long, env = "LETHE_RETAIN_DATA")]
+    pub retain_data: Option<PathBuf>,
+    /// Held-out set for the perplexity gate, same format (TinyMem default: its test tasks).
+    #[arg(long, env = "LETHE_EVAL_DATA")]
+    pub eval_data: Option<PathBuf>,
+    /// Canary set whose perplexity must stay within --canary-budget, same format.
+    #[arg(long, env = "LETHE_CANARY_DATA")]
+    pub canary_data: Option<PathBuf>,
+    /// Regurgitation guard window: a completion reproducing this many consecutive tokens of
+    /// an accepted takedown sequence is cut.
+    #[arg(long, env = "LETHE_GUARD_WINDOW", default_value_t = 16)]
+    pub guard_window: usize,
+    /// Most sequences in one takedown request.
+    #[arg(long, env = "LETHE_MAX_TAKEDOWN_SEQUENCES", default_value_t = 64)]
+    pub max_takedown_sequences: usize,
+    /// Cores the unlearning worker may use.
+    #[arg(long, env = "LETHE_UNLEARN_THREADS", default_value_t = 1)]
+    pub unlearn_threads: usize,
+    /// BalancedSubnet: fraction of each MLP matrix that may be zeroed (first candidate).
+    #[arg(long, env = "LETHE_UNLEARN_RATIO", default_value_t = 0.3)]
+    pub unlearn_ratio: f64,
+    /// BalancedSubnet: retain weight w in −(1−w)·L_forget + w·L_retain (first candidate).
+    #[arg(long, env = "LETHE_UNLEARN_W", default_value_t = 0.9)]
+    pub unlearn_w: f64,
+    /// Balanced mode: steps before early stopping may end a candidate.
+    #[arg(long, env = "LETHE_UNLEARN_MIN_STEPS", default_value_t = 200)]
+    pub unlearn_min_steps: usize,
+    /// Balanced mode: most steps per candidate.
+    #[arg(long, env = "LETHE_UNLEARN_MAX_STEPS", default_value_t = 200)]
+    pub unlearn_max_steps: usize,
+    /// Wall-time budget of one job's candidates, in seconds.
+    #[arg(long, env = "LETHE_UNLEARN_BUDGET_SECONDS", default_value_t = 1800.0)]
+    pub unlearn_budget_seconds: f64,
+    /// Gate: largest relative held-out perplexity increase (0.02 = +2 %).
+    #[arg(long, env = "LETHE_PERPLEXITY_BUDGET", default_value_t = 0.02)]
+    pub perplexity_budget: f64,
+    /// Gate (TinyMem): largest drop of mean relative test accuracy (0.005 = 0.5 %).
+    #[arg(long, env = "LETHE_ACCURACY_BUDGET", default_value_t = 0.005)]
+    pub accuracy_budget: f64,
+    /// Gate: largest relative change of the canary set's perplexity.
+    #[arg(long, env = "LETHE_CANARY_BUDGET", default_value_t = 0.02)]
+    pub canary_budget: f64,
+    /// Seconds between continuous audits of applied takedowns (also run after every swap).
+    #[arg(long, env = "LETHE_AUDIT_INTERVAL_SECONDS", default_value_t = 300)]
+    pub audit_interval_seconds: u64,
+}
+
+impl TakedownArgs {
+    /// The validated takedown configuration for `data_dir`.
+    pub fn config(&self, data_dir: &std::path::Path) -> anyhow::Result<TakedownConfig> {
+        if self.guard_window == 0 {
+            bail!("--guard-window must be at least 1");
+        }
+        if self.max_takedown_sequences == 0 || self.unlearn_threads == 0 {
+            bail!("--max-takedown-sequences and --unlearn-threads must be at least 1");
+        }
+        for (flag, v) in [
+            ("--perplexity-budget", self.perplexity_budget),
+            ("--accuracy-budget", self.accuracy_budget),
+            ("--canary-budget", self.canary_budget),
+            ("--unlearn-budget-seconds", self.unlearn_budget_seconds),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                bail!("{flag} must be a finite number >= 0");
+            }
+        }
+        let mut c = TakedownConfig::new(data_dir.to_path_buf());
+        c.guard_window = self.guard_window;
+        c.max_sequences = self.max_takedown_sequences;
+        c.worker_threads = self.unlearn_threads;
+        c.unlearn.ratio = self.unlearn_ratio;
+        c.unlearn.w = self.unlearn_w;
+        c.unlearn.min_steps = self.unlearn_min_steps;
+        c.unlearn.max_steps = self.unlearn_max_steps;
+        c.unlearn.validate()?;
+        c.budget_seconds = self.unlearn_budget_seconds;
+        c.perplexity_budget = self.perplexity_budget;
+        c.accuracy_budget = self.accuracy_budget;
+        c.canary_budget = self.canary_budget;
+        c.audit_interval = std::time::Duration::from_secs(self.audit_interval_seconds.max(1));
+        Ok(c)
+    }
 }
 
 /// The validated configuration.
@@ -64,6 +156,8 @@ pub struct Config {
     pub limits: Limits,
     pub http_workers: usize,
     pub shutdown_timeout: u64,
+    pub takedown: TakedownConfig,
+    pub takedown_args: TakedownArgs,
 }
 
 impl Config {
@@ -99,6 +193,7 @@ impl Config {
             .with_context(|| format!("--data-dir {}: not writable", a.data_dir.display()))?;
         let _ = std::fs::remove_file(probe);
         let loopback_only = bind.iter().all(|s| s.ip().is_loopback());
+        let takedown = a.takedown.config(&a.data_dir)?;
         Ok(Self {
             model: a.model,
             data_dir: a.data_dir,
@@ -121,6 +216,8 @@ impl Config {
             bind,
             http_workers: a.http_workers,
             shutdown_timeout: a.shutdown_timeout,
+            takedown,
+            takedown_args: a.takedown,
         })
     }
 }

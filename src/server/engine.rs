@@ -442,6 +442,9 @@ impl Engine {
                     }
                 }
                 Event::Done { id, generation } => {
+                    if generation.finish_reason == engine::FinishReason::ContentFilter {
+                        self.metrics.guard_blocks.inc();
+                    }
                     if let Some(route) = self.routes.remove(&id) {
                         let _ = route.events.send(RowEvent::Done {
                             index: route.index,

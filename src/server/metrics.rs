@@ -5,8 +5,8 @@
 //! codes, outcomes; never prompts, ids or sequences.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric lethe exports, registered in one registry.
@@ -23,6 +23,15 @@ pub struct Metrics {
     pub batch_size: Histogram,
     pub model_info: IntGaugeVec,
     pub audit_sequences: IntCounterVec,
+    pub memorization_ratio: GaugeVec,
+    pub perplexity: GaugeVec,
+    pub perplexity_drift: Gauge,
+    pub takedowns: IntGaugeVec,
+    pub unlearn_job_duration: Histogram,
+    pub unlearn_job_progress: Gauge,
+    pub model_swap_duration: Histogram,
+    pub model_version_info: IntGaugeVec,
+    pub guard_blocks: IntCounter,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -102,8 +111,77 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
+        let memorization_ratio = GaugeVec::new(
+            Opts::new(
+                "lethe_memorization_ratio",
+                "Fraction of a set's sequences the live model still regurgitates (continuous audit)",
+            ),
+            &["set"],
+        )
+        .expect("valid metric");
+        let perplexity = GaugeVec::new(
+            Opts::new(
+                "lethe_perplexity",
+                "Perplexity of the live model on a set (continuous audit)",
+            ),
+            &["set"],
+        )
+        .expect("valid metric");
+        let perplexity_drift = Gauge::new(
+            "lethe_perplexity_drift_ratio",
+            "Held-out perplexity of the live version relative to the root version, minus 1",
+        )
+        .expect("valid metric");
+        let takedowns = IntGaugeVec::new(
+            Opts::new("lethe_takedowns", "Takedown requests by state"),
+            &["state"],
+        )
+        .expect("valid metric");
+        let unlearn_job_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "lethe_unlearn_job_duration_seconds",
+                "Wall time of unlearning jobs (all candidates, gates and publishing)",
+            )
+            .buckets(vec![1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0]),
+        )
+        .expect("valid metric");
+        let unlearn_job_progress = Gauge::new(
+            "lethe_unlearn_job_progress_ratio",
+            "Progress of the running unlearning job, 0 to 1 (0 when idle)",
+        )
+        .expect("valid metric");
+        let model_swap_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "lethe_model_swap_duration_seconds",
+                "Time to write, reload, smoke-test and publish a new version (or to roll back)",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        let model_version_info = IntGaugeVec::new(
+            Opts::new(
+                "lethe_model_version_info",
+                "1 for the live weights version, labelled by its content hash",
+            ),
+            &["version"],
+        )
+        .expect("valid metric");
+        let guard_blocks = IntCounter::new(
+            "lethe_guard_blocks_total",
+            "Completions cut by the regurgitation guard (finish_reason content_filter)",
+        )
+        .expect("valid metric");
         let m = Self {
             registry,
+            memorization_ratio,
+            perplexity,
+            perplexity_drift,
+            takedowns,
+            unlearn_job_duration,
+            unlearn_job_progress,
+            model_swap_duration,
+            model_version_info,
+            guard_blocks,
             request_duration,
             time_to_first_token,
             inter_token_latency,
@@ -136,6 +214,15 @@ impl Metrics {
             Box::new(self.batch_size.clone()),
             Box::new(self.model_info.clone()),
             Box::new(self.audit_sequences.clone()),
+            Box::new(self.memorization_ratio.clone()),
+            Box::new(self.perplexity.clone()),
+            Box::new(self.perplexity_drift.clone()),
+            Box::new(self.takedowns.clone()),
+            Box::new(self.unlearn_job_duration.clone()),
+            Box::new(self.unlearn_job_progress.clone()),
+            Box::new(self.model_swap_duration.clone()),
+            Box::new(self.model_version_info.clone()),
+            Box::new(self.guard_blocks.clone()),
         ]
     }
 
@@ -150,6 +237,8 @@ impl Metrics {
         self.model_info
             .with_label_values(&[version, architecture])
             .set(1);
+        self.model_version_info.reset();
+        self.model_version_info.with_label_values(&[version]).set(1);
     }
 
     /// The text exposition format.
@@ -191,6 +280,12 @@ mod tests {
             "lethe_batch_size",
             "lethe_model_info",
             "lethe_audit_sequences_total",
+            "lethe_perplexity_drift_ratio",
+            "lethe_unlearn_job_duration_seconds",
+            "lethe_unlearn_job_progress_ratio",
+            "lethe_model_swap_duration_seconds",
+            "lethe_model_version_info",
+            "lethe_guard_blocks_total",
         ] {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
         }

@@ -20,6 +20,7 @@ pub mod error;
 pub mod metrics;
 pub mod routes;
 pub mod state;
+pub mod takedowns;
 
 pub use config::{Config, ServeArgs};
 pub use state::{AppState, Served};
@@ -70,20 +71,53 @@ pub fn app(
         })
 }
 
-/// Loads the model, starts the engine and serves until SIGTERM/SIGINT, then drains.
+/// Loads the live version, starts the engine and the takedown worker, and serves until
+/// SIGTERM/SIGINT; then drains in-flight requests, stops the worker (a running job goes back
+/// to the queue) and exits.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = Config::from_args(args)?;
     tracing::info!(?config, "starting");
-    let lm = config.model.load()?;
-    let served = Served::new(lm, config.served_model_name.clone())
-        .context("hashing the model files into a version id")?;
+    let device = crate::runtime::parse_device(&config.model.device)?;
+    let spec = config.model.spec()?;
+    let model_dir = crate::loader::resolve(&spec).with_context(|| format!("--model {spec}"))?;
+    // The data dir remembers which version is live; a first start imports --model as the root.
+    let live_dir = takedowns::resolve_current(&config.takedown, &model_dir)
+        .with_context(|| format!("opening --data-dir {}", config.data_dir.display()))?;
+    let lm = crate::loader::load_dir(&live_dir, &spec, &device, candle_core::DType::F32)
+        .with_context(|| format!("loading {}", live_dir.display()))?;
+    let name = config.served_model_name.clone().or_else(|| {
+        model_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+    });
+    let read = |f: &Option<std::path::PathBuf>| {
+        f.as_deref()
+            .map(|p| takedowns::read_sequences(p, &lm.tokenizer))
+            .transpose()
+    };
+    let ta = &config.takedown_args;
+    let data = takedowns::Datasets::for_model(
+        &live_dir,
+        read(&ta.retain_data)?,
+        read(&ta.eval_data)?,
+        read(&ta.canary_data)?.unwrap_or_default(),
+    )?;
+    let served = Served::new(lm, name).context("hashing the model files into a version id")?;
     tracing::info!(model = %served.name, version = %served.version, "model loaded");
-    let state = web::Data::new(AppState::new(
-        served,
-        config.engine.clone(),
-        config.auth.clone(),
-        config.limits.clone(),
-    ));
+    let td = takedowns::Takedowns::open(config.takedown.clone(), data)?;
+    if !td.can_unlearn() {
+        tracing::warn!("no retain set (--retain-data): takedowns are refused until one is given");
+    }
+    let state = web::Data::new(
+        AppState::new(
+            served,
+            config.engine.clone(),
+            config.auth.clone(),
+            config.limits.clone(),
+        )
+        .with_takedowns(td),
+    );
+    takedowns::Takedowns::start(&state);
     actix_web::rt::System::new().block_on(async move {
         let server = {
             let state = state.clone();
@@ -98,7 +132,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             eprintln!("lethe: listening on http://{addr}");
         }
         server.run().await.context("HTTP server")?;
-        tracing::info!("HTTP server stopped; draining the engine");
+        tracing::info!("HTTP server stopped; stopping the worker and draining the engine");
+        if let Some(td) = &state.takedowns {
+            td.shutdown();
+        }
         state.engine.shutdown();
         anyhow::Ok(())
     })

@@ -27,6 +27,8 @@ pub struct Served {
     pub version: String,
     /// Unix time the version was loaded.
     pub created: u64,
+    /// The directory the weights were loaded from.
+    pub dir: std::path::PathBuf,
 }
 
 impl Served {
@@ -45,6 +47,7 @@ impl Served {
             name,
             version,
             created: unix_now(),
+            dir: lm.dir,
         })
     }
 
@@ -82,6 +85,8 @@ pub struct AppState {
     pub metrics: Metrics,
     pub auth: Auth,
     pub limits: Limits,
+    /// The takedown subsystem (durable queue, guard, worker), when enabled.
+    pub takedowns: Option<Arc<super::takedowns::Takedowns>>,
 }
 
 impl AppState {
@@ -102,7 +107,19 @@ impl AppState {
             metrics,
             auth,
             limits,
+            takedowns: None,
         }
+    }
+
+    /// Enables takedowns (call before serving, then [`super::takedowns::Takedowns::start`]).
+    pub fn with_takedowns(mut self, takedowns: super::takedowns::Takedowns) -> Self {
+        self.takedowns = Some(Arc::new(takedowns));
+        self
+    }
+
+    /// The regurgitation guard as an engine output filter, when takedowns are enabled.
+    pub fn guard_filter(&self) -> Option<crate::engine::generate::Filter> {
+        self.takedowns.as_ref().map(|t| t.filter())
     }
 
     /// The live version; keep the returned `Arc` for the whole request.

@@ -131,7 +131,7 @@ pub struct Report {
 
 /// Held-out quality: TinyMem test-task accuracies (and their §3.4 perplexity), or the mean
 /// perplexity of held-out sequences.
-fn quality(
+pub fn quality(
     model: &Model,
     tinymem: Option<&Dataset>,
     heldout: &[Vec<u32>],
@@ -151,7 +151,7 @@ fn quality(
     })
 }
 
-fn mean_accuracy(q: &Quality) -> Option<f64> {
+pub fn mean_accuracy(q: &Quality) -> Option<f64> {
     (!q.accuracy_by_task.is_empty()).then(|| {
         q.accuracy_by_task.iter().map(|(_, a)| a).sum::<f64>() / q.accuracy_by_task.len() as f64
     })

@@ -26,7 +26,9 @@ impl Contract {
         let mut out = Vec::new();
         for (path, item) in self.doc["paths"].as_object().expect("paths") {
             for method in item.as_object().expect("path item").keys() {
-                out.push((method.to_ascii_uppercase(), path.clone()));
+                if ["get", "post", "put", "patch", "delete"].contains(&method.as_str()) {
+                    out.push((method.to_ascii_uppercase(), path.clone()));
+                }
             }
         }
         out
@@ -95,4 +97,22 @@ impl Contract {
     pub fn check_chunk(&self, chunk: &Value) {
         self.validate("/components/schemas/Completion", chunk, "stream chunk");
     }
+}
+
+/// The route template (from `routes`) that `path` matches, `{x}` matching one segment.
+pub fn template_of<'a>(routes: &[(&'a str, &'a str)], method: &str, path: &str) -> Option<&'a str> {
+    let path = path.split('?').next().unwrap_or(path);
+    let segs: Vec<&str> = path.split('/').collect();
+    routes
+        .iter()
+        .filter(|(m, _)| *m == method)
+        .map(|(_, t)| *t)
+        .find(|t| {
+            let ts: Vec<&str> = t.split('/').collect();
+            ts.len() == segs.len()
+                && ts
+                    .iter()
+                    .zip(&segs)
+                    .all(|(a, b)| (a.starts_with('{') && a.ends_with('}')) || a == b)
+        })
 }

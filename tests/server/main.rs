@@ -109,13 +109,13 @@ where
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let body = at::read_body(resp).await;
-    if ROUTES.iter().any(|(m, p)| *m == method && *p == path) {
+    if let Some(template) = contract::template_of(ROUTES, method, path) {
         let ct = headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_string();
-        contract().check(method, path, status, &ct, &body);
+        contract().check(method, template, status, &ct, &body);
     }
     Resp {
         status,
@@ -845,3 +845,4 @@ async fn serves_over_a_real_socket_on_port_0() {
     assert!(stream.contains("data: [DONE]"), "{stream}");
     handle.stop(true).await;
 }
+mod takedowns;

@@ -285,6 +285,7 @@ fn plan(r: CompletionRequest, s: &Served, state: &AppState) -> Result<Plan, ApiE
                     banned_ids: Vec::new(),
                     stop_at_eos: true,
                     top_logprobs: r.logprobs,
+                    filter: state.guard_filter(),
                 });
             }
         }

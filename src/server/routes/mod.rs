@@ -8,6 +8,7 @@ use super::error::ApiError;
 pub mod audit;
 pub mod completions;
 pub mod misc;
+pub mod takedowns;
 
 /// Declares every route once: `ROUTES` (method, path template) and `register`.
 macro_rules! routes {
@@ -43,6 +44,13 @@ routes! {
     GET "/readyz" => misc::readyz,
     GET "/metrics" => misc::metrics,
     GET "/openapi.yaml" => misc::openapi,
+    POST "/v1/takedowns" => takedowns::create,
+    GET "/v1/takedowns" => takedowns::list,
+    GET "/v1/takedowns/{id}" => takedowns::get,
+    DELETE "/v1/takedowns/{id}" => takedowns::cancel,
+    GET "/v1/takedowns/{id}/receipt" => takedowns::receipt,
+    GET "/v1/admin/versions" => takedowns::versions,
+    POST "/v1/admin/rollback" => takedowns::rollback,
 }
 
 async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, ApiError> {

@@ -1,0 +1,390 @@
+//! Takedown and version routes (all admin).
+//!
+//! `POST /v1/takedowns` is answered 202 only after the request is committed to SQLite and its
+//! windows are in the regurgitation guard. Sequences are sensitive: they are never logged or
+//! put in metric labels, and only these admin routes return them.
+
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::completions::VERSION_HEADER;
+use crate::audit::Definition;
+use crate::server::body;
+use crate::server::error::ApiError;
+use crate::server::state::AppState;
+use crate::server::takedowns::{self as td, sequence_sha256, Takedowns};
+use crate::takedown::store::{NewTakedown, State, StoreError, Takedown};
+
+fn service(state: &AppState) -> Result<&Takedowns, ApiError> {
+    state
+        .takedowns
+        .as_deref()
+        .ok_or_else(|| ApiError::Unavailable("takedowns are not enabled on this server".into()))
+}
+
+fn store_error(e: StoreError) -> ApiError {
+    match e {
+        StoreError::NotFound(id) => ApiError::NotFound {
+            message: format!("no takedown or version {id:?}"),
+            param: None,
+            code: "not_found",
+        },
+        StoreError::IdempotencyConflict { key } => ApiError::Conflict {
+            message: format!(
+                "Idempotency-Key {key:?} was already used for a different request body"
+            ),
+            code: "idempotency_key_reused",
+        },
+        StoreError::NotCancellable { id, state } => ApiError::Conflict {
+            message: format!("takedown {id} is {state} and can no longer be cancelled"),
+            code: "not_cancellable",
+        },
+        StoreError::VersionConflict { expected, actual } => ApiError::Conflict {
+            message: format!(
+                "the live version is {}, not the expected {}",
+                actual.as_deref().unwrap_or("none"),
+                expected.as_deref().unwrap_or("none")
+            ),
+            code: "version_mismatch",
+        },
+        other => ApiError::Internal(other.to_string()),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateRequest {
+    sequences: Vec<Value>,
+    #[serde(default)]
+    definition: Option<Definition>,
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    requester: Option<String>,
+}
+
+/// The public view of a takedown (sequences only on request, as sha256 otherwise).
+fn view(t: &Takedown, with_sequences: bool) -> Value {
+    let mut v = json!({
+        "id": t.id,
+        "object": "takedown",
+        "status": t.state.as_str(),
+        "definition": t.definition,
+        "reason": t.reason,
+        "requester": t.requester,
+        "created_at": t.created_at,
+        "updated_at": t.updated_at,
+        "sequence_count": t.sequences.len(),
+        "sequence_sha256": t.sequences.iter().map(|s| sequence_sha256(s)).collect::<Vec<_>>(),
+    });
+    let m = v.as_object_mut().expect("an object");
+    if t.state == State::Running || t.state == State::Validating {
+        m.insert("phase".into(), json!(t.phase));
+        m.insert("progress".into(), json!(t.progress.unwrap_or(0.0)));
+        m.insert("eta_seconds".into(), json!(t.eta_seconds));
+    }
+    if let Some(ver) = &t.version {
+        m.insert("version".into(), json!(ver));
+    }
+    if t.state == State::Rejected {
+        m.insert("rejection_reason".into(), json!(t.error));
+        m.insert("report".into(), t.report.clone().unwrap_or(Value::Null));
+    }
+    if t.state == State::Applied {
+        m.insert("report".into(), t.report.clone().unwrap_or(Value::Null));
+    }
+    if t.state == State::Failed {
+        m.insert("error".into(), json!(t.error));
+    }
+    if with_sequences {
+        m.insert("sequences".into(), json!(t.sequences));
+    }
+    v
+}
+
+pub async fn create(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    state.auth.admin(&req)?;
+    let svc = service(&state)?;
+    let r: CreateRequest = body::json(&req, payload, state.limits.max_body_bytes).await?;
+    if !svc.can_unlearn() {
+        return Err(ApiError::Unavailable(
+            "takedowns need a retain set: start lethe with --retain-data FILE".into(),
+        ));
+    }
+    let s = state.served();
+    let def = r.definition.unwrap_or(Definition::Tinymem);
+    let max = svc.config.max_sequences;
+    if r.sequences.is_empty() {
+        return Err(ApiError::invalid("sequences", "must not be empty"));
+    }
+    if r.sequences.len() > max {
+        return Err(ApiError::TooLarge {
+            message: format!(
+                "{} sequences in one takedown; the limit is {max}",
+                r.sequences.len()
+            ),
+            param: Some("sequences".into()),
+        });
+    }
+    let (k, n) = (def.k(), def.n());
+    let ctx = s.model.spec().context_length;
+    let vocab = s.model.spec().vocab_size;
+    let mut seqs = Vec::with_capacity(r.sequences.len());
+    let mut bad = Vec::new();
+    for (i, v) in r.sequences.iter().enumerate() {
+        let ids: Result<Vec<u32>, String> = match v {
+            Value::String(t) if t.is_empty() => Err("is empty".into()),
+            Value::String(t) => s.tokenizer.encode(t).map_err(|e| e.to_string()),
+            Value::Array(a) if a.is_empty() => Err("is empty".into()),
+            Value::Array(a) => a
+                .iter()
+                .map(|x| match x.as_u64() {
+                    Some(t) if (t as usize) < vocab => Ok(t as u32),
+                    _ => Err(format!("{x} is not a token id below {vocab}")),
+                })
+                .collect(),
+            _ => Err("must be a string or a list of token ids".into()),
+        };
+        match ids {
+            Ok(ids) if ids.len() < k + n => bad.push(format!(
+                "sequences[{i}]: {} tokens, fewer than k + n = {} for definition {def}",
+                ids.len(),
+                k + n
+            )),
+            Ok(ids) if ids.len() > ctx => bad.push(format!(
+                "sequences[{i}]: {} tokens, more than the context length {ctx}",
+                ids.len()
+            )),
+            Ok(ids) => seqs.push(ids),
+            Err(m) => bad.push(format!("sequences[{i}]: {m}")),
+        }
+    }
+    if !bad.is_empty() {
+        return Err(ApiError::Invalid {
+            message: format!("{} invalid sequence(s): {}", bad.len(), bad.join("; ")),
+            param: Some("sequences".into()),
+            code: "invalid_sequences",
+        });
+    }
+    let key = req
+        .headers()
+        .get("idempotency-key")
+        .map(|v| {
+            v.to_str()
+                .map(str::to_string)
+                .map_err(|_| ApiError::invalid("Idempotency-Key", "must be visible ASCII"))
+        })
+        .transpose()?;
+    if key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 255) {
+        return Err(ApiError::invalid(
+            "Idempotency-Key",
+            "must be 1 to 255 characters",
+        ));
+    }
+    let new = NewTakedown {
+        sequences: seqs,
+        definition: def.to_string(),
+        reason: r.reason,
+        requester: r.requester,
+    };
+    let store = &svc.store;
+    let (t, created) = web::block({
+        // SQLite commits (with fsync) off the async worker.
+        let state = state.clone();
+        move || {
+            let svc = state.takedowns.as_deref().expect("checked above");
+            svc.store.create(new, key.as_deref())
+        }
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .map_err(store_error)?;
+    let _ = store;
+    for seq in &t.sequences {
+        svc.guard.add(seq);
+    }
+    if created {
+        tracing::info!(id = %t.id, sequences = t.sequences.len(), "takedown accepted");
+        svc.refresh_counts(&state.metrics);
+        svc.notify();
+    }
+    Ok(HttpResponse::Accepted()
+        .insert_header((header::LOCATION, format!("/v1/takedowns/{}", t.id)))
+        .json(json!({"id": t.id, "object": "takedown", "status": t.state.as_str()})))
+}
+
+pub async fn get(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    state.auth.admin(&req)?;
+    let svc = service(&state)?;
+    let t = svc
+        .store
+        .get(&path)
+        .map_err(store_error)?
+        .ok_or_else(|| store_error(StoreError::NotFound(path.to_string())))?;
+    let with = req.query_string().contains("include=sequences");
+    Ok(HttpResponse::Ok().json(view(&t, with)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    #[serde(default)]
+    after: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    status: Option<String>,
+}
+
+pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    state.auth.admin(&req)?;
+    let svc = service(&state)?;
+    let q: ListQuery = serde_urlencoded_query(req.query_string())?;
+    let limit = q.limit.unwrap_or(50);
+    if limit == 0 || limit > 500 {
+        return Err(ApiError::invalid("limit", "must be between 1 and 500"));
+    }
+    let status = q
+        .status
+        .as_deref()
+        .map(|s| {
+            State::ALL
+                .into_iter()
+                .find(|x| x.as_str() == s)
+                .ok_or_else(|| ApiError::invalid("status", format!("unknown state {s:?}")))
+        })
+        .transpose()?;
+    let page = svc
+        .store
+        .list(q.after.as_deref(), limit + 1, status)
+        .map_err(store_error)?;
+    let has_more = page.len() > limit;
+    let data: Vec<Value> = page.iter().take(limit).map(|t| view(t, false)).collect();
+    let last = page.iter().take(limit).last().map(|t| t.id.clone());
+    Ok(HttpResponse::Ok().json(json!({
+        "object": "list", "data": data, "has_more": has_more, "last_id": last,
+    })))
+}
+
+/// Parses `a=1&b=x` into `T` with errors naming the parameter.
+fn serde_urlencoded_query<T: serde::de::DeserializeOwned>(q: &str) -> Result<T, ApiError> {
+    let mut map = serde_json::Map::new();
+    for pair in q.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = v.replace('+', " ");
+        let value = match v.parse::<u64>() {
+            Ok(n) if k == "limit" => json!(n),
+            _ => json!(v),
+        };
+        map.insert(k.to_string(), value);
+    }
+    body::parse(Value::Object(map).to_string().as_bytes())
+}
+
+pub async fn cancel(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    state.auth.admin(&req)?;
+    let svc = service(&state)?;
+    let t = svc.store.cancel(&path).map_err(store_error)?;
+    svc.cancel_check();
+    svc.refresh_counts(&state.metrics);
+    Ok(HttpResponse::Ok().json(view(&t, false)))
+}
+
+pub async fn receipt(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    state.auth.admin(&req)?;
+    let svc = service(&state)?;
+    let t = svc
+        .store
+        .get(&path)
+        .map_err(store_error)?
+        .ok_or_else(|| store_error(StoreError::NotFound(path.to_string())))?;
+    let events = svc.store.events(&t.id).map_err(store_error)?;
+    let report = t.report.clone().unwrap_or(Value::Null);
+    let mine: Vec<Value> = report["sequences"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|s| s["takedown"] == json!(t.id))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(HttpResponse::Ok().json(json!({
+        "object": "takedown.receipt",
+        "id": t.id,
+        "status": t.state.as_str(),
+        "definition": t.definition,
+        "sequences": t.sequences.iter().enumerate().map(|(i, s)| json!({
+            "index": i, "sha256": sequence_sha256(s), "tokens": s.len(),
+        })).collect::<Vec<_>>(),
+        "audit": mine,
+        "perplexity_before": report["before"]["perplexity"],
+        "perplexity_after": report["after"]["perplexity"],
+        "accuracy_before": report["before"]["accuracy"],
+        "accuracy_after": report["after"]["accuracy"],
+        "version_before": report["base_version"],
+        "version_after": t.version,
+        "events": events,
+    })))
+}
+
+pub async fn versions(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    state.auth.admin(&req)?;
+    let svc = service(&state)?;
+    let live = state.served();
+    let list = svc.store.list_versions().map_err(store_error)?;
+    let data: Vec<Value> = list
+        .iter()
+        .map(|v| {
+            json!({
+                "id": v.id, "seq": v.seq, "parent": v.parent, "created_at": v.created_at,
+                "takedowns": v.takedowns, "live": v.id == live.version,
+            })
+        })
+        .collect();
+    Ok(HttpResponse::Ok()
+        .insert_header((VERSION_HEADER, live.version.clone()))
+        .json(json!({"object": "list", "data": data, "current": live.version})))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackRequest {
+    to_version: String,
+    expected_current: String,
+}
+
+pub async fn rollback(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    state.auth.admin(&req)?;
+    service(&state)?;
+    let r: RollbackRequest = body::json(&req, payload, state.limits.max_body_bytes).await?;
+    let st = state.clone();
+    let out = web::block(move || td::rollback(&st, &r.to_version, &r.expected_current))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    Ok(HttpResponse::Ok()
+        .insert_header((VERSION_HEADER, out.0.clone()))
+        .json(json!({"object": "rollback", "version": out.0, "previous": out.1, "requeued": out.2})))
+}

@@ -1,0 +1,883 @@
+//! Takedowns: the durable queue, the background unlearning worker, validation gates, the hot
+//! swap, rollback and the continuous auditor.
+//!
+//! Life of a takedown: `POST /v1/takedowns` writes it to SQLite (WAL, synced) and registers its
+//! windows with the regurgitation guard before answering 202. The worker claims every queued
+//! takedown as one job, runs BalancedSubnet (balanced mode) on the live version, then checks
+//! the gates: (a) no takedown sequence is extractable under its definition, (b) held-out
+//! perplexity drift within budget (TinyMem: also mean relative accuracy), (c) canaries within
+//! budget. A candidate that fails the gates is followed by the next candidate of a small grid
+//! while the time budget lasts; if none passes, the job is rejected with the full report and
+//! the live model is untouched. A passing model is written as a new version (temp dir, fsync,
+//! rename), loaded back, smoke-tested, recorded, and published with one compare-and-swap of the
+//! live pointer. Requests in flight finish on the version they started on.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Tensor};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::metrics::Metrics;
+use super::state::{AppState, Served};
+use crate::audit::{self, AuditItem, AuditResult, Definition};
+use crate::error::{Error, Result};
+use crate::models::Inputs;
+use crate::takedown::guard::Guard;
+use crate::takedown::store::{State, Store, Takedown, VersionRecord};
+use crate::takedown::versions;
+use crate::tinymem::data::{Dataset, Role, Split};
+use crate::tinymem::train::Card;
+use crate::unlearn::cli::{mean_accuracy, quality};
+use crate::unlearn::search::Quality;
+use crate::unlearn::{balanced_subnet, BalancedSubnetConfig, JobControl, Mode};
+
+/// Takedown settings (flags of `lethe serve`).
+#[derive(Debug, Clone)]
+pub struct TakedownConfig {
+    pub data_dir: PathBuf,
+    /// Window length of the regurgitation guard, in tokens.
+    pub guard_window: usize,
+    /// Most sequences in one takedown request.
+    pub max_sequences: usize,
+    /// Cores the worker may use (a rayon pool of this size).
+    pub worker_threads: usize,
+    /// The first BalancedSubnet configuration tried.
+    pub unlearn: BalancedSubnetConfig,
+    /// Later candidates as (ratio, w), tried when a candidate fails the gates.
+    pub fallbacks: Vec<(f64, f64)>,
+    /// Wall-time budget for one job's candidates, in seconds.
+    pub budget_seconds: f64,
+    /// Largest allowed relative perplexity increase on held-out data (0.02 = +2 %).
+    pub perplexity_budget: f64,
+    /// TinyMem: largest allowed drop of mean relative test accuracy (0.005 = 0.5 %).
+    pub accuracy_budget: f64,
+    /// Largest allowed relative perplexity change of the canary set.
+    pub canary_budget: f64,
+    /// How often the auditor re-audits applied takedowns (it also runs after every swap).
+    pub audit_interval: Duration,
+}
+
+impl TakedownConfig {
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            guard_window: 16,
+            max_sequences: 64,
+            worker_threads: 1,
+            unlearn: BalancedSubnetConfig {
+                mode: Mode::Balanced,
+                min_steps: 200,
+                ..BalancedSubnetConfig::default()
+            },
+            fallbacks: vec![(0.1, 0.9), (0.5, 0.95)],
+            budget_seconds: 1800.0,
+            perplexity_budget: 0.02,
+            accuracy_budget: 0.005,
+            canary_budget: 0.02,
+            audit_interval: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The data the worker trains and validates with.
+pub struct Datasets {
+    /// Rows to keep working (the retain set).
+    pub retain: Vec<Vec<u32>>,
+    /// Held-out rows for the perplexity gate (ignored for TinyMem, which uses its test tasks).
+    pub heldout: Vec<Vec<u32>>,
+    /// Optional canaries whose perplexity must not move beyond budget.
+    pub canary: Vec<Vec<u32>>,
+    /// The TinyMem dataset, when the model has a TinyMem card.
+    pub tinymem: Option<Dataset>,
+}
+
+impl Datasets {
+    /// TinyMem defaults from the model's card: retain = the clean training rows, held-out =
+    /// the test tasks. Other models need `retain` from a file.
+    pub fn for_model(
+        dir: &Path,
+        retain: Option<Vec<Vec<u32>>>,
+        heldout: Option<Vec<Vec<u32>>>,
+        canary: Vec<Vec<u32>>,
+    ) -> Result<Self> {
+        let tinymem = Card::read(dir).ok().map(|c| c.dataset()).transpose()?;
+        let retain = match (retain, &tinymem) {
+            (Some(r), _) => r,
+            (None, Some(ds)) => ds
+                .rows
+                .iter()
+                .filter(|r| r.split == Split::Train && r.role == Role::Clean)
+                .map(|r| r.ids.clone())
+                .collect(),
+            (None, None) => Vec::new(),
+        };
+        let heldout = heldout.unwrap_or_else(|| retain.iter().take(256).cloned().collect());
+        Ok(Self {
+            retain,
+            heldout,
+            canary,
+            tinymem,
+        })
+    }
+}
+
+/// The takedown subsystem shared by handlers, the worker and the auditor.
+pub struct Takedowns {
+    pub store: Store,
+    pub guard: Arc<Guard>,
+    pub config: TakedownConfig,
+    data: Datasets,
+    wake: (Mutex<u64>, Condvar),
+    stop: AtomicBool,
+    /// The running job: its id and control (cancellation, progress).
+    running: Mutex<Option<(String, JobControl)>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// One sequence of a takedown, parsed under its definition.
+#[derive(Debug, Clone, Serialize)]
+struct Target {
+    takedown: String,
+    index: usize,
+    sha256: String,
+    #[serde(skip)]
+    sequence: Vec<u32>,
+    #[serde(skip)]
+    item: AuditItem,
+}
+
+/// sha256 of a token sequence (little-endian u32s), hex.
+pub fn sequence_sha256(seq: &[u32]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for t in seq {
+        h.update(t.to_le_bytes());
+    }
+    super::state::hex(&h.finalize())
+}
+
+fn targets(tds: &[Takedown]) -> Result<Vec<Target>> {
+    let mut out = Vec::new();
+    for td in tds {
+        let def: Definition = td.definition.parse()?;
+        for (index, seq) in td.sequences.iter().enumerate() {
+            out.push(Target {
+                takedown: td.id.clone(),
+                index,
+                sha256: sequence_sha256(seq),
+                item: def.split(seq)?,
+                sequence: seq.clone(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Before/after numbers of one candidate.
+#[derive(Debug, Clone, Serialize)]
+struct Evaluation {
+    memorized: Vec<bool>,
+    matched_prefix: Vec<usize>,
+    perplexity: f64,
+    accuracy: Option<f64>,
+    accuracy_by_task: Vec<(String, f64)>,
+    canary_perplexity: Option<f64>,
+}
+
+impl Takedowns {
+    /// Opens the store under `config.data_dir`, cleans half-written versions, re-queues jobs
+    /// that a crash interrupted, and loads every accepted sequence into the guard.
+    pub fn open(config: TakedownConfig, data: Datasets) -> Result<Self> {
+        let store = Store::open(&config.data_dir).map_err(|e| store_err(&e))?;
+        versions::clean_temp(&config.data_dir).map_err(|e| store_err(&e))?;
+        let requeued = store.requeue_interrupted().map_err(|e| store_err(&e))?;
+        if requeued > 0 {
+            tracing::warn!(requeued, "re-queued takedowns interrupted by a restart");
+        }
+        let guard = Arc::new(Guard::new(config.guard_window).map_err(|e| store_err(&e))?);
+        for seq in store.sequences_to_guard().map_err(|e| store_err(&e))? {
+            guard.add(&seq);
+        }
+        Ok(Self {
+            store,
+            guard,
+            config,
+            data,
+            wake: (Mutex::new(0), Condvar::new()),
+            stop: AtomicBool::new(false),
+            running: Mutex::new(None),
+            threads: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Whether the worker has what it needs to unlearn (a retain set).
+    pub fn can_unlearn(&self) -> bool {
+        !self.data.retain.is_empty()
+    }
+
+    /// Wakes the worker and the auditor.
+    pub fn notify(&self) {
+        let (m, cv) = &self.wake;
+        if let Ok(mut n) = m.lock() {
+            *n += 1;
+        }
+        cv.notify_all();
+    }
+
+    fn wait(&self, seen: &mut u64, timeout: Duration) {
+        let (m, cv) = &self.wake;
+        if let Ok(g) = m.lock() {
+            let (g, _) = cv
+                .wait_timeout_while(g, timeout, |n| {
+                    *n == *seen && !self.stop.load(Ordering::SeqCst)
+                })
+                .unwrap_or_else(|e| e.into_inner());
+            *seen = *g;
+        }
+    }
+
+    /// Asks the running job to stop if every takedown in it was cancelled.
+    pub fn cancel_check(&self) {
+        let Ok(guard) = self.running.lock() else {
+            return;
+        };
+        if let Some((job, ctl)) = guard.as_ref() {
+            let all_cancelled = self
+                .store
+                .list(None, usize::MAX, None)
+                .map(|tds| {
+                    let mine: Vec<&Takedown> = tds
+                        .iter()
+                        .filter(|t| t.job_id.as_deref() == Some(job.as_str()))
+                        .collect();
+                    !mine.is_empty() && mine.iter().all(|t| t.state == State::Cancelled)
+                })
+                .unwrap_or(false);
+            if all_cancelled {
+                ctl.cancel();
+            }
+        }
+    }
+
+    /// Refreshes `lethe_takedowns{state}`.
+    pub fn refresh_counts(&self, metrics: &Metrics) {
+        if let Ok(counts) = self.store.counts_by_state() {
+            for s in State::ALL {
+                let n = counts.iter().find(|(c, _)| *c == s).map_or(0, |(_, n)| *n);
+                metrics
+                    .takedowns
+                    .with_label_values(&[s.as_str()])
+                    .set(n as i64);
+            }
+        }
+    }
+
+    /// Starts the worker and the auditor threads.
+    pub fn start(state: &actix_web::web::Data<AppState>) {
+        let Some(td) = state.takedowns.clone() else {
+            return;
+        };
+        let worker = {
+            let state = state.clone();
+            std::thread::Builder::new()
+                .name("lethe-unlearn".into())
+                .spawn(move || worker_loop(&state))
+                .expect("spawning the unlearning worker")
+        };
+        let auditor = {
+            let state = state.clone();
+            std::thread::Builder::new()
+                .name("lethe-auditor".into())
+                .spawn(move || auditor_loop(&state))
+                .expect("spawning the auditor")
+        };
+        if let Ok(mut t) = td.threads.lock() {
+            t.push(worker);
+            t.push(auditor);
+        }
+        td.refresh_counts(&state.metrics);
+        td.notify();
+    }
+
+    /// Stops the worker (cancelling a running job, which stays queued for the next start)
+    /// and the auditor, and joins them.
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Ok(g) = self.running.lock() {
+            if let Some((_, ctl)) = g.as_ref() {
+                ctl.cancel();
+            }
+        }
+        self.notify();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+}
+
+fn store_err(e: &dyn std::fmt::Display) -> Error {
+    Error::Config {
+        file: "takedown store".into(),
+        message: e.to_string(),
+    }
+}
+
+fn worker_loop(state: &AppState) {
+    let Some(td) = state.takedowns.clone() else {
+        return;
+    };
+    let pool = match rayon::ThreadPoolBuilder::new()
+        .num_threads(td.config.worker_threads.max(1))
+        .thread_name(|i| format!("lethe-unlearn-{i}"))
+        .build()
+    {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the unlearning thread pool");
+            return;
+        }
+    };
+    let mut seen = 0;
+    while !td.stopping() {
+        if !td.can_unlearn() {
+            td.wait(&mut seen, Duration::from_secs(5));
+            continue;
+        }
+        let job = format!("job_{:016x}", rand::random::<u64>());
+        let claimed = match td.store.claim_queued(&job, 1024) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "claiming queued takedowns failed");
+                td.wait(&mut seen, Duration::from_secs(5));
+                continue;
+            }
+        };
+        if claimed.is_empty() {
+            td.wait(&mut seen, Duration::from_secs(2));
+            continue;
+        }
+        td.refresh_counts(&state.metrics);
+        let ctl = JobControl::new();
+        if let Ok(mut r) = td.running.lock() {
+            *r = Some((job.clone(), ctl.clone()));
+        }
+        tracing::info!(%job, takedowns = claimed.len(), "unlearning job started");
+        let started = Instant::now();
+        let result = pool.install(|| run_job(state, &td, &job, &claimed, &ctl));
+        if let Ok(mut r) = td.running.lock() {
+            *r = None;
+        }
+        state
+            .metrics
+            .unlearn_job_duration
+            .observe(started.elapsed().as_secs_f64());
+        state.metrics.unlearn_job_progress.set(0.0);
+        let outcome = match result {
+            Ok(JobEnd::Applied { version, report }) => {
+                tracing::info!(%job, %version, "takedowns applied");
+                td.store.finish_applied(&job, &version, report)
+            }
+            Ok(JobEnd::Rejected { reason, report }) => {
+                tracing::warn!(%job, %reason, "takedown job rejected");
+                td.store.finish_rejected(&job, &reason, report)
+            }
+            Ok(JobEnd::Interrupted) => td.store.requeue_job(&job).map(|_| ()),
+            Err(e) if ctl.is_cancelled() && td.stopping() => {
+                tracing::info!(%job, error = %e, "job interrupted by shutdown; re-queued");
+                td.store.requeue_job(&job).map(|_| ())
+            }
+            Err(e) if ctl.is_cancelled() => {
+                tracing::info!(%job, "job cancelled");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(%job, error = %e, "takedown job failed");
+                td.store.finish_failed(&job, &e.to_string())
+            }
+        };
+        if let Err(e) = outcome {
+            tracing::error!(%job, error = %e, "recording the job's outcome failed");
+        }
+        td.refresh_counts(&state.metrics);
+        td.notify();
+    }
+}
+
+enum JobEnd {
+    Applied { version: String, report: Value },
+    Rejected { reason: String, report: Value },
+    /// Shutdown arrived between phases: the takedowns go back to the queue.
+    Interrupted,
+}
+
+fn evaluate(
+    served: &Served,
+    targets: &[Target],
+    data: &Datasets,
+    model: &crate::models::Model,
+) -> Result<(Evaluation, Vec<AuditResult>)> {
+    let items: Vec<AuditItem> = targets.iter().map(|t| t.item.clone()).collect();
+    let (results, _) = audit::audit(model, Some(&served.tokenizer), &items, 64)?;
+    let q: Quality = quality(model, data.tinymem.as_ref(), &data.heldout)?;
+    let canary_perplexity = if data.canary.is_empty() {
+        None
+    } else {
+        let s = crate::engine::score(model, &data.canary, 32)?;
+        Some(s.iter().map(|x| x.perplexity).sum::<f64>() / s.len() as f64)
+    };
+    Ok((
+        Evaluation {
+            memorized: results.iter().map(|r| r.memorized).collect(),
+            matched_prefix: results.iter().map(|r| r.matched_prefix).collect(),
+            perplexity: q.perplexity,
+            accuracy: mean_accuracy(&q),
+            accuracy_by_task: q.accuracy_by_task.clone(),
+            canary_perplexity,
+        },
+        results,
+    ))
+}
+
+/// The gates: returns the reasons a candidate fails (empty = it passes).
+fn gate_failures(cfg: &TakedownConfig, before: &Evaluation, after: &Evaluation) -> Vec<String> {
+    let mut why = Vec::new();
+    let still = after.memorized.iter().filter(|m| **m).count();
+    if still > 0 {
+        why.push(format!(
+            "{still} of {} sequences are still extractable",
+            after.memorized.len()
+        ));
+    }
+    let drift = after.perplexity / before.perplexity - 1.0;
+    if !(drift <= cfg.perplexity_budget) {
+        why.push(format!(
+            "perplexity drift {:+.3}% is over the budget of {:+.3}%",
+            drift * 100.0,
+            cfg.perplexity_budget * 100.0
+        ));
+    }
+    if !before.accuracy_by_task.is_empty() {
+        let rel = before
+            .accuracy_by_task
+            .iter()
+            .zip(&after.accuracy_by_task)
+            .map(|((_, b), (_, a))| (a - b) / b)
+            .sum::<f64>()
+            / before.accuracy_by_task.len() as f64;
+        if !(rel >= -cfg.accuracy_budget) {
+            why.push(format!(
+                "mean relative accuracy change {:+.3}% is below −{:.3}%",
+                rel * 100.0,
+                cfg.accuracy_budget * 100.0
+            ));
+        }
+    }
+    if let (Some(b), Some(a)) = (before.canary_perplexity, after.canary_perplexity) {
+        let d = (a / b - 1.0).abs();
+        if !(d <= cfg.canary_budget) {
+            why.push(format!(
+                "canary perplexity moved {:.3}%, over the budget of {:.3}%",
+                d * 100.0,
+                cfg.canary_budget * 100.0
+            ));
+        }
+    }
+    why
+}
+
+fn run_job(
+    state: &AppState,
+    td: &Takedowns,
+    job: &str,
+    claimed: &[Takedown],
+    ctl: &JobControl,
+) -> Result<JobEnd> {
+    let base = state.served();
+    let targets = targets(claimed)?;
+    let forget: Vec<Vec<u32>> = targets.iter().map(|t| t.sequence.clone()).collect();
+    let items: Vec<AuditItem> = targets.iter().map(|t| t.item.clone()).collect();
+    let set_phase = |phase: &str, progress: f64, eta: Option<f64>| {
+        if let Err(e) = td.store.set_progress(job, phase, progress, eta) {
+            tracing::warn!(error = %e, "recording progress failed");
+        }
+        state.metrics.unlearn_job_progress.set(progress);
+    };
+    set_phase("auditing", 0.0, None);
+    let (before, before_results) = evaluate(&base, &targets, &td.data, &base.model)?;
+    let mut candidates: Vec<BalancedSubnetConfig> = vec![td.config.unlearn.clone()];
+    for &(ratio, w) in &td.config.fallbacks {
+        candidates.push(BalancedSubnetConfig {
+            ratio,
+            w,
+            ..td.config.unlearn.clone()
+        });
+    }
+    let start = Instant::now();
+    let mut tried = Vec::new();
+    for (ci, cfg) in candidates.iter().enumerate() {
+        if td.stopping() {
+            return Ok(JobEnd::Interrupted);
+        }
+        if ci > 0 && start.elapsed().as_secs_f64() > td.config.budget_seconds {
+            break;
+        }
+        // Progress reporter: copies the job's step counter into the store once a second and
+        // cancels the job when all its takedowns were cancelled.
+        let done = Arc::new(AtomicBool::new(false));
+        let reporter = {
+            let (done, ctl) = (done.clone(), ctl.clone());
+            let (ci, n) = (ci, candidates.len());
+            let t0 = Instant::now();
+            std::thread::scope(|s| {
+                let h = s.spawn(|| {
+                    while !done.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(500));
+                        let p = ctl.progress();
+                        let frac = if p.total_steps > 0 {
+                            p.step as f64 / p.total_steps as f64
+                        } else {
+                            0.0
+                        };
+                        let eta = (p.step > 0).then(|| {
+                            t0.elapsed().as_secs_f64() / p.step as f64
+                                * (p.total_steps.saturating_sub(p.step)) as f64
+                        });
+                        set_phase(
+                            &format!("unlearning (candidate {} of {n})", ci + 1),
+                            frac.min(1.0) * 0.9,
+                            eta,
+                        );
+                        td.cancel_check();
+                    }
+                });
+                let out = balanced_subnet(&base.model, &forget, &td.data.retain, &items, cfg, ctl);
+                done.store(true, Ordering::SeqCst);
+                let _ = h.join();
+                out
+            })
+        };
+        let out = reporter?;
+        if let Err(e) = td.store.mark_validating(job) {
+            tracing::warn!(error = %e, "marking the job validating failed");
+        }
+        set_phase("validating", 0.92, None);
+        let (after, after_results) = evaluate(&base, &targets, &td.data, &out.model)?;
+        let failures = gate_failures(&td.config, &before, &after);
+        let report = json!({
+            "job": job,
+            "candidate": ci,
+            "config": cfg,
+            "steps": out.steps,
+            "unlearn_seconds": out.seconds,
+            "weights_zeroed": out.zeros_per_matrix.iter().map(|(a, b)| a + b).sum::<usize>(),
+            "before": before,
+            "after": after,
+            "gates_failed": failures,
+            "base_version": base.version,
+            "sequences": targets.iter().zip(before_results.iter().zip(&after_results)).map(|(t, (b, a))| json!({
+                "takedown": t.takedown, "index": t.index, "sha256": t.sha256,
+                "before": {"memorized": b.memorized, "matched_prefix": b.matched_prefix, "match_fraction": b.match_fraction},
+                "after": {"memorized": a.memorized, "matched_prefix": a.matched_prefix, "match_fraction": a.match_fraction},
+            })).collect::<Vec<_>>(),
+        });
+        if !failures.is_empty() {
+            tracing::warn!(candidate = ci, ?failures, "candidate failed the gates");
+            tried.push(report);
+            continue;
+        }
+        set_phase("publishing", 0.96, None);
+        let swap_start = Instant::now();
+        let version = publish(state, td, &base, &out.model, claimed, &report)?;
+        state
+            .metrics
+            .model_swap_duration
+            .observe(swap_start.elapsed().as_secs_f64());
+        let mut report = report;
+        report["version"] = json!(version);
+        report["rejected_candidates"] = json!(tried);
+        return Ok(JobEnd::Applied { version, report });
+    }
+    let reason = tried
+        .last()
+        .and_then(|r| r["gates_failed"].as_array().cloned())
+        .map(|v| {
+            v.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+        .unwrap_or_else(|| "no candidate finished within the budget".into());
+    Ok(JobEnd::Rejected {
+        reason,
+        report: json!({ "candidates": tried, "base_version": base.version }),
+    })
+}
+
+/// Writes, reloads, smoke-tests, records and publishes a new version.
+fn publish(
+    state: &AppState,
+    td: &Takedowns,
+    base: &Arc<Served>,
+    model: &crate::models::Model,
+    claimed: &[Takedown],
+    report: &Value,
+) -> Result<String> {
+    let base_dir = base.dir.clone();
+    let (id, path) = versions::write_version(&td.config.data_dir, &base_dir, model.named_tensors())
+        .map_err(|e| store_err(&e))?;
+    let lm = crate::loader::load_dir(&path, &path.display().to_string(), model.device(), DType::F32)?;
+    smoke_test(&lm.model)?;
+    let served = Served::new(lm, Some(base.name.clone()))?;
+    if served.version != id {
+        return Err(store_err(&format!(
+            "version {id} reloaded with a different hash {}",
+            served.version
+        )));
+    }
+    td.store
+        .insert_version(&VersionRecord {
+            id: id.clone(),
+            seq: 0,
+            parent: Some(base.version.clone()),
+            created_at: super::state::unix_now() as f64,
+            takedowns: claimed.iter().map(|t| t.id.clone()).collect(),
+            metrics: report.clone(),
+            path: path.display().to_string(),
+        })
+        .map_err(|e| store_err(&e))?;
+    swap(state, td, base, Arc::new(served), "promote")?;
+    Ok(id)
+}
+
+/// One forward pass: the weights load and compute finite logits.
+pub fn smoke_test(model: &crate::models::Model) -> Result<()> {
+    let ids = Tensor::new(&[[1u32, 2, 3]], model.device())?;
+    let logits = model.forward(&Inputs::causal(&ids, 0)?, None, None)?;
+    let v: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+    if v.iter().all(|x| x.is_finite()) {
+        Ok(())
+    } else {
+        Err(store_err(&"smoke test: the new weights give non-finite logits"))
+    }
+}
+
+/// Compare-and-swap of the live version, in the store and in memory.
+pub fn swap(
+    state: &AppState,
+    td: &Takedowns,
+    expected: &Arc<Served>,
+    new: Arc<Served>,
+    kind: &str,
+) -> Result<()> {
+    td.store
+        .set_current(Some(&expected.version), &new.version, kind)
+        .map_err(|e| store_err(&e))?;
+    let prev = state.current.compare_and_swap(expected, new.clone());
+    if !Arc::ptr_eq(&prev, expected) {
+        // The store moved first; bring memory in line with it rather than leave them split.
+        state.current.store(new.clone());
+    }
+    state.metrics.set_model(&new.version, new.architecture());
+    tracing::info!(from = %expected.version, to = %new.version, kind, "model version swapped");
+    td.notify();
+    Ok(())
+}
+
+fn auditor_loop(state: &AppState) {
+    let Some(td) = state.takedowns.clone() else {
+        return;
+    };
+    let mut seen = 0;
+    let mut last_version = String::new();
+    let mut last_run: Option<Instant> = None;
+    while !td.stopping() {
+        let live = state.served();
+        let due = last_run.is_none_or(|t| t.elapsed() >= td.config.audit_interval);
+        if due || live.version != last_version {
+            if let Err(e) = audit_once(state, &td, &live) {
+                tracing::error!(error = %e, "continuous audit failed");
+            }
+            last_version = live.version.clone();
+            last_run = Some(Instant::now());
+        }
+        td.wait(&mut seen, Duration::from_secs(1).min(td.config.audit_interval));
+    }
+}
+
+/// Re-audits every applied takedown (and the canaries) on the live version; sets the gauges.
+fn audit_once(state: &AppState, td: &Takedowns, live: &Served) -> Result<()> {
+    let applied = td
+        .store
+        .list(None, usize::MAX, Some(State::Applied))
+        .map_err(|e| store_err(&e))?;
+    let t = targets(&applied)?;
+    let m = &state.metrics;
+    if !t.is_empty() {
+        let items: Vec<AuditItem> = t.iter().map(|x| x.item.clone()).collect();
+        let (_, summary) = audit::audit(&live.model, None, &items, 64)?;
+        m.memorization_ratio
+            .with_label_values(&["takedowns"])
+            .set(summary.rate);
+    } else {
+        m.memorization_ratio.with_label_values(&["takedowns"]).set(0.0);
+    }
+    if !td.data.heldout.is_empty() || td.data.tinymem.is_some() {
+        let q = quality(&live.model, td.data.tinymem.as_ref(), &td.data.heldout)?;
+        m.perplexity.with_label_values(&["heldout"]).set(q.perplexity);
+        let root = td.store.list_versions().map_err(|e| store_err(&e))?;
+        if let Some(base_ppl) = root
+            .last()
+            .and_then(|v| v.metrics.get("perplexity").and_then(Value::as_f64))
+        {
+            m.perplexity_drift.set(q.perplexity / base_ppl - 1.0);
+        }
+    }
+    if !td.data.canary.is_empty() {
+        let s = crate::engine::score(&live.model, &td.data.canary, 32)?;
+        m.perplexity
+            .with_label_values(&["canary"])
+            .set(s.iter().map(|x| x.perplexity).sum::<f64>() / s.len() as f64);
+    }
+    Ok(())
+}
+
+/// Registers the served base model as the root version (first start), or loads the current
+/// version recorded in the store (restarts). Returns the directory to serve.
+pub fn resolve_current(config: &TakedownConfig, model_dir: &Path) -> Result<PathBuf> {
+    let store = Store::open(&config.data_dir).map_err(|e| store_err(&e))?;
+    if let Some(cur) = store.current_version().map_err(|e| store_err(&e))? {
+        if let Some(v) = store.get_version(&cur).map_err(|e| store_err(&e))? {
+            return Ok(PathBuf::from(v.path));
+        }
+    }
+    let (id, path) = versions::import_base(&config.data_dir, model_dir).map_err(|e| store_err(&e))?;
+    if store.get_version(&id).map_err(|e| store_err(&e))?.is_none() {
+        store
+            .insert_version(&VersionRecord {
+                id: id.clone(),
+                seq: 0,
+                parent: None,
+                created_at: super::state::unix_now() as f64,
+                takedowns: Vec::new(),
+                metrics: json!({}),
+                path: path.display().to_string(),
+            })
+            .map_err(|e| store_err(&e))?;
+    }
+    store.set_current(None, &id, "import").map_err(|e| store_err(&e))?;
+    Ok(path)
+}
+
+/// `POST /v1/admin/rollback`: makes `to` the live version if `expected` is live now
+/// (compare-and-swap). Takedowns applied by the versions being left behind return to `queued`
+/// (the guard keeps protecting them; cancel them to stop them from being re-applied). Returns
+/// (new live version, previous version, takedowns re-queued).
+pub fn rollback(
+    state: &AppState,
+    to: &str,
+    expected: &str,
+) -> std::result::Result<(String, String, usize), super::error::ApiError> {
+    use super::error::ApiError;
+    let td = state
+        .takedowns
+        .clone()
+        .ok_or_else(|| ApiError::Unavailable("takedowns are not enabled".into()))?;
+    let started = Instant::now();
+    let live = state.served();
+    if live.version != expected {
+        return Err(ApiError::Conflict {
+            message: format!("the live version is {}, not {expected}", live.version),
+            code: "version_mismatch",
+        });
+    }
+    let internal = |e: &dyn std::fmt::Display| ApiError::Internal(e.to_string());
+    let target = td
+        .store
+        .get_version(to)
+        .map_err(|e| internal(&e))?
+        .ok_or_else(|| ApiError::NotFound {
+            message: format!("no version {to:?}"),
+            param: Some("to_version".into()),
+            code: "version_not_found",
+        })?;
+    if to == expected {
+        return Ok((to.to_string(), expected.to_string(), 0));
+    }
+    let lm = crate::loader::load_dir(
+        Path::new(&target.path),
+        &target.path,
+        live.model.device(),
+        DType::F32,
+    )?;
+    smoke_test(&lm.model)?;
+    let new = Arc::new(Served::new(lm, Some(live.name.clone()))?);
+    // Versions on the live lineage that the target does not descend from are left behind.
+    let all = td.store.list_versions().map_err(|e| internal(&e))?;
+    let lineage = |start: &str| {
+        let mut chain = Vec::new();
+        let mut cur = Some(start.to_string());
+        while let Some(id) = cur {
+            if chain.contains(&id) {
+                break;
+            }
+            cur = all.iter().find(|v| v.id == id).and_then(|v| v.parent.clone());
+            chain.push(id);
+        }
+        chain
+    };
+    let keep = lineage(to);
+    swap(state, &td, &live, new, "rollback").map_err(ApiError::from)?;
+    let mut requeued = 0;
+    for v in lineage(expected).iter().filter(|v| !keep.contains(v)) {
+        requeued += td.store.requeue_applied_by(v).map_err(|e| internal(&e))?;
+    }
+    state
+        .metrics
+        .model_swap_duration
+        .observe(started.elapsed().as_secs_f64());
+    td.refresh_counts(&state.metrics);
+    td.notify();
+    Ok((to.to_string(), expected.to_string(), requeued))
+}
+
+/// Reads a JSONL file of `{"text"}` or `{"ids"}` rows (a TinyMem data header line is skipped)
+/// into token sequences; errors name the file and line.
+pub fn read_sequences(path: &Path, tk: &crate::tokenizer::Tokenizer) -> Result<Vec<Vec<u32>>> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = || format!("{} line {}", path.display(), i + 1);
+        let v: Value = serde_json::from_str(line).map_err(|e| Error::invalid(at(), e.to_string()))?;
+        if v.get("format").is_some() {
+            continue;
+        }
+        let ids = if let Some(ids) = v.get("ids") {
+            serde_json::from_value::<Vec<u32>>(ids.clone())
+                .map_err(|e| Error::invalid(at(), format!("ids: {e}")))?
+        } else if let Some(t) = v.get("text").and_then(Value::as_str) {
+            tk.encode(t)?
+        } else {
+            return Err(Error::invalid(at(), "expected {\"text\"} or {\"ids\"}"));
+        };
+        if ids.len() >= 2 {
+            out.push(ids);
+        }
+    }
+    Ok(out)
+}

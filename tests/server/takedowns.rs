@@ -1,0 +1,234 @@
+//! Takedowns end to end on the bundled TinyMem noise model: durable acceptance, the
+//! regurgitation guard, the worker unlearning a memorized sequence, the gates, the hot swap,
+//! receipts, versions, rollback and restart.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::*;
+use lethe::server::takedowns::{resolve_current, Datasets, TakedownConfig, Takedowns};
+
+/// A server state with takedowns under `dir` (fast unlearning settings for tests).
+fn takedown_state(
+    dir: &Path,
+    start_worker: bool,
+    tweak: impl FnOnce(&mut TakedownConfig),
+) -> web::Data<AppState> {
+    let mut cfg = TakedownConfig::new(dir.to_path_buf());
+    cfg.unlearn.min_steps = 0;
+    cfg.unlearn.max_steps = 80;
+    cfg.unlearn.check_every = 5;
+    cfg.worker_threads = 2;
+    cfg.audit_interval = Duration::from_secs(3600);
+    tweak(&mut cfg);
+    let live = resolve_current(&cfg, &lethe::loader::bundled_model_dir()).unwrap();
+    let lm = lethe::loader::load_dir(&live, "live", &Device::Cpu, DType::F32).unwrap();
+    let data = Datasets::for_model(&live, None, None, Vec::new()).unwrap();
+    let served = Served::new(lm, Some("tinymem-noise".into())).unwrap();
+    let td = Takedowns::open(cfg, data).unwrap();
+    let st = web::Data::new(
+        AppState::new(served, EngineConfig::default(), open_auth(), Limits::default())
+            .with_takedowns(td),
+    );
+    if start_worker {
+        Takedowns::start(&st);
+    }
+    st
+}
+
+/// Memorized sequences of the bundled model under the tinymem definition (whole noised rows).
+fn memorized_rows(count: usize) -> Vec<Vec<u32>> {
+    let dir = lethe::loader::bundled_model_dir();
+    let ds = lethe::tinymem::train::Card::read(&dir)
+        .unwrap()
+        .dataset()
+        .unwrap();
+    let lm = bundled();
+    let def = lethe::audit::Definition::Tinymem;
+    let rows: Vec<Vec<u32>> = ds
+        .eligible_noised_rows(50, 100)
+        .iter()
+        .map(|r| r.ids.clone())
+        .collect();
+    let items: Vec<_> = rows.iter().map(|r| def.split(r).unwrap()).collect();
+    let (res, _) = lethe::audit::audit(&lm.model, None, &items, 64).unwrap();
+    rows.into_iter()
+        .zip(res)
+        .filter(|(_, r)| r.memorized)
+        .map(|(s, _)| s)
+        .take(count)
+        .collect()
+}
+
+async fn wait_for<S, B>(app: &S, id: &str, done: &[&str], secs: u64) -> Value
+where
+    S: Service<actix_http::Request, Response = ServiceResponse<B>, Error = actix_web::Error>,
+    B: MessageBody,
+{
+    let mut last = Value::Null;
+    for _ in 0..secs * 4 {
+        last = get(app, &format!("/v1/takedowns/{id}")).await.json();
+        if done.contains(&last["status"].as_str().unwrap_or_default()) {
+            return last;
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("takedown {id} did not reach {done:?} in {secs} s: {last}");
+}
+
+#[actix_web::test]
+async fn a_takedown_is_guarded_at_once_then_unlearned_swapped_and_rolled_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let seq = memorized_rows(1).remove(0);
+    let st = takedown_state(dir.path(), true, |_| {});
+    let app = at::init_service(make_app(st.clone())).await;
+    let v0 = st.served().version.clone();
+    // Before: the model regurgitates the sequence.
+    let prompt = seq[..50].to_vec();
+    let complete = json!({"prompt": prompt, "max_tokens": 50, "temperature": 0});
+    let c = post(&app, "/v1/completions", complete.clone()).await.json();
+    assert_eq!(c["choices"][0]["finish_reason"], "length");
+
+    let r = send(
+        &app,
+        "POST",
+        "/v1/takedowns",
+        Some(json!({"sequences": [seq], "reason": "test"}).to_string().into_bytes()),
+        &[("idempotency-key", "k-1")],
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    // Durable before the answer: a second connection to the store sees it.
+    let store = lethe::takedown::store::Store::open(dir.path()).unwrap();
+    assert!(store.get(&id).unwrap().is_some());
+    // The guard cuts the regurgitation at once, before any weights change.
+    let c = post(&app, "/v1/completions", complete.clone()).await.json();
+    assert_eq!(c["choices"][0]["finish_reason"], "content_filter", "{c}");
+    // A retry with the same key is the same takedown.
+    let again = send(
+        &app,
+        "POST",
+        "/v1/takedowns",
+        Some(json!({"sequences": [seq], "reason": "test"}).to_string().into_bytes()),
+        &[("idempotency-key", "k-1")],
+    )
+    .await;
+    assert_eq!(again.json()["id"], id.as_str());
+
+    let t = wait_for(&app, &id, &["applied", "rejected", "failed"], 600).await;
+    assert_eq!(t["status"], "applied", "{t}");
+    let v1 = t["version"].as_str().unwrap().to_string();
+    assert_ne!(v1, v0);
+    assert_eq!(st.served().version, v1);
+    // The new weights no longer regurgitate it (audit bypasses the guard).
+    let a = post(&app, "/v1/audit", json!({"sequences": [seq]})).await.json();
+    assert_eq!(a["summary"]["memorized"], 0, "{a}");
+    assert_eq!(a["model_version"], v1.as_str());
+    let c = post(&app, "/v1/completions", complete.clone()).await;
+    assert_eq!(c.headers.get("x-lethe-model-version").unwrap(), v1.as_str());
+    // The receipt carries the evidence.
+    let rc = get(&app, &format!("/v1/takedowns/{id}/receipt")).await.json();
+    assert_eq!(rc["version_before"], v0.as_str());
+    assert_eq!(rc["version_after"], v1.as_str());
+    assert_eq!(rc["audit"][0]["before"]["memorized"], true);
+    assert_eq!(rc["audit"][0]["after"]["memorized"], false);
+    assert_eq!(rc["sequences"][0]["sha256"].as_str().unwrap().len(), 64);
+    // Versions and metrics.
+    let vs = get(&app, "/v1/admin/versions").await.json();
+    assert_eq!(vs["current"], v1.as_str());
+    assert_eq!(vs["data"].as_array().unwrap().len(), 2);
+    let m = String::from_utf8(get(&app, "/metrics").await.body.to_vec()).unwrap();
+    assert!(m.contains(r#"lethe_takedowns{state="applied"} 1"#), "{m}");
+    assert!(m.contains("lethe_guard_blocks_total 1"), "{m}");
+    assert!(m.contains(&format!(r#"lethe_model_version_info{{version="{v1}"}} 1"#)));
+    for line in m.lines() {
+        assert!(!line.contains(&id), "a takedown id leaked into a metric: {line}");
+    }
+
+    // Rollback is compare-and-swap.
+    let e = post(
+        &app,
+        "/v1/admin/rollback",
+        json!({"to_version": v0, "expected_current": "nope"}),
+    )
+    .await
+    .error(409);
+    assert_eq!(e["code"], "version_mismatch");
+    // Hold the worker's re-run: cancel happens right after the rollback re-queues it.
+    let rb = post(
+        &app,
+        "/v1/admin/rollback",
+        json!({"to_version": v0, "expected_current": v1}),
+    )
+    .await;
+    assert_eq!(rb.status, 200, "{}", String::from_utf8_lossy(&rb.body));
+    assert_eq!(rb.json()["requeued"], 1);
+    assert_eq!(st.served().version, v0);
+    let cancelled = send(&app, "DELETE", &format!("/v1/takedowns/{id}"), None, &[]).await;
+    assert_eq!(cancelled.status, 200);
+    // Still guarded after rollback and cancellation? Cancelled takedowns are released; the
+    // rollback itself keeps protecting until then (checked above by the re-queue).
+    if let Some(td) = &st.takedowns {
+        td.shutdown();
+    }
+    drop(app);
+    drop(st);
+    // A restart serves the version the store says is live.
+    let st2 = takedown_state(dir.path(), false, |_| {});
+    assert_eq!(st2.served().version, v0);
+}
+
+#[actix_web::test]
+async fn bad_takedowns_are_refused_item_by_item() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = takedown_state(dir.path(), false, |c| c.max_sequences = 3);
+    let app = at::init_service(make_app(st.clone())).await;
+    let long = vec![5u32; 151];
+    let e = post(
+        &app,
+        "/v1/takedowns",
+        json!({"sequences": ["", [1, 2, 3], long, [1, 99999], {"a": 1}]}),
+    )
+    .await
+    .error(413);
+    assert_eq!(e["param"], "sequences");
+    let e = post(
+        &app,
+        "/v1/takedowns",
+        json!({"sequences": ["", [1, 2, 3], vec![5u32; 151]]}),
+    )
+    .await
+    .error(400);
+    let msg = e["message"].as_str().unwrap();
+    for needle in ["sequences[0]", "sequences[1]", "sequences[2]", "3 invalid"] {
+        assert!(msg.contains(needle), "{needle} missing from {msg}");
+    }
+    post(&app, "/v1/takedowns", json!({"sequences": []}))
+        .await
+        .error(400);
+    post(&app, "/v1/takedowns", json!({"sequences": [vec![5u32; 100]], "x": 1}))
+        .await
+        .error(400);
+    // Idempotency: same key, different body → 409.
+    let body = |n: u32| Some(json!({"sequences": [vec![n; 100]]}).to_string().into_bytes());
+    let k = [("idempotency-key", "same")];
+    assert_eq!(send(&app, "POST", "/v1/takedowns", body(5), &k).await.status, 202);
+    send(&app, "POST", "/v1/takedowns", body(6), &k)
+        .await
+        .error(409);
+    // The worker is not running: the takedown stays queued and can be cancelled once.
+    let list = get(&app, "/v1/takedowns?limit=10").await.json();
+    let id = list["data"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(list["data"][0]["status"], "queued");
+    let one = get(&app, &format!("/v1/takedowns/{id}?include=sequences")).await.json();
+    assert_eq!(one["sequences"][0], json!(vec![5u32; 100]));
+    let r = send(&app, "DELETE", &format!("/v1/takedowns/{id}"), None, &[]).await;
+    assert_eq!(r.json()["status"], "cancelled");
+    send(&app, "DELETE", &format!("/v1/takedowns/{id}"), None, &[])
+        .await
+        .error(409);
+    get(&app, "/v1/takedowns/td_nope").await.error(404);
+    get(&app, "/v1/takedowns?limit=0").await.error(400);
+    get(&app, "/v1/takedowns?status=bogus").await.error(400);
+}
