@@ -103,20 +103,20 @@ fn cpu_tensor(v: Vec<f32>, shape: &Shape) -> Result<Tensor> {
 
 /// A raw pointer that parallel tasks share to write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
+pub(crate) struct SharedMut(pub(crate) *mut f32);
 // SAFETY: every user writes a region no other task touches (stated at each use).
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
 impl SharedMut {
     /// The pointer (a method, so closures capture the `Send` wrapper, not the raw field).
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }
 
 /// Row chunk size for row-parallel kernels: a few chunks per thread, never empty.
-fn rows_per_task(rows: usize) -> usize {
+pub(crate) fn rows_per_task(rows: usize) -> usize {
     let tasks = 4 * rayon::current_num_threads().max(1);
     rows.div_ceil(tasks).max(1)
 }
@@ -128,7 +128,7 @@ fn rows_per_task(rows: usize) -> usize {
 /// Every pointer must address its whole matrix under the given strides, and `dst` must not alias
 /// the inputs.
 #[allow(clippy::too_many_arguments)]
-unsafe fn small_gemm(
+pub(crate) unsafe fn small_gemm(
     m: usize,
     n: usize,
     k: usize,
@@ -177,7 +177,7 @@ struct LayerNorm {
 }
 
 /// Mean and 1/std of one row (two passes, as the composed reference computes them).
-fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+pub(crate) fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     let d = x.len() as f32;
     let mean = x.iter().sum::<f32>() / d;
     let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d;
@@ -321,7 +321,7 @@ struct Linear {
 }
 
 /// Threads for one large gemm (the rayon pool's size).
-fn gemm_parallelism() -> Parallelism {
+pub(crate) fn gemm_parallelism() -> Parallelism {
     match rayon::current_num_threads() {
         0 | 1 => Parallelism::None,
         n => Parallelism::Rayon(n),
@@ -570,7 +570,7 @@ struct Softmax;
 
 /// In-place softmax of one row; entries equal to −∞ become exactly 0, and a row that is −∞
 /// everywhere becomes all zeros (instead of NaN).
-fn softmax_row(row: &mut [f32]) {
+pub(crate) fn softmax_row(row: &mut [f32]) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if max == f32::NEG_INFINITY {
         row.fill(0.0);
