@@ -103,20 +103,20 @@ fn cpu_tensor(v: Vec<f32>, shape: &Shape) -> Result<Tensor> {
 
 /// A raw pointer that parallel tasks share to write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
-pub(crate) struct SharedMut(pub(crate) *mut f32);
+struct SharedMut(*mut f32);
 // SAFETY: every user writes a region no other task touches (stated at each use).
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
 impl SharedMut {
     /// The pointer (a method, so closures capture the `Send` wrapper, not the raw field).
-    pub(crate) fn get(self) -> *mut f32 {
+    fn get(self) -> *mut f32 {
         self.0
     }
 }
 
 /// Row chunk size for row-parallel kernels: a few chunks per thread, never empty.
-pub(crate) fn rows_per_task(rows: usize) -> usize {
+fn rows_per_task(rows: usize) -> usize {
     let tasks = 4 * rayon::current_num_threads().max(1);
     rows.div_ceil(tasks).max(1)
 }
@@ -321,7 +321,7 @@ struct Linear {
 }
 
 /// Threads for one large gemm (the rayon pool's size).
-pub(crate) fn gemm_parallelism() -> Parallelism {
+fn gemm_parallelism() -> Parallelism {
     match rayon::current_num_threads() {
         0 | 1 => Parallelism::None,
         n => Parallelism::Rayon(n),

@@ -10,35 +10,46 @@
 //! first), and the backward computes only what reaches an MLP matrix: it stops at layer 0's
 //! `c_fc`. Causal attention skips the masked upper triangle in blocks of query rows.
 //!
+//! Parallelism is by rows: every op but the weight-gradient sums is per sequence, so the batch is
+//! cut into a few row groups that run the whole forward and backward single-threaded, each on its
+//! own buffers (no synchronisation inside the step, large single-threaded gemms), and their
+//! weight gradients are summed at the end.
+//!
 //! It computes the same function as [`super::Gpt2::forward_hidden`] → logits →
-//! per-sequence cross-entropy with the given MLP weights (to f32 rounding); `tests` pin both the
-//! loss and every MLP gradient to candle's autograd through the model's ordinary forward.
-//! Supported: f32 weights on the CPU, ReLU MLPs, unpadded causal attention (rows may be
-//! right-padded; the padding's predictions carry zero weight). [`super::Gpt2::mlp_grads_supported`]
-//! says whether a model qualifies; callers fall back to autograd otherwise.
+//! per-sequence cross-entropy with the given MLP weights (to f32 rounding); the tests in
+//! `unlearn` pin both the loss and every score gradient to candle's autograd through the model's
+//! ordinary forward. Supported: f32 weights on the CPU, ReLU MLPs, unpadded causal attention
+//! (rows may be right-padded; the padding's predictions carry zero weight).
+//! [`super::Gpt2::mlp_grads_supported`] says whether a model qualifies; callers fall back to
+//! autograd otherwise.
 
 use std::ops::Deref;
 
 use candle_core::{bail, Layout, Result, Storage, Tensor};
+use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::Gpt2;
-use crate::models::fused::{
-    self, gemm_parallelism, row_stats, rows_per_task, small_gemm, softmax_row, SharedMut,
-};
+use crate::models::fused::{self, row_stats, small_gemm, softmax_row};
 use crate::models::ops::Activation;
 
 /// Query rows per block of the causal attention kernels.
 const ATT_BLOCK: usize = 32;
 
-/// Buffers kept between steps so that steady-state steps allocate nothing large.
+/// Buffers kept between steps so that steady-state steps allocate nothing large: one set per
+/// row group.
 #[derive(Default)]
 pub struct MlpGradWorkspace {
+    parts: Vec<PartBufs>,
+}
+
+/// One row group's activations, scratch and partial weight gradients.
+#[derive(Default)]
+struct PartBufs {
     /// Residual stream entering each block, plus the final one: `L + 1` × `[N, H]`.
     xs: Vec<Vec<f32>>,
     layers: Vec<LayerBufs>,
-    /// Final LayerNorm output `[N, H]`, logits / their gradient `[N, V]`.
-    hf: Vec<f32>,
+    /// Logits, then their gradient, `[N, V]`.
     logits: Vec<f32>,
     /// Scratch: `[N, H]` ×3, `[N, I]`, `[N, 3H]`.
     a: Vec<f32>,
@@ -46,6 +57,10 @@ pub struct MlpGradWorkspace {
     dt: Vec<f32>,
     dh: Vec<f32>,
     dqkv: Vec<f32>,
+    /// `(∂c_fc, ∂c_proj)` per block over this group's rows.
+    grads: Vec<(Vec<f32>, Vec<f32>)>,
+    /// Each row's mean loss.
+    row_loss: Vec<f64>,
 }
 
 /// What one block's backward reads.
@@ -102,7 +117,40 @@ impl<G: Deref<Target = Storage>> View<'_, G> {
     }
 }
 
-/// `dst[m×n] (row stride n) (+)= lhs[m×k] · rhs[k×n]`, strides `(row, column)`, multi-threaded.
+/// The model's sizes.
+#[derive(Clone, Copy)]
+struct Dims {
+    t: usize,
+    h: usize,
+    nh: usize,
+    inner: usize,
+    v: usize,
+    eps: f32,
+}
+
+/// Every weight the step reads, as slices.
+struct Weights<'a> {
+    wte: &'a [f32],
+    wpe: &'a [f32],
+    /// `[V, H]` (the tied `wte` or an untied head).
+    lm: &'a [f32],
+    lnf: (&'a [f32], &'a [f32]),
+    blocks: Vec<BlockWeights<'a>>,
+}
+
+struct BlockWeights<'a> {
+    ln1: (&'a [f32], &'a [f32]),
+    qkv: (&'a [f32], &'a [f32]),
+    proj: (&'a [f32], &'a [f32]),
+    ln2: (&'a [f32], &'a [f32]),
+    fc: (&'a [f32], &'a [f32]),
+    mproj: (&'a [f32], &'a [f32]),
+    /// Attention logit scale.
+    scale: f32,
+}
+
+/// `dst[m×n] (row stride n) (+)= lhs[m×k] · rhs[k×n]`, strides `(row, column)`,
+/// single-threaded (the step parallelises over row groups).
 #[allow(clippy::too_many_arguments)]
 fn gemm(
     m: usize,
@@ -140,73 +188,61 @@ fn gemm(
             false,
             false,
             false,
-            gemm_parallelism(),
+            Parallelism::None,
         )
     }
 }
 
 /// `out = LayerNorm(x)` row by row.
-fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
+fn layer_norm(x: &[f32], (w, b): (&[f32], &[f32]), eps: f32, out: &mut [f32]) {
     let d = w.len();
-    let chunk = d * rows_per_task(x.len() / d);
-    out.par_chunks_mut(chunk)
-        .zip(x.par_chunks(chunk))
-        .for_each(|(o, xc)| {
-            for (orow, xrow) in o.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
-                let (mean, rstd) = row_stats(xrow, eps);
-                for i in 0..d {
-                    orow[i] = (xrow[i] - mean) * rstd * w[i] + b[i];
-                }
-            }
-        });
+    for (orow, xrow) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+        let (mean, rstd) = row_stats(xrow, eps);
+        for i in 0..d {
+            orow[i] = (xrow[i] - mean) * rstd * w[i] + b[i];
+        }
+    }
 }
 
 /// `dx += ∂LayerNorm(x)/∂x · g` row by row (the weight and bias gradients are not needed).
 fn layer_norm_bwd_add(x: &[f32], w: &[f32], eps: f32, g: &[f32], dx: &mut [f32]) {
     let d = w.len();
-    let chunk = d * rows_per_task(x.len() / d);
-    dx.par_chunks_mut(chunk)
-        .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
-        .for_each(|(dxc, (xc, gc))| {
-            let mut xhat = vec![0f32; d];
-            for ((dxr, xr), gr) in dxc
-                .chunks_exact_mut(d)
-                .zip(xc.chunks_exact(d))
-                .zip(gc.chunks_exact(d))
-            {
-                let (mean, rstd) = row_stats(xr, eps);
-                let (mut a, mut c) = (0f32, 0f32);
-                for i in 0..d {
-                    xhat[i] = (xr[i] - mean) * rstd;
-                    let gw = gr[i] * w[i];
-                    a += gw;
-                    c += gw * xhat[i];
-                }
-                let (a, c) = (a / d as f32, c / d as f32);
-                for i in 0..d {
-                    dxr[i] += rstd * (gr[i] * w[i] - a - xhat[i] * c);
-                }
-            }
-        });
+    let mut xhat = vec![0f32; d];
+    for ((dxr, xr), gr) in dx
+        .chunks_exact_mut(d)
+        .zip(x.chunks_exact(d))
+        .zip(g.chunks_exact(d))
+    {
+        let (mean, rstd) = row_stats(xr, eps);
+        let (mut a, mut c) = (0f32, 0f32);
+        for i in 0..d {
+            xhat[i] = (xr[i] - mean) * rstd;
+            let gw = gr[i] * w[i];
+            a += gw;
+            c += gw * xhat[i];
+        }
+        let (a, c) = (a / d as f32, c / d as f32);
+        for i in 0..d {
+            dxr[i] += rstd * (gr[i] * w[i] - a - xhat[i] * c);
+        }
+    }
 }
 
 /// Fills each `[d]` row of `out` with `base_row + bias` (`base` is `[rows, d]`, or absent).
 fn rows_plus_bias(base: Option<&[f32]>, bias: &[f32], out: &mut [f32]) {
     let d = bias.len();
-    let chunk = d * rows_per_task(out.len() / d);
-    out.par_chunks_mut(chunk).enumerate().for_each(|(ci, o)| {
-        for (ri, row) in o.chunks_exact_mut(d).enumerate() {
-            match base {
-                Some(x) => {
-                    let off = ci * chunk + ri * d;
-                    for ((r, &xv), &bv) in row.iter_mut().zip(&x[off..off + d]).zip(bias) {
-                        *r = xv + bv;
-                    }
+    match base {
+        Some(x) => {
+            for (row, xr) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                for ((r, &xv), &bv) in row.iter_mut().zip(xr).zip(bias) {
+                    *r = xv + bv;
                 }
-                None => row.copy_from_slice(bias),
             }
         }
-    });
+        None => out
+            .chunks_exact_mut(d)
+            .for_each(|r| r.copy_from_slice(bias)),
+    }
 }
 
 /// Causal multi-head attention over packed `qkv: [B, T, 3H]` → `out: [B, T, H]`, saving the
@@ -219,16 +255,19 @@ fn attention_fwd(
     out: &mut [f32],
 ) {
     let (three_h, hd) = (3 * h, h / nh);
-    debug_assert!(qkv.len() == b * t * three_h && probs.len() == b * nh * t * t);
-    let out_ptr = SharedMut(out.as_mut_ptr());
-    probs.par_chunks_mut(t * t).enumerate().for_each(|(bh, p)| {
+    assert!(qkv.len() == b * t * three_h && probs.len() == b * nh * t * t);
+    assert!(out.len() == b * t * h);
+    for (bh, p) in probs.chunks_exact_mut(t * t).enumerate() {
         let (bi, hi) = (bh / nh, bh % nh);
         let base = &qkv[bi * t * three_h + hi * hd..];
         let (q, k, v) = (base.as_ptr(), base[h..].as_ptr(), base[2 * h..].as_ptr());
+        let o = out[bi * t * h + hi * hd..].as_mut_ptr();
         for r0 in (0..t).step_by(ATT_BLOCK) {
             let r1 = (r0 + ATT_BLOCK).min(t);
-            // SAFETY: q, k, v address [t × hd] blocks of `qkv` (row stride 3H) within the
-            // slice; `p` is this task's own [t × t] chunk, rows r0..r1, columns 0..r1.
+            // SAFETY: q, k, v address [t × hd] blocks of `qkv` (row stride 3H) and `o` the
+            // [t × hd] block of `out` (row stride H) of batch bi, head hi, all within the
+            // slices (asserted above); `p` is this head's [t × t] chunk, rows r0..r1,
+            // columns 0..r1.
             unsafe {
                 small_gemm(
                     r1 - r0,
@@ -249,14 +288,13 @@ fn attention_fwd(
                 softmax_row(&mut row[..=i]);
                 row[i + 1..].fill(0.0);
             }
-            // SAFETY: this task alone writes columns hi·hd..(hi+1)·hd of batch bi's rows
-            // r0..r1 of `out` ([b, t, h], row stride h).
+            // SAFETY: as above.
             unsafe {
                 small_gemm(
                     r1 - r0,
                     hd,
                     r1,
-                    out_ptr.get().add((bi * t + r0) * h + hi * hd),
+                    o.add(r0 * h),
                     h,
                     p.as_ptr().add(r0 * t),
                     (t, 1),
@@ -267,10 +305,12 @@ fn attention_fwd(
                 );
             }
         }
-    });
+    }
 }
 
-/// Backward of [`attention_fwd`]: `dqkv [B, T, 3H]` from `g = ∂L/∂out [B, T, H]`.
+/// Backward of [`attention_fwd`]: `dqkv [B, T, 3H]` from `g = ∂L/∂out [B, T, H]`; `ds` is
+/// `[T, T]` scratch.
+#[allow(clippy::too_many_arguments)]
 fn attention_bwd(
     qkv: &[f32],
     probs: &[f32],
@@ -278,101 +318,238 @@ fn attention_bwd(
     (b, t, h, nh): (usize, usize, usize, usize),
     scale: f32,
     dqkv: &mut [f32],
+    ds: &mut Vec<f32>,
 ) {
     let (three_h, hd) = (3 * h, h / nh);
-    debug_assert!(dqkv.len() == b * t * three_h && g.len() == b * t * h);
-    let d_ptr = SharedMut(dqkv.as_mut_ptr());
-    probs.par_chunks(t * t).enumerate().for_each_init(
-        || vec![0f32; t * t],
-        |ds, (bh, p)| {
-            let (bi, hi) = (bh / nh, bh % nh);
-            let off = bi * t * three_h + hi * hd;
-            let base = &qkv[off..];
-            let (q, k, v) = (base.as_ptr(), base[h..].as_ptr(), base[2 * h..].as_ptr());
-            let go = g[bi * t * h + hi * hd..].as_ptr();
-            // dP = dO Vᵀ (lower triangle, by row blocks), then dS = scale·P⊙(dP − rowsum(P⊙dP)).
+    assert!(qkv.len() == b * t * three_h && probs.len() == b * nh * t * t);
+    assert!(dqkv.len() == b * t * three_h && g.len() == b * t * h);
+    let ds = buf(ds, t * t);
+    for (bh, p) in probs.chunks_exact(t * t).enumerate() {
+        let (bi, hi) = (bh / nh, bh % nh);
+        let off = bi * t * three_h + hi * hd;
+        let base = &qkv[off..];
+        let (q, k, v) = (base.as_ptr(), base[h..].as_ptr(), base[2 * h..].as_ptr());
+        let go = g[bi * t * h + hi * hd..].as_ptr();
+        // dP = dO Vᵀ (lower triangle, by row blocks), then dS = scale·P⊙(dP − rowsum(P⊙dP)).
+        for r0 in (0..t).step_by(ATT_BLOCK) {
+            let r1 = (r0 + ATT_BLOCK).min(t);
+            // SAFETY: rows r0..r1, columns 0..r1 of the [t × t] scratch `ds`; go and v address
+            // blocks of `g` and `qkv` within the slices (asserted above).
+            unsafe {
+                small_gemm(
+                    r1 - r0,
+                    r1,
+                    hd,
+                    ds.as_mut_ptr().add(r0 * t),
+                    t,
+                    go.add(r0 * h),
+                    (h, 1),
+                    v,
+                    (1, three_h),
+                    1.0,
+                    false,
+                );
+            }
+            for i in r0..r1 {
+                let (dr, pr) = (&mut ds[i * t..=i * t + i], &p[i * t..=i * t + i]);
+                let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                for (d, &pp) in dr.iter_mut().zip(pr) {
+                    *d = scale * pp * (*d - dot);
+                }
+                ds[i * t + i + 1..(i + 1) * t].fill(0.0);
+            }
+        }
+        // SAFETY: dq, dk, dv are batch bi / head hi's column blocks of `dqkv` (row stride 3H),
+        // within the slice. P and dS are zero above the diagonal, so each product only spans
+        // the rows and columns that can be non-zero.
+        unsafe {
+            let dq = dqkv[off..].as_mut_ptr();
+            let (dk, dv) = (dq.add(h), dq.add(2 * h));
             for r0 in (0..t).step_by(ATT_BLOCK) {
                 let r1 = (r0 + ATT_BLOCK).min(t);
-                // SAFETY: rows r0..r1, columns 0..r1 of this task's scratch `ds`.
-                unsafe {
-                    small_gemm(
-                        r1 - r0,
-                        r1,
-                        hd,
-                        ds.as_mut_ptr().add(r0 * t),
-                        t,
-                        go.add(r0 * h),
-                        (h, 1),
-                        v,
-                        (1, three_h),
-                        1.0,
-                        false,
-                    );
-                }
-                for i in r0..r1 {
-                    let (dr, pr) = (&mut ds[i * t..=i * t + i], &p[i * t..=i * t + i]);
-                    let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                    for (d, &pp) in dr.iter_mut().zip(pr) {
-                        *d = scale * pp * (*d - dot);
-                    }
-                    ds[i * t + i + 1..(i + 1) * t].fill(0.0);
-                }
+                // dQ[r0..r1] = dS[r0..r1, 0..r1] K[0..r1]
+                small_gemm(
+                    r1 - r0,
+                    hd,
+                    r1,
+                    dq.add(r0 * three_h),
+                    three_h,
+                    ds.as_ptr().add(r0 * t),
+                    (t, 1),
+                    k,
+                    (three_h, 1),
+                    1.0,
+                    false,
+                );
+                // Key block c0..c1 = r0..r1 sees queries c0..t:
+                // dK[c] = dS[c0..t, c]ᵀ Q[c0..t], dV[c] = P[c0..t, c]ᵀ dO[c0..t].
+                let (c0, c1) = (r0, r1);
+                small_gemm(
+                    c1 - c0,
+                    hd,
+                    t - c0,
+                    dk.add(c0 * three_h),
+                    three_h,
+                    ds.as_ptr().add(c0 * t + c0),
+                    (1, t),
+                    q.add(c0 * three_h),
+                    (three_h, 1),
+                    1.0,
+                    false,
+                );
+                small_gemm(
+                    c1 - c0,
+                    hd,
+                    t - c0,
+                    dv.add(c0 * three_h),
+                    three_h,
+                    p.as_ptr().add(c0 * t + c0),
+                    (1, t),
+                    go.add(c0 * h),
+                    (h, 1),
+                    1.0,
+                    false,
+                );
             }
-            // SAFETY: dq, dk, dv are this task's own column blocks of `dqkv` (batch bi, head hi);
-            // P and dS are zero above the diagonal, so each product only spans the rows and
-            // columns that can be non-zero.
-            unsafe {
-                let dq = d_ptr.get().add(off);
-                let (dk, dv) = (dq.add(h), dq.add(2 * h));
-                for r0 in (0..t).step_by(ATT_BLOCK) {
-                    let r1 = (r0 + ATT_BLOCK).min(t);
-                    // dQ[r0..r1] = dS[r0..r1, 0..r1] K[0..r1]
-                    small_gemm(
-                        r1 - r0,
-                        hd,
-                        r1,
-                        dq.add(r0 * three_h),
-                        three_h,
-                        ds.as_ptr().add(r0 * t),
-                        (t, 1),
-                        k,
-                        (three_h, 1),
-                        1.0,
-                        false,
-                    );
-                    // Key block c0..c1 = r0..r1 sees queries c0..t:
-                    // dK[c] = dS[c0..t, c]ᵀ Q[c0..t], dV[c] = P[c0..t, c]ᵀ dO[c0..t].
-                    let (c0, c1) = (r0, r1);
-                    small_gemm(
-                        c1 - c0,
-                        hd,
-                        t - c0,
-                        dk.add(c0 * three_h),
-                        three_h,
-                        ds.as_ptr().add(c0 * t + c0),
-                        (1, t),
-                        q.add(c0 * three_h),
-                        (three_h, 1),
-                        1.0,
-                        false,
-                    );
-                    small_gemm(
-                        c1 - c0,
-                        hd,
-                        t - c0,
-                        dv.add(c0 * three_h),
-                        three_h,
-                        p.as_ptr().add(c0 * t + c0),
-                        (1, t),
-                        go.add(c0 * h),
-                        (h, 1),
-                        1.0,
-                        false,
-                    );
-                }
+        }
+    }
+}
+
+/// Forward and backward over one row group (`ids: [b, t]`), single-threaded: fills `ws.grads`
+/// and `ws.row_loss`.
+fn part(d: Dims, w: &Weights, ids: &[u32], lens: &[usize], row_weight: &[f32], ws: &mut PartBufs) {
+    let Dims {
+        t,
+        h,
+        nh,
+        inner,
+        v,
+        eps,
+    } = d;
+    let (b, nl) = (lens.len(), w.blocks.len());
+    let n = b * t;
+    let dims = (b, t, h, nh);
+    ws.xs.resize_with(nl + 1, Vec::new);
+    ws.layers.resize_with(nl, LayerBufs::default);
+    ws.grads.resize_with(nl, Default::default);
+
+    // Embeddings.
+    let x0 = buf(&mut ws.xs[0], n * h);
+    for (r, row) in x0.chunks_exact_mut(h).enumerate() {
+        let (id, pos) = (ids[r] as usize, r % t);
+        for ((o, &a), &p) in row
+            .iter_mut()
+            .zip(&w.wte[id * h..(id + 1) * h])
+            .zip(&w.wpe[pos * h..(pos + 1) * h])
+        {
+            *o = a + p;
+        }
+    }
+
+    // Forward.
+    for (li, bw) in w.blocks.iter().enumerate() {
+        let (done, rest) = ws.xs.split_at_mut(li + 1);
+        let x = &done[li][..];
+        let lb = &mut ws.layers[li];
+        let a = buf(&mut ws.a, n * h);
+        layer_norm(x, bw.ln1, eps, a);
+        let qkv = buf(&mut lb.qkv, n * 3 * h);
+        rows_plus_bias(None, bw.qkv.1, qkv);
+        gemm(n, 3 * h, h, qkv, a, (h, 1), bw.qkv.0, (3 * h, 1), true);
+        let probs = buf(&mut lb.probs, b * nh * t * t);
+        attention_fwd(qkv, dims, bw.scale, probs, a);
+        let xm = buf(&mut lb.xm, n * h);
+        rows_plus_bias(Some(x), bw.proj.1, xm);
+        gemm(n, h, h, xm, a, (h, 1), bw.proj.0, (h, 1), true);
+        let m_in = buf(&mut lb.m_in, n * h);
+        layer_norm(xm, bw.ln2, eps, m_in);
+        let hpre = buf(&mut lb.hpre, n * inner);
+        rows_plus_bias(None, bw.fc.1, hpre);
+        gemm(n, inner, h, hpre, m_in, (h, 1), bw.fc.0, (inner, 1), true);
+        let hh = buf(&mut lb.h, n * inner);
+        hh.iter_mut()
+            .zip(&*hpre)
+            .for_each(|(o, &i)| *o = i.max(0.0));
+        let next = buf(&mut rest[0], n * h);
+        rows_plus_bias(Some(xm), bw.mproj.1, next);
+        gemm(n, h, inner, next, hh, (inner, 1), bw.mproj.0, (h, 1), true);
+    }
+    // The final LayerNorm into scratch `a`, then logits = hf · lmᵀ.
+    let hf = buf(&mut ws.a, n * h);
+    layer_norm(&ws.xs[nl], w.lnf, eps, hf);
+    let logits = buf(&mut ws.logits, n * v);
+    gemm(n, v, h, logits, hf, (h, 1), w.lm, (1, h), false);
+
+    // Loss and its gradient, in place: logits become ∂L/∂logits.
+    ws.row_loss.clear();
+    for (r, lg) in logits.chunks_exact_mut(t * v).enumerate() {
+        let len = lens[r];
+        let c = row_weight[r] / (len - 1) as f32;
+        let mut total = 0f64;
+        for j in 0..t {
+            let row = &mut lg[j * v..(j + 1) * v];
+            if j + 1 >= len {
+                row.fill(0.0);
+                continue;
             }
-        },
-    );
+            let tg = ids[r * t + j + 1] as usize;
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = max + row.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
+            total += f64::from(lse - row[tg]);
+            softmax_row(row);
+            row[tg] -= 1.0;
+            row.iter_mut().for_each(|d| *d *= c);
+        }
+        ws.row_loss.push(total / (len - 1) as f64);
+    }
+
+    // Backward.
+    let dhf = buf(&mut ws.dt, n * h);
+    gemm(n, h, v, dhf, &ws.logits, (v, 1), w.lm, (h, 1), false);
+    let dx = buf(&mut ws.dx, n * h);
+    dx.fill(0.0);
+    layer_norm_bwd_add(&ws.xs[nl], w.lnf.0, eps, dhf, dx);
+    let mut ds = Vec::new();
+    for li in (0..nl).rev() {
+        let bw = &w.blocks[li];
+        let lb = &ws.layers[li];
+        let (g1, g2) = &mut ws.grads[li];
+        let (g1, g2) = (buf(g1, h * inner), buf(g2, inner * h));
+        let dx = &mut ws.dx;
+        // c_proj: ∂W2 = hᵀ dx, ∂h = dx W2ᵀ, then ReLU (the gradient passes at 0).
+        gemm(inner, h, n, g2, &lb.h, (1, inner), dx, (h, 1), false);
+        let dh = buf(&mut ws.dh, n * inner);
+        gemm(n, inner, h, dh, dx, (h, 1), bw.mproj.0, (1, h), false);
+        // A select, not a branch: the sign of x is a coin flip.
+        dh.iter_mut()
+            .zip(&lb.hpre)
+            .for_each(|(d, &x)| *d = if x >= 0.0 { *d } else { 0.0 });
+        // c_fc: ∂W1 = m_inᵀ ∂hpre.
+        gemm(h, inner, n, g1, &lb.m_in, (1, h), dh, (inner, 1), false);
+        if li == 0 {
+            break;
+        }
+        // ∂m_in = ∂hpre W1ᵀ; through ln_2 into the residual.
+        let dt = buf(&mut ws.dt, n * h);
+        gemm(n, h, inner, dt, dh, (inner, 1), bw.fc.0, (1, inner), false);
+        layer_norm_bwd_add(&lb.xm, bw.ln2.0, eps, dt, dx);
+        // Attention output projection, attention, qkv projection, ln_1.
+        gemm(n, h, h, dt, dx, (h, 1), bw.proj.0, (1, h), false);
+        let dqkv = buf(&mut ws.dqkv, n * 3 * h);
+        attention_bwd(&lb.qkv, &lb.probs, dt, dims, bw.scale, dqkv, &mut ds);
+        gemm(
+            n,
+            h,
+            3 * h,
+            dt,
+            dqkv,
+            (3 * h, 1),
+            bw.qkv.0,
+            (1, 3 * h),
+            false,
+        );
+        layer_norm_bwd_add(&ws.xs[li], bw.ln1.0, eps, dt, dx);
+    }
 }
 
 impl Gpt2 {
@@ -426,18 +603,22 @@ impl Gpt2 {
         {
             bail!("mlp_grads: MLP weights do not fit {nl} blocks of [{h}, {inner}]");
         }
-        let n = b * t;
-        let eps = cfg.layer_norm_epsilon as f32;
-        let dims = (b, t, h, nh);
-        let hd = h / nh;
+        let d = Dims {
+            t,
+            h,
+            nh,
+            inner,
+            v,
+            eps: cfg.layer_norm_epsilon as f32,
+        };
 
-        // Views of the frozen weights.
+        // Read guards on the frozen weights for the whole step, then plain slices.
         let wte = view(&self.wte);
         let wpe = view(&self.wpe);
         // Tied: the head is `wte` itself (one read guard per storage).
         let lm_head = (!cfg.tie_word_embeddings).then(|| view(&self.lm_head));
         let lnf = (view(&self.ln_f.w), view(&self.ln_f.b));
-        let blocks: Vec<[_; 8]> = self
+        let guards: Vec<[_; 10]> = self
             .blocks
             .iter()
             .map(|blk| {
@@ -450,182 +631,89 @@ impl Gpt2 {
                     view(&blk.attn_proj_b),
                     view(&blk.ln_2.w),
                     view(&blk.ln_2.b),
+                    view(&blk.c_fc_b),
+                    view(&blk.mlp_proj_b),
                 ]
             })
             .collect();
-        let mut fc_b = Vec::with_capacity(nl);
-        let mut proj_b = Vec::with_capacity(nl);
-        for blk in &self.blocks {
-            fc_b.push(view(&blk.c_fc_b));
-            proj_b.push(view(&blk.mlp_proj_b));
-        }
-
-        ws.xs.resize_with(nl + 1, Vec::new);
-        ws.layers.resize_with(nl, LayerBufs::default);
-
-        // Embeddings.
-        {
-            let (wte, wpe) = (wte.slice()?, wpe.slice()?);
-            let x0 = buf(&mut ws.xs[0], n * h);
-            x0.par_chunks_mut(h).enumerate().for_each(|(r, row)| {
-                let (id, pos) = (ids[r] as usize, r % t);
-                for ((o, &a), &p) in row
-                    .iter_mut()
-                    .zip(&wte[id * h..(id + 1) * h])
-                    .zip(&wpe[pos * h..(pos + 1) * h])
-                {
-                    *o = a + p;
-                }
-            });
-        }
-
-        // Forward.
-        for (li, bv) in blocks.iter().enumerate() {
-            let [ln1w, ln1b, wqkv, bqkv, wo, bo, ln2w, ln2b] = bv;
+        let mut blocks = Vec::with_capacity(nl);
+        for (li, (g, (w1, w2))) in guards.iter().zip(mlp).enumerate() {
             let mut scale = if cfg.scale_attn_weights {
-                1.0 / (hd as f64).sqrt()
+                1.0 / ((h / nh) as f64).sqrt()
             } else {
                 1.0
             };
             if cfg.scale_attn_by_inverse_layer_idx {
                 scale /= (li + 1) as f64;
             }
-            let (done, rest) = ws.xs.split_at_mut(li + 1);
-            let x = &done[li][..];
-            let lb = &mut ws.layers[li];
-            let a = buf(&mut ws.a, n * h);
-            layer_norm(x, ln1w.slice()?, ln1b.slice()?, eps, a);
-            let qkv = buf(&mut lb.qkv, n * 3 * h);
-            rows_plus_bias(None, bqkv.slice()?, qkv);
-            gemm(n, 3 * h, h, qkv, a, (h, 1), wqkv.slice()?, (3 * h, 1), true);
-            let probs = buf(&mut lb.probs, b * nh * t * t);
-            attention_fwd(qkv, dims, scale as f32, probs, a);
-            let xm = buf(&mut lb.xm, n * h);
-            rows_plus_bias(Some(x), bo.slice()?, xm);
-            gemm(n, h, h, xm, a, (h, 1), wo.slice()?, (h, 1), true);
-            let m_in = buf(&mut lb.m_in, n * h);
-            layer_norm(xm, ln2w.slice()?, ln2b.slice()?, eps, m_in);
-            let hpre = buf(&mut lb.hpre, n * inner);
-            rows_plus_bias(None, fc_b[li].slice()?, hpre);
-            gemm(
-                n,
-                inner,
-                h,
-                hpre,
-                m_in,
-                (h, 1),
-                &mlp[li].0,
-                (inner, 1),
-                true,
-            );
-            let hh = buf(&mut lb.h, n * inner);
-            hh.par_chunks_mut(1 << 14)
-                .zip(hpre.par_chunks(1 << 14))
-                .for_each(|(o, i)| {
-                    o.iter_mut().zip(i).for_each(|(o, &i)| *o = i.max(0.0));
-                });
-            let next = buf(&mut rest[0], n * h);
-            rows_plus_bias(Some(xm), proj_b[li].slice()?, next);
-            gemm(n, h, inner, next, hh, (inner, 1), &mlp[li].1, (h, 1), true);
+            blocks.push(BlockWeights {
+                ln1: (g[0].slice()?, g[1].slice()?),
+                qkv: (g[2].slice()?, g[3].slice()?),
+                proj: (g[4].slice()?, g[5].slice()?),
+                ln2: (g[6].slice()?, g[7].slice()?),
+                fc: (w1.as_slice(), g[8].slice()?),
+                mproj: (w2.as_slice(), g[9].slice()?),
+                scale: scale as f32,
+            });
         }
-        let hf = buf(&mut ws.hf, n * h);
-        layer_norm(&ws.xs[nl], lnf.0.slice()?, lnf.1.slice()?, eps, hf);
-        let lm = match &lm_head {
-            Some(l) => l.slice()?,
-            None => wte.slice()?,
+        let w = Weights {
+            wte: wte.slice()?,
+            wpe: wpe.slice()?,
+            lm: match &lm_head {
+                Some(l) => l.slice()?,
+                None => wte.slice()?,
+            },
+            lnf: (lnf.0.slice()?, lnf.1.slice()?),
+            blocks,
         };
-        let logits = buf(&mut ws.logits, n * v);
-        // lm_head is [V, H]: logits = hf · lm_headᵀ.
-        gemm(n, v, h, logits, hf, (h, 1), lm, (1, h), false);
 
-        // Loss and its gradient, in place: logits become ∂L/∂logits.
-        let row_loss: Vec<f64> = logits
-            .par_chunks_mut(t * v)
+        // Row groups: two per thread, so that a thread slowed down by another process leaves
+        // work for the other to take.
+        let groups = (2 * rayon::current_num_threads()).clamp(1, b);
+        let per = b.div_ceil(groups);
+        let groups = b.div_ceil(per);
+        ws.parts.resize_with(groups, PartBufs::default);
+        ws.parts
+            .par_iter_mut()
             .enumerate()
-            .map(|(r, lg)| {
-                let len = lens[r];
-                let c = row_weight[r] / (len - 1) as f32;
-                let mut total = 0f64;
-                for j in 0..t {
-                    let row = &mut lg[j * v..(j + 1) * v];
-                    if j + 1 >= len {
-                        row.fill(0.0);
-                        continue;
-                    }
-                    let tg = ids[r * t + j + 1] as usize;
-                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let lse = max + row.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
-                    total += f64::from(lse - row[tg]);
-                    softmax_row(row);
-                    row[tg] -= 1.0;
-                    row.iter_mut().for_each(|d| *d *= c);
-                }
-                total / (len - 1) as f64
-            })
+            .for_each(|(gi, part_ws)| {
+                let (r0, r1) = (gi * per, ((gi + 1) * per).min(b));
+                part(
+                    d,
+                    &w,
+                    &ids[r0 * t..r1 * t],
+                    &lens[r0..r1],
+                    &row_weight[r0..r1],
+                    part_ws,
+                );
+            });
+
+        let parts = &ws.parts[..groups];
+        let row_loss: Vec<f64> = parts
+            .iter()
+            .flat_map(|p| p.row_loss.iter().copied())
             .collect();
         let loss = row_loss
             .iter()
             .zip(row_weight)
             .map(|(l, &w)| l * f64::from(w))
             .sum();
-
-        // Backward.
-        let dhf = buf(&mut ws.dt, n * h);
-        gemm(n, h, v, dhf, &ws.logits, (v, 1), lm, (h, 1), false);
-        let dx = buf(&mut ws.dx, n * h);
-        dx.fill(0.0);
-        layer_norm_bwd_add(&ws.xs[nl], lnf.0.slice()?, eps, dhf, dx);
-        let mut grads = vec![(vec![0f32; h * inner], vec![0f32; inner * h]); nl];
-        for li in (0..nl).rev() {
-            let [ln1w, _, wqkv, _, wo, _, ln2w, _] = &blocks[li];
-            let lb = &ws.layers[li];
-            let (w1, w2) = (&mlp[li].0, &mlp[li].1);
-            let (g1, g2) = &mut grads[li];
-            let dx = &mut ws.dx;
-            // c_proj: ∂W2 = hᵀ dx, ∂h = dx W2ᵀ, then ReLU (the gradient passes at 0).
-            gemm(inner, h, n, g2, &lb.h, (1, inner), dx, (h, 1), false);
-            let dh = buf(&mut ws.dh, n * inner);
-            gemm(n, inner, h, dh, dx, (h, 1), w2, (1, h), false);
-            dh.par_chunks_mut(1 << 14)
-                .zip(lb.hpre.par_chunks(1 << 14))
-                .for_each(|(d, x)| {
-                    // A select, not a branch: the sign of x is a coin flip.
-                    d.iter_mut()
-                        .zip(x)
-                        .for_each(|(d, &x)| *d = if x >= 0.0 { *d } else { 0.0 });
-                });
-            gemm(h, inner, n, g1, &lb.m_in, (1, h), dh, (inner, 1), false);
-            if li == 0 {
-                break;
-            }
-            // ∂m_in = ∂hpre W1ᵀ; through ln_2 into the residual.
-            let dt = buf(&mut ws.dt, n * h);
-            gemm(n, h, inner, dt, dh, (inner, 1), w1, (1, inner), false);
-            layer_norm_bwd_add(&lb.xm, ln2w.slice()?, eps, dt, dx);
-            gemm(n, h, h, dt, dx, (h, 1), wo.slice()?, (1, h), false);
-            let dqkv = buf(&mut ws.dqkv, n * 3 * h);
-            let mut scale = if cfg.scale_attn_weights {
-                1.0 / (hd as f64).sqrt()
-            } else {
-                1.0
-            };
-            if cfg.scale_attn_by_inverse_layer_idx {
-                scale /= (li + 1) as f64;
-            }
-            attention_bwd(&lb.qkv, &lb.probs, dt, dims, scale as f32, dqkv);
-            gemm(
-                n,
-                h,
-                3 * h,
-                dt,
-                dqkv,
-                (3 * h, 1),
-                wqkv.slice()?,
-                (1, 3 * h),
-                false,
-            );
-            layer_norm_bwd_add(&ws.xs[li], ln1w.slice()?, eps, dt, dx);
-        }
+        // Sum the groups' weight gradients, one matrix per task.
+        let grads: Vec<(Vec<f32>, Vec<f32>)> = (0..nl)
+            .into_par_iter()
+            .map(|li| {
+                let sum = |pick: fn(&(Vec<f32>, Vec<f32>)) -> &Vec<f32>| -> Vec<f32> {
+                    let mut acc = pick(&parts[0].grads[li]).clone();
+                    for p in &parts[1..] {
+                        acc.iter_mut()
+                            .zip(pick(&p.grads[li]))
+                            .for_each(|(a, &g)| *a += g);
+                    }
+                    acc
+                };
+                (sum(|g| &g.0), sum(|g| &g.1))
+            })
+            .collect();
         Ok(MlpGrads {
             loss,
             row_loss,
