@@ -7,13 +7,13 @@ Run (from the repository root, with the project's venv; see tests/fixtures/READM
 The model is transformers' `GPT2LMHeadModel` (4 layers, n_embd 128, 4 heads, MLP 512, ReLU,
 vocab 14, context 150, tied embeddings, no dropout), frozen. One score tensor per MLP weight
 matrix (Kaiming-uniform, bound 1/sqrt(fan_in)); per matrix the floor(ratio * numel) smallest
-|score| entries are masked with a straight-through
-estimator `hard + |s| - |s|.detach()`; the masked weights are substituted with
-`torch.func.functional_call`. The smallest entries are found with `torch.topk` (a selection,
+|score| entries are masked with a straight-through estimator `hard + |s| - |s|.detach()`;
+the masked weights are substituted with `torch.func.functional_call`. The smallest entries are found with `torch.topk` (a selection,
 like lethe's) rather than the reference code's full `sort`, which selects the same entries
 (up to the order among exact ties) and on 2 vCPUs cost ~39 ms of a ~175 ms step against
-~7.5 ms for `topk`; `--mask-select sort` restores the reference code's formulation. Loss: -(1 - w) * mean forget-row loss + w * mean retain-row loss
-(per-row mean token cross-entropy over 149 positions), half the rows forget, half retain;
+~7.5 ms for `topk`; `--mask-select sort` restores the reference code's formulation.
+Loss: -(1 - w) * mean forget-row loss + w * mean retain-row loss (per-row mean token
+cross-entropy over 149 positions), half the rows forget, half retain;
 SGD(lr 0.1, momentum 0.9, weight_decay 5e-4) on the scores. Prints one JSON object with the
 keys `lethe bench unlearn` prints; `seconds_per_step` is the median over timed steps.
 """

@@ -63,6 +63,18 @@ struct PartBufs {
     row_loss: Vec<f64>,
 }
 
+impl PartBufs {
+    /// This group's `∂c_fc` (or, when `second`, `∂c_proj`) of block `li`.
+    fn grad(&self, li: usize, second: bool) -> &[f32] {
+        let (a, c) = &self.grads[li];
+        if second {
+            c
+        } else {
+            a
+        }
+    }
+}
+
 /// What one block's backward reads.
 #[derive(Default)]
 struct LayerBufs {
@@ -702,16 +714,16 @@ impl Gpt2 {
         let grads: Vec<(Vec<f32>, Vec<f32>)> = (0..nl)
             .into_par_iter()
             .map(|li| {
-                let sum = |pick: fn(&(Vec<f32>, Vec<f32>)) -> &Vec<f32>| -> Vec<f32> {
-                    let mut acc = pick(&parts[0].grads[li]).clone();
+                let sum = |second: bool| -> Vec<f32> {
+                    let mut acc = parts[0].grad(li, second).to_vec();
                     for p in &parts[1..] {
                         acc.iter_mut()
-                            .zip(pick(&p.grads[li]))
+                            .zip(p.grad(li, second))
                             .for_each(|(a, &g)| *a += g);
                     }
                     acc
                 };
-                (sum(|g| &g.0), sum(|g| &g.1))
+                (sum(false), sum(true))
             })
             .collect();
         Ok(MlpGrads {
