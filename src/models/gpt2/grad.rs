@@ -30,7 +30,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::Gpt2;
-use crate::models::fused::{self, row_stats, small_gemm, softmax_row};
+use crate::models::fused::{self, small_gemm, softmax_row};
 use crate::models::ops::Activation;
 
 /// Query rows per block of the causal attention kernels.
@@ -205,7 +205,97 @@ fn gemm(
     }
 }
 
+/// Independent partial sums: LLVM keeps float sums in source order, so a plain `.sum()` is one
+/// serial dependency chain; 16 lanes vectorise (the result differs from the serial sum only by
+/// rounding).
+const LANES: usize = 16;
+
+#[inline(always)]
+fn lanes_total(acc: [f32; LANES]) -> f32 {
+    let mut acc = acc;
+    let mut w = LANES / 2;
+    while w > 0 {
+        for i in 0..w {
+            acc[i] += acc[i + w];
+        }
+        w /= 2;
+    }
+    acc[0]
+}
+
+/// `Σ f(a_i, b_i)` with [`LANES`] partial sums.
+#[inline(always)]
+fn sum_pairs(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (xa, xb) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] += f(xa[i], xb[i]);
+        }
+    }
+    for (i, (&x, &y)) in ra.iter().zip(rb).enumerate() {
+        acc[i] += f(x, y);
+    }
+    lanes_total(acc)
+}
+
+/// `max_i x_i` with [`LANES`] partial maxima (exact: max is associative).
+#[inline(always)]
+fn max_lanes(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let c = x.chunks_exact(LANES);
+    let r = c.remainder();
+    for xs in c {
+        for i in 0..LANES {
+            acc[i] = if xs[i] > acc[i] { xs[i] } else { acc[i] };
+        }
+    }
+    for (i, &v) in r.iter().enumerate() {
+        acc[i] = if v > acc[i] { v } else { acc[i] };
+    }
+    acc.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// `e^x` for `x ≤ 0` in a form that vectorises (Cephes' `expf`: `x = n·ln 2 + r`, a degree-7
+/// polynomial in `r`, `2^n` from the exponent bits); relative error below 1e-6 against the
+/// exact value, and ≈ 1e-38 instead of 0 below −87.
+#[inline(always)]
+fn exp_neg(x: f32) -> f32 {
+    let x = if x < -87.0 { -87.0 } else { x };
+    // Round x·log2(e) to the nearest integer with the 1.5·2^23 trick (|x·log2 e| < 2^22).
+    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = (((((1.987_569_2e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 0.166_666_65)
+        * r
+        + 0.5)
+        * (r * r)
+        + r
+        + 1.0;
+    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
+/// Softmax of a row with no −∞ entries, in place.
+#[inline(always)]
+fn softmax_dense_row(row: &mut [f32]) {
+    let max = max_lanes(row);
+    row.iter_mut().for_each(|v| *v = exp_neg(*v - max));
+    let inv = 1.0 / sum_pairs(row, row, |a, _| a);
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// Mean and 1/std of one row (two passes, as [`fused`]'s LayerNorm computes them).
+#[inline(always)]
+fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let d = x.len() as f32;
+    let mean = sum_pairs(x, x, |a, _| a) / d;
+    let var = sum_pairs(x, x, |a, _| (a - mean) * (a - mean)) / d;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
 /// `out = LayerNorm(x)` row by row.
+#[inline(always)]
 fn layer_norm(x: &[f32], (w, b): (&[f32], &[f32]), eps: f32, out: &mut [f32]) {
     let d = w.len();
     for (orow, xrow) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
@@ -217,30 +307,30 @@ fn layer_norm(x: &[f32], (w, b): (&[f32], &[f32]), eps: f32, out: &mut [f32]) {
 }
 
 /// `dx += ∂LayerNorm(x)/∂x · g` row by row (the weight and bias gradients are not needed).
+#[inline(always)]
 fn layer_norm_bwd_add(x: &[f32], w: &[f32], eps: f32, g: &[f32], dx: &mut [f32]) {
     let d = w.len();
-    let mut xhat = vec![0f32; d];
+    let (mut xhat, mut gw) = (vec![0f32; d], vec![0f32; d]);
     for ((dxr, xr), gr) in dx
         .chunks_exact_mut(d)
         .zip(x.chunks_exact(d))
         .zip(g.chunks_exact(d))
     {
         let (mean, rstd) = row_stats(xr, eps);
-        let (mut a, mut c) = (0f32, 0f32);
         for i in 0..d {
             xhat[i] = (xr[i] - mean) * rstd;
-            let gw = gr[i] * w[i];
-            a += gw;
-            c += gw * xhat[i];
+            gw[i] = gr[i] * w[i];
         }
-        let (a, c) = (a / d as f32, c / d as f32);
+        let a = sum_pairs(&gw, &gw, |p, _| p) / d as f32;
+        let c = sum_pairs(&gw, &xhat, |p, q| p * q) / d as f32;
         for i in 0..d {
-            dxr[i] += rstd * (gr[i] * w[i] - a - xhat[i] * c);
+            dxr[i] += rstd * (gw[i] - a - xhat[i] * c);
         }
     }
 }
 
 /// Fills each `[d]` row of `out` with `base_row + bias` (`base` is `[rows, d]`, or absent).
+#[inline(always)]
 fn rows_plus_bias(base: Option<&[f32]>, bias: &[f32], out: &mut [f32]) {
     let d = bias.len();
     match base {
@@ -259,6 +349,7 @@ fn rows_plus_bias(base: Option<&[f32]>, bias: &[f32], out: &mut [f32]) {
 
 /// Causal multi-head attention over packed `qkv: [B, T, 3H]` → `out: [B, T, H]`, saving the
 /// probabilities `[B, nh, T, T]` (zero above the diagonal).
+#[inline(always)]
 fn attention_fwd(
     qkv: &[f32],
     (b, t, h, nh): (usize, usize, usize, usize),
@@ -297,7 +388,7 @@ fn attention_fwd(
             }
             for i in r0..r1 {
                 let row = &mut p[i * t..(i + 1) * t];
-                softmax_row(&mut row[..=i]);
+                softmax_dense_row(&mut row[..=i]);
                 row[i + 1..].fill(0.0);
             }
             // SAFETY: as above.
@@ -323,6 +414,7 @@ fn attention_fwd(
 /// Backward of [`attention_fwd`]: `dqkv [B, T, 3H]` from `g = ∂L/∂out [B, T, H]`; `ds` is
 /// `[T, T]` scratch.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn attention_bwd(
     qkv: &[f32],
     probs: &[f32],
@@ -364,7 +456,7 @@ fn attention_bwd(
             }
             for i in r0..r1 {
                 let (dr, pr) = (&mut ds[i * t..=i * t + i], &p[i * t..=i * t + i]);
-                let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                let dot = sum_pairs(dr, pr, |a, b| a * b);
                 for (d, &pp) in dr.iter_mut().zip(pr) {
                     *d = scale * pp * (*d - dot);
                 }
@@ -430,6 +522,39 @@ fn attention_bwd(
 /// Forward and backward over one row group (`ids: [b, t]`), single-threaded: fills `ws.grads`
 /// and `ws.row_loss`.
 fn part(d: Dims, w: &Weights, ids: &[u32], lens: &[usize], row_weight: &[f32], ws: &mut PartBufs) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features `part_avx2` is compiled for (checked just above).
+        return unsafe { part_avx2(d, w, ids, lens, row_weight, ws) };
+    }
+    part_body(d, w, ids, lens, row_weight, ws)
+}
+
+/// [`part_body`] compiled for AVX2 (the crate's baseline is x86-64's SSE2): the row loops
+/// (LayerNorm, softmax, bias, ReLU) get 8-wide vectors. Floating-point semantics are unchanged
+/// (no contraction into FMA, no reassociation).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn part_avx2(
+    d: Dims,
+    w: &Weights,
+    ids: &[u32],
+    lens: &[usize],
+    row_weight: &[f32],
+    ws: &mut PartBufs,
+) {
+    part_body(d, w, ids, lens, row_weight, ws)
+}
+
+#[inline(always)]
+fn part_body(
+    d: Dims,
+    w: &Weights,
+    ids: &[u32],
+    lens: &[usize],
+    row_weight: &[f32],
+    ws: &mut PartBufs,
+) {
     let Dims {
         t,
         h,
@@ -731,5 +856,45 @@ impl Gpt2 {
             row_loss,
             grads,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_neg_is_accurate_on_the_softmax_range() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -87.0 * i as f32 / 200_000.0;
+            let want = f64::from(x).exp();
+            let got = f64::from(exp_neg(x));
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 1e-6, "worst relative error {worst}");
+        assert_eq!(exp_neg(0.0), 1.0);
+        assert!(exp_neg(f32::NEG_INFINITY) < 1e-37);
+    }
+
+    #[test]
+    fn lane_reductions_match_serial_ones() {
+        for n in [1usize, 5, 16, 17, 128, 151] {
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
+                .collect();
+            let y: Vec<f32> = (0..n).map(|i| ((i * 11 % 13) as f32 - 6.0) / 3.0).collect();
+            let dot: f32 = x.iter().zip(&y).map(|(a, b)| a * b).sum();
+            assert!((sum_pairs(&x, &y, |a, b| a * b) - dot).abs() <= 1e-5 * dot.abs().max(1.0));
+            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max_lanes(&x), max);
+            let mut row = x.clone();
+            softmax_dense_row(&mut row);
+            let mut reference = x.clone();
+            softmax_row(&mut reference);
+            for (a, b) in row.iter().zip(&reference) {
+                assert!((a - b).abs() <= 1e-6, "{a} vs {b}");
+            }
+        }
     }
 }
