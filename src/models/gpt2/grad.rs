@@ -620,8 +620,14 @@ fn part_body(
     // Loss and its gradient, in place: logits become ∂L/∂logits.
     ws.row_loss.clear();
     for (r, lg) in logits.chunks_exact_mut(t * v).enumerate() {
+        // A row of fewer than 2 tokens predicts nothing: loss 0, no gradient (as the composed
+        // path's zero position weights give).
         let len = lens[r];
-        let c = row_weight[r] / (len - 1) as f32;
+        let c = if len > 1 {
+            row_weight[r] / (len - 1) as f32
+        } else {
+            0.0
+        };
         let mut total = 0f64;
         for j in 0..t {
             let row = &mut lg[j * v..(j + 1) * v];
@@ -637,7 +643,11 @@ fn part_body(
             row[tg] -= 1.0;
             row.iter_mut().for_each(|d| *d *= c);
         }
-        ws.row_loss.push(total / (len - 1) as f64);
+        ws.row_loss.push(if len > 1 {
+            total / (len - 1) as f64
+        } else {
+            0.0
+        });
     }
 
     // Backward.
@@ -700,7 +710,8 @@ impl Gpt2 {
     /// cross-entropy over its first `lens[r]` tokens, and `∂L/∂W` for every MLP matrix, with the
     /// MLP weights replaced by `mlp` (`(c_fc, c_proj)` per block, `[in, out]` row-major).
     ///
-    /// `ids` is `[b, t]` row-major, rows right-padded to `t` with any valid id; `2 ≤ lens[r] ≤ t`.
+    /// `ids` is `[b, t]` row-major, rows right-padded to `t` with any valid id; `lens[r] ≤ t`
+    /// (a row shorter than 2 tokens contributes nothing).
     pub fn mlp_grads(
         &self,
         ids: &[u32],
@@ -727,8 +738,8 @@ impl Gpt2 {
         if t < 2 || t > cfg.n_positions {
             bail!("mlp_grads: {t} positions outside 2..={}", cfg.n_positions);
         }
-        if let Some(&l) = lens.iter().find(|&&l| l < 2 || l > t) {
-            bail!("mlp_grads: row length {l} outside 2..={t}");
+        if let Some(&l) = lens.iter().find(|&&l| l > t) {
+            bail!("mlp_grads: row length {l} is longer than {t}");
         }
         if let Some(&id) = ids.iter().find(|&&i| i as usize >= v) {
             bail!("mlp_grads: token id {id} is outside the vocabulary of {v}");
