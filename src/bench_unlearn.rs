@@ -9,9 +9,9 @@ use clap::Args;
 use crate::audit::{self, AuditItem};
 use crate::bench::{median, random_model, shape_config, Shape};
 use crate::optim::{Sgd, SgdParams};
-use crate::unlearn::batch_loss;
 use crate::unlearn::mask::Scores;
 use crate::unlearn::Example;
+use crate::unlearn::{step, StepWorkspace};
 
 #[derive(Debug, Args)]
 pub struct UnlearnBenchArgs {
@@ -93,14 +93,12 @@ pub fn unlearn(a: UnlearnBenchArgs) -> anyhow::Result<()> {
             forget: i < a.batch / 2,
         })
         .collect();
+    let mut ws = StepWorkspace::default();
     let mut times = Vec::new();
-    for step in 0..a.warmup + a.steps {
+    for i in 0..a.warmup + a.steps {
         let t = Instant::now();
-        let masked = scores.masked(&base)?;
-        let (loss, _, _) = batch_loss(&model, &masked, &batch, 0.9)?;
-        let grads = loss.backward()?;
-        opt.step(&grads)?;
-        if step >= a.warmup {
+        step(&model, &scores, &base, &batch, 0.9, &mut opt, &mut ws)?;
+        if i >= a.warmup {
             times.push(t.elapsed().as_secs_f64());
         }
     }

@@ -155,11 +155,25 @@ impl Sgd {
     }
 
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.step_with(|_, var| grads.get(var.as_tensor()).cloned())
+    }
+
+    /// One step with the gradients `grad(i, var)` gives for the `i`-th variable (in the order
+    /// passed to [`Sgd::new`]); `None` skips that variable.
+    pub fn step_with(&mut self, mut grad: impl FnMut(usize, &Var) -> Option<Tensor>) -> Result<()> {
         let p = self.params;
-        for (var, buf) in self.vars.iter_mut() {
-            let Some(g) = grads.get(var.as_tensor()) else {
+        for (i, (var, buf)) in self.vars.iter_mut().enumerate() {
+            let Some(g) = grad(i, var) else {
                 continue;
             };
+            if var.device().is_cpu()
+                && var.dtype() == DType::F32
+                && g.dtype() == DType::F32
+                && g.dims() == var.dims()
+            {
+                Self::step_cpu_f32(p, var, buf, &g)?;
+                continue;
+            }
             // Detached: see AdamW::step.
             let mut g = g.detach();
             if p.weight_decay != 0.0 {
@@ -175,6 +189,34 @@ impl Sgd {
             }
             var.set(&(var.as_tensor() - (g * p.lr)?)?)?;
         }
+        Ok(())
+    }
+
+    /// The same update on f32 CPU values in one pass, with the tensor path's exact f32
+    /// arithmetic (candle's `t * c` is `t·c + 0`), instead of five whole-tensor ops each
+    /// allocating its result.
+    fn step_cpu_f32(p: SgdParams, var: &Var, buf: &mut Option<Tensor>, g: &Tensor) -> Result<()> {
+        let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+        let (mut theta, mut g) = (flat(var.as_tensor())?, flat(g)?);
+        let (wd, mu, lr) = (p.weight_decay as f32, p.momentum as f32, p.lr as f32);
+        if p.weight_decay != 0.0 {
+            g.iter_mut()
+                .zip(&theta)
+                .for_each(|(g, &t)| *g += t * wd + 0.0);
+        }
+        if p.momentum != 0.0 {
+            if let Some(b) = buf.take() {
+                g.iter_mut()
+                    .zip(flat(&b)?)
+                    .for_each(|(g, b)| *g += b * mu + 0.0);
+            }
+            *buf = Some(Tensor::from_vec(g.clone(), var.dims(), var.device())?);
+        }
+        theta
+            .iter_mut()
+            .zip(&g)
+            .for_each(|(t, &g)| *t -= g * lr + 0.0);
+        var.set(&Tensor::from_vec(theta, var.dims(), var.device())?)?;
         Ok(())
     }
 }
@@ -294,6 +336,50 @@ mod tests {
         }
         for (_, buf) in &sgd.vars {
             assert!(!buf.as_ref().unwrap().track_op());
+        }
+    }
+
+    #[test]
+    fn sgd_cpu_pass_equals_the_tensor_ops_bit_for_bit() {
+        let p = SgdParams {
+            lr: 0.1,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+        };
+        let vals = |seed: u32| -> Vec<f32> {
+            (0..257u32)
+                .map(|i| ((i.wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+                .collect()
+        };
+        let var = Var::new(vals(1).as_slice(), &Device::Cpu).unwrap();
+        let mut opt = Sgd::new(vec![var.clone()], p);
+        // The reference: the tensor expressions of the generic path.
+        let mut theta = Tensor::new(vals(1).as_slice(), &Device::Cpu).unwrap();
+        let mut buf: Option<Tensor> = None;
+        for step in 0..3 {
+            let g = Tensor::new(vals(10 + step).as_slice(), &Device::Cpu).unwrap();
+            opt.step_with(|_, _| Some(g.clone())).unwrap();
+            let g = (&g + (&theta * p.weight_decay).unwrap()).unwrap();
+            let next = match buf.take() {
+                None => g,
+                Some(b) => ((b * p.momentum).unwrap() + g).unwrap(),
+            };
+            theta = (&theta - (&next * p.lr).unwrap()).unwrap();
+            buf = Some(next);
+            let got: Vec<u32> = var
+                .as_tensor()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            let want: Vec<u32> = theta
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            assert_eq!(got, want, "step {step}");
         }
     }
 

@@ -128,7 +128,7 @@ fn rows_per_task(rows: usize) -> usize {
 /// Every pointer must address its whole matrix under the given strides, and `dst` must not alias
 /// the inputs.
 #[allow(clippy::too_many_arguments)]
-unsafe fn small_gemm(
+pub(crate) unsafe fn small_gemm(
     m: usize,
     n: usize,
     k: usize,
@@ -177,7 +177,7 @@ struct LayerNorm {
 }
 
 /// Mean and 1/std of one row (two passes, as the composed reference computes them).
-fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+pub(crate) fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     let d = x.len() as f32;
     let mean = x.iter().sum::<f32>() / d;
     let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d;
@@ -570,7 +570,7 @@ struct Softmax;
 
 /// In-place softmax of one row; entries equal to −∞ become exactly 0, and a row that is −∞
 /// everywhere becomes all zeros (instead of NaN).
-fn softmax_row(row: &mut [f32]) {
+pub(crate) fn softmax_row(row: &mut [f32]) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if max == f32::NEG_INFINITY {
         row.fill(0.0);

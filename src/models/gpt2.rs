@@ -13,6 +13,9 @@ use super::ops::{self, Activation};
 use super::{causal_mask, Inputs, KvCache, MlpWeights, ModelSpec, Params};
 use crate::error::{Error, Result};
 
+mod grad;
+pub use grad::{MlpGradWorkspace, MlpGrads};
+
 /// GPT-2 hyper-parameters, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {

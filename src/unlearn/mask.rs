@@ -109,20 +109,52 @@ pub fn zeros_for(numel: usize, ratio: f64) -> usize {
 pub fn hard_mask(scores: &Tensor, ratio: f64) -> Result<Tensor> {
     let dims = scores.dims().to_vec();
     let flat: Vec<f32> = scores.flatten_all()?.to_device(&Device::Cpu)?.to_vec1()?;
-    let j = zeros_for(flat.len(), ratio);
+    Ok(Tensor::from_vec(
+        hard_mask_values(&flat, ratio),
+        dims,
+        scores.device(),
+    )?)
+}
+
+/// [`hard_mask`] of flattened scores, as values.
+pub fn hard_mask_values(flat: &[f32], ratio: f64) -> Vec<f32> {
     let mut mask = vec![1f32; flat.len()];
-    if j > 0 {
-        let mut idx: Vec<u32> = (0..flat.len() as u32).collect();
-        let key = |i: &u32| (flat[*i as usize].abs(), *i);
-        idx.select_nth_unstable_by(j - 1, |a, b| {
-            let (ka, kb) = (key(a), key(b));
-            ka.0.total_cmp(&kb.0).then(ka.1.cmp(&kb.1))
-        });
-        for &i in &idx[..j] {
-            mask[i as usize] = 0.0;
+    let mut scratch = Vec::new();
+    for i in smallest_abs(flat, zeros_for(flat.len(), ratio), &mut scratch) {
+        mask[i] = 0.0;
+    }
+    mask
+}
+
+/// The positions of the `j` smallest `|x|`, ties broken by position (lower first), in
+/// ascending position order. `scratch` is reused between calls.
+///
+/// O(n): one selection over the bit patterns of `|x|` (for non-negative floats, including NaN
+/// above +∞, the unsigned order of the bits is `f32::total_cmp`'s order) finds the threshold `τ`,
+/// the `j`-th smallest; every entry below `τ` is taken, then entries equal to `τ` in position
+/// order until `j` are taken.
+pub fn smallest_abs(x: &[f32], j: usize, scratch: &mut Vec<u32>) -> Vec<usize> {
+    let j = j.min(x.len());
+    if j == 0 {
+        return Vec::new();
+    }
+    let key = |v: f32| v.to_bits() & 0x7fff_ffff;
+    scratch.clear();
+    scratch.extend(x.iter().map(|&v| key(v)));
+    let (_, &mut tau, _) = scratch.select_nth_unstable(j - 1);
+    let below = x.iter().filter(|&&v| key(v) < tau).count();
+    let mut ties = j - below;
+    let mut out = Vec::with_capacity(j);
+    for (i, &v) in x.iter().enumerate() {
+        let k = key(v);
+        if k < tau {
+            out.push(i);
+        } else if k == tau && ties > 0 {
+            out.push(i);
+            ties -= 1;
         }
     }
-    Ok(Tensor::from_vec(mask, dims, scores.device())?)
+    out
 }
 
 #[cfg(test)]
@@ -149,6 +181,45 @@ mod tests {
             .unwrap();
         // |s| ascending: 0.05 (5), 0.1 (1), 0.2 (4) are zeroed.
         assert_eq!(m, vec![1.0, 0.0, 1.0, 1.0, 0.0, 0.0]);
+    }
+
+    /// The sort the reference code does: ascending `|s|`, ties by position.
+    fn by_sort(x: &[f32], j: usize) -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..x.len()).collect();
+        idx.sort_by(|&a, &b| x[a].abs().total_cmp(&x[b].abs()).then(a.cmp(&b)));
+        let mut out = idx[..j].to_vec();
+        out.sort_unstable();
+        out
+    }
+
+    #[test]
+    fn selection_equals_a_full_sort_with_ties_zeros_and_signs() {
+        let mut scratch = Vec::new();
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        for case in 0..40 {
+            let n = 1 + case * 37 % 301;
+            let x: Vec<f32> = (0..n)
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    // Few distinct magnitudes, both signs, and ±0: many ties.
+                    let v = [0.0f32, -0.0, 0.5, -0.5, 0.25, 1.0, -3.0, 1e-30][(s % 8) as usize];
+                    if case % 2 == 0 {
+                        v
+                    } else {
+                        v * (1.0 + (s >> 40) as f32 / (1u64 << 24) as f32)
+                    }
+                })
+                .collect();
+            for j in [0, 1, n / 3, n / 2, n - 1, n] {
+                assert_eq!(
+                    smallest_abs(&x, j, &mut scratch),
+                    by_sort(&x, j),
+                    "n {n} j {j}"
+                );
+            }
+        }
     }
 
     #[test]

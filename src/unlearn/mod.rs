@@ -30,10 +30,12 @@ use candle_core::Tensor;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::audit::{self, AuditItem};
 use crate::error::{Error, Result};
+use crate::models::gpt2::MlpGradWorkspace;
 use crate::models::{Inputs, MlpWeights, Model};
 use crate::optim::{Sgd, SgdParams};
 use mask::Scores;
@@ -259,6 +261,7 @@ pub fn balanced_subnet(
         Mode::Paper => batches.len(),
         Mode::Balanced => cfg.max_steps,
     };
+    let mut ws = StepWorkspace::default();
     let mut steps = 0;
     let mut stopped_early = false;
     let mut forget_order: Vec<usize> = (0..forget.len()).collect();
@@ -298,10 +301,7 @@ pub fn balanced_subnet(
                 b
             }
         };
-        let masked = scores.masked(&base)?;
-        let (loss, lf, lr) = batch_loss(model, &masked, &batch, w)?;
-        let grads = loss.backward()?;
-        opt.step(&grads)?;
+        let (lf, lr) = step(model, &scores, &base, &batch, w, &mut opt, &mut ws)?;
         steps += 1;
         ctl.set(Progress {
             step: steps,
@@ -342,6 +342,153 @@ pub fn balanced_subnet(
         seconds: start.elapsed().as_secs_f64(),
         stopped_early,
     })
+}
+
+/// Buffers that [`step`] reuses from one step to the next.
+#[derive(Default)]
+pub struct StepWorkspace {
+    grad: MlpGradWorkspace,
+    /// The masked MLP weights `(c_fc, c_proj)` per block, and selection scratch per matrix.
+    eff: Vec<(Vec<f32>, Vec<f32>)>,
+    scratch: Vec<Vec<u32>>,
+}
+
+/// One BalancedSubnet step: the loss of [`batch_loss`] through the scores' straight-through
+/// mask, its gradient with respect to the scores, and one optimiser step. Returns the two group
+/// means (for progress reports).
+///
+/// GPT-2 models with a ReLU MLP on the CPU take [`crate::models::gpt2::Gpt2::mlp_grads`], a hand-written backward
+/// that produces only the MLP weights' gradient; the scores' gradient is then the
+/// straight-through one, `(∂L/∂W_eff ⊙ W) · sign(s)`, exactly what autograd through
+/// [`Scores::masked`] gives. Every other model goes through candle's autograd.
+pub fn step(
+    model: &Model,
+    scores: &Scores,
+    base: &MlpWeights,
+    batch: &[Example],
+    w: f64,
+    opt: &mut Sgd,
+    ws: &mut StepWorkspace,
+) -> Result<(Option<f64>, Option<f64>)> {
+    if let Some((grads, lf, lr)) = fast_score_grads(model, scores, base, batch, w, ws)? {
+        opt.step_with(|i, _| grads.get(i).cloned())?;
+        return Ok((lf, lr));
+    }
+    let masked = scores.masked(base)?;
+    let (loss, lf, lr) = batch_loss(model, &masked, batch, w)?;
+    let grads = loss.backward()?;
+    opt.step(&grads)?;
+    Ok((lf, lr))
+}
+
+/// Score gradients in [`Scores::all_vars`] order and the group means, through
+/// [`crate::models::gpt2::Gpt2::mlp_grads`]; `None` when the model does not qualify.
+#[allow(clippy::type_complexity)]
+fn fast_score_grads(
+    model: &Model,
+    scores: &Scores,
+    base: &MlpWeights,
+    batch: &[Example],
+    w: f64,
+    ws: &mut StepWorkspace,
+) -> Result<Option<(Vec<Tensor>, Option<f64>, Option<f64>)>> {
+    let Model::Gpt2(gpt) = model else {
+        return Ok(None);
+    };
+    if !gpt.mlp_grads_supported() || scores.linear_layout() {
+        return Ok(None);
+    }
+    let width = batch.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+    if width < 2 {
+        return Err(Error::invalid("sequences", "need at least 2 tokens each"));
+    }
+    let mut ids = Vec::with_capacity(batch.len() * width);
+    for e in batch {
+        ids.extend(
+            e.ids
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(0, width - e.ids.len())),
+        );
+    }
+    let lens: Vec<usize> = batch.iter().map(|e| e.ids.len()).collect();
+    let count = |f: bool| batch.iter().filter(|e| e.forget == f).count();
+    let (nf, nr) = (count(true), count(false));
+    let (wf, wr) = (-(1.0 - w), w);
+    let (use_f, use_r) = (nf > 0 && wf != 0.0, nr > 0 && wr != 0.0);
+    if !use_f && !use_r {
+        return Err(Error::invalid("w", "both loss terms have zero weight"));
+    }
+    let row_weight: Vec<f32> = batch
+        .iter()
+        .map(|e| match e.forget {
+            true if use_f => (wf / nf as f64) as f32,
+            false if use_r => (wr / nr as f64) as f32,
+            _ => 0.0,
+        })
+        .collect();
+    // The masked weights W ⊙ hard, one matrix per task, into the workspace's buffers.
+    let pairs: Vec<(&Tensor, &candle_core::Var)> = base
+        .0
+        .iter()
+        .zip(&scores.vars)
+        .flat_map(|((w1, w2), (s1, s2))| [(w1, s1), (w2, s2)])
+        .collect();
+    ws.eff.resize_with(pairs.len() / 2, Default::default);
+    ws.scratch.resize_with(pairs.len(), Vec::new);
+    let mut eff: Vec<&mut Vec<f32>> = ws.eff.iter_mut().flat_map(|(a, b)| [a, b]).collect();
+    let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+    let prepared: Vec<(Vec<f32>, Vec<f32>)> = pairs
+        .par_iter()
+        .zip(eff.par_iter_mut())
+        .zip(ws.scratch.par_iter_mut())
+        .map(|(((wt, s), eff), scratch)| {
+            let (wv, sv) = (flat(wt)?, flat(s.as_tensor())?);
+            eff.clear();
+            eff.extend_from_slice(&wv);
+            for i in mask::smallest_abs(&sv, mask::zeros_for(sv.len(), scores.ratio), scratch) {
+                eff[i] = 0.0;
+            }
+            Ok((wv, sv))
+        })
+        .collect::<Result<_>>()?;
+    let out = gpt.mlp_grads(
+        &ids,
+        (batch.len(), width),
+        &lens,
+        &row_weight,
+        &ws.eff,
+        &mut ws.grad,
+    )?;
+    // Straight-through: ∂L/∂s = (∂L/∂W_eff ⊙ W) · sign(s), with sign(0) = +1 as candle's abs.
+    let grads: Vec<Tensor> = out
+        .grads
+        .iter()
+        .flat_map(|(g1, g2)| [g1, g2])
+        .zip(prepared.iter().zip(&pairs))
+        .map(|(g, ((wv, sv), (wt, _)))| {
+            let ds: Vec<f32> = g
+                .iter()
+                .zip(wv)
+                .zip(sv)
+                .map(|((g, w), s)| (g * w) * if *s >= 0.0 { 1.0 } else { -1.0 })
+                .collect();
+            Ok(Tensor::from_vec(ds, wt.dims(), wt.device())?)
+        })
+        .collect::<Result<_>>()?;
+    let mean = |f: bool| -> Option<f64> {
+        let v: Vec<f64> = out
+            .row_loss
+            .iter()
+            .zip(batch)
+            .filter(|(_, e)| e.forget == f)
+            .map(|(l, _)| *l)
+            .collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    };
+    let lf = if use_f { mean(true) } else { None };
+    let lr = if use_r { mean(false) } else { None };
+    Ok(Some((grads, lf, lr)))
 }
 
 /// `−(1 − w)·L_forget + w·L_retain` over one batch, dropping a group with no rows (spec §4.3).
@@ -416,4 +563,135 @@ fn per_sequence_loss(logits: &Tensor, ids: &Tensor, lens: &[usize]) -> Result<Te
         .collect();
     let mask = Tensor::from_vec(mask, (b, t - 1), logits.device())?;
     Ok((nll * mask)?.sum(1)?)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The fast step against autograd: [`fast_score_grads`] (hand-written GPT-2 backward) and
+    //! candle's backward through [`Scores::masked`] + [`batch_loss`] agree on the group losses
+    //! (relative 1e-5) and on every score gradient (relative L2 error ≤ 1e-4).
+    use super::*;
+    use crate::bench::random_model;
+    use crate::models::{gpt2, ModelConfig};
+    use candle_core::Device;
+
+    fn config(tied: bool, inverse_idx: bool, n_layer: usize) -> ModelConfig {
+        ModelConfig::Gpt2(gpt2::Config {
+            vocab_size: 14,
+            n_positions: 64,
+            n_embd: 24,
+            n_layer,
+            n_head: 3,
+            n_inner: 40,
+            activation: crate::models::ops::Activation::Relu,
+            layer_norm_epsilon: 1e-5,
+            tie_word_embeddings: tied,
+            scale_attn_weights: true,
+            scale_attn_by_inverse_layer_idx: inverse_idx,
+            initializer_range: 0.3,
+            bos_token_id: None,
+            eos_token_id: None,
+            pad_token_id: None,
+        })
+    }
+
+    fn rows(n: usize, len: impl Fn(usize) -> usize, seed: u64) -> Vec<Vec<u32>> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|r| {
+                (0..len(r))
+                    .map(|_| {
+                        s ^= s << 13;
+                        s ^= s >> 7;
+                        s ^= s << 17;
+                        (s % 14) as u32
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
+        let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+        let den: f32 = b.iter().map(|y| y * y).sum();
+        num.sqrt() / den.sqrt().max(1e-30)
+    }
+
+    #[test]
+    fn fast_step_matches_autograd_through_the_masked_model() {
+        // (tied head, 1/(layer+1) attention scale, layers, row lengths, forget rows, w):
+        // lengths across several attention blocks (32 rows each), right padding, empty groups.
+        let long = |_: usize| 45;
+        let mixed = |r: usize| [45, 7, 33, 2, 40][r % 5];
+        // Rows too short to predict anything count in their group's mean with loss 0.
+        let short = |r: usize| [9, 1, 0, 6, 2][r % 5];
+        type Case<'a> = (bool, bool, usize, &'a dyn Fn(usize) -> usize, usize, f64);
+        let cases: Vec<Case> = vec![
+            (true, false, 3, &long, 3, 0.9),
+            (false, true, 2, &mixed, 2, 0.5),
+            (true, false, 1, &mixed, 0, 0.9),
+            (true, false, 2, &long, 5, 0.0),
+            (false, false, 2, &short, 3, 0.7),
+        ];
+        for (ci, (tied, inv, nl, len, nf, w)) in cases.into_iter().enumerate() {
+            let model = random_model(&config(tied, inv, nl), &Device::Cpu).unwrap();
+            let data = rows(5, len, ci as u64 + 1);
+            let batch: Vec<Example> = data
+                .iter()
+                .enumerate()
+                .map(|(i, ids)| Example {
+                    ids,
+                    forget: i < nf,
+                })
+                .collect();
+            let base = model.mlp_weights();
+            let scores = Scores::init(&model, 0.3, ci as u64).unwrap();
+            let mut ws = StepWorkspace::default();
+            // Twice: the second call reuses the workspace's buffers.
+            for _ in 0..2 {
+                let (fast, flf, flr) = fast_score_grads(&model, &scores, &base, &batch, w, &mut ws)
+                    .unwrap()
+                    .expect("GPT-2 with ReLU takes the fast path");
+                let masked = scores.masked(&base).unwrap();
+                let (loss, lf, lr) = batch_loss(&model, &masked, &batch, w).unwrap();
+                let grads = loss.backward().unwrap();
+                for (got, want) in [(flf, lf), (flr, lr)] {
+                    match (got, want) {
+                        (Some(a), Some(b)) => {
+                            assert!((a - b).abs() <= 1e-5 * b.abs(), "case {ci}: {a} vs {b}")
+                        }
+                        (a, b) => assert_eq!(a.is_some(), b.is_some(), "case {ci}"),
+                    }
+                }
+                for (g, var) in fast.iter().zip(scores.all_vars()) {
+                    let want: Vec<f32> = grads
+                        .get(var.as_tensor())
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    let got: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
+                    assert!(want.iter().any(|&x| x != 0.0), "case {ci}: zero gradient");
+                    let e = rel_l2(&got, &want);
+                    assert!(e <= 1e-4, "case {ci}: relative gradient error {e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fast_step_rejects_bad_rows_without_panicking() {
+        let model = random_model(&config(true, false, 1), &Device::Cpu).unwrap();
+        let base = model.mlp_weights();
+        let scores = Scores::init(&model, 0.3, 0).unwrap();
+        let mut ws = StepWorkspace::default();
+        let too_long = vec![1u32; 65];
+        let bad_id = vec![1u32, 99, 2];
+        let short = vec![3u32];
+        for ids in [&too_long, &bad_id, &short] {
+            let batch = [Example { ids, forget: true }];
+            assert!(fast_score_grads(&model, &scores, &base, &batch, 0.5, &mut ws).is_err());
+        }
+    }
 }

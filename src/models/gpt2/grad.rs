@@ -1,0 +1,911 @@
+//! GPT-2's gradient with respect to its MLP weight matrices alone, without candle's autograd:
+//! the unlearning step's hot path.
+//!
+//! BalancedSubnet trains nothing but the scores over the MLP matrices (spec §4.1), so of the
+//! whole backward pass it needs `∂L/∂W_eff` for each `c_fc` and `c_proj`. Through candle's
+//! autograd every node's gradient is accumulated into a fresh zero tensor, every frozen weight,
+//! bias and LayerNorm parameter gets a gradient nobody reads, and layer 0's attention is
+//! differentiated for nothing. Here the forward keeps exactly the activations the backward reads,
+//! in buffers that a [`MlpGradWorkspace`] reuses from step to step (no page faults after the
+//! first), and the backward computes only what reaches an MLP matrix: it stops at layer 0's
+//! `c_fc`. Causal attention skips the masked upper triangle in blocks of query rows.
+//!
+//! Parallelism is by rows: every op but the weight-gradient sums is per sequence, so the batch is
+//! cut into a few row groups that run the whole forward and backward single-threaded, each on its
+//! own buffers (no synchronisation inside the step, large single-threaded gemms), and their
+//! weight gradients are summed at the end.
+//!
+//! It computes the same function as [`super::Gpt2::forward_hidden`] → logits →
+//! per-sequence cross-entropy with the given MLP weights (to f32 rounding); the tests in
+//! `unlearn` pin both the loss and every score gradient to candle's autograd through the model's
+//! ordinary forward. Supported: f32 weights on the CPU, ReLU MLPs, unpadded causal attention
+//! (rows may be right-padded; the padding's predictions carry zero weight).
+//! [`super::Gpt2::mlp_grads_supported`] says whether a model qualifies; callers fall back to
+//! autograd otherwise.
+
+use std::ops::Deref;
+
+use candle_core::{bail, Layout, Result, Storage, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::Gpt2;
+use crate::models::fused::{self, small_gemm, softmax_row};
+use crate::models::ops::Activation;
+
+/// Query rows per block of the causal attention kernels.
+const ATT_BLOCK: usize = 32;
+
+/// Buffers kept between steps so that steady-state steps allocate nothing large: one set per
+/// row group.
+#[derive(Default)]
+pub struct MlpGradWorkspace {
+    parts: Vec<PartBufs>,
+}
+
+/// One row group's activations, scratch and partial weight gradients.
+#[derive(Default)]
+struct PartBufs {
+    /// Residual stream entering each block, plus the final one: `L + 1` × `[N, H]`.
+    xs: Vec<Vec<f32>>,
+    layers: Vec<LayerBufs>,
+    /// Logits, then their gradient, `[N, V]`.
+    logits: Vec<f32>,
+    /// Scratch: `[N, H]` ×3, `[N, I]`, `[N, 3H]`.
+    a: Vec<f32>,
+    dx: Vec<f32>,
+    dt: Vec<f32>,
+    dh: Vec<f32>,
+    dqkv: Vec<f32>,
+    /// `(∂c_fc, ∂c_proj)` per block over this group's rows.
+    grads: Vec<(Vec<f32>, Vec<f32>)>,
+    /// Each row's mean loss.
+    row_loss: Vec<f64>,
+}
+
+impl PartBufs {
+    /// This group's `∂c_fc` (or, when `second`, `∂c_proj`) of block `li`.
+    fn grad(&self, li: usize, second: bool) -> &[f32] {
+        let (a, c) = &self.grads[li];
+        if second {
+            c
+        } else {
+            a
+        }
+    }
+}
+
+/// What one block's backward reads.
+#[derive(Default)]
+struct LayerBufs {
+    qkv: Vec<f32>,
+    probs: Vec<f32>,
+    /// Residual after attention, the MLP input (LayerNorm output), pre- and post-activation.
+    xm: Vec<f32>,
+    m_in: Vec<f32>,
+    hpre: Vec<f32>,
+    h: Vec<f32>,
+}
+
+/// A buffer of exactly `n` elements (contents unspecified; every user overwrites it).
+fn buf(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if v.len() != n {
+        v.clear();
+        v.resize(n, 0.0);
+    }
+    v
+}
+
+/// Output of [`Gpt2::mlp_grads`].
+pub struct MlpGrads {
+    /// `Σ_r row_weight[r] · loss[r]`.
+    pub loss: f64,
+    /// Each row's mean cross-entropy over its own `len − 1` predictions.
+    pub row_loss: Vec<f64>,
+    /// `(∂L/∂c_fc, ∂L/∂c_proj)` per block, each `[in, out]` row-major like the weights.
+    pub grads: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+/// A read view of a contiguous f32 CPU tensor (`G` is candle's storage read guard).
+struct View<'a, G> {
+    guard: G,
+    layout: &'a Layout,
+}
+
+fn view(t: &Tensor) -> View<'_, impl Deref<Target = Storage> + '_> {
+    let (guard, layout) = t.storage_and_layout();
+    View { guard, layout }
+}
+
+impl<G: Deref<Target = Storage>> View<'_, G> {
+    fn slice(&self) -> Result<&[f32]> {
+        let Storage::Cpu(c) = &*self.guard else {
+            bail!("mlp_grads runs on the CPU only");
+        };
+        let Some((a, b)) = self.layout.contiguous_offsets() else {
+            bail!("mlp_grads needs contiguous weights");
+        };
+        Ok(&c.as_slice::<f32>()?[a..b])
+    }
+}
+
+/// The model's sizes.
+#[derive(Clone, Copy)]
+struct Dims {
+    t: usize,
+    h: usize,
+    nh: usize,
+    inner: usize,
+    v: usize,
+    eps: f32,
+}
+
+/// Every weight the step reads, as slices.
+struct Weights<'a> {
+    wte: &'a [f32],
+    wpe: &'a [f32],
+    /// `[V, H]` (the tied `wte` or an untied head).
+    lm: &'a [f32],
+    lnf: (&'a [f32], &'a [f32]),
+    blocks: Vec<BlockWeights<'a>>,
+}
+
+struct BlockWeights<'a> {
+    ln1: (&'a [f32], &'a [f32]),
+    qkv: (&'a [f32], &'a [f32]),
+    proj: (&'a [f32], &'a [f32]),
+    ln2: (&'a [f32], &'a [f32]),
+    fc: (&'a [f32], &'a [f32]),
+    mproj: (&'a [f32], &'a [f32]),
+    /// Attention logit scale.
+    scale: f32,
+}
+
+/// `dst[m×n] (row stride n) (+)= lhs[m×k] · rhs[k×n]`, strides `(row, column)`,
+/// single-threaded (the step parallelises over row groups).
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    lhs: &[f32],
+    (lrs, lcs): (usize, usize),
+    rhs: &[f32],
+    (rrs, rcs): (usize, usize),
+    accumulate: bool,
+) {
+    // The asserts make the unsafe addressing below sound; callers size every buffer exactly.
+    assert!(dst.len() >= m * n);
+    assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lrs + (k - 1) * lcs);
+    assert!(n == 0 || k == 0 || rhs.len() > (k - 1) * rrs + (n - 1) * rcs);
+    // SAFETY: every access lies within the slices (checked above); dst is distinct from both.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lcs as isize,
+            lrs as isize,
+            rhs.as_ptr(),
+            rcs as isize,
+            rrs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    }
+}
+
+/// Independent partial sums: LLVM keeps float sums in source order, so a plain `.sum()` is one
+/// serial dependency chain; 16 lanes vectorise (the result differs from the serial sum only by
+/// rounding).
+const LANES: usize = 16;
+
+#[inline(always)]
+fn lanes_total(acc: [f32; LANES]) -> f32 {
+    let mut acc = acc;
+    let mut w = LANES / 2;
+    while w > 0 {
+        for i in 0..w {
+            acc[i] += acc[i + w];
+        }
+        w /= 2;
+    }
+    acc[0]
+}
+
+/// `Σ f(a_i, b_i)` with [`LANES`] partial sums.
+#[inline(always)]
+fn sum_pairs(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (xa, xb) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] += f(xa[i], xb[i]);
+        }
+    }
+    for (i, (&x, &y)) in ra.iter().zip(rb).enumerate() {
+        acc[i] += f(x, y);
+    }
+    lanes_total(acc)
+}
+
+/// `max_i x_i` with [`LANES`] partial maxima (exact: max is associative).
+#[inline(always)]
+fn max_lanes(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let c = x.chunks_exact(LANES);
+    let r = c.remainder();
+    for xs in c {
+        for i in 0..LANES {
+            acc[i] = if xs[i] > acc[i] { xs[i] } else { acc[i] };
+        }
+    }
+    for (i, &v) in r.iter().enumerate() {
+        acc[i] = if v > acc[i] { v } else { acc[i] };
+    }
+    acc.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// `e^x` for `x ≤ 0` in a form that vectorises (Cephes' `expf`: `x = n·ln 2 + r`, a degree-7
+/// polynomial in `r`, `2^n` from the exponent bits); relative error below 1e-6 against the
+/// exact value, and ≈ 1e-38 instead of 0 below −87.
+#[inline(always)]
+fn exp_neg(x: f32) -> f32 {
+    let x = if x < -87.0 { -87.0 } else { x };
+    // Round x·log2(e) to the nearest integer with the 1.5·2^23 trick (|x·log2 e| < 2^22).
+    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = (((((1.987_569_2e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 0.166_666_65)
+        * r
+        + 0.5)
+        * (r * r)
+        + r
+        + 1.0;
+    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
+/// Softmax of a row with no −∞ entries, in place.
+#[inline(always)]
+fn softmax_dense_row(row: &mut [f32]) {
+    let max = max_lanes(row);
+    row.iter_mut().for_each(|v| *v = exp_neg(*v - max));
+    let inv = 1.0 / sum_pairs(row, row, |a, _| a);
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// Mean and 1/std of one row (two passes, as [`fused`]'s LayerNorm computes them).
+#[inline(always)]
+fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let d = x.len() as f32;
+    let mean = sum_pairs(x, x, |a, _| a) / d;
+    let var = sum_pairs(x, x, |a, _| (a - mean) * (a - mean)) / d;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// `out = LayerNorm(x)` row by row.
+#[inline(always)]
+fn layer_norm(x: &[f32], (w, b): (&[f32], &[f32]), eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    for (orow, xrow) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+        let (mean, rstd) = row_stats(xrow, eps);
+        for i in 0..d {
+            orow[i] = (xrow[i] - mean) * rstd * w[i] + b[i];
+        }
+    }
+}
+
+/// `dx += ∂LayerNorm(x)/∂x · g` row by row (the weight and bias gradients are not needed).
+#[inline(always)]
+fn layer_norm_bwd_add(x: &[f32], w: &[f32], eps: f32, g: &[f32], dx: &mut [f32]) {
+    let d = w.len();
+    let (mut xhat, mut gw) = (vec![0f32; d], vec![0f32; d]);
+    for ((dxr, xr), gr) in dx
+        .chunks_exact_mut(d)
+        .zip(x.chunks_exact(d))
+        .zip(g.chunks_exact(d))
+    {
+        let (mean, rstd) = row_stats(xr, eps);
+        for i in 0..d {
+            xhat[i] = (xr[i] - mean) * rstd;
+            gw[i] = gr[i] * w[i];
+        }
+        let a = sum_pairs(&gw, &gw, |p, _| p) / d as f32;
+        let c = sum_pairs(&gw, &xhat, |p, q| p * q) / d as f32;
+        for i in 0..d {
+            dxr[i] += rstd * (gw[i] - a - xhat[i] * c);
+        }
+    }
+}
+
+/// Fills each `[d]` row of `out` with `base_row + bias` (`base` is `[rows, d]`, or absent).
+#[inline(always)]
+fn rows_plus_bias(base: Option<&[f32]>, bias: &[f32], out: &mut [f32]) {
+    let d = bias.len();
+    match base {
+        Some(x) => {
+            for (row, xr) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                for ((r, &xv), &bv) in row.iter_mut().zip(xr).zip(bias) {
+                    *r = xv + bv;
+                }
+            }
+        }
+        None => out
+            .chunks_exact_mut(d)
+            .for_each(|r| r.copy_from_slice(bias)),
+    }
+}
+
+/// Causal multi-head attention over packed `qkv: [B, T, 3H]` → `out: [B, T, H]`, saving the
+/// probabilities `[B, nh, T, T]` (zero above the diagonal).
+#[inline(always)]
+fn attention_fwd(
+    qkv: &[f32],
+    (b, t, h, nh): (usize, usize, usize, usize),
+    scale: f32,
+    probs: &mut [f32],
+    out: &mut [f32],
+) {
+    let (three_h, hd) = (3 * h, h / nh);
+    assert!(qkv.len() == b * t * three_h && probs.len() == b * nh * t * t);
+    assert!(out.len() == b * t * h);
+    for (bh, p) in probs.chunks_exact_mut(t * t).enumerate() {
+        let (bi, hi) = (bh / nh, bh % nh);
+        let base = &qkv[bi * t * three_h + hi * hd..];
+        let (q, k, v) = (base.as_ptr(), base[h..].as_ptr(), base[2 * h..].as_ptr());
+        let o = out[bi * t * h + hi * hd..].as_mut_ptr();
+        for r0 in (0..t).step_by(ATT_BLOCK) {
+            let r1 = (r0 + ATT_BLOCK).min(t);
+            // SAFETY: q, k, v address [t × hd] blocks of `qkv` (row stride 3H) and `o` the
+            // [t × hd] block of `out` (row stride H) of batch bi, head hi, all within the
+            // slices (asserted above); `p` is this head's [t × t] chunk, rows r0..r1,
+            // columns 0..r1.
+            unsafe {
+                small_gemm(
+                    r1 - r0,
+                    r1,
+                    hd,
+                    p.as_mut_ptr().add(r0 * t),
+                    t,
+                    q.add(r0 * three_h),
+                    (three_h, 1),
+                    k,
+                    (1, three_h),
+                    scale,
+                    false,
+                );
+            }
+            for i in r0..r1 {
+                let row = &mut p[i * t..(i + 1) * t];
+                softmax_dense_row(&mut row[..=i]);
+                row[i + 1..].fill(0.0);
+            }
+            // SAFETY: as above.
+            unsafe {
+                small_gemm(
+                    r1 - r0,
+                    hd,
+                    r1,
+                    o.add(r0 * h),
+                    h,
+                    p.as_ptr().add(r0 * t),
+                    (t, 1),
+                    v,
+                    (three_h, 1),
+                    1.0,
+                    false,
+                );
+            }
+        }
+    }
+}
+
+/// Backward of [`attention_fwd`]: `dqkv [B, T, 3H]` from `g = ∂L/∂out [B, T, H]`; `ds` is
+/// `[T, T]` scratch.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn attention_bwd(
+    qkv: &[f32],
+    probs: &[f32],
+    g: &[f32],
+    (b, t, h, nh): (usize, usize, usize, usize),
+    scale: f32,
+    dqkv: &mut [f32],
+    ds: &mut Vec<f32>,
+) {
+    let (three_h, hd) = (3 * h, h / nh);
+    assert!(qkv.len() == b * t * three_h && probs.len() == b * nh * t * t);
+    assert!(dqkv.len() == b * t * three_h && g.len() == b * t * h);
+    let ds = buf(ds, t * t);
+    for (bh, p) in probs.chunks_exact(t * t).enumerate() {
+        let (bi, hi) = (bh / nh, bh % nh);
+        let off = bi * t * three_h + hi * hd;
+        let base = &qkv[off..];
+        let (q, k, v) = (base.as_ptr(), base[h..].as_ptr(), base[2 * h..].as_ptr());
+        let go = g[bi * t * h + hi * hd..].as_ptr();
+        // dP = dO Vᵀ (lower triangle, by row blocks), then dS = scale·P⊙(dP − rowsum(P⊙dP)).
+        for r0 in (0..t).step_by(ATT_BLOCK) {
+            let r1 = (r0 + ATT_BLOCK).min(t);
+            // SAFETY: rows r0..r1, columns 0..r1 of the [t × t] scratch `ds`; go and v address
+            // blocks of `g` and `qkv` within the slices (asserted above).
+            unsafe {
+                small_gemm(
+                    r1 - r0,
+                    r1,
+                    hd,
+                    ds.as_mut_ptr().add(r0 * t),
+                    t,
+                    go.add(r0 * h),
+                    (h, 1),
+                    v,
+                    (1, three_h),
+                    1.0,
+                    false,
+                );
+            }
+            for i in r0..r1 {
+                let (dr, pr) = (&mut ds[i * t..=i * t + i], &p[i * t..=i * t + i]);
+                let dot = sum_pairs(dr, pr, |a, b| a * b);
+                for (d, &pp) in dr.iter_mut().zip(pr) {
+                    *d = scale * pp * (*d - dot);
+                }
+                ds[i * t + i + 1..(i + 1) * t].fill(0.0);
+            }
+        }
+        // SAFETY: dq, dk, dv are batch bi / head hi's column blocks of `dqkv` (row stride 3H),
+        // within the slice. P and dS are zero above the diagonal, so each product only spans
+        // the rows and columns that can be non-zero.
+        unsafe {
+            let dq = dqkv[off..].as_mut_ptr();
+            let (dk, dv) = (dq.add(h), dq.add(2 * h));
+            for r0 in (0..t).step_by(ATT_BLOCK) {
+                let r1 = (r0 + ATT_BLOCK).min(t);
+                // dQ[r0..r1] = dS[r0..r1, 0..r1] K[0..r1]
+                small_gemm(
+                    r1 - r0,
+                    hd,
+                    r1,
+                    dq.add(r0 * three_h),
+                    three_h,
+                    ds.as_ptr().add(r0 * t),
+                    (t, 1),
+                    k,
+                    (three_h, 1),
+                    1.0,
+                    false,
+                );
+                // Key block c0..c1 = r0..r1 sees queries c0..t:
+                // dK[c] = dS[c0..t, c]ᵀ Q[c0..t], dV[c] = P[c0..t, c]ᵀ dO[c0..t].
+                let (c0, c1) = (r0, r1);
+                small_gemm(
+                    c1 - c0,
+                    hd,
+                    t - c0,
+                    dk.add(c0 * three_h),
+                    three_h,
+                    ds.as_ptr().add(c0 * t + c0),
+                    (1, t),
+                    q.add(c0 * three_h),
+                    (three_h, 1),
+                    1.0,
+                    false,
+                );
+                small_gemm(
+                    c1 - c0,
+                    hd,
+                    t - c0,
+                    dv.add(c0 * three_h),
+                    three_h,
+                    p.as_ptr().add(c0 * t + c0),
+                    (1, t),
+                    go.add(c0 * h),
+                    (h, 1),
+                    1.0,
+                    false,
+                );
+            }
+        }
+    }
+}
+
+/// Forward and backward over one row group (`ids: [b, t]`), single-threaded: fills `ws.grads`
+/// and `ws.row_loss`.
+fn part(d: Dims, w: &Weights, ids: &[u32], lens: &[usize], row_weight: &[f32], ws: &mut PartBufs) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features `part_avx2` is compiled for (checked just above).
+        return unsafe { part_avx2(d, w, ids, lens, row_weight, ws) };
+    }
+    part_body(d, w, ids, lens, row_weight, ws)
+}
+
+/// [`part_body`] compiled for AVX2 (the crate's baseline is x86-64's SSE2): the row loops
+/// (LayerNorm, softmax, bias, ReLU) get 8-wide vectors. Floating-point semantics are unchanged
+/// (no contraction into FMA, no reassociation).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn part_avx2(
+    d: Dims,
+    w: &Weights,
+    ids: &[u32],
+    lens: &[usize],
+    row_weight: &[f32],
+    ws: &mut PartBufs,
+) {
+    part_body(d, w, ids, lens, row_weight, ws)
+}
+
+#[inline(always)]
+fn part_body(
+    d: Dims,
+    w: &Weights,
+    ids: &[u32],
+    lens: &[usize],
+    row_weight: &[f32],
+    ws: &mut PartBufs,
+) {
+    let Dims {
+        t,
+        h,
+        nh,
+        inner,
+        v,
+        eps,
+    } = d;
+    let (b, nl) = (lens.len(), w.blocks.len());
+    let n = b * t;
+    let dims = (b, t, h, nh);
+    ws.xs.resize_with(nl + 1, Vec::new);
+    ws.layers.resize_with(nl, LayerBufs::default);
+    ws.grads.resize_with(nl, Default::default);
+
+    // Embeddings.
+    let x0 = buf(&mut ws.xs[0], n * h);
+    for (r, row) in x0.chunks_exact_mut(h).enumerate() {
+        let (id, pos) = (ids[r] as usize, r % t);
+        for ((o, &a), &p) in row
+            .iter_mut()
+            .zip(&w.wte[id * h..(id + 1) * h])
+            .zip(&w.wpe[pos * h..(pos + 1) * h])
+        {
+            *o = a + p;
+        }
+    }
+
+    // Forward.
+    for (li, bw) in w.blocks.iter().enumerate() {
+        let (done, rest) = ws.xs.split_at_mut(li + 1);
+        let x = &done[li][..];
+        let lb = &mut ws.layers[li];
+        let a = buf(&mut ws.a, n * h);
+        layer_norm(x, bw.ln1, eps, a);
+        let qkv = buf(&mut lb.qkv, n * 3 * h);
+        rows_plus_bias(None, bw.qkv.1, qkv);
+        gemm(n, 3 * h, h, qkv, a, (h, 1), bw.qkv.0, (3 * h, 1), true);
+        let probs = buf(&mut lb.probs, b * nh * t * t);
+        attention_fwd(qkv, dims, bw.scale, probs, a);
+        let xm = buf(&mut lb.xm, n * h);
+        rows_plus_bias(Some(x), bw.proj.1, xm);
+        gemm(n, h, h, xm, a, (h, 1), bw.proj.0, (h, 1), true);
+        let m_in = buf(&mut lb.m_in, n * h);
+        layer_norm(xm, bw.ln2, eps, m_in);
+        let hpre = buf(&mut lb.hpre, n * inner);
+        rows_plus_bias(None, bw.fc.1, hpre);
+        gemm(n, inner, h, hpre, m_in, (h, 1), bw.fc.0, (inner, 1), true);
+        let hh = buf(&mut lb.h, n * inner);
+        hh.iter_mut()
+            .zip(&*hpre)
+            .for_each(|(o, &i)| *o = i.max(0.0));
+        let next = buf(&mut rest[0], n * h);
+        rows_plus_bias(Some(xm), bw.mproj.1, next);
+        gemm(n, h, inner, next, hh, (inner, 1), bw.mproj.0, (h, 1), true);
+    }
+    // The final LayerNorm into scratch `a`, then logits = hf · lmᵀ.
+    let hf = buf(&mut ws.a, n * h);
+    layer_norm(&ws.xs[nl], w.lnf, eps, hf);
+    let logits = buf(&mut ws.logits, n * v);
+    gemm(n, v, h, logits, hf, (h, 1), w.lm, (1, h), false);
+
+    // Loss and its gradient, in place: logits become ∂L/∂logits.
+    ws.row_loss.clear();
+    for (r, lg) in logits.chunks_exact_mut(t * v).enumerate() {
+        // A row of fewer than 2 tokens predicts nothing: loss 0, no gradient (as the composed
+        // path's zero position weights give).
+        let len = lens[r];
+        let c = if len > 1 {
+            row_weight[r] / (len - 1) as f32
+        } else {
+            0.0
+        };
+        let mut total = 0f64;
+        for j in 0..t {
+            let row = &mut lg[j * v..(j + 1) * v];
+            if j + 1 >= len {
+                row.fill(0.0);
+                continue;
+            }
+            let tg = ids[r * t + j + 1] as usize;
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = max + row.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
+            total += f64::from(lse - row[tg]);
+            softmax_row(row);
+            row[tg] -= 1.0;
+            row.iter_mut().for_each(|d| *d *= c);
+        }
+        ws.row_loss.push(if len > 1 {
+            total / (len - 1) as f64
+        } else {
+            0.0
+        });
+    }
+
+    // Backward.
+    let dhf = buf(&mut ws.dt, n * h);
+    gemm(n, h, v, dhf, &ws.logits, (v, 1), w.lm, (h, 1), false);
+    let dx = buf(&mut ws.dx, n * h);
+    dx.fill(0.0);
+    layer_norm_bwd_add(&ws.xs[nl], w.lnf.0, eps, dhf, dx);
+    let mut ds = Vec::new();
+    for li in (0..nl).rev() {
+        let bw = &w.blocks[li];
+        let lb = &ws.layers[li];
+        let (g1, g2) = &mut ws.grads[li];
+        let (g1, g2) = (buf(g1, h * inner), buf(g2, inner * h));
+        let dx = &mut ws.dx;
+        // c_proj: ∂W2 = hᵀ dx, ∂h = dx W2ᵀ, then ReLU (the gradient passes at 0).
+        gemm(inner, h, n, g2, &lb.h, (1, inner), dx, (h, 1), false);
+        let dh = buf(&mut ws.dh, n * inner);
+        gemm(n, inner, h, dh, dx, (h, 1), bw.mproj.0, (1, h), false);
+        // A select, not a branch: the sign of x is a coin flip.
+        dh.iter_mut()
+            .zip(&lb.hpre)
+            .for_each(|(d, &x)| *d = if x >= 0.0 { *d } else { 0.0 });
+        // c_fc: ∂W1 = m_inᵀ ∂hpre.
+        gemm(h, inner, n, g1, &lb.m_in, (1, h), dh, (inner, 1), false);
+        if li == 0 {
+            break;
+        }
+        // ∂m_in = ∂hpre W1ᵀ; through ln_2 into the residual.
+        let dt = buf(&mut ws.dt, n * h);
+        gemm(n, h, inner, dt, dh, (inner, 1), bw.fc.0, (1, inner), false);
+        layer_norm_bwd_add(&lb.xm, bw.ln2.0, eps, dt, dx);
+        // Attention output projection, attention, qkv projection, ln_1.
+        gemm(n, h, h, dt, dx, (h, 1), bw.proj.0, (1, h), false);
+        let dqkv = buf(&mut ws.dqkv, n * 3 * h);
+        attention_bwd(&lb.qkv, &lb.probs, dt, dims, bw.scale, dqkv, &mut ds);
+        gemm(
+            n,
+            h,
+            3 * h,
+            dt,
+            dqkv,
+            (3 * h, 1),
+            bw.qkv.0,
+            (1, 3 * h),
+            false,
+        );
+        layer_norm_bwd_add(&ws.xs[li], bw.ln1.0, eps, dt, dx);
+    }
+}
+
+impl Gpt2 {
+    /// Whether [`Gpt2::mlp_grads`] can run on this model (f32 CPU weights, ReLU MLP, fused kernels
+    /// enabled on this thread).
+    pub fn mlp_grads_supported(&self) -> bool {
+        self.cfg.activation == Activation::Relu && fused::supported(&[&self.wte])
+    }
+
+    /// The loss `L = Σ_r row_weight[r] · ℓ_r`, where `ℓ_r` is row `r`'s mean next-token
+    /// cross-entropy over its first `lens[r]` tokens, and `∂L/∂W` for every MLP matrix, with the
+    /// MLP weights replaced by `mlp` (`(c_fc, c_proj)` per block, `[in, out]` row-major).
+    ///
+    /// `ids` is `[b, t]` row-major, rows right-padded to `t` with any valid id; `lens[r] ≤ t`
+    /// (a row shorter than 2 tokens contributes nothing).
+    pub fn mlp_grads(
+        &self,
+        ids: &[u32],
+        (b, t): (usize, usize),
+        lens: &[usize],
+        row_weight: &[f32],
+        mlp: &[(Vec<f32>, Vec<f32>)],
+        ws: &mut MlpGradWorkspace,
+    ) -> Result<MlpGrads> {
+        let cfg = &self.cfg;
+        let (h, nh, inner, v, nl) = (
+            cfg.n_embd,
+            cfg.n_head,
+            cfg.n_inner,
+            cfg.vocab_size,
+            cfg.n_layer,
+        );
+        if !self.mlp_grads_supported() {
+            bail!("mlp_grads: unsupported model (needs f32 on the CPU and a ReLU MLP)");
+        }
+        if ids.len() != b * t || lens.len() != b || row_weight.len() != b || b == 0 {
+            bail!("mlp_grads: ids, lens and row weights do not describe {b} rows of {t}");
+        }
+        if t < 2 || t > cfg.n_positions {
+            bail!("mlp_grads: {t} positions outside 2..={}", cfg.n_positions);
+        }
+        if let Some(&l) = lens.iter().find(|&&l| l > t) {
+            bail!("mlp_grads: row length {l} is longer than {t}");
+        }
+        if let Some(&id) = ids.iter().find(|&&i| i as usize >= v) {
+            bail!("mlp_grads: token id {id} is outside the vocabulary of {v}");
+        }
+        if mlp.len() != nl
+            || mlp
+                .iter()
+                .any(|(a, c)| a.len() != h * inner || c.len() != inner * h)
+        {
+            bail!("mlp_grads: MLP weights do not fit {nl} blocks of [{h}, {inner}]");
+        }
+        let d = Dims {
+            t,
+            h,
+            nh,
+            inner,
+            v,
+            eps: cfg.layer_norm_epsilon as f32,
+        };
+
+        // Read guards on the frozen weights for the whole step, then plain slices.
+        let wte = view(&self.wte);
+        let wpe = view(&self.wpe);
+        // Tied: the head is `wte` itself (one read guard per storage).
+        let lm_head = (!cfg.tie_word_embeddings).then(|| view(&self.lm_head));
+        let lnf = (view(&self.ln_f.w), view(&self.ln_f.b));
+        let guards: Vec<[_; 10]> = self
+            .blocks
+            .iter()
+            .map(|blk| {
+                [
+                    view(&blk.ln_1.w),
+                    view(&blk.ln_1.b),
+                    view(&blk.c_attn_w),
+                    view(&blk.c_attn_b),
+                    view(&blk.attn_proj_w),
+                    view(&blk.attn_proj_b),
+                    view(&blk.ln_2.w),
+                    view(&blk.ln_2.b),
+                    view(&blk.c_fc_b),
+                    view(&blk.mlp_proj_b),
+                ]
+            })
+            .collect();
+        let mut blocks = Vec::with_capacity(nl);
+        for (li, (g, (w1, w2))) in guards.iter().zip(mlp).enumerate() {
+            let mut scale = if cfg.scale_attn_weights {
+                1.0 / ((h / nh) as f64).sqrt()
+            } else {
+                1.0
+            };
+            if cfg.scale_attn_by_inverse_layer_idx {
+                scale /= (li + 1) as f64;
+            }
+            blocks.push(BlockWeights {
+                ln1: (g[0].slice()?, g[1].slice()?),
+                qkv: (g[2].slice()?, g[3].slice()?),
+                proj: (g[4].slice()?, g[5].slice()?),
+                ln2: (g[6].slice()?, g[7].slice()?),
+                fc: (w1.as_slice(), g[8].slice()?),
+                mproj: (w2.as_slice(), g[9].slice()?),
+                scale: scale as f32,
+            });
+        }
+        let w = Weights {
+            wte: wte.slice()?,
+            wpe: wpe.slice()?,
+            lm: match &lm_head {
+                Some(l) => l.slice()?,
+                None => wte.slice()?,
+            },
+            lnf: (lnf.0.slice()?, lnf.1.slice()?),
+            blocks,
+        };
+
+        // Row groups: two per thread, so that a thread slowed down by another process leaves
+        // work for the other to take.
+        let groups = (2 * rayon::current_num_threads()).clamp(1, b);
+        let per = b.div_ceil(groups);
+        let groups = b.div_ceil(per);
+        ws.parts.resize_with(groups, PartBufs::default);
+        ws.parts
+            .par_iter_mut()
+            .enumerate()
+            .for_each(|(gi, part_ws)| {
+                let (r0, r1) = (gi * per, ((gi + 1) * per).min(b));
+                part(
+                    d,
+                    &w,
+                    &ids[r0 * t..r1 * t],
+                    &lens[r0..r1],
+                    &row_weight[r0..r1],
+                    part_ws,
+                );
+            });
+
+        let parts = &ws.parts[..groups];
+        let row_loss: Vec<f64> = parts
+            .iter()
+            .flat_map(|p| p.row_loss.iter().copied())
+            .collect();
+        let loss = row_loss
+            .iter()
+            .zip(row_weight)
+            .map(|(l, &w)| l * f64::from(w))
+            .sum();
+        // Sum the groups' weight gradients, one matrix per task.
+        let grads: Vec<(Vec<f32>, Vec<f32>)> = (0..nl)
+            .into_par_iter()
+            .map(|li| {
+                let sum = |second: bool| -> Vec<f32> {
+                    let mut acc = parts[0].grad(li, second).to_vec();
+                    for p in &parts[1..] {
+                        acc.iter_mut()
+                            .zip(p.grad(li, second))
+                            .for_each(|(a, &g)| *a += g);
+                    }
+                    acc
+                };
+                (sum(false), sum(true))
+            })
+            .collect();
+        Ok(MlpGrads {
+            loss,
+            row_loss,
+            grads,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_neg_is_accurate_on_the_softmax_range() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -87.0 * i as f32 / 200_000.0;
+            let want = f64::from(x).exp();
+            let got = f64::from(exp_neg(x));
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 1e-6, "worst relative error {worst}");
+        assert_eq!(exp_neg(0.0), 1.0);
+        assert!(exp_neg(f32::NEG_INFINITY) < 1e-37);
+    }
+
+    #[test]
+    fn lane_reductions_match_serial_ones() {
+        for n in [1usize, 5, 16, 17, 128, 151] {
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
+                .collect();
+            let y: Vec<f32> = (0..n).map(|i| ((i * 11 % 13) as f32 - 6.0) / 3.0).collect();
+            let dot: f32 = x.iter().zip(&y).map(|(a, b)| a * b).sum();
+            assert!((sum_pairs(&x, &y, |a, b| a * b) - dot).abs() <= 1e-5 * dot.abs().max(1.0));
+            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max_lanes(&x), max);
+            let mut row = x.clone();
+            softmax_dense_row(&mut row);
+            let mut reference = x.clone();
+            softmax_row(&mut reference);
+            for (a, b) in row.iter().zip(&reference) {
+                assert!((a - b).abs() <= 1e-6, "{a} vs {b}");
+            }
+        }
+    }
+}
