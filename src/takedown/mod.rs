@@ -1,0 +1,112 @@
+//! Takedowns: requests to make the served model forget sequences, carried from acceptance to a
+//! validated, versioned, hot-swapped set of weights.
+//!
+//! This module holds the pieces below the HTTP routes and the worker:
+//! - [`store`]: the durable record (SQLite). A takedown is accepted only once its row is committed;
+//!   its state machine (`queued → running → validating → applied | rejected | failed`, plus
+//!   `cancelled` and requeues) is enforced there, and so are the version records and the
+//!   compare-and-swap pointer to the current version.
+//! - [`guard`]: the regurgitation guard. Every accepted takedown's sequences are registered as
+//!   n-token windows, and generation is cut as soon as the model emits one, from the moment the
+//!   takedown is accepted until long after the weights forget it.
+//! - [`versions`]: weights versions on disk, each an immutable directory named by its content
+//!   hash and published by one atomic rename.
+
+pub mod guard;
+pub mod store;
+pub mod versions;
+
+pub use guard::{Checker, Guard};
+pub use store::{
+    Event, NewTakedown, NewVersion, State, Store, Swap, SwapKind, Takedown, VersionRecord,
+};
+
+use std::path::PathBuf;
+
+/// Errors raised by the takedown store, guard and version directories. Every message names the
+/// takedown, version, file or SQL operation at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A SQLite operation failed; `op` says which (e.g. "insert takedown").
+    #[error("takedown store: {op}: {source}")]
+    Sql {
+        op: &'static str,
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// A file or directory operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A stored value could not be decoded (a corrupt or foreign database).
+    #[error("takedown store: corrupt {what}: {message}")]
+    Corrupt { what: String, message: String },
+    /// An argument is invalid; `field` names it.
+    #[error("invalid {field}: {message}")]
+    InvalidInput { field: String, message: String },
+    /// No takedown has this id.
+    #[error("no takedown with id {0:?}")]
+    NotFound(String),
+    /// No version has this id.
+    #[error("no version with id {0:?}")]
+    VersionNotFound(String),
+    /// The idempotency key was already used for a request with different content.
+    #[error(
+        "idempotency key {key:?} was already used by takedown {existing_id} with a different request"
+    )]
+    IdempotencyConflict { key: String, existing_id: String },
+    /// The state machine forbids this transition.
+    #[error("takedown {id} cannot go from {from} to {to}")]
+    InvalidTransition { id: String, from: State, to: State },
+    /// The takedown is already finished (applied, rejected, failed or cancelled).
+    #[error("takedown {id} is {state} and can no longer be cancelled")]
+    NotCancellable { id: String, state: State },
+    /// Compare-and-swap of the current version lost: the current version is not the expected one.
+    #[error("current version is {actual:?}, expected {expected:?}")]
+    VersionConflict {
+        expected: Option<String>,
+        actual: Option<String>,
+    },
+    /// Loading, hashing or writing model files failed.
+    #[error(transparent)]
+    Model(#[from] crate::error::Error),
+}
+
+/// The result type of this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::InvalidInput {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn io(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| Error::Io { op, path, source }
+    }
+}
+
+/// Seconds since the Unix epoch, with sub-second precision.
+pub(crate) fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// `len` random bytes as lower-case hex (ids and temporary names).
+pub(crate) fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    rand::Rng::fill(&mut rand::rng(), buf.as_mut_slice());
+    crate::server::state::hex(&buf)
+}

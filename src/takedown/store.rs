@@ -1,0 +1,1959 @@
+//! The durable takedown store: one SQLite database, `data_dir/lethe.sqlite3`.
+//!
+//! Invariants it keeps:
+//! - A takedown exists once [`Store::create`] returns: the insert is one transaction committed
+//!   with `synchronous=FULL` in WAL mode, so it is on disk before the caller answers 202.
+//! - The state machine is enforced here, inside the transaction that changes the state: `queued →
+//!   running | cancelled`; `running → validating | queued | failed | cancelled`; `validating →
+//!   applied | rejected | failed | queued | cancelled`; `applied → queued` only through a rollback
+//!   ([`Store::requeue_applied_by`], [`Store::rollback`]); `rejected`, `failed` and `cancelled` are
+//!   terminal. Every transition appends an [`Event`] with its time, which is what receipts show.
+//! - An idempotency key maps to one request content forever: reusing it with the same content
+//!   returns the original takedown, with different content is [`Error::IdempotencyConflict`].
+//! - The current-version pointer changes only by compare-and-swap ([`Store::set_current`]), and
+//!   every change is recorded in the `swaps` history.
+//!
+//! Schema changes go through numbered migrations keyed on `PRAGMA user_version`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, Type, ValueRef};
+use rusqlite::{
+    params, Connection, OptionalExtension, Row, ToSql, Transaction, TransactionBehavior,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use super::{now, random_hex, Error, Result};
+
+/// The database file inside the data directory.
+pub const DB_FILE: &str = "lethe.sqlite3";
+/// The schema version this code writes (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = 1;
+/// How long a writer waits for another connection's lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where a takedown is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Queued,
+    Running,
+    Validating,
+    Applied,
+    Rejected,
+    Failed,
+    Cancelled,
+}
+
+impl State {
+    /// Every state, in lifecycle order.
+    pub const ALL: [State; 7] = [
+        State::Queued,
+        State::Running,
+        State::Validating,
+        State::Applied,
+        State::Rejected,
+        State::Failed,
+        State::Cancelled,
+    ];
+
+    /// The lower-case name used in the API and the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Queued => "queued",
+            State::Running => "running",
+            State::Validating => "validating",
+            State::Applied => "applied",
+            State::Rejected => "rejected",
+            State::Failed => "failed",
+            State::Cancelled => "cancelled",
+        }
+    }
+
+    /// Parses a lower-case state name.
+    pub fn parse(s: &str) -> Option<State> {
+        State::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// Whether the ordinary state machine allows `self → to`. `applied → queued` is not among
+    /// them: only a rollback makes it.
+    pub fn can_go_to(self, to: State) -> bool {
+        use State::*;
+        matches!(
+            (self, to),
+            (Queued, Running | Cancelled)
+                | (Running, Validating | Queued | Failed | Cancelled)
+                | (Validating, Applied | Rejected | Failed | Queued | Cancelled)
+        )
+    }
+
+    /// Whether work on the takedown is over (it can still be requeued by a rollback if applied).
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            State::Applied | State::Rejected | State::Failed | State::Cancelled
+        )
+    }
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for State {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<State> {
+        State::parse(s).ok_or_else(|| {
+            Error::invalid(
+                "state",
+                format!(
+                    "unknown state {s:?} (one of queued, running, validating, applied, rejected, failed, cancelled)"
+                ),
+            )
+        })
+    }
+}
+
+impl ToSql for State {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::from(self.as_str()))
+    }
+}
+
+impl FromSql for State {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        let s = value.as_str()?;
+        State::parse(s).ok_or_else(|| FromSqlError::Other(format!("unknown state {s:?}").into()))
+    }
+}
+
+/// What a client asks to forget. Its canonical JSON is what idempotency compares.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewTakedown {
+    /// Token ids of each sequence to forget (non-empty, each non-empty).
+    pub sequences: Vec<Vec<u32>>,
+    /// The forgetting definition the request names (e.g. "exact").
+    pub definition: String,
+    pub reason: Option<String>,
+    pub requester: Option<String>,
+}
+
+/// A takedown as stored.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Takedown {
+    /// `td_` + 16 random hex characters.
+    pub id: String,
+    pub state: State,
+    pub sequences: Vec<Vec<u32>>,
+    pub definition: String,
+    pub reason: Option<String>,
+    pub requester: Option<String>,
+    /// Unix seconds.
+    pub created_at: f64,
+    /// Unix seconds of the last change.
+    pub updated_at: f64,
+    pub phase: Option<String>,
+    /// Fraction done, 0..=1, while running.
+    pub progress: Option<f64>,
+    pub eta_seconds: Option<f64>,
+    /// The version whose weights applied this takedown.
+    pub version: Option<String>,
+    /// The validation report of the job that applied or rejected it.
+    pub report: Option<Value>,
+    /// Why it failed, or why validation rejected it.
+    pub error: Option<String>,
+    /// The job that holds (or last held) it.
+    pub job_id: Option<String>,
+    /// How many times a worker claimed it.
+    pub attempts: u32,
+}
+
+/// One state change of a takedown (or a phase change while it runs).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Event {
+    pub takedown_id: String,
+    /// Unix seconds.
+    pub at: f64,
+    /// The state after the event.
+    pub state: State,
+    /// What happened: job id, phase, version, reason, ... (`null` when nothing more to say).
+    pub detail: Value,
+}
+
+/// A version to register.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewVersion {
+    /// Content hash of the version directory (see `versions::write_version`).
+    pub id: String,
+    pub parent: Option<String>,
+    /// Ids of the takedowns whose sequences these weights forget (beyond the parent's).
+    pub takedowns: Vec<String>,
+    /// Validation metrics.
+    pub metrics: Value,
+    /// The version directory.
+    pub path: String,
+}
+
+/// A registered weights version.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VersionRecord {
+    /// Content hash (16 hex characters).
+    pub id: String,
+    /// Monotonic registration counter (1, 2, ...).
+    pub seq: i64,
+    pub parent: Option<String>,
+    /// Unix seconds.
+    pub created_at: f64,
+    pub takedowns: Vec<String>,
+    pub metrics: Value,
+    pub path: String,
+}
+
+/// Why the current version changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SwapKind {
+    Promote,
+    Rollback,
+}
+
+impl SwapKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SwapKind::Promote => "promote",
+            SwapKind::Rollback => "rollback",
+        }
+    }
+}
+
+impl FromSql for SwapKind {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        match value.as_str()? {
+            "promote" => Ok(SwapKind::Promote),
+            "rollback" => Ok(SwapKind::Rollback),
+            s => Err(FromSqlError::Other(
+                format!("unknown swap kind {s:?}").into(),
+            )),
+        }
+    }
+}
+
+/// One change of the current version.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Swap {
+    pub from: Option<String>,
+    pub to: String,
+    /// Unix seconds.
+    pub at: f64,
+    pub kind: SwapKind,
+}
+
+/// The durable store. `Send + Sync`: one connection behind a mutex, so writers serialize.
+pub struct Store {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+fn sql(op: &'static str) -> impl FnOnce(rusqlite::Error) -> Error {
+    move |source| Error::Sql { op, source }
+}
+
+/// Reads a JSON text column.
+fn json_col<T: serde::de::DeserializeOwned>(row: &Row<'_>, idx: usize) -> rusqlite::Result<T> {
+    let text: String = row.get(idx)?;
+    serde_json::from_str(&text)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, Type::Text, Box::new(e)))
+}
+
+fn opt_json_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<Option<Value>> {
+    let text: Option<String> = row.get(idx)?;
+    text.map(|t| {
+        serde_json::from_str(&t)
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, Type::Text, Box::new(e)))
+    })
+    .transpose()
+}
+
+fn to_json<T: Serialize>(what: &str, v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| Error::invalid(what, e.to_string()))
+}
+
+const TD_COLS: &str = "id, state, sequences, definition, reason, requester, created_at, \
+     updated_at, phase, progress, eta_seconds, version, report, error, job_id, attempts";
+
+fn takedown_row(row: &Row<'_>) -> rusqlite::Result<Takedown> {
+    Ok(Takedown {
+        id: row.get(0)?,
+        state: row.get(1)?,
+        sequences: json_col(row, 2)?,
+        definition: row.get(3)?,
+        reason: row.get(4)?,
+        requester: row.get(5)?,
+        created_at: row.get(6)?,
+        updated_at: row.get(7)?,
+        phase: row.get(8)?,
+        progress: row.get(9)?,
+        eta_seconds: row.get(10)?,
+        version: row.get(11)?,
+        report: opt_json_col(row, 12)?,
+        error: row.get(13)?,
+        job_id: row.get(14)?,
+        attempts: row.get(15)?,
+    })
+}
+
+const VERSION_COLS: &str = "id, seq, parent, created_at, takedowns, metrics, path";
+
+fn version_row(row: &Row<'_>) -> rusqlite::Result<VersionRecord> {
+    Ok(VersionRecord {
+        id: row.get(0)?,
+        seq: row.get(1)?,
+        parent: row.get(2)?,
+        created_at: row.get(3)?,
+        takedowns: json_col(row, 4)?,
+        metrics: json_col(row, 5)?,
+        path: row.get(6)?,
+    })
+}
+
+/// sha256 (hex) of the request's canonical JSON: a version tag, then the fields in a fixed order
+/// (struct serialization order; no maps, so no key-order ambiguity).
+fn request_hash(new: &NewTakedown) -> Result<String> {
+    #[derive(Serialize)]
+    struct Canonical<'a> {
+        v: u32,
+        sequences: &'a [Vec<u32>],
+        definition: &'a str,
+        reason: Option<&'a str>,
+        requester: Option<&'a str>,
+    }
+    let c = Canonical {
+        v: 1,
+        sequences: &new.sequences,
+        definition: &new.definition,
+        reason: new.reason.as_deref(),
+        requester: new.requester.as_deref(),
+    };
+    let bytes = serde_json::to_vec(&c).map_err(|e| Error::invalid("takedown", e.to_string()))?;
+    Ok(crate::server::state::hex(&Sha256::digest(&bytes)))
+}
+
+/// Migrations, index i upgrading user_version i → i + 1.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE takedowns (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    id              TEXT NOT NULL UNIQUE,
+    state           TEXT NOT NULL CHECK (state IN
+                      ('queued','running','validating','applied','rejected','failed','cancelled')),
+    sequences       TEXT NOT NULL,
+    definition      TEXT NOT NULL,
+    reason          TEXT,
+    requester       TEXT,
+    created_at      REAL NOT NULL,
+    updated_at      REAL NOT NULL,
+    phase           TEXT,
+    progress        REAL,
+    eta_seconds     REAL,
+    version         TEXT,
+    report          TEXT,
+    error           TEXT,
+    job_id          TEXT,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    idempotency_key TEXT UNIQUE,
+    request_hash    TEXT NOT NULL
+);
+CREATE INDEX takedowns_by_state ON takedowns (state, seq);
+CREATE INDEX takedowns_by_job ON takedowns (job_id);
+CREATE INDEX takedowns_by_version ON takedowns (version);
+CREATE TABLE events (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    takedown_id TEXT NOT NULL REFERENCES takedowns (id),
+    at          REAL NOT NULL,
+    state       TEXT NOT NULL,
+    detail      TEXT NOT NULL
+);
+CREATE INDEX events_by_takedown ON events (takedown_id, seq);
+CREATE TABLE versions (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    id         TEXT NOT NULL UNIQUE,
+    parent     TEXT REFERENCES versions (id),
+    created_at REAL NOT NULL,
+    takedowns  TEXT NOT NULL,
+    metrics    TEXT NOT NULL,
+    path       TEXT NOT NULL
+);
+CREATE TABLE current_version (
+    one        INTEGER PRIMARY KEY CHECK (one = 1),
+    version    TEXT NOT NULL REFERENCES versions (id),
+    updated_at REAL NOT NULL
+);
+CREATE TABLE swaps (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    from_version TEXT,
+    to_version   TEXT NOT NULL,
+    at           REAL NOT NULL,
+    kind         TEXT NOT NULL CHECK (kind IN ('promote','rollback'))
+);
+"#];
+
+impl Store {
+    /// Opens (creating if needed) `data_dir/lethe.sqlite3` and migrates it to the current schema.
+    pub fn open(data_dir: &Path) -> Result<Store> {
+        std::fs::create_dir_all(data_dir).map_err(Error::io("create", data_dir))?;
+        let path = data_dir.join(DB_FILE);
+        let existed = path.exists();
+        let mut conn = Connection::open(&path).map_err(sql("open database"))?;
+        conn.busy_timeout(BUSY_TIMEOUT)
+            .map_err(sql("set busy_timeout"))?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(sql("set journal_mode"))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(Error::Corrupt {
+                what: path.display().to_string(),
+                message: format!("journal_mode is {mode}, WAL could not be enabled"),
+            });
+        }
+        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
+            .map_err(sql("set pragmas"))?;
+        migrate(&mut conn, &path)?;
+        if !existed {
+            // The new file's directory entry must survive a crash too.
+            if let Ok(d) = std::fs::File::open(data_dir) {
+                d.sync_all().map_err(Error::io("fsync", data_dir))?;
+            }
+        }
+        Ok(Store {
+            conn: Mutex::new(conn),
+            path,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The connection. A panic in another thread cannot leave a transaction open (a dropped
+    /// `Transaction` rolls back), so a poisoned lock is safe to take over.
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Accepts a takedown. Returns it and whether it was created (`false`: the idempotency key
+    /// was already used for the same request, and the original takedown is returned).
+    pub fn create(
+        &self,
+        new: NewTakedown,
+        idempotency_key: Option<&str>,
+    ) -> Result<(Takedown, bool)> {
+        if new.sequences.is_empty() {
+            return Err(Error::invalid(
+                "sequences",
+                "at least one sequence is required",
+            ));
+        }
+        if let Some(i) = new.sequences.iter().position(|s| s.is_empty()) {
+            return Err(Error::invalid(
+                format!("sequences[{i}]"),
+                "a sequence needs at least one token",
+            ));
+        }
+        let hash = request_hash(&new)?;
+        let sequences = to_json("sequences", &new.sequences)?;
+        let mut conn = self.conn();
+        let tx = immediate(&mut conn)?;
+        if let Some(key) = idempotency_key {
+            let found: Option<(String, String)> = tx
+                .query_row(
+                    "SELECT id, request_hash FROM takedowns WHERE idempotency_key = ?1",
+                    [key],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+                .map_err(sql("look up idempotency key"))?;
+            if let Some((id, existing_hash)) = found {
+                if existing_hash != hash {
+                    return Err(Error::IdempotencyConflict {
+                        key: key.to_string(),
+                        existing_id: id,
+                    });
+                }
+                let td = get_tx(&tx, &id)?;
+                return Ok((td, false));
+            }
+        }
+        let id = format!("td_{}", random_hex(8));
+        let at = now();
+        tx.execute(
+            "INSERT INTO takedowns (id, state, sequences, definition, reason, requester, \
+             created_at, updated_at, attempts, idempotency_key, request_hash) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, 0, ?8, ?9)",
+            params![
+                id,
+                State::Queued,
+                sequences,
+                new.definition,
+                new.reason,
+                new.requester,
+                at,
+                idempotency_key,
+                hash
+            ],
+        )
+        .map_err(sql("insert takedown"))?;
+        event(&tx, &id, at, State::Queued, &Value::Null)?;
+        let td = get_tx(&tx, &id)?;
+        tx.commit().map_err(sql("commit takedown"))?;
+        Ok((td, true))
+    }
+
+    /// The takedown `id`.
+    pub fn get(&self, id: &str) -> Result<Takedown> {
+        get_tx(&self.conn(), id)
+    }
+
+    /// Takedowns in creation order (then id), optionally of one state, after the cursor `after_id`
+    /// (exclusive), at most `limit`. An unknown cursor is [`Error::NotFound`].
+    pub fn list(
+        &self,
+        after_id: Option<&str>,
+        limit: usize,
+        state: Option<State>,
+    ) -> Result<Vec<Takedown>> {
+        let conn = self.conn();
+        let after_seq: i64 = match after_id {
+            None => 0,
+            Some(id) => conn
+                .query_row("SELECT seq FROM takedowns WHERE id = ?1", [id], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .map_err(sql("look up cursor"))?
+                .ok_or_else(|| Error::NotFound(id.to_string()))?,
+        };
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT {TD_COLS} FROM takedowns WHERE seq > ?1 AND (?2 IS NULL OR state = ?2) \
+                 ORDER BY seq LIMIT ?3"
+            ))
+            .map_err(sql("list takedowns"))?;
+        let rows = stmt
+            .query_map(params![after_seq, state, limit], takedown_row)
+            .map_err(sql("list takedowns"))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(sql("read takedown"))
+    }
+
+    /// How many takedowns are in each state (every state, zeros included, in lifecycle order).
+    pub fn counts_by_state(&self) -> Result<Vec<(State, u64)>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached("SELECT state, COUNT(*) FROM takedowns GROUP BY state")
+            .map_err(sql("count takedowns"))?;
+        let found: Vec<(State, i64)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(sql("count takedowns"))?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(sql("count takedowns"))?;
+        Ok(State::ALL
+            .into_iter()
+            .map(|s| {
+                let n = found.iter().find(|(f, _)| *f == s).map_or(0, |(_, n)| *n);
+                (s, u64::try_from(n).unwrap_or(0))
+            })
+            .collect())
+    }
+
+    /// The state-change history of takedown `id`, oldest first.
+    pub fn events(&self, id: &str) -> Result<Vec<Event>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT takedown_id, at, state, detail FROM events WHERE takedown_id = ?1 \
+                 ORDER BY seq",
+            )
+            .map_err(sql("read events"))?;
+        let rows = stmt
+            .query_map([id], |r| {
+                Ok(Event {
+                    takedown_id: r.get(0)?,
+                    at: r.get(1)?,
+                    state: r.get(2)?,
+                    detail: json_col(r, 3)?,
+                })
+            })
+            .map_err(sql("read events"))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(sql("read events"))
+    }
+
+    /// Atomically moves up to `max` queued takedowns, oldest first, to running under `job_id`,
+    /// counting an attempt on each. Returns them as updated.
+    pub fn claim_queued(&self, job_id: &str, max: usize) -> Result<Vec<Takedown>> {
+        if job_id.is_empty() {
+            return Err(Error::invalid("job_id", "must not be empty"));
+        }
+        let mut conn = self.conn();
+        let tx = immediate(&mut conn)?;
+        let ids: Vec<String> = {
+            let mut stmt = tx
+                .prepare_cached("SELECT id FROM takedowns WHERE state = ?1 ORDER BY seq LIMIT ?2")
+                .map_err(sql("select queued"))?;
+            let limit = i64::try_from(max).unwrap_or(i64::MAX);
+            let v = stmt
+                .query_map(params![State::Queued, limit], |r| r.get(0))
+                .map_err(sql("select queued"))?
+                .collect::<rusqlite::Result<_>>()
+                .map_err(sql("select queued"))?;
+            v
+        };
+        let at = now();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            tx.execute(
+                "UPDATE takedowns SET state = ?2, job_id = ?3, attempts = attempts + 1, \
+                 phase = NULL, progress = NULL, eta_seconds = NULL, error = NULL, \
+                 updated_at = ?4 WHERE id = ?1",
+                params![id, State::Running, job_id, at],
+            )
+            .map_err(sql("claim takedown"))?;
+            event(&tx, &id, at, State::Running, &json!({ "job_id": job_id }))?;
+            out.push(get_tx(&tx, &id)?);
+        }
+        tx.commit().map_err(sql("commit claim"))?;
+        Ok(out)
+    }
+
+    /// Records the phase, progress (0..=1) and estimated seconds left of every running or
+    /// validating takedown of `job_id`; a phase change is also recorded as an event. Returns how
+    /// many takedowns were updated.
+    pub fn set_progress(
+        &self,
+        job_id: &str,
+        phase: &str,
+        progress: Option<f64>,
+        eta_seconds: Option<f64>,
+    ) -> Result<usize> {
+        if let Some(p) = progress {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(Error::invalid("progress", format!("{p} is not in [0, 1]")));
+            }
+        }
+        if let Some(e) = eta_seconds {
+            if !e.is_finite() || e < 0.0 {
+                return Err(Error::invalid(
+                    "eta_seconds",
+                    format!("{e} is not a duration"),
+                ));
+            }
+        }
+        let mut conn = self.conn();
+        let tx = immediate(&mut conn)?;
+        let rows = active_of_job(&tx, job_id)?;
+        let at = now();
+        for (id, state) in &rows {
+            let old: Option<String> = tx
+                .query_row("SELECT phase FROM takedowns WHERE id = ?1", [id], |r| {
+                    r.get(0)
+                })
+                .map_err(sql("read phase"))?;
+            tx.execute(
+                "UPDATE takedowns SET phase = ?2, progress = ?3, eta_seconds = ?4, \
+                 updated_at = ?5 WHERE id = ?1",
+                params![id, phase, progress, eta_seconds, at],
+            )
+            .map_err(sql("set progress"))?;
+            if old.as_deref() != Some(phase) {
+                event(&tx, id, at, *state, &json!({ "phase": phase }))?;
+            }
+        }
+        tx.commit().map_err(sql("commit progress"))?;
+        Ok(rows.len())
+    }
+
+    /// Moves the running takedowns of `job_id` to validating.
+    pub fn mark_validating(&self, job_id: &str) -> Result<usize> {
+        self.job_transition(job_id, State::Validating, |tx, id, at| {
+            tx.execute(
+                "UPDATE takedowns SET state = ?2, phase = 'validate', updated_at = ?3 \
+                 WHERE id = ?1",
+                params![id, State::Validating, at],
+            )
+            .map_err(sql("mark validating"))?;
+            Ok(json!({ "job_id": job_id }))
+        })
+    }
+
+    /// Moves the validating takedowns of `job_id` to applied by `version`, with the validation
+    /// report. Cancelled takedowns of the job stay cancelled.
+    pub fn finish_applied(&self, job_id: &str, version: &str, report: &Value) -> Result<usize> {
+        let mut conn = self.conn();
+        let tx = immediate(&mut conn)?;
+        let n = finish_applied_tx(&tx, job_id, version, report)?;
+        tx.commit().map_err(sql("commit applied"))?;
+        Ok(n)
+    }
+
+    /// Moves the validating takedowns of `job_id` to rejected: validation refused the new
+    /// weights. `reason` is kept in the takedown's `error`.
+    pub fn finish_rejected(&self, job_id: &str, reason: &str, report: &Value) -> Result<usize> {
+        let report_text = to_json("report", report)?;
+        self.job_transition(job_id, State::Rejected, |tx, id, at| {
+            tx.execute(
+                "UPDATE takedowns SET state = ?2, error = ?3, report = ?4, progress = NULL, \
+                 eta_seconds = NULL, updated_at = ?5 WHERE id = ?1",
+                params![id, State::Rejected, reason, report_text, at],
+            )
+            .map_err(sql("mark rejected"))?;
+            Ok(json!({ "job_id": job_id, "reason": reason }))
+        })
+    }
+
+    /// Moves the running or validating takedowns of `job_id` to failed with `error`.
+    pub fn finish_failed(&self, job_id: &str, error: &str) -> Result<usize> {
+        self.job_transition(job_id, State::Failed, |tx, id, at| {
+            tx.execute(
+                "UPDATE takedowns SET state = ?2, error = ?3, progress = NULL, \
+                 eta_seconds = NULL, updated_at = ?4 WHERE id = ?1",
+                params![id, State::Failed, error, at],
+            )
+            .map_err(sql("mark failed"))?;
+            Ok(json!({ "job_id": job_id, "error": error }))
+        })
+    }
+
+    /// Puts the running or validating takedowns of `job_id` back in the queue (e.g. the worker
+    /// is shutting down). Their attempts count is kept.
+    pub fn requeue_job(&self, job_id: &str) -> Result<usize> {
+        self.job_transition(job_id, State::Queued, |tx, id, at| {
+            clear_to_queued(tx, id, at)?;
+            Ok(json!({ "job_id": job_id, "reason": "requeued" }))
+        })
+    }
+
+    /// Cancels takedown `id` (queued, running or validating). A running job notices through
+    /// [`Store::is_cancelled`]. Its sequences stop being guarded.
+    pub fn cancel(&self, id: &str) -> Result<Takedown> {
+        let mut conn = self.conn();
+        let tx = immediate(&mut conn)?;
+        let td = get_tx(&tx, id)?;
+        if !td.state.can_go_to(State::Cancelled) {
+            return Err(Error::NotCancellable {
+                id: id.to_string(),
+                state: td.state,
+            });
+        }
+        let at = now();
+        tx.execute(
+            "UPDATE takedowns SET state = ?2, progress = NULL, eta_seconds = NULL, \
+             updated_at = ?3 WHERE id = ?1",
+            params![id, State::Cancelled, at],
+        )
+        .map_err(sql("cancel takedown"))?;
+        event(&tx, id, at, State::Cancelled, &json!({ "from": td.state }))?;
+        let td = get_tx(&tx, id)?;
+        tx.commit().map_err(sql("commit cancel"))?;
+        Ok(td)
+    }
+
+    /// Whether takedown `id` is cancelled.
+    pub fn is_cancelled(&self, id: &str) -> Result<bool> {
+        let state: State = self
+            .conn()
+            .query_row("SELECT state FROM takedowns WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(sql("read state"))?
+            .ok_or_else(|| Error::NotFound(id.to_string()))?;
+        Ok(state == State::Cancelled)
+    }
+
+    /// At startup: every running or validating takedown (its worker died with the process) goes
+    /// back to queued, without job, phase or progress. Returns how many.
+    pub fn requeue_interrupted(&self) -> Result<usize> {
+        let mut conn = self.conn();
+        let tx = immediate(&mut conn)?;
+        let rows: Vec<(String, Option<String>)> = {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT id, job_id FROM takedowns WHERE state IN (?1, ?2) ORDER BY seq",
+                )
+                .map_err(sql("select interrupted"))?;
+            let v = stmt
+                .query_map(params![State::Running, State::Validating], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .map_err(sql("select interrupted"))?
+                .collect::<rusqlite::Result<_>>()
+                .map_err(sql("select interrupted"))?;
+            v
+        };
+        let at = now();
+        for (id, job) in &rows {
+            clear_to_queued(&tx, id, at)?;
+            event(
+                &tx,
+                id,
+                at,
+                State::Queued,
+                &json!({ "reason": "interrupted", "job_id": job }),
+            )?;
+        }
+        tx.commit().map_err(sql("commit requeue"))?;
+        Ok(rows.len())
+    }
+
+    /// Rollback of `version`: the takedowns it applied go back to queued (version, job, report
+    /// and progress cleared; the events keep the history). Returns how many.
+    pub fn requeue_applied_by(&self, version: &str) -> Result<usize> {
+        let mut conn = self.conn();
+        let tx = immediate(&mut conn)?;
+        let n = requeue_applied_tx(&tx, version)?;
+        tx.commit().map_err(sql("commit rollback requeue"))?;
+        Ok(n)
+    }
+
+    /// Sequences of every takedown that is not cancelled, whatever its state, in creation order.
+    pub fn sequences_to_guard(&self) -> Result<Vec<Vec<u32>>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached("SELECT sequences FROM takedowns WHERE state != ?1 ORDER BY seq")
+            .map_err(sql("read sequences"))?;
+        let rows = stmt
+            .query_map([State::Cancelled], |r| json_col::<Vec<Vec<u32>>>(r, 0))
+            .map_err(sql("read sequences"))?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.extend(r.map_err(sql("read sequences"))?);
+        }
+        Ok(out)
+    }
+
+    /// Registers a version. If `new.id` is already registered (same content), returns the
+    /// existing record unchanged and `false`.
+    pub fn insert_version(&self, new: NewVersion) -> Result<(VersionRecord, bool)> {
+        let mut conn = self.conn();
+        let tx = immediate(&mut conn)?;
+        let out = insert_version_tx(&tx, &new)?;
+        tx.commit().map_err(sql("commit version"))?;
+        Ok(out)
+    }
+
+    /// The version `id`.
+    pub fn get_version(&self, id: &str) -> Result<VersionRecord> {
+        get_version_tx(&self.conn(), id)
+    }
+
+    /// Every version, newest first.
+    pub fn list_versions(&self) -> Result<Vec<VersionRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT {VERSION_COLS} FROM versions ORDER BY seq DESC"
+            ))
+            .map_err(sql("list versions"))?;
+        let rows = stmt
+            .query_map([], version_row)
+            .map_err(sql("list versions"))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(sql("read version"))
+    }
+
+    /// The id of the version being served, if one was ever set.
+    pub fn current_version(&self) -> Result<Option<String>> {
+        current_tx(&self.conn())
+    }
+
+    /// Compare-and-swap of the current version: succeeds only if the current version is
+    /// `expected` (`None`: none set yet). The swap is recorded as a rollback when `to` was
+    /// registered before the current version, as a promote otherwise.
+    pub fn set_current(&self, expected: Option<&str>, to: &str) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = immediate(&mut conn)?;
+        let kind = match expected {
+            Some(e) if get_version_tx(&tx, e)?.seq > get_version_tx(&tx, to)?.seq => {
+                SwapKind::Rollback
+            }
+            _ => SwapKind::Promote,
+        };
+        cas_tx(&tx, expected, to, kind)?;
+        tx.commit().map_err(sql("commit swap"))
+    }
+
+    /// [`Store::set_current`] with an explicit kind for the history.
+    pub fn set_current_as(&self, expected: Option<&str>, to: &str, kind: SwapKind) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = immediate(&mut conn)?;
+        cas_tx(&tx, expected, to, kind)?;
+        tx.commit().map_err(sql("commit swap"))
+    }
+
+    /// The history of current-version changes, newest first.
+    pub fn swaps(&self) -> Result<Vec<Swap>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT from_version, to_version, at, kind FROM swaps ORDER BY seq DESC",
+            )
+            .map_err(sql("read swaps"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(Swap {
+                    from: r.get(0)?,
+                    to: r.get(1)?,
+                    at: r.get(2)?,
+                    kind: r.get(3)?,
+                })
+            })
+            .map_err(sql("read swaps"))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(sql("read swaps"))
+    }
+
+    /// In one transaction: registers `version`, swaps the current version from `expected` to it
+    /// (a promote), and moves the validating takedowns of `job_id` to applied by it. The version's
+    /// `takedowns` list is replaced by the ids this call applies. Nothing changes on any error
+    /// (a lost compare-and-swap, a takedown in the wrong state). Returns the record and how many
+    /// takedowns were applied.
+    pub fn promote(
+        &self,
+        job_id: &str,
+        expected: Option<&str>,
+        mut version: NewVersion,
+        report: &Value,
+    ) -> Result<(VersionRecord, usize)> {
+        let mut conn = self.conn();
+        let tx = immediate(&mut conn)?;
+        version.takedowns = active_of_job(&tx, job_id)?
+            .into_iter()
+            .filter(|(_, s)| *s == State::Validating)
+            .map(|(id, _)| id)
+            .collect();
+        let (record, _) = insert_version_tx(&tx, &version)?;
+        cas_tx(&tx, expected, &record.id, SwapKind::Promote)?;
+        let n = finish_applied_tx(&tx, job_id, &record.id, report)?;
+        tx.commit().map_err(sql("commit promote"))?;
+        Ok((record, n))
+    }
+
+    /// In one transaction: swaps the current version from `expected` back to its ancestor `to`
+    /// (a rollback) and requeues the takedowns applied by every version on the way (`expected`
+    /// and its ancestors below `to`). `to` must be an ancestor of `expected`. Returns how many
+    /// takedowns were requeued.
+    pub fn rollback(&self, expected: &str, to: &str) -> Result<usize> {
+        let mut conn = self.conn();
+        let tx = immediate(&mut conn)?;
+        get_version_tx(&tx, to)?;
+        let mut undone = Vec::new();
+        let mut at = Some(expected.to_string());
+        loop {
+            match at {
+                Some(v) if v == to => break,
+                Some(v) => {
+                    let parent = get_version_tx(&tx, &v)?.parent;
+                    undone.push(v);
+                    // Parent links are acyclic (a parent must exist before its child), but a
+                    // corrupt database should not loop forever.
+                    if undone.len() > 1_000_000 {
+                        return Err(Error::Corrupt {
+                            what: "versions".into(),
+                            message: "parent chain does not end".into(),
+                        });
+                    }
+                    at = parent;
+                }
+                None => {
+                    return Err(Error::invalid(
+                        "to",
+                        format!("version {to} is not an ancestor of {expected}"),
+                    ))
+                }
+            }
+        }
+        cas_tx(&tx, Some(expected), to, SwapKind::Rollback)?;
+        let mut n = 0;
+        for v in &undone {
+            n += requeue_applied_tx(&tx, v)?;
+        }
+        tx.commit().map_err(sql("commit rollback"))?;
+        Ok(n)
+    }
+
+    /// Applies `to` to every running/validating takedown of `job_id`, checking each transition;
+    /// `update` writes the row and returns the event detail.
+    fn job_transition(
+        &self,
+        job_id: &str,
+        to: State,
+        update: impl Fn(&Transaction<'_>, &str, f64) -> Result<Value>,
+    ) -> Result<usize> {
+        let mut conn = self.conn();
+        let tx = immediate(&mut conn)?;
+        let rows = active_of_job(&tx, job_id)?;
+        check_all(&rows, to)?;
+        let at = now();
+        for (id, _) in &rows {
+            let detail = update(&tx, id, at)?;
+            event(&tx, id, at, to, &detail)?;
+        }
+        tx.commit().map_err(sql("commit transition"))?;
+        Ok(rows.len())
+    }
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(sql("read user_version"))?;
+    if version > SCHEMA_VERSION {
+        return Err(Error::Corrupt {
+            what: path.display().to_string(),
+            message: format!(
+                "schema version {version} is newer than this lethe understands ({SCHEMA_VERSION})"
+            ),
+        });
+    }
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+        let tx = immediate(conn)?;
+        tx.execute_batch(step).map_err(sql("migrate schema"))?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)
+            .map_err(sql("set user_version"))?;
+        tx.commit().map_err(sql("commit migration"))?;
+    }
+    Ok(())
+}
+
+fn immediate(conn: &mut Connection) -> Result<Transaction<'_>> {
+    conn.transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sql("begin transaction"))
+}
+
+fn get_tx(conn: &Connection, id: &str) -> Result<Takedown> {
+    conn.query_row(
+        &format!("SELECT {TD_COLS} FROM takedowns WHERE id = ?1"),
+        [id],
+        takedown_row,
+    )
+    .optional()
+    .map_err(sql("read takedown"))?
+    .ok_or_else(|| Error::NotFound(id.to_string()))
+}
+
+fn event(tx: &Transaction<'_>, id: &str, at: f64, state: State, detail: &Value) -> Result<()> {
+    tx.execute(
+        "INSERT INTO events (takedown_id, at, state, detail) VALUES (?1, ?2, ?3, ?4)",
+        params![id, at, state, to_json("detail", detail)?],
+    )
+    .map_err(sql("insert event"))?;
+    Ok(())
+}
+
+/// The running or validating takedowns of `job_id` (cancelled ones are no longer the job's).
+fn active_of_job(tx: &Transaction<'_>, job_id: &str) -> Result<Vec<(String, State)>> {
+    let mut stmt = tx
+        .prepare_cached(
+            "SELECT id, state FROM takedowns WHERE job_id = ?1 AND state IN (?2, ?3) \
+             ORDER BY seq",
+        )
+        .map_err(sql("select job"))?;
+    let rows = stmt
+        .query_map(params![job_id, State::Running, State::Validating], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .map_err(sql("select job"))?;
+    rows.collect::<rusqlite::Result<_>>()
+        .map_err(sql("select job"))
+}
+
+fn check_all(rows: &[(String, State)], to: State) -> Result<()> {
+    match rows.iter().find(|(_, from)| !from.can_go_to(to)) {
+        Some((id, from)) => Err(Error::InvalidTransition {
+            id: id.clone(),
+            from: *from,
+            to,
+        }),
+        None => Ok(()),
+    }
+}
+
+fn clear_to_queued(tx: &Transaction<'_>, id: &str, at: f64) -> Result<()> {
+    tx.execute(
+        "UPDATE takedowns SET state = ?2, job_id = NULL, phase = NULL, progress = NULL, \
+         eta_seconds = NULL, updated_at = ?3 WHERE id = ?1",
+        params![id, State::Queued, at],
+    )
+    .map_err(sql("requeue takedown"))?;
+    Ok(())
+}
+
+fn finish_applied_tx(
+    tx: &Transaction<'_>,
+    job_id: &str,
+    version: &str,
+    report: &Value,
+) -> Result<usize> {
+    let rows = active_of_job(tx, job_id)?;
+    check_all(&rows, State::Applied)?;
+    let report_text = to_json("report", report)?;
+    let at = now();
+    for (id, _) in &rows {
+        tx.execute(
+            "UPDATE takedowns SET state = ?2, version = ?3, report = ?4, error = NULL, \
+             progress = 1.0, eta_seconds = NULL, updated_at = ?5 WHERE id = ?1",
+            params![id, State::Applied, version, report_text, at],
+        )
+        .map_err(sql("mark applied"))?;
+        event(
+            tx,
+            id,
+            at,
+            State::Applied,
+            &json!({ "job_id": job_id, "version": version }),
+        )?;
+    }
+    Ok(rows.len())
+}
+
+fn requeue_applied_tx(tx: &Transaction<'_>, version: &str) -> Result<usize> {
+    let ids: Vec<String> = {
+        let mut stmt = tx
+            .prepare_cached(
+                "SELECT id FROM takedowns WHERE state = ?1 AND version = ?2 ORDER BY seq",
+            )
+            .map_err(sql("select applied"))?;
+        let v = stmt
+            .query_map(params![State::Applied, version], |r| r.get(0))
+            .map_err(sql("select applied"))?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(sql("select applied"))?;
+        v
+    };
+    let at = now();
+    for id in &ids {
+        tx.execute(
+            "UPDATE takedowns SET state = ?2, version = NULL, report = NULL, error = NULL, \
+             job_id = NULL, phase = NULL, progress = NULL, eta_seconds = NULL, \
+             updated_at = ?3 WHERE id = ?1",
+            params![id, State::Queued, at],
+        )
+        .map_err(sql("requeue applied"))?;
+        event(
+            tx,
+            id,
+            at,
+            State::Queued,
+            &json!({ "reason": "rollback", "version": version }),
+        )?;
+    }
+    Ok(ids.len())
+}
+
+fn get_version_tx(conn: &Connection, id: &str) -> Result<VersionRecord> {
+    conn.query_row(
+        &format!("SELECT {VERSION_COLS} FROM versions WHERE id = ?1"),
+        [id],
+        version_row,
+    )
+    .optional()
+    .map_err(sql("read version"))?
+    .ok_or_else(|| Error::VersionNotFound(id.to_string()))
+}
+
+fn insert_version_tx(tx: &Transaction<'_>, new: &NewVersion) -> Result<(VersionRecord, bool)> {
+    if new.id.is_empty() {
+        return Err(Error::invalid("version id", "must not be empty"));
+    }
+    match get_version_tx(tx, &new.id) {
+        Ok(existing) => return Ok((existing, false)),
+        Err(Error::VersionNotFound(_)) => {}
+        Err(e) => return Err(e),
+    }
+    if let Some(parent) = &new.parent {
+        get_version_tx(tx, parent)?;
+    }
+    tx.execute(
+        "INSERT INTO versions (id, parent, created_at, takedowns, metrics, path) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            new.id,
+            new.parent,
+            now(),
+            to_json("takedowns", &new.takedowns)?,
+            to_json("metrics", &new.metrics)?,
+            new.path
+        ],
+    )
+    .map_err(sql("insert version"))?;
+    Ok((get_version_tx(tx, &new.id)?, true))
+}
+
+fn current_tx(conn: &Connection) -> Result<Option<String>> {
+    conn.query_row(
+        "SELECT version FROM current_version WHERE one = 1",
+        [],
+        |r| r.get(0),
+    )
+    .optional()
+    .map_err(sql("read current version"))
+}
+
+fn cas_tx(tx: &Transaction<'_>, expected: Option<&str>, to: &str, kind: SwapKind) -> Result<()> {
+    let actual = current_tx(tx)?;
+    if actual.as_deref() != expected {
+        return Err(Error::VersionConflict {
+            expected: expected.map(str::to_string),
+            actual,
+        });
+    }
+    get_version_tx(tx, to)?;
+    let at = now();
+    tx.execute(
+        "INSERT INTO current_version (one, version, updated_at) VALUES (1, ?1, ?2) \
+         ON CONFLICT (one) DO UPDATE SET version = excluded.version, \
+         updated_at = excluded.updated_at",
+        params![to, at],
+    )
+    .map_err(sql("set current version"))?;
+    tx.execute(
+        "INSERT INTO swaps (from_version, to_version, at, kind) VALUES (?1, ?2, ?3, ?4)",
+        params![expected, to, at, kind.as_str()],
+    )
+    .map_err(sql("record swap"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_td(seqs: Vec<Vec<u32>>) -> NewTakedown {
+        NewTakedown {
+            sequences: seqs,
+            definition: "exact".into(),
+            reason: Some("dmca".into()),
+            requester: Some("legal@example.com".into()),
+        }
+    }
+
+    fn open() -> (tempfile::TempDir, Store) {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        (d, s)
+    }
+
+    fn states(s: &Store, id: &str) -> Vec<State> {
+        s.events(id).unwrap().into_iter().map(|e| e.state).collect()
+    }
+
+    fn version(id: &str, parent: Option<&str>) -> NewVersion {
+        NewVersion {
+            id: id.into(),
+            parent: parent.map(str::to_string),
+            takedowns: vec![],
+            metrics: json!({ "memorized": 0.0 }),
+            path: format!("/data/versions/{id}"),
+        }
+    }
+
+    #[test]
+    fn store_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Store>();
+    }
+
+    #[test]
+    fn everything_survives_reopening() {
+        let d = tempfile::tempdir().unwrap();
+        let (td, applied, events, versions, swaps);
+        {
+            let s = Store::open(d.path()).unwrap();
+            let (a, created) = s
+                .create(new_td(vec![vec![1, 2, 3], vec![4]]), Some("k1"))
+                .unwrap();
+            assert!(created);
+            s.create(new_td(vec![vec![9, 9]]), None).unwrap();
+            s.insert_version(version("root", None)).unwrap();
+            s.set_current(None, "root").unwrap();
+            s.claim_queued("job1", 1).unwrap();
+            s.set_progress("job1", "train", Some(0.5), Some(12.0))
+                .unwrap();
+            s.mark_validating("job1").unwrap();
+            let (_, n) = s
+                .promote(
+                    "job1",
+                    Some("root"),
+                    version("v1", Some("root")),
+                    &json!({"ok": true}),
+                )
+                .unwrap();
+            assert_eq!(n, 1);
+            td = s.get(&a.id).unwrap();
+            applied = s.list(None, 10, None).unwrap();
+            events = s.events(&a.id).unwrap();
+            versions = s.list_versions().unwrap();
+            swaps = s.swaps().unwrap();
+        }
+        let s = Store::open(d.path()).unwrap();
+        assert_eq!(s.get(&td.id).unwrap(), td);
+        assert_eq!(td.state, State::Applied);
+        assert_eq!(td.version.as_deref(), Some("v1"));
+        assert_eq!(td.report, Some(json!({"ok": true})));
+        assert_eq!(td.attempts, 1);
+        assert_eq!(td.sequences, vec![vec![1, 2, 3], vec![4]]);
+        assert_eq!(s.list(None, 10, None).unwrap(), applied);
+        assert_eq!(s.events(&td.id).unwrap(), events);
+        assert_eq!(s.list_versions().unwrap(), versions);
+        assert_eq!(s.swaps().unwrap(), swaps);
+        assert_eq!(s.current_version().unwrap().as_deref(), Some("v1"));
+        assert_eq!(s.get_version("v1").unwrap().takedowns, vec![td.id.clone()]);
+        // The idempotency key survives too.
+        let (again, created) = s
+            .create(new_td(vec![vec![1, 2, 3], vec![4]]), Some("k1"))
+            .unwrap();
+        assert!(!created);
+        assert_eq!(again.id, td.id);
+        let v: i64 = s
+            .conn()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        let mode: String = s
+            .conn()
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        drop(Store::open(d.path()).unwrap());
+        let c = Connection::open(d.path().join(DB_FILE)).unwrap();
+        c.pragma_update(None, "user_version", 99).unwrap();
+        drop(c);
+        let err = Store::open(d.path()).err().unwrap();
+        assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+    }
+
+    #[test]
+    fn idempotency_key_same_body_returns_the_original() {
+        let (_d, s) = open();
+        let (a, created_a) = s.create(new_td(vec![vec![1, 2]]), Some("key")).unwrap();
+        let (b, created_b) = s.create(new_td(vec![vec![1, 2]]), Some("key")).unwrap();
+        assert!(created_a && !created_b);
+        assert_eq!(a, b);
+        assert_eq!(s.list(None, 10, None).unwrap().len(), 1);
+        // Without a key, every call is a new takedown.
+        let (c, _) = s.create(new_td(vec![vec![1, 2]]), None).unwrap();
+        let (d, _) = s.create(new_td(vec![vec![1, 2]]), None).unwrap();
+        assert_ne!(c.id, d.id);
+        assert!(c.id.starts_with("td_") && c.id.len() == 19);
+    }
+
+    #[test]
+    fn idempotency_key_different_body_conflicts() {
+        let (_d, s) = open();
+        let (a, _) = s.create(new_td(vec![vec![1, 2]]), Some("key")).unwrap();
+        for other in [
+            new_td(vec![vec![1, 3]]),
+            new_td(vec![vec![1], vec![2]]),
+            NewTakedown {
+                reason: None,
+                ..new_td(vec![vec![1, 2]])
+            },
+            NewTakedown {
+                definition: "semantic".into(),
+                ..new_td(vec![vec![1, 2]])
+            },
+        ] {
+            match s.create(other, Some("key")) {
+                Err(Error::IdempotencyConflict { key, existing_id }) => {
+                    assert_eq!((key.as_str(), existing_id.as_str()), ("key", a.id.as_str()));
+                }
+                other => panic!("expected a conflict, got {other:?}"),
+            }
+        }
+        assert_eq!(s.list(None, 10, None).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn empty_requests_are_refused() {
+        let (_d, s) = open();
+        assert!(matches!(
+            s.create(new_td(vec![]), None),
+            Err(Error::InvalidInput { .. })
+        ));
+        match s.create(new_td(vec![vec![1], vec![]]), None) {
+            Err(Error::InvalidInput { field, .. }) => assert_eq!(field, "sequences[1]"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn legal_transition_table() {
+        use State::*;
+        let legal = [
+            (Queued, Running),
+            (Queued, Cancelled),
+            (Running, Validating),
+            (Running, Queued),
+            (Running, Failed),
+            (Running, Cancelled),
+            (Validating, Applied),
+            (Validating, Rejected),
+            (Validating, Failed),
+            (Validating, Queued),
+            (Validating, Cancelled),
+        ];
+        for from in State::ALL {
+            for to in State::ALL {
+                assert_eq!(
+                    from.can_go_to(to),
+                    legal.contains(&(from, to)),
+                    "{from} -> {to}"
+                );
+            }
+        }
+        for s in State::ALL {
+            assert_eq!(s.as_str().parse::<State>().unwrap(), s);
+            assert_eq!(serde_json::to_value(s).unwrap(), json!(s.as_str()));
+        }
+        assert!("done".parse::<State>().is_err());
+    }
+
+    #[test]
+    fn the_happy_path_records_every_transition() {
+        let (_d, s) = open();
+        let (a, _) = s.create(new_td(vec![vec![1, 2]]), None).unwrap();
+        let claimed = s.claim_queued("j", 10).unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].state, State::Running);
+        assert_eq!(claimed[0].job_id.as_deref(), Some("j"));
+        assert_eq!(s.set_progress("j", "search", Some(0.1), None).unwrap(), 1);
+        assert_eq!(
+            s.set_progress("j", "search", Some(0.2), Some(3.0)).unwrap(),
+            1
+        );
+        let td = s.get(&a.id).unwrap();
+        assert_eq!(
+            (td.phase.as_deref(), td.progress, td.eta_seconds),
+            (Some("search"), Some(0.2), Some(3.0))
+        );
+        assert_eq!(s.mark_validating("j").unwrap(), 1);
+        assert_eq!(s.finish_applied("j", "v9", &json!({"m": 1})).unwrap(), 1);
+        let td = s.get(&a.id).unwrap();
+        assert_eq!(td.state, State::Applied);
+        assert_eq!(td.version.as_deref(), Some("v9"));
+        // queued, running, phase change (only once for two updates), validating, applied
+        assert_eq!(
+            states(&s, &a.id),
+            vec![
+                State::Queued,
+                State::Running,
+                State::Running,
+                State::Validating,
+                State::Applied
+            ]
+        );
+        let ev = s.events(&a.id).unwrap();
+        assert_eq!(ev[2].detail, json!({"phase": "search"}));
+        assert!(ev.windows(2).all(|w| w[0].at <= w[1].at));
+    }
+
+    #[test]
+    fn rejected_and_failed_paths() {
+        let (_d, s) = open();
+        let (a, _) = s.create(new_td(vec![vec![1]]), None).unwrap();
+        s.claim_queued("j1", 1).unwrap();
+        s.mark_validating("j1").unwrap();
+        assert_eq!(
+            s.finish_rejected("j1", "perplexity rose 40%", &json!({"ppl": 9}))
+                .unwrap(),
+            1
+        );
+        let td = s.get(&a.id).unwrap();
+        assert_eq!(td.state, State::Rejected);
+        assert_eq!(td.error.as_deref(), Some("perplexity rose 40%"));
+        assert_eq!(td.report, Some(json!({"ppl": 9})));
+
+        let (b, _) = s.create(new_td(vec![vec![2]]), None).unwrap();
+        s.claim_queued("j2", 1).unwrap();
+        assert_eq!(s.finish_failed("j2", "out of memory").unwrap(), 1);
+        assert_eq!(s.get(&b.id).unwrap().state, State::Failed);
+
+        let (c, _) = s.create(new_td(vec![vec![3]]), None).unwrap();
+        s.claim_queued("j3", 1).unwrap();
+        s.mark_validating("j3").unwrap();
+        assert_eq!(s.finish_failed("j3", "load failed").unwrap(), 1);
+        assert_eq!(s.get(&c.id).unwrap().state, State::Failed);
+
+        // Requeue of a job from running and from validating.
+        let (d, _) = s.create(new_td(vec![vec![4]]), None).unwrap();
+        s.claim_queued("j4", 1).unwrap();
+        assert_eq!(s.requeue_job("j4").unwrap(), 1);
+        s.claim_queued("j5", 1).unwrap();
+        s.mark_validating("j5").unwrap();
+        assert_eq!(s.requeue_job("j5").unwrap(), 1);
+        let td = s.get(&d.id).unwrap();
+        assert_eq!(
+            (td.state, td.job_id.clone(), td.attempts),
+            (State::Queued, None, 2)
+        );
+    }
+
+    #[test]
+    fn illegal_transitions_are_refused_and_change_nothing() {
+        let (_d, s) = open();
+        let (a, _) = s.create(new_td(vec![vec![1]]), None).unwrap();
+        s.claim_queued("j", 1).unwrap();
+        // running -> applied / rejected skip validation.
+        for r in [
+            s.finish_applied("j", "v", &Value::Null),
+            s.finish_rejected("j", "x", &Value::Null),
+        ] {
+            match r {
+                Err(Error::InvalidTransition { id, from, to }) => {
+                    assert_eq!((id.as_str(), from), (a.id.as_str(), State::Running));
+                    assert!(matches!(to, State::Applied | State::Rejected));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        s.mark_validating("j").unwrap();
+        // validating -> validating.
+        assert!(matches!(
+            s.mark_validating("j"),
+            Err(Error::InvalidTransition { .. })
+        ));
+        assert_eq!(s.get(&a.id).unwrap().state, State::Validating);
+        s.finish_applied("j", "v", &Value::Null).unwrap();
+        // applied is finished for the job: nothing of it is active any more.
+        assert_eq!(s.finish_failed("j", "late").unwrap(), 0);
+        assert_eq!(s.get(&a.id).unwrap().state, State::Applied);
+        // A job that never existed touches nothing.
+        assert_eq!(s.mark_validating("nope").unwrap(), 0);
+        assert!(matches!(
+            s.claim_queued("", 1),
+            Err(Error::InvalidInput { .. })
+        ));
+        assert!(matches!(
+            s.set_progress("j", "x", Some(f64::NAN), None),
+            Err(Error::InvalidInput { .. })
+        ));
+        assert!(matches!(
+            s.set_progress("j", "x", Some(1.5), None),
+            Err(Error::InvalidInput { .. })
+        ));
+        assert!(matches!(
+            s.set_progress("j", "x", None, Some(-1.0)),
+            Err(Error::InvalidInput { .. })
+        ));
+    }
+
+    #[test]
+    fn cancel_rules() {
+        let (_d, s) = open();
+        let ids: Vec<String> = (0..4)
+            .map(|i| s.create(new_td(vec![vec![i]]), None).unwrap().0.id)
+            .collect();
+        // queued
+        assert_eq!(s.cancel(&ids[0]).unwrap().state, State::Cancelled);
+        assert!(s.is_cancelled(&ids[0]).unwrap());
+        // running
+        s.claim_queued("j", 1).unwrap();
+        assert_eq!(s.cancel(&ids[1]).unwrap().state, State::Cancelled);
+        // validating
+        s.claim_queued("k", 2).unwrap();
+        s.mark_validating("k").unwrap();
+        s.cancel(&ids[2]).unwrap();
+        // The job's other takedown applies; the cancelled one stays cancelled.
+        assert_eq!(s.finish_applied("k", "v", &Value::Null).unwrap(), 1);
+        assert_eq!(s.get(&ids[2]).unwrap().state, State::Cancelled);
+        assert_eq!(s.get(&ids[3]).unwrap().state, State::Applied);
+        assert!(!s.is_cancelled(&ids[3]).unwrap());
+        for id in [&ids[0], &ids[3]] {
+            match s.cancel(id) {
+                Err(Error::NotCancellable { id: got, state }) => {
+                    assert_eq!(&got, id);
+                    assert!(state.is_finished());
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(matches!(s.cancel("td_missing"), Err(Error::NotFound(_))));
+        assert!(matches!(
+            s.is_cancelled("td_missing"),
+            Err(Error::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn claim_is_oldest_first_and_exclusive() {
+        let (_d, s) = open();
+        let ids: Vec<String> = (0..5)
+            .map(|i| s.create(new_td(vec![vec![i]]), None).unwrap().0.id)
+            .collect();
+        assert!(s.claim_queued("j0", 0).unwrap().is_empty());
+        let a: Vec<String> = s
+            .claim_queued("j1", 2)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(a, ids[..2]);
+        let b: Vec<String> = s
+            .claim_queued("j2", 10)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(b, ids[2..]);
+        assert!(s.claim_queued("j3", 10).unwrap().is_empty());
+        // Concurrent claimers never share a takedown.
+        let more: Vec<String> = (0..40)
+            .map(|i| s.create(new_td(vec![vec![i]]), None).unwrap().0.id)
+            .collect();
+        let got: Vec<Vec<String>> = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..4)
+                .map(|w| {
+                    let s = &s;
+                    sc.spawn(move || {
+                        let mut mine = Vec::new();
+                        loop {
+                            let c = s.claim_queued(&format!("w{w}"), 3).unwrap();
+                            if c.is_empty() {
+                                break mine;
+                            }
+                            mine.extend(c.into_iter().map(|t| t.id));
+                        }
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut all: Vec<String> = got.into_iter().flatten().collect();
+        all.sort();
+        let mut want = more;
+        want.sort();
+        assert_eq!(all, want);
+    }
+
+    #[test]
+    fn interrupted_work_is_requeued_at_startup() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b, c);
+        {
+            let s = Store::open(d.path()).unwrap();
+            a = s.create(new_td(vec![vec![1]]), None).unwrap().0.id;
+            b = s.create(new_td(vec![vec![2]]), None).unwrap().0.id;
+            c = s.create(new_td(vec![vec![3]]), None).unwrap().0.id;
+            s.claim_queued("j1", 1).unwrap();
+            s.set_progress("j1", "train", Some(0.7), Some(5.0)).unwrap();
+            s.claim_queued("j2", 1).unwrap();
+            s.mark_validating("j2").unwrap();
+            // The process dies here.
+        }
+        let s = Store::open(d.path()).unwrap();
+        assert_eq!(s.requeue_interrupted().unwrap(), 2);
+        assert_eq!(s.requeue_interrupted().unwrap(), 0);
+        for id in [&a, &b, &c] {
+            let td = s.get(id).unwrap();
+            assert_eq!(td.state, State::Queued);
+            assert_eq!(
+                (td.job_id, td.phase, td.progress, td.eta_seconds),
+                (None, None, None, None)
+            );
+        }
+        assert_eq!(s.get(&a).unwrap().attempts, 1);
+        assert_eq!(
+            s.events(&a).unwrap().last().unwrap().detail["reason"],
+            "interrupted"
+        );
+        // Oldest first again.
+        let again: Vec<String> = s
+            .claim_queued("j3", 3)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(again, vec![a, b, c]);
+    }
+
+    #[test]
+    fn paging_and_filters() {
+        let (_d, s) = open();
+        let ids: Vec<String> = (0..7)
+            .map(|i| s.create(new_td(vec![vec![i]]), None).unwrap().0.id)
+            .collect();
+        s.cancel(&ids[1]).unwrap();
+        s.cancel(&ids[4]).unwrap();
+        let mut seen = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = s.list(after.as_deref(), 3, None).unwrap();
+            if page.is_empty() {
+                break;
+            }
+            assert!(page.len() <= 3);
+            after = page.last().map(|t| t.id.clone());
+            seen.extend(page.into_iter().map(|t| t.id));
+        }
+        assert_eq!(seen, ids);
+        let queued: Vec<String> = s
+            .list(None, 100, Some(State::Queued))
+            .unwrap()
+            .into_iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(
+            queued,
+            vec![
+                ids[0].clone(),
+                ids[2].clone(),
+                ids[3].clone(),
+                ids[5].clone(),
+                ids[6].clone()
+            ]
+        );
+        let page = s.list(Some(&ids[2]), 2, Some(State::Queued)).unwrap();
+        assert_eq!(
+            page.iter().map(|t| &t.id).collect::<Vec<_>>(),
+            vec![&ids[3], &ids[5]]
+        );
+        assert!(s.list(None, 0, None).unwrap().is_empty());
+        assert!(matches!(
+            s.list(Some("td_nope"), 3, None),
+            Err(Error::NotFound(_))
+        ));
+        let counts = s.counts_by_state().unwrap();
+        assert_eq!(counts.len(), State::ALL.len());
+        assert_eq!(counts[0], (State::Queued, 5));
+        assert_eq!(counts[6], (State::Cancelled, 2));
+        assert_eq!(counts[3], (State::Applied, 0));
+    }
+
+    #[test]
+    fn every_accepted_takedown_is_guarded_until_cancelled() {
+        let (_d, s) = open();
+        let a = s.create(new_td(vec![vec![1, 1]]), None).unwrap().0.id;
+        s.create(new_td(vec![vec![2, 2], vec![3, 3]]), None)
+            .unwrap();
+        let c = s.create(new_td(vec![vec![4, 4]]), None).unwrap().0.id;
+        s.claim_queued("j", 1).unwrap();
+        s.finish_failed("j", "boom").unwrap();
+        assert_eq!(s.get(&a).unwrap().state, State::Failed);
+        s.cancel(&c).unwrap();
+        assert_eq!(
+            s.sequences_to_guard().unwrap(),
+            vec![vec![1, 1], vec![2, 2], vec![3, 3]]
+        );
+    }
+
+    #[test]
+    fn current_version_is_compare_and_swap() {
+        let (_d, s) = open();
+        assert_eq!(s.current_version().unwrap(), None);
+        let (root, created) = s.insert_version(version("root", None)).unwrap();
+        assert!(created && root.seq >= 1);
+        let (again, created) = s.insert_version(version("root", None)).unwrap();
+        assert!(!created);
+        assert_eq!(again, root);
+        assert!(matches!(
+            s.insert_version(version("orphan", Some("missing"))),
+            Err(Error::VersionNotFound(_))
+        ));
+        let (v1, _) = s.insert_version(version("v1", Some("root"))).unwrap();
+        assert!(v1.seq > root.seq);
+        // Unknown target.
+        assert!(matches!(
+            s.set_current(None, "nope"),
+            Err(Error::VersionNotFound(_))
+        ));
+        s.set_current(None, "root").unwrap();
+        // Wrong expectation: None while root is current.
+        match s.set_current(None, "v1") {
+            Err(Error::VersionConflict { expected, actual }) => {
+                assert_eq!((expected, actual.as_deref()), (None, Some("root")));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            s.set_current(Some("v1"), "v1"),
+            Err(Error::VersionConflict { .. })
+        ));
+        s.set_current(Some("root"), "v1").unwrap();
+        s.set_current(Some("v1"), "root").unwrap();
+        s.set_current_as(Some("root"), "v1", SwapKind::Promote)
+            .unwrap();
+        assert_eq!(s.current_version().unwrap().as_deref(), Some("v1"));
+        let kinds: Vec<(Option<String>, String, SwapKind)> = s
+            .swaps()
+            .unwrap()
+            .into_iter()
+            .map(|w| (w.from, w.to, w.kind))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (Some("root".into()), "v1".into(), SwapKind::Promote),
+                (Some("v1".into()), "root".into(), SwapKind::Rollback),
+                (Some("root".into()), "v1".into(), SwapKind::Promote),
+                (None, "root".into(), SwapKind::Promote),
+            ]
+        );
+        let ids: Vec<String> = s
+            .list_versions()
+            .unwrap()
+            .into_iter()
+            .map(|v| v.id)
+            .collect();
+        assert_eq!(ids, vec!["v1", "root"]);
+        assert!(matches!(
+            s.get_version("zz"),
+            Err(Error::VersionNotFound(_))
+        ));
+    }
+
+    #[test]
+    fn concurrent_compare_and_swap_has_one_winner() {
+        let (_d, s) = open();
+        s.insert_version(version("root", None)).unwrap();
+        for i in 0..8 {
+            s.insert_version(version(&format!("c{i}"), Some("root")))
+                .unwrap();
+        }
+        s.set_current(None, "root").unwrap();
+        let wins: usize = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..8)
+                .map(|i| {
+                    let s = &s;
+                    sc.spawn(move || {
+                        usize::from(s.set_current(Some("root"), &format!("c{i}")).is_ok())
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(wins, 1);
+    }
+
+    #[test]
+    fn promote_is_all_or_nothing() {
+        let (_d, s) = open();
+        s.insert_version(version("root", None)).unwrap();
+        s.set_current(None, "root").unwrap();
+        let a = s.create(new_td(vec![vec![1]]), None).unwrap().0.id;
+        s.claim_queued("j", 1).unwrap();
+        // Still running: promote refuses and registers nothing.
+        assert!(matches!(
+            s.promote("j", Some("root"), version("v1", Some("root")), &Value::Null),
+            Err(Error::InvalidTransition { .. })
+        ));
+        assert!(matches!(
+            s.get_version("v1"),
+            Err(Error::VersionNotFound(_))
+        ));
+        s.mark_validating("j").unwrap();
+        // Lost CAS: nothing changes either.
+        assert!(matches!(
+            s.promote(
+                "j",
+                Some("other"),
+                version("v1", Some("root")),
+                &Value::Null
+            ),
+            Err(Error::VersionConflict { .. })
+        ));
+        assert_eq!(s.get(&a).unwrap().state, State::Validating);
+        assert!(s.get_version("v1").is_err());
+        let (rec, n) = s
+            .promote(
+                "j",
+                Some("root"),
+                version("v1", Some("root")),
+                &json!({"ok": 1}),
+            )
+            .unwrap();
+        assert_eq!((rec.takedowns, n), (vec![a.clone()], 1));
+        assert_eq!(s.current_version().unwrap().as_deref(), Some("v1"));
+    }
+
+    #[test]
+    fn rollback_requeues_what_the_undone_versions_applied() {
+        let (_d, s) = open();
+        s.insert_version(version("root", None)).unwrap();
+        s.set_current(None, "root").unwrap();
+        let mut applied = Vec::new();
+        for (job, v, parent) in [("j1", "v1", "root"), ("j2", "v2", "v1")] {
+            let id = s.create(new_td(vec![vec![1]]), None).unwrap().0.id;
+            s.claim_queued(job, 1).unwrap();
+            s.mark_validating(job).unwrap();
+            s.promote(job, Some(parent), version(v, Some(parent)), &Value::Null)
+                .unwrap();
+            applied.push(id);
+        }
+        // requeue_applied_by on its own.
+        let extra = s.create(new_td(vec![vec![7]]), None).unwrap().0.id;
+        assert_eq!(s.requeue_applied_by("nothing").unwrap(), 0);
+        // Not an ancestor.
+        assert!(matches!(
+            s.rollback("v2", "v3"),
+            Err(Error::VersionNotFound(_))
+        ));
+        s.insert_version(version("side", Some("root"))).unwrap();
+        assert!(matches!(
+            s.rollback("v2", "side"),
+            Err(Error::InvalidInput { .. })
+        ));
+        // Stale expectation.
+        assert!(matches!(
+            s.rollback("v1", "root"),
+            Err(Error::VersionConflict { .. })
+        ));
+        assert_eq!(s.get(&applied[0]).unwrap().state, State::Applied);
+        assert_eq!(s.rollback("v2", "root").unwrap(), 2);
+        assert_eq!(s.current_version().unwrap().as_deref(), Some("root"));
+        for id in &applied {
+            let td = s.get(id).unwrap();
+            assert_eq!((td.state, td.version), (State::Queued, None));
+            assert_eq!(
+                s.events(id).unwrap().last().unwrap().detail["reason"],
+                "rollback"
+            );
+        }
+        assert_eq!(s.swaps().unwrap()[0].kind, SwapKind::Rollback);
+        // Requeued takedowns are claimed again in creation order.
+        let order: Vec<String> = s
+            .claim_queued("j3", 10)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(order, vec![applied[0].clone(), applied[1].clone(), extra]);
+    }
+
+    #[test]
+    fn requeue_applied_by_only_touches_that_version() {
+        let (_d, s) = open();
+        let a = s.create(new_td(vec![vec![1]]), None).unwrap().0.id;
+        let b = s.create(new_td(vec![vec![2]]), None).unwrap().0.id;
+        s.claim_queued("j1", 1).unwrap();
+        s.mark_validating("j1").unwrap();
+        s.finish_applied("j1", "va", &Value::Null).unwrap();
+        s.claim_queued("j2", 1).unwrap();
+        s.mark_validating("j2").unwrap();
+        s.finish_applied("j2", "vb", &Value::Null).unwrap();
+        assert_eq!(s.requeue_applied_by("vb").unwrap(), 1);
+        assert_eq!(s.get(&a).unwrap().state, State::Applied);
+        assert_eq!(s.get(&b).unwrap().state, State::Queued);
+    }
+}

@@ -1,0 +1,421 @@
+//! Weights versions on disk: `data_dir/versions/<id>/`, one immutable model directory per version,
+//! named by its content hash (`server::state::content_hash`: sha256 of `config.json` and the
+//! safetensors files).
+//!
+//! A version is assembled in `data_dir/versions/.tmp-<random>/`, every file and the directory are
+//! fsync'd, the id is computed from the finished files, and one `rename` publishes it under its
+//! id, followed by an fsync of `versions/`. So a crash at any moment leaves either no version or
+//! a complete one; the `.tmp-*` leftovers are removed by [`clean_temp`] at startup. A directory
+//! under its final name is never written again.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor};
+
+use super::{random_hex, Error, Result};
+use crate::server::state::content_hash;
+
+/// The folder of versions inside the data directory.
+pub const VERSIONS_DIR: &str = "versions";
+/// Prefix of directories being assembled.
+pub const TMP_PREFIX: &str = ".tmp-";
+/// Other files of the base directory larger than this are not copied into a version.
+pub const MAX_COPIED_FILE_BYTES: u64 = 64 << 20;
+
+/// `data_dir/versions`.
+pub fn versions_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join(VERSIONS_DIR)
+}
+
+/// `data_dir/versions/<id>`.
+pub fn version_dir(data_dir: &Path, id: &str) -> PathBuf {
+    versions_dir(data_dir).join(id)
+}
+
+/// Writes `tensors` as a new version whose config, tokenizer and other small files (e.g.
+/// `lethe_tinymem.json`, `README.md`) come from `base_dir`. Floating tensors are stored in the
+/// dtype `base_dir/config.json` declares (`torch_dtype`: float16, bfloat16; float32 otherwise),
+/// so a version is as large as its base. Returns the id and the version directory; the same
+/// content always gives the same id, and writing it again returns the existing directory.
+pub fn write_version(
+    data_dir: &Path,
+    base_dir: &Path,
+    tensors: &[(String, Tensor)],
+) -> Result<(String, PathBuf)> {
+    let tmp = stage(data_dir, base_dir, tensors)?;
+    publish(data_dir, &tmp, None)
+}
+
+/// Registers the served model directory `model_dir` as a version (the root of the history),
+/// with the id its content hashes to. Every regular file at the top of `model_dir` is hard-linked
+/// into the version, or copied where linking is impossible (another filesystem, another owner):
+/// a multi-gigabyte base costs no disk. This relies on the model directory's files never being
+/// modified in place (hub snapshots and lethe's own writes replace files by rename); the content
+/// hash is checked after linking, so a directory that changes during import is an error.
+pub fn import_base(data_dir: &Path, model_dir: &Path) -> Result<(String, PathBuf)> {
+    let id = content_hash(model_dir)?;
+    let dest = version_dir(data_dir, &id);
+    if dest.is_dir() {
+        return Ok((id, dest));
+    }
+    let tmp = new_tmp(data_dir)?;
+    let staged = (|| {
+        for (name, src) in top_files(model_dir)? {
+            link_or_copy(&src, &tmp.join(&name))?;
+        }
+        fsync_dir(&tmp)
+    })();
+    if let Err(e) = staged {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    publish(data_dir, &tmp, Some(&id))
+}
+
+/// Removes the `.tmp-*` leftovers of interrupted writes. Call at startup, before any write.
+/// Returns how many were removed.
+pub fn clean_temp(data_dir: &Path) -> Result<usize> {
+    let root = versions_dir(data_dir);
+    let entries = match std::fs::read_dir(&root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(Error::io("read", &root)(e)),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry.map_err(Error::io("read", &root))?;
+        if !entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+            continue;
+        }
+        let path = entry.path();
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        let r = if is_dir {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        r.map_err(Error::io("remove", &path))?;
+        removed += 1;
+    }
+    if removed > 0 {
+        fsync_dir(&root)?;
+    }
+    Ok(removed)
+}
+
+/// Assembles a version in a new temporary directory; on error it is removed.
+fn stage(data_dir: &Path, base_dir: &Path, tensors: &[(String, Tensor)]) -> Result<PathBuf> {
+    for required in ["config.json", "tokenizer.json"] {
+        if !base_dir.join(required).is_file() {
+            return Err(crate::error::Error::MissingFile {
+                dir: base_dir.to_path_buf(),
+                file: required.into(),
+            }
+            .into());
+        }
+    }
+    let dtype = stored_dtype(base_dir)?;
+    let tmp = new_tmp(data_dir)?;
+    let staged = (|| {
+        crate::models::weights::write_safetensors(tensors, dtype, &tmp.join("model.safetensors"))?;
+        for (name, src) in top_files(base_dir)? {
+            if is_weights_file(&name) {
+                continue;
+            }
+            let len = std::fs::metadata(&src)
+                .map_err(Error::io("stat", &src))?
+                .len();
+            if len > MAX_COPIED_FILE_BYTES && name != "config.json" && name != "tokenizer.json" {
+                tracing::debug!(file = %src.display(), len, "not copied into the version: too large");
+                continue;
+            }
+            copy_synced(&src, &tmp.join(&name))?;
+        }
+        fsync_dir(&tmp)
+    })();
+    match staged {
+        Ok(()) => Ok(tmp),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// Hashes the staged directory and renames it to `versions/<id>`; if that version exists (same
+/// content), the staged copy is dropped. `expect_id`: the id the content must hash to.
+fn publish(data_dir: &Path, tmp: &Path, expect_id: Option<&str>) -> Result<(String, PathBuf)> {
+    let root = versions_dir(data_dir);
+    let discard = |e: Error| {
+        let _ = std::fs::remove_dir_all(tmp);
+        e
+    };
+    let id = content_hash(tmp).map_err(|e| discard(e.into()))?;
+    if let Some(expected) = expect_id {
+        if id != expected {
+            return Err(discard(Error::invalid(
+                "model directory",
+                format!("its content changed while it was imported (hash {expected}, then {id})"),
+            )));
+        }
+    }
+    let dest = root.join(&id);
+    if dest.is_dir() {
+        std::fs::remove_dir_all(tmp).map_err(Error::io("remove", tmp))?;
+        return Ok((id, dest));
+    }
+    if let Err(e) = std::fs::rename(tmp, &dest) {
+        // Another writer published the same content first: keep theirs.
+        if dest.is_dir() {
+            std::fs::remove_dir_all(tmp).map_err(Error::io("remove", tmp))?;
+            return Ok((id, dest));
+        }
+        return Err(discard(Error::io("rename", tmp)(e)));
+    }
+    fsync_dir(&root)?;
+    Ok((id, dest))
+}
+
+fn new_tmp(data_dir: &Path) -> Result<PathBuf> {
+    let root = versions_dir(data_dir);
+    std::fs::create_dir_all(&root).map_err(Error::io("create", &root))?;
+    let tmp = root.join(format!("{TMP_PREFIX}{}", random_hex(8)));
+    std::fs::create_dir(&tmp).map_err(Error::io("create", &tmp))?;
+    Ok(tmp)
+}
+
+/// The dtype `config.json` says the checkpoint is stored in.
+fn stored_dtype(dir: &Path) -> Result<DType> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(Error::io("read", &path))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        Error::Model(crate::error::Error::config(
+            path.display().to_string(),
+            e.to_string(),
+        ))
+    })?;
+    let name = json
+        .get("torch_dtype")
+        .or_else(|| json.get("dtype"))
+        .and_then(|d| d.as_str());
+    Ok(match name {
+        Some("float16") => DType::F16,
+        Some("bfloat16") => DType::BF16,
+        _ => DType::F32,
+    })
+}
+
+/// Files that hold weights (not copied from the base: the version writes its own).
+fn is_weights_file(name: &str) -> bool {
+    const EXT: [&str; 10] = [
+        ".safetensors",
+        ".bin",
+        ".pt",
+        ".pth",
+        ".ckpt",
+        ".h5",
+        ".msgpack",
+        ".onnx",
+        ".gguf",
+        ".ot",
+    ];
+    EXT.iter().any(|e| name.ends_with(e)) || name.ends_with(".index.json")
+}
+
+/// Regular files (symlinks followed) at the top of `dir`, not hidden, sorted by name.
+fn top_files(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(Error::io("read", dir))? {
+        let entry = entry.map_err(Error::io("read", dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if name.starts_with('.') || !path.is_file() {
+            continue;
+        }
+        out.push((name, path));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Copies `src` to a new file `dst` and fsyncs it.
+fn copy_synced(src: &Path, dst: &Path) -> Result<()> {
+    let mut from = std::fs::File::open(src).map_err(Error::io("open", src))?;
+    let mut to = std::fs::File::create(dst).map_err(Error::io("create", dst))?;
+    std::io::copy(&mut from, &mut to).map_err(Error::io("copy to", dst))?;
+    to.flush().map_err(Error::io("write", dst))?;
+    to.sync_all().map_err(Error::io("fsync", dst))
+}
+
+/// Hard-links `src` (its target, if a symlink) at `dst`, or copies it.
+fn link_or_copy(src: &Path, dst: &Path) -> Result<()> {
+    let target = std::fs::canonicalize(src).map_err(Error::io("resolve", src))?;
+    if std::fs::hard_link(&target, dst).is_ok() {
+        return Ok(());
+    }
+    copy_synced(&target, dst)
+}
+
+fn fsync_dir(dir: &Path) -> Result<()> {
+    let d = std::fs::File::open(dir).map_err(Error::io("open", dir))?;
+    d.sync_all().map_err(Error::io("fsync", dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loader::load_dir;
+    use candle_core::Device;
+
+    fn base() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tinymem-noise")
+    }
+
+    fn base_tensors() -> Vec<(String, Tensor)> {
+        let lm = load_dir(&base(), "base", &Device::Cpu, DType::F32).unwrap();
+        lm.model.named_tensors().to_vec()
+    }
+
+    /// Entries of `versions/`, sorted.
+    fn entries(data: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(versions_dir(data))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn written_version_loads_to_identical_tensors() {
+        let data = tempfile::tempdir().unwrap();
+        let mut tensors = base_tensors();
+        // An "unlearned" edit: zero the first matrix.
+        let (i, _) = tensors
+            .iter()
+            .enumerate()
+            .find(|(_, (_, t))| t.rank() == 2)
+            .unwrap();
+        tensors[i].1 = tensors[i].1.zeros_like().unwrap();
+        let (id, dir) = write_version(data.path(), &base(), &tensors).unwrap();
+        assert_eq!(dir, version_dir(data.path(), &id));
+        assert_eq!(content_hash(&dir).unwrap(), id);
+        assert_ne!(content_hash(&base()).unwrap(), id);
+        for f in [
+            "config.json",
+            "tokenizer.json",
+            "model.safetensors",
+            "lethe_tinymem.json",
+        ] {
+            assert!(dir.join(f).is_file(), "{f} missing");
+        }
+        let back = load_dir(&dir, "v", &Device::Cpu, DType::F32).unwrap();
+        let loaded: std::collections::HashMap<_, _> =
+            back.model.named_tensors().iter().cloned().collect();
+        assert_eq!(loaded.len(), tensors.len());
+        for (name, t) in &tensors {
+            let l = &loaded[name];
+            assert_eq!(l.dims(), t.dims(), "{name}");
+            assert_eq!(
+                crate::test_util::max_abs_diff(l, t),
+                0.0,
+                "{name} differs after the round trip"
+            );
+        }
+        assert_eq!(entries(data.path()), vec![id]);
+    }
+
+    #[test]
+    fn same_content_gives_the_same_id_and_one_directory() {
+        let data = tempfile::tempdir().unwrap();
+        let tensors = base_tensors();
+        let (a, da) = write_version(data.path(), &base(), &tensors).unwrap();
+        let (b, db) = write_version(data.path(), &base(), &tensors).unwrap();
+        assert_eq!((a.clone(), da), (b, db));
+        let mut changed = tensors.clone();
+        changed[0].1 = (&changed[0].1 * 0.5).unwrap();
+        let (c, _) = write_version(data.path(), &base(), &changed).unwrap();
+        assert_ne!(a, c);
+        let mut want = vec![a, c];
+        want.sort();
+        assert_eq!(entries(data.path()), want);
+    }
+
+    #[test]
+    fn interrupted_writes_leave_only_temp_dirs_which_are_cleaned() {
+        let data = tempfile::tempdir().unwrap();
+        assert_eq!(clean_temp(data.path()).unwrap(), 0);
+        // A crash after staging, before the rename: nothing under a final name.
+        let tmp = stage(data.path(), &base(), &base_tensors()).unwrap();
+        std::fs::write(versions_dir(data.path()).join(".tmp-file"), b"x").unwrap();
+        assert!(tmp.is_dir());
+        assert!(entries(data.path())
+            .iter()
+            .all(|e| e.starts_with(TMP_PREFIX)));
+        assert_eq!(clean_temp(data.path()).unwrap(), 2);
+        assert!(entries(data.path()).is_empty());
+    }
+
+    #[test]
+    fn a_version_is_never_visible_before_it_is_complete() {
+        let data = tempfile::tempdir().unwrap();
+        let root = versions_dir(data.path());
+        std::fs::create_dir_all(&root).unwrap();
+        let tensors = base_tensors();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let watcher = s.spawn(|| {
+                let mut checked = 0;
+                while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                    for e in std::fs::read_dir(&root).unwrap() {
+                        let e = e.unwrap();
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        if name.starts_with(TMP_PREFIX) {
+                            continue;
+                        }
+                        for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+                            assert!(e.path().join(f).is_file(), "{name} visible without {f}");
+                        }
+                        assert_eq!(content_hash(&e.path()).unwrap(), name);
+                        checked += 1;
+                    }
+                }
+                checked
+            });
+            for k in 0..3 {
+                let mut t = tensors.clone();
+                t[0].1 = (&t[0].1 + k as f64).unwrap();
+                write_version(data.path(), &base(), &t).unwrap();
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            watcher.join().unwrap();
+        });
+        assert_eq!(entries(data.path()).len(), 3);
+    }
+
+    #[test]
+    fn import_base_registers_the_model_under_its_hash() {
+        let data = tempfile::tempdir().unwrap();
+        let (id, dir) = import_base(data.path(), &base()).unwrap();
+        assert_eq!(id, content_hash(&base()).unwrap());
+        assert_eq!(content_hash(&dir).unwrap(), id);
+        assert!(dir.join("lethe_tinymem.json").is_file());
+        load_dir(&dir, "root", &Device::Cpu, DType::F32).unwrap();
+        assert_eq!(
+            import_base(data.path(), &base()).unwrap(),
+            (id.clone(), dir)
+        );
+        assert_eq!(entries(data.path()), vec![id]);
+    }
+
+    #[test]
+    fn a_base_without_tokenizer_is_refused_and_leaves_nothing() {
+        let data = tempfile::tempdir().unwrap();
+        let bad = tempfile::tempdir().unwrap();
+        std::fs::copy(base().join("config.json"), bad.path().join("config.json")).unwrap();
+        let err = write_version(data.path(), bad.path(), &base_tensors()).unwrap_err();
+        assert!(err.to_string().contains("tokenizer.json"), "{err}");
+        assert!(!versions_dir(data.path()).exists() || entries(data.path()).is_empty());
+    }
+}
