@@ -285,6 +285,13 @@ mod tests {
     }
 
     #[test]
+    fn guard_and_checker_can_cross_threads() {
+        fn check<T: Send + Sync>() {}
+        check::<Guard>();
+        check::<Checker>();
+    }
+
+    #[test]
     fn zero_window_is_rejected() {
         assert!(matches!(Guard::new(0), Err(Error::InvalidInput { .. })));
     }

@@ -48,7 +48,8 @@ pub fn write_version(
 }
 
 /// Registers the served model directory `model_dir` as a version (the root of the history),
-/// with the id its content hashes to. Every regular file at the top of `model_dir` is hard-linked
+/// with the id its content hashes to. Every regular file at the top of `model_dir` (except weights
+/// in formats lethe does not load, such as `pytorch_model.bin`) is hard-linked
 /// into the version, or copied where linking is impossible (another filesystem, another owner):
 /// a multi-gigabyte base costs no disk. This relies on the model directory's files never being
 /// modified in place (hub snapshots and lethe's own writes replace files by rename); the content
@@ -62,6 +63,11 @@ pub fn import_base(data_dir: &Path, model_dir: &Path) -> Result<(String, PathBuf
     let tmp = new_tmp(data_dir)?;
     let staged = (|| {
         for (name, src) in top_files(model_dir)? {
+            // Weights in formats lethe does not load (pytorch_model.bin, ...) are left out.
+            let loadable = name.ends_with(".safetensors") || name == "model.safetensors.index.json";
+            if is_weights_file(&name) && !loadable {
+                continue;
+            }
             link_or_copy(&src, &tmp.join(&name))?;
         }
         fsync_dir(&tmp)
@@ -397,10 +403,20 @@ mod tests {
     #[test]
     fn import_base_registers_the_model_under_its_hash() {
         let data = tempfile::tempdir().unwrap();
-        let (id, dir) = import_base(data.path(), &base()).unwrap();
+        // A copy of the base with a symlinked config (as in a hub snapshot) and a .bin to skip.
+        let model = tempfile::tempdir().unwrap();
+        for f in ["tokenizer.json", "model.safetensors", "lethe_tinymem.json"] {
+            std::fs::copy(base().join(f), model.path().join(f)).unwrap();
+        }
+        std::os::unix::fs::symlink(base().join("config.json"), model.path().join("config.json"))
+            .unwrap();
+        std::fs::write(model.path().join("pytorch_model.bin"), b"not loaded").unwrap();
+        let (id, dir) = import_base(data.path(), model.path()).unwrap();
         assert_eq!(id, content_hash(&base()).unwrap());
+        assert!(!dir.join("config.json").is_symlink());
         assert_eq!(content_hash(&dir).unwrap(), id);
         assert!(dir.join("lethe_tinymem.json").is_file());
+        assert!(!dir.join("pytorch_model.bin").exists());
         load_dir(&dir, "root", &Device::Cpu, DType::F32).unwrap();
         assert_eq!(
             import_base(data.path(), &base()).unwrap(),
