@@ -142,7 +142,9 @@ impl Metrics {
                 "lethe_unlearn_job_duration_seconds",
                 "Wall time of unlearning jobs (all candidates, gates and publishing)",
             )
-            .buckets(vec![1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0]),
+            .buckets(vec![
+                1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+            ]),
         )
         .expect("valid metric");
         let unlearn_job_progress = Gauge::new(

@@ -25,11 +25,10 @@ use serde_json::{json, Value};
 use super::metrics::Metrics;
 use super::state::{AppState, Served};
 use crate::audit::{self, AuditItem, AuditResult, Definition};
+use crate::engine::generate::{Filter, FilterState, OutputFilter};
 use crate::error::{Error, Result};
 use crate::models::Inputs;
-use crate::takedown::guard::Guard;
-use crate::takedown::store::{State, Store, Takedown, VersionRecord};
-use crate::takedown::versions;
+use crate::takedown::{versions, Checker, Guard, NewVersion, State, Store, Takedown};
 use crate::tinymem::data::{Dataset, Role, Split};
 use crate::tinymem::train::Card;
 use crate::unlearn::cli::{mean_accuracy, quality};
@@ -129,7 +128,7 @@ impl Datasets {
 /// The takedown subsystem shared by handlers, the worker and the auditor.
 pub struct Takedowns {
     pub store: Store,
-    pub guard: Arc<Guard>,
+    pub guard: Guard,
     pub config: TakedownConfig,
     data: Datasets,
     wake: (Mutex<u64>, Condvar),
@@ -199,7 +198,7 @@ impl Takedowns {
         if requeued > 0 {
             tracing::warn!(requeued, "re-queued takedowns interrupted by a restart");
         }
-        let guard = Arc::new(Guard::new(config.guard_window).map_err(|e| store_err(&e))?);
+        let guard = Guard::new(config.guard_window).map_err(|e| store_err(&e))?;
         for seq in store.sequences_to_guard().map_err(|e| store_err(&e))? {
             guard.add(&seq);
         }
@@ -213,6 +212,11 @@ impl Takedowns {
             running: Mutex::new(None),
             threads: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The guard as an engine output filter for completions.
+    pub fn filter(&self) -> Filter {
+        Filter(Arc::new(GuardFilter(self.guard.clone())))
     }
 
     /// Whether the worker has what it needs to unlearn (a retain set).
@@ -325,6 +329,21 @@ impl Takedowns {
     }
 }
 
+/// The regurgitation guard seen by the engine: each row gets a rolling-hash checker.
+struct GuardFilter(Guard);
+
+impl OutputFilter for GuardFilter {
+    fn start(&self, prompt: &[u32]) -> Box<dyn FilterState> {
+        Box::new(self.0.checker(prompt))
+    }
+}
+
+impl FilterState for Checker {
+    fn push(&mut self, token: u32) -> bool {
+        Checker::push(self, token)
+    }
+}
+
 fn store_err(e: &dyn std::fmt::Display) -> Error {
     Error::Config {
         file: "takedown store".into(),
@@ -383,22 +402,22 @@ fn worker_loop(state: &AppState) {
             .observe(started.elapsed().as_secs_f64());
         state.metrics.unlearn_job_progress.set(0.0);
         let outcome = match result {
-            Ok(JobEnd::Applied { version, report }) => {
+            Ok(JobEnd::Applied { version }) => {
                 tracing::info!(%job, %version, "takedowns applied");
-                td.store.finish_applied(&job, &version, report)
+                Ok(0)
             }
             Ok(JobEnd::Rejected { reason, report }) => {
                 tracing::warn!(%job, %reason, "takedown job rejected");
-                td.store.finish_rejected(&job, &reason, report)
+                td.store.finish_rejected(&job, &reason, &report)
             }
-            Ok(JobEnd::Interrupted) => td.store.requeue_job(&job).map(|_| ()),
+            Ok(JobEnd::Interrupted) => td.store.requeue_job(&job),
             Err(e) if ctl.is_cancelled() && td.stopping() => {
                 tracing::info!(%job, error = %e, "job interrupted by shutdown; re-queued");
-                td.store.requeue_job(&job).map(|_| ())
+                td.store.requeue_job(&job)
             }
-            Err(e) if ctl.is_cancelled() => {
+            Err(_) if ctl.is_cancelled() => {
                 tracing::info!(%job, "job cancelled");
-                Ok(())
+                Ok(0)
             }
             Err(e) => {
                 tracing::error!(%job, error = %e, "takedown job failed");
@@ -414,8 +433,14 @@ fn worker_loop(state: &AppState) {
 }
 
 enum JobEnd {
-    Applied { version: String, report: Value },
-    Rejected { reason: String, report: Value },
+    /// Published: the store recorded the version, the swap and the applied takedowns at once.
+    Applied {
+        version: String,
+    },
+    Rejected {
+        reason: String,
+        report: Value,
+    },
     /// Shutdown arrived between phases: the takedowns go back to the queue.
     Interrupted,
 }
@@ -459,7 +484,8 @@ fn gate_failures(cfg: &TakedownConfig, before: &Evaluation, after: &Evaluation) 
         ));
     }
     let drift = after.perplexity / before.perplexity - 1.0;
-    if !(drift <= cfg.perplexity_budget) {
+    // NaN (a diverged model) fails every gate.
+    if drift.is_nan() || drift > cfg.perplexity_budget {
         why.push(format!(
             "perplexity drift {:+.3}% is over the budget of {:+.3}%",
             drift * 100.0,
@@ -474,7 +500,7 @@ fn gate_failures(cfg: &TakedownConfig, before: &Evaluation, after: &Evaluation) 
             .map(|((_, b), (_, a))| (a - b) / b)
             .sum::<f64>()
             / before.accuracy_by_task.len() as f64;
-        if !(rel >= -cfg.accuracy_budget) {
+        if rel.is_nan() || rel < -cfg.accuracy_budget {
             why.push(format!(
                 "mean relative accuracy change {:+.3}% is below −{:.3}%",
                 rel * 100.0,
@@ -484,7 +510,7 @@ fn gate_failures(cfg: &TakedownConfig, before: &Evaluation, after: &Evaluation) 
     }
     if let (Some(b), Some(a)) = (before.canary_perplexity, after.canary_perplexity) {
         let d = (a / b - 1.0).abs();
-        if !(d <= cfg.canary_budget) {
+        if d.is_nan() || d > cfg.canary_budget {
             why.push(format!(
                 "canary perplexity moved {:.3}%, over the budget of {:.3}%",
                 d * 100.0,
@@ -507,7 +533,7 @@ fn run_job(
     let forget: Vec<Vec<u32>> = targets.iter().map(|t| t.sequence.clone()).collect();
     let items: Vec<AuditItem> = targets.iter().map(|t| t.item.clone()).collect();
     let set_phase = |phase: &str, progress: f64, eta: Option<f64>| {
-        if let Err(e) = td.store.set_progress(job, phase, progress, eta) {
+        if let Err(e) = td.store.set_progress(job, phase, Some(progress), eta) {
             tracing::warn!(error = %e, "recording progress failed");
         }
         state.metrics.unlearn_job_progress.set(progress);
@@ -560,7 +586,7 @@ fn run_job(
                         td.cancel_check();
                     }
                 });
-                let out = balanced_subnet(&base.model, &forget, &td.data.retain, &items, cfg, ctl);
+                let out = balanced_subnet(&base.model, &forget, &td.data.retain, &items, cfg, &ctl);
                 done.store(true, Ordering::SeqCst);
                 let _ = h.join();
                 out
@@ -597,15 +623,14 @@ fn run_job(
         }
         set_phase("publishing", 0.96, None);
         let swap_start = Instant::now();
-        let version = publish(state, td, &base, &out.model, claimed, &report)?;
+        let mut report = report;
+        report["rejected_candidates"] = json!(tried);
+        let version = publish(state, td, job, &base, &out.model, &report)?;
         state
             .metrics
             .model_swap_duration
             .observe(swap_start.elapsed().as_secs_f64());
-        let mut report = report;
-        report["version"] = json!(version);
-        report["rejected_candidates"] = json!(tried);
-        return Ok(JobEnd::Applied { version, report });
+        return Ok(JobEnd::Applied { version });
     }
     let reason = tried
         .last()
@@ -623,19 +648,25 @@ fn run_job(
     })
 }
 
-/// Writes, reloads, smoke-tests, records and publishes a new version.
+/// Writes, reloads and smoke-tests a new version; then, in one store transaction, registers
+/// it, moves the live pointer from `base` to it (compare-and-swap) and marks the job's takedowns
+/// applied; then publishes it in memory.
 fn publish(
     state: &AppState,
     td: &Takedowns,
+    job: &str,
     base: &Arc<Served>,
     model: &crate::models::Model,
-    claimed: &[Takedown],
     report: &Value,
 ) -> Result<String> {
-    let base_dir = base.dir.clone();
-    let (id, path) = versions::write_version(&td.config.data_dir, &base_dir, model.named_tensors())
+    let (id, path) = versions::write_version(&td.config.data_dir, &base.dir, model.named_tensors())
         .map_err(|e| store_err(&e))?;
-    let lm = crate::loader::load_dir(&path, &path.display().to_string(), model.device(), DType::F32)?;
+    let lm = crate::loader::load_dir(
+        &path,
+        &path.display().to_string(),
+        model.device(),
+        DType::F32,
+    )?;
     smoke_test(&lm.model)?;
     let served = Served::new(lm, Some(base.name.clone()))?;
     if served.version != id {
@@ -644,18 +675,23 @@ fn publish(
             served.version
         )));
     }
+    let mut report = report.clone();
+    report["version"] = json!(id);
     td.store
-        .insert_version(&VersionRecord {
-            id: id.clone(),
-            seq: 0,
-            parent: Some(base.version.clone()),
-            created_at: super::state::unix_now() as f64,
-            takedowns: claimed.iter().map(|t| t.id.clone()).collect(),
-            metrics: report.clone(),
-            path: path.display().to_string(),
-        })
+        .promote(
+            job,
+            Some(&base.version),
+            NewVersion {
+                id: id.clone(),
+                parent: Some(base.version.clone()),
+                takedowns: Vec::new(),
+                metrics: report.clone(),
+                path: path.display().to_string(),
+            },
+            &report,
+        )
         .map_err(|e| store_err(&e))?;
-    swap(state, td, base, Arc::new(served), "promote")?;
+    swap(state, td, base, Arc::new(served), "promote");
     Ok(id)
 }
 
@@ -667,30 +703,30 @@ pub fn smoke_test(model: &crate::models::Model) -> Result<()> {
     if v.iter().all(|x| x.is_finite()) {
         Ok(())
     } else {
-        Err(store_err(&"smoke test: the new weights give non-finite logits"))
+        Err(store_err(
+            &"smoke test: the new weights give non-finite logits",
+        ))
     }
 }
 
-/// Compare-and-swap of the live version, in the store and in memory.
+/// Publishes `new` in memory (the store already moved its pointer): compare-and-swap on the
+/// live `Arc`, so a request keeps the version it loaded.
 pub fn swap(
     state: &AppState,
     td: &Takedowns,
     expected: &Arc<Served>,
     new: Arc<Served>,
     kind: &str,
-) -> Result<()> {
-    td.store
-        .set_current(Some(&expected.version), &new.version, kind)
-        .map_err(|e| store_err(&e))?;
+) {
     let prev = state.current.compare_and_swap(expected, new.clone());
     if !Arc::ptr_eq(&prev, expected) {
-        // The store moved first; bring memory in line with it rather than leave them split.
+        // The store is the authority and has moved; memory follows it.
+        tracing::warn!(live = %prev.version, "the live version changed during a swap");
         state.current.store(new.clone());
     }
     state.metrics.set_model(&new.version, new.architecture());
     tracing::info!(from = %expected.version, to = %new.version, kind, "model version swapped");
     td.notify();
-    Ok(())
 }
 
 fn auditor_loop(state: &AppState) {
@@ -710,7 +746,10 @@ fn auditor_loop(state: &AppState) {
             last_version = live.version.clone();
             last_run = Some(Instant::now());
         }
-        td.wait(&mut seen, Duration::from_secs(1).min(td.config.audit_interval));
+        td.wait(
+            &mut seen,
+            Duration::from_secs(1).min(td.config.audit_interval),
+        );
     }
 }
 
@@ -729,17 +768,17 @@ fn audit_once(state: &AppState, td: &Takedowns, live: &Served) -> Result<()> {
             .with_label_values(&["takedowns"])
             .set(summary.rate);
     } else {
-        m.memorization_ratio.with_label_values(&["takedowns"]).set(0.0);
+        m.memorization_ratio
+            .with_label_values(&["takedowns"])
+            .set(0.0);
     }
     if !td.data.heldout.is_empty() || td.data.tinymem.is_some() {
         let q = quality(&live.model, td.data.tinymem.as_ref(), &td.data.heldout)?;
-        m.perplexity.with_label_values(&["heldout"]).set(q.perplexity);
-        let root = td.store.list_versions().map_err(|e| store_err(&e))?;
-        if let Some(base_ppl) = root
-            .last()
-            .and_then(|v| v.metrics.get("perplexity").and_then(Value::as_f64))
-        {
-            m.perplexity_drift.set(q.perplexity / base_ppl - 1.0);
+        m.perplexity
+            .with_label_values(&["heldout"])
+            .set(q.perplexity);
+        if let Some(root_ppl) = root_perplexity(td, &live.version) {
+            m.perplexity_drift.set(q.perplexity / root_ppl - 1.0);
         }
     }
     if !td.data.canary.is_empty() {
@@ -751,37 +790,47 @@ fn audit_once(state: &AppState, td: &Takedowns, live: &Served) -> Result<()> {
     Ok(())
 }
 
+/// Held-out perplexity of the root version: recorded as `before.perplexity` in the report of
+/// the first version promoted on the live version's lineage. `None` while the root is live
+/// and nothing was measured yet (the drift gauge then stays at 0).
+fn root_perplexity(td: &Takedowns, live: &str) -> Option<f64> {
+    let all = td.store.list_versions().ok()?;
+    let mut cur = all.iter().find(|v| v.id == live)?;
+    let mut found = None;
+    while let Some(parent) = cur.parent.as_deref() {
+        found = cur.metrics["before"]["perplexity"].as_f64().or(found);
+        cur = all.iter().find(|v| v.id == parent)?;
+    }
+    found
+}
+
 /// Registers the served base model as the root version (first start), or loads the current
 /// version recorded in the store (restarts). Returns the directory to serve.
 pub fn resolve_current(config: &TakedownConfig, model_dir: &Path) -> Result<PathBuf> {
     let store = Store::open(&config.data_dir).map_err(|e| store_err(&e))?;
     if let Some(cur) = store.current_version().map_err(|e| store_err(&e))? {
-        if let Some(v) = store.get_version(&cur).map_err(|e| store_err(&e))? {
-            return Ok(PathBuf::from(v.path));
-        }
+        let v = store.get_version(&cur).map_err(|e| store_err(&e))?;
+        return Ok(PathBuf::from(v.path));
     }
-    let (id, path) = versions::import_base(&config.data_dir, model_dir).map_err(|e| store_err(&e))?;
-    if store.get_version(&id).map_err(|e| store_err(&e))?.is_none() {
-        store
-            .insert_version(&VersionRecord {
-                id: id.clone(),
-                seq: 0,
-                parent: None,
-                created_at: super::state::unix_now() as f64,
-                takedowns: Vec::new(),
-                metrics: json!({}),
-                path: path.display().to_string(),
-            })
-            .map_err(|e| store_err(&e))?;
-    }
-    store.set_current(None, &id, "import").map_err(|e| store_err(&e))?;
+    let (id, path) =
+        versions::import_base(&config.data_dir, model_dir).map_err(|e| store_err(&e))?;
+    store
+        .insert_version(NewVersion {
+            id: id.clone(),
+            parent: None,
+            takedowns: Vec::new(),
+            metrics: json!({}),
+            path: path.display().to_string(),
+        })
+        .map_err(|e| store_err(&e))?;
+    store.set_current(None, &id).map_err(|e| store_err(&e))?;
     Ok(path)
 }
 
-/// `POST /v1/admin/rollback`: makes `to` the live version if `expected` is live now
-/// (compare-and-swap). Takedowns applied by the versions being left behind return to `queued`
-/// (the guard keeps protecting them; cancel them to stop them from being re-applied). Returns
-/// (new live version, previous version, takedowns re-queued).
+/// `POST /v1/admin/rollback`: makes the ancestor version `to` live if `expected` is live now
+/// (compare-and-swap). Takedowns applied by the versions left behind return to `queued` in the
+/// same store transaction; the guard keeps protecting them and the worker re-applies them on
+/// top of `to` (cancel them to stop that). Returns (new live version, previous, re-queued).
 pub fn rollback(
     state: &AppState,
     to: &str,
@@ -800,19 +849,10 @@ pub fn rollback(
             code: "version_mismatch",
         });
     }
-    let internal = |e: &dyn std::fmt::Display| ApiError::Internal(e.to_string());
-    let target = td
-        .store
-        .get_version(to)
-        .map_err(|e| internal(&e))?
-        .ok_or_else(|| ApiError::NotFound {
-            message: format!("no version {to:?}"),
-            param: Some("to_version".into()),
-            code: "version_not_found",
-        })?;
     if to == expected {
         return Ok((to.to_string(), expected.to_string(), 0));
     }
+    let target = td.store.get_version(to).map_err(api_error)?;
     let lm = crate::loader::load_dir(
         Path::new(&target.path),
         &target.path,
@@ -821,26 +861,8 @@ pub fn rollback(
     )?;
     smoke_test(&lm.model)?;
     let new = Arc::new(Served::new(lm, Some(live.name.clone()))?);
-    // Versions on the live lineage that the target does not descend from are left behind.
-    let all = td.store.list_versions().map_err(|e| internal(&e))?;
-    let lineage = |start: &str| {
-        let mut chain = Vec::new();
-        let mut cur = Some(start.to_string());
-        while let Some(id) = cur {
-            if chain.contains(&id) {
-                break;
-            }
-            cur = all.iter().find(|v| v.id == id).and_then(|v| v.parent.clone());
-            chain.push(id);
-        }
-        chain
-    };
-    let keep = lineage(to);
-    swap(state, &td, &live, new, "rollback").map_err(ApiError::from)?;
-    let mut requeued = 0;
-    for v in lineage(expected).iter().filter(|v| !keep.contains(v)) {
-        requeued += td.store.requeue_applied_by(v).map_err(|e| internal(&e))?;
-    }
+    let requeued = td.store.rollback(expected, to).map_err(api_error)?;
+    swap(state, &td, &live, new, "rollback");
     state
         .metrics
         .model_swap_duration
@@ -848,6 +870,45 @@ pub fn rollback(
     td.refresh_counts(&state.metrics);
     td.notify();
     Ok((to.to_string(), expected.to_string(), requeued))
+}
+
+/// The HTTP answer for a store error.
+pub fn api_error(e: crate::takedown::Error) -> super::error::ApiError {
+    use super::error::ApiError;
+    use crate::takedown::Error as E;
+    match e {
+        E::NotFound(id) => ApiError::NotFound {
+            message: format!("no takedown {id:?}"),
+            param: None,
+            code: "takedown_not_found",
+        },
+        E::VersionNotFound(id) => ApiError::NotFound {
+            message: format!("no version {id:?}"),
+            param: Some("to_version".into()),
+            code: "version_not_found",
+        },
+        E::IdempotencyConflict { key, existing_id } => ApiError::Conflict {
+            message: format!(
+                "Idempotency-Key {key:?} was already used by takedown {existing_id} for a \
+                 different request"
+            ),
+            code: "idempotency_key_reused",
+        },
+        E::NotCancellable { id, state } => ApiError::Conflict {
+            message: format!("takedown {id} is {state} and can no longer be cancelled"),
+            code: "not_cancellable",
+        },
+        E::VersionConflict { expected, actual } => ApiError::Conflict {
+            message: format!(
+                "the live version is {}, not the expected {}",
+                actual.as_deref().unwrap_or("none"),
+                expected.as_deref().unwrap_or("none")
+            ),
+            code: "version_mismatch",
+        },
+        E::InvalidInput { field, message } => ApiError::invalid(field, message),
+        other => ApiError::Internal(other.to_string()),
+    }
 }
 
 /// Reads a JSONL file of `{"text"}` or `{"ids"}` rows (a TinyMem data header line is skipped)
@@ -863,7 +924,8 @@ pub fn read_sequences(path: &Path, tk: &crate::tokenizer::Tokenizer) -> Result<V
             continue;
         }
         let at = || format!("{} line {}", path.display(), i + 1);
-        let v: Value = serde_json::from_str(line).map_err(|e| Error::invalid(at(), e.to_string()))?;
+        let v: Value =
+            serde_json::from_str(line).map_err(|e| Error::invalid(at(), e.to_string()))?;
         if v.get("format").is_some() {
             continue;
         }

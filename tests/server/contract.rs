@@ -80,7 +80,9 @@ impl Contract {
     /// Validates `instance` against the schema at `pointer`.
     pub fn validate(&self, pointer: &str, instance: &Value, what: &str) {
         let mut root = self.doc.clone();
-        root["$ref"] = Value::String(format!("#{pointer}"));
+        // A URI fragment: `{` and `}` (path templates) must be percent-encoded.
+        let fragment = pointer.replace('{', "%7B").replace('}', "%7D");
+        root["$ref"] = Value::String(format!("#{fragment}"));
         let validator =
             jsonschema::draft202012::new(&root).expect("the contract's schemas compile");
         let errors: Vec<String> = validator

@@ -27,8 +27,13 @@ fn takedown_state(
     let served = Served::new(lm, Some("tinymem-noise".into())).unwrap();
     let td = Takedowns::open(cfg, data).unwrap();
     let st = web::Data::new(
-        AppState::new(served, EngineConfig::default(), open_auth(), Limits::default())
-            .with_takedowns(td),
+        AppState::new(
+            served,
+            EngineConfig::default(),
+            open_auth(),
+            Limits::default(),
+        )
+        .with_takedowns(td),
     );
     if start_worker {
         Takedowns::start(&st);
@@ -93,7 +98,11 @@ async fn a_takedown_is_guarded_at_once_then_unlearned_swapped_and_rolled_back() 
         &app,
         "POST",
         "/v1/takedowns",
-        Some(json!({"sequences": [seq], "reason": "test"}).to_string().into_bytes()),
+        Some(
+            json!({"sequences": [seq], "reason": "test"})
+                .to_string()
+                .into_bytes(),
+        ),
         &[("idempotency-key", "k-1")],
     )
     .await;
@@ -101,7 +110,7 @@ async fn a_takedown_is_guarded_at_once_then_unlearned_swapped_and_rolled_back() 
     let id = r.json()["id"].as_str().unwrap().to_string();
     // Durable before the answer: a second connection to the store sees it.
     let store = lethe::takedown::store::Store::open(dir.path()).unwrap();
-    assert!(store.get(&id).unwrap().is_some());
+    assert_eq!(store.get(&id).unwrap().sequences, vec![seq.clone()]);
     // The guard cuts the regurgitation at once, before any weights change.
     let c = post(&app, "/v1/completions", complete.clone()).await.json();
     assert_eq!(c["choices"][0]["finish_reason"], "content_filter", "{c}");
@@ -110,7 +119,11 @@ async fn a_takedown_is_guarded_at_once_then_unlearned_swapped_and_rolled_back() 
         &app,
         "POST",
         "/v1/takedowns",
-        Some(json!({"sequences": [seq], "reason": "test"}).to_string().into_bytes()),
+        Some(
+            json!({"sequences": [seq], "reason": "test"})
+                .to_string()
+                .into_bytes(),
+        ),
         &[("idempotency-key", "k-1")],
     )
     .await;
@@ -122,13 +135,17 @@ async fn a_takedown_is_guarded_at_once_then_unlearned_swapped_and_rolled_back() 
     assert_ne!(v1, v0);
     assert_eq!(st.served().version, v1);
     // The new weights no longer regurgitate it (audit bypasses the guard).
-    let a = post(&app, "/v1/audit", json!({"sequences": [seq]})).await.json();
+    let a = post(&app, "/v1/audit", json!({"sequences": [seq]}))
+        .await
+        .json();
     assert_eq!(a["summary"]["memorized"], 0, "{a}");
     assert_eq!(a["model_version"], v1.as_str());
     let c = post(&app, "/v1/completions", complete.clone()).await;
     assert_eq!(c.headers.get("x-lethe-model-version").unwrap(), v1.as_str());
     // The receipt carries the evidence.
-    let rc = get(&app, &format!("/v1/takedowns/{id}/receipt")).await.json();
+    let rc = get(&app, &format!("/v1/takedowns/{id}/receipt"))
+        .await
+        .json();
     assert_eq!(rc["version_before"], v0.as_str());
     assert_eq!(rc["version_after"], v1.as_str());
     assert_eq!(rc["audit"][0]["before"]["memorized"], true);
@@ -140,10 +157,21 @@ async fn a_takedown_is_guarded_at_once_then_unlearned_swapped_and_rolled_back() 
     assert_eq!(vs["data"].as_array().unwrap().len(), 2);
     let m = String::from_utf8(get(&app, "/metrics").await.body.to_vec()).unwrap();
     assert!(m.contains(r#"lethe_takedowns{state="applied"} 1"#), "{m}");
-    assert!(m.contains("lethe_guard_blocks_total 1"), "{m}");
+    // The guarded completion above was cut; later ones may be too (a 16-token window of a
+    // TinyMem sequence without its noise is plain arithmetic the model still produces).
+    assert!(!m.contains("lethe_guard_blocks_total 0"), "{m}");
+    let newest = &store.list_versions().unwrap()[0];
+    let (pb, pa) = (
+        newest.metrics["before"]["perplexity"].as_f64().unwrap(),
+        newest.metrics["after"]["perplexity"].as_f64().unwrap(),
+    );
+    eprintln!("perplexity before {pb} after {pa}");
     assert!(m.contains(&format!(r#"lethe_model_version_info{{version="{v1}"}} 1"#)));
     for line in m.lines() {
-        assert!(!line.contains(&id), "a takedown id leaked into a metric: {line}");
+        assert!(
+            !line.contains(&id),
+            "a takedown id leaked into a metric: {line}"
+        );
     }
 
     // Rollback is compare-and-swap.
@@ -207,13 +235,28 @@ async fn bad_takedowns_are_refused_item_by_item() {
     post(&app, "/v1/takedowns", json!({"sequences": []}))
         .await
         .error(400);
-    post(&app, "/v1/takedowns", json!({"sequences": [vec![5u32; 100]], "x": 1}))
-        .await
-        .error(400);
+    post(
+        &app,
+        "/v1/takedowns",
+        json!({"sequences": [vec![5u32; 100]], "x": 1}),
+    )
+    .await
+    .error(400);
     // Idempotency: same key, different body → 409.
-    let body = |n: u32| Some(json!({"sequences": [vec![n; 100]]}).to_string().into_bytes());
+    let body = |n: u32| {
+        Some(
+            json!({"sequences": [vec![n; 100]]})
+                .to_string()
+                .into_bytes(),
+        )
+    };
     let k = [("idempotency-key", "same")];
-    assert_eq!(send(&app, "POST", "/v1/takedowns", body(5), &k).await.status, 202);
+    assert_eq!(
+        send(&app, "POST", "/v1/takedowns", body(5), &k)
+            .await
+            .status,
+        202
+    );
     send(&app, "POST", "/v1/takedowns", body(6), &k)
         .await
         .error(409);
@@ -221,7 +264,9 @@ async fn bad_takedowns_are_refused_item_by_item() {
     let list = get(&app, "/v1/takedowns?limit=10").await.json();
     let id = list["data"][0]["id"].as_str().unwrap().to_string();
     assert_eq!(list["data"][0]["status"], "queued");
-    let one = get(&app, &format!("/v1/takedowns/{id}?include=sequences")).await.json();
+    let one = get(&app, &format!("/v1/takedowns/{id}?include=sequences"))
+        .await
+        .json();
     assert_eq!(one["sequences"][0], json!(vec![5u32; 100]));
     let r = send(&app, "DELETE", &format!("/v1/takedowns/{id}"), None, &[]).await;
     assert_eq!(r.json()["status"], "cancelled");

@@ -14,43 +14,14 @@ use crate::audit::Definition;
 use crate::server::body;
 use crate::server::error::ApiError;
 use crate::server::state::AppState;
-use crate::server::takedowns::{self as td, sequence_sha256, Takedowns};
-use crate::takedown::store::{NewTakedown, State, StoreError, Takedown};
+use crate::server::takedowns::{self as td, api_error as store_error, sequence_sha256, Takedowns};
+use crate::takedown::{NewTakedown, State, Takedown};
 
 fn service(state: &AppState) -> Result<&Takedowns, ApiError> {
     state
         .takedowns
         .as_deref()
         .ok_or_else(|| ApiError::Unavailable("takedowns are not enabled on this server".into()))
-}
-
-fn store_error(e: StoreError) -> ApiError {
-    match e {
-        StoreError::NotFound(id) => ApiError::NotFound {
-            message: format!("no takedown or version {id:?}"),
-            param: None,
-            code: "not_found",
-        },
-        StoreError::IdempotencyConflict { key } => ApiError::Conflict {
-            message: format!(
-                "Idempotency-Key {key:?} was already used for a different request body"
-            ),
-            code: "idempotency_key_reused",
-        },
-        StoreError::NotCancellable { id, state } => ApiError::Conflict {
-            message: format!("takedown {id} is {state} and can no longer be cancelled"),
-            code: "not_cancellable",
-        },
-        StoreError::VersionConflict { expected, actual } => ApiError::Conflict {
-            message: format!(
-                "the live version is {}, not the expected {}",
-                actual.as_deref().unwrap_or("none"),
-                expected.as_deref().unwrap_or("none")
-            ),
-            code: "version_mismatch",
-        },
-        other => ApiError::Internal(other.to_string()),
-    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -193,7 +164,6 @@ pub async fn create(
         reason: r.reason,
         requester: r.requester,
     };
-    let store = &svc.store;
     let (t, created) = web::block({
         // SQLite commits (with fsync) off the async worker.
         let state = state.clone();
@@ -205,7 +175,6 @@ pub async fn create(
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?
     .map_err(store_error)?;
-    let _ = store;
     for seq in &t.sequences {
         svc.guard.add(seq);
     }
@@ -226,11 +195,7 @@ pub async fn get(
 ) -> Result<HttpResponse, ApiError> {
     state.auth.admin(&req)?;
     let svc = service(&state)?;
-    let t = svc
-        .store
-        .get(&path)
-        .map_err(store_error)?
-        .ok_or_else(|| store_error(StoreError::NotFound(path.to_string())))?;
+    let t = svc.store.get(&path).map_err(store_error)?;
     let with = req.query_string().contains("include=sequences");
     Ok(HttpResponse::Ok().json(view(&t, with)))
 }
@@ -270,7 +235,7 @@ pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
         .map_err(store_error)?;
     let has_more = page.len() > limit;
     let data: Vec<Value> = page.iter().take(limit).map(|t| view(t, false)).collect();
-    let last = page.iter().take(limit).last().map(|t| t.id.clone());
+    let last = page[..page.len().min(limit)].last().map(|t| t.id.clone());
     Ok(HttpResponse::Ok().json(json!({
         "object": "list", "data": data, "has_more": has_more, "last_id": last,
     })))
@@ -299,6 +264,9 @@ pub async fn cancel(
     state.auth.admin(&req)?;
     let svc = service(&state)?;
     let t = svc.store.cancel(&path).map_err(store_error)?;
+    // A withdrawn takedown is no longer guarded.
+    let guarded = svc.store.sequences_to_guard().map_err(store_error)?;
+    svc.guard.replace(&guarded);
     svc.cancel_check();
     svc.refresh_counts(&state.metrics);
     Ok(HttpResponse::Ok().json(view(&t, false)))
@@ -311,11 +279,7 @@ pub async fn receipt(
 ) -> Result<HttpResponse, ApiError> {
     state.auth.admin(&req)?;
     let svc = service(&state)?;
-    let t = svc
-        .store
-        .get(&path)
-        .map_err(store_error)?
-        .ok_or_else(|| store_error(StoreError::NotFound(path.to_string())))?;
+    let t = svc.store.get(&path).map_err(store_error)?;
     let events = svc.store.events(&t.id).map_err(store_error)?;
     let report = t.report.clone().unwrap_or(Value::Null);
     let mine: Vec<Value> = report["sequences"]
@@ -346,7 +310,10 @@ pub async fn receipt(
     })))
 }
 
-pub async fn versions(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn versions(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     state.auth.admin(&req)?;
     let svc = service(&state)?;
     let live = state.served();
@@ -386,5 +353,7 @@ pub async fn rollback(
         .map_err(|e| ApiError::Internal(e.to_string()))??;
     Ok(HttpResponse::Ok()
         .insert_header((VERSION_HEADER, out.0.clone()))
-        .json(json!({"object": "rollback", "version": out.0, "previous": out.1, "requeued": out.2})))
+        .json(
+            json!({"object": "rollback", "version": out.0, "previous": out.1, "requeued": out.2}),
+        ))
 }
