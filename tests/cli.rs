@@ -133,32 +133,9 @@ fn generate_and_inspect_work() {
 
 #[test]
 fn serve_finishes_in_flight_requests_on_sigterm_and_exits_0() {
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::{Read, Write};
     let data = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lethe"))
-        .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
-        .arg(data.path())
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let addr = loop {
-        let mut line = String::new();
-        assert!(
-            stderr.read_line(&mut line).unwrap() > 0,
-            "serve exited early"
-        );
-        if let Some(a) = line.trim().strip_prefix("lethe: listening on http://") {
-            break a.to_string();
-        }
-    };
-    let drain = std::thread::spawn(move || {
-        let mut rest = String::new();
-        stderr.read_to_string(&mut rest).unwrap();
-        rest
-    });
+    let (mut child, addr) = serve(data.path());
     // A long streamed completion is in flight when SIGTERM arrives.
     let body = r#"{"prompt": "^3 5 7", "max_tokens": 120, "n": 16, "seed": 1, "stream": true}"#;
     let mut s = std::net::TcpStream::connect(&addr).unwrap();
@@ -190,6 +167,100 @@ fn serve_finishes_in_flight_requests_on_sigterm_and_exits_0() {
     let finished = text.matches("\"finish_reason\":\"").count();
     assert_eq!(finished, 16, "every choice finishes:\n{text}");
     let status = child.wait().unwrap();
-    let log = drain.join().unwrap();
-    assert!(status.success(), "exit status {status:?}; stderr:\n{log}");
+    assert!(status.success(), "exit status {status:?}");
+}
+
+/// Starts `lethe serve` on a free port with `data`; returns the child and its address.
+fn serve(data: &std::path::Path) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lethe"))
+        .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let addr = loop {
+        let mut line = String::new();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "serve exited early"
+        );
+        if let Some(a) = line.trim().strip_prefix("lethe: listening on http://") {
+            break a.to_string();
+        }
+    };
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    (child, addr)
+}
+
+/// One HTTP/1.1 request; returns (status, body).
+fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.split(' ').nth(1).unwrap().parse().unwrap();
+    (
+        status,
+        out.split_once("\r\n\r\n")
+            .map(|x| x.1)
+            .unwrap_or("")
+            .to_string(),
+    )
+}
+
+#[test]
+fn kill_9_loses_no_acknowledged_takedown() {
+    let data = tempfile::tempdir().unwrap();
+    let (mut child, addr) = serve(data.path());
+    let seq: Vec<u32> = (0..100).map(|i| 1 + (i % 9)).collect();
+    let mut ids = Vec::new();
+    for r in 0..3 {
+        let body = serde_json::json!({"sequences": [seq], "reason": format!("r{r}")}).to_string();
+        let (status, resp) = http(&addr, "POST", "/v1/takedowns", &body);
+        assert_eq!(status, 202, "{resp}");
+        let v: serde_json::Value = serde_json::from_str(&resp).unwrap();
+        ids.push(v["id"].as_str().unwrap().to_string());
+    }
+    // No graceful anything: SIGKILL right after the last acknowledgement.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (mut child, addr) = serve(data.path());
+    for id in &ids {
+        let (status, resp) = http(&addr, "GET", &format!("/v1/takedowns/{id}"), "");
+        assert_eq!(
+            status, 200,
+            "acknowledged takedown {id} lost after kill -9: {resp}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&resp).unwrap();
+        // Whatever it was doing is queued again (or already running again) after the restart.
+        let state = v["status"].as_str().unwrap();
+        assert!(
+            ["queued", "running", "validating", "applied", "rejected"].contains(&state),
+            "{v}"
+        );
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // No half-written version directory is ever left under its final name.
+    for e in std::fs::read_dir(data.path().join("versions")).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        if !name.starts_with('.') {
+            assert!(
+                p.join("config.json").is_file() && p.join("model.safetensors").is_file(),
+                "{name}"
+            );
+        }
+    }
 }

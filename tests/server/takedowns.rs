@@ -71,9 +71,22 @@ where
     B: MessageBody,
 {
     let mut last = Value::Null;
+    let mut versions = std::collections::BTreeSet::new();
     for _ in 0..secs * 4 {
         last = get(app, &format!("/v1/takedowns/{id}")).await.json();
+        // Traffic keeps flowing while the job runs and the weights are swapped: every request
+        // succeeds and the server stays ready.
+        let c = post(
+            app,
+            "/v1/completions",
+            json!({"prompt": "^5 7 9", "max_tokens": 8}),
+        )
+        .await;
+        assert_eq!(c.status, 200, "{}", String::from_utf8_lossy(&c.body));
+        versions.insert(c.json()["system_fingerprint"].as_str().unwrap().to_string());
+        assert_eq!(get(app, "/readyz").await.status, 200);
         if done.contains(&last["status"].as_str().unwrap_or_default()) {
+            eprintln!("versions served while waiting: {versions:?}");
             return last;
         }
         actix_web::rt::time::sleep(Duration::from_millis(250)).await;
