@@ -23,6 +23,21 @@ pub enum BenchCommand {
     Unlearn(crate::bench_unlearn::UnlearnBenchArgs),
     /// Audit throughput (tinymem definition) on a TinyMem-shaped model.
     Audit(crate::bench_unlearn::AuditBenchArgs),
+    /// Regurgitation-guard cost per generated token (1,000 protected 64-token sequences).
+    Guard(GuardArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GuardArgs {
+    /// Guard window (tokens).
+    #[arg(long, default_value_t = 16)]
+    pub window: usize,
+    /// Generated tokens checked per run.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub tokens: usize,
+    /// Runs (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
 }
 
 /// Model shapes the benchmarks use.
@@ -86,6 +101,18 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Train(a) => train(a),
         BenchCommand::Unlearn(a) => crate::bench_unlearn::unlearn(a),
         BenchCommand::Audit(a) => crate::bench_unlearn::audit_bench(a),
+        BenchCommand::Guard(a) => {
+            let mut ns: Vec<f64> = (0..a.runs.max(1))
+                .map(|_| crate::takedown::guard::bench_overhead(a.window, a.tokens))
+                .collect();
+            ns.sort_by(f64::total_cmp);
+            let json = serde_json::json!({
+                "window": a.window, "tokens": a.tokens, "runs": ns,
+                "ns_per_token_median": ns[ns.len() / 2],
+            });
+            println!("{json}");
+            Ok(())
+        }
     }
 }
 
