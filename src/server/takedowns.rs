@@ -619,6 +619,11 @@ fn run_job(
         if !failures.is_empty() {
             tracing::warn!(candidate = ci, ?failures, "candidate failed the gates");
             tried.push(report);
+            if ci + 1 < candidates.len() {
+                if let Err(e) = td.store.mark_running(job) {
+                    tracing::warn!(error = %e, "marking the job running again failed");
+                }
+            }
             continue;
         }
         set_phase("publishing", 0.96, None);

@@ -87,7 +87,10 @@ impl State {
             (self, to),
             (Queued, Running | Cancelled)
                 | (Running, Validating | Queued | Failed | Cancelled)
-                | (Validating, Applied | Rejected | Failed | Queued | Cancelled)
+                | (
+                    Validating,
+                    Running | Applied | Rejected | Failed | Queued | Cancelled
+                )
         )
     }
 
@@ -689,6 +692,20 @@ impl Store {
             )
             .map_err(sql("mark validating"))?;
             Ok(json!({ "job_id": job_id }))
+        })
+    }
+
+    /// Moves the validating takedowns of `job_id` back to running: the candidate failed a gate
+    /// and the job tries the next one.
+    pub fn mark_running(&self, job_id: &str) -> Result<usize> {
+        self.job_transition(job_id, State::Running, |tx, id, at| {
+            tx.execute(
+                "UPDATE takedowns SET state = ?2, phase = 'unlearn', updated_at = ?3 \
+                 WHERE id = ?1",
+                params![id, State::Running, at],
+            )
+            .map_err(sql("mark running"))?;
+            Ok(json!({ "job_id": job_id, "reason": "next candidate" }))
         })
     }
 
@@ -1408,6 +1425,7 @@ mod tests {
             (Running, Queued),
             (Running, Failed),
             (Running, Cancelled),
+            (Validating, Running),
             (Validating, Applied),
             (Validating, Rejected),
             (Validating, Failed),
