@@ -172,10 +172,15 @@ fn serve_finishes_in_flight_requests_on_sigterm_and_exits_0() {
 
 /// Starts `lethe serve` on a free port with `data`; returns the child and its address.
 fn serve(data: &std::path::Path) -> (std::process::Child, String) {
+    serve_with(data, &[])
+}
+
+fn serve_with(data: &std::path::Path, extra: &[&str]) -> (std::process::Child, String) {
     use std::io::{BufRead, BufReader};
     let mut child = Command::new(env!("CARGO_BIN_EXE_lethe"))
         .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
         .arg(data)
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -263,4 +268,96 @@ fn kill_9_loses_no_acknowledged_takedown() {
             );
         }
     }
+}
+
+/// Polls a takedown until `pred` holds for its status (or panics after `secs`).
+fn poll_takedown(
+    addr: &str,
+    id: &str,
+    secs: u64,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    for _ in 0..secs * 4 {
+        let (status, body) = http(addr, "GET", &format!("/v1/takedowns/{id}"), "");
+        assert_eq!(status, 200, "{body}");
+        last = serde_json::from_str(&body).unwrap();
+        if pred(&last) {
+            return last;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    panic!("takedown {id} never reached the expected state: {last}");
+}
+
+#[test]
+fn sigkill_during_a_job_and_the_takedown_still_completes_after_restart() {
+    // A sequence the bundled model really regurgitates.
+    let dir = lethe::loader::bundled_model_dir();
+    let ds = lethe::tinymem::train::Card::read(&dir)
+        .unwrap()
+        .dataset()
+        .unwrap();
+    let lm = lethe::loader::load_dir(
+        &dir,
+        "bundled",
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    let def = lethe::audit::Definition::Tinymem;
+    let seq = ds
+        .eligible_noised_rows(50, 100)
+        .into_iter()
+        .map(|r| r.ids.clone())
+        .find(|ids| {
+            let item = def.split(ids).unwrap();
+            lethe::audit::audit(&lm.model, None, &[item], 1).unwrap().0[0].memorized
+        })
+        .expect("a memorized row");
+    let data = tempfile::tempdir().unwrap();
+    let fast = [
+        "--unlearn-min-steps",
+        "0",
+        "--unlearn-max-steps",
+        "60",
+        "--unlearn-threads",
+        "2",
+    ];
+    let (mut child, addr) = serve_with(data.path(), &fast);
+    let body = serde_json::json!({"sequences": [seq]}).to_string();
+    let (status, resp) = http(&addr, "POST", "/v1/takedowns", &body);
+    assert_eq!(status, 202, "{resp}");
+    let id = serde_json::from_str::<serde_json::Value>(&resp).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Kill the server while the job is unlearning.
+    poll_takedown(&addr, &id, 300, |t| {
+        t["status"] == "running"
+            && t["phase"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("unlearning"))
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (mut child, addr) = serve_with(data.path(), &fast);
+    let t = poll_takedown(&addr, &id, 900, |t| {
+        ["applied", "rejected", "failed"].contains(&t["status"].as_str().unwrap_or(""))
+    });
+    assert_eq!(t["status"], "applied", "{t}");
+    let (_, events) = http(&addr, "GET", &format!("/v1/takedowns/{id}/receipt"), "");
+    let events: serde_json::Value = serde_json::from_str(&events).unwrap();
+    let states: Vec<&str> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["state"].as_str().unwrap())
+        .collect();
+    assert!(
+        states.windows(2).any(|w| w == ["running", "queued"]),
+        "the interrupted run was re-queued: {states:?}"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
 }

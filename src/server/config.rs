@@ -79,7 +79,7 @@ pub struct TakedownArgs {
     #[arg(long, env = "LETHE_UNLEARN_THREADS", default_value_t = 1)]
     pub unlearn_threads: usize,
     /// BalancedSubnet: fraction of each MLP matrix that may be zeroed (first candidate).
-    #[arg(long, env = "LETHE_UNLEARN_RATIO", default_value_t = 0.3)]
+    #[arg(long, env = "LETHE_UNLEARN_RATIO", default_value_t = 0.1)]
     pub unlearn_ratio: f64,
     /// BalancedSubnet: retain weight w in −(1−w)·L_forget + w·L_retain (first candidate).
     #[arg(long, env = "LETHE_UNLEARN_W", default_value_t = 0.9)]

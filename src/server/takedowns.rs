@@ -70,10 +70,11 @@ impl TakedownConfig {
             worker_threads: 1,
             unlearn: BalancedSubnetConfig {
                 mode: Mode::Balanced,
+                ratio: 0.1,
                 min_steps: 200,
                 ..BalancedSubnetConfig::default()
             },
-            fallbacks: vec![(0.1, 0.9), (0.5, 0.95)],
+            fallbacks: vec![(0.3, 0.9), (0.5, 0.95)],
             budget_seconds: 1800.0,
             perplexity_budget: 0.02,
             accuracy_budget: 0.005,

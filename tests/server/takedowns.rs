@@ -71,7 +71,6 @@ where
     B: MessageBody,
 {
     let mut last = Value::Null;
-    let mut versions = std::collections::BTreeSet::new();
     for _ in 0..secs * 4 {
         last = get(app, &format!("/v1/takedowns/{id}")).await.json();
         // Traffic keeps flowing while the job runs and the weights are swapped: every request
@@ -83,10 +82,8 @@ where
         )
         .await;
         assert_eq!(c.status, 200, "{}", String::from_utf8_lossy(&c.body));
-        versions.insert(c.json()["system_fingerprint"].as_str().unwrap().to_string());
         assert_eq!(get(app, "/readyz").await.status, 200);
         if done.contains(&last["status"].as_str().unwrap_or_default()) {
-            eprintln!("versions served while waiting: {versions:?}");
             return last;
         }
         actix_web::rt::time::sleep(Duration::from_millis(250)).await;
@@ -95,64 +92,77 @@ where
 }
 
 #[actix_web::test]
-async fn a_takedown_is_guarded_at_once_then_unlearned_swapped_and_rolled_back() {
+async fn five_memorized_sequences_are_guarded_unlearned_swapped_kept_and_rolled_back() {
     let dir = tempfile::tempdir().unwrap();
-    let seq = memorized_rows(1).remove(0);
+    // The audit finds memorized sequences; five of them are taken down.
+    let seqs = memorized_rows(5);
+    assert_eq!(seqs.len(), 5);
     let st = takedown_state(dir.path(), true, |_| {});
     let app = at::init_service(make_app(st.clone())).await;
     let v0 = st.served().version.clone();
-    // Before: the model regurgitates the sequence.
-    let prompt = seq[..50].to_vec();
-    let complete = json!({"prompt": prompt, "max_tokens": 50, "temperature": 0});
+    let a = post(&app, "/v1/audit", json!({"sequences": seqs}))
+        .await
+        .json();
+    assert_eq!(a["summary"]["memorized"], 5, "{a}");
+    // Before: the model regurgitates the first one.
+    let complete = json!({"prompt": seqs[0][..50].to_vec(), "max_tokens": 50, "temperature": 0});
     let c = post(&app, "/v1/completions", complete.clone()).await.json();
     assert_eq!(c["choices"][0]["finish_reason"], "length");
 
+    let body = || {
+        Some(
+            json!({"sequences": seqs, "reason": "test"})
+                .to_string()
+                .into_bytes(),
+        )
+    };
     let r = send(
         &app,
         "POST",
         "/v1/takedowns",
-        Some(
-            json!({"sequences": [seq], "reason": "test"})
-                .to_string()
-                .into_bytes(),
-        ),
+        body(),
         &[("idempotency-key", "k-1")],
     )
     .await;
     assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
     let id = r.json()["id"].as_str().unwrap().to_string();
     // Durable before the answer: a second connection to the store sees it.
-    let store = lethe::takedown::store::Store::open(dir.path()).unwrap();
-    assert_eq!(store.get(&id).unwrap().sequences, vec![seq.clone()]);
+    let store = lethe::takedown::Store::open(dir.path()).unwrap();
+    assert_eq!(store.get(&id).unwrap().sequences, seqs);
     // The guard cuts the regurgitation at once, before any weights change.
     let c = post(&app, "/v1/completions", complete.clone()).await.json();
     assert_eq!(c["choices"][0]["finish_reason"], "content_filter", "{c}");
+    assert_eq!(c["system_fingerprint"], v0.as_str(), "cut before the swap");
     // A retry with the same key is the same takedown.
     let again = send(
         &app,
         "POST",
         "/v1/takedowns",
-        Some(
-            json!({"sequences": [seq], "reason": "test"})
-                .to_string()
-                .into_bytes(),
-        ),
+        body(),
         &[("idempotency-key", "k-1")],
     )
     .await;
     assert_eq!(again.json()["id"], id.as_str());
 
-    let t = wait_for(&app, &id, &["applied", "rejected", "failed"], 600).await;
+    // wait_for keeps completions flowing and asserts every one succeeds.
+    let t = wait_for(&app, &id, &["applied", "rejected", "failed"], 900).await;
     assert_eq!(t["status"], "applied", "{t}");
     let v1 = t["version"].as_str().unwrap().to_string();
     assert_ne!(v1, v0);
     assert_eq!(st.served().version, v1);
-    // The new weights no longer regurgitate it (audit bypasses the guard).
-    let a = post(&app, "/v1/audit", json!({"sequences": [seq]}))
+    // The new weights no longer regurgitate any of the five (audit bypasses the guard).
+    let a = post(&app, "/v1/audit", json!({"sequences": seqs}))
         .await
         .json();
     assert_eq!(a["summary"]["memorized"], 0, "{a}");
     assert_eq!(a["model_version"], v1.as_str());
+    // Drift within budget, as the gates recorded it.
+    let rep = &t["report"];
+    let (pb, pa) = (
+        rep["before"]["perplexity"].as_f64().unwrap(),
+        rep["after"]["perplexity"].as_f64().unwrap(),
+    );
+    assert!(pa / pb - 1.0 <= 0.02, "perplexity {pb} -> {pa}");
     let c = post(&app, "/v1/completions", complete.clone()).await;
     assert_eq!(c.headers.get("x-lethe-model-version").unwrap(), v1.as_str());
     // The receipt carries the evidence.
@@ -161,8 +171,11 @@ async fn a_takedown_is_guarded_at_once_then_unlearned_swapped_and_rolled_back() 
         .json();
     assert_eq!(rc["version_before"], v0.as_str());
     assert_eq!(rc["version_after"], v1.as_str());
-    assert_eq!(rc["audit"][0]["before"]["memorized"], true);
-    assert_eq!(rc["audit"][0]["after"]["memorized"], false);
+    assert_eq!(rc["audit"].as_array().unwrap().len(), 5);
+    for s in rc["audit"].as_array().unwrap() {
+        assert_eq!(s["before"]["memorized"], true);
+        assert_eq!(s["after"]["memorized"], false);
+    }
     assert_eq!(rc["sequences"][0]["sha256"].as_str().unwrap().len(), 64);
     // Versions and metrics.
     let vs = get(&app, "/v1/admin/versions").await.json();
@@ -170,15 +183,7 @@ async fn a_takedown_is_guarded_at_once_then_unlearned_swapped_and_rolled_back() 
     assert_eq!(vs["data"].as_array().unwrap().len(), 2);
     let m = String::from_utf8(get(&app, "/metrics").await.body.to_vec()).unwrap();
     assert!(m.contains(r#"lethe_takedowns{state="applied"} 1"#), "{m}");
-    // The guarded completion above was cut; later ones may be too (a 16-token window of a
-    // TinyMem sequence without its noise is plain arithmetic the model still produces).
     assert!(!m.contains("lethe_guard_blocks_total 0"), "{m}");
-    let newest = &store.list_versions().unwrap()[0];
-    let (pb, pa) = (
-        newest.metrics["before"]["perplexity"].as_f64().unwrap(),
-        newest.metrics["after"]["perplexity"].as_f64().unwrap(),
-    );
-    eprintln!("perplexity before {pb} after {pa}");
     assert!(m.contains(&format!(r#"lethe_model_version_info{{version="{v1}"}} 1"#)));
     for line in m.lines() {
         assert!(
@@ -187,16 +192,24 @@ async fn a_takedown_is_guarded_at_once_then_unlearned_swapped_and_rolled_back() 
         );
     }
 
-    // Rollback is compare-and-swap.
+    // A restart keeps the new version.
+    if let Some(td) = &st.takedowns {
+        td.shutdown();
+    }
+    drop(app);
+    drop(st);
+    let st = takedown_state(dir.path(), false, |_| {});
+    assert_eq!(st.served().version, v1);
+    let app = at::init_service(make_app(st.clone())).await;
+    // Rollback is compare-and-swap: a stale expected_current is refused.
     let e = post(
         &app,
         "/v1/admin/rollback",
-        json!({"to_version": v0, "expected_current": "nope"}),
+        json!({"to_version": v0, "expected_current": v0}),
     )
     .await
     .error(409);
     assert_eq!(e["code"], "version_mismatch");
-    // Hold the worker's re-run: cancel happens right after the rollback re-queues it.
     let rb = post(
         &app,
         "/v1/admin/rollback",
@@ -206,18 +219,15 @@ async fn a_takedown_is_guarded_at_once_then_unlearned_swapped_and_rolled_back() 
     assert_eq!(rb.status, 200, "{}", String::from_utf8_lossy(&rb.body));
     assert_eq!(rb.json()["requeued"], 1);
     assert_eq!(st.served().version, v0);
-    let cancelled = send(&app, "DELETE", &format!("/v1/takedowns/{id}"), None, &[]).await;
-    assert_eq!(cancelled.status, 200);
-    // Still guarded after rollback and cancellation? Cancelled takedowns are released; the
-    // rollback itself keeps protecting until then (checked above by the re-queue).
-    if let Some(td) = &st.takedowns {
-        td.shutdown();
-    }
-    drop(app);
-    drop(st);
-    // A restart serves the version the store says is live.
-    let st2 = takedown_state(dir.path(), false, |_| {});
-    assert_eq!(st2.served().version, v0);
+    // The old weights regurgitate again, and the re-queued takedown is guarded again.
+    let a = post(&app, "/v1/audit", json!({"sequences": seqs}))
+        .await
+        .json();
+    assert_eq!(a["summary"]["memorized"], 5);
+    let c = post(&app, "/v1/completions", complete.clone()).await.json();
+    assert_eq!(c["choices"][0]["finish_reason"], "content_filter");
+    let t = get(&app, &format!("/v1/takedowns/{id}")).await.json();
+    assert_eq!(t["status"], "queued");
 }
 
 #[actix_web::test]
