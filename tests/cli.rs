@@ -6,7 +6,7 @@ mod common;
 
 use std::process::Command;
 
-use common::fixture_dir;
+use common::{fixture_dir, http};
 
 fn lethe(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_lethe"))
@@ -199,29 +199,6 @@ fn serve_with(data: &std::path::Path, extra: &[&str]) -> (std::process::Child, S
     };
     std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
     (child, addr)
-}
-
-/// One HTTP/1.1 request; returns (status, body).
-fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out.split(' ').nth(1).unwrap().parse().unwrap();
-    (
-        status,
-        out.split_once("\r\n\r\n")
-            .map(|x| x.1)
-            .unwrap_or("")
-            .to_string(),
-    )
 }
 
 #[test]

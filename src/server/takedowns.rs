@@ -183,9 +183,10 @@ fn targets(tds: &[Takedown]) -> Result<Vec<Target>> {
 struct Evaluation {
     memorized: Vec<bool>,
     matched_prefix: Vec<usize>,
-    perplexity: f64,
     accuracy: Option<f64>,
-    accuracy_by_task: Vec<(String, f64)>,
+    /// Held-out perplexity and per-task accuracies (serialized flat: `perplexity`, ...).
+    #[serde(flatten)]
+    quality: Quality,
     canary_perplexity: Option<f64>,
 }
 
@@ -465,9 +466,8 @@ fn evaluate(
         Evaluation {
             memorized: results.iter().map(|r| r.memorized).collect(),
             matched_prefix: results.iter().map(|r| r.matched_prefix).collect(),
-            perplexity: q.perplexity,
             accuracy: mean_accuracy(&q),
-            accuracy_by_task: q.accuracy_by_task.clone(),
+            quality: q,
             canary_perplexity,
         },
         results,
@@ -484,7 +484,7 @@ fn gate_failures(cfg: &TakedownConfig, before: &Evaluation, after: &Evaluation) 
             after.memorized.len()
         ));
     }
-    let drift = after.perplexity / before.perplexity - 1.0;
+    let drift = after.quality.perplexity / before.quality.perplexity - 1.0;
     // NaN (a diverged model) fails every gate.
     if drift.is_nan() || drift > cfg.perplexity_budget {
         why.push(format!(
@@ -493,14 +493,7 @@ fn gate_failures(cfg: &TakedownConfig, before: &Evaluation, after: &Evaluation) 
             cfg.perplexity_budget * 100.0
         ));
     }
-    if !before.accuracy_by_task.is_empty() {
-        let rel = before
-            .accuracy_by_task
-            .iter()
-            .zip(&after.accuracy_by_task)
-            .map(|((_, b), (_, a))| (a - b) / b)
-            .sum::<f64>()
-            / before.accuracy_by_task.len() as f64;
+    if let Some(rel) = before.quality.relative_accuracy_change(&after.quality) {
         if rel.is_nan() || rel < -cfg.accuracy_budget {
             why.push(format!(
                 "mean relative accuracy change {:+.3}% is below −{:.3}%",

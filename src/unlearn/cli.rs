@@ -273,15 +273,7 @@ pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
     };
     let (_, after_mem) = audit::audit(&out.model, None, &items, 64)?;
     let after = quality(&out.model, dataset.as_ref(), &heldout)?;
-    let relative_accuracy_change = (!before.accuracy_by_task.is_empty()).then(|| {
-        before
-            .accuracy_by_task
-            .iter()
-            .zip(&after.accuracy_by_task)
-            .map(|((_, b), (_, a))| (a - b) / b)
-            .sum::<f64>()
-            / before.accuracy_by_task.len() as f64
-    });
+    let relative_accuracy_change = before.relative_accuracy_change(&after);
     let report = Report {
         method: match a.method {
             MethodArg::BalancedSubnet => "balanced-subnet",

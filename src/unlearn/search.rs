@@ -41,6 +41,20 @@ pub struct Quality {
     pub perplexity: f64,
 }
 
+impl Quality {
+    /// Mean over test tasks of (after − before) / before (spec §3.6); `None` without tasks.
+    pub fn relative_accuracy_change(&self, after: &Quality) -> Option<f64> {
+        (!self.accuracy_by_task.is_empty()).then(|| {
+            self.accuracy_by_task
+                .iter()
+                .zip(&after.accuracy_by_task)
+                .map(|((_, b), (_, a))| (a - b) / b)
+                .sum::<f64>()
+                / self.accuracy_by_task.len() as f64
+        })
+    }
+}
+
 /// One tried candidate.
 #[derive(Debug, Clone, Serialize)]
 pub struct Candidate {
@@ -61,14 +75,7 @@ pub fn selection_score(mem_before: f64, mem_after: f64, before: &Quality, after:
     } else {
         mem_after
     };
-    if !before.accuracy_by_task.is_empty() {
-        let acc_rel = before
-            .accuracy_by_task
-            .iter()
-            .zip(&after.accuracy_by_task)
-            .map(|((_, b), (_, a))| (a - b) / b)
-            .sum::<f64>()
-            / before.accuracy_by_task.len() as f64;
+    if let Some(acc_rel) = before.relative_accuracy_change(after) {
         mem_rel - acc_rel
     } else {
         let ppl_rel = (after.perplexity - before.perplexity) / before.perplexity;

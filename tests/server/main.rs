@@ -2,9 +2,11 @@
 //! real socket on port 0. Every response of a documented route is validated against
 //! `api/openapi.yaml`.
 
+#[path = "../common/mod.rs"]
+mod common;
 mod contract;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use actix_web::body::MessageBody;
@@ -787,27 +789,6 @@ async fn metrics_follow_the_conventions_and_pass_promtool() {
     }
 }
 
-/// One HTTP/1.1 exchange over a real socket; returns (status, body).
-fn raw_http(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|x| x.1)
-        .unwrap_or("")
-        .to_string();
-    (status, body)
-}
-
 #[actix_web::test]
 async fn serves_over_a_real_socket_on_port_0() {
     let st = state();
@@ -818,19 +799,19 @@ async fn serves_over_a_real_socket_on_port_0() {
     .workers(1)
     .bind("127.0.0.1:0")
     .unwrap();
-    let addr = server.addrs()[0];
+    let addr = server.addrs()[0].to_string();
     let server = server.run();
     let handle = server.handle();
     actix_web::rt::spawn(server);
     let (status, body, stream) = tokio::task::spawn_blocking(move || {
-        let (s, b) = raw_http(
-            addr,
+        let (s, b) = common::http(
+            &addr,
             "POST",
             "/v1/completions",
             &json!({"prompt": PROMPT, "max_tokens": 10, "temperature": 0}).to_string(),
         );
-        let (_, stream) = raw_http(
-            addr,
+        let (_, stream) = common::http(
+            &addr,
             "POST",
             "/v1/completions",
             &json!({"prompt": PROMPT, "max_tokens": 5, "stream": true}).to_string(),
