@@ -210,6 +210,22 @@ async fn five_memorized_sequences_are_guarded_unlearned_swapped_kept_and_rolled_
     .await
     .error(409);
     assert_eq!(e["code"], "version_mismatch");
+    // A stream started on v1 finishes on v1 even though the rollback lands while it runs: its
+    // chunks say v1 and its log-probabilities are v1's (v0's differ, checked below).
+    let long =
+        json!({"prompt": "^5 7 9", "max_tokens": 100, "n": 8, "temperature": 0, "logprobs": 3});
+    let want = post(&app, "/v1/completions", long.clone()).await.json();
+    let mut streamed = long.clone();
+    streamed["stream"] = json!(true);
+    let in_flight = at::call_service(
+        &app,
+        at::TestRequest::post()
+            .uri("/v1/completions")
+            .insert_header((header::CONTENT_TYPE, "application/json"))
+            .set_payload(streamed.to_string())
+            .to_request(),
+    )
+    .await;
     let rb = post(
         &app,
         "/v1/admin/rollback",
@@ -217,6 +233,54 @@ async fn five_memorized_sequences_are_guarded_unlearned_swapped_kept_and_rolled_
     )
     .await;
     assert_eq!(rb.status, 200, "{}", String::from_utf8_lossy(&rb.body));
+    let body = at::read_body(in_flight).await;
+    // Per choice: every top-alternative log-probability, in order.
+    let tops = |chunks: Vec<Value>| {
+        let mut out = vec![Vec::new(); 8];
+        for c in chunks {
+            let i = c["index"].as_u64().unwrap() as usize;
+            for m in c["logprobs"]["top_logprobs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                let mut v: Vec<f64> = m
+                    .as_object()
+                    .unwrap()
+                    .values()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect();
+                v.sort_by(f64::total_cmp);
+                out[i].extend(v);
+            }
+        }
+        out
+    };
+    let mut chunks = Vec::new();
+    for e in sse_events(&body).iter().filter(|e| *e != "[DONE]") {
+        let chunk: Value = serde_json::from_str(e).unwrap();
+        assert_eq!(chunk["system_fingerprint"], v1.as_str());
+        chunks.push(chunk["choices"][0].clone());
+    }
+    let close = |a: &[Vec<f64>], b: &[Vec<f64>]| {
+        a.iter()
+            .zip(b)
+            .all(|(x, y)| x.len() == y.len() && x.iter().zip(y).all(|(p, q)| (p - q).abs() < 1e-4))
+    };
+    let want_tops = tops(want["choices"].as_array().unwrap().clone());
+    assert!(
+        close(&tops(chunks), &want_tops),
+        "the stream did not finish on v1"
+    );
+    let on_v0 = post(&app, "/v1/completions", long.clone()).await.json();
+    assert_eq!(on_v0["system_fingerprint"], v0.as_str());
+    assert!(
+        !close(
+            &tops(on_v0["choices"].as_array().unwrap().clone()),
+            &want_tops
+        ),
+        "v0 and v1 log-probabilities are indistinguishable: the check above proves nothing"
+    );
     assert_eq!(rb.json()["requeued"], 1);
     assert_eq!(st.served().version, v0);
     // The old weights regurgitate again, and the re-queued takedown is guarded again.
