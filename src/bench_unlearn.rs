@@ -47,11 +47,12 @@ pub struct AuditBenchArgs {
     pub json: bool,
 }
 
-fn rows(n: usize, t: usize, seed: u64) -> Vec<Vec<u32>> {
+/// `n` rows of pseudo-random TinyMem token ids (xorshift, seeded); row `r` has `len(r)` tokens.
+pub(crate) fn rows(n: usize, len: impl Fn(usize) -> usize, seed: u64) -> Vec<Vec<u32>> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
-        .map(|_| {
-            (0..t)
+        .map(|r| {
+            (0..len(r))
                 .map(|_| {
                     s ^= s << 13;
                     s ^= s >> 7;
@@ -84,7 +85,7 @@ pub fn unlearn(a: UnlearnBenchArgs) -> anyhow::Result<()> {
             weight_decay: 5e-4,
         },
     );
-    let data = rows(a.batch, 150, 1);
+    let data = rows(a.batch, |_| 150, 1);
     let batch: Vec<Example> = data
         .iter()
         .enumerate()
@@ -122,7 +123,7 @@ pub fn unlearn(a: UnlearnBenchArgs) -> anyhow::Result<()> {
 /// Audit throughput: the `tinymem` definition (50-token prompt, 50 compared), batched.
 pub fn audit_bench(a: AuditBenchArgs) -> anyhow::Result<()> {
     let model = tinymem(4)?;
-    let items: Vec<AuditItem> = rows(a.sequences, 100, 2)
+    let items: Vec<AuditItem> = rows(a.sequences, |_| 100, 2)
         .into_iter()
         .map(|r| AuditItem {
             prompt: r[..50].to_vec(),

@@ -572,6 +572,7 @@ mod tests {
     //! (relative 1e-5) and on every score gradient (relative L2 error ≤ 1e-4).
     use super::*;
     use crate::bench::random_model;
+    use crate::bench_unlearn::rows;
     use crate::models::{gpt2, ModelConfig};
     use candle_core::Device;
 
@@ -593,22 +594,6 @@ mod tests {
             eos_token_id: None,
             pad_token_id: None,
         })
-    }
-
-    fn rows(n: usize, len: impl Fn(usize) -> usize, seed: u64) -> Vec<Vec<u32>> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|r| {
-                (0..len(r))
-                    .map(|_| {
-                        s ^= s << 13;
-                        s ^= s >> 7;
-                        s ^= s << 17;
-                        (s % 14) as u32
-                    })
-                    .collect()
-            })
-            .collect()
     }
 
     fn rel_l2(a: &[f32], b: &[f32]) -> f32 {

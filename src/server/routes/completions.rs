@@ -609,21 +609,28 @@ impl Stream {
         logprobs: Option<Logprobs>,
         finish: Option<&'static str>,
     ) {
+        let choice = Choice {
+            index,
+            text,
+            logprobs,
+            finish_reason: finish,
+        };
+        self.push_completion(vec![choice], None);
+    }
+
+    /// One `data:` frame holding a completion object with these choices and usage.
+    fn push_completion(&mut self, choices: Vec<Choice>, usage: Option<Usage>) {
         let c = Completion {
             id: &self.id,
             object: "text_completion",
             created: self.created,
             model: &self.served.name,
             system_fingerprint: &self.served.version,
-            choices: vec![Choice {
-                index,
-                text,
-                logprobs,
-                finish_reason: finish,
-            }],
-            usage: None,
+            choices,
+            usage,
         };
-        self.push_data(&serde_json::to_string(&c).unwrap_or_default());
+        let data = serde_json::to_string(&c).unwrap_or_default();
+        self.push_data(&data);
     }
 
     fn push_data(&mut self, data: &str) {
@@ -727,17 +734,7 @@ impl Stream {
         }
         if self.include_usage {
             self.usage.total_tokens = self.usage.prompt_tokens + self.usage.completion_tokens;
-            let c = Completion {
-                id: &self.id,
-                object: "text_completion",
-                created: self.created,
-                model: &self.served.name,
-                system_fingerprint: &self.served.version,
-                choices: Vec::new(),
-                usage: Some(self.usage),
-            };
-            let data = serde_json::to_string(&c).unwrap_or_default();
-            self.push_data(&data);
+            self.push_completion(Vec::new(), Some(self.usage));
         }
         self.push_data("[DONE]");
         self.finished = true;
