@@ -23,7 +23,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::metrics::Metrics;
-use super::state::{AppState, Served};
+use super::state::{content_hash, AppState, Served};
 use crate::audit::{self, AuditItem, AuditResult, Definition};
 use crate::engine::generate::{Filter, FilterState, OutputFilter};
 use crate::error::{Error, Result};
@@ -805,11 +805,39 @@ fn root_perplexity(td: &Takedowns, live: &str) -> Option<f64> {
 
 /// Registers the served base model as the root version (first start), or loads the current
 /// version recorded in the store (restarts). Returns the directory to serve.
+///
+/// A data directory belongs to one model lineage: starting it with a different base model
+/// (`--model`) than the one it was created with is refused, since its versions and takedowns
+/// are edits of that model. Version directories are found under the data directory by id, so
+/// a restored or moved data directory works from any path.
 pub fn resolve_current(config: &TakedownConfig, model_dir: &Path) -> Result<PathBuf> {
     let store = Store::open(&config.data_dir).map_err(|e| store_err(&e))?;
     if let Some(cur) = store.current_version().map_err(|e| store_err(&e))? {
-        let v = store.get_version(&cur).map_err(|e| store_err(&e))?;
-        return Ok(PathBuf::from(v.path));
+        let versions = store.list_versions().map_err(|e| store_err(&e))?;
+        let base = content_hash(model_dir)?;
+        if let Some(root) = versions.iter().find(|v| v.parent.is_none()) {
+            if root.id != base {
+                return Err(Error::Config {
+                    file: config.data_dir.display().to_string(),
+                    message: format!(
+                        "this data directory belongs to base model version {} but --model {} \
+                         is version {base}; use the original model or another --data-dir",
+                        root.id,
+                        model_dir.display()
+                    ),
+                });
+            }
+        }
+        let dir = versions::version_dir(&config.data_dir, &cur);
+        if !dir.is_dir() {
+            return Err(Error::Config {
+                file: dir.display().to_string(),
+                message: format!(
+                    "the live version {cur} has no directory (restore it from a backup)"
+                ),
+            });
+        }
+        return Ok(dir);
     }
     let (id, path) =
         versions::import_base(&config.data_dir, model_dir).map_err(|e| store_err(&e))?;
@@ -852,9 +880,10 @@ pub fn rollback(
         return Ok((to.to_string(), expected.to_string(), 0));
     }
     let target = td.store.get_version(to).map_err(api_error)?;
+    let dir = versions::version_dir(&td.config.data_dir, &target.id);
     let lm = crate::loader::load_dir(
-        Path::new(&target.path),
-        &target.path,
+        &dir,
+        &dir.display().to_string(),
         live.model.device(),
         DType::F32,
     )?;
@@ -941,4 +970,35 @@ pub fn read_sequences(path: &Path, tk: &crate::tokenizer::Tokenizer) -> Result<V
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundled(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models")
+            .join(name)
+    }
+
+    #[test]
+    fn a_moved_data_dir_still_resolves_and_another_base_model_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let first = tmp.path().join("first");
+        let noise = bundled("tinymem-noise");
+        let dir = resolve_current(&TakedownConfig::new(first.clone()), &noise).unwrap();
+        assert!(dir.starts_with(&first) && dir.join("config.json").is_file());
+        // A restore to another path (the store recorded the old one).
+        let moved = tmp.path().join("restored");
+        std::fs::rename(&first, &moved).unwrap();
+        let cfg = TakedownConfig::new(moved.clone());
+        let dir = resolve_current(&cfg, &noise).unwrap();
+        assert!(dir.starts_with(&moved) && dir.join("config.json").is_file());
+        // The same data dir with a different base model.
+        let err = resolve_current(&cfg, &bundled("tinymem-backdoor"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("belongs to base model"), "{err}");
+    }
 }
