@@ -624,7 +624,13 @@ fn run_job(
         let swap_start = Instant::now();
         let mut report = report;
         report["rejected_candidates"] = json!(tried);
-        let version = publish(state, td, job, &base, &out.model, &report)?;
+        let Some(version) = publish(state, td, job, &base, &out.model, &report)? else {
+            // The live version moved (a rollback) while the job ran: its result edits a
+            // version that is no longer live, so the takedowns go back to the queue and the
+            // next job unlearns them on top of the new live version.
+            tracing::warn!(%job, "the live version changed during the job; re-queued");
+            return Ok(JobEnd::Interrupted);
+        };
         state
             .metrics
             .model_swap_duration
@@ -649,7 +655,8 @@ fn run_job(
 
 /// Writes, reloads and smoke-tests a new version; then, in one store transaction, registers
 /// it, moves the live pointer from `base` to it (compare-and-swap) and marks the job's takedowns
-/// applied; then publishes it in memory.
+/// applied; then publishes it in memory. `None` when the compare-and-swap lost: the live
+/// version is no longer `base` (the new version stays on disk, unreferenced by the pointer).
 fn publish(
     state: &AppState,
     td: &Takedowns,
@@ -657,7 +664,7 @@ fn publish(
     base: &Arc<Served>,
     model: &crate::models::Model,
     report: &Value,
-) -> Result<String> {
+) -> Result<Option<String>> {
     let (id, path) = versions::write_version(&td.config.data_dir, &base.dir, model.named_tensors())
         .map_err(|e| store_err(&e))?;
     let lm = crate::loader::load_dir(
@@ -676,22 +683,25 @@ fn publish(
     }
     let mut report = report.clone();
     report["version"] = json!(id);
-    td.store
-        .promote(
-            job,
-            Some(&base.version),
-            NewVersion {
-                id: id.clone(),
-                parent: Some(base.version.clone()),
-                takedowns: Vec::new(),
-                metrics: report.clone(),
-                path: path.display().to_string(),
-            },
-            &report,
-        )
-        .map_err(|e| store_err(&e))?;
+    let promoted = td.store.promote(
+        job,
+        Some(&base.version),
+        NewVersion {
+            id: id.clone(),
+            parent: Some(base.version.clone()),
+            takedowns: Vec::new(),
+            metrics: report.clone(),
+            path: path.display().to_string(),
+        },
+        &report,
+    );
+    match promoted {
+        Ok(_) => {}
+        Err(crate::takedown::Error::VersionConflict { .. }) => return Ok(None),
+        Err(e) => return Err(store_err(&e)),
+    }
     swap(state, td, base, Arc::new(served), "promote");
-    Ok(id)
+    Ok(Some(id))
 }
 
 /// One forward pass: the weights load and compute finite logits.
@@ -1000,5 +1010,72 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("belongs to base model"), "{err}");
+    }
+
+    use crate::server::auth::Auth;
+    use crate::server::engine::EngineConfig;
+    use crate::server::state::Limits;
+    use crate::takedown::NewTakedown;
+
+    /// The bundled model with every MLP weight scaled by `f`: distinct weights per `f`.
+    fn scaled(model: &crate::models::Model, f: f64) -> crate::models::Model {
+        let w = model.mlp_weights();
+        let w = crate::models::MlpWeights(
+            w.0.iter()
+                .map(|(a, b)| ((a * f).unwrap(), (b * f).unwrap()))
+                .collect(),
+        );
+        model.with_mlp_weights(&w).unwrap()
+    }
+
+    #[test]
+    fn a_job_whose_base_is_no_longer_live_is_not_published() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = TakedownConfig::new(tmp.path().to_path_buf());
+        let noise = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tinymem-noise");
+        let live = resolve_current(&cfg, &noise).unwrap();
+        let lm =
+            crate::loader::load_dir(&live, "live", &candle_core::Device::Cpu, DType::F32).unwrap();
+        let data = Datasets::for_model(&live, None, None, Vec::new()).unwrap();
+        let served = Served::new(lm, None).unwrap();
+        let auth = Auth {
+            api_key: None,
+            admin_key: None,
+            loopback_only: true,
+        };
+        let state = AppState::new(served, EngineConfig::default(), auth, Limits::default())
+            .with_takedowns(Takedowns::open(cfg, data).unwrap());
+        let td = state.takedowns.clone().unwrap();
+        let v0 = state.served();
+        let job = |name: &str| {
+            let new = NewTakedown {
+                sequences: vec![vec![1, 2, 3]],
+                definition: "tinymem".into(),
+                reason: None,
+                requester: None,
+            };
+            let (t, _) = td.store.create(new, None).unwrap();
+            td.store.claim_queued(name, 1).unwrap();
+            td.store.mark_validating(name).unwrap();
+            t.id
+        };
+        let a = job("j1");
+        let v1 = publish(&state, &td, "j1", &v0, &scaled(&v0.model, 0.5), &json!({}))
+            .unwrap()
+            .expect("the first job publishes");
+        assert_eq!(state.served().version, v1);
+        assert_eq!(td.store.get(&a).unwrap().state, State::Applied);
+        // A second job that started on v0 finishes after v1 went live.
+        let b = job("j2");
+        let lost = publish(&state, &td, "j2", &v0, &scaled(&v0.model, 0.25), &json!({})).unwrap();
+        assert_eq!(lost, None);
+        assert_eq!(state.served().version, v1);
+        assert_eq!(
+            td.store.current_version().unwrap().as_deref(),
+            Some(v1.as_str())
+        );
+        assert_eq!(td.store.get(&b).unwrap().state, State::Validating);
+        td.store.requeue_job("j2").unwrap();
+        assert_eq!(td.store.get(&b).unwrap().state, State::Queued);
     }
 }
