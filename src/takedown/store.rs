@@ -31,6 +31,9 @@ use super::{now, random_hex, Error, Result};
 
 /// The database file inside the data directory.
 pub const DB_FILE: &str = "lethe.sqlite3";
+/// Crash interruptions of a takedown's jobs after which it is marked failed, not re-queued.
+pub const MAX_INTERRUPTIONS: i64 = 3;
+
 /// The schema version this code writes (`PRAGMA user_version`).
 pub const SCHEMA_VERSION: i64 = 1;
 /// How long a writer waits for another connection's lock before failing.
@@ -796,6 +799,10 @@ impl Store {
 
     /// At startup: every running or validating takedown (its worker died with the process) goes
     /// back to queued, without job, phase or progress. Returns how many.
+    ///
+    /// A takedown whose jobs were interrupted this way [`MAX_INTERRUPTIONS`] times is marked
+    /// failed instead (it stays guarded): a job that kills the process, e.g. out of memory,
+    /// must not crash-loop it. Graceful interruptions (shutdown, rollback) do not count.
     pub fn requeue_interrupted(&self) -> Result<usize> {
         let mut conn = self.conn();
         let tx = immediate(&mut conn)?;
@@ -815,18 +822,50 @@ impl Store {
             v
         };
         let at = now();
+        let mut requeued = 0;
         for (id, job) in &rows {
-            clear_to_queued(&tx, id, at)?;
-            event(
-                &tx,
-                id,
-                at,
-                State::Queued,
-                &json!({ "reason": "interrupted", "job_id": job }),
-            )?;
+            let before: i64 = tx
+                .query_row(
+                    "SELECT COUNT(*) FROM events WHERE takedown_id = ?1 AND state = ?2 \
+                     AND json_extract(detail, '$.reason') = 'interrupted'",
+                    params![id, State::Queued],
+                    |r| r.get(0),
+                )
+                .map_err(sql("count interruptions"))?;
+            if before + 1 >= MAX_INTERRUPTIONS {
+                let error = format!(
+                    "the process stopped during {} attempts of this takedown's job (a crash or \
+                     a kill, e.g. out of memory); not retried again: check the logs, then \
+                     resubmit it",
+                    before + 1
+                );
+                tx.execute(
+                    "UPDATE takedowns SET state = ?2, error = ?3, job_id = NULL, phase = NULL, \
+                     progress = NULL, eta_seconds = NULL, updated_at = ?4 WHERE id = ?1",
+                    params![id, State::Failed, error, at],
+                )
+                .map_err(sql("mark failed"))?;
+                event(
+                    &tx,
+                    id,
+                    at,
+                    State::Failed,
+                    &json!({ "job_id": job, "error": error }),
+                )?;
+            } else {
+                clear_to_queued(&tx, id, at)?;
+                event(
+                    &tx,
+                    id,
+                    at,
+                    State::Queued,
+                    &json!({ "reason": "interrupted", "job_id": job }),
+                )?;
+                requeued += 1;
+            }
         }
         tx.commit().map_err(sql("commit requeue"))?;
-        Ok(rows.len())
+        Ok(requeued)
     }
 
     /// Rollback of `version`: the takedowns it applied go back to queued (version, job, report
@@ -1704,6 +1743,31 @@ mod tests {
             .map(|t| t.id)
             .collect();
         assert_eq!(again, vec![a, b, c]);
+    }
+
+    #[test]
+    fn a_takedown_whose_jobs_keep_dying_with_the_process_fails_after_max_interruptions() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let poison = s.create(new_td(vec![vec![1]]), None).unwrap().0.id;
+        // Graceful requeues (shutdown, lost publish) do not count.
+        s.claim_queued("g", 1).unwrap();
+        s.requeue_job("g").unwrap();
+        for round in 1..=MAX_INTERRUPTIONS {
+            s.claim_queued(&format!("j{round}"), 1).unwrap();
+            // The process dies; the next start recovers.
+            let requeued = s.requeue_interrupted().unwrap();
+            let td = s.get(&poison).unwrap();
+            if round < MAX_INTERRUPTIONS {
+                assert_eq!((requeued, td.state), (1, State::Queued), "round {round}");
+            } else {
+                assert_eq!((requeued, td.state), (0, State::Failed));
+                assert!(td.error.unwrap().contains("3 attempts"));
+            }
+        }
+        // It stays guarded, and nothing is left to claim.
+        assert_eq!(s.sequences_to_guard().unwrap(), vec![vec![1]]);
+        assert!(s.claim_queued("k", 1).unwrap().is_empty());
     }
 
     #[test]
