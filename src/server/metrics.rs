@@ -4,6 +4,7 @@
 //! counters, `_info` for metadata gauges. Labels are bounded: route templates, methods, status
 //! codes, outcomes; never prompts, ids or sequences.
 
+pub use prometheus::proto::MetricType;
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -228,6 +229,29 @@ impl Metrics {
         ]
     }
 
+    /// Every metric of [`Metrics`] as (name, type, label names), whether or not it has a sample
+    /// yet (a labelled metric has none until a label value is first used). Deployment configs
+    /// (dashboards, alert rules) are checked against this in `tests/server/deploy.rs`. Collectors
+    /// added later through [`Metrics::register`] are not listed.
+    pub fn catalog(&self) -> Vec<(String, MetricType, Vec<String>)> {
+        let mut out = Vec::new();
+        for c in self.collectors() {
+            let labels: Vec<String> = c
+                .desc()
+                .first()
+                .map(|d| d.variable_labels.clone())
+                .unwrap_or_default();
+            for family in c.collect() {
+                out.push((
+                    family.name().to_string(),
+                    family.get_field_type(),
+                    labels.clone(),
+                ));
+            }
+        }
+        out
+    }
+
     /// Registers another collector (later subsystems add their own metrics).
     pub fn register(&self, c: Box<dyn prometheus::core::Collector>) {
         self.registry.register(c).expect("metric names are unique");
@@ -294,5 +318,33 @@ mod tests {
         assert!(text.contains(r#"lethe_model_info{architecture="gpt2",version="abc"} 1"#));
         m.set_model("def", "gpt2");
         assert!(!m.render().contains(r#"version="abc""#));
+    }
+
+    #[test]
+    fn the_catalog_lists_every_metric_with_its_type_and_labels() {
+        let m = Metrics::new();
+        let catalog = m.catalog();
+        assert_eq!(catalog.len(), m.collectors().len());
+        let find = |n: &str| catalog.iter().find(|(name, ..)| name == n).unwrap();
+        // Labelled metrics with no sample yet are listed too.
+        let takedowns = find("lethe_takedowns");
+        assert_eq!(takedowns.1, MetricType::GAUGE);
+        assert_eq!(takedowns.2, ["state"]);
+        let latency = find("lethe_request_duration_seconds");
+        assert_eq!(latency.1, MetricType::HISTOGRAM);
+        assert_eq!(latency.2, ["route", "method", "status"]);
+        assert_eq!(find("lethe_guard_blocks_total").1, MetricType::COUNTER);
+        // Every metric with a sample renders with the type the catalog gives.
+        m.set_model("abc", "gpt2");
+        let text = m.render();
+        for (name, ty, _) in &catalog {
+            let ty = format!("{ty:?}").to_lowercase();
+            if text.contains(&format!("# TYPE {name} ")) {
+                assert!(
+                    text.contains(&format!("# TYPE {name} {ty}\n")),
+                    "{name} {ty}"
+                );
+            }
+        }
     }
 }

@@ -826,4 +826,5 @@ async fn serves_over_a_real_socket_on_port_0() {
     assert!(stream.contains("data: [DONE]"), "{stream}");
     handle.stop(true).await;
 }
+mod deploy;
 mod takedowns;
