@@ -33,6 +33,7 @@ pub struct Metrics {
     pub model_swap_duration: Histogram,
     pub model_version_info: IntGaugeVec,
     pub guard_blocks: IntCounter,
+    pub ready: IntGauge,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -174,8 +175,14 @@ impl Metrics {
             "Completions cut by the regurgitation guard (finish_reason content_filter)",
         )
         .expect("valid metric");
+        let ready = IntGauge::new(
+            "lethe_ready",
+            "1 when the engine answered the readiness probe of /readyz (run at every scrape), else 0",
+        )
+        .expect("valid metric");
         let m = Self {
             registry,
+            ready,
             memorization_ratio,
             perplexity,
             perplexity_drift,
@@ -226,6 +233,7 @@ impl Metrics {
             Box::new(self.model_swap_duration.clone()),
             Box::new(self.model_version_info.clone()),
             Box::new(self.guard_blocks.clone()),
+            Box::new(self.ready.clone()),
         ]
     }
 
@@ -312,6 +320,7 @@ mod tests {
             "lethe_model_swap_duration_seconds",
             "lethe_model_version_info",
             "lethe_guard_blocks_total",
+            "lethe_ready",
         ] {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
         }

@@ -659,6 +659,8 @@ async fn a_real_prometheus_with_the_compose_config_scrapes_lethe_and_loads_the_a
             &log,
         );
         let up = query_until(&prom_addr, r#"up{job="lethe"}"#, deadline, &log);
+        let ready = query_until(&prom_addr, "lethe_ready", deadline, &log);
+        assert_eq!(ready[0]["value"][1], "1", "{ready:?}");
         // Every alert rule is loaded and has been evaluated without error.
         let loaded = loop {
             let (_, v) = prom_get(&prom_addr, "/api/v1/rules?type=alert").unwrap();

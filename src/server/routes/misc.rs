@@ -107,10 +107,17 @@ pub async fn livez() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
 }
 
+/// Whether the engine answers a probe within 2 s; recorded as `lethe_ready`.
+async fn probe_ready(state: &AppState) -> bool {
+    let ready = state.engine.probe(Duration::from_secs(2)).await;
+    state.metrics.ready.set(i64::from(ready));
+    ready
+}
+
 /// Readiness: a model is loaded and the engine thread answers a probe.
 pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let s = state.served();
-    if state.engine.probe(Duration::from_secs(2)).await {
+    if probe_ready(&state).await {
         Ok(HttpResponse::Ok().json(serde_json::json!({
             "status": "ready",
             "model": s.name,
@@ -123,7 +130,9 @@ pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError
     }
 }
 
+/// The exposition; readiness is probed first so `lethe_ready` is current at every scrape.
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    probe_ready(&state).await;
     HttpResponse::Ok()
         .insert_header((header::CONTENT_TYPE, prometheus::TEXT_FORMAT))
         .body(state.metrics.render())
