@@ -175,3 +175,22 @@ pub fn audit_bench(a: AuditBenchArgs) -> anyhow::Result<()> {
     println!("{v}");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::token_rows;
+
+    /// `bench/infer_torch.py` rebuilds these rows for the transformers peer; the values were
+    /// printed by its `token_rows`, so the two sides score and audit the same ids.
+    #[test]
+    fn token_rows_match_the_python_peer() {
+        assert_eq!(
+            token_rows(2, |_| 4, 3, 50304),
+            vec![
+                vec![16407, 12445, 18716, 46183],
+                vec![30969, 45505, 8796, 38906]
+            ]
+        );
+        assert_eq!(token_rows(1, |_| 6, 2, 14), vec![vec![3, 9, 6, 2, 9, 2]]);
+    }
+}
