@@ -75,15 +75,17 @@ def rows(quick: bool) -> list[dict]:
     steps = ["--steps", "2", "--warmup", "1"] if q else ["--steps", "10", "--warmup", "2"]
     return [
         decode("decode TinyMem, batch 1", TINYMEM, 1, 8 if q else 100, 1 if q else 3),
-        decode("decode TinyMem, batch 32", TINYMEM, 4 if q else 32, 8 if q else 100, 1 if q else 2),
+        decode(f"decode TinyMem, batch {4 if q else 32}", TINYMEM, 4 if q else 32, 8 if q else 100, 1 if q else 2),
         decode("decode Pythia-70m shape, batch 1", PYTHIA, 1, 4 if q else 32, 1),
-        decode("decode Pythia-70m shape, batch 32", PYTHIA, 4 if q else 32, 4 if q else 16, 1),
-        score("score TinyMem (150-token rows, batch 32)", TINYMEM, 8 if q else 32, 16 if q else 64,
+        decode(f"decode Pythia-70m shape, batch {4 if q else 32}", PYTHIA, 4 if q else 32, 4 if q else 16, 1),
+        score(f"score TinyMem ({32 if q else 150}-token rows, batch {8 if q else 32})", TINYMEM,
+              8 if q else 32, 16 if q else 64,
               32 if q else 150, 1 if q else 2),
-        score("score Pythia-70m shape (128-token rows, batch 8)", PYTHIA, 2 if q else 8,
+        score(f"score Pythia-70m shape ({16 if q else 128}-token rows, batch {2 if q else 8})",
+              PYTHIA, 2 if q else 8,
               2 if q else 8, 16 if q else 128, 1),
         dict(
-            name="audit TinyMem (64 sequences, 50+50 tokens, batch 64)", key="sequences_per_second",
+            name=f"audit TinyMem ({16 if q else 64} sequences, 50+50 tokens, batch {8 if q else 64})", key="sequences_per_second",
             unit="sequences/s", higher_better=True, check="audit",
             lethe=["bench", "audit", "--model", TINYMEM, *audit_args, "--json"],
             peer=["bench/infer_torch.py", "audit", "--model", TINYMEM, *audit_args],
