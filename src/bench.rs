@@ -1,6 +1,7 @@
 //! `lethe bench …`: measurements behind `docs/benchmarks.md`. Not tests: they are run by hand,
 //! print one JSON object, and report medians of several timed runs after a warm-up.
 
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -14,8 +15,10 @@ use crate::models::{fused, gpt2, gpt_neox, ops, Inputs, Model, ModelConfig, Weig
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
-    /// Greedy decode throughput on a random-weight model of a given shape.
+    /// Greedy decode throughput on a random-weight model of a given shape, or on `--model`.
     Decode(DecodeArgs),
+    /// Scoring throughput (teacher-forced log-likelihood of full sequences, batched).
+    Score(ScoreBenchArgs),
     /// Training-step throughput (forward + `lm_loss` + backward + AdamW) on a TinyMem-shaped
     /// GPT-2 initialised from scratch.
     Train(TrainArgs),
@@ -53,6 +56,10 @@ pub enum Shape {
 pub struct DecodeArgs {
     #[arg(long, value_enum, default_value = "tinymem")]
     pub shape: Shape,
+    /// Model directory (config.json, model.safetensors, tokenizer.json) whose weights replace
+    /// the random ones; `--shape` is then ignored.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
     /// Sequences decoded together.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
@@ -62,6 +69,30 @@ pub struct DecodeArgs {
     /// New tokens per sequence.
     #[arg(long, default_value_t = 100)]
     pub new_tokens: usize,
+    /// Timed runs (after one warm-up); the median is reported.
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Print JSON (the only output format; accepted for symmetry with other commands).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ScoreBenchArgs {
+    #[arg(long, value_enum, default_value = "tinymem")]
+    pub shape: Shape,
+    /// Model directory whose weights replace the random ones; `--shape` is then ignored.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Sequences scored per run (pseudo-random ids, `bench_unlearn::token_rows` seed 3).
+    #[arg(long, default_value_t = 256)]
+    pub sequences: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 150)]
+    pub seq_len: usize,
     /// Timed runs (after one warm-up); the median is reported.
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
@@ -98,6 +129,7 @@ pub struct TrainArgs {
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Decode(a) => decode(a),
+        BenchCommand::Score(a) => score(a),
         BenchCommand::Train(a) => train(a),
         BenchCommand::Unlearn(a) => crate::bench_unlearn::unlearn(a),
         BenchCommand::Audit(a) => crate::bench_unlearn::audit_bench(a),
@@ -168,6 +200,25 @@ pub fn random_model(config: &ModelConfig, device: &Device) -> anyhow::Result<Mod
         .map(|(n, t)| (n.clone(), t.detach()))
         .collect();
     Ok(Model::new(config, &Weights::from_tensors(map, "random"))?)
+}
+
+/// The model a benchmark runs: the weights in `dir` when given, else random weights of `shape`.
+pub(crate) fn bench_model(shape: Shape, dir: Option<&Path>) -> anyhow::Result<Model> {
+    match dir {
+        Some(dir) => {
+            let source = dir.display().to_string();
+            Ok(crate::loader::load_dir(dir, &source, &Device::Cpu, DType::F32)?.model)
+        }
+        None => random_model(&shape_config(shape), &Device::Cpu),
+    }
+}
+
+/// The label a benchmark's JSON gives its model: the directory, else the shape.
+fn model_label(shape: Shape, dir: Option<&Path>) -> String {
+    dir.map_or_else(
+        || format!("{shape:?}").to_lowercase(),
+        |d| d.display().to_string(),
+    )
 }
 
 pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
@@ -304,9 +355,9 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
 }
 
 fn decode(a: DecodeArgs) -> anyhow::Result<()> {
-    let config = shape_config(a.shape);
-    let model = random_model(&config, &Device::Cpu)?;
+    let model = bench_model(a.shape, a.model.as_deref())?;
     let spec = model.spec();
+    // The prompts `bench/infer_torch.py` rebuilds: row b, position i -> (7b + 3i) mod (vocab - 1).
     let reqs: Vec<GenerateRequest> = (0..a.batch)
         .map(|b| {
             let prompt = (0..a.prompt_tokens)
@@ -319,6 +370,7 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
         .collect();
     engine::generate(&model, None, &reqs)?;
     let mut times = Vec::new();
+    let mut first_row = Vec::new();
     for _ in 0..a.runs.max(1) {
         let t = Instant::now();
         let out = engine::generate(&model, None, &reqs)?;
@@ -327,18 +379,54 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
             out.iter().all(|g| g.tokens.len() == a.new_tokens),
             "short generation"
         );
+        first_row = out[0].tokens.clone();
     }
     let secs = median(times.clone());
     let tokens = (a.batch * a.new_tokens) as f64;
     let v = serde_json::json!({
         "benchmark": "decode",
-        "shape": format!("{:?}", a.shape).to_lowercase(),
+        "implementation": "lethe",
+        "shape": model_label(a.shape, a.model.as_deref()),
         "batch": a.batch,
         "prompt_tokens": a.prompt_tokens,
         "new_tokens": a.new_tokens,
         "runs": times.len(),
         "median_seconds": secs,
         "tokens_per_second": tokens / secs,
+        "first_row_tokens": first_row,
+        "threads": std::env::var("RAYON_NUM_THREADS").ok(),
+    });
+    println!("{v}");
+    Ok(())
+}
+
+/// Scoring throughput: `sequences` × `seq_len` tokens through `engine::score`, `batch` rows per
+/// forward. `tokens_per_second` counts every token of every sequence.
+fn score(a: ScoreBenchArgs) -> anyhow::Result<()> {
+    let model = bench_model(a.shape, a.model.as_deref())?;
+    let vocab = model.spec().vocab_size as u64;
+    let seqs = crate::bench_unlearn::token_rows(a.sequences, |_| a.seq_len, 3, vocab);
+    engine::score(&model, &seqs, a.batch)?;
+    let mut times = Vec::new();
+    let mut nll = 0.0;
+    for _ in 0..a.runs.max(1) {
+        let t = Instant::now();
+        let out = engine::score(&model, &seqs, a.batch)?;
+        times.push(t.elapsed().as_secs_f64());
+        nll = out.iter().map(|s| s.nll).sum::<f64>() / out.len().max(1) as f64;
+    }
+    let secs = median(times.clone());
+    let v = serde_json::json!({
+        "benchmark": "score",
+        "implementation": "lethe",
+        "shape": model_label(a.shape, a.model.as_deref()),
+        "batch": a.batch,
+        "sequences": a.sequences,
+        "seq_len": a.seq_len,
+        "runs": times.len(),
+        "median_seconds": secs,
+        "tokens_per_second": (a.sequences * a.seq_len) as f64 / secs,
+        "mean_nll": nll,
         "threads": std::env::var("RAYON_NUM_THREADS").ok(),
     });
     println!("{v}");

@@ -1,13 +1,15 @@
 //! `lethe bench unlearn` and `lethe bench audit`: the BalancedSubnet step and audit throughput
-//! on a TinyMem-shaped model (4 layers, 128 wide, vocab 14, 150 tokens), random weights.
+//! on a TinyMem-shaped model (4 layers, 128 wide, vocab 14, 150 tokens), random weights (the
+//! audit can load real ones with `--model`).
 
+use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::Device;
 use clap::Args;
 
 use crate::audit::{self, AuditItem};
-use crate::bench::{median, random_model, shape_config, Shape};
+use crate::bench::{bench_model, median, random_model, shape_config, Shape};
 use crate::optim::{Sgd, SgdParams};
 use crate::unlearn::mask::Scores;
 use crate::unlearn::Example;
@@ -34,6 +36,9 @@ pub struct UnlearnBenchArgs {
 
 #[derive(Debug, Args)]
 pub struct AuditBenchArgs {
+    /// Model directory whose weights replace the random TinyMem-shaped ones.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
     /// Sequences per audit batch.
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
@@ -49,6 +54,17 @@ pub struct AuditBenchArgs {
 
 /// `n` rows of pseudo-random TinyMem token ids (xorshift, seeded); row `r` has `len(r)` tokens.
 pub(crate) fn rows(n: usize, len: impl Fn(usize) -> usize, seed: u64) -> Vec<Vec<u32>> {
+    token_rows(n, len, seed, 14)
+}
+
+/// `n` rows of pseudo-random ids below `vocab` (xorshift64, seeded; `bench/infer_torch.py`
+/// rebuilds the same rows); row `r` has `len(r)` tokens.
+pub(crate) fn token_rows(
+    n: usize,
+    len: impl Fn(usize) -> usize,
+    seed: u64,
+    vocab: u64,
+) -> Vec<Vec<u32>> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
         .map(|r| {
@@ -57,7 +73,7 @@ pub(crate) fn rows(n: usize, len: impl Fn(usize) -> usize, seed: u64) -> Vec<Vec
                     s ^= s << 13;
                     s ^= s >> 7;
                     s ^= s << 17;
-                    (s % 14) as u32
+                    (s % vocab) as u32
                 })
                 .collect()
         })
@@ -122,7 +138,10 @@ pub fn unlearn(a: UnlearnBenchArgs) -> anyhow::Result<()> {
 
 /// Audit throughput: the `tinymem` definition (50-token prompt, 50 compared), batched.
 pub fn audit_bench(a: AuditBenchArgs) -> anyhow::Result<()> {
-    let model = tinymem(4)?;
+    let model = match &a.model {
+        Some(dir) => bench_model(Shape::Tinymem, Some(dir))?,
+        None => tinymem(4)?,
+    };
     let items: Vec<AuditItem> = rows(a.sequences, |_| 100, 2)
         .into_iter()
         .map(|r| AuditItem {
@@ -132,22 +151,46 @@ pub fn audit_bench(a: AuditBenchArgs) -> anyhow::Result<()> {
         .collect();
     audit::audit(&model, None, &items, a.batch)?;
     let mut times = Vec::new();
+    let mut memorized = 0;
     for _ in 0..a.runs.max(1) {
         let t = Instant::now();
-        audit::audit(&model, None, &items, a.batch)?;
+        let (_, summary) = audit::audit(&model, None, &items, a.batch)?;
         times.push(t.elapsed().as_secs_f64());
+        memorized = summary.memorized;
     }
     let secs = median(times.clone());
     let v = serde_json::json!({
         "benchmark": "audit",
+        "implementation": "lethe",
+        "model": a.model.as_ref().map(|d| d.display().to_string()),
         "definition": "tinymem",
         "batch": a.batch,
         "sequences": a.sequences,
         "runs": times.len(),
         "median_seconds": secs,
         "sequences_per_second": a.sequences as f64 / secs,
+        "memorized": memorized,
         "threads": std::env::var("RAYON_NUM_THREADS").ok(),
     });
     println!("{v}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token_rows;
+
+    /// `bench/infer_torch.py` rebuilds these rows for the transformers peer; the values were
+    /// printed by its `token_rows`, so the two sides score and audit the same ids.
+    #[test]
+    fn token_rows_match_the_python_peer() {
+        assert_eq!(
+            token_rows(2, |_| 4, 3, 50304),
+            vec![
+                vec![16407, 12445, 18716, 46183],
+                vec![30969, 45505, 8796, 38906]
+            ]
+        );
+        assert_eq!(token_rows(1, |_| 6, 2, 14), vec![vec![3, 9, 6, 2, 9, 2]]);
+    }
 }

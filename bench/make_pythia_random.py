@@ -1,0 +1,79 @@
+"""Writes a Pythia-70m-shaped GPT-NeoX with random weights in Hugging Face format, for the peer
+benchmarks (`bench/peer.py`). Nothing is downloaded.
+
+    .venv/bin/python bench/make_pythia_random.py target/bench-models/pythia70m-random
+
+The config is EleutherAI/pythia-70m's (6 layers, hidden 512, 8 heads, MLP 2048, vocab 50304,
+rotary_pct 0.25, base 10000, parallel residual, max positions 2048, exact GELU, untied head,
+bos = eos = 0), typed in here. The weights are transformers' own initialisation
+(`initializer_range` 0.02) under `torch.manual_seed(seed)`. The directory gets `config.json`
+(with the legacy keys `rotary_pct` / `rotary_emb_base` and `torch_dtype` added, as
+tests/fixtures/make_fixtures.py does), `model.safetensors`, and a `tokenizer.json` (lethe's
+loader requires one; the benchmarks feed token ids, so it is a WordLevel tokenizer over the
+vocabulary's placeholder names `t0` … `t50303`). An existing directory written with the same
+seed is left alone.
+"""
+
+import argparse
+import json
+import os
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+VOCAB = 50304
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out_dir")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    stamp = os.path.join(a.out_dir, "lethe_bench_seed.json")
+    if os.path.isfile(stamp) and json.load(open(stamp)) == {"seed": a.seed}:
+        print(f"{a.out_dir}: up to date")
+        return
+    os.makedirs(a.out_dir, exist_ok=True)
+    torch.manual_seed(a.seed)
+    cfg = GPTNeoXConfig(
+        vocab_size=VOCAB,
+        hidden_size=512,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        intermediate_size=2048,
+        hidden_act="gelu",
+        rotary_pct=0.25,
+        rotary_emb_base=10000,
+        max_position_embeddings=2048,
+        initializer_range=0.02,
+        layer_norm_eps=1e-5,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = GPTNeoXForCausalLM(cfg).float().eval()
+    model.config.dtype = torch.float32
+    model.save_pretrained(a.out_dir, safe_serialization=True)
+    cfg_path = os.path.join(a.out_dir, "config.json")
+    with open(cfg_path) as f:
+        cfg_json = json.load(f)
+    for k, v in {"rotary_pct": 0.25, "rotary_emb_base": 10000, "torch_dtype": "float32"}.items():
+        cfg_json.setdefault(k, v)
+    with open(cfg_path, "w") as f:
+        json.dump(dict(sorted(cfg_json.items())), f, indent=2)
+        f.write("\n")
+    tok = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(os.path.join(a.out_dir, "tokenizer.json"))
+    n = sum(p.numel() for p in model.parameters())
+    with open(stamp, "w") as f:
+        json.dump({"seed": a.seed}, f)
+    print(f"{a.out_dir}: {n / 1e6:.1f} M parameters, seed {a.seed}")
+
+
+if __name__ == "__main__":
+    main()
