@@ -65,6 +65,9 @@ pub struct DecodeArgs {
     /// Timed runs (after one warm-up); the median is reported.
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Print JSON (the only output format; accepted for symmetry with other commands).
     #[arg(long)]
     pub json: bool,
@@ -90,6 +93,9 @@ pub struct TrainArgs {
     /// Seed of the token ids and of nothing else (the weights use candle's own RNG).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Print JSON (the only output format; accepted for symmetry with other commands).
     #[arg(long)]
     pub json: bool,
@@ -195,8 +201,11 @@ fn train_step(model: &Model, opt: &mut AdamW, inputs: &Inputs) -> anyhow::Result
     let loss_value = loss.to_scalar::<f32>()?;
     let t1 = Instant::now();
     let grads = loss.backward()?;
+    // GPU kernels run asynchronously: wait for them so each phase is timed (a no-op on the CPU).
+    inputs.ids.device().synchronize()?;
     let t2 = Instant::now();
     opt.step(&grads)?;
+    inputs.ids.device().synchronize()?;
     let t3 = Instant::now();
     Ok(StepTimes {
         forward: (t1 - t0).as_secs_f64(),
@@ -220,7 +229,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
     );
     c.n_layer = a.layers;
     let vocab = c.vocab_size as u32;
-    let device = Device::Cpu;
+    let device = crate::runtime::parse_device(&a.device)?;
     let weights = Weights::init(DType::F32, &device);
     let model = Model::new(&config, &weights)?;
     let vars = weights.varmap().map(|v| v.all_vars()).unwrap_or_default();
@@ -268,6 +277,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
     let time_forward = || -> anyhow::Result<f64> {
         let t = Instant::now();
         frozen.forward(&inputs, None, None)?;
+        device.synchronize()?;
         Ok(t.elapsed().as_secs_f64())
     };
     let mut infer = Vec::new();
@@ -295,6 +305,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         "optimizer_seconds": phase(|s| s.optimizer),
         "inference_forward_seconds": median(infer),
         "inference_forward_reference_seconds": median(infer_ref),
+        "device": a.device,
         "first_loss": first_loss,
         "last_loss": steps.last().map(|(_, s)| s.loss),
         "threads": std::env::var("RAYON_NUM_THREADS").ok(),
@@ -305,7 +316,8 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
 
 fn decode(a: DecodeArgs) -> anyhow::Result<()> {
     let config = shape_config(a.shape);
-    let model = random_model(&config, &Device::Cpu)?;
+    let device = crate::runtime::parse_device(&a.device)?;
+    let model = random_model(&config, &device)?;
     let spec = model.spec();
     let reqs: Vec<GenerateRequest> = (0..a.batch)
         .map(|b| {
@@ -336,6 +348,7 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
         "batch": a.batch,
         "prompt_tokens": a.prompt_tokens,
         "new_tokens": a.new_tokens,
+        "device": a.device,
         "runs": times.len(),
         "median_seconds": secs,
         "tokens_per_second": tokens / secs,
