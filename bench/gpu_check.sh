@@ -3,6 +3,8 @@
 # in all, the build included). Run from the repository root:
 #
 #   bash bench/gpu_check.sh            # everything goes under $OUT (default ./gpu-out)
+#   bash bench/gpu_check.sh build      # env + build only (a first device call, <= 10 min)
+#   bash bench/gpu_check.sh check      # then everything else on the warm machine (target/ kept)
 #
 # Steps, each timed, each failing fast (the first failure stops the script and prints the tail
 # of its log):
@@ -20,6 +22,14 @@
 # wheel venv of scripts/cuda-toolchain.sh already installed), Rust (cargo) and curl; it cannot
 # download anything, so a missing one stops the check in the `env` step.
 set -euo pipefail
+PHASE="${1:-all}"
+case "$PHASE" in
+    all | build | check) ;;
+    *)
+        echo "usage: $0 [all|build|check]" >&2
+        exit 64
+        ;;
+esac
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-$PWD/gpu-out}"
@@ -106,7 +116,14 @@ note "env: ok (see $OUT/env.txt)"
 # --- build + tests -----------------------------------------------------------------------------
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 if [ -z "${LETHE_BIN:-}" ]; then
-    step build 480 cargo build --release --locked --features cuda -j "$JOBS"
+    if [ "$PHASE" != check ]; then
+        step build 480 cargo build --release --locked --features cuda -j "$JOBS"
+        step build-tests 300 cargo test --release --locked --features cuda -j "$JOBS" --lib --no-run
+    fi
+    if [ "$PHASE" = build ]; then
+        note "build phase done in $(($(date +%s) - T0))s"
+        exit 0
+    fi
     LETHE_BIN="$CARGO_TARGET_DIR/release/lethe"
     step tests 240 cargo test --release --locked --features cuda -j "$JOBS" --lib \
         -- --nocapture --test-threads 1 cuda_tests runtime::tests
