@@ -44,7 +44,9 @@ _lethe_cuda_main() {
     if [ ! -x "$venv/bin/python" ]; then
         "$py" -m venv "$venv" || return 1
     fi
-    if ! "$venv/bin/python" -m pip show nvidia-cuda-nvcc 2>/dev/null | grep -q '^Version: 13.0.88$'; then
+    local have
+    have="$("$venv/bin/python" -m pip freeze 2>/dev/null | sed -n 's/^nvidia-\(cuda-nvcc\|cublas\)==/\1=/p' | sort | tr '\n' ' ')"
+    if [ "$have" != "cublas=13.0.2.14 cuda-nvcc=13.0.88 " ]; then
         echo "cuda-toolchain: installing CUDA 13.0 wheels into $venv" >&2
         "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${wheels[@]}" >&2 ||
             return 1
