@@ -9,7 +9,8 @@
 # Steps, each timed, each failing fast (the first failure stops the script and prints the tail
 # of its log):
 #   env     nvidia-smi, nvcc, cargo; picks CUDA_COMPUTE_CAP from the GPU (default 90)
-#   build   cargo build --release --locked --features cuda (and the lib's test binary)
+#   build   cargo test --release --locked --features cuda --lib --test cli --no-run: the lib's
+#           test binary and the release binary (target/release/lethe) from one feature set
 #   tests   the CPU-vs-CUDA agreement tests (src/cuda_tests.rs) and the device parser's test
 #   bench   lethe bench decode / unlearn / audit on cuda:0 (decode also on the CPU, to compare)
 #   serve   lethe serve --device cuda:0 on the bundled model: one completion, one audit, one
@@ -117,8 +118,16 @@ note "env: ok (see $OUT/env.txt)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 if [ -z "${LETHE_BIN:-}" ]; then
     if [ "$PHASE" != check ]; then
-        step build 480 cargo build --release --locked --features cuda -j "$JOBS"
-        step build-tests 300 cargo test --release --locked --features cuda -j "$JOBS" --lib --no-run
+        # One cargo command line for everything: `cargo build` and `cargo test` unify features
+        # differently (dev-dependencies), which gives candle-kernels' build script a new hash and
+        # runs nvcc all over again. Selecting an integration test (tests/cli.rs) makes cargo build
+        # the real binary too (target/release/lethe), with the test features.
+        step build 540 cargo test --release --locked --features cuda -j "$JOBS" \
+            --lib --test cli --no-run
+        [ -x "$CARGO_TARGET_DIR/release/lethe" ] || {
+            note "build: no $CARGO_TARGET_DIR/release/lethe"
+            exit 1
+        }
     fi
     if [ "$PHASE" = build ]; then
         note "build phase done in $(($(date +%s) - T0))s"
