@@ -72,6 +72,9 @@ pub struct DecodeArgs {
     /// Timed runs (after one warm-up); the median is reported.
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Print JSON (the only output format; accepted for symmetry with other commands).
     #[arg(long)]
     pub json: bool,
@@ -96,6 +99,9 @@ pub struct ScoreBenchArgs {
     /// Timed runs (after one warm-up); the median is reported.
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Print JSON (the only output format; accepted for symmetry with other commands).
     #[arg(long)]
     pub json: bool,
@@ -121,6 +127,9 @@ pub struct TrainArgs {
     /// Seed of the token ids and of nothing else (the weights use candle's own RNG).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Print JSON (the only output format; accepted for symmetry with other commands).
     #[arg(long)]
     pub json: bool,
@@ -203,13 +212,17 @@ pub fn random_model(config: &ModelConfig, device: &Device) -> anyhow::Result<Mod
 }
 
 /// The model a benchmark runs: the weights in `dir` when given, else random weights of `shape`.
-pub(crate) fn bench_model(shape: Shape, dir: Option<&Path>) -> anyhow::Result<Model> {
+pub(crate) fn bench_model(
+    shape: Shape,
+    dir: Option<&Path>,
+    device: &Device,
+) -> anyhow::Result<Model> {
     match dir {
         Some(dir) => {
             let source = dir.display().to_string();
-            Ok(crate::loader::load_dir(dir, &source, &Device::Cpu, DType::F32)?.model)
+            Ok(crate::loader::load_dir(dir, &source, device, DType::F32)?.model)
         }
-        None => random_model(&shape_config(shape), &Device::Cpu),
+        None => random_model(&shape_config(shape), device),
     }
 }
 
@@ -246,8 +259,11 @@ fn train_step(model: &Model, opt: &mut AdamW, inputs: &Inputs) -> anyhow::Result
     let loss_value = loss.to_scalar::<f32>()?;
     let t1 = Instant::now();
     let grads = loss.backward()?;
+    // GPU kernels run asynchronously: wait for them so each phase is timed (a no-op on the CPU).
+    inputs.ids.device().synchronize()?;
     let t2 = Instant::now();
     opt.step(&grads)?;
+    inputs.ids.device().synchronize()?;
     let t3 = Instant::now();
     Ok(StepTimes {
         forward: (t1 - t0).as_secs_f64(),
@@ -271,7 +287,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
     );
     c.n_layer = a.layers;
     let vocab = c.vocab_size as u32;
-    let device = Device::Cpu;
+    let device = crate::runtime::parse_device(&a.device)?;
     let weights = Weights::init(DType::F32, &device);
     let model = Model::new(&config, &weights)?;
     let vars = weights.varmap().map(|v| v.all_vars()).unwrap_or_default();
@@ -319,6 +335,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
     let time_forward = || -> anyhow::Result<f64> {
         let t = Instant::now();
         frozen.forward(&inputs, None, None)?;
+        device.synchronize()?;
         Ok(t.elapsed().as_secs_f64())
     };
     let mut infer = Vec::new();
@@ -346,6 +363,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         "optimizer_seconds": phase(|s| s.optimizer),
         "inference_forward_seconds": median(infer),
         "inference_forward_reference_seconds": median(infer_ref),
+        "device": a.device,
         "first_loss": first_loss,
         "last_loss": steps.last().map(|(_, s)| s.loss),
         "threads": std::env::var("RAYON_NUM_THREADS").ok(),
@@ -355,7 +373,8 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
 }
 
 fn decode(a: DecodeArgs) -> anyhow::Result<()> {
-    let model = bench_model(a.shape, a.model.as_deref())?;
+    let device = crate::runtime::parse_device(&a.device)?;
+    let model = bench_model(a.shape, a.model.as_deref(), &device)?;
     let spec = model.spec();
     // The prompts `bench/infer_torch.py` rebuilds: row b, position i -> (7b + 3i) mod (vocab - 1).
     let reqs: Vec<GenerateRequest> = (0..a.batch)
@@ -390,6 +409,7 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
         "batch": a.batch,
         "prompt_tokens": a.prompt_tokens,
         "new_tokens": a.new_tokens,
+        "device": a.device,
         "runs": times.len(),
         "median_seconds": secs,
         "tokens_per_second": tokens / secs,
@@ -403,7 +423,9 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
 /// Scoring throughput: `sequences` × `seq_len` tokens through `engine::score`, `batch` rows per
 /// forward. `tokens_per_second` counts every token of every sequence.
 fn score(a: ScoreBenchArgs) -> anyhow::Result<()> {
-    let model = bench_model(a.shape, a.model.as_deref())?;
+    // Scores come back to the host, so each timed call ends with the device's work done.
+    let device = crate::runtime::parse_device(&a.device)?;
+    let model = bench_model(a.shape, a.model.as_deref(), &device)?;
     let vocab = model.spec().vocab_size as u64;
     let seqs = crate::bench_unlearn::token_rows(a.sequences, |_| a.seq_len, 3, vocab);
     engine::score(&model, &seqs, a.batch)?;
@@ -423,6 +445,7 @@ fn score(a: ScoreBenchArgs) -> anyhow::Result<()> {
         "batch": a.batch,
         "sequences": a.sequences,
         "seq_len": a.seq_len,
+        "device": a.device,
         "runs": times.len(),
         "median_seconds": secs,
         "tokens_per_second": (a.sequences * a.seq_len) as f64 / secs,

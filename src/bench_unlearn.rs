@@ -29,6 +29,9 @@ pub struct UnlearnBenchArgs {
     pub steps: usize,
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Accepted for symmetry; the output is JSON.
     #[arg(long)]
     pub json: bool,
@@ -47,6 +50,9 @@ pub struct AuditBenchArgs {
     pub sequences: usize,
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Accepted for symmetry; the output is JSON.
     #[arg(long)]
     pub json: bool,
@@ -80,17 +86,18 @@ pub(crate) fn token_rows(
         .collect()
 }
 
-fn tinymem(layers: usize) -> anyhow::Result<crate::models::Model> {
+fn tinymem(layers: usize, device: &Device) -> anyhow::Result<crate::models::Model> {
     let mut config = shape_config(Shape::Tinymem);
     if let crate::models::ModelConfig::Gpt2(c) = &mut config {
         c.n_layer = layers;
     }
-    random_model(&config, &Device::Cpu)
+    random_model(&config, device)
 }
 
 /// One BalancedSubnet step (masked forward, loss, backward, SGD on the scores), timed.
 pub fn unlearn(a: UnlearnBenchArgs) -> anyhow::Result<()> {
-    let model = tinymem(a.layers)?;
+    let device = crate::runtime::parse_device(&a.device)?;
+    let model = tinymem(a.layers, &device)?;
     let base = model.mlp_weights();
     let scores = Scores::init(&model, a.ratio, 0)?;
     let mut opt = Sgd::new(
@@ -115,6 +122,8 @@ pub fn unlearn(a: UnlearnBenchArgs) -> anyhow::Result<()> {
     for i in 0..a.warmup + a.steps {
         let t = Instant::now();
         step(&model, &scores, &base, &batch, 0.9, &mut opt, &mut ws)?;
+        // The step ends with the optimiser's asynchronous updates on a GPU; wait for them.
+        device.synchronize()?;
         if i >= a.warmup {
             times.push(t.elapsed().as_secs_f64());
         }
@@ -127,6 +136,12 @@ pub fn unlearn(a: UnlearnBenchArgs) -> anyhow::Result<()> {
         "batch": a.batch,
         "seq_len": 150,
         "ratio": a.ratio,
+        "device": a.device,
+        "step_path": if crate::unlearn::fast_step_applies(&model, &scores) {
+            "hand-written backward"
+        } else {
+            "autograd"
+        },
         "steps": times.len(),
         "seconds_per_step": median(times),
         "statistic": "median over timed steps",
@@ -138,9 +153,10 @@ pub fn unlearn(a: UnlearnBenchArgs) -> anyhow::Result<()> {
 
 /// Audit throughput: the `tinymem` definition (50-token prompt, 50 compared), batched.
 pub fn audit_bench(a: AuditBenchArgs) -> anyhow::Result<()> {
+    let device = crate::runtime::parse_device(&a.device)?;
     let model = match &a.model {
-        Some(dir) => bench_model(Shape::Tinymem, Some(dir))?,
-        None => tinymem(4)?,
+        Some(dir) => bench_model(Shape::Tinymem, Some(dir), &device)?,
+        None => tinymem(4, &device)?,
     };
     let items: Vec<AuditItem> = rows(a.sequences, |_| 100, 2)
         .into_iter()
@@ -166,6 +182,7 @@ pub fn audit_bench(a: AuditBenchArgs) -> anyhow::Result<()> {
         "definition": "tinymem",
         "batch": a.batch,
         "sequences": a.sequences,
+        "device": a.device,
         "runs": times.len(),
         "median_seconds": secs,
         "sequences_per_second": a.sequences as f64 / secs,

@@ -285,3 +285,37 @@ fn inspect(a: InspectArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::Cli;
+
+    /// Every `lethe` command line that `bench/gpu_check.sh` runs parses (the script cannot be run
+    /// without a GPU, so its flags are pinned here).
+    #[test]
+    fn the_gpu_check_command_lines_parse() {
+        let lines = [
+            "bench decode --device cuda:0 --shape tinymem --runs 3",
+            "bench decode --device cuda:0 --shape tinymem --batch 16 --runs 3",
+            "bench decode --device cuda:0 --shape pythia70m --batch 8 --runs 3",
+            "bench decode --device cpu --shape tinymem --runs 3",
+            "bench unlearn --device cuda:0 --steps 10 --warmup 2",
+            "bench unlearn --device cpu --steps 5 --warmup 1",
+            "bench audit --device cuda:0 --runs 2",
+            "bench train --device cuda:0 --steps 2",
+            "serve --bind 127.0.0.1:18080 --data-dir d --device cuda:0",
+            "serve --bind 0.0.0.0:8080 --data-dir /var/lib/lethe --device cuda:0",
+            "tinymem audit --device cuda:0 --out f.jsonl",
+            "unlearn --device cuda:0 --forget f.jsonl --retain tinymem --method balanced-subnet \
+             --mode balanced --ratio 0.3 --w 0.9 --min-steps 100 --max-steps 200 --out o",
+        ];
+        for line in lines {
+            let argv = std::iter::once("lethe").chain(line.split_whitespace());
+            if let Err(e) = Cli::try_parse_from(argv) {
+                panic!("`lethe {line}`: {e}");
+            }
+        }
+    }
+}

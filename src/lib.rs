@@ -24,4 +24,7 @@ pub mod util;
 #[cfg(test)]
 pub(crate) mod test_util;
 
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_tests;
+
 pub use error::{Error, Result};

@@ -262,6 +262,11 @@ pub fn balanced_subnet(
         Mode::Balanced => cfg.max_steps,
     };
     let mut ws = StepWorkspace::default();
+    tracing::debug!(
+        device = ?model.device(),
+        hand_written_backward = fast_step_applies(model, &scores),
+        "unlearning step path"
+    );
     let mut steps = 0;
     let mut stopped_early = false;
     let mut forget_order: Vec<usize> = (0..forget.len()).collect();
@@ -381,6 +386,13 @@ pub fn step(
     Ok((lf, lr))
 }
 
+/// Whether [`step`] takes the hand-written backward for `model` and `scores`: a GPT-2 with a
+/// ReLU MLP whose weights are f32 on the CPU. On any other device (CUDA) or dtype, and for
+/// GPT-NeoX, the step runs through candle's autograd on the model's own device.
+pub fn fast_step_applies(model: &Model, scores: &Scores) -> bool {
+    matches!(model, Model::Gpt2(gpt) if gpt.mlp_grads_supported()) && !scores.linear_layout()
+}
+
 /// Score gradients in [`Scores::all_vars`] order and the group means, through
 /// [`crate::models::gpt2::Gpt2::mlp_grads`]; `None` when the model does not qualify.
 #[allow(clippy::type_complexity)]
@@ -395,7 +407,7 @@ fn fast_score_grads(
     let Model::Gpt2(gpt) = model else {
         return Ok(None);
     };
-    if !gpt.mlp_grads_supported() || scores.linear_layout() {
+    if !fast_step_applies(model, scores) {
         return Ok(None);
     }
     let width = batch.iter().map(|e| e.ids.len()).max().unwrap_or(0);
