@@ -72,12 +72,78 @@ impl AdamW {
             // candle leaves a variable's gradient attached to the forward graph; keeping it in
             // the moments would retain every step's activations.
             let g = g.detach();
-            *m = ((&*m * p.beta1)? + (&g * (1.0 - p.beta1))?)?;
-            *v = ((&*v * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
-            let update = ((&*m * c1)? / ((&*v * c2)?.sqrt()? + p.eps)?)?;
-            let theta = ((var.as_tensor() * (1.0 - p.lr * p.weight_decay))? - (update * p.lr)?)?;
-            var.set(&theta)?;
+            Self::update(p, (c1, c2), var, m, v, &g)?;
         }
+        Ok(())
+    }
+
+    /// One step with plain f32 gradients: `grad(name)` is the gradient of the variable of that
+    /// name, row-major in its shape (`None` skips it). f32 CPU variables are updated in one
+    /// pass per variable, in parallel, with exactly the f32 arithmetic of [`AdamW::step`]'s
+    /// tensor expressions (candle's `t * c` is `t·c + 0`, `t + c` is `t·1 + c`); others go
+    /// through those expressions.
+    pub fn step_slices<'g>(
+        &mut self,
+        grad: impl Fn(&str) -> Option<&'g [f32]> + Sync,
+    ) -> Result<()> {
+        use rayon::prelude::*;
+        self.step += 1;
+        let p = self.params;
+        let t = self.step as i32;
+        let c1 = 1.0 / (1.0 - p.beta1.powi(t));
+        let c2 = 1.0 / (1.0 - p.beta2.powi(t));
+        self.vars
+            .par_iter_mut()
+            .try_for_each(|(name, var, m, v)| -> Result<()> {
+                let Some(g) = grad(name) else {
+                    return Ok(());
+                };
+                if g.len() != var.elem_count() {
+                    return Err(Error::invalid(
+                        "gradient",
+                        format!("{name}: {} values for {:?}", g.len(), var.dims()),
+                    ));
+                }
+                if !(var.device().is_cpu() && var.dtype() == DType::F32) {
+                    let g = Tensor::from_slice(g, var.dims(), var.device())?;
+                    return Self::update(p, (c1, c2), var, m, v, &g);
+                }
+                let flat = |t: &Tensor| -> Result<Vec<f32>> {
+                    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+                };
+                let (mut theta, mut mv, mut vv) = (flat(var.as_tensor())?, flat(m)?, flat(v)?);
+                let f = |x: f64| x as f32;
+                let (b1, ob1, b2, ob2) = (f(p.beta1), f(1.0 - p.beta1), f(p.beta2), f(1.0 - p.beta2));
+                let (c1, c2, eps, lr) = (f(c1), f(c2), f(p.eps), f(p.lr));
+                let decay = f(1.0 - p.lr * p.weight_decay);
+                for (((th, m), v), &g) in theta.iter_mut().zip(&mut mv).zip(&mut vv).zip(g) {
+                    *m = (*m * b1 + 0.0) + (g * ob1 + 0.0);
+                    *v = (*v * b2 + 0.0) + ((g * g) * ob2 + 0.0);
+                    let update = (*m * c1 + 0.0) / ((*v * c2 + 0.0).sqrt() * 1.0 + eps);
+                    *th = (*th * decay + 0.0) - (update * lr + 0.0);
+                }
+                let dims = var.dims().to_vec();
+                *m = Tensor::from_vec(mv, dims.as_slice(), var.device())?;
+                *v = Tensor::from_vec(vv, dims.as_slice(), var.device())?;
+                var.set(&Tensor::from_vec(theta, dims.as_slice(), var.device())?)?;
+                Ok(())
+            })
+    }
+
+    /// One variable's update through tensor expressions.
+    fn update(
+        p: AdamWParams,
+        (c1, c2): (f64, f64),
+        var: &Var,
+        m: &mut Tensor,
+        v: &mut Tensor,
+        g: &Tensor,
+    ) -> Result<()> {
+        *m = ((&*m * p.beta1)? + (g * (1.0 - p.beta1))?)?;
+        *v = ((&*v * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
+        let update = ((&*m * c1)? / ((&*v * c2)?.sqrt()? + p.eps)?)?;
+        let theta = ((var.as_tensor() * (1.0 - p.lr * p.weight_decay))? - (update * p.lr)?)?;
+        var.set(&theta)?;
         Ok(())
     }
 
@@ -269,6 +335,38 @@ mod tests {
             "{} vs {want0}",
             got[0]
         );
+    }
+
+    #[test]
+    fn adamw_slice_step_equals_the_tensor_step_bit_for_bit() {
+        let p = AdamWParams {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let vals = |seed: u32| -> Vec<f32> {
+            (0..257u32)
+                .map(|i| ((i.wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+                .collect()
+        };
+        let a = Var::new(vals(1).as_slice(), &Device::Cpu).unwrap();
+        let b = Var::new(vals(1).as_slice(), &Device::Cpu).unwrap();
+        let mut ta = AdamW::new(vec![("w".into(), a.clone())], p).unwrap();
+        let mut tb = AdamW::new(vec![("w".into(), b.clone())], p).unwrap();
+        for step in 0..4 {
+            let g: Vec<f32> = vals(10 + step).iter().map(|x| x * 1e-3).collect();
+            ta.step(&grads_for(&a, &g)).unwrap();
+            tb.step_slices(|n| (n == "w").then_some(g.as_slice()))
+                .unwrap();
+            let bits = |v: &Var| -> Vec<u32> {
+                let t = v.as_tensor().to_vec1::<f32>().unwrap();
+                t.iter().map(|x| x.to_bits()).collect()
+            };
+            assert_eq!(bits(&a), bits(&b), "step {step}");
+        }
+        assert_eq!(tb.steps(), 4);
     }
 
     #[test]
