@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp1, InplaceOp3, Layout, Tensor, Var};
 
 use crate::error::{Error, Result};
 use crate::models::weights::{read_safetensors, write_safetensors};
@@ -108,24 +108,36 @@ impl AdamW {
                     let g = Tensor::from_slice(g, var.dims(), var.device())?;
                     return Self::update(p, (c1, c2), var, m, v, &g);
                 }
-                let flat = |t: &Tensor| -> Result<Vec<f32>> {
-                    Ok(t.flatten_all()?.to_vec1::<f32>()?)
-                };
-                let (mut theta, mut mv, mut vv) = (flat(var.as_tensor())?, flat(m)?, flat(v)?);
                 let f = |x: f64| x as f32;
-                let (b1, ob1, b2, ob2) = (f(p.beta1), f(1.0 - p.beta1), f(p.beta2), f(1.0 - p.beta2));
+                let (b1, ob1, b2, ob2) = (
+                    f(p.beta1),
+                    f(1.0 - p.beta1),
+                    f(p.beta2),
+                    f(1.0 - p.beta2),
+                );
                 let (c1, c2, eps, lr) = (f(c1), f(c2), f(p.eps), f(p.lr));
                 let decay = f(1.0 - p.lr * p.weight_decay);
-                for (((th, m), v), &g) in theta.iter_mut().zip(&mut mv).zip(&mut vv).zip(g) {
-                    *m = (*m * b1 + 0.0) + (g * ob1 + 0.0);
-                    *v = (*v * b2 + 0.0) + ((g * g) * ob2 + 0.0);
-                    let update = (*m * c1 + 0.0) / ((*v * c2 + 0.0).sqrt() * 1.0 + eps);
-                    *th = (*th * decay + 0.0) - (update * lr + 0.0);
-                }
-                let dims = var.dims().to_vec();
-                *m = Tensor::from_vec(mv, dims.as_slice(), var.device())?;
-                *v = Tensor::from_vec(vv, dims.as_slice(), var.device())?;
-                var.set(&Tensor::from_vec(theta, dims.as_slice(), var.device())?)?;
+                // In place, in three passes (the moments, then θ reading both).
+                m.inplace_op1(&InPlace(|m: &mut [f32]| {
+                    for (m, &g) in m.iter_mut().zip(g) {
+                        *m = (*m * b1 + 0.0) + (g * ob1 + 0.0);
+                    }
+                }))?;
+                v.inplace_op1(&InPlace(|v: &mut [f32]| {
+                    for (v, &g) in v.iter_mut().zip(g) {
+                        *v = (*v * b2 + 0.0) + ((g * g) * ob2 + 0.0);
+                    }
+                }))?;
+                var.as_tensor().inplace_op3(
+                    &*m,
+                    &*v,
+                    &InPlace3(|th: &mut [f32], m: &[f32], v: &[f32]| {
+                        for ((th, &m), &v) in th.iter_mut().zip(m).zip(v) {
+                            let update = (m * c1 + 0.0) / ((v * c2 + 0.0).sqrt() * 1.0 + eps);
+                            *th = (*th * decay + 0.0) - (update * lr + 0.0);
+                        }
+                    }),
+                )?;
                 Ok(())
             })
     }
@@ -194,6 +206,62 @@ impl AdamW {
         }
         let step = map.remove("step").ok_or_else(|| missing("step"))?;
         self.step = step.to_dtype(DType::F64)?.to_vec1::<f64>()?[0] as u64;
+        Ok(())
+    }
+}
+
+/// An in-place f32 CPU op on one contiguous tensor (how [`AdamW::step_slices`] updates without
+/// allocating).
+struct InPlace<F>(F);
+
+/// The slice of a contiguous f32 CPU storage that `layout` covers.
+fn contiguous<'a>(s: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+    let (CpuStorage::F32(d), Some((a, b))) = (s, layout.contiguous_offsets()) else {
+        candle_core::bail!("expected a contiguous f32 tensor");
+    };
+    Ok(&d[a..b])
+}
+
+impl<F: Fn(&mut [f32])> InplaceOp1 for InPlace<F> {
+    fn name(&self) -> &'static str {
+        "in-place f32 update"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let (CpuStorage::F32(d), Some((a, b))) = (s, layout.contiguous_offsets()) else {
+            candle_core::bail!("expected a contiguous f32 tensor");
+        };
+        (self.0)(&mut d[a..b]);
+        Ok(())
+    }
+}
+
+/// [`InPlace`] reading two more tensors of the same shape.
+struct InPlace3<F>(F);
+
+impl<F: Fn(&mut [f32], &[f32], &[f32])> InplaceOp3 for InPlace3<F> {
+    fn name(&self) -> &'static str {
+        "in-place f32 update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let (x, y) = (contiguous(s2, l2)?, contiguous(s3, l3)?);
+        let (CpuStorage::F32(d), Some((a, b))) = (s1, l1.contiguous_offsets()) else {
+            candle_core::bail!("expected a contiguous f32 tensor");
+        };
+        let d = &mut d[a..b];
+        if x.len() != d.len() || y.len() != d.len() {
+            candle_core::bail!("in-place update: shapes differ");
+        }
+        (self.0)(d, x, y);
         Ok(())
     }
 }

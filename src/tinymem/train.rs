@@ -521,6 +521,8 @@ mod tests {
             (1, false, false, 4, 2),
             (2, true, false, 1, 10),
         ];
+        // One workspace for all cases: buffers left by another shape must not leak in.
+        let mut ws = MlpGradWorkspace::default();
         for (case, &(nl, tied, inv, b, t)) in cases.iter().enumerate() {
             let weights = Weights::init_seeded(case as u64, DType::F32, &Device::Cpu);
             let model = Model::new(&config(nl, tied, inv), &weights).unwrap();
@@ -529,9 +531,7 @@ mod tests {
             };
             assert!(gpt.mlp_grads_supported());
             let ids = random_ids(100 + case as u64, b * t);
-            let out = gpt
-                .train_grads(&ids, (b, t), &mut MlpGradWorkspace::default())
-                .unwrap();
+            let out = gpt.train_grads(&ids, (b, t), &mut ws).unwrap();
             let ids_t = Tensor::from_slice(&ids, (b, t), &Device::Cpu).unwrap();
             let logits = model
                 .forward(&Inputs::causal(&ids_t, 0).unwrap(), None, None)
@@ -547,7 +547,7 @@ mod tests {
             let vars = named_vars(&model, &weights).unwrap();
             assert_eq!(vars.len(), out.grads.len());
             assert_eq!(vars.len(), 2 + 12 * nl + 2 + usize::from(!tied));
-            for ((name, var), got) in vars.iter().zip(&out.grads) {
+            for ((name, var), got) in vars.iter().zip(out.grads) {
                 let want = flat(grads.get(var.as_tensor()).unwrap());
                 let e = rel_l2(got, &want);
                 assert!(e <= 1e-4, "case {case}: {name}: relative L2 error {e}");

@@ -135,14 +135,15 @@ pub struct MlpGrads {
     pub grads: Vec<(Vec<f32>, Vec<f32>)>,
 }
 
-/// Output of [`Gpt2::train_grads`].
-pub struct TrainGrads {
+/// Output of [`Gpt2::train_grads`], borrowing the workspace's buffers.
+pub struct TrainGrads<'w> {
     /// The causal-LM loss ([`crate::models::ops::lm_loss`]).
     pub loss: f64,
     /// `∂loss/∂p` for every parameter, in [`Gpt2::named_tensors`] order, each row-major in the
     /// parameter's shape. Tied embeddings get both uses' gradient in `wte`.
-    pub grads: Vec<Vec<f32>>,
+    pub grads: &'w [Vec<f32>],
 }
+
 /// A read view of a contiguous f32 CPU tensor (`G` is candle's storage read guard).
 struct View<'a, G> {
     guard: G,
@@ -889,23 +890,34 @@ impl Gpt2 {
     /// rows of each row's mean next-token cross-entropy over its `t − 1` predictions, exactly
     /// [`crate::models::ops::lm_loss`] of [`Gpt2::forward`]'s logits; and its gradient with
     /// respect to every parameter. Needs [`Gpt2::mlp_grads_supported`].
-    pub fn train_grads(
+    pub fn train_grads<'w>(
         &self,
         ids: &[u32],
         (b, t): (usize, usize),
-        ws: &mut MlpGradWorkspace,
-    ) -> Result<TrainGrads> {
+        ws: &'w mut MlpGradWorkspace,
+    ) -> Result<TrainGrads<'w>> {
         let lens = vec![t; b];
         let row_weight = vec![1.0 / b.max(1) as f32; b];
         let (_, row_loss) =
             self.run_parts(ids, (b, t), &lens, &row_weight, None, Want::All, ws)?;
         let loss = row_loss.iter().sum::<f64>() / b as f64;
-        let parts = &ws.parts;
-        let grads: Vec<Vec<f32>> = (0..self.named.len())
-            .into_par_iter()
-            .map(|i| sum_parts(parts, i))
-            .collect();
-        Ok(TrainGrads { loss, grads })
+        // Sum the groups' gradients into the first group's buffers, one parameter per task.
+        let (first, rest) = ws.parts.split_first_mut().expect("at least one row group");
+        first
+            .grads
+            .par_iter_mut()
+            .enumerate()
+            .for_each(|(i, acc)| {
+                for p in rest.iter() {
+                    acc.iter_mut()
+                        .zip(&p.grads[i])
+                        .for_each(|(a, &g)| *a += g);
+                }
+            });
+        Ok(TrainGrads {
+            loss,
+            grads: &first.grads[..self.named.len()],
+        })
     }
 
     /// Runs the forward and the backward `want` asks for over row groups in parallel, leaving
