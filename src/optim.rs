@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, DType, InplaceOp1, InplaceOp3, Layout, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp1, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 
 use crate::error::{Error, Result};
 use crate::models::weights::{read_safetensors, write_safetensors};
@@ -236,6 +236,34 @@ impl<F: Fn(&mut [f32])> InplaceOp1 for InPlace<F> {
     }
 }
 
+/// [`InPlace`] reading one more tensor of the same shape.
+struct InPlace2<F>(F);
+
+impl<F: Fn(&mut [f32], &[f32])> InplaceOp2 for InPlace2<F> {
+    fn name(&self) -> &'static str {
+        "in-place f32 update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let x = contiguous(s2, l2)?;
+        let (CpuStorage::F32(d), Some((a, b))) = (s1, l1.contiguous_offsets()) else {
+            candle_core::bail!("expected a contiguous f32 tensor");
+        };
+        let d = &mut d[a..b];
+        if x.len() != d.len() {
+            candle_core::bail!("in-place update: shapes differ");
+        }
+        (self.0)(d, x);
+        Ok(())
+    }
+}
+
 /// [`InPlace`] reading two more tensors of the same shape.
 struct InPlace3<F>(F);
 
@@ -322,6 +350,85 @@ impl Sgd {
                 g = next;
             }
             var.set(&(var.as_tensor() - (g * p.lr)?)?)?;
+        }
+        Ok(())
+    }
+
+    /// One step with plain f32 gradients: `grad(i)` for the `i`-th variable, row-major in its
+    /// shape (`None` skips it). f32 CPU variables and their momentum buffers are updated in
+    /// place, in parallel over variables, with exactly the f32 arithmetic of
+    /// [`Sgd::step_with`] (pinned bit for bit); others go through [`Sgd::step_with`]'s path.
+    pub fn step_slices<'g>(&mut self, grad: impl Fn(usize) -> Option<&'g [f32]> + Sync) -> Result<()> {
+        use rayon::prelude::*;
+        let p = self.params;
+        let (wd, mu, lr) = (p.weight_decay as f32, p.momentum as f32, p.lr as f32);
+        let fallback = self
+            .vars
+            .par_iter_mut()
+            .enumerate()
+            .map(|(i, (var, buf))| -> Result<bool> {
+                let Some(g) = grad(i) else {
+                    return Ok(false);
+                };
+                if g.len() != var.elem_count() {
+                    return Err(Error::invalid(
+                        "gradient",
+                        format!("variable {i}: {} values for {:?}", g.len(), var.dims()),
+                    ));
+                }
+                if !(var.device().is_cpu() && var.dtype() == DType::F32) {
+                    return Ok(true);
+                }
+                let theta = var.as_tensor();
+                // g' = g + θ·wd (when decaying), as the tensor path computes it.
+                let decay = p.weight_decay != 0.0;
+                let decayed = |g: f32, t: f32| if decay { g + (t * wd + 0.0) } else { g };
+                if p.momentum == 0.0 {
+                    theta.inplace_op1(&InPlace(|th: &mut [f32]| {
+                        for (t, &g) in th.iter_mut().zip(g) {
+                            *t -= decayed(g, *t) * lr + 0.0;
+                        }
+                    }))?;
+                    return Ok(false);
+                }
+                match buf {
+                    None => {
+                        // First step: the buffer is g'.
+                        let th = theta.flatten_all()?.to_vec1::<f32>()?;
+                        let first: Vec<f32> =
+                            g.iter().zip(&th).map(|(&g, &t)| decayed(g, t)).collect();
+                        *buf = Some(Tensor::from_vec(first, var.dims(), var.device())?);
+                    }
+                    Some(b) => {
+                        b.inplace_op2(
+                            theta,
+                            &InPlace2(|b: &mut [f32], th: &[f32]| {
+                                for ((b, &g), &t) in b.iter_mut().zip(g).zip(th) {
+                                    *b = decayed(g, t) + (*b * mu + 0.0);
+                                }
+                            }),
+                        )?;
+                    }
+                }
+                let b = buf.as_ref().expect("set above");
+                theta.inplace_op2(
+                    b,
+                    &InPlace2(|th: &mut [f32], b: &[f32]| {
+                        for (t, &b) in th.iter_mut().zip(b) {
+                            *t -= b * lr + 0.0;
+                        }
+                    }),
+                )?;
+                Ok(false)
+            })
+            .collect::<Result<Vec<bool>>>()?;
+        if fallback.iter().any(|&f| f) {
+            self.step_with(|i, var| {
+                fallback[i]
+                    .then(|| grad(i))
+                    .flatten()
+                    .and_then(|g| Tensor::from_slice(g, var.dims(), var.device()).ok())
+            })?;
         }
         Ok(())
     }
@@ -546,6 +653,37 @@ mod tests {
                 .map(|v| v.to_bits())
                 .collect();
             assert_eq!(got, want, "step {step}");
+        }
+    }
+
+    #[test]
+    fn sgd_slice_step_equals_the_tensor_step_bit_for_bit() {
+        let vals = |seed: u32| -> Vec<f32> {
+            (0..257u32)
+                .map(|i| ((i.wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+                .collect()
+        };
+        for (momentum, weight_decay) in [(0.9, 5e-4), (0.9, 0.0), (0.0, 5e-4), (0.0, 0.0)] {
+            let p = SgdParams {
+                lr: 0.1,
+                momentum,
+                weight_decay,
+            };
+            let a = Var::new(vals(1).as_slice(), &Device::Cpu).unwrap();
+            let b = Var::new(vals(1).as_slice(), &Device::Cpu).unwrap();
+            let mut ta = Sgd::new(vec![a.clone()], p);
+            let mut tb = Sgd::new(vec![b.clone()], p);
+            for step in 0..3 {
+                let g = vals(10 + step);
+                let gt = Tensor::new(g.as_slice(), &Device::Cpu).unwrap();
+                ta.step_with(|_, _| Some(gt.clone())).unwrap();
+                tb.step_slices(|_| Some(g.as_slice())).unwrap();
+                let bits = |v: &Var| -> Vec<u32> {
+                    let t = v.as_tensor().to_vec1::<f32>().unwrap();
+                    t.iter().map(|x| x.to_bits()).collect()
+                };
+                assert_eq!(bits(&a), bits(&b), "{p:?} step {step}");
+            }
         }
     }
 

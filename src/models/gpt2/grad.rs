@@ -125,14 +125,14 @@ fn pair(g: &mut [Vec<f32>], i: usize) -> (&mut Vec<f32>, &mut Vec<f32>) {
     (&mut a[0], &mut b[0])
 }
 
-/// Output of [`Gpt2::mlp_grads`].
-pub struct MlpGrads {
+/// Output of [`Gpt2::mlp_grads`], borrowing the workspace's buffers.
+pub struct MlpGrads<'w> {
     /// `Σ_r row_weight[r] · loss[r]`.
     pub loss: f64,
     /// Each row's mean cross-entropy over its own `len − 1` predictions.
     pub row_loss: Vec<f64>,
     /// `(∂L/∂c_fc, ∂L/∂c_proj)` per block, each `[in, out]` row-major like the weights.
-    pub grads: Vec<(Vec<f32>, Vec<f32>)>,
+    pub grads: Vec<(&'w [f32], &'w [f32])>,
 }
 
 /// Output of [`Gpt2::train_grads`], borrowing the workspace's buffers.
@@ -848,15 +848,15 @@ impl Gpt2 {
     ///
     /// `ids` is `[b, t]` row-major, rows right-padded to `t` with any valid id; `lens[r] ≤ t`
     /// (a row shorter than 2 tokens contributes nothing).
-    pub fn mlp_grads(
+    pub fn mlp_grads<'w>(
         &self,
         ids: &[u32],
         (b, t): (usize, usize),
         lens: &[usize],
         row_weight: &[f32],
         mlp: &[(Vec<f32>, Vec<f32>)],
-        ws: &mut MlpGradWorkspace,
-    ) -> Result<MlpGrads> {
+        ws: &'w mut MlpGradWorkspace,
+    ) -> Result<MlpGrads<'w>> {
         let cfg = &self.cfg;
         let (h, inner, nl) = (cfg.n_embd, cfg.n_inner, cfg.n_layer);
         if mlp.len() != nl
@@ -868,14 +868,15 @@ impl Gpt2 {
         }
         let (loss, row_loss) =
             self.run_parts(ids, (b, t), lens, row_weight, Some(mlp), Want::Mlp, ws)?;
-        let parts = &ws.parts;
-        // Sum the groups' weight gradients, one matrix per task.
-        let grads: Vec<(Vec<f32>, Vec<f32>)> = (0..nl)
-            .into_par_iter()
+        let used: Vec<usize> = (0..nl)
+            .flat_map(|li| [pidx(li, P_FC), pidx(li, P_MPROJ)])
+            .collect();
+        let first = sum_groups(&mut ws.parts, &used);
+        let grads = (0..nl)
             .map(|li| {
                 (
-                    sum_parts(parts, pidx(li, P_FC)),
-                    sum_parts(parts, pidx(li, P_MPROJ)),
+                    first[pidx(li, P_FC)].as_slice(),
+                    first[pidx(li, P_MPROJ)].as_slice(),
                 )
             })
             .collect();
@@ -901,22 +902,11 @@ impl Gpt2 {
         let (_, row_loss) =
             self.run_parts(ids, (b, t), &lens, &row_weight, None, Want::All, ws)?;
         let loss = row_loss.iter().sum::<f64>() / b as f64;
-        // Sum the groups' gradients into the first group's buffers, one parameter per task.
-        let (first, rest) = ws.parts.split_first_mut().expect("at least one row group");
-        first
-            .grads
-            .par_iter_mut()
-            .enumerate()
-            .for_each(|(i, acc)| {
-                for p in rest.iter() {
-                    acc.iter_mut()
-                        .zip(&p.grads[i])
-                        .for_each(|(a, &g)| *a += g);
-                }
-            });
+        let all: Vec<usize> = (0..self.named.len()).collect();
+        let first = sum_groups(&mut ws.parts, &all);
         Ok(TrainGrads {
             loss,
-            grads: &first.grads[..self.named.len()],
+            grads: &first[..self.named.len()],
         })
     }
 
@@ -1065,15 +1055,23 @@ impl Gpt2 {
     }
 }
 
-/// The sum over row groups of gradient `i`.
-fn sum_parts(parts: &[PartBufs], i: usize) -> Vec<f32> {
-    let mut acc = parts[0].grads[i].clone();
-    for p in &parts[1..] {
-        acc.iter_mut()
-            .zip(&p.grads[i])
-            .for_each(|(a, &g)| *a += g);
-    }
-    acc
+/// Sums gradients `which` over the row groups into the first group's buffers (one gradient
+/// per task, no allocation) and returns the first group's gradient list.
+fn sum_groups<'p>(parts: &'p mut [PartBufs], which: &[usize]) -> &'p [Vec<f32>] {
+    let (first, rest) = parts.split_first_mut().expect("at least one row group");
+    first
+        .grads
+        .par_iter_mut()
+        .enumerate()
+        .filter(|(i, _)| which.contains(i))
+        .for_each(|(i, acc)| {
+            for p in rest.iter() {
+                acc.iter_mut()
+                    .zip(&p.grads[i])
+                    .for_each(|(a, &g)| *a += g);
+            }
+        });
+    &first.grads
 }
 
 #[cfg(test)]
