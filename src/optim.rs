@@ -109,12 +109,8 @@ impl AdamW {
                     return Self::update(p, (c1, c2), var, m, v, &g);
                 }
                 let f = |x: f64| x as f32;
-                let (b1, ob1, b2, ob2) = (
-                    f(p.beta1),
-                    f(1.0 - p.beta1),
-                    f(p.beta2),
-                    f(1.0 - p.beta2),
-                );
+                let (b1, ob1, b2, ob2) =
+                    (f(p.beta1), f(1.0 - p.beta1), f(p.beta2), f(1.0 - p.beta2));
                 let (c1, c2, eps, lr) = (f(c1), f(c2), f(p.eps), f(p.lr));
                 let decay = f(1.0 - p.lr * p.weight_decay);
                 // In place, in three passes (the moments, then θ reading both).
@@ -358,7 +354,10 @@ impl Sgd {
     /// shape (`None` skips it). f32 CPU variables and their momentum buffers are updated in
     /// place, in parallel over variables, with exactly the f32 arithmetic of
     /// [`Sgd::step_with`] (pinned bit for bit); others go through [`Sgd::step_with`]'s path.
-    pub fn step_slices<'g>(&mut self, grad: impl Fn(usize) -> Option<&'g [f32]> + Sync) -> Result<()> {
+    pub fn step_slices<'g>(
+        &mut self,
+        grad: impl Fn(usize) -> Option<&'g [f32]> + Sync,
+    ) -> Result<()> {
         use rayon::prelude::*;
         let p = self.params;
         let (wd, mu, lr) = (p.weight_decay as f32, p.momentum as f32, p.lr as f32);

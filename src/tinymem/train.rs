@@ -23,9 +23,9 @@ use super::data::{self, DataConfig, Dataset};
 use super::eval::{self, EvalParams, EvalReport};
 use super::vocab;
 use crate::error::{Error, Result};
+use crate::models::gpt2::MlpGradWorkspace;
 use crate::models::ops::{self, Activation};
 use crate::models::weights::{read_safetensors, write_safetensors};
-use crate::models::gpt2::MlpGradWorkspace;
 use crate::models::{gpt2, Inputs, Model, ModelConfig, Weights};
 use crate::optim::{AdamW, AdamWParams};
 
@@ -501,11 +501,7 @@ mod tests {
     /// `‖a − b‖₂ / ‖b‖₂` (absolute when `b` is 0).
     fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
         assert_eq!(a.len(), b.len());
-        let num: f64 = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| f64::from(x - y).powi(2))
-            .sum();
+        let num: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
         let den: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
         (num / den.max(1e-30)).sqrt()
     }

@@ -1,27 +1,28 @@
-//! GPT-2's gradient with respect to its MLP weight matrices alone, without candle's autograd:
-//! the unlearning step's hot path.
+//! GPT-2's forward and backward without candle's autograd: the unlearning step's and the
+//! training step's hot path.
 //!
 //! BalancedSubnet trains nothing but the scores over the MLP matrices (spec §4.1), so of the
-//! whole backward pass it needs `∂L/∂W_eff` for each `c_fc` and `c_proj`. Through candle's
-//! autograd every node's gradient is accumulated into a fresh zero tensor, every frozen weight,
-//! bias and LayerNorm parameter gets a gradient nobody reads, and layer 0's attention is
-//! differentiated for nothing. Here the forward keeps exactly the activations the backward reads,
-//! in buffers that a [`MlpGradWorkspace`] reuses from step to step (no page faults after the
-//! first), and the backward computes only what reaches an MLP matrix: it stops at layer 0's
-//! `c_fc`. Causal attention skips the masked upper triangle in blocks of query rows.
+//! whole backward pass it needs `∂L/∂W_eff` for each `c_fc` and `c_proj` ([`Gpt2::mlp_grads`]);
+//! training needs every parameter's gradient ([`Gpt2::train_grads`]). Both run the same code,
+//! parameterised by what is accumulated. Through candle's autograd every node's gradient is
+//! accumulated into a fresh zero tensor, and (for unlearning) every frozen weight, bias and
+//! LayerNorm parameter gets a gradient nobody reads. Here the forward keeps exactly the
+//! activations the backward reads, in buffers that a [`MlpGradWorkspace`] reuses from step to
+//! step (no page faults after the first), and the MLP-only backward stops at layer 0's `c_fc`.
+//! Causal attention skips the masked upper triangle in blocks of query rows.
 //!
 //! Parallelism is by rows: every op but the weight-gradient sums is per sequence, so the batch is
 //! cut into a few row groups that run the whole forward and backward single-threaded, each on its
 //! own buffers (no synchronisation inside the step, large single-threaded gemms), and their
-//! weight gradients are summed at the end.
+//! weight gradients are summed at the end into the first group's buffers.
 //!
 //! It computes the same function as [`super::Gpt2::forward_hidden`] → logits →
-//! per-sequence cross-entropy with the given MLP weights (to f32 rounding); the tests in
-//! `unlearn` pin both the loss and every score gradient to candle's autograd through the model's
-//! ordinary forward. Supported: f32 weights on the CPU, ReLU MLPs, unpadded causal attention
-//! (rows may be right-padded; the padding's predictions carry zero weight).
-//! [`super::Gpt2::mlp_grads_supported`] says whether a model qualifies; callers fall back to
-//! autograd otherwise.
+//! per-sequence cross-entropy (to f32 rounding); tests in `unlearn` pin the loss and every score
+//! gradient, and tests in `tinymem::train` the loss and every parameter gradient, to candle's
+//! autograd through the model's ordinary forward. Supported: f32 weights on the CPU, ReLU MLPs,
+//! unpadded causal attention (rows may be right-padded; the padding's predictions carry zero
+//! weight). [`super::Gpt2::mlp_grads_supported`] says whether a model qualifies; callers fall
+//! back to autograd otherwise.
 
 use std::ops::Deref;
 
@@ -756,7 +757,17 @@ fn part_body(
         let dx = &mut ws.dx;
         // c_proj: ∂W2 = hᵀ dx, ∂h = dx W2ᵀ, then ReLU (the gradient passes at 0).
         let (gw, gb) = pair(grads, pidx(li, P_MPROJ));
-        gemm(inner, h, n, buf(gw, inner * h), &lb.h, (1, inner), dx, (h, 1), false);
+        gemm(
+            inner,
+            h,
+            n,
+            buf(gw, inner * h),
+            &lb.h,
+            (1, inner),
+            dx,
+            (h, 1),
+            false,
+        );
         if full {
             col_sum(dx, buf(gb, h));
         }
@@ -768,7 +779,17 @@ fn part_body(
             .for_each(|(d, &x)| *d = if x >= 0.0 { *d } else { 0.0 });
         // c_fc: ∂W1 = m_inᵀ ∂hpre.
         let (gw, gb) = pair(grads, pidx(li, P_FC));
-        gemm(h, inner, n, buf(gw, h * inner), &lb.m_in, (1, h), dh, (inner, 1), false);
+        gemm(
+            h,
+            inner,
+            n,
+            buf(gw, h * inner),
+            &lb.m_in,
+            (1, h),
+            dh,
+            (inner, 1),
+            false,
+        );
         if full {
             col_sum(dh, buf(gb, inner));
         } else if li == 0 {
@@ -795,7 +816,17 @@ fn part_body(
         attention_bwd(&lb.qkv, &lb.probs, dt, dims, bw.scale, dqkv, &mut ws.ds);
         if full {
             let (gw, gb) = pair(grads, pidx(li, P_ATTN));
-            gemm(h, 3 * h, n, buf(gw, h * 3 * h), &lb.ln1, (1, h), dqkv, (3 * h, 1), false);
+            gemm(
+                h,
+                3 * h,
+                n,
+                buf(gw, h * 3 * h),
+                &lb.ln1,
+                (1, h),
+                dqkv,
+                (3 * h, 1),
+                false,
+            );
             col_sum(dqkv, buf(gb, 3 * h));
         }
         gemm(
@@ -899,8 +930,7 @@ impl Gpt2 {
     ) -> Result<TrainGrads<'w>> {
         let lens = vec![t; b];
         let row_weight = vec![1.0 / b.max(1) as f32; b];
-        let (_, row_loss) =
-            self.run_parts(ids, (b, t), &lens, &row_weight, None, Want::All, ws)?;
+        let (_, row_loss) = self.run_parts(ids, (b, t), &lens, &row_weight, None, Want::All, ws)?;
         let loss = row_loss.iter().sum::<f64>() / b as f64;
         let all: Vec<usize> = (0..self.named.len()).collect();
         let first = sum_groups(&mut ws.parts, &all);
@@ -1066,9 +1096,7 @@ fn sum_groups<'p>(parts: &'p mut [PartBufs], which: &[usize]) -> &'p [Vec<f32>] 
         .filter(|(i, _)| which.contains(i))
         .for_each(|(i, acc)| {
             for p in rest.iter() {
-                acc.iter_mut()
-                    .zip(&p.grads[i])
-                    .for_each(|(a, &g)| *a += g);
+                acc.iter_mut().zip(&p.grads[i]).for_each(|(a, &g)| *a += g);
             }
         });
     &first.grads
