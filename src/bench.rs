@@ -5,13 +5,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use clap::{Args, Subcommand, ValueEnum};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::engine::{self, GenerateRequest};
-use crate::models::{fused, gpt2, gpt_neox, ops, Inputs, Model, ModelConfig, Weights};
+use crate::models::{fused, gpt2, gpt_neox, Inputs, Model, ModelConfig, Weights};
+use crate::optim::{AdamW, AdamWParams};
+use crate::tinymem::train::{train_step, train_step_autograd, StepReport, StepWorkspace};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -133,6 +134,9 @@ pub struct TrainArgs {
     /// Print JSON (the only output format; accepted for symmetry with other commands).
     #[arg(long)]
     pub json: bool,
+    /// Take the candle-autograd step even where the hand-written backward applies.
+    #[arg(long)]
+    pub autograd: bool,
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -244,35 +248,6 @@ pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
     }
 }
 
-/// One timed training step, split into its phases (seconds).
-struct StepTimes {
-    forward: f64,
-    backward: f64,
-    optimizer: f64,
-    loss: f32,
-}
-
-fn train_step(model: &Model, opt: &mut AdamW, inputs: &Inputs) -> anyhow::Result<StepTimes> {
-    let t0 = Instant::now();
-    let logits = model.forward(inputs, None, None)?;
-    let loss = ops::lm_loss(&logits, &inputs.ids)?;
-    let loss_value = loss.to_scalar::<f32>()?;
-    let t1 = Instant::now();
-    let grads = loss.backward()?;
-    // GPU kernels run asynchronously: wait for them so each phase is timed (a no-op on the CPU).
-    inputs.ids.device().synchronize()?;
-    let t2 = Instant::now();
-    opt.step(&grads)?;
-    inputs.ids.device().synchronize()?;
-    let t3 = Instant::now();
-    Ok(StepTimes {
-        forward: (t1 - t0).as_secs_f64(),
-        backward: (t2 - t1).as_secs_f64(),
-        optimizer: (t3 - t2).as_secs_f64(),
-        loss: loss_value,
-    })
-}
-
 fn train(a: TrainArgs) -> anyhow::Result<()> {
     let mut config = shape_config(Shape::Tinymem);
     let ModelConfig::Gpt2(c) = &mut config else {
@@ -290,10 +265,10 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
     let device = crate::runtime::parse_device(&a.device)?;
     let weights = Weights::init(DType::F32, &device);
     let model = Model::new(&config, &weights)?;
-    let vars = weights.varmap().map(|v| v.all_vars()).unwrap_or_default();
+    let vars = crate::tinymem::train::named_vars(&model, &weights)?;
     let mut opt = AdamW::new(
         vars,
-        ParamsAdamW {
+        AdamWParams {
             lr: 1e-3,
             beta1: 0.9,
             beta2: 0.98,
@@ -305,20 +280,32 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
     let ids: Vec<u32> = (0..a.batch * a.seq_len)
         .map(|_| rng.random_range(0..vocab))
         .collect();
-    let ids = Tensor::from_vec(ids, (a.batch, a.seq_len), &device)?;
-    let inputs = Inputs::causal(&ids, 0)?;
+    let shape = (a.batch, a.seq_len);
+    let mut ws = StepWorkspace::default();
+    let mut step = |opt: &mut AdamW| -> anyhow::Result<StepReport> {
+        let report = if a.autograd {
+            train_step_autograd(&model, opt, &ids, shape)?
+        } else {
+            train_step(&model, opt, &ids, shape, &mut ws)?
+        };
+        // GPU kernels run asynchronously: the step is timed to its end (a no-op on the CPU).
+        device.synchronize()?;
+        Ok(report)
+    };
     let mut first_loss = None;
     for _ in 0..a.warmup {
-        let s = train_step(&model, &mut opt, &inputs)?;
+        let s = step(&mut opt)?;
         first_loss.get_or_insert(s.loss);
     }
     let mut steps = Vec::with_capacity(a.steps.max(1));
     for _ in 0..a.steps.max(1) {
         let t = Instant::now();
-        let s = train_step(&model, &mut opt, &inputs)?;
+        let s = step(&mut opt)?;
         steps.push((t.elapsed().as_secs_f64(), s));
         first_loss.get_or_insert(steps[0].1.loss);
     }
+    let ids = Tensor::from_vec(ids, shape, &device)?;
+    let inputs = Inputs::causal(&ids, 0)?;
     // The untracked (inference/scoring) forward on the same batch, through the fused kernels
     // and through the composed reference path, to check inference did not get slower.
     let frozen = Model::new(
@@ -344,7 +331,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         infer.push(time_forward()?);
         infer_ref.push(fused::with_reference_ops(time_forward)?);
     }
-    let phase = |f: fn(&StepTimes) -> f64| median(steps.iter().map(|(_, s)| f(s)).collect());
+    let phase = |f: fn(&StepReport) -> f64| median(steps.iter().map(|(_, s)| f(s)).collect());
     let secs = median(steps.iter().map(|(t, _)| *t).collect());
     let tokens = (a.batch * a.seq_len) as f64;
     let v = serde_json::json!({
@@ -358,9 +345,9 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         "seconds_per_step": secs,
         "tokens_per_second": tokens / secs,
         "statistic": "median over timed steps",
-        "forward_seconds": phase(|s| s.forward),
-        "backward_seconds": phase(|s| s.backward),
-        "optimizer_seconds": phase(|s| s.optimizer),
+        "path": if steps[0].1.fast { "hand-written backward" } else { "autograd" },
+        "forward_backward_seconds": phase(|s| s.grad_seconds),
+        "optimizer_seconds": phase(|s| s.optimizer_seconds),
         "inference_forward_seconds": median(infer),
         "inference_forward_reference_seconds": median(infer_ref),
         "device": a.device,

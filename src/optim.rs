@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp1, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 
 use crate::error::{Error, Result};
 use crate::models::weights::{read_safetensors, write_safetensors};
@@ -72,12 +72,86 @@ impl AdamW {
             // candle leaves a variable's gradient attached to the forward graph; keeping it in
             // the moments would retain every step's activations.
             let g = g.detach();
-            *m = ((&*m * p.beta1)? + (&g * (1.0 - p.beta1))?)?;
-            *v = ((&*v * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
-            let update = ((&*m * c1)? / ((&*v * c2)?.sqrt()? + p.eps)?)?;
-            let theta = ((var.as_tensor() * (1.0 - p.lr * p.weight_decay))? - (update * p.lr)?)?;
-            var.set(&theta)?;
+            Self::update(p, (c1, c2), var, m, v, &g)?;
         }
+        Ok(())
+    }
+
+    /// One step with plain f32 gradients: `grad(name)` is the gradient of the variable of that
+    /// name, row-major in its shape (`None` skips it). f32 CPU variables are updated in one
+    /// pass per variable, in parallel, with exactly the f32 arithmetic of [`AdamW::step`]'s
+    /// tensor expressions (candle's `t * c` is `t·c + 0`, `t + c` is `t·1 + c`); others go
+    /// through those expressions.
+    pub fn step_slices<'g>(
+        &mut self,
+        grad: impl Fn(&str) -> Option<&'g [f32]> + Sync,
+    ) -> Result<()> {
+        use rayon::prelude::*;
+        self.step += 1;
+        let p = self.params;
+        let t = self.step as i32;
+        let c1 = 1.0 / (1.0 - p.beta1.powi(t));
+        let c2 = 1.0 / (1.0 - p.beta2.powi(t));
+        self.vars
+            .par_iter_mut()
+            .try_for_each(|(name, var, m, v)| -> Result<()> {
+                let Some(g) = grad(name) else {
+                    return Ok(());
+                };
+                if g.len() != var.elem_count() {
+                    return Err(Error::invalid(
+                        "gradient",
+                        format!("{name}: {} values for {:?}", g.len(), var.dims()),
+                    ));
+                }
+                if !(var.device().is_cpu() && var.dtype() == DType::F32) {
+                    let g = Tensor::from_slice(g, var.dims(), var.device())?;
+                    return Self::update(p, (c1, c2), var, m, v, &g);
+                }
+                let f = |x: f64| x as f32;
+                let (b1, ob1, b2, ob2) =
+                    (f(p.beta1), f(1.0 - p.beta1), f(p.beta2), f(1.0 - p.beta2));
+                let (c1, c2, eps, lr) = (f(c1), f(c2), f(p.eps), f(p.lr));
+                let decay = f(1.0 - p.lr * p.weight_decay);
+                // In place, in three passes (the moments, then θ reading both).
+                m.inplace_op1(&InPlace(|m: &mut [f32]| {
+                    for (m, &g) in m.iter_mut().zip(g) {
+                        *m = (*m * b1 + 0.0) + (g * ob1 + 0.0);
+                    }
+                }))?;
+                v.inplace_op1(&InPlace(|v: &mut [f32]| {
+                    for (v, &g) in v.iter_mut().zip(g) {
+                        *v = (*v * b2 + 0.0) + ((g * g) * ob2 + 0.0);
+                    }
+                }))?;
+                var.as_tensor().inplace_op3(
+                    &*m,
+                    &*v,
+                    &InPlace3(|th: &mut [f32], m: &[f32], v: &[f32]| {
+                        for ((th, &m), &v) in th.iter_mut().zip(m).zip(v) {
+                            let update = (m * c1 + 0.0) / ((v * c2 + 0.0).sqrt() * 1.0 + eps);
+                            *th = (*th * decay + 0.0) - (update * lr + 0.0);
+                        }
+                    }),
+                )?;
+                Ok(())
+            })
+    }
+
+    /// One variable's update through tensor expressions.
+    fn update(
+        p: AdamWParams,
+        (c1, c2): (f64, f64),
+        var: &Var,
+        m: &mut Tensor,
+        v: &mut Tensor,
+        g: &Tensor,
+    ) -> Result<()> {
+        *m = ((&*m * p.beta1)? + (g * (1.0 - p.beta1))?)?;
+        *v = ((&*v * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
+        let update = ((&*m * c1)? / ((&*v * c2)?.sqrt()? + p.eps)?)?;
+        let theta = ((var.as_tensor() * (1.0 - p.lr * p.weight_decay))? - (update * p.lr)?)?;
+        var.set(&theta)?;
         Ok(())
     }
 
@@ -128,6 +202,90 @@ impl AdamW {
         }
         let step = map.remove("step").ok_or_else(|| missing("step"))?;
         self.step = step.to_dtype(DType::F64)?.to_vec1::<f64>()?[0] as u64;
+        Ok(())
+    }
+}
+
+/// An in-place f32 CPU op on one contiguous tensor (how [`AdamW::step_slices`] updates without
+/// allocating).
+struct InPlace<F>(F);
+
+/// The slice of a contiguous f32 CPU storage that `layout` covers.
+fn contiguous<'a>(s: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+    let (CpuStorage::F32(d), Some((a, b))) = (s, layout.contiguous_offsets()) else {
+        candle_core::bail!("expected a contiguous f32 tensor");
+    };
+    Ok(&d[a..b])
+}
+
+impl<F: Fn(&mut [f32])> InplaceOp1 for InPlace<F> {
+    fn name(&self) -> &'static str {
+        "in-place f32 update"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let (CpuStorage::F32(d), Some((a, b))) = (s, layout.contiguous_offsets()) else {
+            candle_core::bail!("expected a contiguous f32 tensor");
+        };
+        (self.0)(&mut d[a..b]);
+        Ok(())
+    }
+}
+
+/// [`InPlace`] reading one more tensor of the same shape.
+struct InPlace2<F>(F);
+
+impl<F: Fn(&mut [f32], &[f32])> InplaceOp2 for InPlace2<F> {
+    fn name(&self) -> &'static str {
+        "in-place f32 update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let x = contiguous(s2, l2)?;
+        let (CpuStorage::F32(d), Some((a, b))) = (s1, l1.contiguous_offsets()) else {
+            candle_core::bail!("expected a contiguous f32 tensor");
+        };
+        let d = &mut d[a..b];
+        if x.len() != d.len() {
+            candle_core::bail!("in-place update: shapes differ");
+        }
+        (self.0)(d, x);
+        Ok(())
+    }
+}
+
+/// [`InPlace`] reading two more tensors of the same shape.
+struct InPlace3<F>(F);
+
+impl<F: Fn(&mut [f32], &[f32], &[f32])> InplaceOp3 for InPlace3<F> {
+    fn name(&self) -> &'static str {
+        "in-place f32 update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let (x, y) = (contiguous(s2, l2)?, contiguous(s3, l3)?);
+        let (CpuStorage::F32(d), Some((a, b))) = (s1, l1.contiguous_offsets()) else {
+            candle_core::bail!("expected a contiguous f32 tensor");
+        };
+        let d = &mut d[a..b];
+        if x.len() != d.len() || y.len() != d.len() {
+            candle_core::bail!("in-place update: shapes differ");
+        }
+        (self.0)(d, x, y);
         Ok(())
     }
 }
@@ -188,6 +346,88 @@ impl Sgd {
                 g = next;
             }
             var.set(&(var.as_tensor() - (g * p.lr)?)?)?;
+        }
+        Ok(())
+    }
+
+    /// One step with plain f32 gradients: `grad(i)` for the `i`-th variable, row-major in its
+    /// shape (`None` skips it). f32 CPU variables and their momentum buffers are updated in
+    /// place, in parallel over variables, with exactly the f32 arithmetic of
+    /// [`Sgd::step_with`] (pinned bit for bit); others go through [`Sgd::step_with`]'s path.
+    pub fn step_slices<'g>(
+        &mut self,
+        grad: impl Fn(usize) -> Option<&'g [f32]> + Sync,
+    ) -> Result<()> {
+        use rayon::prelude::*;
+        let p = self.params;
+        let (wd, mu, lr) = (p.weight_decay as f32, p.momentum as f32, p.lr as f32);
+        let fallback = self
+            .vars
+            .par_iter_mut()
+            .enumerate()
+            .map(|(i, (var, buf))| -> Result<bool> {
+                let Some(g) = grad(i) else {
+                    return Ok(false);
+                };
+                if g.len() != var.elem_count() {
+                    return Err(Error::invalid(
+                        "gradient",
+                        format!("variable {i}: {} values for {:?}", g.len(), var.dims()),
+                    ));
+                }
+                if !(var.device().is_cpu() && var.dtype() == DType::F32) {
+                    return Ok(true);
+                }
+                let theta = var.as_tensor();
+                // g' = g + θ·wd (when decaying), as the tensor path computes it.
+                let decay = p.weight_decay != 0.0;
+                let decayed = |g: f32, t: f32| if decay { g + (t * wd + 0.0) } else { g };
+                if p.momentum == 0.0 {
+                    theta.inplace_op1(&InPlace(|th: &mut [f32]| {
+                        for (t, &g) in th.iter_mut().zip(g) {
+                            *t -= decayed(g, *t) * lr + 0.0;
+                        }
+                    }))?;
+                    return Ok(false);
+                }
+                match buf {
+                    None => {
+                        // First step: the buffer is g'.
+                        let th = theta.flatten_all()?.to_vec1::<f32>()?;
+                        let first: Vec<f32> =
+                            g.iter().zip(&th).map(|(&g, &t)| decayed(g, t)).collect();
+                        *buf = Some(Tensor::from_vec(first, var.dims(), var.device())?);
+                    }
+                    Some(b) => {
+                        b.inplace_op2(
+                            theta,
+                            &InPlace2(|b: &mut [f32], th: &[f32]| {
+                                for ((b, &g), &t) in b.iter_mut().zip(g).zip(th) {
+                                    *b = decayed(g, t) + (*b * mu + 0.0);
+                                }
+                            }),
+                        )?;
+                    }
+                }
+                let b = buf.as_ref().expect("set above");
+                theta.inplace_op2(
+                    b,
+                    &InPlace2(|th: &mut [f32], b: &[f32]| {
+                        for (t, &b) in th.iter_mut().zip(b) {
+                            *t -= b * lr + 0.0;
+                        }
+                    }),
+                )?;
+                Ok(false)
+            })
+            .collect::<Result<Vec<bool>>>()?;
+        if fallback.iter().any(|&f| f) {
+            self.step_with(|i, var| {
+                fallback[i]
+                    .then(|| grad(i))
+                    .flatten()
+                    .and_then(|g| Tensor::from_slice(g, var.dims(), var.device()).ok())
+            })?;
         }
         Ok(())
     }
@@ -269,6 +509,38 @@ mod tests {
             "{} vs {want0}",
             got[0]
         );
+    }
+
+    #[test]
+    fn adamw_slice_step_equals_the_tensor_step_bit_for_bit() {
+        let p = AdamWParams {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let vals = |seed: u32| -> Vec<f32> {
+            (0..257u32)
+                .map(|i| ((i.wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+                .collect()
+        };
+        let a = Var::new(vals(1).as_slice(), &Device::Cpu).unwrap();
+        let b = Var::new(vals(1).as_slice(), &Device::Cpu).unwrap();
+        let mut ta = AdamW::new(vec![("w".into(), a.clone())], p).unwrap();
+        let mut tb = AdamW::new(vec![("w".into(), b.clone())], p).unwrap();
+        for step in 0..4 {
+            let g: Vec<f32> = vals(10 + step).iter().map(|x| x * 1e-3).collect();
+            ta.step(&grads_for(&a, &g)).unwrap();
+            tb.step_slices(|n| (n == "w").then_some(g.as_slice()))
+                .unwrap();
+            let bits = |v: &Var| -> Vec<u32> {
+                let t = v.as_tensor().to_vec1::<f32>().unwrap();
+                t.iter().map(|x| x.to_bits()).collect()
+            };
+            assert_eq!(bits(&a), bits(&b), "step {step}");
+        }
+        assert_eq!(tb.steps(), 4);
     }
 
     #[test]
@@ -380,6 +652,37 @@ mod tests {
                 .map(|v| v.to_bits())
                 .collect();
             assert_eq!(got, want, "step {step}");
+        }
+    }
+
+    #[test]
+    fn sgd_slice_step_equals_the_tensor_step_bit_for_bit() {
+        let vals = |seed: u32| -> Vec<f32> {
+            (0..257u32)
+                .map(|i| ((i.wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+                .collect()
+        };
+        for (momentum, weight_decay) in [(0.9, 5e-4), (0.9, 0.0), (0.0, 5e-4), (0.0, 0.0)] {
+            let p = SgdParams {
+                lr: 0.1,
+                momentum,
+                weight_decay,
+            };
+            let a = Var::new(vals(1).as_slice(), &Device::Cpu).unwrap();
+            let b = Var::new(vals(1).as_slice(), &Device::Cpu).unwrap();
+            let mut ta = Sgd::new(vec![a.clone()], p);
+            let mut tb = Sgd::new(vec![b.clone()], p);
+            for step in 0..3 {
+                let g = vals(10 + step);
+                let gt = Tensor::new(g.as_slice(), &Device::Cpu).unwrap();
+                ta.step_with(|_, _| Some(gt.clone())).unwrap();
+                tb.step_slices(|_| Some(g.as_slice())).unwrap();
+                let bits = |v: &Var| -> Vec<u32> {
+                    let t = v.as_tensor().to_vec1::<f32>().unwrap();
+                    t.iter().map(|x| x.to_bits()).collect()
+                };
+                assert_eq!(bits(&a), bits(&b), "{p:?} step {step}");
+            }
         }
     }
 

@@ -14,7 +14,7 @@ use super::{causal_mask, Inputs, KvCache, MlpWeights, ModelSpec, Params};
 use crate::error::{Error, Result};
 
 mod grad;
-pub use grad::{MlpGradWorkspace, MlpGrads};
+pub use grad::{MlpGradWorkspace, MlpGrads, TrainGrads};
 
 /// GPT-2 hyper-parameters, validated.
 #[derive(Debug, Clone, PartialEq)]

@@ -9,6 +9,7 @@
 //! Determinism: initial weights come from `seed`, each epoch's shuffle from `seed` and the epoch
 //! number, so a resumed run continues the same sequence of batches.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -22,6 +23,7 @@ use super::data::{self, DataConfig, Dataset};
 use super::eval::{self, EvalParams, EvalReport};
 use super::vocab;
 use crate::error::{Error, Result};
+use crate::models::gpt2::MlpGradWorkspace;
 use crate::models::ops::{self, Activation};
 use crate::models::weights::{read_safetensors, write_safetensors};
 use crate::models::{gpt2, Inputs, Model, ModelConfig, Weights};
@@ -265,6 +267,7 @@ pub fn train(
         .collect();
     let t = data_cfg.max_ctx;
     let steps_per_epoch = rows.len().div_ceil(cfg.batch_size);
+    let mut ws = StepWorkspace::default();
     for epoch in card.epochs_done..cfg.epochs {
         let started = Instant::now();
         let mut order: Vec<usize> = (0..rows.len()).collect();
@@ -277,11 +280,7 @@ pub fn train(
                 .iter()
                 .flat_map(|&i| rows[i].iter().copied())
                 .collect();
-            let ids = Tensor::from_vec(flat, (batch.len(), t), &dev)?;
-            let logits = model.forward(&Inputs::causal(&ids, 0)?, None, None)?;
-            let loss = ops::lm_loss(&logits, &ids)?;
-            opt.backward_step(&loss)?;
-            let l = loss.to_scalar::<f32>()? as f64;
+            let l = train_step(&model, &mut opt, &flat, (batch.len(), t), &mut ws)?.loss;
             if !l.is_finite() {
                 return Err(Error::invalid(
                     "lr",
@@ -330,6 +329,84 @@ pub fn train(
     Ok(card)
 }
 
+/// Buffers that [`train_step`] reuses from one step to the next.
+#[derive(Default)]
+pub struct StepWorkspace {
+    grad: MlpGradWorkspace,
+}
+
+/// What one [`train_step`] did.
+#[derive(Debug, Clone, Copy)]
+pub struct StepReport {
+    /// The batch's [`ops::lm_loss`] before the update.
+    pub loss: f64,
+    /// Seconds in the forward and backward passes, and in the optimiser.
+    pub grad_seconds: f64,
+    pub optimizer_seconds: f64,
+    /// Whether the hand-written backward ([`gpt2::Gpt2::train_grads`]) ran.
+    pub fast: bool,
+}
+
+/// One training step on `ids` (`[b, t]` row-major, every row `t` tokens): the gradient of
+/// [`ops::lm_loss`] with respect to every parameter, then one step of `opt` (whose variables
+/// are named as in [`Model::named_tensors`]).
+///
+/// GPT-2 with a ReLU MLP, f32 on the CPU, takes [`gpt2::Gpt2::train_grads`] (a hand-written
+/// forward and backward, pinned to autograd by this module's tests); any other model goes
+/// through candle's autograd ([`train_step_autograd`]).
+pub fn train_step(
+    model: &Model,
+    opt: &mut AdamW,
+    ids: &[u32],
+    (b, t): (usize, usize),
+    ws: &mut StepWorkspace,
+) -> Result<StepReport> {
+    let Model::Gpt2(gpt) = model else {
+        return train_step_autograd(model, opt, ids, (b, t));
+    };
+    if !gpt.mlp_grads_supported() {
+        return train_step_autograd(model, opt, ids, (b, t));
+    }
+    let t0 = Instant::now();
+    let out = gpt.train_grads(ids, (b, t), &mut ws.grad)?;
+    let t1 = Instant::now();
+    let index: HashMap<&str, usize> = model
+        .named_tensors()
+        .iter()
+        .enumerate()
+        .map(|(i, (n, _))| (n.as_str(), i))
+        .collect();
+    opt.step_slices(|name| index.get(name).map(|&i| out.grads[i].as_slice()))?;
+    Ok(StepReport {
+        loss: out.loss,
+        grad_seconds: (t1 - t0).as_secs_f64(),
+        optimizer_seconds: t1.elapsed().as_secs_f64(),
+        fast: true,
+    })
+}
+
+/// [`train_step`] through candle's autograd, for every model.
+pub fn train_step_autograd(
+    model: &Model,
+    opt: &mut AdamW,
+    ids: &[u32],
+    (b, t): (usize, usize),
+) -> Result<StepReport> {
+    let t0 = Instant::now();
+    let ids = Tensor::from_slice(ids, (b, t), model.device())?;
+    let logits = model.forward(&Inputs::causal(&ids, 0)?, None, None)?;
+    let loss = ops::lm_loss(&logits, &ids)?;
+    let grads = loss.backward()?;
+    let t1 = Instant::now();
+    opt.step(&grads)?;
+    Ok(StepReport {
+        loss: f64::from(loss.to_scalar::<f32>()?),
+        grad_seconds: (t1 - t0).as_secs_f64(),
+        optimizer_seconds: t1.elapsed().as_secs_f64(),
+        fast: false,
+    })
+}
+
 /// An untracked copy of `model` sharing its storage: it runs the inference kernels, so its
 /// evaluation equals what `lethe tinymem eval` computes on the written checkpoint.
 fn snapshot(model: &Model, cfg: &ModelConfig) -> Result<Model> {
@@ -342,7 +419,7 @@ fn snapshot(model: &Model, cfg: &ModelConfig) -> Result<Model> {
 }
 
 /// The trainable variables behind `model`'s parameters, by checkpoint name.
-fn named_vars(model: &Model, weights: &Weights) -> Result<Vec<(String, Var)>> {
+pub(crate) fn named_vars(model: &Model, weights: &Weights) -> Result<Vec<(String, Var)>> {
     let varmap = weights
         .varmap()
         .ok_or_else(|| Error::invalid("weights", "not trainable"))?;
@@ -383,4 +460,162 @@ fn save_checkpoint(
     let card_json =
         serde_json::to_string_pretty(card).map_err(|e| Error::invalid("card", e.to_string()))?;
     crate::util::write_atomic(&out.join(CARD_FILE), card_json.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::fused;
+    use rand::Rng;
+
+    fn config(n_layer: usize, tied: bool, inverse_idx: bool) -> ModelConfig {
+        ModelConfig::Gpt2(gpt2::Config {
+            vocab_size: 11,
+            n_positions: 16,
+            n_embd: 16,
+            n_layer,
+            n_head: 2,
+            n_inner: 40,
+            activation: Activation::Relu,
+            layer_norm_epsilon: 1e-5,
+            tie_word_embeddings: tied,
+            scale_attn_weights: true,
+            scale_attn_by_inverse_layer_idx: inverse_idx,
+            // Large enough that attention is far from uniform and every op matters.
+            initializer_range: 0.3,
+            bos_token_id: None,
+            eos_token_id: None,
+            pad_token_id: None,
+        })
+    }
+
+    fn random_ids(seed: u64, n: usize) -> Vec<u32> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random_range(0..11u32)).collect()
+    }
+
+    fn flat(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    /// `‖a − b‖₂ / ‖b‖₂` (absolute when `b` is 0).
+    fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        let num: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
+        let den: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
+        (num / den.max(1e-30)).sqrt()
+    }
+
+    #[test]
+    fn hand_written_gradients_match_autograd_for_every_parameter() {
+        // (layers, tied, inverse layer scaling, rows, length): lengths odd, even, 2 and the
+        // whole context.
+        let cases = [
+            (1, true, false, 3, 9),
+            (2, false, false, 2, 13),
+            (2, true, true, 5, 16),
+            (1, false, false, 4, 2),
+            (2, true, false, 1, 10),
+        ];
+        // One workspace for all cases: buffers left by another shape must not leak in.
+        let mut ws = MlpGradWorkspace::default();
+        for (case, &(nl, tied, inv, b, t)) in cases.iter().enumerate() {
+            let weights = Weights::init_seeded(case as u64, DType::F32, &Device::Cpu);
+            let model = Model::new(&config(nl, tied, inv), &weights).unwrap();
+            let Model::Gpt2(gpt) = &model else {
+                unreachable!()
+            };
+            assert!(gpt.mlp_grads_supported());
+            let ids = random_ids(100 + case as u64, b * t);
+            let out = gpt.train_grads(&ids, (b, t), &mut ws).unwrap();
+            let ids_t = Tensor::from_slice(&ids, (b, t), &Device::Cpu).unwrap();
+            let logits = model
+                .forward(&Inputs::causal(&ids_t, 0).unwrap(), None, None)
+                .unwrap();
+            let loss = ops::lm_loss(&logits, &ids_t).unwrap();
+            let want = f64::from(loss.to_scalar::<f32>().unwrap());
+            assert!(
+                (out.loss - want).abs() <= 1e-5 * want.abs(),
+                "case {case}: loss {} vs {want}",
+                out.loss
+            );
+            let grads = loss.backward().unwrap();
+            let vars = named_vars(&model, &weights).unwrap();
+            assert_eq!(vars.len(), out.grads.len());
+            assert_eq!(vars.len(), 2 + 12 * nl + 2 + usize::from(!tied));
+            for ((name, var), got) in vars.iter().zip(out.grads) {
+                let want = flat(grads.get(var.as_tensor()).unwrap());
+                let e = rel_l2(got, &want);
+                assert!(e <= 1e-4, "case {case}: {name}: relative L2 error {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn fast_training_steps_follow_the_autograd_steps() {
+        let cfg = config(2, true, false);
+        let (b, t) = (4, 12);
+        let params = AdamWParams {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let init = |seed| {
+            let w = Weights::init_seeded(seed, DType::F32, &Device::Cpu);
+            let m = Model::new(&cfg, &w).unwrap();
+            let opt = AdamW::new(named_vars(&m, &w).unwrap(), params).unwrap();
+            (m, opt)
+        };
+        let (fast, mut fast_opt) = init(7);
+        let (slow, mut slow_opt) = init(7);
+        let start: Vec<Vec<f32>> = slow.named_tensors().iter().map(|(_, t)| flat(t)).collect();
+        let mut ws = StepWorkspace::default();
+        for step in 0..5 {
+            let ids = random_ids(step, b * t);
+            let f = train_step(&fast, &mut fast_opt, &ids, (b, t), &mut ws).unwrap();
+            let s = train_step_autograd(&slow, &mut slow_opt, &ids, (b, t)).unwrap();
+            assert!(f.fast && !s.fast);
+            assert!(
+                (f.loss - s.loss).abs() <= 1e-5 * s.loss.abs(),
+                "step {step}: loss {} vs {}",
+                f.loss,
+                s.loss
+            );
+        }
+        // Each parameter's total change agrees (relative to the change itself).
+        for (((name, a), (_, b)), s0) in fast
+            .named_tensors()
+            .iter()
+            .zip(slow.named_tensors())
+            .zip(&start)
+        {
+            let (mut a, mut b) = (flat(a), flat(b));
+            if name.ends_with("attn.c_attn.bias") {
+                // The key bias's exact gradient is 0 (it shifts a softmax row by a constant), so
+                // both paths' gradients there are rounding noise, which AdamW scales up to
+                // steps of ±lr: compare the query and value biases only.
+                let h = a.len() / 3;
+                a.drain(h..2 * h);
+                b.drain(h..2 * h);
+            }
+            let s0: Vec<f32> = if name.ends_with("attn.c_attn.bias") {
+                let h = s0.len() / 3;
+                s0[..h].iter().chain(&s0[2 * h..]).copied().collect()
+            } else {
+                s0.clone()
+            };
+            let da: Vec<f32> = a.iter().zip(&s0).map(|(x, y)| x - y).collect();
+            let db: Vec<f32> = b.iter().zip(&s0).map(|(x, y)| x - y).collect();
+            let e = rel_l2(&da, &db);
+            assert!(e <= 1e-3, "{name}: relative L2 error of the update {e}");
+        }
+        // And the path is the fused one only where supported.
+        fused::with_reference_ops(|| {
+            let ids = random_ids(9, b * t);
+            let r = train_step(&fast, &mut fast_opt, &ids, (b, t), &mut ws).unwrap();
+            assert!(!r.fast);
+        });
+    }
 }

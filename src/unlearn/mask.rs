@@ -134,9 +134,22 @@ pub fn hard_mask_values(flat: &[f32], ratio: f64) -> Vec<f32> {
 /// the `j`-th smallest; every entry below `τ` is taken, then entries equal to `τ` in position
 /// order until `j` are taken.
 pub fn smallest_abs(x: &[f32], j: usize, scratch: &mut Vec<u32>) -> Vec<usize> {
+    let mut out = Vec::with_capacity(j.min(x.len()));
+    for_each_smallest_abs(x, j, scratch, |i| out.push(i));
+    out
+}
+
+/// Calls `f` on each of [`smallest_abs`]'s positions, in ascending order, without collecting
+/// them.
+pub fn for_each_smallest_abs(
+    x: &[f32],
+    j: usize,
+    scratch: &mut Vec<u32>,
+    mut f: impl FnMut(usize),
+) {
     let j = j.min(x.len());
     if j == 0 {
-        return Vec::new();
+        return;
     }
     let key = |v: f32| v.to_bits() & 0x7fff_ffff;
     scratch.clear();
@@ -144,17 +157,15 @@ pub fn smallest_abs(x: &[f32], j: usize, scratch: &mut Vec<u32>) -> Vec<usize> {
     let (_, &mut tau, _) = scratch.select_nth_unstable(j - 1);
     let below = x.iter().filter(|&&v| key(v) < tau).count();
     let mut ties = j - below;
-    let mut out = Vec::with_capacity(j);
     for (i, &v) in x.iter().enumerate() {
         let k = key(v);
         if k < tau {
-            out.push(i);
+            f(i);
         } else if k == tau && ties > 0 {
-            out.push(i);
+            f(i);
             ties -= 1;
         }
     }
-    out
 }
 
 #[cfg(test)]

@@ -356,6 +356,11 @@ pub struct StepWorkspace {
     /// The masked MLP weights `(c_fc, c_proj)` per block, and selection scratch per matrix.
     eff: Vec<(Vec<f32>, Vec<f32>)>,
     scratch: Vec<Vec<u32>>,
+    /// Per matrix: the base weight's values and the id of the (immutable) tensor they were
+    /// read from, so that a run reads them once.
+    base: Vec<(Option<candle_core::TensorId>, Vec<f32>)>,
+    /// Per matrix: the score gradient.
+    ds: Vec<Vec<f32>>,
 }
 
 /// One BalancedSubnet step: the loss of [`batch_loss`] through the scores' straight-through
@@ -375,8 +380,8 @@ pub fn step(
     opt: &mut Sgd,
     ws: &mut StepWorkspace,
 ) -> Result<(Option<f64>, Option<f64>)> {
-    if let Some((grads, lf, lr)) = fast_score_grads(model, scores, base, batch, w, ws)? {
-        opt.step_with(|i, _| grads.get(i).cloned())?;
+    if let Some((lf, lr)) = fast_score_grads(model, scores, base, batch, w, ws)? {
+        opt.step_slices(|i| ws.ds.get(i).map(Vec::as_slice))?;
         return Ok((lf, lr));
     }
     let masked = scores.masked(base)?;
@@ -393,9 +398,21 @@ pub fn fast_step_applies(model: &Model, scores: &Scores) -> bool {
     matches!(model, Model::Gpt2(gpt) if gpt.mlp_grads_supported()) && !scores.linear_layout()
 }
 
-/// Score gradients in [`Scores::all_vars`] order and the group means, through
+/// `f` of a CPU f32 tensor's values, without a copy where the tensor is contiguous.
+fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    {
+        let (guard, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) =
+            (&*guard, layout.contiguous_offsets())
+        {
+            return Ok(f(&v[a..b]));
+        }
+    }
+    Ok(f(&t.flatten_all()?.to_vec1::<f32>()?))
+}
+
+/// Score gradients into `ws.ds` (in [`Scores::all_vars`] order) and the group means, through
 /// [`crate::models::gpt2::Gpt2::mlp_grads`]; `None` when the model does not qualify.
-#[allow(clippy::type_complexity)]
 fn fast_score_grads(
     model: &Model,
     scores: &Scores,
@@ -403,7 +420,7 @@ fn fast_score_grads(
     batch: &[Example],
     w: f64,
     ws: &mut StepWorkspace,
-) -> Result<Option<(Vec<Tensor>, Option<f64>, Option<f64>)>> {
+) -> Result<Option<(Option<f64>, Option<f64>)>> {
     let Model::Gpt2(gpt) = model else {
         return Ok(None);
     };
@@ -439,7 +456,6 @@ fn fast_score_grads(
             _ => 0.0,
         })
         .collect();
-    // The masked weights W ⊙ hard, one matrix per task, into the workspace's buffers.
     let pairs: Vec<(&Tensor, &candle_core::Var)> = base
         .0
         .iter()
@@ -448,22 +464,31 @@ fn fast_score_grads(
         .collect();
     ws.eff.resize_with(pairs.len() / 2, Default::default);
     ws.scratch.resize_with(pairs.len(), Vec::new);
+    ws.base.resize_with(pairs.len(), Default::default);
+    ws.ds.resize_with(pairs.len(), Vec::new);
+    // The base weights' values, read again only when the tensor changes (a variable's values
+    // can change in place, so those are read every step).
+    for ((wt, _), (id, values)) in pairs.iter().zip(ws.base.iter_mut()) {
+        if *id != Some(wt.id()) || wt.is_variable() {
+            *values = wt.flatten_all()?.to_vec1::<f32>()?;
+            *id = Some(wt.id());
+        }
+    }
+    // The masked weights W ⊙ hard, one matrix per task, into the workspace's buffers.
+    let ratio = scores.ratio;
     let mut eff: Vec<&mut Vec<f32>> = ws.eff.iter_mut().flat_map(|(a, b)| [a, b]).collect();
-    let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
-    let prepared: Vec<(Vec<f32>, Vec<f32>)> = pairs
-        .par_iter()
-        .zip(eff.par_iter_mut())
+    eff.par_iter_mut()
         .zip(ws.scratch.par_iter_mut())
-        .map(|(((wt, s), eff), scratch)| {
-            let (wv, sv) = (flat(wt)?, flat(s.as_tensor())?);
-            eff.clear();
-            eff.extend_from_slice(&wv);
-            for i in mask::smallest_abs(&sv, mask::zeros_for(sv.len(), scores.ratio), scratch) {
-                eff[i] = 0.0;
-            }
-            Ok((wv, sv))
-        })
-        .collect::<Result<_>>()?;
+        .zip(ws.base.par_iter())
+        .zip(pairs.par_iter())
+        .try_for_each(|(((eff, scratch), (_, wv)), (_, s))| {
+            with_values(s.as_tensor(), |sv| {
+                eff.clear();
+                eff.extend_from_slice(wv);
+                let j = mask::zeros_for(sv.len(), ratio);
+                mask::for_each_smallest_abs(sv, j, scratch, |i| eff[i] = 0.0);
+            })
+        })?;
     let out = gpt.mlp_grads(
         &ids,
         (batch.len(), width),
@@ -473,21 +498,25 @@ fn fast_score_grads(
         &mut ws.grad,
     )?;
     // Straight-through: ∂L/∂s = (∂L/∂W_eff ⊙ W) · sign(s), with sign(0) = +1 as candle's abs.
-    let grads: Vec<Tensor> = out
-        .grads
+    out.grads
         .iter()
-        .flat_map(|(g1, g2)| [g1, g2])
-        .zip(prepared.iter().zip(&pairs))
-        .map(|(g, ((wv, sv), (wt, _)))| {
-            let ds: Vec<f32> = g
-                .iter()
-                .zip(wv)
-                .zip(sv)
-                .map(|((g, w), s)| (g * w) * if *s >= 0.0 { 1.0 } else { -1.0 })
-                .collect();
-            Ok(Tensor::from_vec(ds, wt.dims(), wt.device())?)
-        })
-        .collect::<Result<_>>()?;
+        .flat_map(|&(g1, g2)| [g1, g2])
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .zip(ws.ds.par_iter_mut())
+        .zip(ws.base.par_iter())
+        .zip(pairs.par_iter())
+        .try_for_each(|(((g, ds), (_, wv)), (_, s))| {
+            with_values(s.as_tensor(), |sv| {
+                ds.clear();
+                ds.extend(
+                    g.iter()
+                        .zip(wv)
+                        .zip(sv)
+                        .map(|((g, w), s)| (g * w) * if *s >= 0.0 { 1.0 } else { -1.0 }),
+                );
+            })
+        })?;
     let mean = |f: bool| -> Option<f64> {
         let v: Vec<f64> = out
             .row_loss
@@ -500,7 +529,7 @@ fn fast_score_grads(
     };
     let lf = if use_f { mean(true) } else { None };
     let lr = if use_r { mean(false) } else { None };
-    Ok(Some((grads, lf, lr)))
+    Ok(Some((lf, lr)))
 }
 
 /// `−(1 − w)·L_forget + w·L_retain` over one batch, dropping a group with no rows (spec §4.3).
@@ -646,7 +675,7 @@ mod tests {
             let mut ws = StepWorkspace::default();
             // Twice: the second call reuses the workspace's buffers.
             for _ in 0..2 {
-                let (fast, flf, flr) = fast_score_grads(&model, &scores, &base, &batch, w, &mut ws)
+                let (flf, flr) = fast_score_grads(&model, &scores, &base, &batch, w, &mut ws)
                     .unwrap()
                     .expect("GPT-2 with ReLU takes the fast path");
                 let masked = scores.masked(&base).unwrap();
@@ -660,7 +689,8 @@ mod tests {
                         (a, b) => assert_eq!(a.is_some(), b.is_some(), "case {ci}"),
                     }
                 }
-                for (g, var) in fast.iter().zip(scores.all_vars()) {
+                assert_eq!(ws.ds.len(), scores.all_vars().len());
+                for (got, var) in ws.ds.iter().zip(scores.all_vars()) {
                     let want: Vec<f32> = grads
                         .get(var.as_tensor())
                         .unwrap()
@@ -668,9 +698,8 @@ mod tests {
                         .unwrap()
                         .to_vec1()
                         .unwrap();
-                    let got: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
                     assert!(want.iter().any(|&x| x != 0.0), "case {ci}: zero gradient");
-                    let e = rel_l2(&got, &want);
+                    let e = rel_l2(got, &want);
                     assert!(e <= 1e-4, "case {ci}: relative gradient error {e}");
                 }
             }

@@ -1,27 +1,28 @@
-//! GPT-2's gradient with respect to its MLP weight matrices alone, without candle's autograd:
-//! the unlearning step's hot path.
+//! GPT-2's forward and backward without candle's autograd: the unlearning step's and the
+//! training step's hot path.
 //!
 //! BalancedSubnet trains nothing but the scores over the MLP matrices (spec §4.1), so of the
-//! whole backward pass it needs `∂L/∂W_eff` for each `c_fc` and `c_proj`. Through candle's
-//! autograd every node's gradient is accumulated into a fresh zero tensor, every frozen weight,
-//! bias and LayerNorm parameter gets a gradient nobody reads, and layer 0's attention is
-//! differentiated for nothing. Here the forward keeps exactly the activations the backward reads,
-//! in buffers that a [`MlpGradWorkspace`] reuses from step to step (no page faults after the
-//! first), and the backward computes only what reaches an MLP matrix: it stops at layer 0's
-//! `c_fc`. Causal attention skips the masked upper triangle in blocks of query rows.
+//! whole backward pass it needs `∂L/∂W_eff` for each `c_fc` and `c_proj` ([`Gpt2::mlp_grads`]);
+//! training needs every parameter's gradient ([`Gpt2::train_grads`]). Both run the same code,
+//! parameterised by what is accumulated. Through candle's autograd every node's gradient is
+//! accumulated into a fresh zero tensor, and (for unlearning) every frozen weight, bias and
+//! LayerNorm parameter gets a gradient nobody reads. Here the forward keeps exactly the
+//! activations the backward reads, in buffers that a [`MlpGradWorkspace`] reuses from step to
+//! step (no page faults after the first), and the MLP-only backward stops at layer 0's `c_fc`.
+//! Causal attention skips the masked upper triangle in blocks of query rows.
 //!
 //! Parallelism is by rows: every op but the weight-gradient sums is per sequence, so the batch is
 //! cut into a few row groups that run the whole forward and backward single-threaded, each on its
 //! own buffers (no synchronisation inside the step, large single-threaded gemms), and their
-//! weight gradients are summed at the end.
+//! weight gradients are summed at the end into the first group's buffers.
 //!
 //! It computes the same function as [`super::Gpt2::forward_hidden`] → logits →
-//! per-sequence cross-entropy with the given MLP weights (to f32 rounding); the tests in
-//! `unlearn` pin both the loss and every score gradient to candle's autograd through the model's
-//! ordinary forward. Supported: f32 weights on the CPU, ReLU MLPs, unpadded causal attention
-//! (rows may be right-padded; the padding's predictions carry zero weight).
-//! [`super::Gpt2::mlp_grads_supported`] says whether a model qualifies; callers fall back to
-//! autograd otherwise.
+//! per-sequence cross-entropy (to f32 rounding); tests in `unlearn` pin the loss and every score
+//! gradient, and tests in `tinymem::train` the loss and every parameter gradient, to candle's
+//! autograd through the model's ordinary forward. Supported: f32 weights on the CPU, ReLU MLPs,
+//! unpadded causal attention (rows may be right-padded; the padding's predictions carry zero
+//! weight). [`super::Gpt2::mlp_grads_supported`] says whether a model qualifies; callers fall
+//! back to autograd otherwise.
 
 use std::ops::Deref;
 
@@ -43,7 +44,29 @@ pub struct MlpGradWorkspace {
     parts: Vec<PartBufs>,
 }
 
-/// One row group's activations, scratch and partial weight gradients.
+/// Which parameter gradients a pass accumulates.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Want {
+    /// The MLP weight matrices only (`c_fc`, `c_proj`); the backward stops at layer 0's `c_fc`.
+    Mlp,
+    /// Every parameter, down to the embeddings (training).
+    All,
+}
+
+/// Index of block `li`'s `k`-th parameter in [`Gpt2::named_tensors`] order: `wte`, `wpe`, then
+/// per block `ln_1` (w, b), `c_attn` (w, b), `attn.c_proj` (w, b), `ln_2` (w, b), `c_fc` (w, b),
+/// `mlp.c_proj` (w, b); then `ln_f` (w, b) and, untied, `lm_head`.
+const fn pidx(li: usize, k: usize) -> usize {
+    2 + 12 * li + k
+}
+const P_LN1: usize = 0;
+const P_ATTN: usize = 2;
+const P_PROJ: usize = 4;
+const P_LN2: usize = 6;
+const P_FC: usize = 8;
+const P_MPROJ: usize = 10;
+
+/// One row group's activations, scratch and partial parameter gradients.
 #[derive(Default)]
 struct PartBufs {
     /// Residual stream entering each block, plus the final one: `L + 1` × `[N, H]`.
@@ -51,35 +74,29 @@ struct PartBufs {
     layers: Vec<LayerBufs>,
     /// Logits, then their gradient, `[N, V]`.
     logits: Vec<f32>,
-    /// Scratch: `[N, H]` ×3, `[N, I]`, `[N, 3H]`.
-    a: Vec<f32>,
+    /// The final LayerNorm's output `[N, H]`.
+    hf: Vec<f32>,
+    /// Scratch: `[N, H]` ×2, `[N, I]`, `[N, 3H]`, `[T, T]`.
     dx: Vec<f32>,
     dt: Vec<f32>,
     dh: Vec<f32>,
     dqkv: Vec<f32>,
-    /// `(∂c_fc, ∂c_proj)` per block over this group's rows.
-    grads: Vec<(Vec<f32>, Vec<f32>)>,
+    ds: Vec<f32>,
+    /// Parameter gradients over this group's rows, in [`Gpt2::named_tensors`] order (see
+    /// [`pidx`]); in [`Want::Mlp`] mode only the MLP matrices' entries are filled.
+    grads: Vec<Vec<f32>>,
     /// Each row's mean loss.
     row_loss: Vec<f64>,
-}
-
-impl PartBufs {
-    /// This group's `∂c_fc` (or, when `second`, `∂c_proj`) of block `li`.
-    fn grad(&self, li: usize, second: bool) -> &[f32] {
-        let (a, c) = &self.grads[li];
-        if second {
-            c
-        } else {
-            a
-        }
-    }
 }
 
 /// What one block's backward reads.
 #[derive(Default)]
 struct LayerBufs {
+    /// `ln_1`'s output, the packed q/k/v, the attention probabilities and output.
+    ln1: Vec<f32>,
     qkv: Vec<f32>,
     probs: Vec<f32>,
+    att: Vec<f32>,
     /// Residual after attention, the MLP input (LayerNorm output), pre- and post-activation.
     xm: Vec<f32>,
     m_in: Vec<f32>,
@@ -96,14 +113,36 @@ fn buf(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     v
 }
 
-/// Output of [`Gpt2::mlp_grads`].
-pub struct MlpGrads {
+/// A buffer of exactly `n` zeros.
+fn zbuf(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    let b = buf(v, n);
+    b.fill(0.0);
+    b
+}
+
+/// Entries `i` and `i + 1` (a weight and its bias) of a gradient list.
+fn pair(g: &mut [Vec<f32>], i: usize) -> (&mut Vec<f32>, &mut Vec<f32>) {
+    let (a, b) = g[i..].split_at_mut(1);
+    (&mut a[0], &mut b[0])
+}
+
+/// Output of [`Gpt2::mlp_grads`], borrowing the workspace's buffers.
+pub struct MlpGrads<'w> {
     /// `Σ_r row_weight[r] · loss[r]`.
     pub loss: f64,
     /// Each row's mean cross-entropy over its own `len − 1` predictions.
     pub row_loss: Vec<f64>,
     /// `(∂L/∂c_fc, ∂L/∂c_proj)` per block, each `[in, out]` row-major like the weights.
-    pub grads: Vec<(Vec<f32>, Vec<f32>)>,
+    pub grads: Vec<(&'w [f32], &'w [f32])>,
+}
+
+/// Output of [`Gpt2::train_grads`], borrowing the workspace's buffers.
+pub struct TrainGrads<'w> {
+    /// The causal-LM loss ([`crate::models::ops::lm_loss`]).
+    pub loss: f64,
+    /// `∂loss/∂p` for every parameter, in [`Gpt2::named_tensors`] order, each row-major in the
+    /// parameter's shape. Tied embeddings get both uses' gradient in `wte`.
+    pub grads: &'w [Vec<f32>],
 }
 
 /// A read view of a contiguous f32 CPU tensor (`G` is candle's storage read guard).
@@ -133,6 +172,8 @@ impl<G: Deref<Target = Storage>> View<'_, G> {
 #[derive(Clone, Copy)]
 struct Dims {
     t: usize,
+    /// Rows of `wpe`.
+    npos: usize,
     h: usize,
     nh: usize,
     inner: usize,
@@ -146,6 +187,8 @@ struct Weights<'a> {
     wpe: &'a [f32],
     /// `[V, H]` (the tied `wte` or an untied head).
     lm: &'a [f32],
+    /// Whether `lm` is `wte`.
+    tied: bool,
     lnf: (&'a [f32], &'a [f32]),
     blocks: Vec<BlockWeights<'a>>,
 }
@@ -306,9 +349,17 @@ fn layer_norm(x: &[f32], (w, b): (&[f32], &[f32]), eps: f32, out: &mut [f32]) {
     }
 }
 
-/// `dx += ∂LayerNorm(x)/∂x · g` row by row (the weight and bias gradients are not needed).
+/// `dx += ∂LayerNorm(x)/∂x · g` row by row, and, given `(∂w, ∂b)`, `∂w += Σ g ⊙ x̂` and
+/// `∂b += Σ g` over the rows.
 #[inline(always)]
-fn layer_norm_bwd_add(x: &[f32], w: &[f32], eps: f32, g: &[f32], dx: &mut [f32]) {
+fn layer_norm_bwd_add(
+    x: &[f32],
+    w: &[f32],
+    eps: f32,
+    g: &[f32],
+    dx: &mut [f32],
+    mut dparams: Option<(&mut [f32], &mut [f32])>,
+) {
     let d = w.len();
     let (mut xhat, mut gw) = (vec![0f32; d], vec![0f32; d]);
     for ((dxr, xr), gr) in dx
@@ -321,11 +372,26 @@ fn layer_norm_bwd_add(x: &[f32], w: &[f32], eps: f32, g: &[f32], dx: &mut [f32])
             xhat[i] = (xr[i] - mean) * rstd;
             gw[i] = gr[i] * w[i];
         }
+        if let Some((dw, db)) = dparams.as_mut() {
+            for i in 0..d {
+                dw[i] += gr[i] * xhat[i];
+                db[i] += gr[i];
+            }
+        }
         let a = sum_pairs(&gw, &gw, |p, _| p) / d as f32;
         let c = sum_pairs(&gw, &xhat, |p, q| p * q) / d as f32;
         for i in 0..d {
             dxr[i] += rstd * (gw[i] - a - xhat[i] * c);
         }
+    }
+}
+
+/// `out = Σ_rows x` for `x: [rows, out.len()]`.
+#[inline(always)]
+fn col_sum(x: &[f32], out: &mut [f32]) {
+    out.fill(0.0);
+    for row in x.chunks_exact(out.len()) {
+        out.iter_mut().zip(row).for_each(|(o, &v)| *o += v);
     }
 }
 
@@ -520,14 +586,23 @@ fn attention_bwd(
 }
 
 /// Forward and backward over one row group (`ids: [b, t]`), single-threaded: fills `ws.grads`
-/// and `ws.row_loss`.
-fn part(d: Dims, w: &Weights, ids: &[u32], lens: &[usize], row_weight: &[f32], ws: &mut PartBufs) {
+/// (what `want` asks for) and `ws.row_loss`.
+#[allow(clippy::too_many_arguments)]
+fn part(
+    d: Dims,
+    w: &Weights,
+    ids: &[u32],
+    lens: &[usize],
+    row_weight: &[f32],
+    want: Want,
+    ws: &mut PartBufs,
+) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has the features `part_avx2` is compiled for (checked just above).
-        return unsafe { part_avx2(d, w, ids, lens, row_weight, ws) };
+        return unsafe { part_avx2(d, w, ids, lens, row_weight, want, ws) };
     }
-    part_body(d, w, ids, lens, row_weight, ws)
+    part_body(d, w, ids, lens, row_weight, want, ws)
 }
 
 /// [`part_body`] compiled for AVX2 (the crate's baseline is x86-64's SSE2): the row loops
@@ -541,9 +616,10 @@ unsafe fn part_avx2(
     ids: &[u32],
     lens: &[usize],
     row_weight: &[f32],
+    want: Want,
     ws: &mut PartBufs,
 ) {
-    part_body(d, w, ids, lens, row_weight, ws)
+    part_body(d, w, ids, lens, row_weight, want, ws)
 }
 
 #[inline(always)]
@@ -553,10 +629,12 @@ fn part_body(
     ids: &[u32],
     lens: &[usize],
     row_weight: &[f32],
+    want: Want,
     ws: &mut PartBufs,
 ) {
     let Dims {
         t,
+        npos,
         h,
         nh,
         inner,
@@ -566,9 +644,10 @@ fn part_body(
     let (b, nl) = (lens.len(), w.blocks.len());
     let n = b * t;
     let dims = (b, t, h, nh);
+    let full = want == Want::All;
     ws.xs.resize_with(nl + 1, Vec::new);
     ws.layers.resize_with(nl, LayerBufs::default);
-    ws.grads.resize_with(nl, Default::default);
+    ws.grads.resize_with(pidx(nl, 3), Vec::new);
 
     // Embeddings.
     let x0 = buf(&mut ws.xs[0], n * h);
@@ -588,16 +667,17 @@ fn part_body(
         let (done, rest) = ws.xs.split_at_mut(li + 1);
         let x = &done[li][..];
         let lb = &mut ws.layers[li];
-        let a = buf(&mut ws.a, n * h);
+        let a = buf(&mut lb.ln1, n * h);
         layer_norm(x, bw.ln1, eps, a);
         let qkv = buf(&mut lb.qkv, n * 3 * h);
         rows_plus_bias(None, bw.qkv.1, qkv);
         gemm(n, 3 * h, h, qkv, a, (h, 1), bw.qkv.0, (3 * h, 1), true);
         let probs = buf(&mut lb.probs, b * nh * t * t);
-        attention_fwd(qkv, dims, bw.scale, probs, a);
+        let att = buf(&mut lb.att, n * h);
+        attention_fwd(qkv, dims, bw.scale, probs, att);
         let xm = buf(&mut lb.xm, n * h);
         rows_plus_bias(Some(x), bw.proj.1, xm);
-        gemm(n, h, h, xm, a, (h, 1), bw.proj.0, (h, 1), true);
+        gemm(n, h, h, xm, att, (h, 1), bw.proj.0, (h, 1), true);
         let m_in = buf(&mut lb.m_in, n * h);
         layer_norm(xm, bw.ln2, eps, m_in);
         let hpre = buf(&mut lb.hpre, n * inner);
@@ -611,8 +691,8 @@ fn part_body(
         rows_plus_bias(Some(xm), bw.mproj.1, next);
         gemm(n, h, inner, next, hh, (inner, 1), bw.mproj.0, (h, 1), true);
     }
-    // The final LayerNorm into scratch `a`, then logits = hf · lmᵀ.
-    let hf = buf(&mut ws.a, n * h);
+    // The final LayerNorm, then logits = hf · lmᵀ.
+    let hf = buf(&mut ws.hf, n * h);
     layer_norm(&ws.xs[nl], w.lnf, eps, hf);
     let logits = buf(&mut ws.logits, n * v);
     gemm(n, v, h, logits, hf, (h, 1), w.lm, (1, h), false);
@@ -651,20 +731,46 @@ fn part_body(
     }
 
     // Backward.
+    let grads = &mut ws.grads;
+    if full {
+        // The head: ∂lm = ∂logitsᵀ hf (`wte`'s first share when tied).
+        let head = if w.tied { 0 } else { pidx(nl, 2) };
+        let g = buf(&mut grads[head], v * h);
+        gemm(v, h, n, g, &ws.logits, (1, v), &ws.hf, (h, 1), false);
+        if !w.tied {
+            zbuf(&mut grads[0], v * h);
+        }
+    }
     let dhf = buf(&mut ws.dt, n * h);
     gemm(n, h, v, dhf, &ws.logits, (v, 1), w.lm, (h, 1), false);
-    let dx = buf(&mut ws.dx, n * h);
-    dx.fill(0.0);
-    layer_norm_bwd_add(&ws.xs[nl], w.lnf.0, eps, dhf, dx);
-    let mut ds = Vec::new();
+    let dx = zbuf(&mut ws.dx, n * h);
+    let lnf = if full {
+        let (gw, gb) = pair(grads, pidx(nl, 0));
+        Some((zbuf(gw, h), zbuf(gb, h)))
+    } else {
+        None
+    };
+    layer_norm_bwd_add(&ws.xs[nl], w.lnf.0, eps, dhf, dx, lnf);
     for li in (0..nl).rev() {
         let bw = &w.blocks[li];
         let lb = &ws.layers[li];
-        let (g1, g2) = &mut ws.grads[li];
-        let (g1, g2) = (buf(g1, h * inner), buf(g2, inner * h));
         let dx = &mut ws.dx;
         // c_proj: ∂W2 = hᵀ dx, ∂h = dx W2ᵀ, then ReLU (the gradient passes at 0).
-        gemm(inner, h, n, g2, &lb.h, (1, inner), dx, (h, 1), false);
+        let (gw, gb) = pair(grads, pidx(li, P_MPROJ));
+        gemm(
+            inner,
+            h,
+            n,
+            buf(gw, inner * h),
+            &lb.h,
+            (1, inner),
+            dx,
+            (h, 1),
+            false,
+        );
+        if full {
+            col_sum(dx, buf(gb, h));
+        }
         let dh = buf(&mut ws.dh, n * inner);
         gemm(n, inner, h, dh, dx, (h, 1), bw.mproj.0, (1, h), false);
         // A select, not a branch: the sign of x is a coin flip.
@@ -672,18 +778,57 @@ fn part_body(
             .zip(&lb.hpre)
             .for_each(|(d, &x)| *d = if x >= 0.0 { *d } else { 0.0 });
         // c_fc: ∂W1 = m_inᵀ ∂hpre.
-        gemm(h, inner, n, g1, &lb.m_in, (1, h), dh, (inner, 1), false);
-        if li == 0 {
+        let (gw, gb) = pair(grads, pidx(li, P_FC));
+        gemm(
+            h,
+            inner,
+            n,
+            buf(gw, h * inner),
+            &lb.m_in,
+            (1, h),
+            dh,
+            (inner, 1),
+            false,
+        );
+        if full {
+            col_sum(dh, buf(gb, inner));
+        } else if li == 0 {
             break;
         }
         // ∂m_in = ∂hpre W1ᵀ; through ln_2 into the residual.
         let dt = buf(&mut ws.dt, n * h);
         gemm(n, h, inner, dt, dh, (inner, 1), bw.fc.0, (1, inner), false);
-        layer_norm_bwd_add(&lb.xm, bw.ln2.0, eps, dt, dx);
+        let ln2 = if full {
+            let (gw, gb) = pair(grads, pidx(li, P_LN2));
+            Some((zbuf(gw, h), zbuf(gb, h)))
+        } else {
+            None
+        };
+        layer_norm_bwd_add(&lb.xm, bw.ln2.0, eps, dt, dx, ln2);
         // Attention output projection, attention, qkv projection, ln_1.
+        if full {
+            let (gw, gb) = pair(grads, pidx(li, P_PROJ));
+            gemm(h, h, n, buf(gw, h * h), &lb.att, (1, h), dx, (h, 1), false);
+            col_sum(dx, buf(gb, h));
+        }
         gemm(n, h, h, dt, dx, (h, 1), bw.proj.0, (1, h), false);
         let dqkv = buf(&mut ws.dqkv, n * 3 * h);
-        attention_bwd(&lb.qkv, &lb.probs, dt, dims, bw.scale, dqkv, &mut ds);
+        attention_bwd(&lb.qkv, &lb.probs, dt, dims, bw.scale, dqkv, &mut ws.ds);
+        if full {
+            let (gw, gb) = pair(grads, pidx(li, P_ATTN));
+            gemm(
+                h,
+                3 * h,
+                n,
+                buf(gw, h * 3 * h),
+                &lb.ln1,
+                (1, h),
+                dqkv,
+                (3 * h, 1),
+                false,
+            );
+            col_sum(dqkv, buf(gb, 3 * h));
+        }
         gemm(
             n,
             h,
@@ -695,13 +840,35 @@ fn part_body(
             (1, 3 * h),
             false,
         );
-        layer_norm_bwd_add(&ws.xs[li], bw.ln1.0, eps, dt, dx);
+        let ln1 = if full {
+            let (gw, gb) = pair(grads, pidx(li, P_LN1));
+            Some((zbuf(gw, h), zbuf(gb, h)))
+        } else {
+            None
+        };
+        layer_norm_bwd_add(&ws.xs[li], bw.ln1.0, eps, dt, dx, ln1);
+    }
+    if full {
+        // The embeddings: scatter the residual's gradient by token id and by position.
+        let (gte, gpe) = pair(grads, 0);
+        let gpe = zbuf(gpe, npos * h);
+        for (r, row) in ws.dx.chunks_exact(h).enumerate() {
+            let (id, pos) = (ids[r] as usize, r % t);
+            gte[id * h..(id + 1) * h]
+                .iter_mut()
+                .zip(row)
+                .for_each(|(g, &x)| *g += x);
+            gpe[pos * h..(pos + 1) * h]
+                .iter_mut()
+                .zip(row)
+                .for_each(|(g, &x)| *g += x);
+        }
     }
 }
 
 impl Gpt2 {
-    /// Whether [`Gpt2::mlp_grads`] can run on this model (f32 CPU weights, ReLU MLP, fused kernels
-    /// enabled on this thread).
+    /// Whether [`Gpt2::mlp_grads`] and [`Gpt2::train_grads`] can run on this model (f32 CPU
+    /// weights, ReLU MLP, fused kernels enabled on this thread).
     pub fn mlp_grads_supported(&self) -> bool {
         self.cfg.activation == Activation::Relu && fused::supported(&[&self.wte])
     }
@@ -712,15 +879,81 @@ impl Gpt2 {
     ///
     /// `ids` is `[b, t]` row-major, rows right-padded to `t` with any valid id; `lens[r] ≤ t`
     /// (a row shorter than 2 tokens contributes nothing).
-    pub fn mlp_grads(
+    pub fn mlp_grads<'w>(
         &self,
         ids: &[u32],
         (b, t): (usize, usize),
         lens: &[usize],
         row_weight: &[f32],
         mlp: &[(Vec<f32>, Vec<f32>)],
+        ws: &'w mut MlpGradWorkspace,
+    ) -> Result<MlpGrads<'w>> {
+        let cfg = &self.cfg;
+        let (h, inner, nl) = (cfg.n_embd, cfg.n_inner, cfg.n_layer);
+        if mlp.len() != nl
+            || mlp
+                .iter()
+                .any(|(a, c)| a.len() != h * inner || c.len() != inner * h)
+        {
+            bail!("mlp_grads: MLP weights do not fit {nl} blocks of [{h}, {inner}]");
+        }
+        let (loss, row_loss) =
+            self.run_parts(ids, (b, t), lens, row_weight, Some(mlp), Want::Mlp, ws)?;
+        let used: Vec<usize> = (0..nl)
+            .flat_map(|li| [pidx(li, P_FC), pidx(li, P_MPROJ)])
+            .collect();
+        let first = sum_groups(&mut ws.parts, &used);
+        let grads = (0..nl)
+            .map(|li| {
+                (
+                    first[pidx(li, P_FC)].as_slice(),
+                    first[pidx(li, P_MPROJ)].as_slice(),
+                )
+            })
+            .collect();
+        Ok(MlpGrads {
+            loss,
+            row_loss,
+            grads,
+        })
+    }
+
+    /// The causal-LM training loss of `ids` (`[b, t]` row-major, no padding): the mean over
+    /// rows of each row's mean next-token cross-entropy over its `t − 1` predictions, exactly
+    /// [`crate::models::ops::lm_loss`] of [`Gpt2::forward`]'s logits; and its gradient with
+    /// respect to every parameter. Needs [`Gpt2::mlp_grads_supported`].
+    pub fn train_grads<'w>(
+        &self,
+        ids: &[u32],
+        (b, t): (usize, usize),
+        ws: &'w mut MlpGradWorkspace,
+    ) -> Result<TrainGrads<'w>> {
+        let lens = vec![t; b];
+        let row_weight = vec![1.0 / b.max(1) as f32; b];
+        let (_, row_loss) = self.run_parts(ids, (b, t), &lens, &row_weight, None, Want::All, ws)?;
+        let loss = row_loss.iter().sum::<f64>() / b as f64;
+        let all: Vec<usize> = (0..self.named.len()).collect();
+        let first = sum_groups(&mut ws.parts, &all);
+        Ok(TrainGrads {
+            loss,
+            grads: &first[..self.named.len()],
+        })
+    }
+
+    /// Runs the forward and the backward `want` asks for over row groups in parallel, leaving
+    /// each group's gradients in `ws.parts` (exactly as many groups as ran). Returns the loss
+    /// `Σ_r row_weight[r] · ℓ_r` and each row's `ℓ_r`.
+    #[allow(clippy::too_many_arguments)]
+    fn run_parts(
+        &self,
+        ids: &[u32],
+        (b, t): (usize, usize),
+        lens: &[usize],
+        row_weight: &[f32],
+        mlp: Option<&[(Vec<f32>, Vec<f32>)]>,
+        want: Want,
         ws: &mut MlpGradWorkspace,
-    ) -> Result<MlpGrads> {
+    ) -> Result<(f64, Vec<f64>)> {
         let cfg = &self.cfg;
         let (h, nh, inner, v, nl) = (
             cfg.n_embd,
@@ -744,15 +977,9 @@ impl Gpt2 {
         if let Some(&id) = ids.iter().find(|&&i| i as usize >= v) {
             bail!("mlp_grads: token id {id} is outside the vocabulary of {v}");
         }
-        if mlp.len() != nl
-            || mlp
-                .iter()
-                .any(|(a, c)| a.len() != h * inner || c.len() != inner * h)
-        {
-            bail!("mlp_grads: MLP weights do not fit {nl} blocks of [{h}, {inner}]");
-        }
         let d = Dims {
             t,
+            npos: cfg.n_positions,
             h,
             nh,
             inner,
@@ -760,13 +987,13 @@ impl Gpt2 {
             eps: cfg.layer_norm_epsilon as f32,
         };
 
-        // Read guards on the frozen weights for the whole step, then plain slices.
+        // Read guards on the weights for the whole step, then plain slices.
         let wte = view(&self.wte);
         let wpe = view(&self.wpe);
         // Tied: the head is `wte` itself (one read guard per storage).
         let lm_head = (!cfg.tie_word_embeddings).then(|| view(&self.lm_head));
         let lnf = (view(&self.ln_f.w), view(&self.ln_f.b));
-        let guards: Vec<[_; 10]> = self
+        let guards: Vec<[_; 12]> = self
             .blocks
             .iter()
             .map(|blk| {
@@ -779,13 +1006,15 @@ impl Gpt2 {
                     view(&blk.attn_proj_b),
                     view(&blk.ln_2.w),
                     view(&blk.ln_2.b),
+                    view(&blk.c_fc_w),
                     view(&blk.c_fc_b),
+                    view(&blk.mlp_proj_w),
                     view(&blk.mlp_proj_b),
                 ]
             })
             .collect();
         let mut blocks = Vec::with_capacity(nl);
-        for (li, (g, (w1, w2))) in guards.iter().zip(mlp).enumerate() {
+        for (li, g) in guards.iter().enumerate() {
             let mut scale = if cfg.scale_attn_weights {
                 1.0 / ((h / nh) as f64).sqrt()
             } else {
@@ -794,13 +1023,17 @@ impl Gpt2 {
             if cfg.scale_attn_by_inverse_layer_idx {
                 scale /= (li + 1) as f64;
             }
+            let (w1, w2) = match mlp {
+                Some(m) => (m[li].0.as_slice(), m[li].1.as_slice()),
+                None => (g[8].slice()?, g[10].slice()?),
+            };
             blocks.push(BlockWeights {
                 ln1: (g[0].slice()?, g[1].slice()?),
                 qkv: (g[2].slice()?, g[3].slice()?),
                 proj: (g[4].slice()?, g[5].slice()?),
                 ln2: (g[6].slice()?, g[7].slice()?),
-                fc: (w1.as_slice(), g[8].slice()?),
-                mproj: (w2.as_slice(), g[9].slice()?),
+                fc: (w1, g[9].slice()?),
+                mproj: (w2, g[11].slice()?),
                 scale: scale as f32,
             });
         }
@@ -811,6 +1044,7 @@ impl Gpt2 {
                 Some(l) => l.slice()?,
                 None => wte.slice()?,
             },
+            tied: lm_head.is_none(),
             lnf: (lnf.0.slice()?, lnf.1.slice()?),
             blocks,
         };
@@ -832,12 +1066,13 @@ impl Gpt2 {
                     &ids[r0 * t..r1 * t],
                     &lens[r0..r1],
                     &row_weight[r0..r1],
+                    want,
                     part_ws,
                 );
             });
 
-        let parts = &ws.parts[..groups];
-        let row_loss: Vec<f64> = parts
+        let row_loss: Vec<f64> = ws
+            .parts
             .iter()
             .flat_map(|p| p.row_loss.iter().copied())
             .collect();
@@ -846,28 +1081,25 @@ impl Gpt2 {
             .zip(row_weight)
             .map(|(l, &w)| l * f64::from(w))
             .sum();
-        // Sum the groups' weight gradients, one matrix per task.
-        let grads: Vec<(Vec<f32>, Vec<f32>)> = (0..nl)
-            .into_par_iter()
-            .map(|li| {
-                let sum = |second: bool| -> Vec<f32> {
-                    let mut acc = parts[0].grad(li, second).to_vec();
-                    for p in &parts[1..] {
-                        acc.iter_mut()
-                            .zip(p.grad(li, second))
-                            .for_each(|(a, &g)| *a += g);
-                    }
-                    acc
-                };
-                (sum(false), sum(true))
-            })
-            .collect();
-        Ok(MlpGrads {
-            loss,
-            row_loss,
-            grads,
-        })
+        Ok((loss, row_loss))
     }
+}
+
+/// Sums gradients `which` over the row groups into the first group's buffers (one gradient
+/// per task, no allocation) and returns the first group's gradient list.
+fn sum_groups<'p>(parts: &'p mut [PartBufs], which: &[usize]) -> &'p [Vec<f32>] {
+    let (first, rest) = parts.split_first_mut().expect("at least one row group");
+    first
+        .grads
+        .par_iter_mut()
+        .enumerate()
+        .filter(|(i, _)| which.contains(i))
+        .for_each(|(i, acc)| {
+            for p in rest.iter() {
+                acc.iter_mut().zip(&p.grads[i]).for_each(|(a, &g)| *a += g);
+            }
+        });
+    &first.grads
 }
 
 #[cfg(test)]
