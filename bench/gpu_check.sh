@@ -84,7 +84,7 @@ if [ -z "${LETHE_BIN:-}" ]; then
     if ! command -v nvcc >/dev/null; then
         if [ -x /usr/local/cuda/bin/nvcc ]; then
             export PATH="/usr/local/cuda/bin:$PATH"
-        elif [ -x "${LETHE_CUDA_VENV:-/work/cuda-venv}/bin/python" ]; then
+        elif [ -x "${LETHE_CUDA_VENV:-.venv-cuda}/bin/python" ]; then
             # An already installed wheel toolchain (no download happens when it is complete).
             # shellcheck source=scripts/cuda-toolchain.sh
             source scripts/cuda-toolchain.sh

@@ -5,7 +5,7 @@
 #   bash scripts/check-cuda-build.sh           # cargo check --all-targets + clippy -D warnings
 #   bash scripts/check-cuda-build.sh --release # also cargo build --release (the binary)
 #
-# Settings: CARGO_TARGET_DIR (default /work/target-cuda: the feature set differs from the default
+# Settings: CARGO_TARGET_DIR (default target/cuda: the feature set differs from the default
 # build, so a separate target dir keeps both warm), JOBS (cargo -j, default 2),
 # CUDA_COMPUTE_CAP (default 90), LETHE_CUDA_VENV.
 set -euo pipefail
@@ -13,7 +13,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # shellcheck source=scripts/cuda-toolchain.sh
 source scripts/cuda-toolchain.sh
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/work/target-cuda}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target/cuda}"
 JOBS="${JOBS:-2}"
 
 timed() {

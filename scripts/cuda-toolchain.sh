@@ -24,10 +24,10 @@
 #   driver functions. The stub is for linking only (soname libcuda.so.1): at run time the real
 #   driver's libcuda.so.1 is found instead; the stub is never on LD_LIBRARY_PATH.
 #
-# Settings: LETHE_CUDA_VENV (default /work/cuda-venv), CUDA_COMPUTE_CAP (default 90).
+# Settings: LETHE_CUDA_VENV (default .venv-cuda in the repository), CUDA_COMPUTE_CAP (default 90).
 
 _lethe_cuda_main() {
-    local venv="${LETHE_CUDA_VENV:-/work/cuda-venv}"
+    local venv="${LETHE_CUDA_VENV:-$(git rev-parse --show-toplevel 2>/dev/null || pwd)/.venv-cuda}"
     local py="${PYTHON:-python3}"
     # Pinned: one CUDA 13.0 release of each component.
     local wheels=(
