@@ -32,3 +32,38 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .to_scalar()
         .unwrap()
 }
+
+/// A small ReLU GPT-2 for gradient tests (`vocab`, `positions`, `width`, `heads`; MLP 40), with
+/// initializer range 0.3 so attention is far from uniform and every op matters.
+pub fn relu_gpt2(
+    (vocab, positions, width, heads): (usize, usize, usize, usize),
+    n_layer: usize,
+    tied: bool,
+    inverse_idx: bool,
+) -> crate::models::ModelConfig {
+    crate::models::ModelConfig::Gpt2(crate::models::gpt2::Config {
+        vocab_size: vocab,
+        n_positions: positions,
+        n_embd: width,
+        n_layer,
+        n_head: heads,
+        n_inner: 40,
+        activation: crate::models::ops::Activation::Relu,
+        layer_norm_epsilon: 1e-5,
+        tie_word_embeddings: tied,
+        scale_attn_weights: true,
+        scale_attn_by_inverse_layer_idx: inverse_idx,
+        initializer_range: 0.3,
+        bos_token_id: None,
+        eos_token_id: None,
+        pad_token_id: None,
+    })
+}
+
+/// `‖a − b‖₂ / ‖b‖₂` (absolute when `b` is 0), accumulated in f64.
+pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}

@@ -469,24 +469,7 @@ mod tests {
     use rand::Rng;
 
     fn config(n_layer: usize, tied: bool, inverse_idx: bool) -> ModelConfig {
-        ModelConfig::Gpt2(gpt2::Config {
-            vocab_size: 11,
-            n_positions: 16,
-            n_embd: 16,
-            n_layer,
-            n_head: 2,
-            n_inner: 40,
-            activation: Activation::Relu,
-            layer_norm_epsilon: 1e-5,
-            tie_word_embeddings: tied,
-            scale_attn_weights: true,
-            scale_attn_by_inverse_layer_idx: inverse_idx,
-            // Large enough that attention is far from uniform and every op matters.
-            initializer_range: 0.3,
-            bos_token_id: None,
-            eos_token_id: None,
-            pad_token_id: None,
-        })
+        crate::test_util::relu_gpt2((11, 16, 16, 2), n_layer, tied, inverse_idx)
     }
 
     fn random_ids(seed: u64, n: usize) -> Vec<u32> {
@@ -498,13 +481,7 @@ mod tests {
         t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
     }
 
-    /// `‖a − b‖₂ / ‖b‖₂` (absolute when `b` is 0).
-    fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-        assert_eq!(a.len(), b.len());
-        let num: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
-        let den: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
-        (num / den.max(1e-30)).sqrt()
-    }
+    use crate::test_util::rel_l2;
 
     #[test]
     fn hand_written_gradients_match_autograd_for_every_parameter() {

@@ -614,34 +614,14 @@ mod tests {
     use super::*;
     use crate::bench::random_model;
     use crate::bench_unlearn::rows;
-    use crate::models::{gpt2, ModelConfig};
+    use crate::models::ModelConfig;
     use candle_core::Device;
 
     fn config(tied: bool, inverse_idx: bool, n_layer: usize) -> ModelConfig {
-        ModelConfig::Gpt2(gpt2::Config {
-            vocab_size: 14,
-            n_positions: 64,
-            n_embd: 24,
-            n_layer,
-            n_head: 3,
-            n_inner: 40,
-            activation: crate::models::ops::Activation::Relu,
-            layer_norm_epsilon: 1e-5,
-            tie_word_embeddings: tied,
-            scale_attn_weights: true,
-            scale_attn_by_inverse_layer_idx: inverse_idx,
-            initializer_range: 0.3,
-            bos_token_id: None,
-            eos_token_id: None,
-            pad_token_id: None,
-        })
+        crate::test_util::relu_gpt2((14, 64, 24, 3), n_layer, tied, inverse_idx)
     }
 
-    fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
-        let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
-        let den: f32 = b.iter().map(|y| y * y).sum();
-        num.sqrt() / den.sqrt().max(1e-30)
-    }
+    use crate::test_util::rel_l2;
 
     #[test]
     fn fast_step_matches_autograd_through_the_masked_model() {
