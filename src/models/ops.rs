@@ -204,6 +204,23 @@ pub fn dense(x: &Tensor, w: &Tensor, b: Option<&Tensor>, transposed: bool) -> Re
     dense_composed(x, w, b, transposed)
 }
 
+/// Whether `x · Wᵀ` for `rows` rows against an `[d_out, d_in]` weight runs faster on the CPU as
+/// `(W · xᵀ)ᵀ`. A dispatch table measured for candle 0.11's CPU matmul (the `gemm` crate,
+/// AVX-512, 2 threads; best of 10 runs on an idle machine): with `d_in ≥ 512`, the swapped order
+/// took 0.38–0.87× the time at 8 rows, 0.38–0.75× at 32 rows against weights up to 2,048 wide,
+/// and 0.72× for one row against a 50,304-wide LM head; at 32 rows against the LM head and from
+/// 128 rows on it was slower (up to 2.5×). Decode steps are the skinny case; prefill and scoring
+/// keep the usual order (`docs/benchmarks.md`, "Peer comparison").
+fn skinny_prefers_wx(rows: usize, d_in: usize, d_out: usize) -> bool {
+    d_in >= 512
+        && match rows {
+            1 => d_out >= 16_384,
+            2..=8 => true,
+            9..=32 => d_out <= 4_096,
+            _ => false,
+        }
+}
+
 /// [`dense`] composed from candle primitives (the reference path, differentiable by autograd).
 pub(crate) fn dense_composed(
     x: &Tensor,
@@ -218,7 +235,14 @@ pub(crate) fn dense_composed(
     );
     let x2 = x.reshape((rows, d_in))?;
     let y = if transposed {
-        x2.matmul(&w.t()?)?
+        let d_out = w.dim(0)?;
+        if x2.device().is_cpu() && !needs_grad(&[x, w]) && skinny_prefers_wx(rows, d_in, d_out) {
+            // The same product as `(W · xᵀ)ᵀ`: the `gemm` crate is faster in that operand order
+            // for a few rows against a wide `[out, in]` weight (see `skinny_prefers_wx`).
+            w.matmul(&x2.t()?)?.t()?
+        } else {
+            x2.matmul(&w.t()?)?
+        }
     } else {
         x2.matmul(w)?
     };
@@ -287,5 +311,31 @@ mod tests {
             assert_eq!(Activation::from_hf(name).unwrap().hf_name(), name);
         }
         assert!(Activation::from_hf("mish").is_none());
+    }
+
+    #[test]
+    fn skinny_dense_in_the_swapped_operand_order_is_the_same_product() {
+        // (rows, d_in, d_out): one case per arm of `skinny_prefers_wx`, and one it declines.
+        for (rows, d_in, d_out, swapped) in [
+            (1, 512, 16_384, true),
+            (3, 512, 40, true),
+            (2 * 16, 640, 96, true),
+            (1, 512, 96, false),
+        ] {
+            assert_eq!(skinny_prefers_wx(rows, d_in, d_out), swapped);
+            let x = rand(&[rows, d_in], 7);
+            let w = rand(&[d_out, d_in], 8);
+            let b = rand(&[d_out], 9);
+            let got = dense_composed(&x.unsqueeze(0).unwrap(), &w, Some(&b), true).unwrap();
+            assert_eq!(got.dims(), &[1, rows, d_out]);
+            let want = x
+                .matmul(&w.t().unwrap())
+                .unwrap()
+                .broadcast_add(&b)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            assert!(max_abs_diff(&got, &want) < 1e-3, "{rows}x{d_in}x{d_out}");
+        }
     }
 }
