@@ -740,12 +740,7 @@ impl Store {
     /// Moves the running or validating takedowns of `job_id` to failed with `error`.
     pub fn finish_failed(&self, job_id: &str, error: &str) -> Result<usize> {
         self.job_transition(job_id, State::Failed, |tx, id, at| {
-            tx.execute(
-                "UPDATE takedowns SET state = ?2, error = ?3, progress = NULL, \
-                 eta_seconds = NULL, updated_at = ?4 WHERE id = ?1",
-                params![id, State::Failed, error, at],
-            )
-            .map_err(sql("mark failed"))?;
+            fail_tx(tx, id, error, at)?;
             Ok(json!({ "job_id": job_id, "error": error }))
         })
     }
@@ -839,12 +834,7 @@ impl Store {
                      resubmit it",
                     before + 1
                 );
-                tx.execute(
-                    "UPDATE takedowns SET state = ?2, error = ?3, job_id = NULL, phase = NULL, \
-                     progress = NULL, eta_seconds = NULL, updated_at = ?4 WHERE id = ?1",
-                    params![id, State::Failed, error, at],
-                )
-                .map_err(sql("mark failed"))?;
+                fail_tx(&tx, id, &error, at)?;
                 event(
                     &tx,
                     id,
@@ -1139,6 +1129,17 @@ fn check_all(rows: &[(String, State)], to: State) -> Result<()> {
         }),
         None => Ok(()),
     }
+}
+
+/// Marks takedown `id` failed with `error` (its job id and phase stay, to show what failed).
+fn fail_tx(tx: &Transaction<'_>, id: &str, error: &str, at: f64) -> Result<()> {
+    tx.execute(
+        "UPDATE takedowns SET state = ?2, error = ?3, progress = NULL, eta_seconds = NULL, \
+         updated_at = ?4 WHERE id = ?1",
+        params![id, State::Failed, error, at],
+    )
+    .map_err(sql("mark failed"))?;
+    Ok(())
 }
 
 fn clear_to_queued(tx: &Transaction<'_>, id: &str, at: f64) -> Result<()> {
