@@ -91,7 +91,7 @@ fn cpu(s: &Storage) -> Result<&CpuStorage> {
 }
 
 /// Runs `f` on the logical f32 elements of `t` (a CPU tensor).
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let (guard, layout) = t.storage_and_layout();
     let d = data::<f32>(cpu(&guard)?, layout)?;
     f(&d)

@@ -15,6 +15,7 @@ pub mod fused;
 pub mod gpt2;
 pub mod gpt_neox;
 pub mod ops;
+mod skinny;
 pub mod weights;
 
 use candle_core::{DType, Device, Result as CResult, Tensor};

@@ -14,7 +14,7 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
-use super::fused;
+use super::{fused, skinny};
 
 /// True when autograd must see through an op on these tensors.
 fn needs_grad(ts: &[&Tensor]) -> bool {
@@ -201,7 +201,58 @@ pub fn dense(x: &Tensor, w: &Tensor, b: Option<&Tensor>, transposed: bool) -> Re
     if needs_grad(&all) && fused::supported(&all) {
         return fused::linear(x, w, b, transposed);
     }
+    if !needs_grad(&all) && fused::supported(&all) && skinny::available() {
+        let d_in = x.dim(D::Minus1)?;
+        let rows = x.elem_count() / d_in.max(1);
+        if skinny::takes(rows, transposed) && w.is_contiguous() {
+            return dense_skinny(x, w, b, transposed, rows, d_in);
+        }
+    }
     dense_composed(x, w, b, transposed)
+}
+
+/// [`dense`] for a few rows at inference: [`skinny`]'s kernels read the weight in place.
+fn dense_skinny(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    transposed: bool,
+    rows: usize,
+    d_in: usize,
+) -> Result<Tensor> {
+    let (a, c) = w.dims2()?;
+    let (w_in, d_out) = if transposed { (c, a) } else { (a, c) };
+    if w_in != d_in {
+        candle_core::bail!(
+            "dense: input {:?} does not fit weight {:?} (transposed: {transposed})",
+            x.dims(),
+            w.dims()
+        );
+    }
+    if let Some(b) = b {
+        if b.dims() != [d_out] {
+            candle_core::bail!("dense: bias {:?} does not fit {d_out} outputs", b.dims());
+        }
+    }
+    let y = fused::with_f32(x, |xs| {
+        fused::with_f32(w, |ws| {
+            let run = |bs: Option<&[f32]>| {
+                if transposed {
+                    skinny::x_wt(xs, rows, d_in, ws, d_out, bs)
+                } else {
+                    skinny::x_w(xs, rows, d_in, ws, d_out, bs)
+                }
+            };
+            match b {
+                Some(b) => fused::with_f32(b, |bs| Ok(run(Some(bs)))),
+                None => Ok(run(None)),
+            }
+        })
+    })?;
+    let mut dims = x.dims().to_vec();
+    let last = dims.len() - 1;
+    dims[last] = d_out;
+    Tensor::from_vec(y, dims, x.device())
 }
 
 /// Whether `x · Wᵀ` for `rows` rows against an `[d_out, d_in]` weight runs faster on the CPU as
