@@ -4,10 +4,10 @@
 //! to the padding after it, so each row's scores equal those of the row alone. The mean negative
 //! log-likelihood is over the `n − 1` predicted tokens (every token after the first).
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 use crate::error::{Error, Result};
-use crate::models::{ops, Inputs, Model};
+use crate::models::{Inputs, Model};
 
 /// The score of one sequence.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,10 +72,8 @@ fn score_batch(model: &Model, seqs: &[Vec<u32>]) -> Result<Vec<Score>> {
         );
     }
     let ids = Tensor::from_vec(ids, (b, width), dev)?;
-    let logits = model.forward(&Inputs::causal(&ids, 0)?, None, None)?;
-    let picked = ops::token_nll(&logits.to_dtype(DType::F32)?, &ids)?
-        .neg()?
-        .to_vec2::<f32>()?;
+    let hidden = model.forward_hidden(&Inputs::causal(&ids, 0)?, None, None)?;
+    let picked = model.next_token_logprobs(&hidden, &ids)?.to_vec2::<f32>()?;
     Ok(seqs
         .iter()
         .zip(picked)

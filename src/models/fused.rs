@@ -321,7 +321,7 @@ struct Linear {
 }
 
 /// Threads for one large gemm (the rayon pool's size).
-fn gemm_parallelism() -> Parallelism {
+pub(crate) fn gemm_parallelism() -> Parallelism {
     match rayon::current_num_threads() {
         0 | 1 => Parallelism::None,
         n => Parallelism::Rayon(n),

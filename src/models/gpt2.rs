@@ -395,6 +395,11 @@ impl Gpt2 {
         ops::layer_norm(&x, &self.ln_f.w, &self.ln_f.b, eps)
     }
 
+    /// The LM head, `[V, H]`.
+    pub fn lm_head(&self) -> &Tensor {
+        &self.lm_head
+    }
+
     pub fn logits(&self, hidden: &Tensor) -> CResult<Tensor> {
         ops::dense(hidden, &self.lm_head, None, true)
     }

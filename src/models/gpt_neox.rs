@@ -450,6 +450,11 @@ impl GptNeoX {
         Tensor::cat(&[&rot, &x.narrow(3, rd, hd - rd)?], 3)
     }
 
+    /// The LM head, `[V, H]`.
+    pub fn lm_head(&self) -> &Tensor {
+        &self.embed_out
+    }
+
     pub fn logits(&self, hidden: &Tensor) -> CResult<Tensor> {
         ops::dense(hidden, &self.embed_out, None, true)
     }

@@ -14,8 +14,10 @@ pub mod cache;
 pub mod fused;
 pub mod gpt2;
 pub mod gpt_neox;
+mod head;
 pub mod ops;
 mod skinny;
+mod vmath;
 pub mod weights;
 
 use candle_core::{DType, Device, Result as CResult, Tensor};
@@ -243,6 +245,17 @@ impl Model {
             Self::Gpt2(m) => m.logits(hidden),
             Self::GptNeoX(m) => m.logits(hidden),
         }
+    }
+
+    /// `log p(ids[b, t + 1] | ids[b, ..= t])` for `t < T − 1` from the hidden states of `ids`:
+    /// `[B, T − 1]` f32. The head and the log-softmax run fused on the CPU, without
+    /// materialising the logits (see `models/head.rs`).
+    pub fn next_token_logprobs(&self, hidden: &Tensor, ids: &Tensor) -> CResult<Tensor> {
+        let head = match self {
+            Self::Gpt2(m) => m.lm_head(),
+            Self::GptNeoX(m) => m.lm_head(),
+        };
+        head::next_token_logprobs(hidden, head, ids)
     }
 
     /// `forward_hidden` followed by `logits`: `[B, T, V]`.

@@ -14,7 +14,7 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
-use super::{fused, skinny};
+use super::{fused, skinny, vmath};
 
 /// True when autograd must see through an op on these tensors.
 fn needs_grad(ts: &[&Tensor]) -> bool {
@@ -100,6 +100,7 @@ impl Activation {
         match self {
             Self::Relu if needs_grad(&[x]) && fused::supported(&[x]) => fused::relu(x),
             Self::Relu => x.relu(),
+            Self::Gelu if !needs_grad(&[x]) && fused::supported(&[x]) => vmath::gelu_erf(x),
             Self::Gelu => x.gelu_erf(),
             Self::GeluTanh => x.gelu(),
             Self::Silu => x.silu(),

@@ -1,0 +1,128 @@
+//! The LM head fused with log-softmax and the pick of the next token: what scoring needs.
+//!
+//! Scoring a sequence needs one number per position, `log p(ids[t + 1] | ids[..= t])`, but the
+//! composed path materialises the logits `[B, T, V]`, a narrowed copy of them, their
+//! log-softmax and a gather: for Pythia-70m's 50,304-token vocabulary, 8 × 128 positions are
+//! four buffers of 206 MB each, and the kernel's page zeroing of those fresh buffers took more
+//! time than the head's matrix multiply (`perf`, `docs/benchmarks.md` "Scoring"). Here the head
+//! runs over blocks of [`BLOCK_ROWS`] positions into one reused buffer, and each block's rows are
+//! reduced (log-sum-exp and the target's logit) while they are still warm.
+
+use candle_core::{bail, DType, Result, Tensor};
+use rayon::prelude::*;
+
+use super::{fused, ops, vmath::logsumexp};
+
+/// Positions per block: the logits buffer is `BLOCK_ROWS × V` floats (103 MB for a 50,304-token
+/// vocabulary). Measured on Pythia-70m's head (8 × 127 positions, 2 threads): 512 rows took
+/// 215–221 ms, 1,024 rows 202–225 ms, 256 rows 235–252 ms, 128 rows 314–463 ms.
+const BLOCK_ROWS: usize = 512;
+
+/// `log softmax(hidden[b, t] · headᵀ)[ids[b, t + 1]]` for `t < T − 1`: `[B, T − 1]` f32.
+///
+/// `hidden: [B, T, H]`, `head: [V, H]` (the `nn.Linear` layout both architectures' heads use),
+/// `ids: [B, T]` u32. The same numbers as `ops::token_nll(dense(hidden, head)).neg()` up to float
+/// rounding; that composed path also runs for other devices and dtypes and under autograd.
+pub fn next_token_logprobs(hidden: &Tensor, head: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let (b, t, h) = hidden.dims3()?;
+    let (v, head_h) = head.dims2()?;
+    if head_h != h || ids.dims() != [b, t] || t < 2 {
+        bail!(
+            "next_token_logprobs: hidden {:?}, head {:?} and ids {:?} do not fit (need [B, T, H], [V, H], [B, T], T >= 2)",
+            hidden.dims(),
+            head.dims(),
+            ids.dims()
+        );
+    }
+    let plain = fused::supported(&[hidden, head]) && !hidden.track_op() && !head.track_op();
+    if !plain {
+        let logits = ops::dense(hidden, head, None, true)?.to_dtype(DType::F32)?;
+        return ops::token_nll(&logits, ids)?.neg();
+    }
+    let ids: Vec<u32> = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
+    if let Some(&bad) = ids.iter().find(|&&id| id as usize >= v) {
+        bail!("next_token_logprobs: token id {bad} is outside the vocabulary (size {v})");
+    }
+    // (row of `hidden`, target id) for every scored position, sequence by sequence.
+    let rows: Vec<(usize, u32)> = (0..b)
+        .flat_map(|s| (0..t - 1).map(move |p| (s * t + p, s * t + p + 1)))
+        .map(|(r, next)| (r, ids[next]))
+        .collect();
+    let out = fused::with_f32(hidden, |hs| {
+        fused::with_f32(head, |ws| Ok(block_logprobs(hs, h, ws, v, &rows)))
+    })?;
+    Tensor::from_vec(out, (b, t - 1), hidden.device())
+}
+
+/// For each `(row, target)`: `log softmax(hs[row] · wsᵀ)[target]`.
+fn block_logprobs(hs: &[f32], h: usize, ws: &[f32], v: usize, rows: &[(usize, u32)]) -> Vec<f32> {
+    let mut out = vec![0f32; rows.len()];
+    let mut x = vec![0f32; BLOCK_ROWS.min(rows.len()) * h];
+    let mut logits = vec![0f32; BLOCK_ROWS.min(rows.len()) * v];
+    for (blk, dst) in rows.chunks(BLOCK_ROWS).zip(out.chunks_mut(BLOCK_ROWS)) {
+        let m = blk.len();
+        for (xr, &(r, _)) in x.chunks_exact_mut(h).zip(blk) {
+            xr.copy_from_slice(&hs[r * h..(r + 1) * h]);
+        }
+        // SAFETY: x is [m, h] row-major, ws is [v, h] row-major read as its transpose [h, v]
+        // (row stride 1, column stride h), logits is [m, v] row-major and aliases neither.
+        unsafe {
+            gemm::gemm(
+                m,
+                v,
+                h,
+                logits.as_mut_ptr(),
+                1,
+                v as isize,
+                false,
+                x.as_ptr(),
+                1,
+                h as isize,
+                ws.as_ptr(),
+                h as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                fused::gemm_parallelism(),
+            );
+        }
+        dst.par_iter_mut()
+            .zip(logits.par_chunks(v))
+            .zip(blk)
+            .for_each(|((o, row), &(_, target))| *o = row[target as usize] - logsumexp(row));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::*;
+
+    #[test]
+    fn fused_head_matches_the_composed_path() {
+        // More positions than one block, a vocabulary that is not a multiple of 16.
+        let (b, t, h, v) = (3, 70, 24, 1_003);
+        let hidden = rand(&[b, t, h], 1);
+        let head = rand(&[v, h], 2);
+        let ids: Vec<u32> = (0..b * t).map(|i| ((i * 37) % v) as u32).collect();
+        let ids = Tensor::from_vec(ids, (b, t), &candle_core::Device::Cpu).unwrap();
+        let got = next_token_logprobs(&hidden, &head, &ids).unwrap();
+        let want = fused::with_reference_ops(|| next_token_logprobs(&hidden, &head, &ids)).unwrap();
+        assert_eq!(got.dims(), &[b, t - 1]);
+        assert!(max_abs_diff(&got, &want) < 1e-4, "{}", max_abs_diff(&got, &want));
+    }
+
+    #[test]
+    fn bad_shapes_and_ids_are_errors() {
+        let hidden = rand(&[1, 4, 8], 1);
+        let head = rand(&[10, 8], 2);
+        let ids = |v: Vec<u32>| Tensor::from_vec(v, (1, 4), &candle_core::Device::Cpu).unwrap();
+        assert!(next_token_logprobs(&hidden, &head, &ids(vec![1, 2, 3, 10])).is_err());
+        assert!(next_token_logprobs(&hidden, &rand(&[10, 7], 2), &ids(vec![1, 2, 3, 4])).is_err());
+        assert!(next_token_logprobs(&hidden.narrow(1, 0, 1).unwrap(), &head, &ids(vec![1, 2, 3, 4])).is_err());
+    }
+}
