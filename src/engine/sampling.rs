@@ -125,24 +125,12 @@ impl Sampler {
 /// Index of the largest value, the lowest index on ties (as `torch.argmax`); NaNs are skipped,
 /// and a row with no number in it gives 0.
 ///
-/// Two passes the compiler vectorises — the maximum over 16 independent lanes, then the first
-/// block of 16 that holds it — instead of one compare-and-branch per logit: a 50,304-token
+/// Two passes the compiler vectorises — the maximum over independent lanes, then the first
+/// block of lanes that holds it — instead of one compare-and-branch per logit: a 50,304-token
 /// vocabulary is scanned once per generated token.
 pub fn argmax(xs: &[f32]) -> u32 {
-    const W: usize = 16;
-    let mut lanes = [f32::NEG_INFINITY; W];
-    let chunks = xs.chunks_exact(W);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for (m, &x) in lanes.iter_mut().zip(c) {
-            // `x > m` is false for NaN, so NaNs never become the maximum.
-            *m = if x > *m { x } else { *m };
-        }
-    }
-    let max = tail
-        .iter()
-        .chain(&lanes)
-        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    const W: usize = crate::models::vmath::LANES;
+    let max = crate::models::vmath::max_lanes(xs);
     let block = xs
         .chunks(W)
         .position(|c| c.iter().fold(false, |hit, &x| hit | (x == max)))

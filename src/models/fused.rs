@@ -97,6 +97,16 @@ pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Re
     f(&d)
 }
 
+/// Runs `f` on the whole f32 storage of `t` (a CPU tensor) and its layout, for kernels that read
+/// a strided view in place.
+pub(crate) fn with_f32_storage<R>(
+    t: &Tensor,
+    f: impl FnOnce(&[f32], &Layout) -> Result<R>,
+) -> Result<R> {
+    let (guard, layout) = t.storage_and_layout();
+    f(cpu(&guard)?.as_slice::<f32>()?, layout)
+}
+
 fn cpu_tensor(v: Vec<f32>, shape: &Shape) -> Result<Tensor> {
     Tensor::from_vec(v, shape.clone(), &Device::Cpu)
 }

@@ -113,7 +113,11 @@ mod tests {
         let got = next_token_logprobs(&hidden, &head, &ids).unwrap();
         let want = fused::with_reference_ops(|| next_token_logprobs(&hidden, &head, &ids)).unwrap();
         assert_eq!(got.dims(), &[b, t - 1]);
-        assert!(max_abs_diff(&got, &want) < 1e-4, "{}", max_abs_diff(&got, &want));
+        assert!(
+            max_abs_diff(&got, &want) < 1e-4,
+            "{}",
+            max_abs_diff(&got, &want)
+        );
     }
 
     #[test]
@@ -123,6 +127,11 @@ mod tests {
         let ids = |v: Vec<u32>| Tensor::from_vec(v, (1, 4), &candle_core::Device::Cpu).unwrap();
         assert!(next_token_logprobs(&hidden, &head, &ids(vec![1, 2, 3, 10])).is_err());
         assert!(next_token_logprobs(&hidden, &rand(&[10, 7], 2), &ids(vec![1, 2, 3, 4])).is_err());
-        assert!(next_token_logprobs(&hidden.narrow(1, 0, 1).unwrap(), &head, &ids(vec![1, 2, 3, 4])).is_err());
+        assert!(next_token_logprobs(
+            &hidden.narrow(1, 0, 1).unwrap(),
+            &head,
+            &ids(vec![1, 2, 3, 4])
+        )
+        .is_err());
     }
 }

@@ -10,6 +10,7 @@
 //!   supplies ([`MlpWeights`]); BalancedSubnet trains a mask over exactly these through the same
 //!   forward that serves inference.
 
+mod attend;
 pub mod cache;
 pub mod fused;
 pub mod gpt2;
@@ -17,7 +18,7 @@ pub mod gpt_neox;
 mod head;
 pub mod ops;
 mod skinny;
-mod vmath;
+pub(crate) mod vmath;
 pub mod weights;
 
 use candle_core::{DType, Device, Result as CResult, Tensor};

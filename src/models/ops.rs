@@ -14,7 +14,7 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
-use super::{fused, skinny, vmath};
+use super::{attend, fused, skinny, vmath};
 
 /// True when autograd must see through an op on these tensors.
 fn needs_grad(ts: &[&Tensor]) -> bool {
@@ -112,6 +112,15 @@ impl Activation {
 ///
 /// `q: [B, H, T, D]`, `k`, `v: [B, H, S, D]`, `mask: [B, 1, T, S]` (0 or −∞), broadcast over heads.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let all: Vec<&Tensor> = [Some(q), Some(k), Some(v), mask]
+        .into_iter()
+        .flatten()
+        .collect();
+    if !needs_grad(&all) && fused::supported(&all) {
+        if let Some(out) = attend::attention(q, k, v, mask)? {
+            return Ok(out);
+        }
+    }
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
     let scores = (q.matmul(&k.t()?)? * scale)?;
     let scores = match mask {

@@ -40,7 +40,14 @@ pub(crate) fn available() -> bool {
 
 /// `y[m, n] = x[m, k] · wᵀ (+ b)` with `w: [n, k]` row-major. Panics when a slice is shorter
 /// than its shape or when the CPU lacks AVX-512F (callers check [`available`]).
-pub(crate) fn x_wt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, b: Option<&[f32]>) -> Vec<f32> {
+pub(crate) fn x_wt(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    b: Option<&[f32]>,
+) -> Vec<f32> {
     check(x, m, k, w, n, b);
     let mut y = vec![0f32; m * n];
     #[cfg(target_arch = "x86_64")]
@@ -57,8 +64,28 @@ pub(crate) fn x_wt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, b: Option
             // from every other task's.
             unsafe {
                 match &xt {
-                    Some(xt) => avx512::xt_wt_cols(xt.as_ptr(), m, k, w.as_ptr(), b.map(|b| b.as_ptr()), out.get(), n, n0, n1),
-                    None => avx512::x_wt_cols(x.as_ptr(), m, k, w.as_ptr(), b.map(|b| b.as_ptr()), out.get(), n, n0, n1),
+                    Some(xt) => avx512::xt_wt_cols(
+                        xt.as_ptr(),
+                        m,
+                        k,
+                        w.as_ptr(),
+                        b.map(|b| b.as_ptr()),
+                        out.get(),
+                        n,
+                        n0,
+                        n1,
+                    ),
+                    None => avx512::x_wt_cols(
+                        x.as_ptr(),
+                        m,
+                        k,
+                        w.as_ptr(),
+                        b.map(|b| b.as_ptr()),
+                        out.get(),
+                        n,
+                        n0,
+                        n1,
+                    ),
                 }
             }
         });
@@ -67,7 +94,14 @@ pub(crate) fn x_wt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, b: Option
 }
 
 /// `y[m, n] = x[m, k] · w (+ b)` with `w: [k, n]` row-major. Panics like [`x_wt`].
-pub(crate) fn x_w(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, b: Option<&[f32]>) -> Vec<f32> {
+pub(crate) fn x_w(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    b: Option<&[f32]>,
+) -> Vec<f32> {
     check(x, m, k, w, n, b);
     let mut y = vec![0f32; m * n];
     #[cfg(target_arch = "x86_64")]
@@ -76,7 +110,19 @@ pub(crate) fn x_w(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, b: Option<
         let out = Shared(y.as_mut_ptr());
         for_chunks(n, chunk, |n0, n1| {
             // SAFETY: as in `x_wt`.
-            unsafe { avx512::x_w_cols(x.as_ptr(), m, k, w.as_ptr(), b.map(|b| b.as_ptr()), out.get(), n, n0, n1) }
+            unsafe {
+                avx512::x_w_cols(
+                    x.as_ptr(),
+                    m,
+                    k,
+                    w.as_ptr(),
+                    b.map(|b| b.as_ptr()),
+                    out.get(),
+                    n,
+                    n0,
+                    n1,
+                )
+            }
         });
     }
     y
@@ -96,8 +142,14 @@ fn transpose_padded(x: &[f32], m: usize, k: usize) -> Vec<f32> {
 
 fn check(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, b: Option<&[f32]>) {
     assert!(available(), "skinny kernels need AVX-512F");
-    assert!(x.len() >= m * k && w.len() >= k * n, "skinny: operands shorter than their shapes");
-    assert!(b.is_none_or(|b| b.len() >= n), "skinny: bias shorter than {n}");
+    assert!(
+        x.len() >= m * k && w.len() >= k * n,
+        "skinny: operands shorter than their shapes"
+    );
+    assert!(
+        b.is_none_or(|b| b.len() >= n),
+        "skinny: bias shorter than {n}"
+    );
 }
 
 /// Multiply-adds below which a task is not worth handing to another thread (a rayon hand-off
@@ -378,7 +430,15 @@ mod avx512 {
             let width = (n1 - j).min(C * L);
             let mut i = 0;
             while i + 4 <= m {
-                axpy_tile::<4, C>(x.add(i * k), k, w.add(j), n, width, b.map(|b| b.add(j)), y.add(i * n + j));
+                axpy_tile::<4, C>(
+                    x.add(i * k),
+                    k,
+                    w.add(j),
+                    n,
+                    width,
+                    b.map(|b| b.add(j)),
+                    y.add(i * n + j),
+                );
                 i += 4;
             }
             let (xr, yr) = (x.add(i * k), y.add(i * n + j));
@@ -454,7 +514,15 @@ mod tests {
             .collect()
     }
 
-    fn reference(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, b: Option<&[f32]>, wt: bool) -> Vec<f32> {
+    fn reference(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        w: &[f32],
+        n: usize,
+        b: Option<&[f32]>,
+        wt: bool,
+    ) -> Vec<f32> {
         let mut y = vec![0f64; m * n];
         for i in 0..m {
             for j in 0..n {
@@ -484,10 +552,22 @@ mod tests {
                 let b = rand(n, 3);
                 for bias in [None, Some(b.as_slice())] {
                     for wt in [true, false] {
-                        let got = if wt { x_wt(&x, m, k, &w, n, bias) } else { x_w(&x, m, k, &w, n, bias) };
+                        let got = if wt {
+                            x_wt(&x, m, k, &w, n, bias)
+                        } else {
+                            x_w(&x, m, k, &w, n, bias)
+                        };
                         let want = reference(&x, m, k, &w, n, bias, wt);
-                        let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-                        assert!(err < 1e-4, "m {m} k {k} n {n} bias {} wt {wt}: max error {err}", bias.is_some());
+                        let err = got
+                            .iter()
+                            .zip(&want)
+                            .map(|(a, b)| (a - b).abs())
+                            .fold(0f32, f32::max);
+                        assert!(
+                            err < 1e-4,
+                            "m {m} k {k} n {n} bias {} wt {wt}: max error {err}",
+                            bias.is_some()
+                        );
                     }
                 }
             }

@@ -33,6 +33,7 @@ use rayon::prelude::*;
 use super::Gpt2;
 use crate::models::fused::{self, small_gemm, softmax_row};
 use crate::models::ops::Activation;
+use crate::models::vmath::{exp_neg, max_lanes, sum_pairs};
 
 /// Query rows per block of the causal attention kernels.
 const ATT_BLOCK: usize = 32;
@@ -246,77 +247,6 @@ fn gemm(
             Parallelism::None,
         )
     }
-}
-
-/// Independent partial sums: LLVM keeps float sums in source order, so a plain `.sum()` is one
-/// serial dependency chain; 16 lanes vectorise (the result differs from the serial sum only by
-/// rounding).
-const LANES: usize = 16;
-
-#[inline(always)]
-fn lanes_total(acc: [f32; LANES]) -> f32 {
-    let mut acc = acc;
-    let mut w = LANES / 2;
-    while w > 0 {
-        for i in 0..w {
-            acc[i] += acc[i + w];
-        }
-        w /= 2;
-    }
-    acc[0]
-}
-
-/// `Σ f(a_i, b_i)` with [`LANES`] partial sums.
-#[inline(always)]
-fn sum_pairs(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
-    let mut acc = [0f32; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (xa, xb) in ca.zip(cb) {
-        for i in 0..LANES {
-            acc[i] += f(xa[i], xb[i]);
-        }
-    }
-    for (i, (&x, &y)) in ra.iter().zip(rb).enumerate() {
-        acc[i] += f(x, y);
-    }
-    lanes_total(acc)
-}
-
-/// `max_i x_i` with [`LANES`] partial maxima (exact: max is associative).
-#[inline(always)]
-fn max_lanes(x: &[f32]) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; LANES];
-    let c = x.chunks_exact(LANES);
-    let r = c.remainder();
-    for xs in c {
-        for i in 0..LANES {
-            acc[i] = if xs[i] > acc[i] { xs[i] } else { acc[i] };
-        }
-    }
-    for (i, &v) in r.iter().enumerate() {
-        acc[i] = if v > acc[i] { v } else { acc[i] };
-    }
-    acc.iter().copied().fold(f32::NEG_INFINITY, f32::max)
-}
-
-/// `e^x` for `x ≤ 0` in a form that vectorises (Cephes' `expf`: `x = n·ln 2 + r`, a degree-7
-/// polynomial in `r`, `2^n` from the exponent bits); relative error below 1e-6 against the
-/// exact value, and ≈ 1e-38 instead of 0 below −87.
-#[inline(always)]
-fn exp_neg(x: f32) -> f32 {
-    let x = if x < -87.0 { -87.0 } else { x };
-    // Round x·log2(e) to the nearest integer with the 1.5·2^23 trick (|x·log2 e| < 2^22).
-    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
-    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
-    let p = (((((1.987_569_2e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-        + 0.166_666_65)
-        * r
-        + 0.5)
-        * (r * r)
-        + r
-        + 1.0;
-    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
 }
 
 /// Softmax of a row with no −∞ entries, in place.
@@ -1105,20 +1035,6 @@ fn sum_groups<'p>(parts: &'p mut [PartBufs], which: &[usize]) -> &'p [Vec<f32>] 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn exp_neg_is_accurate_on_the_softmax_range() {
-        let mut worst = 0f64;
-        for i in 0..=200_000 {
-            let x = -87.0 * i as f32 / 200_000.0;
-            let want = f64::from(x).exp();
-            let got = f64::from(exp_neg(x));
-            worst = worst.max((got - want).abs() / want);
-        }
-        assert!(worst < 1e-6, "worst relative error {worst}");
-        assert_eq!(exp_neg(0.0), 1.0);
-        assert!(exp_neg(f32::NEG_INFINITY) < 1e-37);
-    }
 
     #[test]
     fn lane_reductions_match_serial_ones() {

@@ -1,0 +1,222 @@
+//! Scaled dot-product attention at inference on the CPU, reading the KV cache in place.
+//!
+//! A decode step attends one query per sequence and head to the cached keys: `B × H` tiny
+//! problems. Composed from candle ops that is a batched matmul for the scores (the cache view is
+//! strided, so it is first copied contiguous), a mask add, a softmax and a second batched matmul,
+//! each allocating its output, and `gemm` dispatches every one of the `B × H` products
+//! separately. Here each (sequence, head) runs its scores, softmax and weighted sum of values in
+//! one pass over the cache's own storage, with rows whose weight underflows to zero skipped
+//! (causal masks make half of a prefill's weights exactly zero).
+
+use candle_core::{bail, Result, Tensor};
+use rayon::prelude::*;
+
+use super::{fused, skinny, vmath};
+
+/// Multiply-adds below which the heads run on the calling thread.
+const MIN_PARALLEL_WORK: usize = 1 << 15;
+
+/// `softmax(q kᵀ / sqrt(D) + mask) v` for `q: [B, H, T, D]`, `k`, `v: [B, H, S, D]` (any strides
+/// with a contiguous last dimension) and an additive `mask: [1 | B, 1, T, S]`: `[B, H, T, D]`.
+/// `None` when the layouts are not ones this kernel reads (the caller composes candle ops then).
+/// A query row whose keys are all masked gives NaN, as the composed path does.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    let (b, h, t, d) = q.dims4()?;
+    let s = k.dim(2)?;
+    if k.dims() != [b, h, s, d] || v.dims() != [b, h, s, d] {
+        bail!(
+            "attention: q {:?}, k {:?}, v {:?} do not fit",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    let mask_rows = match mask {
+        None => 0,
+        Some(m) => match m.dims() {
+            &[mb, 1, mt, ms] if (mb == 1 || mb == b) && mt == t && ms == s => mb,
+            other => bail!("attention: mask {other:?} does not fit [1 | {b}, 1, {t}, {s}]"),
+        },
+    };
+    let q = q.contiguous()?;
+    let mask = mask.map(Tensor::contiguous).transpose()?;
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut out = vec![0f32; b * h * t * d];
+    let done = fused::with_f32(&q, |qs| {
+        fused::with_f32_storage(k, |ks, kl| {
+            fused::with_f32_storage(v, |vs, vl| {
+                let (kst, vst) = (kl.stride(), vl.stride());
+                if kst[3] != 1 || vst[3] != 1 {
+                    return Ok(false);
+                }
+                let view = |st: &[usize], off: usize| Strided {
+                    off,
+                    sb: st[0],
+                    sh: st[1],
+                    ss: st[2],
+                };
+                let (kv, vv) = (view(kst, kl.start_offset()), view(vst, vl.start_offset()));
+                let mut run = |ms: Option<&[f32]>| {
+                    let job = Job {
+                        qs,
+                        ks,
+                        vs,
+                        kv,
+                        vv,
+                        ms,
+                        mask_rows,
+                        h,
+                        t,
+                        s,
+                        d,
+                        scale,
+                    };
+                    let per_head = |(bh, o): (usize, &mut [f32])| job.head(bh, o);
+                    if b * h * t * s * d < MIN_PARALLEL_WORK {
+                        out.chunks_mut(t * d).enumerate().for_each(per_head);
+                    } else {
+                        out.par_chunks_mut(t * d).enumerate().for_each(per_head);
+                    }
+                };
+                match &mask {
+                    Some(m) => fused::with_f32(m, |ms| {
+                        run(Some(ms));
+                        Ok(())
+                    })?,
+                    None => run(None),
+                }
+                Ok(true)
+            })
+        })
+    })?;
+    if !done {
+        return Ok(None);
+    }
+    Tensor::from_vec(out, (b, h, t, d), q.device()).map(Some)
+}
+
+/// Where row `(b, h, j)` of a `[B, H, S, D]` view starts in its storage.
+#[derive(Clone, Copy)]
+struct Strided {
+    off: usize,
+    sb: usize,
+    sh: usize,
+    ss: usize,
+}
+
+impl Strided {
+    fn row<'a>(&self, all: &'a [f32], b: usize, h: usize, j: usize, d: usize) -> &'a [f32] {
+        let at = self.off + b * self.sb + h * self.sh + j * self.ss;
+        &all[at..at + d]
+    }
+}
+
+struct Job<'a> {
+    qs: &'a [f32],
+    ks: &'a [f32],
+    vs: &'a [f32],
+    kv: Strided,
+    vv: Strided,
+    ms: Option<&'a [f32]>,
+    mask_rows: usize,
+    h: usize,
+    t: usize,
+    s: usize,
+    d: usize,
+    scale: f32,
+}
+
+impl Job<'_> {
+    /// Every query row of one (sequence, head) pair into `o: [T, D]`.
+    fn head(&self, bh: usize, o: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if skinny::available() {
+            // SAFETY: AVX-512F is present (checked just above).
+            return unsafe { self.head_avx512(bh, o) };
+        }
+        self.head_body(bh, o)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn head_avx512(&self, bh: usize, o: &mut [f32]) {
+        self.head_body(bh, o)
+    }
+
+    #[inline(always)]
+    fn head_body(&self, bh: usize, o: &mut [f32]) {
+        let (bi, hi) = (bh / self.h, bh % self.h);
+        let (t, s, d) = (self.t, self.s, self.d);
+        let mut p = vec![0f32; s];
+        for (ti, orow) in o.chunks_exact_mut(d).enumerate() {
+            let q = &self.qs[(bh * t + ti) * d..][..d];
+            let mrow = self.ms.map(|m| {
+                let mb = if self.mask_rows == 1 { 0 } else { bi };
+                &m[(mb * t + ti) * s..][..s]
+            });
+            for (j, pj) in p.iter_mut().enumerate() {
+                let k = self.kv.row(self.ks, bi, hi, j, d);
+                *pj =
+                    vmath::sum_pairs(q, k, |a, b| a * b) * self.scale + mrow.map_or(0.0, |m| m[j]);
+            }
+            let max = vmath::max_lanes(&p);
+            p.iter_mut().for_each(|x| *x = vmath::exp_neg(*x - max));
+            let inv = 1.0 / vmath::sum_pairs(&p, &p, |a, _| a);
+            orow.fill(0.0);
+            for (j, &pj) in p.iter().enumerate() {
+                if pj != 0.0 {
+                    let w = pj * inv;
+                    let v = self.vv.row(self.vs, bi, hi, j, d);
+                    orow.iter_mut().zip(v).for_each(|(o, &v)| *o += w * v);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::ops;
+    use crate::test_util::*;
+
+    #[test]
+    fn matches_the_composed_path_on_a_strided_cache_view_with_masks() {
+        let (b, h, t, d, cap) = (3, 2, 5, 16, 12);
+        let q = rand(&[b, h, t, d], 1);
+        // A view of the first 9 positions of a 12-position buffer, as the KV cache hands out.
+        let k = rand(&[b, h, cap, d], 2).narrow(2, 0, 9).unwrap();
+        let v = rand(&[b, h, cap, d], 3).narrow(2, 0, 9).unwrap();
+        let s = 9;
+        let causal: Vec<f32> = (0..b * t * s)
+            .map(|i| {
+                let (row, j) = ((i / s) % t, i % s);
+                // Left padding on sequence 1 (its first two keys), causal offset s − t.
+                if j > s - t + row || (i / (t * s) == 1 && j < 2) {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let per_row = Tensor::from_vec(causal, (b, 1, t, s), &candle_core::Device::Cpu).unwrap();
+        let shared = per_row.narrow(0, 0, 1).unwrap().contiguous().unwrap();
+        for mask in [None, Some(&per_row), Some(&shared)] {
+            let got = attention(&q, &k, &v, mask)
+                .unwrap()
+                .expect("the cache view is readable in place");
+            let want = fused::with_reference_ops(|| ops::attention(&q, &k, &v, mask)).unwrap();
+            assert!(
+                max_abs_diff(&got, &want) < 1e-5,
+                "{}",
+                max_abs_diff(&got, &want)
+            );
+        }
+        assert!(attention(&q, &k, &v, Some(&rand(&[b, 1, t, s + 1], 4))).is_err());
+    }
+}
