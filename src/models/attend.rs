@@ -5,8 +5,8 @@
 //! strided, so it is first copied contiguous), a mask add, a softmax and a second batched matmul,
 //! each allocating its output, and `gemm` dispatches every one of the `B × H` products
 //! separately. Here each (sequence, head) runs its scores, softmax and weighted sum of values in
-//! one pass over the cache's own storage, with rows whose weight underflows to zero skipped
-//! (causal masks make half of a prefill's weights exactly zero).
+//! place over the cache's own storage: on AVX-512 as two small products on [`skinny`]'s tiles
+//! (scores, then weighted values), elsewhere row by row.
 
 use candle_core::{bail, Result, Tensor};
 use rayon::prelude::*;
@@ -110,8 +110,12 @@ struct Strided {
 }
 
 impl Strided {
+    fn row_start(&self, b: usize, h: usize) -> usize {
+        self.off + b * self.sb + h * self.sh
+    }
+
     fn row<'a>(&self, all: &'a [f32], b: usize, h: usize, j: usize, d: usize) -> &'a [f32] {
-        let at = self.off + b * self.sb + h * self.sh + j * self.ss;
+        let at = self.row_start(b, h) + j * self.ss;
         &all[at..at + d]
     }
 }
@@ -134,38 +138,61 @@ struct Job<'a> {
 impl Job<'_> {
     /// Every query row of one (sequence, head) pair into `o: [T, D]`.
     fn head(&self, bh: usize, o: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if skinny::available() {
-            // SAFETY: AVX-512F is present (checked just above).
-            return unsafe { self.head_avx512(bh, o) };
+        if skinny::available() && self.kv.ss == self.d && self.vv.ss == self.d {
+            return self.head_tiled(bh, o);
         }
-        self.head_body(bh, o)
+        self.head_rows(bh, o)
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn head_avx512(&self, bh: usize, o: &mut [f32]) {
-        self.head_body(bh, o)
+    /// The head as two small products on [`skinny`]'s AVX-512 tiles — scores `q Kᵀ` (`[T, S]`),
+    /// then `P V` — with the keys and values of one head contiguous rows of the cache.
+    fn head_tiled(&self, bh: usize, o: &mut [f32]) {
+        let (bi, hi) = (bh / self.h, bh % self.h);
+        let (t, s, d) = (self.t, self.s, self.d);
+        let q = &self.qs[bh * t * d..][..t * d];
+        let keys = &self.ks[self.kv.row_start(bi, hi)..][..s * d];
+        let values = &self.vs[self.vv.row_start(bi, hi)..][..s * d];
+        let mut p = vec![0f32; t * s];
+        skinny::x_wt_into(q, t, d, keys, s, &mut p);
+        for (ti, row) in p.chunks_exact_mut(s).enumerate() {
+            match self.mask_row(bi, ti) {
+                Some(m) => row
+                    .iter_mut()
+                    .zip(m)
+                    .for_each(|(x, &m)| *x = *x * self.scale + m),
+                None => row.iter_mut().for_each(|x| *x *= self.scale),
+            }
+            let max = vmath::max_lanes(row);
+            row.iter_mut().for_each(|x| *x = softmax_term(*x - max));
+            let inv = 1.0 / vmath::sum_pairs(row, row, |a, _| a);
+            row.iter_mut().for_each(|x| *x *= inv);
+        }
+        skinny::x_w_into(&p, t, s, values, d, o);
     }
 
-    #[inline(always)]
-    fn head_body(&self, bh: usize, o: &mut [f32]) {
+    /// Row `ti` of the mask for sequence `bi`, if there is a mask.
+    fn mask_row(&self, bi: usize, ti: usize) -> Option<&[f32]> {
+        self.ms.map(|m| {
+            let mb = if self.mask_rows == 1 { 0 } else { bi };
+            &m[(mb * self.t + ti) * self.s..][..self.s]
+        })
+    }
+
+    /// The head row by row (any CPU; keys and values at any row stride).
+    fn head_rows(&self, bh: usize, o: &mut [f32]) {
         let (bi, hi) = (bh / self.h, bh % self.h);
         let (t, s, d) = (self.t, self.s, self.d);
         let mut p = vec![0f32; s];
         for (ti, orow) in o.chunks_exact_mut(d).enumerate() {
             let q = &self.qs[(bh * t + ti) * d..][..d];
-            let mrow = self.ms.map(|m| {
-                let mb = if self.mask_rows == 1 { 0 } else { bi };
-                &m[(mb * t + ti) * s..][..s]
-            });
+            let mrow = self.mask_row(bi, ti);
             for (j, pj) in p.iter_mut().enumerate() {
                 let k = self.kv.row(self.ks, bi, hi, j, d);
                 *pj =
                     vmath::sum_pairs(q, k, |a, b| a * b) * self.scale + mrow.map_or(0.0, |m| m[j]);
             }
             let max = vmath::max_lanes(&p);
-            p.iter_mut().for_each(|x| *x = vmath::exp_neg(*x - max));
+            p.iter_mut().for_each(|x| *x = softmax_term(*x - max));
             let inv = 1.0 / vmath::sum_pairs(&p, &p, |a, _| a);
             orow.fill(0.0);
             for (j, &pj) in p.iter().enumerate() {
@@ -176,6 +203,18 @@ impl Job<'_> {
                 }
             }
         }
+    }
+}
+
+/// `eᶻ` for `z ≤ 0`, exactly 0 below −87. [`vmath::exp_neg`] gives ≈ 1e-38 there, which a
+/// masked key's weight would carry into the values product as a denormal after normalising: an
+/// x86 microcode assist per multiply, measured as most of a TinyMem audit's attention time.
+#[inline(always)]
+fn softmax_term(z: f32) -> f32 {
+    if z < -87.0 {
+        0.0
+    } else {
+        vmath::exp_neg(z)
     }
 }
 
@@ -206,16 +245,21 @@ mod tests {
             .collect();
         let per_row = Tensor::from_vec(causal, (b, 1, t, s), &candle_core::Device::Cpu).unwrap();
         let shared = per_row.narrow(0, 0, 1).unwrap().contiguous().unwrap();
-        for mask in [None, Some(&per_row), Some(&shared)] {
-            let got = attention(&q, &k, &v, mask)
-                .unwrap()
-                .expect("the cache view is readable in place");
-            let want = fused::with_reference_ops(|| ops::attention(&q, &k, &v, mask)).unwrap();
-            assert!(
-                max_abs_diff(&got, &want) < 1e-5,
-                "{}",
-                max_abs_diff(&got, &want)
-            );
+        // Rows d apart (the tiled path on AVX-512) and 2d apart (the row-by-row path).
+        let wide_k = rand(&[b, h, s, 2 * d], 5).narrow(3, 0, d).unwrap();
+        let wide_v = rand(&[b, h, s, 2 * d], 6).narrow(3, d, d).unwrap();
+        for (k, v) in [(&k, &v), (&wide_k, &wide_v)] {
+            for mask in [None, Some(&per_row), Some(&shared)] {
+                let got = attention(&q, k, v, mask)
+                    .unwrap()
+                    .expect("the view is readable in place");
+                let want = fused::with_reference_ops(|| ops::attention(&q, k, v, mask)).unwrap();
+                assert!(
+                    max_abs_diff(&got, &want) < 1e-5,
+                    "{}",
+                    max_abs_diff(&got, &want)
+                );
+            }
         }
         assert!(attention(&q, &k, &v, Some(&rand(&[b, 1, t, s + 1], 4))).is_err());
     }

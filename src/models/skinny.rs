@@ -140,6 +140,29 @@ fn transpose_padded(x: &[f32], m: usize, k: usize) -> Vec<f32> {
     xt
 }
 
+/// [`x_wt`] on the calling thread into `y: [m, n]`, for callers that run many small products
+/// in parallel themselves (attention heads).
+pub(crate) fn x_wt_into(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, y: &mut [f32]) {
+    check(x, m, k, w, n, None);
+    assert!(y.len() >= m * n, "skinny: output shorter than {m} x {n}");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX-512F and the operand lengths are checked above; `y` is exclusively borrowed.
+    unsafe {
+        avx512::x_wt_cols(x.as_ptr(), m, k, w.as_ptr(), None, y.as_mut_ptr(), n, 0, n)
+    }
+}
+
+/// [`x_w`] on the calling thread into `y: [m, n]`, as [`x_wt_into`].
+pub(crate) fn x_w_into(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, y: &mut [f32]) {
+    check(x, m, k, w, n, None);
+    assert!(y.len() >= m * n, "skinny: output shorter than {m} x {n}");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as in `x_wt_into`.
+    unsafe {
+        avx512::x_w_cols(x.as_ptr(), m, k, w.as_ptr(), None, y.as_mut_ptr(), n, 0, n)
+    }
+}
+
 fn check(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, b: Option<&[f32]>) {
     assert!(available(), "skinny kernels need AVX-512F");
     assert!(
