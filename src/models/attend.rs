@@ -163,7 +163,8 @@ impl Job<'_> {
                 None => row.iter_mut().for_each(|x| *x *= self.scale),
             }
             let max = vmath::max_lanes(row);
-            row.iter_mut().for_each(|x| *x = softmax_term(*x - max));
+            row.iter_mut()
+                .for_each(|x| *x = vmath::softmax_term(*x - max));
             let inv = 1.0 / vmath::sum_pairs(row, row, |a, _| a);
             row.iter_mut().for_each(|x| *x *= inv);
         }
@@ -192,7 +193,8 @@ impl Job<'_> {
                     vmath::sum_pairs(q, k, |a, b| a * b) * self.scale + mrow.map_or(0.0, |m| m[j]);
             }
             let max = vmath::max_lanes(&p);
-            p.iter_mut().for_each(|x| *x = softmax_term(*x - max));
+            p.iter_mut()
+                .for_each(|x| *x = vmath::softmax_term(*x - max));
             let inv = 1.0 / vmath::sum_pairs(&p, &p, |a, _| a);
             orow.fill(0.0);
             for (j, &pj) in p.iter().enumerate() {
@@ -203,18 +205,6 @@ impl Job<'_> {
                 }
             }
         }
-    }
-}
-
-/// `eᶻ` for `z ≤ 0`, exactly 0 below −87. [`vmath::exp_neg`] gives ≈ 1e-38 there, which a
-/// masked key's weight would carry into the values product as a denormal after normalising: an
-/// x86 microcode assist per multiply, measured as most of a TinyMem audit's attention time.
-#[inline(always)]
-fn softmax_term(z: f32) -> f32 {
-    if z < -87.0 {
-        0.0
-    } else {
-        vmath::exp_neg(z)
     }
 }
 
