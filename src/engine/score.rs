@@ -71,9 +71,22 @@ fn score_batch(model: &Model, seqs: &[Vec<u32>]) -> Result<Vec<Score>> {
                 .chain(std::iter::repeat_n(0, width - s.len())),
         );
     }
-    let ids = Tensor::from_vec(ids, (b, width), dev)?;
-    let hidden = model.forward_hidden(&Inputs::causal(&ids, 0)?, None, None)?;
-    let picked = model.next_token_logprobs(&hidden, &ids)?.to_vec2::<f32>()?;
+    let picked: Vec<Vec<f32>> = match model {
+        // GPT-2 with a ReLU MLP in f32 on the CPU (TinyMem): the hand-written forward of
+        // `models/gpt2/grad.rs`, no candle graph.
+        Model::Gpt2(m) if m.mlp_grads_supported() => {
+            let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
+            m.token_logprobs(&ids, (b, width), &lens)?
+                .chunks(width - 1)
+                .map(<[f32]>::to_vec)
+                .collect()
+        }
+        _ => {
+            let ids = Tensor::from_vec(ids, (b, width), dev)?;
+            let hidden = model.forward_hidden(&Inputs::causal(&ids, 0)?, None, None)?;
+            model.next_token_logprobs(&hidden, &ids)?.to_vec2::<f32>()?
+        }
+    };
     Ok(seqs
         .iter()
         .zip(picked)
@@ -88,4 +101,75 @@ fn score_batch(model: &Model, seqs: &[Vec<u32>]) -> Result<Vec<Score>> {
             }
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::random_model;
+    use candle_core::Device;
+
+    #[test]
+    fn the_hand_written_gpt2_path_scores_like_the_candle_path() {
+        // Tied and untied heads, the 1/(layer + 1) attention scale, rows of mixed lengths
+        // (right padding inside a batch), more rows than row groups.
+        for (tied, inverse_idx) in [(true, false), (false, true)] {
+            let cfg = crate::test_util::relu_gpt2((14, 64, 24, 3), 2, tied, inverse_idx);
+            let model = random_model(&cfg, &Device::Cpu).unwrap();
+            let Model::Gpt2(gpt2) = &model else {
+                unreachable!()
+            };
+            assert!(gpt2.mlp_grads_supported());
+            let seqs: Vec<Vec<u32>> = (0..7)
+                .map(|r| {
+                    (0..[40, 2, 17, 40, 33, 5, 24][r])
+                        .map(|i| ((i * 5 + r * 3) % 14) as u32)
+                        .collect()
+                })
+                .collect();
+            let fast = score(&model, &seqs, 4).unwrap();
+            // The candle path: forward_hidden + the fused head, what other models take.
+            let slow: Vec<Score> = seqs
+                .chunks(4)
+                .flat_map(|chunk| {
+                    let width = chunk.iter().map(Vec::len).max().unwrap();
+                    let ids: Vec<u32> = chunk
+                        .iter()
+                        .flat_map(|s| {
+                            s.iter()
+                                .copied()
+                                .chain(std::iter::repeat_n(0, width - s.len()))
+                        })
+                        .collect();
+                    let ids = Tensor::from_vec(ids, (chunk.len(), width), &Device::Cpu).unwrap();
+                    let hidden = model
+                        .forward_hidden(&Inputs::causal(&ids, 0).unwrap(), None, None)
+                        .unwrap();
+                    let lp = model
+                        .next_token_logprobs(&hidden, &ids)
+                        .unwrap()
+                        .to_vec2::<f32>()
+                        .unwrap();
+                    chunk
+                        .iter()
+                        .zip(lp)
+                        .map(|(s, row)| row[..s.len() - 1].to_vec())
+                        .collect::<Vec<_>>()
+                })
+                .map(|token_logprobs| Score {
+                    tokens: token_logprobs.len() + 1,
+                    nll: 0.0,
+                    perplexity: 0.0,
+                    token_logprobs,
+                })
+                .collect();
+            for (f, s) in fast.iter().zip(&slow) {
+                assert_eq!(f.tokens, s.tokens);
+                assert_eq!(f.token_logprobs.len(), s.token_logprobs.len());
+                for (a, b) in f.token_logprobs.iter().zip(&s.token_logprobs) {
+                    assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+                }
+            }
+        }
+    }
 }

@@ -33,7 +33,7 @@ use rayon::prelude::*;
 use super::Gpt2;
 use crate::models::fused::{self, small_gemm, softmax_row};
 use crate::models::ops::Activation;
-use crate::models::vmath::{exp_neg, max_lanes, sum_pairs};
+use crate::models::vmath::{exp_neg, logsumexp, max_lanes, sum_pairs};
 
 /// Query rows per block of the causal attention kernels.
 const ATT_BLOCK: usize = 32;
@@ -52,6 +52,8 @@ enum Want {
     Mlp,
     /// Every parameter, down to the embeddings (training).
     All,
+    /// None: the forward and each position's log-probability of its next token (scoring).
+    Forward,
 }
 
 /// Index of block `li`'s `k`-th parameter in [`Gpt2::named_tensors`] order: `wte`, `wpe`, then
@@ -88,6 +90,9 @@ struct PartBufs {
     grads: Vec<Vec<f32>>,
     /// Each row's mean loss.
     row_loss: Vec<f64>,
+    /// [`Want::Forward`]: `log p(ids[r, j + 1])` for `j < t − 1`, row by row (0 past a row's
+    /// length).
+    token_lp: Vec<f32>,
 }
 
 /// What one block's backward reads.
@@ -627,8 +632,32 @@ fn part_body(
     let logits = buf(&mut ws.logits, n * v);
     gemm(n, v, h, logits, hf, (h, 1), w.lm, (1, h), false);
 
-    // Loss and its gradient, in place: logits become ∂L/∂logits.
     ws.row_loss.clear();
+    if want == Want::Forward {
+        ws.token_lp.clear();
+        for (r, lg) in logits.chunks_exact(t * v).enumerate() {
+            let len = lens[r];
+            let mut total = 0f64;
+            for j in 0..t - 1 {
+                let lp = if j + 1 < len {
+                    let row = &lg[j * v..(j + 1) * v];
+                    row[ids[r * t + j + 1] as usize] - logsumexp(row)
+                } else {
+                    0.0
+                };
+                total -= f64::from(lp);
+                ws.token_lp.push(lp);
+            }
+            ws.row_loss.push(if len > 1 {
+                total / (len - 1) as f64
+            } else {
+                0.0
+            });
+        }
+        return;
+    }
+
+    // Loss and its gradient, in place: logits become ∂L/∂logits.
     for (r, lg) in logits.chunks_exact_mut(t * v).enumerate() {
         // A row of fewer than 2 tokens predicts nothing: loss 0, no gradient (as the composed
         // path's zero position weights give).
@@ -868,6 +897,26 @@ impl Gpt2 {
             loss,
             grads: &first[..self.named.len()],
         })
+    }
+
+    /// Each row's log-probability of its next token at every position, `[b, t − 1]` row-major
+    /// (0 at and past position `lens[r] − 1`), for `ids` as [`Gpt2::mlp_grads`] takes them:
+    /// scoring through this module's forward (row groups in parallel, single-threaded gemms,
+    /// causal attention without the upper triangle). Needs [`Gpt2::mlp_grads_supported`].
+    pub fn token_logprobs(
+        &self,
+        ids: &[u32],
+        (b, t): (usize, usize),
+        lens: &[usize],
+    ) -> Result<Vec<f32>> {
+        let mut ws = MlpGradWorkspace::default();
+        let row_weight = vec![0.0; b];
+        self.run_parts(ids, (b, t), lens, &row_weight, None, Want::Forward, &mut ws)?;
+        Ok(ws
+            .parts
+            .iter()
+            .flat_map(|p| p.token_lp.iter().copied())
+            .collect())
     }
 
     /// Runs the forward and the backward `want` asks for over row groups in parallel, leaving
