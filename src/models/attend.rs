@@ -153,7 +153,7 @@ impl Job<'_> {
         let keys = &self.ks[self.kv.row_start(bi, hi)..][..s * d];
         let values = &self.vs[self.vv.row_start(bi, hi)..][..s * d];
         let mut p = vec![0f32; t * s];
-        skinny::x_wt_into(q, t, d, keys, s, &mut p);
+        skinny::dense_into(q, (t, d), keys, s, true, &mut p);
         for (ti, row) in p.chunks_exact_mut(s).enumerate() {
             match self.mask_row(bi, ti) {
                 Some(m) => row
@@ -168,7 +168,7 @@ impl Job<'_> {
             let inv = 1.0 / vmath::sum_pairs(row, row, |a, _| a);
             row.iter_mut().for_each(|x| *x *= inv);
         }
-        skinny::x_w_into(&p, t, s, values, d, o);
+        skinny::dense_into(&p, (t, s), values, d, false, o);
     }
 
     /// Row `ti` of the mask for sequence `bi`, if there is a mask.

@@ -246,13 +246,8 @@ fn dense_skinny(
     }
     let y = fused::with_f32(x, |xs| {
         fused::with_f32(w, |ws| {
-            let run = |bs: Option<&[f32]>| {
-                if transposed {
-                    skinny::x_wt(xs, rows, d_in, ws, d_out, bs)
-                } else {
-                    skinny::x_w(xs, rows, d_in, ws, d_out, bs)
-                }
-            };
+            let run =
+                |bs: Option<&[f32]>| skinny::dense(xs, (rows, d_in), ws, d_out, bs, transposed);
             match b {
                 Some(b) => fused::with_f32(b, |bs| Ok(run(Some(bs)))),
                 None => Ok(run(None)),

@@ -38,94 +38,76 @@ pub(crate) fn available() -> bool {
     }
 }
 
-/// `y[m, n] = x[m, k] · wᵀ (+ b)` with `w: [n, k]` row-major. Panics when a slice is shorter
-/// than its shape or when the CPU lacks AVX-512F (callers check [`available`]).
-pub(crate) fn x_wt(
+/// `y[m, n] = x[m, k] · W (+ b)` with `W` stored `[n, k]` row-major when `transposed`
+/// (`nn.Linear`), `[k, n]` otherwise (GPT-2 `Conv1D`), split over the rayon pool by output
+/// columns. Panics when a slice is shorter than its shape or when the CPU lacks AVX-512F
+/// (callers check [`available`]).
+pub(crate) fn dense(
     x: &[f32],
-    m: usize,
-    k: usize,
+    (m, k): (usize, usize),
     w: &[f32],
     n: usize,
     b: Option<&[f32]>,
+    transposed: bool,
 ) -> Vec<f32> {
-    check(x, m, k, w, n, b);
     let mut y = vec![0f32; m * n];
-    #[cfg(target_arch = "x86_64")]
-    {
-        // Whole tiles of 8 weight rows per task chunk; a few chunks per thread for balance.
-        let chunk = chunk_len(m, k, n, 8);
-        let out = Shared(y.as_mut_ptr());
-        // Above 16 rows, `x` is transposed once (rows padded to whole vectors) so that each
-        // weight element is broadcast against 16 rows at a time, with no horizontal sums.
-        let xt = (m > 16).then(|| transpose_padded(x, m, k));
-        for_chunks(n, chunk, |n0, n1| {
-            // SAFETY: AVX-512F was checked by `check`; every pointer stays inside its slice
-            // (shapes checked above); this task writes only columns n0..n1 of `y`, disjoint
-            // from every other task's.
-            unsafe {
-                match &xt {
-                    Some(xt) => avx512::xt_wt_cols(
-                        xt.as_ptr(),
-                        m,
-                        k,
-                        w.as_ptr(),
-                        b.map(|b| b.as_ptr()),
-                        out.get(),
-                        n,
-                        n0,
-                        n1,
-                    ),
-                    None => avx512::x_wt_cols(
-                        x.as_ptr(),
-                        m,
-                        k,
-                        w.as_ptr(),
-                        b.map(|b| b.as_ptr()),
-                        out.get(),
-                        n,
-                        n0,
-                        n1,
-                    ),
-                }
-            }
-        });
-    }
+    run(x, (m, k), w, (n, b), transposed, &mut y, true);
     y
 }
 
-/// `y[m, n] = x[m, k] · w (+ b)` with `w: [k, n]` row-major. Panics like [`x_wt`].
-pub(crate) fn x_w(
+/// [`dense`] without a bias on the calling thread into `y: [m, n]`, for callers that run many
+/// small products in parallel themselves (attention heads); any number of rows.
+pub(crate) fn dense_into(
     x: &[f32],
-    m: usize,
-    k: usize,
+    (m, k): (usize, usize),
     w: &[f32],
     n: usize,
-    b: Option<&[f32]>,
-) -> Vec<f32> {
-    check(x, m, k, w, n, b);
-    let mut y = vec![0f32; m * n];
+    transposed: bool,
+    y: &mut [f32],
+) {
+    run(x, (m, k), w, (n, None), transposed, y, false);
+}
+
+fn run(
+    x: &[f32],
+    (m, k): (usize, usize),
+    w: &[f32],
+    (n, b): (usize, Option<&[f32]>),
+    transposed: bool,
+    y: &mut [f32],
+    parallel: bool,
+) {
+    assert!(available(), "skinny kernels need AVX-512F");
+    assert!(
+        x.len() >= m * k && w.len() >= k * n,
+        "skinny: operands shorter than their shapes"
+    );
+    assert!(
+        b.is_none_or(|b| b.len() >= n),
+        "skinny: bias shorter than {n}"
+    );
+    // From 17 to 64 rows against an `[n, k]` weight, `x` is transposed once (rows padded to
+    // whole vectors) so that each weight element is broadcast against 16 rows at a time, with
+    // no horizontal sums.
+    let xt = (transposed && (17..=64).contains(&m)).then(|| transpose_padded(x, m, k));
+    let p = Product::new(xt.as_deref().unwrap_or(x), m, k, w, n, b, y);
     #[cfg(target_arch = "x86_64")]
     {
-        let chunk = chunk_len(m, k, n, 64);
-        let out = Shared(y.as_mut_ptr());
-        for_chunks(n, chunk, |n0, n1| {
-            // SAFETY: as in `x_wt`.
-            unsafe {
-                avx512::x_w_cols(
-                    x.as_ptr(),
-                    m,
-                    k,
-                    w.as_ptr(),
-                    b.map(|b| b.as_ptr()),
-                    out.get(),
-                    n,
-                    n0,
-                    n1,
-                )
-            }
-        });
+        // Kernel, and the output columns its tiles cover (task chunks are multiples of it).
+        let (kernel, tile): (unsafe fn(Product, usize, usize), usize) = match (transposed, &xt) {
+            (true, Some(_)) => (avx512::xt_wt_cols, 8),
+            (true, None) => (avx512::x_wt_cols, 8),
+            (false, _) => (avx512::x_w_cols, 64),
+        };
+        let chunk = if parallel {
+            chunk_len(m, k, n, tile)
+        } else {
+            n.max(1)
+        };
+        // SAFETY: AVX-512F and the operands' lengths are checked above; each task writes only
+        // its own columns of `y`, which `Product::new` checked to hold m × n.
+        for_chunks(n, chunk, |n0, n1| unsafe { kernel(p, n0, n1) });
     }
-    y
 }
 
 /// `xᵀ` as `[k, m rounded up to 16]`, the padding rows zero.
@@ -138,41 +120,6 @@ fn transpose_padded(x: &[f32], m: usize, k: usize) -> Vec<f32> {
         }
     }
     xt
-}
-
-/// [`x_wt`] on the calling thread into `y: [m, n]`, for callers that run many small products
-/// in parallel themselves (attention heads).
-pub(crate) fn x_wt_into(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, y: &mut [f32]) {
-    check(x, m, k, w, n, None);
-    assert!(y.len() >= m * n, "skinny: output shorter than {m} x {n}");
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX-512F and the operand lengths are checked above; `y` is exclusively borrowed.
-    unsafe {
-        avx512::x_wt_cols(x.as_ptr(), m, k, w.as_ptr(), None, y.as_mut_ptr(), n, 0, n)
-    }
-}
-
-/// [`x_w`] on the calling thread into `y: [m, n]`, as [`x_wt_into`].
-pub(crate) fn x_w_into(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, y: &mut [f32]) {
-    check(x, m, k, w, n, None);
-    assert!(y.len() >= m * n, "skinny: output shorter than {m} x {n}");
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: as in `x_wt_into`.
-    unsafe {
-        avx512::x_w_cols(x.as_ptr(), m, k, w.as_ptr(), None, y.as_mut_ptr(), n, 0, n)
-    }
-}
-
-fn check(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, b: Option<&[f32]>) {
-    assert!(available(), "skinny kernels need AVX-512F");
-    assert!(
-        x.len() >= m * k && w.len() >= k * n,
-        "skinny: operands shorter than their shapes"
-    );
-    assert!(
-        b.is_none_or(|b| b.len() >= n),
-        "skinny: bias shorter than {n}"
-    );
 }
 
 /// Multiply-adds below which a task is not worth handing to another thread (a rayon hand-off
@@ -188,6 +135,7 @@ fn chunk_len(m: usize, k: usize, n: usize, tile: usize) -> usize {
 }
 
 /// Runs `f(n0, n1)` over `0..n` in chunks of `chunk`, in parallel when there are several.
+#[cfg(target_arch = "x86_64")]
 fn for_chunks(n: usize, chunk: usize, f: impl Fn(usize, usize) + Sync) {
     use rayon::prelude::*;
     let count = n.div_ceil(chunk);
@@ -200,22 +148,68 @@ fn for_chunks(n: usize, chunk: usize, f: impl Fn(usize, usize) + Sync) {
     }
 }
 
-/// The output pointer the tasks share; each writes its own columns.
+/// One product's operands as the kernels read them: `y[m, n]` from `x` (`[m, k]`, or for the
+/// broadcast kernel `xᵀ` padded to `[k, 16·⌈m/16⌉]`), the weight `w` (`[n, k]` or `[k, n]`) and
+/// an optional bias `b[n]`. Parallel tasks share it and write disjoint columns of `y`.
 #[derive(Clone, Copy)]
-struct Shared(*mut f32);
-// SAFETY: tasks write disjoint column ranges (stated at each use).
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
+struct Product {
+    x: *const f32,
+    m: usize,
+    k: usize,
+    w: *const f32,
+    b: Option<*const f32>,
+    y: *mut f32,
+    n: usize,
+}
 
-impl Shared {
-    fn get(self) -> *mut f32 {
-        self.0
+// SAFETY: the pointers outlive every task (the callers above join the tasks before returning),
+// and tasks write disjoint column ranges of `y`.
+unsafe impl Send for Product {}
+unsafe impl Sync for Product {}
+
+impl Product {
+    fn new(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        w: &[f32],
+        n: usize,
+        b: Option<&[f32]>,
+        y: &mut [f32],
+    ) -> Self {
+        assert!(y.len() >= m * n, "skinny: output shorter than {m} x {n}");
+        Self {
+            x: x.as_ptr(),
+            m,
+            k,
+            w: w.as_ptr(),
+            b: b.map(<[f32]>::as_ptr),
+            y: y.as_mut_ptr(),
+            n,
+        }
+    }
+
+    /// The same product over weight rows (or columns) from `j` on, and rows of `y` from `i` on,
+    /// with `x` advanced by `dx` elements.
+    fn at(self, dx: usize, i: usize, j: usize, w_step: usize) -> Self {
+        // Wrapping offsets: only the kernels dereference them, inside the shapes.
+        Self {
+            x: self.x.wrapping_add(dx),
+            w: self.w.wrapping_add(j * w_step),
+            b: self.b.map(|b| b.wrapping_add(j)),
+            y: self.y.wrapping_add(i * self.n + j),
+            ..self
+        }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
+    //! The kernels. Every function is `unsafe`: it needs AVX-512F, and `p`'s pointers must
+    //! address whole matrices of its shapes, with no other thread writing the columns it writes.
     use std::arch::x86_64::*;
+
+    use super::Product;
 
     /// Lanes of one `__m512`.
     const L: usize = 16;
@@ -230,92 +224,53 @@ mod avx512 {
         }
     }
 
-    /// Columns `n0..n1` of `y = x · wᵀ (+ b)`, `x: [m, k]`, `w: [n, k]`, `y: [m, n]`.
-    ///
-    /// # Safety
-    /// AVX-512F present; pointers address whole matrices of the given shapes; no other thread
-    /// writes columns `n0..n1` of `y`.
+    /// Columns `n0..n1` of `y = x · wᵀ (+ b)`, `w: [n, k]`.
     #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn x_wt_cols(
-        x: *const f32,
-        m: usize,
-        k: usize,
-        w: *const f32,
-        b: Option<*const f32>,
-        y: *mut f32,
-        n: usize,
-        n0: usize,
-        n1: usize,
-    ) {
+    pub(super) unsafe fn x_wt_cols(p: Product, n0: usize, n1: usize) {
         // One row streams the weight with 8 accumulators; more rows share each weight load.
-        if m == 1 {
-            dot_cols::<8>(x, m, k, w, b, y, n, n0, n1);
+        if p.m == 1 {
+            dot_cols::<8>(p, n0, n1);
         } else {
-            dot_cols::<4>(x, m, k, w, b, y, n, n0, n1);
+            dot_cols::<4>(p, n0, n1);
         }
     }
 
     #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn dot_cols<const C: usize>(
-        x: *const f32,
-        m: usize,
-        k: usize,
-        w: *const f32,
-        b: Option<*const f32>,
-        y: *mut f32,
-        n: usize,
-        n0: usize,
-        n1: usize,
-    ) {
+    unsafe fn dot_cols<const C: usize>(p: Product, n0: usize, n1: usize) {
         let mut j = n0;
         while j + C <= n1 {
-            dot_rows::<C>(x, m, k, w.add(j * k), b.map(|b| b.add(j)), y.add(j), n);
+            dot_rows::<C>(p.at(0, 0, j, p.k));
             j += C;
         }
         while j < n1 {
-            dot_rows::<1>(x, m, k, w.add(j * k), b.map(|b| b.add(j)), y.add(j), n);
+            dot_rows::<1>(p.at(0, 0, j, p.k));
             j += 1;
         }
     }
 
     /// `C` weight rows against every input row, 4 input rows at a time.
     #[target_feature(enable = "avx512f")]
-    unsafe fn dot_rows<const C: usize>(
-        x: *const f32,
-        m: usize,
-        k: usize,
-        w: *const f32,
-        b: Option<*const f32>,
-        y: *mut f32,
-        ldy: usize,
-    ) {
+    unsafe fn dot_rows<const C: usize>(p: Product) {
         let mut i = 0;
-        while i + 4 <= m {
-            dot_tile::<4, C>(x.add(i * k), k, w, b, y.add(i * ldy), ldy);
+        while i + 4 <= p.m {
+            dot_tile::<4, C>(p.at(i * p.k, i, 0, 0));
             i += 4;
         }
-        match m - i {
-            3 => dot_tile::<3, C>(x.add(i * k), k, w, b, y.add(i * ldy), ldy),
-            2 => dot_tile::<2, C>(x.add(i * k), k, w, b, y.add(i * ldy), ldy),
-            1 => dot_tile::<1, C>(x.add(i * k), k, w, b, y.add(i * ldy), ldy),
+        let rest = p.at(i * p.k, i, 0, 0);
+        match p.m - i {
+            3 => dot_tile::<3, C>(rest),
+            2 => dot_tile::<2, C>(rest),
+            1 => dot_tile::<1, C>(rest),
             _ => {}
         }
     }
 
     /// `y[r][c] = Σ_k x[r][k] · w[c][k] (+ b[c])` for an `R × C` tile; rows of `x` and `w` are
-    /// `k` long and contiguous, rows of `y` are `ldy` apart.
+    /// `k` long and contiguous, rows of `y` are `n` apart.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn dot_tile<const R: usize, const C: usize>(
-        x: *const f32,
-        k: usize,
-        w: *const f32,
-        b: Option<*const f32>,
-        y: *mut f32,
-        ldy: usize,
-    ) {
+    unsafe fn dot_tile<const R: usize, const C: usize>(p: Product) {
+        let (x, k, w) = (p.x, p.k, p.w);
         let mut acc = [[_mm512_setzero_ps(); C]; R];
         let mut kk = 0;
         while kk < k {
@@ -334,76 +289,44 @@ mod avx512 {
         }
         for (r, row) in acc.iter().enumerate() {
             for (c, a) in row.iter().enumerate() {
-                let bias = b.map_or(0.0, |b| *b.add(c));
-                *y.add(r * ldy + c) = _mm512_reduce_add_ps(*a) + bias;
+                let bias = p.b.map_or(0.0, |b| *b.add(c));
+                *p.y.add(r * p.n + c) = _mm512_reduce_add_ps(*a) + bias;
             }
         }
     }
 
-    /// [`x_wt_cols`] from `xt = xᵀ: [k, mp]` (`mp` = `m` rounded up to 16, padding zero), for
+    /// [`x_wt_cols`] with `p.x = xᵀ: [k, mp]` (`mp` = `m` rounded up to 16, padding zero), for
     /// 17 to 64 rows: `V = mp / 16` row vectors × `C` weight rows per tile.
-    ///
-    /// # Safety
-    /// As [`x_wt_cols`]; `m ≤ 64`.
     #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn xt_wt_cols(
-        xt: *const f32,
-        m: usize,
-        k: usize,
-        w: *const f32,
-        b: Option<*const f32>,
-        y: *mut f32,
-        n: usize,
-        n0: usize,
-        n1: usize,
-    ) {
-        match m.div_ceil(L) {
-            1 => bcast_cols::<1, 16>(xt, m, k, w, b, y, n, n0, n1),
-            2 => bcast_cols::<2, 8>(xt, m, k, w, b, y, n, n0, n1),
-            3 => bcast_cols::<3, 6>(xt, m, k, w, b, y, n, n0, n1),
-            4 => bcast_cols::<4, 5>(xt, m, k, w, b, y, n, n0, n1),
+    pub(super) unsafe fn xt_wt_cols(p: Product, n0: usize, n1: usize) {
+        match p.m.div_ceil(L) {
+            1 => bcast_cols::<1, 16>(p, n0, n1),
+            2 => bcast_cols::<2, 8>(p, n0, n1),
+            3 => bcast_cols::<3, 6>(p, n0, n1),
+            4 => bcast_cols::<4, 5>(p, n0, n1),
             _ => unreachable!("xt_wt_cols takes at most 64 rows"),
         }
     }
 
     #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn bcast_cols<const V: usize, const C: usize>(
-        xt: *const f32,
-        m: usize,
-        k: usize,
-        w: *const f32,
-        b: Option<*const f32>,
-        y: *mut f32,
-        n: usize,
-        n0: usize,
-        n1: usize,
-    ) {
+    unsafe fn bcast_cols<const V: usize, const C: usize>(p: Product, n0: usize, n1: usize) {
         let mut j = n0;
         while j + C <= n1 {
-            bcast_tile::<V, C>(xt, m, k, w.add(j * k), b.map(|b| b.add(j)), y.add(j), n);
+            bcast_tile::<V, C>(p.at(0, 0, j, p.k));
             j += C;
         }
         while j < n1 {
-            bcast_tile::<V, 1>(xt, m, k, w.add(j * k), b.map(|b| b.add(j)), y.add(j), n);
+            bcast_tile::<V, 1>(p.at(0, 0, j, p.k));
             j += 1;
         }
     }
 
     /// `y[i][c] = Σ_k xt[k][i] · w[c][k] (+ b[c])` for the `m` rows (`V` vectors of `xt`'s
-    /// `V · 16`-wide rows) and `C` weight rows `k` long; rows of `y` are `ldy` apart.
+    /// `V · 16`-wide rows) and `C` weight rows `k` long; rows of `y` are `n` apart.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn bcast_tile<const V: usize, const C: usize>(
-        xt: *const f32,
-        m: usize,
-        k: usize,
-        w: *const f32,
-        b: Option<*const f32>,
-        y: *mut f32,
-        ldy: usize,
-    ) {
+    unsafe fn bcast_tile<const V: usize, const C: usize>(p: Product) {
+        let (xt, k, w) = (p.x, p.k, p.w);
         let mp = V * L;
         let mut acc = [[_mm512_setzero_ps(); V]; C];
         for kk in 0..k {
@@ -411,65 +334,53 @@ mod avx512 {
             for (v, x) in xv.iter_mut().enumerate() {
                 *x = _mm512_loadu_ps(xt.add(kk * mp + v * L));
             }
-            for (c, col) in acc.iter_mut().enumerate() {
-                let wb = _mm512_set1_ps(*w.add(c * k + kk));
-                for (a, x) in col.iter_mut().zip(xv) {
-                    *a = _mm512_fmadd_ps(x, wb, *a);
-                }
-            }
+            outer_fma(&mut acc, |c| *w.add(c * k + kk), xv);
         }
         let mut lanes_out = [0f32; L];
         for (c, col) in acc.iter().enumerate() {
-            let bias = b.map_or(0.0, |b| *b.add(c));
+            let bias = p.b.map_or(0.0, |b| *b.add(c));
             for (v, a) in col.iter().enumerate() {
                 _mm512_storeu_ps(lanes_out.as_mut_ptr(), *a);
-                for (lane, &val) in lanes_out.iter().enumerate().take(m.saturating_sub(v * L)) {
-                    *y.add((v * L + lane) * ldy + c) = val + bias;
+                for (lane, &val) in lanes_out.iter().enumerate().take(p.m.saturating_sub(v * L)) {
+                    *p.y.add((v * L + lane) * p.n + c) = val + bias;
                 }
             }
         }
     }
 
-    /// Columns `n0..n1` of `y = x · w (+ b)`, `x: [m, k]`, `w: [k, n]`, `y: [m, n]`.
-    ///
-    /// # Safety
-    /// As [`x_wt_cols`].
-    #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn x_w_cols(
-        x: *const f32,
-        m: usize,
-        k: usize,
-        w: *const f32,
-        b: Option<*const f32>,
-        y: *mut f32,
-        n: usize,
-        n0: usize,
-        n1: usize,
+    /// `acc[i][j] += s(i) · v[j]`, each `s(i)` broadcast: one step of an outer-product tile
+    /// (the broadcast and axpy tiles; they differ in which operand is the vector).
+    #[inline(always)]
+    unsafe fn outer_fma<const I: usize, const J: usize>(
+        acc: &mut [[__m512; J]; I],
+        s: impl Fn(usize) -> f32,
+        v: [__m512; J],
     ) {
+        for (i, row) in acc.iter_mut().enumerate() {
+            let si = _mm512_set1_ps(s(i));
+            for (a, vj) in row.iter_mut().zip(v) {
+                *a = _mm512_fmadd_ps(si, vj, *a);
+            }
+        }
+    }
+
+    /// Columns `n0..n1` of `y = x · w (+ b)`, `w: [k, n]`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn x_w_cols(p: Product, n0: usize, n1: usize) {
         const C: usize = 4;
         let mut j = n0;
         while j < n1 {
             let width = (n1 - j).min(C * L);
             let mut i = 0;
-            while i + 4 <= m {
-                axpy_tile::<4, C>(
-                    x.add(i * k),
-                    k,
-                    w.add(j),
-                    n,
-                    width,
-                    b.map(|b| b.add(j)),
-                    y.add(i * n + j),
-                );
+            while i + 4 <= p.m {
+                axpy_tile::<4, C>(p.at(i * p.k, i, j, 1), width);
                 i += 4;
             }
-            let (xr, yr) = (x.add(i * k), y.add(i * n + j));
-            let (wj, bj) = (w.add(j), b.map(|b| b.add(j)));
-            match m - i {
-                3 => axpy_tile::<3, C>(xr, k, wj, n, width, bj, yr),
-                2 => axpy_tile::<2, C>(xr, k, wj, n, width, bj, yr),
-                1 => axpy_tile::<1, C>(xr, k, wj, n, width, bj, yr),
+            let rest = p.at(i * p.k, i, j, 1);
+            match p.m - i {
+                3 => axpy_tile::<3, C>(rest, width),
+                2 => axpy_tile::<2, C>(rest, width),
+                1 => axpy_tile::<1, C>(rest, width),
                 _ => {}
             }
             j += width;
@@ -477,25 +388,17 @@ mod avx512 {
     }
 
     /// `y[r][0..width] = Σ_k x[r][k] · w[k][0..width] (+ b)` for `R` rows and up to `C · 16`
-    /// columns; rows of `w` and `y` are `ld` apart, rows of `x` are `k` long.
+    /// columns; rows of `w` and `y` are `n` apart, rows of `x` are `k` long.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn axpy_tile<const R: usize, const C: usize>(
-        x: *const f32,
-        k: usize,
-        w: *const f32,
-        ld: usize,
-        width: usize,
-        b: Option<*const f32>,
-        y: *mut f32,
-    ) {
+    unsafe fn axpy_tile<const R: usize, const C: usize>(p: Product, width: usize) {
+        let (x, k, w, ld) = (p.x, p.k, p.w, p.n);
         let mut masks = [0 as __mmask16; C];
         for (c, mask) in masks.iter_mut().enumerate() {
             *mask = lanes(width.saturating_sub(c * L));
         }
         let mut init = [_mm512_setzero_ps(); C];
-        if let Some(b) = b {
+        if let Some(b) = p.b {
             for (c, v) in init.iter_mut().enumerate() {
                 *v = _mm512_maskz_loadu_ps(masks[c], b.add(c * L));
             }
@@ -506,16 +409,11 @@ mod avx512 {
             for (c, v) in wv.iter_mut().enumerate() {
                 *v = _mm512_maskz_loadu_ps(masks[c], w.add(kk * ld + c * L));
             }
-            for (r, row) in acc.iter_mut().enumerate() {
-                let xb = _mm512_set1_ps(*x.add(r * k + kk));
-                for (a, wc) in row.iter_mut().zip(wv) {
-                    *a = _mm512_fmadd_ps(xb, wc, *a);
-                }
-            }
+            outer_fma(&mut acc, |r| *x.add(r * k + kk), wv);
         }
         for (r, row) in acc.iter().enumerate() {
             for (c, a) in row.iter().enumerate() {
-                _mm512_mask_storeu_ps(y.add(r * ld + c * L), masks[c], *a);
+                _mm512_mask_storeu_ps(p.y.add(r * ld + c * L), masks[c], *a);
             }
         }
     }
@@ -560,37 +458,49 @@ mod tests {
         y.into_iter().map(|v| v as f32).collect()
     }
 
+    /// Every element within 1e-4 (a NaN, e.g. an element never written, fails).
+    fn assert_close(got: &[f32], want: &[f32], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (i, (a, b)) in got.iter().zip(want).enumerate() {
+            assert!((a - b).abs() < 1e-4, "{what}: element {i} is {a}, want {b}");
+        }
+    }
+
     #[test]
     fn both_layouts_match_a_plain_product_on_every_tile_shape() {
         if !available() {
             eprintln!("skipped: this CPU has no AVX-512F, so the kernels never run here");
             return;
         }
-        // Rows 1..=9 cover every row-tile remainder; k and n cover full vectors, masked tails,
-        // column tails and several parallel chunks.
-        for m in 1..=9 {
-            for &(k, n) in &[(16, 8), (37, 13), (128, 384), (100, 1100), (512, 2100)] {
+        // Rows 1..=9 cover every row-tile remainder of the dot and axpy tiles, 16..=64 the
+        // broadcast tiles (one to four vectors, partial ones), 70 the dot tiles beyond them
+        // (`dense_into` only); k and n cover full vectors, masked tails, column tails and
+        // several parallel chunks.
+        let small: &[(usize, usize)] = &[(16, 8), (37, 13), (128, 384), (100, 1100), (512, 2100)];
+        let large: &[(usize, usize)] = &[(37, 13), (128, 384), (100, 1100)];
+        for m in (1..=9).chain([16, 17, 31, 32, 33, 48, 64, 70]) {
+            for &(k, n) in if m <= 9 { small } else { large } {
                 let x = rand(m * k, 1 + m as u64);
                 let w = rand(k * n, 2);
                 let b = rand(n, 3);
                 for bias in [None, Some(b.as_slice())] {
                     for wt in [true, false] {
-                        let got = if wt {
-                            x_wt(&x, m, k, &w, n, bias)
-                        } else {
-                            x_w(&x, m, k, &w, n, bias)
-                        };
                         let want = reference(&x, m, k, &w, n, bias, wt);
-                        let err = got
-                            .iter()
-                            .zip(&want)
-                            .map(|(a, b)| (a - b).abs())
-                            .fold(0f32, f32::max);
-                        assert!(
-                            err < 1e-4,
-                            "m {m} k {k} n {n} bias {} wt {wt}: max error {err}",
-                            bias.is_some()
-                        );
+                        let mut got = vec![f32::NAN; m * n];
+                        if bias.is_none() {
+                            dense_into(&x, (m, k), &w, n, wt, &mut got);
+                            assert_close(
+                                &got,
+                                &want,
+                                &format!("dense_into m {m} k {k} n {n} wt {wt}"),
+                            );
+                        }
+                        if m <= 64 {
+                            got = dense(&x, (m, k), &w, n, bias, wt);
+                            let what =
+                                format!("dense m {m} k {k} n {n} bias {} wt {wt}", bias.is_some());
+                            assert_close(&got, &want, &what);
+                        }
                     }
                 }
             }
