@@ -20,8 +20,6 @@ use candle_core::{
     Storage, Tensor, WithDType,
 };
 use gemm::Parallelism;
-
-use super::vmath;
 use rayon::prelude::*;
 
 thread_local! {
@@ -583,14 +581,17 @@ struct Softmax;
 /// In-place softmax of one row; entries equal to −∞ become exactly 0, and a row that is −∞
 /// everywhere becomes all zeros (instead of NaN).
 pub(crate) fn softmax_row(row: &mut [f32]) {
-    let max = vmath::max_lanes(row);
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if max == f32::NEG_INFINITY {
         row.fill(0.0);
         return;
     }
-    row.iter_mut()
-        .for_each(|v| *v = vmath::softmax_term(*v - max));
-    let inv = 1.0 / vmath::sum_pairs(row, row, |a, _| a);
+    let mut sum = 0f32;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
     for v in row.iter_mut() {
         *v *= inv;
     }
@@ -972,7 +973,9 @@ impl CustomOp1 for LmLoss {
             for ti in 0..t - 1 {
                 let row = &x[(bi * t + ti) * v..(bi * t + ti + 1) * v];
                 let tg = self.target(bi * (t - 1) + ti, v)?;
-                total += f64::from(vmath::logsumexp(row) - row[tg]);
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let lse = max + row.iter().map(|&r| (r - max).exp()).sum::<f32>().ln();
+                total += f64::from(lse - row[tg]);
             }
             *o = (total / (t - 1) as f64) as f32;
         }
