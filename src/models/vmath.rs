@@ -81,7 +81,8 @@ pub(crate) fn exp_neg(x: f32) -> f32 {
 /// `eᶻ` for `z ≤ 0`, exactly 0 below −87. [`exp_neg`] gives ≈ 1e-38 there, which a
 /// masked key's weight would carry into the values product as a denormal after normalising: an
 /// x86 microcode assist per multiply, measured as most of a TinyMem audit's attention time.
-/// Softmax rows take this.
+/// The attention kernel (`attend.rs`) takes this; `fused::softmax_row` keeps libm's `exp`,
+/// because the bundled models' recorded evaluations (pinned to 1e-9) run through it.
 #[inline(always)]
 pub(crate) fn softmax_term(z: f32) -> f32 {
     if z < -87.0 {
