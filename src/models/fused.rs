@@ -330,6 +330,28 @@ struct Linear {
     transposed: bool,
 }
 
+/// `(rows, d_in, d_out)` of `x · W` for `x: [.., in]` and `W: [in, out]`, or `[out, in]` when
+/// `transposed`; an error when they do not fit. Shared by [`linear`] and the inference dense.
+pub(crate) fn linear_dims(
+    x: &[usize],
+    w: &[usize],
+    transposed: bool,
+) -> Result<(usize, usize, usize)> {
+    let d_in = match x.last() {
+        Some(&d) if d > 0 => d,
+        _ => bail!("expected a non-empty last dimension, got {x:?}"),
+    };
+    let (a, b) = match w {
+        &[a, b] => (a, b),
+        _ => bail!("linear: weight {w:?} is not a matrix"),
+    };
+    let (w_in, d_out) = if transposed { (b, a) } else { (a, b) };
+    if w_in != d_in {
+        bail!("linear: input {x:?} does not fit weight {w:?} (transposed: {transposed})");
+    }
+    Ok((x.iter().product::<usize>() / d_in, d_in, d_out))
+}
+
 /// Threads for one large gemm (the rayon pool's size).
 pub(crate) fn gemm_parallelism() -> Parallelism {
     match rayon::current_num_threads() {
@@ -349,19 +371,7 @@ fn w_strides(transposed: bool, d_in: usize, d_out: usize) -> (usize, usize) {
 
 impl Linear {
     fn dims(&self, xl: &Layout, wl: &Layout) -> Result<(usize, usize, usize)> {
-        let d_in = last_dim(xl)?;
-        let rows = xl.shape().elem_count() / d_in;
-        let (a, b) = wl.shape().dims2()?;
-        let (w_in, d_out) = if self.transposed { (b, a) } else { (a, b) };
-        if w_in != d_in {
-            bail!(
-                "linear: input {:?} does not fit weight {:?} (transposed: {})",
-                xl.dims(),
-                wl.dims(),
-                self.transposed
-            );
-        }
-        Ok((rows, d_in, d_out))
+        linear_dims(xl.dims(), wl.dims(), self.transposed)
     }
 
     fn fwd(

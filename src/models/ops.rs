@@ -212,10 +212,11 @@ pub fn dense(x: &Tensor, w: &Tensor, b: Option<&Tensor>, transposed: bool) -> Re
         return fused::linear(x, w, b, transposed);
     }
     if !needs_grad(&all) && fused::supported(&all) && skinny::available() {
-        let d_in = x.dim(D::Minus1)?;
-        let rows = x.elem_count() / d_in.max(1);
-        if skinny::takes(rows, transposed) && w.is_contiguous() {
-            return dense_skinny(x, w, b, transposed, rows, d_in);
+        // Shapes that do not fit (or a zero-width input) go to the composed path and its errors.
+        if let Ok((rows, d_in, d_out)) = fused::linear_dims(x.dims(), w.dims(), transposed) {
+            if skinny::takes(rows, transposed) && w.is_contiguous() {
+                return dense_skinny(x, w, b, transposed, (rows, d_in, d_out));
+            }
         }
     }
     dense_composed(x, w, b, transposed)
@@ -227,18 +228,8 @@ fn dense_skinny(
     w: &Tensor,
     b: Option<&Tensor>,
     transposed: bool,
-    rows: usize,
-    d_in: usize,
+    (rows, d_in, d_out): (usize, usize, usize),
 ) -> Result<Tensor> {
-    let (a, c) = w.dims2()?;
-    let (w_in, d_out) = if transposed { (c, a) } else { (a, c) };
-    if w_in != d_in {
-        candle_core::bail!(
-            "dense: input {:?} does not fit weight {:?} (transposed: {transposed})",
-            x.dims(),
-            w.dims()
-        );
-    }
     if let Some(b) = b {
         if b.dims() != [d_out] {
             candle_core::bail!("dense: bias {:?} does not fit {d_out} outputs", b.dims());
