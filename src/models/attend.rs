@@ -138,37 +138,20 @@ struct Job<'a> {
 impl Job<'_> {
     /// Every query row of one (sequence, head) pair into `o: [T, D]`.
     fn head(&self, bh: usize, o: &mut [f32]) {
-        if skinny::available() && self.kv.ss == self.d && self.vv.ss == self.d {
-            return self.head_tiled(bh, o);
+        if self.kv.ss != self.d || self.vv.ss != self.d {
+            return self.head_rows(bh, o);
         }
-        self.head_rows(bh, o)
-    }
-
-    /// The head as two small products on [`skinny`]'s AVX-512 tiles — scores `q Kᵀ` (`[T, S]`),
-    /// then `P V` — with the keys and values of one head contiguous rows of the cache.
-    fn head_tiled(&self, bh: usize, o: &mut [f32]) {
         let (bi, hi) = (bh / self.h, bh % self.h);
         let (t, s, d) = (self.t, self.s, self.d);
-        let q = &self.qs[bh * t * d..][..t * d];
-        let keys = &self.ks[self.kv.row_start(bi, hi)..][..s * d];
-        let values = &self.vs[self.vv.row_start(bi, hi)..][..s * d];
-        let mut p = vec![0f32; t * s];
-        skinny::dense_into(q, (t, d), keys, s, true, &mut p);
-        for (ti, row) in p.chunks_exact_mut(s).enumerate() {
-            match self.mask_row(bi, ti) {
-                Some(m) => row
-                    .iter_mut()
-                    .zip(m)
-                    .for_each(|(x, &m)| *x = *x * self.scale + m),
-                None => row.iter_mut().for_each(|x| *x *= self.scale),
-            }
-            let max = vmath::max_lanes(row);
-            row.iter_mut()
-                .for_each(|x| *x = vmath::softmax_term(*x - max));
-            let inv = 1.0 / vmath::sum_pairs(row, row, |a, _| a);
-            row.iter_mut().for_each(|x| *x *= inv);
-        }
-        skinny::dense_into(&p, (t, s), values, d, false, o);
+        head_contiguous(
+            &self.qs[bh * t * d..][..t * d],
+            &self.ks[self.kv.row_start(bi, hi)..][..s * d],
+            &self.vs[self.vv.row_start(bi, hi)..][..s * d],
+            (t, s, d),
+            self.scale,
+            |ti| self.mask_row(bi, ti),
+            o,
+        );
     }
 
     /// Row `ti` of the mask for sequence `bi`, if there is a mask.
@@ -203,6 +186,58 @@ impl Job<'_> {
                     let v = self.vv.row(self.vs, bi, hi, j, d);
                     orow.iter_mut().zip(v).for_each(|(o, &v)| *o += w * v);
                 }
+            }
+        }
+    }
+}
+
+/// Attention of one (sequence, head) pair whose keys and values are contiguous `[S, D]` rows:
+/// `o: [T, D] = softmax(q Kᵀ · scale + mask(ti)) V` for `q: [T, D]`, where `mask(ti)` is query
+/// row `ti`'s additive mask over the `S` keys. On AVX-512 two small products on [`skinny`]'s
+/// tiles (scores, then weighted values); elsewhere row by row. Masked keys get weight exactly 0.
+pub(crate) fn head_contiguous<'m>(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    (t, s, d): (usize, usize, usize),
+    scale: f32,
+    mask: impl Fn(usize) -> Option<&'m [f32]>,
+    o: &mut [f32],
+) {
+    let tiled = skinny::available();
+    let mut p = vec![0f32; t * s];
+    if tiled {
+        skinny::dense_into(q, (t, d), keys, (s, None), true, &mut p);
+    } else {
+        for (prow, qrow) in p.chunks_exact_mut(s).zip(q.chunks_exact(d)) {
+            for (pj, k) in prow.iter_mut().zip(keys.chunks_exact(d)) {
+                *pj = vmath::sum_pairs(qrow, k, |a, b| a * b);
+            }
+        }
+    }
+    for (ti, row) in p.chunks_exact_mut(s).enumerate() {
+        match mask(ti) {
+            Some(m) => row
+                .iter_mut()
+                .zip(m)
+                .for_each(|(x, &m)| *x = *x * scale + m),
+            None => row.iter_mut().for_each(|x| *x *= scale),
+        }
+        let max = vmath::max_lanes(row);
+        row.iter_mut()
+            .for_each(|x| *x = vmath::softmax_term(*x - max));
+        let inv = 1.0 / vmath::sum_pairs(row, row, |a, _| a);
+        row.iter_mut().for_each(|x| *x *= inv);
+    }
+    if tiled {
+        skinny::dense_into(&p, (t, s), values, (d, None), false, o);
+        return;
+    }
+    for (orow, prow) in o.chunks_exact_mut(d).zip(p.chunks_exact(s)) {
+        orow.fill(0.0);
+        for (&pj, v) in prow.iter().zip(values.chunks_exact(d)) {
+            if pj != 0.0 {
+                orow.iter_mut().zip(v).for_each(|(o, &v)| *o += pj * v);
             }
         }
     }

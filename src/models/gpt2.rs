@@ -13,6 +13,7 @@ use super::ops::{self, Activation};
 use super::{causal_mask, Inputs, KvCache, MlpWeights, ModelSpec, Params};
 use crate::error::{Error, Result};
 
+mod decode;
 mod grad;
 pub use grad::{MlpGradWorkspace, MlpGrads, TrainGrads};
 
@@ -338,6 +339,11 @@ impl Gpt2 {
         mut cache: Option<&mut KvCache>,
         mlp: Option<&MlpWeights>,
     ) -> CResult<Tensor> {
+        if let (Some(c), None) = (cache.as_deref_mut(), mlp) {
+            if let Some(hidden) = self.decode_step(inputs, c)? {
+                return Ok(hidden);
+            }
+        }
         let (b, t) = inputs.ids.dims2()?;
         let (h, nh) = (self.cfg.n_embd, self.cfg.n_head);
         let hd = h / nh;

@@ -106,6 +106,22 @@ impl Activation {
             Self::Silu => x.silu(),
         }
     }
+
+    /// [`Activation::apply`] on a slice in place, the same function to float rounding (the
+    /// hand-written decode step's buffers).
+    pub(crate) fn apply_in_place(self, xs: &mut [f32]) {
+        match self {
+            Self::Relu => xs.iter_mut().for_each(|x| *x = x.max(0.0)),
+            Self::Gelu => vmath::gelu_erf_in_place(xs),
+            Self::GeluTanh => {
+                let c = (2.0 / std::f32::consts::PI).sqrt();
+                xs.iter_mut().for_each(|x| {
+                    *x = 0.5 * *x * (1.0 + (c * *x * (1.0 + 0.044715 * *x * *x)).tanh())
+                });
+            }
+            Self::Silu => xs.iter_mut().for_each(|x| *x /= 1.0 + (-*x).exp()),
+        }
+    }
 }
 
 /// Scaled dot-product attention with an optional additive mask.

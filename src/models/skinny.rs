@@ -55,17 +55,17 @@ pub(crate) fn dense(
     y
 }
 
-/// [`dense`] without a bias on the calling thread into `y: [m, n]`, for callers that run many
-/// small products in parallel themselves (attention heads); any number of rows.
+/// [`dense`] on the calling thread into `y: [m, n]`, for callers that run many small products
+/// in parallel themselves (attention heads, a decode step's row groups); any number of rows.
 pub(crate) fn dense_into(
     x: &[f32],
     (m, k): (usize, usize),
     w: &[f32],
-    n: usize,
+    (n, b): (usize, Option<&[f32]>),
     transposed: bool,
     y: &mut [f32],
 ) {
-    run(x, (m, k), w, (n, None), transposed, y, false);
+    run(x, (m, k), w, (n, b), transposed, y, false);
 }
 
 fn run(
@@ -487,14 +487,12 @@ mod tests {
                     for wt in [true, false] {
                         let want = reference(&x, m, k, &w, n, bias, wt);
                         let mut got = vec![f32::NAN; m * n];
-                        if bias.is_none() {
-                            dense_into(&x, (m, k), &w, n, wt, &mut got);
-                            assert_close(
-                                &got,
-                                &want,
-                                &format!("dense_into m {m} k {k} n {n} wt {wt}"),
-                            );
-                        }
+                        dense_into(&x, (m, k), &w, (n, bias), wt, &mut got);
+                        let what = format!(
+                            "dense_into m {m} k {k} n {n} bias {} wt {wt}",
+                            bias.is_some()
+                        );
+                        assert_close(&got, &want, &what);
                         if m <= 64 {
                             got = dense(&x, (m, k), &w, n, bias, wt);
                             let what =

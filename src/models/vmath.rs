@@ -164,16 +164,19 @@ unsafe fn gelu_erf_avx512(xs: &mut [f32]) {
 /// same function to about 1e-7 (tested against candle's, which calls libm's `erff` per element).
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     let mut out = fused::with_f32(x, |xs| Ok(xs.to_vec()))?;
-    out.par_chunks_mut(1 << 14).for_each(|c| {
-        #[cfg(target_arch = "x86_64")]
-        if skinny::available() {
-            // SAFETY: AVX-512F is present (checked just above).
-            unsafe { gelu_erf_avx512(c) };
-            return;
-        }
-        gelu_erf_body(c)
-    });
+    out.par_chunks_mut(1 << 14).for_each(gelu_erf_in_place);
     Tensor::from_vec(out, x.shape(), x.device())
+}
+
+/// The exact GELU of every element of `xs`, in place, on the calling thread.
+pub(crate) fn gelu_erf_in_place(xs: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if skinny::available() {
+        // SAFETY: AVX-512F is present (checked just above).
+        unsafe { gelu_erf_avx512(xs) };
+        return;
+    }
+    gelu_erf_body(xs)
 }
 
 #[cfg(test)]

@@ -188,32 +188,32 @@ struct Dims {
 }
 
 /// Every weight the step reads, as slices.
-struct Weights<'a> {
-    wte: &'a [f32],
-    wpe: &'a [f32],
+pub(super) struct Weights<'a> {
+    pub(super) wte: &'a [f32],
+    pub(super) wpe: &'a [f32],
     /// `[V, H]` (the tied `wte` or an untied head).
-    lm: &'a [f32],
+    pub(super) lm: &'a [f32],
     /// Whether `lm` is `wte`.
-    tied: bool,
-    lnf: (&'a [f32], &'a [f32]),
-    blocks: Vec<BlockWeights<'a>>,
+    pub(super) tied: bool,
+    pub(super) lnf: (&'a [f32], &'a [f32]),
+    pub(super) blocks: Vec<BlockWeights<'a>>,
 }
 
-struct BlockWeights<'a> {
-    ln1: (&'a [f32], &'a [f32]),
-    qkv: (&'a [f32], &'a [f32]),
-    proj: (&'a [f32], &'a [f32]),
-    ln2: (&'a [f32], &'a [f32]),
-    fc: (&'a [f32], &'a [f32]),
-    mproj: (&'a [f32], &'a [f32]),
+pub(super) struct BlockWeights<'a> {
+    pub(super) ln1: (&'a [f32], &'a [f32]),
+    pub(super) qkv: (&'a [f32], &'a [f32]),
+    pub(super) proj: (&'a [f32], &'a [f32]),
+    pub(super) ln2: (&'a [f32], &'a [f32]),
+    pub(super) fc: (&'a [f32], &'a [f32]),
+    pub(super) mproj: (&'a [f32], &'a [f32]),
     /// Attention logit scale.
-    scale: f32,
+    pub(super) scale: f32,
 }
 
 /// `dst[m×n] (row stride n) (+)= lhs[m×k] · rhs[k×n]`, strides `(row, column)`,
 /// single-threaded (the step parallelises over row groups).
 #[allow(clippy::too_many_arguments)]
-fn gemm(
+pub(super) fn gemm(
     m: usize,
     n: usize,
     k: usize,
@@ -274,7 +274,7 @@ fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
 
 /// `out = LayerNorm(x)` row by row.
 #[inline(always)]
-fn layer_norm(x: &[f32], (w, b): (&[f32], &[f32]), eps: f32, out: &mut [f32]) {
+pub(super) fn layer_norm(x: &[f32], (w, b): (&[f32], &[f32]), eps: f32, out: &mut [f32]) {
     let d = w.len();
     for (orow, xrow) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
         let (mean, rstd) = row_stats(xrow, eps);
@@ -945,13 +945,7 @@ impl Gpt2 {
         ws: &mut MlpGradWorkspace,
     ) -> Result<(f64, Vec<f64>)> {
         let cfg = &self.cfg;
-        let (h, nh, inner, v, nl) = (
-            cfg.n_embd,
-            cfg.n_head,
-            cfg.n_inner,
-            cfg.vocab_size,
-            cfg.n_layer,
-        );
+        let (h, nh, inner, v) = (cfg.n_embd, cfg.n_head, cfg.n_inner, cfg.vocab_size);
         if !self.mlp_grads_supported() {
             bail!("mlp_grads: unsupported model (needs f32 on the CPU and a ReLU MLP)");
         }
@@ -977,7 +971,54 @@ impl Gpt2 {
             eps: cfg.layer_norm_epsilon as f32,
         };
 
-        // Read guards on the weights for the whole step, then plain slices.
+        // Row groups: two per thread, so that a thread slowed down by another process leaves
+        // work for the other to take.
+        let groups = (2 * rayon::current_num_threads()).clamp(1, b);
+        let per = b.div_ceil(groups);
+        let groups = b.div_ceil(per);
+        ws.parts.resize_with(groups, PartBufs::default);
+        self.with_weights(mlp, |w| {
+            ws.parts
+                .par_iter_mut()
+                .enumerate()
+                .for_each(|(gi, part_ws)| {
+                    let (r0, r1) = (gi * per, ((gi + 1) * per).min(b));
+                    part(
+                        d,
+                        w,
+                        &ids[r0 * t..r1 * t],
+                        &lens[r0..r1],
+                        &row_weight[r0..r1],
+                        want,
+                        part_ws,
+                    );
+                });
+            Ok(())
+        })?;
+
+        let row_loss: Vec<f64> = ws
+            .parts
+            .iter()
+            .flat_map(|p| p.row_loss.iter().copied())
+            .collect();
+        let loss = row_loss
+            .iter()
+            .zip(row_weight)
+            .map(|(l, &w)| l * f64::from(w))
+            .sum();
+        Ok((loss, row_loss))
+    }
+
+    /// Runs `f` on every weight as a plain slice (the read guards are held for the call), with
+    /// the MLP matrices replaced by `mlp` (`(c_fc, c_proj)` per block) when given. Needs f32
+    /// weights on the CPU; `mlp`, when given, must have one pair per block.
+    pub(super) fn with_weights<R>(
+        &self,
+        mlp: Option<&[(Vec<f32>, Vec<f32>)]>,
+        f: impl FnOnce(&Weights) -> Result<R>,
+    ) -> Result<R> {
+        let cfg = &self.cfg;
+        let (h, nh) = (cfg.n_embd, cfg.n_head);
         let wte = view(&self.wte);
         let wpe = view(&self.wpe);
         // Tied: the head is `wte` itself (one read guard per storage).
@@ -1003,7 +1044,7 @@ impl Gpt2 {
                 ]
             })
             .collect();
-        let mut blocks = Vec::with_capacity(nl);
+        let mut blocks = Vec::with_capacity(guards.len());
         for (li, g) in guards.iter().enumerate() {
             let mut scale = if cfg.scale_attn_weights {
                 1.0 / ((h / nh) as f64).sqrt()
@@ -1027,7 +1068,7 @@ impl Gpt2 {
                 scale: scale as f32,
             });
         }
-        let w = Weights {
+        f(&Weights {
             wte: wte.slice()?,
             wpe: wpe.slice()?,
             lm: match &lm_head {
@@ -1037,41 +1078,7 @@ impl Gpt2 {
             tied: lm_head.is_none(),
             lnf: (lnf.0.slice()?, lnf.1.slice()?),
             blocks,
-        };
-
-        // Row groups: two per thread, so that a thread slowed down by another process leaves
-        // work for the other to take.
-        let groups = (2 * rayon::current_num_threads()).clamp(1, b);
-        let per = b.div_ceil(groups);
-        let groups = b.div_ceil(per);
-        ws.parts.resize_with(groups, PartBufs::default);
-        ws.parts
-            .par_iter_mut()
-            .enumerate()
-            .for_each(|(gi, part_ws)| {
-                let (r0, r1) = (gi * per, ((gi + 1) * per).min(b));
-                part(
-                    d,
-                    &w,
-                    &ids[r0 * t..r1 * t],
-                    &lens[r0..r1],
-                    &row_weight[r0..r1],
-                    want,
-                    part_ws,
-                );
-            });
-
-        let row_loss: Vec<f64> = ws
-            .parts
-            .iter()
-            .flat_map(|p| p.row_loss.iter().copied())
-            .collect();
-        let loss = row_loss
-            .iter()
-            .zip(row_weight)
-            .map(|(l, &w)| l * f64::from(w))
-            .sum();
-        Ok((loss, row_loss))
+        })
     }
 }
 

@@ -1,0 +1,438 @@
+//! A decode step of a small GPT-2 on the CPU, written out over slices instead of candle ops.
+//!
+//! At TinyMem's size (4 blocks of width 128) a decode step is about 25 M multiply-adds for 32
+//! rows, a fraction of a millisecond of arithmetic, while the candle path runs some twenty ops
+//! per block, each allocating its output and handing its work to a thread pool: `perf` on the
+//! batch-32 decode benchmark put a third of the step in the kernel's scheduler (threads waking
+//! and yielding) and another tenth in zeroing fresh pages. Rows of a decode step depend on each
+//! other only through the KV cache, so here the batch is cut into row groups that run the block
+//! single-threaded on their own buffers; the groups join once per block, when the new keys and
+//! values are appended to the cache (candle's `slice_set`, on the calling thread).
+//!
+//! The products run on [`skinny`]'s tiles (AVX-512) or single-threaded `gemm` elsewhere, and
+//! re-read each weight once per group and four rows, so the step is only taken for blocks
+//! small enough to stay in cache ([`MAX_BLOCK_PARAMS`]); larger models keep the candle path,
+//! whose products split the weight over the threads instead. It computes the same function as
+//! that path to float rounding (tested below against it with the fused kernels switched off).
+
+use candle_core::{Result, Tensor};
+use rayon::prelude::*;
+
+use super::grad::{gemm, layer_norm, BlockWeights};
+use super::Gpt2;
+use crate::models::{attend, fused, skinny, Inputs, KvCache};
+
+/// Parameters per block (`c_attn`, `attn.c_proj`, `c_fc`, `mlp.c_proj`) up to which the step is
+/// taken: 4 MiB of f32, about a core's L2. TinyMem's blocks have 196,608.
+const MAX_BLOCK_PARAMS: usize = 1 << 20;
+
+impl Gpt2 {
+    /// One decode step (`T = 1`) through the row-group path, appending to `cache`; the final
+    /// hidden states `[B, 1, H]`, or `None` (nothing done, the cache untouched) when the step
+    /// is not one this path takes: not f32 on the CPU, a block above [`MAX_BLOCK_PARAMS`], or
+    /// inputs the candle path should judge (ids or positions out of range, a mask that does not
+    /// fit), so that errors read the same whichever path runs.
+    pub(super) fn decode_step(
+        &self,
+        inputs: &Inputs,
+        cache: &mut KvCache,
+    ) -> Result<Option<Tensor>> {
+        let cfg = &self.cfg;
+        let (h, inner) = (cfg.n_embd, cfg.n_inner);
+        if !fused::supported(&[&self.wte]) || 4 * h * h + 2 * h * inner > MAX_BLOCK_PARAMS {
+            return Ok(None);
+        }
+        let b = match inputs.ids.dims() {
+            &[b, 1] if b > 0 && inputs.positions.dims() == [b, 1] => b,
+            _ => return Ok(None),
+        };
+        let s = cache.len() + 1;
+        let mask_rows = match &inputs.mask {
+            None => 0,
+            Some(m) => match m.dims() {
+                &[mb, 1, 1, ms] if (mb == 1 || mb == b) && ms == s && fused::supported(&[m]) => mb,
+                _ => return Ok(None),
+            },
+        };
+        let ids = inputs.ids.flatten_all()?.to_vec1::<u32>()?;
+        let pos = inputs.positions.flatten_all()?.to_vec1::<u32>()?;
+        if ids.iter().any(|&i| i as usize >= cfg.vocab_size)
+            || pos.iter().any(|&p| p as usize >= cfg.n_positions)
+        {
+            return Ok(None);
+        }
+        let mask = match &inputs.mask {
+            Some(m) => Some(m.flatten_all()?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let mask_row = |r: usize| -> Option<&[f32]> {
+            let m = mask.as_deref()?;
+            let at = if mask_rows == 1 { 0 } else { r * s };
+            Some(&m[at..at + s])
+        };
+        let dev = self.device().clone();
+        let hidden = self.with_weights(None, |w| {
+            let sizes = Sizes {
+                h,
+                nh: cfg.n_head,
+                inner,
+                eps: cfg.layer_norm_epsilon as f32,
+            };
+            let step = Step {
+                sizes,
+                act: cfg.activation,
+            };
+            // Row groups: one per thread (each re-reads the weights, so no more than that).
+            let groups = rayon::current_num_threads().clamp(1, b);
+            let per = b.div_ceil(groups);
+            let mut x = vec![0f32; b * h];
+            for ((row, &id), &p) in x.chunks_exact_mut(h).zip(&ids).zip(&pos) {
+                let (tok, at) = (
+                    &w.wte[id as usize * h..][..h],
+                    &w.wpe[p as usize * h..][..h],
+                );
+                row.iter_mut()
+                    .zip(tok.iter().zip(at))
+                    .for_each(|(o, (&a, &c))| *o = a + c);
+            }
+            let mut qkv = vec![0f32; b * 3 * h];
+            let first = &w.blocks[0];
+            each_group(&mut x, &mut qkv, (per, h), |_, xs, qs| {
+                step.qkv(first, xs, qs)
+            });
+            for (li, blk) in w.blocks.iter().enumerate() {
+                // `[B, nh, 1, hd]` is each row's k (or v) third of `qkv`, as it lies.
+                let third = |j: usize| -> Vec<f32> {
+                    qkv.chunks_exact(3 * h)
+                        .flat_map(|r| &r[j * h..(j + 1) * h])
+                        .copied()
+                        .collect()
+                };
+                let shape = (b, cfg.n_head, 1, h / cfg.n_head);
+                let k = Tensor::from_vec(third(1), shape, &dev)?;
+                let v = Tensor::from_vec(third(2), shape, &dev)?;
+                let (keys, values) = cache.append(li, &k, &v)?;
+                let next = w.blocks.get(li + 1);
+                fused::with_f32_storage(&keys, |ks, kl| {
+                    fused::with_f32_storage(&values, |vs, vl| {
+                        let kv = Kv::new((ks, kl), (vs, vl), s, h / cfg.n_head)?;
+                        each_group(&mut x, &mut qkv, (per, h), |r0, xs, qs| {
+                            step.rest(blk, next, (&kv, r0, &mask_row), xs, qs)
+                        });
+                        Ok(())
+                    })
+                })?;
+            }
+            let mut out = vec![0f32; b * h];
+            layer_norm(&x, w.lnf, sizes.eps, &mut out);
+            Ok(out)
+        })?;
+        Tensor::from_vec(hidden, (b, 1, h), &dev).map(Some)
+    }
+}
+
+/// Runs `f(first row, x rows, qkv rows)` for every row group of `per` rows, in parallel when
+/// there are several.
+fn each_group(
+    x: &mut [f32],
+    qkv: &mut [f32],
+    (per, h): (usize, usize),
+    f: impl Fn(usize, &mut [f32], &mut [f32]) + Sync,
+) {
+    if x.len() <= per * h {
+        return f(0, x, qkv);
+    }
+    x.par_chunks_mut(per * h)
+        .zip(qkv.par_chunks_mut(per * 3 * h))
+        .enumerate()
+        .for_each(|(g, (xs, qs))| f(g * per, xs, qs));
+}
+
+#[derive(Clone, Copy)]
+struct Sizes {
+    h: usize,
+    nh: usize,
+    inner: usize,
+    eps: f32,
+}
+
+/// One layer's cached keys and values, `[B, nh, S, hd]` views whose rows are `hd` apart.
+struct Kv<'a> {
+    ks: &'a [f32],
+    vs: &'a [f32],
+    /// Offsets of the views, and their batch and head strides.
+    k_at: (usize, usize, usize),
+    v_at: (usize, usize, usize),
+    s: usize,
+}
+
+impl<'a> Kv<'a> {
+    fn new(
+        (ks, kl): (&'a [f32], &candle_core::Layout),
+        (vs, vl): (&'a [f32], &candle_core::Layout),
+        s: usize,
+        hd: usize,
+    ) -> Result<Self> {
+        let at = |l: &candle_core::Layout| -> Result<(usize, usize, usize)> {
+            match l.stride() {
+                &[sb, sh, ss, 1] if ss == hd => Ok((l.start_offset(), sb, sh)),
+                other => {
+                    candle_core::bail!("decode: KV cache strides {other:?} are not [.., {hd}, 1]")
+                }
+            }
+        };
+        Ok(Self {
+            ks,
+            vs,
+            k_at: at(kl)?,
+            v_at: at(vl)?,
+            s,
+        })
+    }
+
+    /// Sequence `r`'s keys and values for head `hi`, `[S, hd]` each.
+    fn head(&self, r: usize, hi: usize, hd: usize) -> (&'a [f32], &'a [f32]) {
+        let (ko, kb, kh) = self.k_at;
+        let (vo, vb, vh) = self.v_at;
+        (
+            &self.ks[ko + r * kb + hi * kh..][..self.s * hd],
+            &self.vs[vo + r * vb + hi * vh..][..self.s * hd],
+        )
+    }
+}
+
+/// What every group's work shares.
+struct Step {
+    sizes: Sizes,
+    act: super::ops::Activation,
+}
+
+impl Step {
+    /// `qkv = LayerNorm₁(x) · W_attn + b` for a group's rows.
+    fn qkv(&self, blk: &BlockWeights, x: &[f32], qkv: &mut [f32]) {
+        let Sizes { h, eps, .. } = self.sizes;
+        let mut a = vec![0f32; x.len()];
+        layer_norm(x, blk.ln1, eps, &mut a);
+        product(&a, h, blk.qkv, qkv);
+    }
+
+    /// The rest of a block for a group's rows (attention over the cache, its projection, the
+    /// MLP, both residual adds), then the next block's `qkv` when there is one.
+    fn rest<'m>(
+        &self,
+        blk: &BlockWeights,
+        next: Option<&BlockWeights>,
+        (kv, r0, mask_row): (&Kv, usize, &(impl Fn(usize) -> Option<&'m [f32]> + Sync)),
+        x: &mut [f32],
+        qkv: &mut [f32],
+    ) {
+        let Sizes { h, nh, inner, eps } = self.sizes;
+        let (hd, rows) = (h / nh, x.len() / h);
+        let mut att = vec![0f32; rows * h];
+        for (i, (orow, qrow)) in att
+            .chunks_exact_mut(h)
+            .zip(qkv.chunks_exact(3 * h))
+            .enumerate()
+        {
+            let mask = mask_row(r0 + i);
+            for (hi, (o, q)) in orow
+                .chunks_exact_mut(hd)
+                .zip(qrow[..h].chunks_exact(hd))
+                .enumerate()
+            {
+                let (keys, values) = kv.head(r0 + i, hi, hd);
+                attend::head_contiguous(q, keys, values, (1, kv.s, hd), blk.scale, |_| mask, o);
+            }
+        }
+        let mut y = vec![0f32; rows * h];
+        product(&att, h, blk.proj, &mut y);
+        x.iter_mut().zip(&y).for_each(|(x, y)| *x += y);
+        let mut m_in = att;
+        layer_norm(x, blk.ln2, eps, &mut m_in);
+        let mut hidden = vec![0f32; rows * inner];
+        product(&m_in, h, blk.fc, &mut hidden);
+        self.act.apply_in_place(&mut hidden);
+        product(&hidden, inner, blk.mproj, &mut y);
+        x.iter_mut().zip(&y).for_each(|(x, y)| *x += y);
+        if let Some(next) = next {
+            self.qkv(next, x, qkv);
+        }
+    }
+}
+
+/// `y = x · W + b` for `x: [m, k]` and a GPT-2 `[k, n]` weight, on the calling thread.
+fn product(x: &[f32], k: usize, (w, b): (&[f32], &[f32]), y: &mut [f32]) {
+    let (m, n) = (x.len() / k, b.len());
+    if skinny::available() {
+        return skinny::dense_into(x, (m, k), w, (n, Some(b)), false, y);
+    }
+    for row in y.chunks_exact_mut(n) {
+        row.copy_from_slice(b);
+    }
+    gemm(m, n, k, y, x, (k, 1), w, (n, 1), true);
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device};
+
+    use crate::models::ops::Activation;
+    use crate::models::{causal_mask, Model, ModelConfig};
+    use crate::test_util::*;
+
+    use super::*;
+
+    /// A random two-block GPT-2 (width 24, 3 heads, MLP 40, vocabulary 14) with `act`.
+    fn model(act: Activation, tied: bool, inverse_idx: bool) -> Model {
+        let ModelConfig::Gpt2(mut cfg) = relu_gpt2((14, 64, 24, 3), 2, tied, inverse_idx) else {
+            unreachable!("relu_gpt2 is a GPT-2 config")
+        };
+        cfg.activation = act;
+        crate::bench::random_model(&ModelConfig::Gpt2(cfg), &Device::Cpu).unwrap()
+    }
+
+    /// Prefill then decode steps, through the row-group step and through the candle path
+    /// (fused kernels off), with left padding in the batch; hidden states and caches agree.
+    #[test]
+    fn decode_steps_match_the_candle_path() {
+        let cases = [
+            (Activation::Relu, true, false, 3usize),
+            (Activation::Gelu, false, true, 5),
+            (Activation::GeluTanh, true, true, 1),
+            (Activation::Silu, false, false, 4),
+        ];
+        for (act, tied, inverse_idx, b) in cases {
+            let model = model(act, tied, inverse_idx);
+            let Model::Gpt2(gpt) = &model else {
+                unreachable!()
+            };
+            let what = format!("{act:?} tied {tied} 1/(layer+1) {inverse_idx} batch {b}");
+            let dev = Device::Cpu;
+            let v = gpt.config().vocab_size as u32;
+            // Row r has r + 2 prompt tokens, left-padded to the longest.
+            let width = b + 1;
+            let mut ids = Vec::new();
+            let mut pos = Vec::new();
+            let mut keys = vec![vec![false; width]; b];
+            for (r, key_row) in keys.iter_mut().enumerate() {
+                let pad = width - (r + 2);
+                for (j, key) in key_row.iter_mut().enumerate() {
+                    ids.push(((r * 7 + j * 3) as u32) % v);
+                    pos.push(j.saturating_sub(pad) as u32);
+                    *key = j >= pad;
+                }
+            }
+            let mask_for = |keys: &[Vec<bool>], t: usize| {
+                let s = keys[0].len();
+                let m: Vec<f32> = keys
+                    .iter()
+                    .flat_map(|k| {
+                        (0..t).flat_map(move |ti| {
+                            (0..s).map(move |j| {
+                                // A padding query attends to itself (finite state), as
+                                // the engine's mask has it.
+                                let q = s - t + ti;
+                                if j <= q && (k[j] || j == q) {
+                                    0.0
+                                } else {
+                                    f32::NEG_INFINITY
+                                }
+                            })
+                        })
+                    })
+                    .collect();
+                Tensor::from_vec(m, (keys.len(), 1, t, s), &Device::Cpu).unwrap()
+            };
+            let prefill = Inputs {
+                ids: Tensor::from_vec(ids, (b, width), &dev).unwrap(),
+                positions: Tensor::from_vec(pos.clone(), (b, width), &dev).unwrap(),
+                mask: Some(mask_for(&keys, width)),
+            };
+            let mut fast = KvCache::new(gpt.config().n_layer);
+            gpt.forward_hidden(&prefill, Some(&mut fast), None).unwrap();
+            let mut slow = fast.clone();
+            let mut next_pos: Vec<u32> = (0..b).map(|r| r as u32 + 2).collect();
+            for step in 0..4 {
+                for k in &mut keys {
+                    k.push(true);
+                }
+                let ids: Vec<u32> = (0..b as u32).map(|r| (r * 5 + step * 11 + 1) % v).collect();
+                let with_mask = step % 2 == 0;
+                let inputs = Inputs {
+                    ids: Tensor::from_vec(ids, (b, 1), &dev).unwrap(),
+                    positions: Tensor::from_vec(next_pos.clone(), (b, 1), &dev).unwrap(),
+                    // Odd steps: no mask (every cached key visible, as for unpadded rows).
+                    mask: with_mask.then(|| mask_for(&keys, 1)),
+                };
+                if !with_mask {
+                    // Unmask the padding so that both paths see the same keys.
+                    keys.iter_mut()
+                        .for_each(|k| k.iter_mut().for_each(|x| *x = true));
+                }
+                next_pos.iter_mut().for_each(|p| *p += 1);
+                let got = gpt
+                    .decode_step(&inputs, &mut fast)
+                    .unwrap()
+                    .expect("a small f32 GPT-2 takes the row-group step");
+                let want = fused::with_reference_ops(|| {
+                    gpt.forward_hidden(&inputs, Some(&mut slow), None)
+                })
+                .unwrap();
+                assert_eq!(got.dims(), [b, 1, gpt.config().n_embd]);
+                let diff = max_abs_diff(&got, &want);
+                assert!(
+                    diff < 1e-4,
+                    "{what} step {step}: hidden states differ by {diff}"
+                );
+                assert_eq!(fast.len(), slow.len());
+            }
+        }
+    }
+
+    /// What the step leaves to the candle path returns `None` and leaves the cache as it was.
+    #[test]
+    fn declines_what_the_candle_path_should_judge() {
+        let model = model(Activation::Relu, true, false);
+        let Model::Gpt2(gpt) = &model else {
+            unreachable!()
+        };
+        let dev = Device::Cpu;
+        let v = gpt.config().vocab_size as u32;
+        let mut cache = KvCache::new(gpt.config().n_layer);
+        let prompt = Tensor::new(&[[1u32, 2, 3]], &dev).unwrap();
+        gpt.forward_hidden(&Inputs::causal(&prompt, 0).unwrap(), Some(&mut cache), None)
+            .unwrap();
+        let step = |ids: &[u32], pos: u32, mask: Option<Tensor>| Inputs {
+            ids: Tensor::from_vec(ids.to_vec(), (ids.len(), 1), &dev).unwrap(),
+            positions: Tensor::from_vec(vec![pos; ids.len()], (ids.len(), 1), &dev).unwrap(),
+            mask,
+        };
+        let npos = gpt.config().n_positions as u32;
+        let wrong_len = causal_mask(2, 3, DType::F32, &dev).unwrap();
+        for inputs in [
+            step(&[v], 3, None),
+            step(&[1], npos, None),
+            step(
+                &[1],
+                3,
+                Some(Tensor::zeros((1, 1, 1, 9), DType::F32, &dev).unwrap()),
+            ),
+            step(&[1], 3, wrong_len),
+        ] {
+            assert!(gpt.decode_step(&inputs, &mut cache).unwrap().is_none());
+            assert_eq!(cache.len(), 3);
+        }
+        // Two positions at once are a prefill, not a step.
+        let two = Inputs::causal(&Tensor::new(&[[1u32, 2]], &dev).unwrap(), 3).unwrap();
+        assert!(gpt.decode_step(&two, &mut cache).unwrap().is_none());
+        // And the candle path names the bad id.
+        let err = gpt
+            .forward_hidden(&step(&[v], 3, None), Some(&mut cache), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("index") || err.contains(&v.to_string()),
+            "{err}"
+        );
+    }
+}
