@@ -533,10 +533,32 @@ fn part(
     ws: &mut PartBufs,
 ) {
     #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has the features `part_avx512` is compiled for (checked just above).
+        return unsafe { part_avx512(d, w, ids, lens, row_weight, want, ws) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has the features `part_avx2` is compiled for (checked just above).
         return unsafe { part_avx2(d, w, ids, lens, row_weight, want, ws) };
     }
+    part_body(d, w, ids, lens, row_weight, want, ws)
+}
+
+/// [`part_body`] compiled for AVX-512F: the row loops get 16-wide vectors (the lane
+/// reductions of [`crate::models::vmath`] are 16 lanes). The same operations in the same order
+/// as the other builds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn part_avx512(
+    d: Dims,
+    w: &Weights,
+    ids: &[u32],
+    lens: &[usize],
+    row_weight: &[f32],
+    want: Want,
+    ws: &mut PartBufs,
+) {
     part_body(d, w, ids, lens, row_weight, want, ws)
 }
 
