@@ -97,6 +97,32 @@ pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Re
     f(&d)
 }
 
+/// A read view of a contiguous f32 CPU tensor (`G` is candle's storage read guard), for
+/// hand-written passes that hold every weight as a plain slice at once.
+pub(crate) struct View<'a, G> {
+    guard: G,
+    layout: &'a Layout,
+}
+
+/// [`View`] of `t`; the read guard is held until the view is dropped.
+pub(crate) fn view(t: &Tensor) -> View<'_, impl std::ops::Deref<Target = Storage> + '_> {
+    let (guard, layout) = t.storage_and_layout();
+    View { guard, layout }
+}
+
+impl<G: std::ops::Deref<Target = Storage>> View<'_, G> {
+    /// The tensor's elements; an error when it is not a contiguous f32 CPU tensor.
+    pub(crate) fn slice(&self) -> Result<&[f32]> {
+        let Storage::Cpu(c) = &*self.guard else {
+            bail!("expected a tensor on the CPU");
+        };
+        let Some((a, b)) = self.layout.contiguous_offsets() else {
+            bail!("expected a contiguous tensor");
+        };
+        Ok(&c.as_slice::<f32>()?[a..b])
+    }
+}
+
 /// Runs `f` on the whole f32 storage of `t` (a CPU tensor) and its layout, for kernels that read
 /// a strided view in place.
 pub(crate) fn with_f32_storage<R>(

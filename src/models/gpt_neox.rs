@@ -14,6 +14,8 @@ use super::ops::{self, Activation};
 use super::{causal_mask, Inputs, KvCache, MlpWeights, ModelSpec, Params, TokenId};
 use crate::error::{Error, Result};
 
+mod decode;
+
 /// GPT-NeoX hyper-parameters, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -372,6 +374,11 @@ impl GptNeoX {
         mut cache: Option<&mut KvCache>,
         mlp: Option<&MlpWeights>,
     ) -> CResult<Tensor> {
+        if let (Some(c), None) = (cache.as_deref_mut(), mlp) {
+            if let Some(hidden) = self.decode_step(inputs, c)? {
+                return Ok(hidden);
+            }
+        }
         let (b, t) = inputs.ids.dims2()?;
         let h = self.cfg.hidden_size;
         let nh = self.cfg.num_attention_heads;
@@ -391,8 +398,14 @@ impl GptNeoX {
             }
         };
         let pos = inputs.positions.flatten_all()?;
-        let cos = self.cos.index_select(&pos, 0)?.reshape((b, t, rd / 2))?;
-        let sin = self.sin.index_select(&pos, 0)?.reshape((b, t, rd / 2))?;
+        // With no rotary dimensions (rotary_pct 0) the tables are unused.
+        let table = |tab: &Tensor| -> CResult<Tensor> {
+            if rd == 0 {
+                return Ok(tab.clone());
+            }
+            tab.index_select(&pos, 0)?.reshape((b, t, rd / 2))
+        };
+        let (cos, sin) = (table(&self.cos)?, table(&self.sin)?);
         let eps = self.cfg.layer_norm_eps;
         for (i, l) in self.layers.iter().enumerate() {
             let a_in = ops::layer_norm(&x, &l.input_ln.w, &l.input_ln.b, eps)?;

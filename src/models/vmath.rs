@@ -146,6 +146,27 @@ fn erf(x: f32) -> f32 {
     }
 }
 
+/// Mean and 1/std of one row (two passes over lanes; the hand-written passes' LayerNorm).
+#[inline(always)]
+pub(crate) fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let d = x.len() as f32;
+    let mean = sum_pairs(x, x, |a, _| a) / d;
+    let var = sum_pairs(x, x, |a, _| (a - mean) * (a - mean)) / d;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// `out = LayerNorm(x)` row by row, `w`, `b: [D]`.
+#[inline(always)]
+pub(crate) fn layer_norm(x: &[f32], (w, b): (&[f32], &[f32]), eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    for (orow, xrow) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+        let (mean, rstd) = row_stats(xrow, eps);
+        for i in 0..d {
+            orow[i] = (xrow[i] - mean) * rstd * w[i] + b[i];
+        }
+    }
+}
+
 /// The exact GELU, `x · Φ(x) = x/2 · (1 + erf(x/√2))` (Hugging Face `"gelu"`), in place.
 #[inline(always)]
 fn gelu_erf_body(xs: &mut [f32]) {

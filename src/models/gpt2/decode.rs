@@ -18,8 +18,9 @@
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
-use super::grad::{gemm, layer_norm, BlockWeights};
+use super::grad::{gemm, BlockWeights};
 use super::Gpt2;
+use crate::models::vmath::layer_norm;
 use crate::models::{attend, fused, skinny, Inputs, KvCache};
 
 /// Parameters per block (`c_attn`, `attn.c_proj`, `c_fc`, `mlp.c_proj`) up to which the step is

@@ -24,16 +24,15 @@
 //! weight). [`super::Gpt2::mlp_grads_supported`] says whether a model qualifies; callers fall
 //! back to autograd otherwise.
 
-use std::ops::Deref;
-
-use candle_core::{bail, Layout, Result, Storage, Tensor};
+use candle_core::{bail, Result};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::Gpt2;
-use crate::models::fused::{self, small_gemm, softmax_row};
+use crate::models::fused::{self, small_gemm, softmax_row, view};
 use crate::models::ops::Activation;
-use crate::models::vmath::{exp_neg, logsumexp, max_lanes, sum_pairs};
+use crate::models::vmath::layer_norm;
+use crate::models::vmath::{exp_neg, logsumexp, max_lanes, row_stats, sum_pairs};
 
 /// Query rows per block of the causal attention kernels.
 const ATT_BLOCK: usize = 32;
@@ -151,29 +150,6 @@ pub struct TrainGrads<'w> {
     pub grads: &'w [Vec<f32>],
 }
 
-/// A read view of a contiguous f32 CPU tensor (`G` is candle's storage read guard).
-struct View<'a, G> {
-    guard: G,
-    layout: &'a Layout,
-}
-
-fn view(t: &Tensor) -> View<'_, impl Deref<Target = Storage> + '_> {
-    let (guard, layout) = t.storage_and_layout();
-    View { guard, layout }
-}
-
-impl<G: Deref<Target = Storage>> View<'_, G> {
-    fn slice(&self) -> Result<&[f32]> {
-        let Storage::Cpu(c) = &*self.guard else {
-            bail!("mlp_grads runs on the CPU only");
-        };
-        let Some((a, b)) = self.layout.contiguous_offsets() else {
-            bail!("mlp_grads needs contiguous weights");
-        };
-        Ok(&c.as_slice::<f32>()?[a..b])
-    }
-}
-
 /// The model's sizes.
 #[derive(Clone, Copy)]
 struct Dims {
@@ -261,27 +237,6 @@ fn softmax_dense_row(row: &mut [f32]) {
     row.iter_mut().for_each(|v| *v = exp_neg(*v - max));
     let inv = 1.0 / sum_pairs(row, row, |a, _| a);
     row.iter_mut().for_each(|v| *v *= inv);
-}
-
-/// Mean and 1/std of one row (two passes, as [`fused`]'s LayerNorm computes them).
-#[inline(always)]
-fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
-    let d = x.len() as f32;
-    let mean = sum_pairs(x, x, |a, _| a) / d;
-    let var = sum_pairs(x, x, |a, _| (a - mean) * (a - mean)) / d;
-    (mean, 1.0 / (var + eps).sqrt())
-}
-
-/// `out = LayerNorm(x)` row by row.
-#[inline(always)]
-pub(super) fn layer_norm(x: &[f32], (w, b): (&[f32], &[f32]), eps: f32, out: &mut [f32]) {
-    let d = w.len();
-    for (orow, xrow) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-        let (mean, rstd) = row_stats(xrow, eps);
-        for i in 0..d {
-            orow[i] = (xrow[i] - mean) * rstd * w[i] + b[i];
-        }
-    }
 }
 
 /// `dx += ∂LayerNorm(x)/∂x · g` row by row, and, given `(∂w, ∂b)`, `∂w += Σ g ⊙ x̂` and

@@ -1,0 +1,382 @@
+//! A GPT-NeoX decode step on the CPU, written out over slices instead of candle ops.
+//!
+//! A Pythia-70m-shaped step at batch 32 spent about 30 % of its time outside the weight
+//! products (`perf`, after the decode kernels of `models/skinny.rs`): per layer some twenty
+//! candle ops — two LayerNorms, the head split, two rotary embeddings with their gathers and
+//! concatenations, the cache append, attention, GELU, three adds — each allocating its output
+//! and most handing work to a thread pool for a few thousand elements. Here the four products
+//! of a layer and the LM head stay on [`skinny`]'s kernels, split over the threads by output
+//! columns as before, and everything between them runs on the calling thread over the batch's
+//! rows (tens of thousands of elements, microseconds). Taken for f32 on the CPU with AVX-512F
+//! and at most 64 rows, where [`super::ops::dense`] takes the same kernels; otherwise the
+//! candle path runs. It computes the same function as that path to float rounding (tested
+//! below against it with the fused kernels switched off).
+
+use candle_core::{Result, Tensor};
+
+use super::GptNeoX;
+use crate::models::fused::{self, view};
+use crate::models::vmath::layer_norm;
+use crate::models::{attend, skinny, Inputs, KvCache};
+
+/// Rows up to which the step is taken (the skinny kernels' range for `[out, in]` weights).
+const MAX_ROWS: usize = 64;
+
+impl GptNeoX {
+    /// One decode step (`T = 1`) appending to `cache`: the final hidden states `[B, 1, H]`, or
+    /// `None` (nothing done, the cache untouched) when this path does not take the step: not
+    /// f32 on an AVX-512 CPU, more than [`MAX_ROWS`] rows, or inputs the candle path should
+    /// judge (ids or positions out of range, a mask that does not fit), so that errors read the
+    /// same whichever path runs.
+    pub(super) fn decode_step(
+        &self,
+        inputs: &Inputs,
+        cache: &mut KvCache,
+    ) -> Result<Option<Tensor>> {
+        let cfg = &self.cfg;
+        if !fused::supported(&[&self.embed_in]) || !skinny::available() {
+            return Ok(None);
+        }
+        let b = match inputs.ids.dims() {
+            &[b, 1] if (1..=MAX_ROWS).contains(&b) && inputs.positions.dims() == [b, 1] => b,
+            _ => return Ok(None),
+        };
+        let s = cache.len() + 1;
+        let mask_rows = match &inputs.mask {
+            None => 0,
+            Some(m) => match m.dims() {
+                &[mb, 1, 1, ms] if (mb == 1 || mb == b) && ms == s && fused::supported(&[m]) => mb,
+                _ => return Ok(None),
+            },
+        };
+        let ids = inputs.ids.flatten_all()?.to_vec1::<u32>()?;
+        let pos = inputs.positions.flatten_all()?.to_vec1::<u32>()?;
+        if ids.iter().any(|&i| i as usize >= cfg.vocab_size)
+            || pos
+                .iter()
+                .any(|&p| p as usize >= cfg.max_position_embeddings)
+        {
+            return Ok(None);
+        }
+        let mask = match &inputs.mask {
+            Some(m) => Some(m.flatten_all()?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let (h, nh, hd, rd) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.head_dim(),
+            cfg.rotary_ndims(),
+        );
+        let inner = cfg.intermediate_size;
+        let eps = cfg.layer_norm_eps as f32;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let dev = self.device().clone();
+
+        let embed = view(&self.embed_in);
+        let (cos, sin) = (view(&self.cos), view(&self.sin));
+        let (cos, sin) = (cos.slice()?, sin.slice()?);
+        let mut x = vec![0f32; b * h];
+        {
+            let table = embed.slice()?;
+            for (row, &id) in x.chunks_exact_mut(h).zip(&ids) {
+                row.copy_from_slice(&table[id as usize * h..][..h]);
+            }
+        }
+        let mut a = vec![0f32; b * h];
+        let mut att = vec![0f32; b * h];
+        for (li, l) in self.layers.iter().enumerate() {
+            let (ln1_w, ln1_b) = (view(&l.input_ln.w), view(&l.input_ln.b));
+            let (ln2_w, ln2_b) = (view(&l.post_attn_ln.w), view(&l.post_attn_ln.b));
+            let (qkv_w, dense_w) = (view(&l.qkv_w), view(&l.dense_w));
+            let qkv_b = l.qkv_b.as_ref().map(view);
+            let dense_b = l.dense_b.as_ref().map(view);
+            let (up_w, up_b) = (view(&l.h_to_4h_w), view(&l.h_to_4h_b));
+            let (down_w, down_b) = (view(&l.four_h_to_h_w), view(&l.four_h_to_h_b));
+            let qkv_bias = match &qkv_b {
+                Some(v) => Some(v.slice()?),
+                None => None,
+            };
+            let dense_bias = match &dense_b {
+                Some(v) => Some(v.slice()?),
+                None => None,
+            };
+
+            layer_norm(&x, (ln1_w.slice()?, ln1_b.slice()?), eps, &mut a);
+            let qkv = skinny::dense(&a, (b, h), qkv_w.slice()?, 3 * h, qkv_bias, true);
+            // Per row and head the packed projection is [q | k | v], `hd` each. q and k are
+            // rotated in place (their first `rd` dimensions, "rotate_half" convention).
+            let mut q = vec![0f32; b * h];
+            let mut k = vec![0f32; b * h];
+            let mut v = vec![0f32; b * h];
+            for r in 0..b {
+                let p = pos[r] as usize;
+                for hi in 0..nh {
+                    let src = &qkv[(r * nh + hi) * 3 * hd..][..3 * hd];
+                    let at = (r * nh + hi) * hd;
+                    q[at..at + hd].copy_from_slice(&src[..hd]);
+                    k[at..at + hd].copy_from_slice(&src[hd..2 * hd]);
+                    v[at..at + hd].copy_from_slice(&src[2 * hd..]);
+                    if rd > 0 {
+                        let half = rd / 2;
+                        let (c, sn) = (&cos[p * half..][..half], &sin[p * half..][..half]);
+                        rotate(&mut q[at..at + rd], c, sn);
+                        rotate(&mut k[at..at + rd], c, sn);
+                    }
+                }
+            }
+            let shape = (b, nh, 1, hd);
+            let (keys, values) = cache.append(
+                li,
+                &Tensor::from_vec(k, shape, &dev)?,
+                &Tensor::from_vec(v, shape, &dev)?,
+            )?;
+            fused::with_f32_storage(&keys, |ks, kl| {
+                fused::with_f32_storage(&values, |vs, vl| {
+                    let (ko, kb, kh) = head_strides(kl, hd)?;
+                    let (vo, vb, vh) = head_strides(vl, hd)?;
+                    for r in 0..b {
+                        let m = mask.as_deref().map(|m| {
+                            let at = if mask_rows == 1 { 0 } else { r * s };
+                            &m[at..at + s]
+                        });
+                        for hi in 0..nh {
+                            let at = (r * nh + hi) * hd;
+                            attend::head_contiguous(
+                                &q[at..at + hd],
+                                &ks[ko + r * kb + hi * kh..][..s * hd],
+                                &vs[vo + r * vb + hi * vh..][..s * hd],
+                                (1, s, hd),
+                                scale,
+                                |_| m,
+                                &mut att[at..at + hd],
+                            );
+                        }
+                    }
+                    Ok(())
+                })
+            })?;
+            let attn_out = skinny::dense(&att, (b, h), dense_w.slice()?, h, dense_bias, true);
+            let mlp = |x: &[f32], m_in: &mut [f32]| -> Result<Vec<f32>> {
+                layer_norm(x, (ln2_w.slice()?, ln2_b.slice()?), eps, m_in);
+                let mut hidden = skinny::dense(
+                    m_in,
+                    (b, h),
+                    up_w.slice()?,
+                    inner,
+                    Some(up_b.slice()?),
+                    true,
+                );
+                cfg.activation.apply_in_place(&mut hidden);
+                Ok(skinny::dense(
+                    &hidden,
+                    (b, inner),
+                    down_w.slice()?,
+                    h,
+                    Some(down_b.slice()?),
+                    true,
+                ))
+            };
+            if cfg.use_parallel_residual {
+                // x + attn(ln1(x)) + mlp(ln2(x)), added in the candle path's order.
+                let mlp_out = mlp(&x, &mut a)?;
+                for ((x, &o), &m) in x.iter_mut().zip(&attn_out).zip(&mlp_out) {
+                    *x = (*x + o) + m;
+                }
+            } else {
+                x.iter_mut().zip(&attn_out).for_each(|(x, &o)| *x += o);
+                let mlp_out = mlp(&x, &mut a)?;
+                x.iter_mut().zip(&mlp_out).for_each(|(x, &m)| *x += m);
+            }
+        }
+        let (fw, fb) = (view(&self.final_ln.w), view(&self.final_ln.b));
+        layer_norm(&x, (fw.slice()?, fb.slice()?), eps, &mut a);
+        Tensor::from_vec(a, (b, 1, h), &dev).map(Some)
+    }
+}
+
+/// Rotary embedding of one head's first `2 · c.len()` dimensions in place: pairs `(i, i + half)`
+/// turn by the angle whose cosine and sine are `c[i]`, `s[i]`.
+fn rotate(x: &mut [f32], c: &[f32], s: &[f32]) {
+    let half = c.len();
+    let (lo, hi) = x.split_at_mut(half);
+    for i in 0..half {
+        let (x1, x2) = (lo[i], hi[i]);
+        lo[i] = x1 * c[i] - x2 * s[i];
+        hi[i] = x2 * c[i] + x1 * s[i];
+    }
+}
+
+/// Offset, batch stride and head stride of a `[B, nh, S, hd]` cache view whose rows are
+/// contiguous and `hd` apart.
+fn head_strides(l: &candle_core::Layout, hd: usize) -> Result<(usize, usize, usize)> {
+    match l.stride() {
+        &[sb, sh, ss, 1] if ss == hd => Ok((l.start_offset(), sb, sh)),
+        other => candle_core::bail!("decode: KV cache strides {other:?} are not [.., {hd}, 1]"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use crate::models::{Model, ModelConfig};
+    use crate::test_util::*;
+
+    use super::*;
+
+    fn model(parallel_residual: bool, rotary_pct: f64, bias: bool, act: &str) -> Model {
+        let cfg = serde_json::json!({
+            "model_type": "gpt_neox",
+            "vocab_size": 50,
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 64,
+            "max_position_embeddings": 64,
+            "rotary_pct": rotary_pct,
+            "use_parallel_residual": parallel_residual,
+            "attention_bias": bias,
+            "hidden_act": act,
+            "initializer_range": 0.3,
+        });
+        let cfg = ModelConfig::from_json(&cfg.to_string(), "test config").unwrap();
+        crate::bench::random_model(&cfg, &Device::Cpu).unwrap()
+    }
+
+    /// Prefill then decode steps, through this step and through the candle path (fused
+    /// kernels off), with left padding in the batch; hidden states agree.
+    #[test]
+    fn decode_steps_match_the_candle_path() {
+        if !skinny::available() {
+            eprintln!("no AVX-512F: the step is not taken on this CPU");
+            return;
+        }
+        let dev = Device::Cpu;
+        for (parallel, pct, bias, act, b) in [
+            (true, 0.25, true, "gelu", 3usize),
+            (false, 1.0, false, "gelu_new", 2),
+            (true, 0.0, true, "relu", 1),
+        ] {
+            let model = model(parallel, pct, bias, act);
+            let Model::GptNeoX(neox) = &model else {
+                unreachable!()
+            };
+            let what = format!("parallel {parallel} rotary {pct} bias {bias} {act} batch {b}");
+            // Row r has r + 2 prompt tokens, left-padded; a padding query attends to itself.
+            let width = b + 1;
+            let mut ids = Vec::new();
+            let mut pos = Vec::new();
+            let mut keys = vec![vec![false; width]; b];
+            for (r, key_row) in keys.iter_mut().enumerate() {
+                let pad = width - (r + 2);
+                for (j, key) in key_row.iter_mut().enumerate() {
+                    ids.push(((r * 7 + j * 3) % 50) as u32);
+                    pos.push(j.saturating_sub(pad) as u32);
+                    *key = j >= pad;
+                }
+            }
+            let mask_for = |keys: &[Vec<bool>], t: usize| {
+                let s = keys[0].len();
+                let m: Vec<f32> = keys
+                    .iter()
+                    .flat_map(|k| {
+                        (0..t).flat_map(move |ti| {
+                            (0..s).map(move |j| {
+                                let q = s - t + ti;
+                                if j <= q && (k[j] || j == q) {
+                                    0.0
+                                } else {
+                                    f32::NEG_INFINITY
+                                }
+                            })
+                        })
+                    })
+                    .collect();
+                Tensor::from_vec(m, (keys.len(), 1, t, s), &Device::Cpu).unwrap()
+            };
+            let prefill = Inputs {
+                ids: Tensor::from_vec(ids, (b, width), &dev).unwrap(),
+                positions: Tensor::from_vec(pos, (b, width), &dev).unwrap(),
+                mask: Some(mask_for(&keys, width)),
+            };
+            let mut fast = KvCache::new(2);
+            fused::with_reference_ops(|| neox.forward_hidden(&prefill, Some(&mut fast), None))
+                .unwrap();
+            let mut slow = fast.clone();
+            let mut next: Vec<u32> = (0..b as u32).map(|r| r + 2).collect();
+            for step in 0..4u32 {
+                keys.iter_mut().for_each(|k| k.push(true));
+                let with_mask = step % 2 == 0;
+                if !with_mask {
+                    keys.iter_mut()
+                        .for_each(|k| k.iter_mut().for_each(|x| *x = true));
+                }
+                let inputs = Inputs {
+                    ids: Tensor::from_vec(
+                        (0..b as u32)
+                            .map(|r| (r * 5 + step * 11 + 1) % 50)
+                            .collect(),
+                        (b, 1),
+                        &dev,
+                    )
+                    .unwrap(),
+                    positions: Tensor::from_vec(next.clone(), (b, 1), &dev).unwrap(),
+                    mask: with_mask.then(|| mask_for(&keys, 1)),
+                };
+                next.iter_mut().for_each(|p| *p += 1);
+                let got = neox
+                    .decode_step(&inputs, &mut fast)
+                    .unwrap()
+                    .expect("a small f32 GPT-NeoX takes the step");
+                let want = fused::with_reference_ops(|| {
+                    neox.forward_hidden(&inputs, Some(&mut slow), None)
+                })
+                .unwrap();
+                assert_eq!(got.dims(), [b, 1, 32]);
+                let diff = max_abs_diff(&got, &want);
+                assert!(
+                    diff < 1e-4,
+                    "{what} step {step}: hidden states differ by {diff}"
+                );
+                assert_eq!(fast.len(), slow.len());
+            }
+        }
+    }
+
+    /// What the step leaves to the candle path returns `None` and leaves the cache as it was.
+    #[test]
+    fn declines_what_the_candle_path_should_judge() {
+        let model = model(true, 0.25, true, "gelu");
+        let Model::GptNeoX(neox) = &model else {
+            unreachable!()
+        };
+        let dev = Device::Cpu;
+        let mut cache = KvCache::new(2);
+        let prompt = Tensor::new(&[[1u32, 2, 3]], &dev).unwrap();
+        neox.forward_hidden(&Inputs::causal(&prompt, 0).unwrap(), Some(&mut cache), None)
+            .unwrap();
+        let step = |ids: &[u32], pos: u32, mask: Option<Tensor>| Inputs {
+            ids: Tensor::from_vec(ids.to_vec(), (ids.len(), 1), &dev).unwrap(),
+            positions: Tensor::from_vec(vec![pos; ids.len()], (ids.len(), 1), &dev).unwrap(),
+            mask,
+        };
+        let zeros = |s: usize| Tensor::zeros((1, 1, 1, s), candle_core::DType::F32, &dev).unwrap();
+        for inputs in [
+            step(&[50], 3, None),
+            step(&[1], 64, None),
+            step(&[1], 3, Some(zeros(9))),
+            step(&[1; MAX_ROWS + 1], 3, None),
+        ] {
+            assert!(neox.decode_step(&inputs, &mut cache).unwrap().is_none());
+            assert_eq!(cache.len(), 3);
+        }
+        let two = Inputs::causal(&Tensor::new(&[[1u32, 2]], &dev).unwrap(), 3).unwrap();
+        assert!(neox.decode_step(&two, &mut cache).unwrap().is_none());
+        // A mask that fits is taken (on AVX-512 CPUs).
+        let taken = neox
+            .decode_step(&step(&[1], 3, Some(zeros(4))), &mut cache)
+            .unwrap();
+        assert_eq!(taken.is_some(), skinny::available());
+    }
+}
