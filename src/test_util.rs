@@ -67,3 +67,85 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     let den: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
     (num / den.max(1e-30)).sqrt()
 }
+
+/// Runs a left-padded prefill of `b` rows (row r has r + 2 tokens below `vocab`) and then four
+/// decode steps twice, through `step` (a hand-written decode step: `None` means it declined)
+/// and through `reference` (the candle path), each on its own copy of the cache, and checks
+/// that every step's hidden states `[b, 1, hidden]` agree to 1e-4. Even steps pass the engine's
+/// padding mask (a padding query attends to itself), odd steps no mask (every key visible).
+/// `prefill` fills the first cache; `what` names the case in failures.
+pub fn check_decode_steps(
+    (b, vocab, n_layer, hidden): (usize, u32, usize, usize),
+    prefill: impl Fn(&crate::models::Inputs, &mut crate::models::KvCache),
+    step: impl Fn(&crate::models::Inputs, &mut crate::models::KvCache) -> Option<Tensor>,
+    reference: impl Fn(&crate::models::Inputs, &mut crate::models::KvCache) -> Tensor,
+    what: &str,
+) {
+    use crate::models::{Inputs, KvCache};
+    let dev = Device::Cpu;
+    let mask_for = |keys: &[Vec<bool>], t: usize| {
+        let s = keys[0].len();
+        let m: Vec<f32> = keys
+            .iter()
+            .flat_map(|k| {
+                (0..t).flat_map(move |ti| {
+                    (0..s).map(move |j| {
+                        let q = s - t + ti;
+                        if j <= q && (k[j] || j == q) {
+                            0.0
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
+                })
+            })
+            .collect();
+        Tensor::from_vec(m, (keys.len(), 1, t, s), &Device::Cpu).unwrap()
+    };
+    let width = b + 1;
+    let (mut ids, mut pos) = (Vec::new(), Vec::new());
+    let mut keys = vec![vec![false; width]; b];
+    for (r, key_row) in keys.iter_mut().enumerate() {
+        let pad = width - (r + 2);
+        for (j, key) in key_row.iter_mut().enumerate() {
+            ids.push(((r * 7 + j * 3) as u32) % vocab);
+            pos.push(j.saturating_sub(pad) as u32);
+            *key = j >= pad;
+        }
+    }
+    let inputs = Inputs {
+        ids: Tensor::from_vec(ids, (b, width), &dev).unwrap(),
+        positions: Tensor::from_vec(pos, (b, width), &dev).unwrap(),
+        mask: Some(mask_for(&keys, width)),
+    };
+    let mut fast = KvCache::new(n_layer);
+    prefill(&inputs, &mut fast);
+    let mut slow = fast.clone();
+    let mut next: Vec<u32> = (0..b as u32).map(|r| r + 2).collect();
+    for n in 0..4u32 {
+        keys.iter_mut().for_each(|k| k.push(true));
+        let with_mask = n % 2 == 0;
+        if !with_mask {
+            keys.iter_mut()
+                .for_each(|k| k.iter_mut().for_each(|x| *x = true));
+        }
+        let ids: Vec<u32> = (0..b as u32)
+            .map(|r| (r * 5 + n * 11 + 1) % vocab)
+            .collect();
+        let inputs = Inputs {
+            ids: Tensor::from_vec(ids, (b, 1), &dev).unwrap(),
+            positions: Tensor::from_vec(next.clone(), (b, 1), &dev).unwrap(),
+            mask: with_mask.then(|| mask_for(&keys, 1)),
+        };
+        next.iter_mut().for_each(|p| *p += 1);
+        let got = step(&inputs, &mut fast).unwrap_or_else(|| panic!("{what}: the step declined"));
+        let want = reference(&inputs, &mut slow);
+        assert_eq!(got.dims(), [b, 1, hidden], "{what}");
+        let diff = max_abs_diff(&got, &want);
+        assert!(
+            diff < 1e-4,
+            "{what} step {n}: hidden states differ by {diff}"
+        );
+        assert_eq!(fast.len(), slow.len(), "{what}");
+    }
+}

@@ -137,6 +137,70 @@ impl Inputs {
     }
 }
 
+/// A one-token decode step's inputs read out for the hand-written decode steps
+/// (`gpt2/decode.rs`, `gpt_neox/decode.rs`).
+pub(crate) struct StepInputs {
+    /// Rows in the batch.
+    pub b: usize,
+    /// Keys each row attends to: the cached positions plus this one.
+    pub s: usize,
+    pub ids: Vec<u32>,
+    pub positions: Vec<u32>,
+    /// The additive mask `[1 | b, 1, 1, s]` as rows, when there is one.
+    mask: Option<Vec<f32>>,
+    mask_rows: usize,
+}
+
+impl StepInputs {
+    /// `inputs` as a one-token step of at most `max_rows` rows over `cached` positions, or
+    /// `None` for inputs a decode step leaves to the candle path: not one token per row, ids
+    /// or positions outside `vocab` / `positions`, a mask of another shape or not f32 on the
+    /// CPU (the candle path then reports them with its own errors).
+    pub fn read(
+        inputs: &Inputs,
+        cached: usize,
+        (vocab, positions, max_rows): (usize, usize, usize),
+    ) -> CResult<Option<Self>> {
+        let b = match inputs.ids.dims() {
+            &[b, 1] if (1..=max_rows).contains(&b) && inputs.positions.dims() == [b, 1] => b,
+            _ => return Ok(None),
+        };
+        let s = cached + 1;
+        let mask_rows = match &inputs.mask {
+            None => 0,
+            Some(m) => match m.dims() {
+                &[mb, 1, 1, ms] if (mb == 1 || mb == b) && ms == s && fused::supported(&[m]) => mb,
+                _ => return Ok(None),
+            },
+        };
+        let ids = inputs.ids.flatten_all()?.to_vec1::<u32>()?;
+        let pos = inputs.positions.flatten_all()?.to_vec1::<u32>()?;
+        if ids.iter().any(|&i| i as usize >= vocab) || pos.iter().any(|&p| p as usize >= positions)
+        {
+            return Ok(None);
+        }
+        let mask = match &inputs.mask {
+            Some(m) => Some(m.flatten_all()?.to_vec1::<f32>()?),
+            None => None,
+        };
+        Ok(Some(Self {
+            b,
+            s,
+            ids,
+            positions: pos,
+            mask,
+            mask_rows,
+        }))
+    }
+
+    /// Row `r`'s additive mask over the `s` keys, if there is a mask.
+    pub fn mask_row(&self, r: usize) -> Option<&[f32]> {
+        let m = self.mask.as_deref()?;
+        let at = if self.mask_rows == 1 { 0 } else { r * self.s };
+        Some(&m[at..at + self.s])
+    }
+}
+
 /// Builds the causal mask `[1, 1, T, past + T]` for unpadded rows, or `None` when `T == 1`.
 pub(crate) fn causal_mask(
     t: usize,
@@ -351,6 +415,52 @@ impl TokenId {
         match self {
             Self::One(t) => Some(*t),
             Self::Many(v) => v.first().copied(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(ids: &[u32], pos: u32, mask: Option<Tensor>) -> Inputs {
+        let n = ids.len();
+        Inputs {
+            ids: Tensor::from_vec(ids.to_vec(), (n, 1), &Device::Cpu).unwrap(),
+            positions: Tensor::from_vec(vec![pos; n], (n, 1), &Device::Cpu).unwrap(),
+            mask,
+        }
+    }
+
+    fn mask(rows: usize, s: usize) -> Tensor {
+        let v: Vec<f32> = (0..rows * s).map(|i| i as f32).collect();
+        Tensor::from_vec(v, (rows, 1, 1, s), &Device::Cpu).unwrap()
+    }
+
+    /// What a decode step takes, and what it leaves to the candle path (and its errors).
+    #[test]
+    fn step_inputs_take_one_token_rows_in_range_with_a_fitting_mask() {
+        let limits = (50, 64, 4);
+        let read = |inputs: &Inputs| StepInputs::read(inputs, 3, limits).unwrap();
+        let two_rows = read(&step(&[7, 8], 3, Some(mask(2, 4)))).expect("a plain step");
+        assert_eq!((two_rows.b, two_rows.s), (2, 4));
+        assert_eq!(
+            (&two_rows.ids, &two_rows.positions),
+            (&vec![7, 8], &vec![3, 3])
+        );
+        assert_eq!(two_rows.mask_row(1), Some(&[4.0f32, 5.0, 6.0, 7.0][..]));
+        let shared = read(&step(&[7, 8], 3, Some(mask(1, 4)))).unwrap();
+        assert_eq!(shared.mask_row(1), Some(&[0.0f32, 1.0, 2.0, 3.0][..]));
+        assert_eq!(read(&step(&[7], 3, None)).unwrap().mask_row(0), None);
+        for declined in [
+            step(&[50], 3, None),
+            step(&[1], 64, None),
+            step(&[1], 3, Some(mask(1, 9))),
+            step(&[1, 2], 3, Some(mask(3, 4))),
+            step(&[1; 5], 3, None),
+            Inputs::causal(&Tensor::new(&[[1u32, 2]], &Device::Cpu).unwrap(), 3).unwrap(),
+        ] {
+            assert!(read(&declined).is_none(), "{:?}", declined.ids.dims());
         }
     }
 }

@@ -21,7 +21,7 @@ use rayon::prelude::*;
 use super::grad::{gemm, BlockWeights};
 use super::Gpt2;
 use crate::models::vmath::layer_norm;
-use crate::models::{attend, fused, skinny, Inputs, KvCache};
+use crate::models::{attend, fused, skinny, Inputs, KvCache, StepInputs};
 
 /// Parameters per block (`c_attn`, `attn.c_proj`, `c_fc`, `mlp.c_proj`) up to which the step is
 /// taken: 4 MiB of f32, about a core's L2. TinyMem's blocks have 196,608.
@@ -43,34 +43,17 @@ impl Gpt2 {
         if !fused::supported(&[&self.wte]) || 4 * h * h + 2 * h * inner > MAX_BLOCK_PARAMS {
             return Ok(None);
         }
-        let b = match inputs.ids.dims() {
-            &[b, 1] if b > 0 && inputs.positions.dims() == [b, 1] => b,
-            _ => return Ok(None),
-        };
-        let s = cache.len() + 1;
-        let mask_rows = match &inputs.mask {
-            None => 0,
-            Some(m) => match m.dims() {
-                &[mb, 1, 1, ms] if (mb == 1 || mb == b) && ms == s && fused::supported(&[m]) => mb,
-                _ => return Ok(None),
-            },
-        };
-        let ids = inputs.ids.flatten_all()?.to_vec1::<u32>()?;
-        let pos = inputs.positions.flatten_all()?.to_vec1::<u32>()?;
-        if ids.iter().any(|&i| i as usize >= cfg.vocab_size)
-            || pos.iter().any(|&p| p as usize >= cfg.n_positions)
-        {
+        let Some(step_in) = StepInputs::read(
+            inputs,
+            cache.len(),
+            (cfg.vocab_size, cfg.n_positions, usize::MAX),
+        )?
+        else {
             return Ok(None);
-        }
-        let mask = match &inputs.mask {
-            Some(m) => Some(m.flatten_all()?.to_vec1::<f32>()?),
-            None => None,
         };
-        let mask_row = |r: usize| -> Option<&[f32]> {
-            let m = mask.as_deref()?;
-            let at = if mask_rows == 1 { 0 } else { r * s };
-            Some(&m[at..at + s])
-        };
+        let (b, s) = (step_in.b, step_in.s);
+        let (ids, pos) = (&step_in.ids, &step_in.positions);
+        let mask_row = |r: usize| step_in.mask_row(r);
         let dev = self.device().clone();
         let hidden = self.with_weights(None, |w| {
             let sizes = Sizes {
@@ -87,7 +70,7 @@ impl Gpt2 {
             let groups = rayon::current_num_threads().clamp(1, b);
             let per = b.div_ceil(groups);
             let mut x = vec![0f32; b * h];
-            for ((row, &id), &p) in x.chunks_exact_mut(h).zip(&ids).zip(&pos) {
+            for ((row, &id), &p) in x.chunks_exact_mut(h).zip(ids).zip(pos) {
                 let (tok, at) = (
                     &w.wte[id as usize * h..][..h],
                     &w.wpe[p as usize * h..][..h],
@@ -275,10 +258,10 @@ fn product(x: &[f32], k: usize, (w, b): (&[f32], &[f32]), y: &mut [f32]) {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{DType, Device};
+    use candle_core::Device;
 
     use crate::models::ops::Activation;
-    use crate::models::{causal_mask, Model, ModelConfig};
+    use crate::models::{Model, ModelConfig};
     use crate::test_util::*;
 
     use super::*;
@@ -308,132 +291,38 @@ mod tests {
                 unreachable!()
             };
             let what = format!("{act:?} tied {tied} 1/(layer+1) {inverse_idx} batch {b}");
-            let dev = Device::Cpu;
-            let v = gpt.config().vocab_size as u32;
-            // Row r has r + 2 prompt tokens, left-padded to the longest.
-            let width = b + 1;
-            let mut ids = Vec::new();
-            let mut pos = Vec::new();
-            let mut keys = vec![vec![false; width]; b];
-            for (r, key_row) in keys.iter_mut().enumerate() {
-                let pad = width - (r + 2);
-                for (j, key) in key_row.iter_mut().enumerate() {
-                    ids.push(((r * 7 + j * 3) as u32) % v);
-                    pos.push(j.saturating_sub(pad) as u32);
-                    *key = j >= pad;
-                }
-            }
-            let mask_for = |keys: &[Vec<bool>], t: usize| {
-                let s = keys[0].len();
-                let m: Vec<f32> = keys
-                    .iter()
-                    .flat_map(|k| {
-                        (0..t).flat_map(move |ti| {
-                            (0..s).map(move |j| {
-                                // A padding query attends to itself (finite state), as
-                                // the engine's mask has it.
-                                let q = s - t + ti;
-                                if j <= q && (k[j] || j == q) {
-                                    0.0
-                                } else {
-                                    f32::NEG_INFINITY
-                                }
-                            })
-                        })
-                    })
-                    .collect();
-                Tensor::from_vec(m, (keys.len(), 1, t, s), &Device::Cpu).unwrap()
-            };
-            let prefill = Inputs {
-                ids: Tensor::from_vec(ids, (b, width), &dev).unwrap(),
-                positions: Tensor::from_vec(pos.clone(), (b, width), &dev).unwrap(),
-                mask: Some(mask_for(&keys, width)),
-            };
-            let mut fast = KvCache::new(gpt.config().n_layer);
-            gpt.forward_hidden(&prefill, Some(&mut fast), None).unwrap();
-            let mut slow = fast.clone();
-            let mut next_pos: Vec<u32> = (0..b).map(|r| r as u32 + 2).collect();
-            for step in 0..4 {
-                for k in &mut keys {
-                    k.push(true);
-                }
-                let ids: Vec<u32> = (0..b as u32).map(|r| (r * 5 + step * 11 + 1) % v).collect();
-                let with_mask = step % 2 == 0;
-                let inputs = Inputs {
-                    ids: Tensor::from_vec(ids, (b, 1), &dev).unwrap(),
-                    positions: Tensor::from_vec(next_pos.clone(), (b, 1), &dev).unwrap(),
-                    // Odd steps: no mask (every cached key visible, as for unpadded rows).
-                    mask: with_mask.then(|| mask_for(&keys, 1)),
-                };
-                if !with_mask {
-                    // Unmask the padding so that both paths see the same keys.
-                    keys.iter_mut()
-                        .for_each(|k| k.iter_mut().for_each(|x| *x = true));
-                }
-                next_pos.iter_mut().for_each(|p| *p += 1);
-                let got = gpt
-                    .decode_step(&inputs, &mut fast)
-                    .unwrap()
-                    .expect("a small f32 GPT-2 takes the row-group step");
-                let want = fused::with_reference_ops(|| {
-                    gpt.forward_hidden(&inputs, Some(&mut slow), None)
-                })
-                .unwrap();
-                assert_eq!(got.dims(), [b, 1, gpt.config().n_embd]);
-                let diff = max_abs_diff(&got, &want);
-                assert!(
-                    diff < 1e-4,
-                    "{what} step {step}: hidden states differ by {diff}"
-                );
-                assert_eq!(fast.len(), slow.len());
-            }
+            let cfg = gpt.config();
+            check_decode_steps(
+                (b, cfg.vocab_size as u32, cfg.n_layer, cfg.n_embd),
+                |inputs, cache| {
+                    gpt.forward_hidden(inputs, Some(cache), None).unwrap();
+                },
+                |inputs, cache| gpt.decode_step(inputs, cache).unwrap(),
+                |inputs, cache| {
+                    fused::with_reference_ops(|| gpt.forward_hidden(inputs, Some(cache), None))
+                        .unwrap()
+                },
+                &what,
+            );
         }
     }
 
-    /// What the step leaves to the candle path returns `None` and leaves the cache as it was.
+    /// A step it declines (here an id outside the vocabulary, see `StepInputs::read`) leaves
+    /// the cache as it was, and the candle path then reports it.
     #[test]
-    fn declines_what_the_candle_path_should_judge() {
+    fn a_declined_step_leaves_the_cache_alone() {
         let model = model(Activation::Relu, true, false);
         let Model::Gpt2(gpt) = &model else {
             unreachable!()
         };
         let dev = Device::Cpu;
-        let v = gpt.config().vocab_size as u32;
         let mut cache = KvCache::new(gpt.config().n_layer);
         let prompt = Tensor::new(&[[1u32, 2, 3]], &dev).unwrap();
         gpt.forward_hidden(&Inputs::causal(&prompt, 0).unwrap(), Some(&mut cache), None)
             .unwrap();
-        let step = |ids: &[u32], pos: u32, mask: Option<Tensor>| Inputs {
-            ids: Tensor::from_vec(ids.to_vec(), (ids.len(), 1), &dev).unwrap(),
-            positions: Tensor::from_vec(vec![pos; ids.len()], (ids.len(), 1), &dev).unwrap(),
-            mask,
-        };
-        let npos = gpt.config().n_positions as u32;
-        let wrong_len = causal_mask(2, 3, DType::F32, &dev).unwrap();
-        for inputs in [
-            step(&[v], 3, None),
-            step(&[1], npos, None),
-            step(
-                &[1],
-                3,
-                Some(Tensor::zeros((1, 1, 1, 9), DType::F32, &dev).unwrap()),
-            ),
-            step(&[1], 3, wrong_len),
-        ] {
-            assert!(gpt.decode_step(&inputs, &mut cache).unwrap().is_none());
-            assert_eq!(cache.len(), 3);
-        }
-        // Two positions at once are a prefill, not a step.
-        let two = Inputs::causal(&Tensor::new(&[[1u32, 2]], &dev).unwrap(), 3).unwrap();
-        assert!(gpt.decode_step(&two, &mut cache).unwrap().is_none());
-        // And the candle path names the bad id.
-        let err = gpt
-            .forward_hidden(&step(&[v], 3, None), Some(&mut cache), None)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("index") || err.contains(&v.to_string()),
-            "{err}"
-        );
+        let bad = Inputs::causal(&Tensor::new(&[[14u32]], &dev).unwrap(), 3).unwrap();
+        assert!(gpt.decode_step(&bad, &mut cache).unwrap().is_none());
+        assert_eq!(cache.len(), 3);
+        assert!(gpt.forward_hidden(&bad, Some(&mut cache), None).is_err());
     }
 }

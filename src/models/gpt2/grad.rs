@@ -488,7 +488,10 @@ fn part(
     ws: &mut PartBufs,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
+    if std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
+    {
         // SAFETY: the CPU has the features `part_avx512` is compiled for (checked just above).
         return unsafe { part_avx512(d, w, ids, lens, row_weight, want, ws) };
     }
@@ -500,39 +503,39 @@ fn part(
     part_body(d, w, ids, lens, row_weight, want, ws)
 }
 
-/// [`part_body`] compiled for AVX-512F: the row loops get 16-wide vectors (the lane
-/// reductions of [`crate::models::vmath`] are 16 lanes). The same operations in the same order
-/// as the other builds.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn part_avx512(
-    d: Dims,
-    w: &Weights,
-    ids: &[u32],
-    lens: &[usize],
-    row_weight: &[f32],
-    want: Want,
-    ws: &mut PartBufs,
-) {
-    part_body(d, w, ids, lens, row_weight, want, ws)
+/// `unsafe fn $name(..)`: [`part_body`] compiled with the target features `$features` (the
+/// crate's baseline is x86-64's SSE2). Floating-point semantics are unchanged: no contraction
+/// into FMA, no reassociation, so every build computes the same operations in the same order.
+macro_rules! part_with_features {
+    ($(#[$doc:meta])* $name:ident, $features:literal) => {
+        $(#[$doc])*
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name(
+            d: Dims,
+            w: &Weights,
+            ids: &[u32],
+            lens: &[usize],
+            row_weight: &[f32],
+            want: Want,
+            ws: &mut PartBufs,
+        ) {
+            part_body(d, w, ids, lens, row_weight, want, ws)
+        }
+    };
 }
 
-/// [`part_body`] compiled for AVX2 (the crate's baseline is x86-64's SSE2): the row loops
-/// (LayerNorm, softmax, bias, ReLU) get 8-wide vectors. Floating-point semantics are unchanged
-/// (no contraction into FMA, no reassociation).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn part_avx2(
-    d: Dims,
-    w: &Weights,
-    ids: &[u32],
-    lens: &[usize],
-    row_weight: &[f32],
-    want: Want,
-    ws: &mut PartBufs,
-) {
-    part_body(d, w, ids, lens, row_weight, want, ws)
-}
+part_with_features!(
+    /// 16-wide vectors for the row loops (the lane reductions of
+    /// [`crate::models::vmath`] are 16 lanes).
+    part_avx512,
+    "avx512f,avx2,fma"
+);
+part_with_features!(
+    /// 8-wide vectors for the row loops (LayerNorm, softmax, bias, ReLU).
+    part_avx2,
+    "avx2,fma"
+);
 
 #[inline(always)]
 fn part_body(

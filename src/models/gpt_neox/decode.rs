@@ -17,7 +17,7 @@ use candle_core::{Result, Tensor};
 use super::GptNeoX;
 use crate::models::fused::{self, view};
 use crate::models::vmath::layer_norm;
-use crate::models::{attend, skinny, Inputs, KvCache};
+use crate::models::{attend, skinny, Inputs, KvCache, StepInputs};
 
 /// Rows up to which the step is taken (the skinny kernels' range for `[out, in]` weights).
 const MAX_ROWS: usize = 64;
@@ -37,31 +37,12 @@ impl GptNeoX {
         if !fused::supported(&[&self.embed_in]) || !skinny::available() {
             return Ok(None);
         }
-        let b = match inputs.ids.dims() {
-            &[b, 1] if (1..=MAX_ROWS).contains(&b) && inputs.positions.dims() == [b, 1] => b,
-            _ => return Ok(None),
-        };
-        let s = cache.len() + 1;
-        let mask_rows = match &inputs.mask {
-            None => 0,
-            Some(m) => match m.dims() {
-                &[mb, 1, 1, ms] if (mb == 1 || mb == b) && ms == s && fused::supported(&[m]) => mb,
-                _ => return Ok(None),
-            },
-        };
-        let ids = inputs.ids.flatten_all()?.to_vec1::<u32>()?;
-        let pos = inputs.positions.flatten_all()?.to_vec1::<u32>()?;
-        if ids.iter().any(|&i| i as usize >= cfg.vocab_size)
-            || pos
-                .iter()
-                .any(|&p| p as usize >= cfg.max_position_embeddings)
-        {
+        let limits = (cfg.vocab_size, cfg.max_position_embeddings, MAX_ROWS);
+        let Some(step_in) = StepInputs::read(inputs, cache.len(), limits)? else {
             return Ok(None);
-        }
-        let mask = match &inputs.mask {
-            Some(m) => Some(m.flatten_all()?.to_vec1::<f32>()?),
-            None => None,
         };
+        let (b, s) = (step_in.b, step_in.s);
+        let (ids, pos) = (&step_in.ids, &step_in.positions);
         let (h, nh, hd, rd) = (
             cfg.hidden_size,
             cfg.num_attention_heads,
@@ -79,7 +60,7 @@ impl GptNeoX {
         let mut x = vec![0f32; b * h];
         {
             let table = embed.slice()?;
-            for (row, &id) in x.chunks_exact_mut(h).zip(&ids) {
+            for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
                 row.copy_from_slice(&table[id as usize * h..][..h]);
             }
         }
@@ -136,10 +117,7 @@ impl GptNeoX {
                     let (ko, kb, kh) = head_strides(kl, hd)?;
                     let (vo, vb, vh) = head_strides(vl, hd)?;
                     for r in 0..b {
-                        let m = mask.as_deref().map(|m| {
-                            let at = if mask_rows == 1 { 0 } else { r * s };
-                            &m[at..at + s]
-                        });
+                        let m = step_in.mask_row(r);
                         for hi in 0..nh {
                             let at = (r * nh + hi) * hd;
                             attend::head_contiguous(
@@ -252,7 +230,6 @@ mod tests {
             eprintln!("no AVX-512F: the step is not taken on this CPU");
             return;
         }
-        let dev = Device::Cpu;
         for (parallel, pct, bias, act, b) in [
             (true, 0.25, true, "gelu", 3usize),
             (false, 1.0, false, "gelu_new", 2),
@@ -263,90 +240,26 @@ mod tests {
                 unreachable!()
             };
             let what = format!("parallel {parallel} rotary {pct} bias {bias} {act} batch {b}");
-            // Row r has r + 2 prompt tokens, left-padded; a padding query attends to itself.
-            let width = b + 1;
-            let mut ids = Vec::new();
-            let mut pos = Vec::new();
-            let mut keys = vec![vec![false; width]; b];
-            for (r, key_row) in keys.iter_mut().enumerate() {
-                let pad = width - (r + 2);
-                for (j, key) in key_row.iter_mut().enumerate() {
-                    ids.push(((r * 7 + j * 3) % 50) as u32);
-                    pos.push(j.saturating_sub(pad) as u32);
-                    *key = j >= pad;
-                }
-            }
-            let mask_for = |keys: &[Vec<bool>], t: usize| {
-                let s = keys[0].len();
-                let m: Vec<f32> = keys
-                    .iter()
-                    .flat_map(|k| {
-                        (0..t).flat_map(move |ti| {
-                            (0..s).map(move |j| {
-                                let q = s - t + ti;
-                                if j <= q && (k[j] || j == q) {
-                                    0.0
-                                } else {
-                                    f32::NEG_INFINITY
-                                }
-                            })
-                        })
-                    })
-                    .collect();
-                Tensor::from_vec(m, (keys.len(), 1, t, s), &Device::Cpu).unwrap()
-            };
-            let prefill = Inputs {
-                ids: Tensor::from_vec(ids, (b, width), &dev).unwrap(),
-                positions: Tensor::from_vec(pos, (b, width), &dev).unwrap(),
-                mask: Some(mask_for(&keys, width)),
-            };
-            let mut fast = KvCache::new(2);
-            fused::with_reference_ops(|| neox.forward_hidden(&prefill, Some(&mut fast), None))
-                .unwrap();
-            let mut slow = fast.clone();
-            let mut next: Vec<u32> = (0..b as u32).map(|r| r + 2).collect();
-            for step in 0..4u32 {
-                keys.iter_mut().for_each(|k| k.push(true));
-                let with_mask = step % 2 == 0;
-                if !with_mask {
-                    keys.iter_mut()
-                        .for_each(|k| k.iter_mut().for_each(|x| *x = true));
-                }
-                let inputs = Inputs {
-                    ids: Tensor::from_vec(
-                        (0..b as u32)
-                            .map(|r| (r * 5 + step * 11 + 1) % 50)
-                            .collect(),
-                        (b, 1),
-                        &dev,
-                    )
-                    .unwrap(),
-                    positions: Tensor::from_vec(next.clone(), (b, 1), &dev).unwrap(),
-                    mask: with_mask.then(|| mask_for(&keys, 1)),
-                };
-                next.iter_mut().for_each(|p| *p += 1);
-                let got = neox
-                    .decode_step(&inputs, &mut fast)
+            let reference = |inputs: &Inputs, cache: &mut KvCache| {
+                fused::with_reference_ops(|| neox.forward_hidden(inputs, Some(cache), None))
                     .unwrap()
-                    .expect("a small f32 GPT-NeoX takes the step");
-                let want = fused::with_reference_ops(|| {
-                    neox.forward_hidden(&inputs, Some(&mut slow), None)
-                })
-                .unwrap();
-                assert_eq!(got.dims(), [b, 1, 32]);
-                let diff = max_abs_diff(&got, &want);
-                assert!(
-                    diff < 1e-4,
-                    "{what} step {step}: hidden states differ by {diff}"
-                );
-                assert_eq!(fast.len(), slow.len());
-            }
+            };
+            check_decode_steps(
+                (b, 50, 2, 32),
+                |inputs, cache| {
+                    reference(inputs, cache);
+                },
+                |inputs, cache| neox.decode_step(inputs, cache).unwrap(),
+                reference,
+                &what,
+            );
         }
     }
 
-    /// What the step leaves to the candle path returns `None` and leaves the cache as it was.
+    /// A step it declines (more rows than the kernels take, see `StepInputs::read`) leaves
+    /// the cache as it was; one that fits is taken on AVX-512 CPUs.
     #[test]
-    fn declines_what_the_candle_path_should_judge() {
+    fn declined_and_taken_steps() {
         let model = model(true, 0.25, true, "gelu");
         let Model::GptNeoX(neox) = &model else {
             unreachable!()
@@ -356,27 +269,12 @@ mod tests {
         let prompt = Tensor::new(&[[1u32, 2, 3]], &dev).unwrap();
         neox.forward_hidden(&Inputs::causal(&prompt, 0).unwrap(), Some(&mut cache), None)
             .unwrap();
-        let step = |ids: &[u32], pos: u32, mask: Option<Tensor>| Inputs {
-            ids: Tensor::from_vec(ids.to_vec(), (ids.len(), 1), &dev).unwrap(),
-            positions: Tensor::from_vec(vec![pos; ids.len()], (ids.len(), 1), &dev).unwrap(),
-            mask,
-        };
-        let zeros = |s: usize| Tensor::zeros((1, 1, 1, s), candle_core::DType::F32, &dev).unwrap();
-        for inputs in [
-            step(&[50], 3, None),
-            step(&[1], 64, None),
-            step(&[1], 3, Some(zeros(9))),
-            step(&[1; MAX_ROWS + 1], 3, None),
-        ] {
-            assert!(neox.decode_step(&inputs, &mut cache).unwrap().is_none());
-            assert_eq!(cache.len(), 3);
-        }
-        let two = Inputs::causal(&Tensor::new(&[[1u32, 2]], &dev).unwrap(), 3).unwrap();
-        assert!(neox.decode_step(&two, &mut cache).unwrap().is_none());
-        // A mask that fits is taken (on AVX-512 CPUs).
-        let taken = neox
-            .decode_step(&step(&[1], 3, Some(zeros(4))), &mut cache)
-            .unwrap();
+        let wide = Tensor::from_vec(vec![1u32; MAX_ROWS + 1], (MAX_ROWS + 1, 1), &dev).unwrap();
+        let wide = Inputs::causal(&wide, 3).unwrap();
+        assert!(neox.decode_step(&wide, &mut cache).unwrap().is_none());
+        assert_eq!(cache.len(), 3);
+        let one = Inputs::causal(&Tensor::new(&[[1u32]], &dev).unwrap(), 3).unwrap();
+        let taken = neox.decode_step(&one, &mut cache).unwrap();
         assert_eq!(taken.is_some(), skinny::available());
     }
 }
