@@ -199,12 +199,25 @@ pub(crate) fn head_contiguous<'m>(
     q: &[f32],
     keys: &[f32],
     values: &[f32],
-    (t, s, d): (usize, usize, usize),
+    dims: (usize, usize, usize),
     scale: f32,
     mask: impl Fn(usize) -> Option<&'m [f32]>,
     o: &mut [f32],
 ) {
     let tiled = skinny::available();
+    head_contiguous_on(tiled, q, (keys, values), dims, scale, mask, o)
+}
+
+/// [`head_contiguous`] on the tiles (`tiled`, AVX-512 only) or row by row.
+fn head_contiguous_on<'m>(
+    tiled: bool,
+    q: &[f32],
+    (keys, values): (&[f32], &[f32]),
+    (t, s, d): (usize, usize, usize),
+    scale: f32,
+    mask: impl Fn(usize) -> Option<&'m [f32]>,
+    o: &mut [f32],
+) {
     let mut p = vec![0f32; t * s];
     if tiled {
         skinny::dense_into(q, (t, d), keys, (s, None), true, &mut p);
@@ -287,5 +300,66 @@ mod tests {
             }
         }
         assert!(attention(&q, &k, &v, Some(&rand(&[b, 1, t, s + 1], 4))).is_err());
+    }
+
+    /// Both branches of `head_contiguous` (the tiles, and row by row as on CPUs without
+    /// AVX-512) against an f64 softmax, with masked keys.
+    #[test]
+    fn one_head_matches_a_double_precision_softmax_on_both_branches() {
+        let (t, s, d, scale) = (3, 9, 16, 0.3f32);
+        let vec = |shape: &[usize], seed| rand(shape, seed).flatten_all().unwrap().to_vec1::<f32>();
+        let (q, keys, values) = (
+            vec(&[t, d], 7).unwrap(),
+            vec(&[s, d], 8).unwrap(),
+            vec(&[s, d], 9).unwrap(),
+        );
+        // Query row ti sees keys 0..=s − t + ti; key 1 is padding for every row.
+        let mask: Vec<Vec<f32>> = (0..t)
+            .map(|ti| {
+                (0..s)
+                    .map(|j| {
+                        if j > s - t + ti || j == 1 {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut want = vec![0f64; t * d];
+        for ti in 0..t {
+            let logits: Vec<f64> = (0..s)
+                .map(|j| {
+                    let dot: f64 = (0..d)
+                        .map(|c| q[ti * d + c] as f64 * keys[j * d + c] as f64)
+                        .sum();
+                    dot * scale as f64 + mask[ti][j] as f64
+                })
+                .collect();
+            let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let total: f64 = logits.iter().map(|l| (l - max).exp()).sum();
+            for (j, l) in logits.iter().enumerate() {
+                let p = (l - max).exp() / total;
+                for c in 0..d {
+                    want[ti * d + c] += p * values[j * d + c] as f64;
+                }
+            }
+        }
+        for tiled in [false, skinny::available()] {
+            let mut got = vec![f32::NAN; t * d];
+            head_contiguous_on(
+                tiled,
+                &q,
+                (&keys, &values),
+                (t, s, d),
+                scale,
+                |ti| Some(&mask[ti][..]),
+                &mut got,
+            );
+            for (g, w) in got.iter().zip(&want) {
+                assert!((*g as f64 - w).abs() < 1e-5, "tiled {tiled}: {g} vs {w}");
+            }
+        }
     }
 }

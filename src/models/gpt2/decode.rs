@@ -245,9 +245,14 @@ impl Step {
 }
 
 /// `y = x · W + b` for `x: [m, k]` and a GPT-2 `[k, n]` weight, on the calling thread.
-fn product(x: &[f32], k: usize, (w, b): (&[f32], &[f32]), y: &mut [f32]) {
+fn product(x: &[f32], k: usize, wb: (&[f32], &[f32]), y: &mut [f32]) {
+    product_on(skinny::available(), x, k, wb, y)
+}
+
+/// [`product`] on the skinny tiles (`tiled`, AVX-512 only) or with single-threaded `gemm`.
+fn product_on(tiled: bool, x: &[f32], k: usize, (w, b): (&[f32], &[f32]), y: &mut [f32]) {
     let (m, n) = (x.len() / k, b.len());
-    if skinny::available() {
+    if tiled {
         return skinny::dense_into(x, (m, k), w, (n, Some(b)), false, y);
     }
     for row in y.chunks_exact_mut(n) {
@@ -304,6 +309,31 @@ mod tests {
                 },
                 &what,
             );
+        }
+    }
+
+    /// Both branches of the step's products (the skinny tiles, and `gemm` as on CPUs without
+    /// AVX-512) against a double-precision product.
+    #[test]
+    fn products_match_on_both_branches() {
+        let (m, k, n) = (5, 24, 40);
+        let vec = |len: usize, seed| rand(&[len], seed).to_vec1::<f32>().unwrap();
+        let (x, w, b) = (vec(m * k, 1), vec(k * n, 2), vec(n, 3));
+        for tiled in [false, skinny::available()] {
+            let mut y = vec![f32::NAN; m * n];
+            product_on(tiled, &x, k, (&w, &b), &mut y);
+            for (i, row) in y.chunks_exact(n).enumerate() {
+                for (j, &got) in row.iter().enumerate() {
+                    let want = b[j] as f64
+                        + (0..k)
+                            .map(|c| x[i * k + c] as f64 * w[c * n + j] as f64)
+                            .sum::<f64>();
+                    assert!(
+                        (got as f64 - want).abs() < 1e-4,
+                        "tiled {tiled}: {got} vs {want}"
+                    );
+                }
+            }
         }
     }
 
