@@ -8,10 +8,10 @@
 //! place over the cache's own storage: on AVX-512 as two small products on [`skinny`]'s tiles
 //! (scores, then weighted values), elsewhere row by row.
 
-use candle_core::{bail, Result, Tensor};
+use candle_core::{bail, Layout, Result, Tensor};
 use rayon::prelude::*;
 
-use super::{fused, skinny, vmath};
+use super::{fused, skinny, vmath, KvCache};
 
 /// Multiply-adds below which the heads run on the calling thread.
 const MIN_PARALLEL_WORK: usize = 1 << 15;
@@ -54,13 +54,7 @@ pub fn attention(
                 if kst[3] != 1 || vst[3] != 1 {
                     return Ok(false);
                 }
-                let view = |st: &[usize], off: usize| Strided {
-                    off,
-                    sb: st[0],
-                    sh: st[1],
-                    ss: st[2],
-                };
-                let (kv, vv) = (view(kst, kl.start_offset()), view(vst, vl.start_offset()));
+                let (kv, vv) = (Strided::of(kl), Strided::of(vl));
                 let mut run = |ms: Option<&[f32]>| {
                     let job = Job {
                         qs,
@@ -110,6 +104,17 @@ struct Strided {
 }
 
 impl Strided {
+    /// The view of a rank-4 layout.
+    fn of(l: &Layout) -> Self {
+        let st = l.stride();
+        Self {
+            off: l.start_offset(),
+            sb: st[0],
+            sh: st[1],
+            ss: st[2],
+        }
+    }
+
     fn row_start(&self, b: usize, h: usize) -> usize {
         self.off + b * self.sb + h * self.sh
     }
@@ -188,6 +193,67 @@ impl Job<'_> {
                 }
             }
         }
+    }
+}
+
+/// One layer's cached keys and values as the decode steps read them in place: the
+/// `[B, H, S, D]` views [`KvCache::append`] returns, over their storage.
+pub(crate) struct CachedKv<'a> {
+    ks: &'a [f32],
+    vs: &'a [f32],
+    k: Strided,
+    v: Strided,
+    s: usize,
+    d: usize,
+}
+
+impl CachedKv<'_> {
+    /// Appends one position, `k` and `v` each `[B, H, 1, D]` row-major (`dims` = `(B, H, D)`),
+    /// to layer `layer` of `cache`, and runs `f` on that layer's cached keys and values.
+    pub(crate) fn append_then<R>(
+        cache: &mut KvCache,
+        layer: usize,
+        (k, v): (Vec<f32>, Vec<f32>),
+        (b, h, d): (usize, usize, usize),
+        f: impl FnOnce(&CachedKv) -> Result<R>,
+    ) -> Result<R> {
+        let dev = candle_core::Device::Cpu;
+        let (keys, values) = cache.append(
+            layer,
+            &Tensor::from_vec(k, (b, h, 1, d), &dev)?,
+            &Tensor::from_vec(v, (b, h, 1, d), &dev)?,
+        )?;
+        let s = keys.dim(2)?;
+        fused::with_f32_storage(&keys, |ks, kl| {
+            fused::with_f32_storage(&values, |vs, vl| {
+                for l in [kl, vl] {
+                    if !matches!(l.stride(), &[_, _, ss, 1] if ss == d) {
+                        bail!(
+                            "decode: KV cache strides {:?} are not [.., {d}, 1]",
+                            l.stride()
+                        );
+                    }
+                }
+                let (k, v) = (Strided::of(kl), Strided::of(vl));
+                f(&CachedKv { ks, vs, k, v, s, d })
+            })
+        })
+    }
+
+    /// Attention of one query `q: [D]` of sequence `b`, head `h`, over the cached positions
+    /// (`mask`: its additive mask over them), into `o: [D]`.
+    pub(crate) fn attend(
+        &self,
+        (b, h): (usize, usize),
+        q: &[f32],
+        scale: f32,
+        mask: Option<&[f32]>,
+        o: &mut [f32],
+    ) {
+        let (s, d) = (self.s, self.d);
+        let keys = &self.ks[self.k.row_start(b, h)..][..s * d];
+        let values = &self.vs[self.v.row_start(b, h)..][..s * d];
+        head_contiguous(q, keys, values, (1, s, d), scale, |_| mask, o);
     }
 }
 

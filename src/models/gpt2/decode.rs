@@ -20,8 +20,9 @@ use rayon::prelude::*;
 
 use super::grad::{gemm, BlockWeights};
 use super::Gpt2;
+use crate::models::attend::CachedKv;
 use crate::models::vmath::layer_norm;
-use crate::models::{attend, fused, skinny, Inputs, KvCache, StepInputs};
+use crate::models::{fused, skinny, Inputs, KvCache, StepInputs};
 
 /// Parameters per block (`c_attn`, `attn.c_proj`, `c_fc`, `mlp.c_proj`) up to which the step is
 /// taken: 4 MiB of f32, about a core's L2. TinyMem's blocks have 196,608.
@@ -51,19 +52,16 @@ impl Gpt2 {
         else {
             return Ok(None);
         };
-        let (b, s) = (step_in.b, step_in.s);
+        let b = step_in.b;
         let (ids, pos) = (&step_in.ids, &step_in.positions);
         let mask_row = |r: usize| step_in.mask_row(r);
         let dev = self.device().clone();
         let hidden = self.with_weights(None, |w| {
-            let sizes = Sizes {
+            let step = Step {
                 h,
                 nh: cfg.n_head,
                 inner,
                 eps: cfg.layer_norm_epsilon as f32,
-            };
-            let step = Step {
-                sizes,
                 act: cfg.activation,
             };
             // Row groups: one per thread (each re-reads the weights, so no more than that).
@@ -92,23 +90,18 @@ impl Gpt2 {
                         .copied()
                         .collect()
                 };
-                let shape = (b, cfg.n_head, 1, h / cfg.n_head);
-                let k = Tensor::from_vec(third(1), shape, &dev)?;
-                let v = Tensor::from_vec(third(2), shape, &dev)?;
-                let (keys, values) = cache.append(li, &k, &v)?;
+                let new_kv = (third(1), third(2));
+                let dims = (b, cfg.n_head, h / cfg.n_head);
                 let next = w.blocks.get(li + 1);
-                fused::with_f32_storage(&keys, |ks, kl| {
-                    fused::with_f32_storage(&values, |vs, vl| {
-                        let kv = Kv::new((ks, kl), (vs, vl), s, h / cfg.n_head)?;
-                        each_group(&mut x, &mut qkv, (per, h), |r0, xs, qs| {
-                            step.rest(blk, next, (&kv, r0, &mask_row), xs, qs)
-                        });
-                        Ok(())
-                    })
+                CachedKv::append_then(cache, li, new_kv, dims, |kv| {
+                    each_group(&mut x, &mut qkv, (per, h), |r0, xs, qs| {
+                        step.rest(blk, next, (kv, r0, &mask_row), xs, qs)
+                    });
+                    Ok(())
                 })?;
             }
             let mut out = vec![0f32; b * h];
-            layer_norm(&x, w.lnf, sizes.eps, &mut out);
+            layer_norm(&x, w.lnf, step.eps, &mut out);
             Ok(out)
         })?;
         Tensor::from_vec(hidden, (b, 1, h), &dev).map(Some)
@@ -132,72 +125,21 @@ fn each_group(
         .for_each(|(g, (xs, qs))| f(g * per, xs, qs));
 }
 
-#[derive(Clone, Copy)]
-struct Sizes {
+/// What every group's work shares: the model's sizes and activation.
+struct Step {
     h: usize,
     nh: usize,
     inner: usize,
     eps: f32,
-}
-
-/// One layer's cached keys and values, `[B, nh, S, hd]` views whose rows are `hd` apart.
-struct Kv<'a> {
-    ks: &'a [f32],
-    vs: &'a [f32],
-    /// Offsets of the views, and their batch and head strides.
-    k_at: (usize, usize, usize),
-    v_at: (usize, usize, usize),
-    s: usize,
-}
-
-impl<'a> Kv<'a> {
-    fn new(
-        (ks, kl): (&'a [f32], &candle_core::Layout),
-        (vs, vl): (&'a [f32], &candle_core::Layout),
-        s: usize,
-        hd: usize,
-    ) -> Result<Self> {
-        let at = |l: &candle_core::Layout| -> Result<(usize, usize, usize)> {
-            match l.stride() {
-                &[sb, sh, ss, 1] if ss == hd => Ok((l.start_offset(), sb, sh)),
-                other => {
-                    candle_core::bail!("decode: KV cache strides {other:?} are not [.., {hd}, 1]")
-                }
-            }
-        };
-        Ok(Self {
-            ks,
-            vs,
-            k_at: at(kl)?,
-            v_at: at(vl)?,
-            s,
-        })
-    }
-
-    /// Sequence `r`'s keys and values for head `hi`, `[S, hd]` each.
-    fn head(&self, r: usize, hi: usize, hd: usize) -> (&'a [f32], &'a [f32]) {
-        let (ko, kb, kh) = self.k_at;
-        let (vo, vb, vh) = self.v_at;
-        (
-            &self.ks[ko + r * kb + hi * kh..][..self.s * hd],
-            &self.vs[vo + r * vb + hi * vh..][..self.s * hd],
-        )
-    }
-}
-
-/// What every group's work shares.
-struct Step {
-    sizes: Sizes,
     act: super::ops::Activation,
 }
 
 impl Step {
     /// `qkv = LayerNorm₁(x) · W_attn + b` for a group's rows.
     fn qkv(&self, blk: &BlockWeights, x: &[f32], qkv: &mut [f32]) {
-        let Sizes { h, eps, .. } = self.sizes;
         let mut a = vec![0f32; x.len()];
-        layer_norm(x, blk.ln1, eps, &mut a);
-        product(&a, h, blk.qkv, qkv);
+        layer_norm(x, blk.ln1, self.eps, &mut a);
+        product(&a, self.h, blk.qkv, qkv);
     }
 
     /// The rest of a block for a group's rows (attention over the cache, its projection, the
@@ -206,11 +148,17 @@ impl Step {
         &self,
         blk: &BlockWeights,
         next: Option<&BlockWeights>,
-        (kv, r0, mask_row): (&Kv, usize, &(impl Fn(usize) -> Option<&'m [f32]> + Sync)),
+        (kv, r0, mask_row): (
+            &CachedKv,
+            usize,
+            &(impl Fn(usize) -> Option<&'m [f32]> + Sync),
+        ),
         x: &mut [f32],
         qkv: &mut [f32],
     ) {
-        let Sizes { h, nh, inner, eps } = self.sizes;
+        let Self {
+            h, nh, inner, eps, ..
+        } = *self;
         let (hd, rows) = (h / nh, x.len() / h);
         let mut att = vec![0f32; rows * h];
         for (i, (orow, qrow)) in att
@@ -224,8 +172,7 @@ impl Step {
                 .zip(qrow[..h].chunks_exact(hd))
                 .enumerate()
             {
-                let (keys, values) = kv.head(r0 + i, hi, hd);
-                attend::head_contiguous(q, keys, values, (1, kv.s, hd), blk.scale, |_| mask, o);
+                kv.attend((r0 + i, hi), q, blk.scale, mask, o);
             }
         }
         let mut y = vec![0f32; rows * h];

@@ -15,9 +15,10 @@
 use candle_core::{Result, Tensor};
 
 use super::GptNeoX;
+use crate::models::attend::CachedKv;
 use crate::models::fused::{self, view};
 use crate::models::vmath::layer_norm;
-use crate::models::{attend, skinny, Inputs, KvCache, StepInputs};
+use crate::models::{skinny, Inputs, KvCache, StepInputs};
 
 /// Rows up to which the step is taken (the skinny kernels' range for `[out, in]` weights).
 const MAX_ROWS: usize = 64;
@@ -41,7 +42,7 @@ impl GptNeoX {
         let Some(step_in) = StepInputs::read(inputs, cache.len(), limits)? else {
             return Ok(None);
         };
-        let (b, s) = (step_in.b, step_in.s);
+        let b = step_in.b;
         let (ids, pos) = (&step_in.ids, &step_in.positions);
         let (h, nh, hd, rd) = (
             cfg.hidden_size,
@@ -106,33 +107,15 @@ impl GptNeoX {
                     }
                 }
             }
-            let shape = (b, nh, 1, hd);
-            let (keys, values) = cache.append(
-                li,
-                &Tensor::from_vec(k, shape, &dev)?,
-                &Tensor::from_vec(v, shape, &dev)?,
-            )?;
-            fused::with_f32_storage(&keys, |ks, kl| {
-                fused::with_f32_storage(&values, |vs, vl| {
-                    let (ko, kb, kh) = head_strides(kl, hd)?;
-                    let (vo, vb, vh) = head_strides(vl, hd)?;
-                    for r in 0..b {
-                        let m = step_in.mask_row(r);
-                        for hi in 0..nh {
-                            let at = (r * nh + hi) * hd;
-                            attend::head_contiguous(
-                                &q[at..at + hd],
-                                &ks[ko + r * kb + hi * kh..][..s * hd],
-                                &vs[vo + r * vb + hi * vh..][..s * hd],
-                                (1, s, hd),
-                                scale,
-                                |_| m,
-                                &mut att[at..at + hd],
-                            );
-                        }
+            CachedKv::append_then(cache, li, (k, v), (b, nh, hd), |kv| {
+                for r in 0..b {
+                    let m = step_in.mask_row(r);
+                    for hi in 0..nh {
+                        let at = (r * nh + hi) * hd;
+                        kv.attend((r, hi), &q[at..at + hd], scale, m, &mut att[at..at + hd]);
                     }
-                    Ok(())
-                })
+                }
+                Ok(())
             })?;
             let attn_out = skinny::dense(&att, (b, h), dense_w.slice()?, h, dense_bias, true);
             let mlp = |x: &[f32], m_in: &mut [f32]| -> Result<Vec<f32>> {
@@ -182,15 +165,6 @@ fn rotate(x: &mut [f32], c: &[f32], s: &[f32]) {
         let (x1, x2) = (lo[i], hi[i]);
         lo[i] = x1 * c[i] - x2 * s[i];
         hi[i] = x2 * c[i] + x1 * s[i];
-    }
-}
-
-/// Offset, batch stride and head stride of a `[B, nh, S, hd]` cache view whose rows are
-/// contiguous and `hd` apart.
-fn head_strides(l: &candle_core::Layout, hd: usize) -> Result<(usize, usize, usize)> {
-    match l.stride() {
-        &[sb, sh, ss, 1] if ss == hd => Ok((l.start_offset(), sb, sh)),
-        other => candle_core::bail!("decode: KV cache strides {other:?} are not [.., {hd}, 1]"),
     }
 }
 
