@@ -533,4 +533,42 @@ mod tests {
             }
         }
     }
+
+    /// Not a check: the single-threaded kernel rates quoted in this file and in
+    /// `docs/benchmarks.md` ("Decode steps"), best of 3 repetitions of `dense_into` on the
+    /// Pythia-70m shapes (the weight read from L3 for the LM head, from L2 for the others).
+    /// Run by hand on an idle machine:
+    /// `cargo test --release --lib models::skinny::tests::single_thread_rates -- --ignored --nocapture`
+    #[test]
+    #[ignore = "a measurement, run by hand"]
+    fn single_thread_rates() {
+        if !available() {
+            return;
+        }
+        let shapes = [
+            (1, 512, 50_304),
+            (4, 512, 50_304),
+            (32, 512, 50_304),
+            (32, 512, 1_536),
+            (32, 512, 2_048),
+            (32, 2_048, 512),
+            (48, 512, 1_536),
+            (64, 512, 50_304),
+        ];
+        for (m, k, n) in shapes {
+            let (x, w) = (rand(m * k, 1), rand(k * n, 2));
+            let mut y = vec![0f32; m * n];
+            let reps = (4_000_000_000 / (m * k * n)).max(5);
+            let mut best = f64::MAX;
+            for _ in 0..3 {
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    dense_into(&x, (m, k), &w, (n, None), true, &mut y);
+                }
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            let gflops = 2.0 * (m * k * n * reps) as f64 / best / 1e9;
+            println!("{m} x {k} x {n} ([n, k] weight): {gflops:.1} GFLOP/s on one thread");
+        }
+    }
 }
