@@ -34,7 +34,12 @@ pub struct Metrics {
     pub model_version_info: IntGaugeVec,
     pub guard_blocks: IntCounter,
     pub ready: IntGauge,
+    /// Panics caught by a supervisor, by component (`http`, `engine`, `worker`, `auditor`).
+    pub panics: IntCounterVec,
 }
+
+/// The components whose panics are caught and counted in `lethe_panics_total`.
+pub const PANIC_COMPONENTS: &[&str] = &["http", "engine", "worker", "auditor"];
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -180,9 +185,18 @@ impl Metrics {
             "1 when the engine answered the readiness probe of /readyz (run at every scrape), else 0",
         )
         .expect("valid metric");
+        let panics = IntCounterVec::new(
+            Opts::new(
+                "lethe_panics_total",
+                "Panics caught by a supervisor: the request or job failed, the component lives on",
+            ),
+            &["component"],
+        )
+        .expect("valid metric");
         let m = Self {
             registry,
             ready,
+            panics,
             memorization_ratio,
             perplexity,
             perplexity_drift,
@@ -209,6 +223,9 @@ impl Metrics {
         for result in ["memorized", "not_memorized"] {
             m.audit_sequences.with_label_values(&[result]);
         }
+        for component in PANIC_COMPONENTS {
+            m.panics.with_label_values(&[component]);
+        }
         m
     }
 
@@ -234,6 +251,7 @@ impl Metrics {
             Box::new(self.model_version_info.clone()),
             Box::new(self.guard_blocks.clone()),
             Box::new(self.ready.clone()),
+            Box::new(self.panics.clone()),
         ]
     }
 
@@ -321,6 +339,7 @@ mod tests {
             "lethe_model_version_info",
             "lethe_guard_blocks_total",
             "lethe_ready",
+            "lethe_panics_total",
         ] {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
         }
