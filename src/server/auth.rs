@@ -94,6 +94,21 @@ impl Auth {
     }
 }
 
+impl Auth {
+    /// The start-up warning for admin routes that need no key: with no admin key and a
+    /// loopback-only bind, every local process may call them (in a pod, every container shares
+    /// the loopback interface). `None` when an admin key is set or admin routes are refused.
+    pub fn open_admin_warning(&self) -> Option<String> {
+        (self.admin_key.is_none() && self.loopback_only).then(|| {
+            "no admin key is set and the server is bound to loopback only, so the admin routes \
+             (POST /v1/audit, /v1/takedowns, /v1/admin/*) accept requests without a key from \
+             every process on this host (in a Kubernetes pod, every container shares the \
+             loopback interface); set --admin-key (LETHE_ADMIN_KEY) to require a key"
+                .to_string()
+        })
+    }
+}
+
 /// The `Authorization: Bearer <key>` value.
 fn bearer(req: &HttpRequest) -> Result<&str, ApiError> {
     let missing = || {
@@ -184,5 +199,22 @@ mod tests {
             .insert_header((header::AUTHORIZATION, "Basic adm"))
             .to_http_request();
         assert!(a.admin(&basic).is_err());
+    }
+
+    #[test]
+    fn open_admin_routes_are_warned_about_at_start_up() {
+        let w = auth(None, None, true).open_admin_warning().unwrap();
+        for needle in [
+            "/v1/takedowns",
+            "/v1/admin/",
+            "LETHE_ADMIN_KEY",
+            "--admin-key",
+            "pod",
+        ] {
+            assert!(w.contains(needle), "{needle} not in {w}");
+        }
+        // With a key, or bound beyond loopback (admin routes then answer 403), no warning.
+        assert_eq!(auth(None, Some("adm"), true).open_admin_warning(), None);
+        assert_eq!(auth(Some("k"), None, false).open_admin_warning(), None);
     }
 }

@@ -3,6 +3,11 @@
 //! actix's own extractors answer limit and parse failures in plain text; lethe reads the payload
 //! itself so every failure is an [`ApiError`] in OpenAI's shape: 413 over the limit, 415 for a
 //! non-JSON content type, 400 for malformed JSON, wrong types, unknown fields or bad values.
+//!
+//! The whole body must arrive within `--body-read-timeout-seconds` ([`Limits::body_read_timeout`],
+//! found through the app's [`AppState`]): a client that announces a body and then stalls gets a
+//! 408 naming the limit and its connection is closed, instead of holding the connection and a
+//! handler forever (actix itself only times out the request head).
 
 use actix_web::http::header;
 use actix_web::{web, HttpRequest};
@@ -10,12 +15,27 @@ use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
+use super::state::{AppState, Limits};
 
-/// Reads the whole body, refusing more than `limit` bytes.
+/// Reads the whole body, refusing more than `limit` bytes, within the app's body read timeout.
 pub async fn read(
+    req: &HttpRequest,
+    payload: web::Payload,
+    limit: usize,
+) -> Result<web::Bytes, ApiError> {
+    let timeout = req
+        .app_data::<web::Data<AppState>>()
+        .map(|s| s.limits.body_read_timeout)
+        .unwrap_or_else(|| Limits::default().body_read_timeout);
+    read_within(req, payload, limit, timeout).await
+}
+
+/// [`read`] with an explicit timeout for the whole body.
+async fn read_within(
     req: &HttpRequest,
     mut payload: web::Payload,
     limit: usize,
+    timeout: std::time::Duration,
 ) -> Result<web::Bytes, ApiError> {
     let too_large = || ApiError::TooLarge {
         message: format!("request body is larger than the limit of {limit} bytes"),
@@ -39,19 +59,34 @@ pub async fn read(
             )));
         }
     }
-    let mut body = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::Invalid {
-            message: format!("could not read the request body: {e}"),
-            param: None,
-            code: "invalid_body",
-        })?;
-        if body.len() + chunk.len() > limit {
-            return Err(too_large());
+    let read_all = async {
+        let mut body = web::BytesMut::new();
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|e| ApiError::Invalid {
+                message: format!("could not read the request body: {e}"),
+                param: None,
+                code: "invalid_body",
+            })?;
+            if body.len() + chunk.len() > limit {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
         }
-        body.extend_from_slice(&chunk);
+        Ok(body.freeze())
+    };
+    match actix_web::rt::time::timeout(timeout, read_all).await {
+        Ok(body) => body,
+        Err(_) => Err(timed_out(timeout)),
     }
-    Ok(body.freeze())
+}
+
+/// The 408 for a body that did not arrive in time.
+fn timed_out(timeout: std::time::Duration) -> ApiError {
+    ApiError::Timeout(format!(
+        "the request body did not arrive within the body read timeout of {} s \
+         (--body-read-timeout-seconds)",
+        timeout.as_secs_f64()
+    ))
 }
 
 /// Parses `bytes` as a `T`; a failure names the JSON path of the offending field.
@@ -120,6 +155,28 @@ mod tests {
             ApiError::Invalid { param, message, .. } => (param, message),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[actix_web::test]
+    async fn a_stalled_body_is_answered_408_naming_the_limit() {
+        let (mut tx, payload) = actix_http::h1::Payload::create(false);
+        tx.feed_data(web::Bytes::from_static(b"{"));
+        let req = actix_web::test::TestRequest::post()
+            .insert_header((header::CONTENT_LENGTH, "100"))
+            .to_http_request();
+        let timeout = std::time::Duration::from_millis(100);
+        let mut payload = actix_web::dev::Payload::from(payload);
+        let payload = <web::Payload as actix_web::FromRequest>::from_request(&req, &mut payload)
+            .await
+            .unwrap();
+        let e = read_within(&req, payload, 1000, timeout).await.unwrap_err();
+        assert_eq!(
+            actix_web::ResponseError::status_code(&e).as_u16(),
+            408,
+            "{e}"
+        );
+        assert!(e.to_string().contains("--body-read-timeout-seconds"), "{e}");
+        drop(tx);
     }
 
     #[test]

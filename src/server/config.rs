@@ -3,6 +3,7 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -51,6 +52,22 @@ pub struct ServeArgs {
     /// Seconds to let in-flight requests finish after SIGTERM/SIGINT.
     #[arg(long, env = "LETHE_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     pub shutdown_timeout: u64,
+    /// Seconds a new connection has to send its request head (line and headers); after that
+    /// it is answered 408 and closed.
+    #[arg(long, env = "LETHE_HEADER_READ_TIMEOUT_SECONDS", default_value_t = 5)]
+    pub header_read_timeout_seconds: u64,
+    /// Seconds a request has to deliver its whole body once its handler reads it; after that
+    /// it is answered 408 and the connection closed.
+    #[arg(long, env = "LETHE_BODY_READ_TIMEOUT_SECONDS", default_value_t = 30)]
+    pub body_read_timeout_seconds: u64,
+    /// Seconds an idle keep-alive connection stays open between requests (0: close after each
+    /// response).
+    #[arg(long, env = "LETHE_KEEP_ALIVE_SECONDS", default_value_t = 5)]
+    pub keep_alive_seconds: u64,
+    /// Seconds a connection may take to shut down after its last response before it is
+    /// dropped.
+    #[arg(long, env = "LETHE_DISCONNECT_TIMEOUT_SECONDS", default_value_t = 1)]
+    pub disconnect_timeout_seconds: u64,
     #[command(flatten)]
     pub takedown: TakedownArgs,
 }
@@ -144,6 +161,32 @@ impl TakedownArgs {
     }
 }
 
+/// The longest accepted HTTP timeout (one day): longer ones serve no purpose and could
+/// overflow a deadline.
+const MAX_TIMEOUT_SECONDS: u64 = 86_400;
+
+/// Connection timeouts of the HTTP server (the body read timeout is in [`Limits`], since the
+/// handler that reads the body enforces it).
+#[derive(Debug, Clone)]
+pub struct HttpTimeouts {
+    /// Time to receive a new connection's request head (actix `client_request_timeout`).
+    pub header_read: Duration,
+    /// Idle time allowed between requests on a keep-alive connection (zero: no keep-alive).
+    pub keep_alive: Duration,
+    /// Time a connection may take to shut down (actix `client_disconnect_timeout`).
+    pub disconnect: Duration,
+}
+
+impl Default for HttpTimeouts {
+    fn default() -> Self {
+        Self {
+            header_read: Duration::from_secs(5),
+            keep_alive: Duration::from_secs(5),
+            disconnect: Duration::from_secs(1),
+        }
+    }
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -156,6 +199,7 @@ pub struct Config {
     pub limits: Limits,
     pub http_workers: usize,
     pub shutdown_timeout: u64,
+    pub timeouts: HttpTimeouts,
     pub takedown: TakedownConfig,
     pub takedown_args: TakedownArgs,
 }
@@ -179,6 +223,29 @@ impl Config {
         ] {
             if v == 0 {
                 bail!("{flag} must be at least 1");
+            }
+        }
+        for (flag, v, min) in [
+            // 0 would turn these off in actix: a stalled client could then hold a connection.
+            (
+                "--header-read-timeout-seconds",
+                a.header_read_timeout_seconds,
+                1,
+            ),
+            (
+                "--body-read-timeout-seconds",
+                a.body_read_timeout_seconds,
+                1,
+            ),
+            (
+                "--disconnect-timeout-seconds",
+                a.disconnect_timeout_seconds,
+                1,
+            ),
+            ("--keep-alive-seconds", a.keep_alive_seconds, 0),
+        ] {
+            if !(min..=MAX_TIMEOUT_SECONDS).contains(&v) {
+                bail!("{flag} must be between {min} and {MAX_TIMEOUT_SECONDS} seconds, not {v}");
             }
         }
         if let (Some(k), Some(adm)) = (&a.api_key, &a.admin_key) {
@@ -211,11 +278,17 @@ impl Config {
             limits: Limits {
                 max_body_bytes: a.max_body_bytes,
                 max_audit_sequences: a.max_audit_sequences,
+                body_read_timeout: Duration::from_secs(a.body_read_timeout_seconds),
                 ..Limits::default()
             },
             bind,
             http_workers: a.http_workers,
             shutdown_timeout: a.shutdown_timeout,
+            timeouts: HttpTimeouts {
+                header_read: Duration::from_secs(a.header_read_timeout_seconds),
+                keep_alive: Duration::from_secs(a.keep_alive_seconds),
+                disconnect: Duration::from_secs(a.disconnect_timeout_seconds),
+            },
             takedown,
             takedown_args: a.takedown,
         })
@@ -254,6 +327,44 @@ mod tests {
         let e = parse(&["--data-dir", dd, "--api-key", "a", "--admin-key", "a"]).unwrap_err();
         assert!(e.to_string().contains("must differ"), "{e}");
         assert!(parse(&["--data-dir", dd, "--api-key", ""]).is_err());
+    }
+
+    #[test]
+    fn http_timeouts_have_defaults_flags_and_refuse_zero() {
+        let d = tempfile::tempdir().unwrap();
+        let dd = d.path().to_str().unwrap();
+        let c = parse(&["--data-dir", dd]).unwrap();
+        assert_eq!(c.timeouts.header_read, Duration::from_secs(5));
+        assert_eq!(c.timeouts.keep_alive, Duration::from_secs(5));
+        assert_eq!(c.timeouts.disconnect, Duration::from_secs(1));
+        assert_eq!(c.limits.body_read_timeout, Duration::from_secs(30));
+        let c = parse(&[
+            "--data-dir",
+            dd,
+            "--header-read-timeout-seconds",
+            "2",
+            "--body-read-timeout-seconds",
+            "3",
+            "--keep-alive-seconds",
+            "0",
+            "--disconnect-timeout-seconds",
+            "4",
+        ])
+        .unwrap();
+        assert_eq!(c.timeouts.header_read, Duration::from_secs(2));
+        assert_eq!(c.limits.body_read_timeout, Duration::from_secs(3));
+        assert_eq!(c.timeouts.keep_alive, Duration::ZERO);
+        assert_eq!(c.timeouts.disconnect, Duration::from_secs(4));
+        for flag in [
+            "--header-read-timeout-seconds",
+            "--body-read-timeout-seconds",
+            "--disconnect-timeout-seconds",
+        ] {
+            let e = parse(&["--data-dir", dd, flag, "0"]).unwrap_err();
+            assert!(e.to_string().contains(flag), "{e}");
+        }
+        let e = parse(&["--data-dir", dd, "--keep-alive-seconds", "99999999999"]).unwrap_err();
+        assert!(e.to_string().contains("--keep-alive-seconds"), "{e}");
     }
 
     #[test]

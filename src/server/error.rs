@@ -39,6 +39,8 @@ pub enum ApiError {
     },
     /// 415: the body is not JSON.
     UnsupportedMediaType(String),
+    /// 408: the client did not send the request body within the configured time.
+    Timeout(String),
     /// 429: the engine queue is full; retry after this many seconds.
     Overloaded { retry_after_seconds: u64 },
     /// 503: the model or engine is not ready (starting, stopping).
@@ -74,9 +76,10 @@ impl ApiError {
     /// OpenAI's `type` string.
     pub fn kind(&self) -> &'static str {
         match self {
-            Self::Invalid { .. } | Self::TooLarge { .. } | Self::UnsupportedMediaType(_) => {
-                "invalid_request_error"
-            }
+            Self::Invalid { .. }
+            | Self::TooLarge { .. }
+            | Self::UnsupportedMediaType(_)
+            | Self::Timeout(_) => "invalid_request_error",
             Self::Unauthorized(_) => "authentication_error",
             Self::Forbidden(_) => "permission_error",
             Self::NotFound { .. } | Self::MethodNotAllowed(_) => "not_found_error",
@@ -97,6 +100,7 @@ impl ApiError {
             Self::MethodNotAllowed(_) => "method_not_allowed",
             Self::TooLarge { .. } => "request_too_large",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
+            Self::Timeout(_) => "request_timeout",
             Self::Overloaded { .. } => "server_overloaded",
             Self::Unavailable(_) => "not_ready",
             Self::Internal(_) => "internal_error",
@@ -113,6 +117,7 @@ impl ApiError {
             | Self::Forbidden(m)
             | Self::MethodNotAllowed(m)
             | Self::UnsupportedMediaType(m)
+            | Self::Timeout(m)
             | Self::Unavailable(m)
             | Self::Internal(m) => m,
             Self::Overloaded { .. } => "the request queue is full; retry later",
@@ -152,6 +157,7 @@ impl ResponseError for ApiError {
             Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -171,6 +177,11 @@ impl ResponseError for ApiError {
             }
             Self::Unauthorized(_) => {
                 resp.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+            }
+            // The rest of the body may still be on its way: close rather than parse it as the
+            // next request.
+            Self::Timeout(_) => {
+                resp.force_close();
             }
             _ => {}
         }
@@ -253,6 +264,7 @@ mod tests {
                 415,
                 "invalid_request_error",
             ),
+            (ApiError::Timeout("t".into()), 408, "invalid_request_error"),
             (
                 ApiError::Overloaded {
                     retry_after_seconds: 1,

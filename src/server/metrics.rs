@@ -38,6 +38,29 @@ pub struct Metrics {
     pub panics: IntCounterVec,
 }
 
+/// The `method` label of a request: one of a fixed set, `other` for any other method, so a
+/// client sending made-up methods cannot add series.
+pub fn method_label(method: &actix_web::http::Method) -> &'static str {
+    const KNOWN: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"];
+    KNOWN
+        .into_iter()
+        .find(|m| *m == method.as_str())
+        .unwrap_or("other")
+}
+
+/// The `route` label of a request: its route template when it matched a route of
+/// [`super::routes::ROUTES`], `unmatched` when it matched none (a 404), `other` for anything
+/// else (services added through [`super::app_with`]).
+pub fn route_label(pattern: Option<&str>) -> &'static str {
+    match pattern {
+        None => "unmatched",
+        Some(p) => super::routes::ROUTES
+            .iter()
+            .find(|(_, template)| *template == p)
+            .map_or("other", |&(_, template)| template),
+    }
+}
+
 /// The components whose panics are caught and counted in `lethe_panics_total`.
 pub const PANIC_COMPONENTS: &[&str] = &["http", "engine", "worker", "auditor"];
 
@@ -346,6 +369,21 @@ mod tests {
         assert!(text.contains(r#"lethe_model_info{architecture="gpt2",version="abc"} 1"#));
         m.set_model("def", "gpt2");
         assert!(!m.render().contains(r#"version="abc""#));
+    }
+
+    #[test]
+    fn request_labels_come_from_fixed_sets() {
+        use actix_web::http::Method;
+        assert_eq!(method_label(&Method::GET), "GET");
+        assert_eq!(method_label(&Method::OPTIONS), "OPTIONS");
+        assert_eq!(method_label(&Method::from_bytes(b"BREW").unwrap()), "other");
+        assert_eq!(method_label(&Method::from_bytes(b"get").unwrap()), "other");
+        assert_eq!(
+            route_label(Some("/v1/takedowns/{id}")),
+            "/v1/takedowns/{id}"
+        );
+        assert_eq!(route_label(Some("/panic")), "other");
+        assert_eq!(route_label(None), "unmatched");
     }
 
     #[test]

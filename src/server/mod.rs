@@ -5,6 +5,8 @@
 //! a request loads it once and finishes on that version. See `docs/api.md` for the routes and
 //! `docs/metrics.md` for the metrics.
 
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
 use actix_web::body::MessageBody;
@@ -22,12 +24,30 @@ pub mod routes;
 pub mod state;
 pub mod takedowns;
 
-pub use config::{Config, ServeArgs};
+pub use config::{Config, HttpTimeouts, ServeArgs};
 pub use state::{AppState, Served};
 
-/// The application: routes, OpenAI-shaped 404/405s, request metrics and logging.
+/// The application: routes, OpenAI-shaped 404/405s, request metrics and logging, and a panic
+/// boundary around each request.
 pub fn app(
     state: web::Data<AppState>,
+) -> App<
+    impl ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    app_with(state, |_| {})
+}
+
+/// [`app`] with more services registered by `extra` (tests add failing routes through it);
+/// they sit behind the same middleware, with `route="other"` in the metrics.
+pub fn app_with(
+    state: web::Data<AppState>,
+    extra: impl FnOnce(&mut web::ServiceConfig),
 ) -> App<
     impl ServiceFactory<
         ServiceRequest,
@@ -40,35 +60,106 @@ pub fn app(
     App::new()
         .app_data(state)
         .configure(routes::register)
+        .configure(extra)
         .default_service(web::to(routes::not_found))
         .wrap_fn(|req, srv| {
             use actix_web::dev::Service;
+            use futures_util::FutureExt;
             let state = req.app_data::<web::Data<AppState>>().cloned();
-            let method = req.method().to_string();
-            let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
+            // Labels from fixed sets only: a client must not be able to mint new series.
+            let method = metrics::method_label(req.method());
+            let route = metrics::route_label(req.match_pattern().as_deref());
             let start = Instant::now();
-            if let Some(s) = &state {
-                s.metrics.requests_in_flight.inc();
-            }
-            let fut = srv.call(req);
+            // Decremented on drop, so a request whose client went away is not counted forever.
+            let in_flight = state.as_ref().map(|s| InFlight::new(&s.metrics));
+            // A panic fails this request alone: it is caught whether it happens while the
+            // handler's future is made or while it is polled, answered 500 and counted. The
+            // request is not cloned beforehand (routing needs it unshared), so the 500 is an
+            // `Err` that actix renders with `ApiError`'s body.
+            let fut = std::panic::catch_unwind(AssertUnwindSafe(|| srv.call(req)));
             async move {
-                let res = fut.await;
+                let caught = match fut {
+                    Ok(fut) => AssertUnwindSafe(fut).catch_unwind().await,
+                    Err(panic) => Err(panic),
+                };
+                let res = caught.unwrap_or_else(|panic| {
+                    let reason = panic_message(panic.as_ref());
+                    tracing::error!(%method, route, panic = %reason, "a request handler panicked; answered 500");
+                    if let Some(s) = &state {
+                        s.metrics.panics.with_label_values(&["http"]).inc();
+                    }
+                    Err(error::ApiError::Internal(
+                        "the request failed on an internal error (a panic, logged by the server); \
+                         this is a bug in lethe"
+                            .into(),
+                    )
+                    .into())
+                });
                 let status = match &res {
                     Ok(r) => r.status().as_u16(),
                     Err(e) => e.as_response_error().status_code().as_u16(),
                 };
                 let secs = start.elapsed().as_secs_f64();
+                drop(in_flight);
                 if let Some(s) = &state {
-                    s.metrics.requests_in_flight.dec();
                     s.metrics
                         .request_duration
-                        .with_label_values(&[&route, &method, &status.to_string()])
+                        .with_label_values(&[route, method, status.to_string().as_str()])
                         .observe(secs);
                 }
                 tracing::info!(%method, %route, status, ms = secs * 1e3, "request");
                 res
             }
         })
+}
+
+/// One request counted in `lethe_requests_in_flight` until dropped.
+struct InFlight(prometheus::IntGauge);
+
+impl InFlight {
+    fn new(m: &metrics::Metrics) -> Self {
+        m.requests_in_flight.inc();
+        Self(m.requests_in_flight.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// The text a panic was raised with (`panic!("…")`), or a placeholder.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// The HTTP server for `state` bound to `addrs`, with lethe's connection limits: the request
+/// head must arrive within `timeouts.header_read` (else 408 and close), idle keep-alive
+/// connections close after `timeouts.keep_alive`, and a closing connection is dropped after
+/// `timeouts.disconnect`. Bodies have their own timeout ([`body`]). Returns the server (run it
+/// by awaiting or spawning it, inside an actix system) and the bound addresses.
+pub fn http_server(
+    state: web::Data<AppState>,
+    addrs: &[SocketAddr],
+    workers: usize,
+    shutdown_timeout: u64,
+    timeouts: &HttpTimeouts,
+) -> anyhow::Result<(actix_web::dev::Server, Vec<SocketAddr>)> {
+    let server = HttpServer::new(move || app(state.clone()))
+        .workers(workers)
+        .shutdown_timeout(shutdown_timeout)
+        .client_request_timeout(timeouts.header_read)
+        .keep_alive(timeouts.keep_alive)
+        .client_disconnect_timeout(timeouts.disconnect)
+        .bind(addrs)
+        .with_context(|| format!("binding {addrs:?}"))?;
+    let bound = server.addrs();
+    Ok((server.run(), bound))
 }
 
 /// Loads the live version, starts the engine and the takedown worker, and serves until
@@ -118,20 +209,22 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .with_takedowns(td),
     );
     takedowns::Takedowns::start(&state);
+    if let Some(warning) = config.auth.open_admin_warning() {
+        tracing::warn!("{warning}");
+    }
     actix_web::rt::System::new().block_on(async move {
-        let server = {
-            let state = state.clone();
-            HttpServer::new(move || app(state.clone()))
-        }
-        .workers(config.http_workers)
-        .shutdown_timeout(config.shutdown_timeout)
-        .bind(config.bind.as_slice())
-        .with_context(|| format!("binding {:?}", config.bind))?;
-        for addr in server.addrs() {
+        let (server, addrs) = http_server(
+            state.clone(),
+            &config.bind,
+            config.http_workers,
+            config.shutdown_timeout,
+            &config.timeouts,
+        )?;
+        for addr in addrs {
             tracing::info!(%addr, "listening");
             eprintln!("lethe: listening on http://{addr}");
         }
-        server.run().await.context("HTTP server")?;
+        server.await.context("HTTP server")?;
         tracing::info!("HTTP server stopped; stopping the worker and draining the engine");
         if let Some(td) = &state.takedowns {
             td.shutdown();

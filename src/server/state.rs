@@ -64,6 +64,8 @@ pub struct Limits {
     pub max_prompts: usize,
     pub max_n: usize,
     pub max_logprobs: usize,
+    /// Time a handler waits for the whole request body before answering 408.
+    pub body_read_timeout: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -74,6 +76,7 @@ impl Default for Limits {
             max_prompts: 64,
             max_n: 16,
             max_logprobs: 20,
+            body_read_timeout: std::time::Duration::from_secs(30),
         }
     }
 }

@@ -827,4 +827,5 @@ async fn serves_over_a_real_socket_on_port_0() {
     handle.stop(true).await;
 }
 mod deploy;
+mod hardening_http;
 mod takedowns;

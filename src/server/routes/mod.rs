@@ -1,7 +1,8 @@
 //! The route table: one list that both registers the handlers and is checked against
 //! `api/openapi.yaml` by the contract test.
 
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 
 use super::error::ApiError;
 
@@ -13,10 +14,12 @@ pub mod takedowns;
 /// Declares every route once: `ROUTES` (method, path template) and `register`.
 macro_rules! routes {
     ($($method:ident $path:literal => $handler:path),* $(,)?) => {
-        /// Every registered route as (method, path template).
+        /// Every registered route as (method, path template). Each GET route also answers HEAD
+        /// (same status and headers, no body), which is not listed here.
         pub const ROUTES: &[(&str, &str)] = &[$((stringify!($method), $path)),*];
 
-        /// Registers every route; other methods on a known path answer 405.
+        /// Registers every route (and HEAD beside each GET); other methods on a known path
+        /// answer 405 with an `Allow` header.
         pub fn register(cfg: &mut web::ServiceConfig) {
             let mut paths: Vec<&'static str> = Vec::new();
             $(if !paths.contains(&$path) { paths.push($path); })*
@@ -24,14 +27,20 @@ macro_rules! routes {
                 let mut resource = web::resource(path);
                 $(if $path == path {
                     resource = resource.route(routes!(@method $method).to($handler));
+                    resource = routes!(@head $method, resource, $handler);
                 })*
-                cfg.service(resource.default_service(web::to(method_not_allowed)));
+                let allow = allowed_methods(path).join(", ");
+                cfg.service(resource.default_service(web::to(move |req: HttpRequest| {
+                    method_not_allowed(req, allow.clone())
+                })));
             }
         }
     };
     (@method GET) => { web::get() };
     (@method POST) => { web::post() };
     (@method DELETE) => { web::delete() };
+    (@head GET, $resource:ident, $handler:path) => { $resource.route(web::head().to($handler)) };
+    (@head $other:ident, $resource:ident, $handler:path) => { $resource };
 }
 
 routes! {
@@ -53,12 +62,33 @@ routes! {
     POST "/v1/admin/rollback" => takedowns::rollback,
 }
 
-async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    Err(ApiError::MethodNotAllowed(format!(
-        "{} is not allowed on {}",
+/// The methods `template` answers, as the `Allow` header lists them: its routes in declaration
+/// order, with HEAD after GET. Empty for an unknown template.
+pub fn allowed_methods(template: &str) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    for (method, path) in ROUTES {
+        if *path == template {
+            out.push(*method);
+            if *method == "GET" {
+                out.push("HEAD");
+            }
+        }
+    }
+    out
+}
+
+/// 405 in OpenAI's shape, with the `Allow` header RFC 9110 requires.
+async fn method_not_allowed(req: HttpRequest, allow: String) -> HttpResponse {
+    let mut resp = ApiError::MethodNotAllowed(format!(
+        "{} is not allowed on {}; allowed: {allow}",
         req.method(),
         req.path()
-    )))
+    ))
+    .error_response();
+    if let Ok(v) = header::HeaderValue::from_str(&allow) {
+        resp.headers_mut().insert(header::ALLOW, v);
+    }
+    resp
 }
 
 /// The answer for paths no route matches.
@@ -68,4 +98,21 @@ pub async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
         param: None,
         code: "unknown_route",
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_lists_each_paths_methods_with_head_beside_get() {
+        assert_eq!(allowed_methods("/v1/completions"), ["POST"]);
+        assert_eq!(allowed_methods("/livez"), ["GET", "HEAD"]);
+        assert_eq!(allowed_methods("/v1/takedowns"), ["POST", "GET", "HEAD"]);
+        assert_eq!(
+            allowed_methods("/v1/takedowns/{id}"),
+            ["GET", "HEAD", "DELETE"]
+        );
+        assert!(allowed_methods("/nope").is_empty());
+    }
 }
