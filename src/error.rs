@@ -17,6 +17,13 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A file or directory could not be written (disk full, permissions).
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// A required file is absent from a model directory.
     #[error("model directory {dir} has no {file}")]
     MissingFile { dir: PathBuf, file: String },
@@ -58,6 +65,14 @@ impl Error {
         }
     }
 
+    /// Whether this is a full disk (or quota): the operator's problem, not a bug.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            Error::Io { source, .. } | Error::Write { source, .. } => io_is_disk_full(source),
+            _ => false,
+        }
+    }
+
     /// Shorthand for [`Error::Config`].
     pub fn config(file: impl Into<String>, message: impl Into<String>) -> Self {
         Error::Config {
@@ -65,4 +80,12 @@ impl Error {
             message: message.into(),
         }
     }
+}
+
+/// Whether an I/O error means the disk (or the user's quota) is full.
+pub fn io_is_disk_full(e: &std::io::Error) -> bool {
+    // ENOSPC 28, EDQUOT 122 on Linux.
+    e.kind() == std::io::ErrorKind::StorageFull
+        || e.kind() == std::io::ErrorKind::QuotaExceeded
+        || matches!(e.raw_os_error(), Some(28) | Some(122))
 }

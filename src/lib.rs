@@ -15,6 +15,7 @@ pub mod models;
 pub mod optim;
 pub mod runtime;
 pub mod server;
+pub mod supervise;
 pub mod takedown;
 pub mod tinymem;
 pub mod tokenizer;

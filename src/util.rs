@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 /// fsync'd, renamed over `path`, and the directory is fsync'd. Readers see the old file or the
 /// new one, never a torn one, even across a crash.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io = |source| Error::Io {
+    let io = |source| Error::Write {
         path: path.to_path_buf(),
         source,
     };

@@ -20,6 +20,10 @@ use crate::error::{Error, Result};
 use crate::models::Model;
 use crate::tokenizer::Tokenizer;
 
+/// The largest `k` or `n` a `k=K,n=N` definition may name: far beyond any model's context, and
+/// small enough that `k + n` never overflows.
+pub const MAX_DEFINITION_TOKENS: usize = 1 << 20;
+
 /// A named (k, n) memorization definition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -56,16 +60,23 @@ impl Definition {
         }
     }
 
+    /// Tokens a sequence needs under this definition, `k + n` (saturating: a `Custom` built in
+    /// code with huge sizes can never wrap to a small span; parsing caps both at
+    /// [`MAX_DEFINITION_TOKENS`]).
+    pub fn span(self) -> usize {
+        self.k().saturating_add(self.n())
+    }
+
     /// Splits a whole sequence into (prompt, target) under this definition.
     pub fn split(self, seq: &[u32]) -> Result<AuditItem> {
         let (k, n) = (self.k(), self.n());
-        if seq.len() < k + n {
+        if seq.len() < self.span() {
             return Err(Error::invalid(
                 "sequence",
                 format!(
                     "has {} tokens; definition {self} needs at least k + n = {}",
                     seq.len(),
-                    k + n
+                    self.span()
                 ),
             ));
         }
@@ -116,6 +127,14 @@ impl FromStr for Definition {
                     }
                 }
                 match (k, n) {
+                    (Some(k), Some(n))
+                        if k > MAX_DEFINITION_TOKENS || n > MAX_DEFINITION_TOKENS =>
+                    {
+                        return Err(Error::invalid(
+                            "definition",
+                            format!("{s:?}: k and n must each be at most {MAX_DEFINITION_TOKENS}"),
+                        ))
+                    }
                     (Some(k), Some(n)) if k > 0 && n > 0 => Self::Custom { k, n },
                     _ => return Err(bad()),
                 }
@@ -185,10 +204,10 @@ impl AuditRow {
             }
             AuditRow { ids: Some(noised), clean_ids: Some(clean), .. } => {
                 let (k, n) = (def.k(), def.n());
-                if noised.len() < k + n || clean.len() < k {
+                if noised.len() < def.span() || clean.len() < k {
                     return Err(Error::invalid(
                         "ids",
-                        format!("row is shorter than k + n = {} for definition {def}", k + n),
+                        format!("row is shorter than k + n = {} for definition {def}", def.span()),
                     ));
                 }
                 let item = AuditItem {
@@ -334,7 +353,18 @@ mod tests {
             assert_eq!((d.k(), d.n()), (k, n), "{s}");
             assert_eq!(d.to_string().parse::<Definition>().unwrap(), d);
         }
-        for bad in ["", "gpt", "k=3", "k=0,n=2", "k=a,n=2", "x=1,n=2"] {
+        for bad in [
+            "",
+            "gpt",
+            "k=3",
+            "k=0,n=2",
+            "k=a,n=2",
+            "x=1,n=2",
+            // k + n would wrap to 0 in release builds (issue #14).
+            "k=18446744073709551615,n=1",
+            "k=1,n=18446744073709551615",
+            "k=1048577,n=1",
+        ] {
             let e = bad.parse::<Definition>().unwrap_err().to_string();
             assert!(e.contains("definition"), "{bad}: {e}");
         }
@@ -350,6 +380,23 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("k + n = 5"));
+    }
+
+    #[test]
+    fn huge_custom_definitions_never_wrap() {
+        let d = Definition::Custom {
+            k: usize::MAX,
+            n: 1,
+        };
+        assert_eq!(d.span(), usize::MAX);
+        assert!(d.split(&[1, 2, 3]).is_err());
+        let row = AuditRow {
+            ids: Some(vec![1, 2, 3]),
+            clean_ids: Some(vec![1, 2, 3]),
+            ..Default::default()
+        };
+        let tk = crate::tinymem::tokenizer::build().unwrap();
+        assert!(row.parse(d, &tk).is_err());
     }
 
     #[test]

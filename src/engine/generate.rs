@@ -480,8 +480,13 @@ fn validate_all(model: &Model, reqs: &[&GenerateRequest]) -> Result<()> {
                 ),
             ));
         }
-        let total = r.prompt.len() + r.max_new_tokens;
-        if total > spec.context_length {
+        // Checked: a `max_new_tokens` near usize::MAX must not wrap past the check.
+        let fits = r
+            .prompt
+            .len()
+            .checked_add(r.max_new_tokens)
+            .is_some_and(|total| total <= spec.context_length);
+        if !fits {
             return Err(Error::invalid(
                 format!("prompt[{i}]"),
                 format!(

@@ -6,6 +6,14 @@
 //! they finish, so throughput grows with concurrency. Rows of different model versions run in
 //! separate batches, so a request always finishes on the version it started on. A row whose
 //! client went away (its event receiver dropped) is cancelled at the next step.
+//!
+//! Invariants:
+//! - Every unit of work (admitting rows, one decode step, a scoring job) runs under
+//!   [`supervise::catch`]: a panic fails the rows or the job that unit held (their requests get
+//!   an error), rebuilds the batch it may have corrupted, is counted in
+//!   `lethe_panics_total{component="engine"}`, and the engine goes on with the next unit.
+//! - [`EngineHandle::is_alive`] is false once the thread has ended for any reason, so `/livez`
+//!   can ask the orchestrator for a restart.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +29,7 @@ use super::metrics::Metrics;
 use super::state::Served;
 use crate::engine::generate::{DecodeBatch, Event};
 use crate::engine::{self, GenerateRequest, Generation, Score};
+use crate::supervise::{self, FaultPoint, Faults};
 
 /// Engine sizing.
 #[derive(Debug, Clone)]
@@ -31,6 +40,8 @@ pub struct EngineConfig {
     pub queue_capacity: usize,
     /// Sequences scored together (echo / perplexity requests).
     pub score_batch: usize,
+    /// Fault injection for tests (never set in production).
+    pub faults: Faults,
 }
 
 impl Default for EngineConfig {
@@ -39,6 +50,7 @@ impl Default for EngineConfig {
             max_batch: 32,
             queue_capacity: 256,
             score_batch: 32,
+            faults: Faults::default(),
         }
     }
 }
@@ -111,8 +123,9 @@ impl EngineHandle {
         let thread = std::thread::Builder::new()
             .name("lethe-engine".into())
             .spawn(move || {
+                // Cleared however the thread ends, a panic outside the supervised units included.
+                let _dead = ClearOnDrop(flag);
                 engine.run();
-                flag.store(false, Ordering::SeqCst);
             })
             .expect("spawning the engine thread");
         Self {
@@ -140,6 +153,11 @@ impl EngineHandle {
                 Err(ApiError::Unavailable("the engine has stopped".into()))
             }
         }
+    }
+
+    /// False once the engine thread has ended (after shutdown, or if it died).
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
     }
 
     /// True when the engine thread answers within `timeout`.
@@ -178,6 +196,15 @@ impl EngineHandle {
                 tracing::error!("the engine thread panicked");
             }
         }
+    }
+}
+
+/// Clears a flag when dropped, also while unwinding.
+struct ClearOnDrop(Arc<AtomicBool>);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
     }
 }
 
@@ -304,8 +331,15 @@ impl Engine {
                 reply,
             } => {
                 self.metrics.batch_size.observe(seqs.len() as f64);
-                let out = engine::score(&served.model, &seqs, self.config.score_batch)
-                    .map_err(|e| e.to_string());
+                let (faults, batch) = (&self.config.faults, self.config.score_batch);
+                let out = supervise::catch("engine", || {
+                    faults.at(FaultPoint::EngineScore { sequences: &seqs });
+                    engine::score(&served.model, &seqs, batch).map_err(|e| e.to_string())
+                })
+                .unwrap_or_else(|panic| {
+                    self.metrics.panics.with_label_values(&["engine"]).inc();
+                    Err(format!("the engine failed on this request ({panic})"))
+                });
                 let _ = reply.send(out);
             }
         }
@@ -361,15 +395,25 @@ impl Engine {
             self.metrics.batch_size.observe(rows.len() as f64);
             let mut events = Vec::new();
             let g = &mut self.groups[gi];
-            let result = g.batch.admit(
-                &g.served.model,
-                Some(&g.served.tokenizer),
-                rows,
-                &mut events,
-            );
-            self.route(gi, events);
-            if let Err(e) = result {
-                self.fail(&ids, &e.to_string());
+            let faults = &self.config.faults;
+            let result = supervise::catch("engine", || {
+                let prompts: Vec<&[u32]> = rows.iter().map(|(_, r)| r.prompt.as_slice()).collect();
+                faults.at(FaultPoint::EngineAdmit { prompts: &prompts });
+                g.batch.admit(
+                    &g.served.model,
+                    Some(&g.served.tokenizer),
+                    rows,
+                    &mut events,
+                )
+            });
+            match result {
+                Ok(result) => {
+                    self.route(gi, events);
+                    if let Err(e) = result {
+                        self.fail(&ids, &e.to_string());
+                    }
+                }
+                Err(panic) => self.reset_group(gi, &panic, true),
             }
         }
     }
@@ -385,23 +429,39 @@ impl Engine {
                 .observe(self.groups[gi].batch.len() as f64);
             let mut events = Vec::new();
             let g = &mut self.groups[gi];
-            let result = g
-                .batch
-                .step(&g.served.model, Some(&g.served.tokenizer), &mut events);
-            self.route(gi, events);
-            if let Err(e) = result {
-                // The batch state is unknown after a failure: fail its rows and start afresh.
-                let g = &mut self.groups[gi];
-                g.batch = DecodeBatch::new(&g.served.model);
-                let running: Vec<u64> = self
-                    .routes
-                    .iter()
-                    .filter(|(_, r)| r.admitted && Arc::ptr_eq(&r.served, &self.groups[gi].served))
-                    .map(|(id, _)| *id)
-                    .collect();
-                self.fail(&running, &e.to_string());
+            let faults = &self.config.faults;
+            let result = supervise::catch("engine", || {
+                faults.at(FaultPoint::EngineStep);
+                g.batch
+                    .step(&g.served.model, Some(&g.served.tokenizer), &mut events)
+            });
+            match result {
+                Ok(Ok(())) => self.route(gi, events),
+                Ok(Err(e)) => {
+                    self.route(gi, events);
+                    self.reset_group(gi, &e.to_string(), false);
+                }
+                Err(panic) => self.reset_group(gi, &panic, true),
             }
         }
+    }
+
+    /// After a failure or a caught panic (`panicked`, counted) in a batch: its state is unknown,
+    /// so every row admitted to it fails with `message` and the batch starts afresh (rows still
+    /// waiting are kept).
+    fn reset_group(&mut self, gi: usize, message: &str, panicked: bool) {
+        if panicked {
+            self.metrics.panics.with_label_values(&["engine"]).inc();
+        }
+        let g = &mut self.groups[gi];
+        g.batch = DecodeBatch::new(&g.served.model);
+        let running: Vec<u64> = self
+            .routes
+            .iter()
+            .filter(|(_, r)| r.admitted && Arc::ptr_eq(&r.served, &self.groups[gi].served))
+            .map(|(id, _)| *id)
+            .collect();
+        self.fail(&running, message);
     }
 
     /// Sends events to their requests; cancels rows whose request is gone.

@@ -20,6 +20,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod metrics;
+pub mod peer;
 pub mod routes;
 pub mod state;
 pub mod takedowns;
@@ -151,6 +152,7 @@ pub fn http_server(
     timeouts: &HttpTimeouts,
 ) -> anyhow::Result<(actix_web::dev::Server, Vec<SocketAddr>)> {
     let server = HttpServer::new(move || app(state.clone()))
+        .on_connect(peer::on_connect)
         .workers(workers)
         .shutdown_timeout(shutdown_timeout)
         .client_request_timeout(timeouts.header_read)

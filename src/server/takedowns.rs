@@ -11,6 +11,12 @@
 //! the live model is untouched. A passing model is written as a new version (temp dir, fsync,
 //! rename), loaded back, smoke-tested, recorded, and published with one compare-and-swap of the
 //! live pointer. Requests in flight finish on the version they started on.
+//!
+//! Isolation: each job runs under [`supervise::catch`]. A job that panics, fails or is rejected
+//! with one takedown ends that takedown (`failed` with the panic's message, or `rejected`); with
+//! several, the job is split and each takedown is retried alone, so a bad takedown never blocks
+//! or fails the good ones. The worker and auditor threads survive every job; if one of them
+//! ends anyway, [`Takedowns::threads_alive`] turns false and `/livez` asks for a restart.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +34,7 @@ use crate::audit::{self, AuditItem, AuditResult, Definition};
 use crate::engine::generate::{Filter, FilterState, OutputFilter};
 use crate::error::{Error, Result};
 use crate::models::Inputs;
+use crate::supervise::{self, FaultPoint, Faults, SetOnDrop};
 use crate::takedown::{versions, Checker, Guard, NewVersion, State, Store, Takedown};
 use crate::tinymem::data::{Dataset, Role, Split};
 use crate::tinymem::train::Card;
@@ -59,6 +66,8 @@ pub struct TakedownConfig {
     pub canary_budget: f64,
     /// How often the auditor re-audits applied takedowns (it also runs after every swap).
     pub audit_interval: Duration,
+    /// Fault injection for tests (never set in production).
+    pub faults: Faults,
 }
 
 impl TakedownConfig {
@@ -80,6 +89,7 @@ impl TakedownConfig {
             accuracy_budget: 0.005,
             canary_budget: 0.02,
             audit_interval: Duration::from_secs(300),
+            faults: Faults::default(),
         }
     }
 }
@@ -137,6 +147,8 @@ pub struct Takedowns {
     /// The running job: its id and control (cancellation, progress).
     running: Mutex<Option<(String, JobControl)>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Worker and auditor threads started and not yet ended.
+    live_threads: std::sync::atomic::AtomicUsize,
 }
 
 /// One sequence of a takedown, parsed under its definition.
@@ -213,6 +225,7 @@ impl Takedowns {
             stop: AtomicBool::new(false),
             running: Mutex::new(None),
             threads: Mutex::new(Vec::new()),
+            live_threads: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -288,20 +301,20 @@ impl Takedowns {
         let Some(td) = state.takedowns.clone() else {
             return;
         };
-        let worker = {
+        let spawn = |name: &str, body: fn(&AppState)| {
             let state = state.clone();
+            td.live_threads.fetch_add(1, Ordering::SeqCst);
             std::thread::Builder::new()
-                .name("lethe-unlearn".into())
-                .spawn(move || worker_loop(&state))
-                .expect("spawning the unlearning worker")
+                .name(name.into())
+                .spawn(move || {
+                    // Counted down however the thread ends, a panic outside a job included.
+                    let _ended = ThreadEnded(state.takedowns.clone());
+                    body(&state)
+                })
+                .expect("spawning a takedown thread")
         };
-        let auditor = {
-            let state = state.clone();
-            std::thread::Builder::new()
-                .name("lethe-auditor".into())
-                .spawn(move || auditor_loop(&state))
-                .expect("spawning the auditor")
-        };
+        let worker = spawn("lethe-unlearn", worker_loop);
+        let auditor = spawn("lethe-auditor", auditor_loop);
         if let Ok(mut t) = td.threads.lock() {
             t.push(worker);
             t.push(auditor);
@@ -328,6 +341,31 @@ impl Takedowns {
 
     fn stopping(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
+    }
+
+    /// False when the worker or the auditor thread ended while the service was not stopping
+    /// (it should never happen: jobs and audits run supervised). Before [`Takedowns::start`]
+    /// there are no threads to lose, and this is true.
+    pub fn threads_alive(&self) -> bool {
+        let started = self.threads.lock().map_or(0, |t| t.len());
+        self.stopping() || self.live_threads.load(Ordering::SeqCst) >= started
+    }
+}
+
+/// Counts a takedown thread down when it ends.
+struct ThreadEnded(Option<Arc<Takedowns>>);
+
+impl Drop for ThreadEnded {
+    fn drop(&mut self) {
+        if let Some(td) = &self.0 {
+            td.live_threads.fetch_sub(1, Ordering::SeqCst);
+            if !td.stopping() {
+                tracing::error!(
+                    thread = std::thread::current().name().unwrap_or("?"),
+                    "a takedown thread ended; /livez now fails so the process is restarted"
+                );
+            }
+        }
     }
 }
 
@@ -370,6 +408,7 @@ fn worker_loop(state: &AppState) {
     };
     let mut seen = 0;
     while !td.stopping() {
+        td.config.faults.at(FaultPoint::WorkerLoop);
         if !td.can_unlearn() {
             td.wait(&mut seen, Duration::from_secs(5));
             continue;
@@ -394,7 +433,9 @@ fn worker_loop(state: &AppState) {
         }
         tracing::info!(%job, takedowns = claimed.len(), "unlearning job started");
         let started = Instant::now();
-        let result = pool.install(|| run_job(state, &td, &job, &claimed, &ctl));
+        let result = supervise::catch("worker", || {
+            pool.install(|| run_job(state, &td, &job, &claimed, &ctl))
+        });
         if let Ok(mut r) = td.running.lock() {
             *r = None;
         }
@@ -403,27 +444,46 @@ fn worker_loop(state: &AppState) {
             .unlearn_job_duration
             .observe(started.elapsed().as_secs_f64());
         state.metrics.unlearn_job_progress.set(0.0);
+        // With several takedowns in the job, a failure, a rejection or a panic cannot be pinned
+        // on one of them: each is retried in a job of its own.
+        let several = claimed.len() > 1;
+        let split = |why: &str| {
+            tracing::warn!(%job, takedowns = claimed.len(), %why, "splitting the job; each takedown is retried alone");
+            td.store.split_job(&job, why)
+        };
         let outcome = match result {
-            Ok(JobEnd::Applied { version }) => {
+            Ok(Ok(JobEnd::Applied { version })) => {
                 tracing::info!(%job, %version, "takedowns applied");
                 Ok(0)
             }
-            Ok(JobEnd::Rejected { reason, report }) => {
+            Ok(Ok(JobEnd::Rejected { reason, .. })) if several => split(&reason),
+            Ok(Ok(JobEnd::Rejected { reason, report })) => {
                 tracing::warn!(%job, %reason, "takedown job rejected");
                 td.store.finish_rejected(&job, &reason, &report)
             }
-            Ok(JobEnd::Interrupted) => td.store.requeue_job(&job),
-            Err(e) if ctl.is_cancelled() && td.stopping() => {
+            Ok(Ok(JobEnd::Interrupted)) => td.store.requeue_job(&job),
+            Ok(Err(e)) if ctl.is_cancelled() && td.stopping() => {
                 tracing::info!(%job, error = %e, "job interrupted by shutdown; re-queued");
                 td.store.requeue_job(&job)
             }
-            Err(_) if ctl.is_cancelled() => {
+            Ok(Err(_)) if ctl.is_cancelled() => {
                 tracing::info!(%job, "job cancelled");
                 Ok(0)
             }
-            Err(e) => {
+            Ok(Err(e)) if several => split(&e.to_string()),
+            Ok(Err(e)) => {
                 tracing::error!(%job, error = %e, "takedown job failed");
                 td.store.finish_failed(&job, &e.to_string())
+            }
+            Err(panic) => {
+                state.metrics.panics.with_label_values(&["worker"]).inc();
+                let why = format!("the unlearning job failed on an internal error ({panic})");
+                if several {
+                    split(&why)
+                } else {
+                    td.store
+                        .finish_failed(&job, &format!("{why}; the sequences stay guarded"))
+                }
             }
         };
         if let Err(e) = outcome {
@@ -525,8 +585,16 @@ fn run_job(
     let base = state.served();
     let targets = targets(claimed)?;
     let forget: Vec<Vec<u32>> = targets.iter().map(|t| t.sequence.clone()).collect();
+    td.config.faults.at(FaultPoint::Job { sequences: &forget });
     let items: Vec<AuditItem> = targets.iter().map(|t| t.item.clone()).collect();
+    // Progress only moves forward, across candidates too.
+    let high_water = Mutex::new(0.0f64);
     let set_phase = |phase: &str, progress: f64, eta: Option<f64>| {
+        let progress = {
+            let mut hw = high_water.lock().unwrap_or_else(|e| e.into_inner());
+            *hw = hw.max(progress);
+            *hw
+        };
         if let Err(e) = td.store.set_progress(job, phase, Some(progress), eta) {
             tracing::warn!(error = %e, "recording progress failed");
         }
@@ -572,16 +640,19 @@ fn run_job(
                             t0.elapsed().as_secs_f64() / p.step as f64
                                 * (p.total_steps.saturating_sub(p.step)) as f64
                         });
+                        // Each candidate owns an equal share of the 0..0.9 unlearning span.
                         set_phase(
                             &format!("unlearning (candidate {} of {n})", ci + 1),
-                            frac.min(1.0) * 0.9,
+                            (ci as f64 + frac.min(1.0)) / n as f64 * 0.9,
                             eta,
                         );
                         td.cancel_check();
                     }
                 });
+                // Set even if the unlearning panics, so the reporter ends and the scope can unwind.
+                let _done = SetOnDrop(&done);
                 let out = balanced_subnet(&base.model, &forget, &td.data.retain, &items, cfg, &ctl);
-                done.store(true, Ordering::SeqCst);
+                drop(_done);
                 let _ = h.join();
                 out
             })
@@ -590,7 +661,11 @@ fn run_job(
         if let Err(e) = td.store.mark_validating(job) {
             tracing::warn!(error = %e, "marking the job validating failed");
         }
-        set_phase("validating", 0.92, None);
+        set_phase(
+            "validating",
+            (ci + 1) as f64 / candidates.len() as f64 * 0.9,
+            None,
+        );
         let (after, after_results) = evaluate(&base, &targets, &td.data, &out.model)?;
         let failures = gate_failures(&td.config, &before, &after);
         let report = json!({
@@ -945,6 +1020,14 @@ pub fn api_error(e: crate::takedown::Error) -> super::error::ApiError {
             code: "version_mismatch",
         },
         E::InvalidInput { field, message } => ApiError::invalid(field, message),
+        e if e.is_disk_full() => {
+            tracing::error!(error = %e, "the data directory's disk is full");
+            ApiError::Unavailable(
+                "the data directory's disk is full: nothing was stored; retry once the \
+                 operator has freed space"
+                    .into(),
+            )
+        }
         other => ApiError::Internal(other.to_string()),
     }
 }
@@ -990,6 +1073,24 @@ mod tests {
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("models")
             .join(name)
+    }
+
+    #[test]
+    fn a_full_disk_is_a_503_that_says_so_not_a_500() {
+        use actix_web::ResponseError;
+        let full = crate::takedown::Error::Io {
+            op: "write",
+            path: "/data/lethe.sqlite3".into(),
+            source: std::io::Error::from_raw_os_error(28),
+        };
+        let e = api_error(full);
+        assert_eq!(e.status_code().as_u16(), 503);
+        assert!(e.to_string().contains("disk is full"), "{e}");
+        let other = api_error(crate::takedown::Error::Corrupt {
+            what: "x".into(),
+            message: "y".into(),
+        });
+        assert_eq!(other.status_code().as_u16(), 500);
     }
 
     #[test]

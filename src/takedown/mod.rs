@@ -87,6 +87,20 @@ impl Error {
         }
     }
 
+    /// Whether this is a full disk (or quota) under the data directory: the operator's problem,
+    /// reported as such, never as a bug.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            Error::Sql { source, .. } => matches!(
+                source.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DiskFull)
+            ),
+            Error::Io { source, .. } => crate::error::io_is_disk_full(source),
+            Error::Model(e) => e.is_disk_full(),
+            _ => false,
+        }
+    }
+
     pub(crate) fn io(
         op: &'static str,
         path: impl Into<PathBuf>,

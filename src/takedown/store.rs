@@ -13,6 +13,10 @@
 //! - The current-version pointer changes only by compare-and-swap ([`Store::set_current`]), and
 //!   every change is recorded in the `swaps` history.
 //!
+//! - A takedown marked `solo` (its coalesced job failed, was rejected or was interrupted) is
+//!   claimed in a job of its own, so one bad takedown never fails the others twice.
+//! - The data directory is 0700 and the database files 0600: they hold the sequences to forget.
+//!
 //! Schema changes go through numbered migrations keyed on `PRAGMA user_version`.
 
 use std::path::{Path, PathBuf};
@@ -35,7 +39,7 @@ pub const DB_FILE: &str = "lethe.sqlite3";
 pub const MAX_INTERRUPTIONS: i64 = 3;
 
 /// The schema version this code writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 /// How long a writer waits for another connection's lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -351,7 +355,8 @@ fn request_hash(new: &NewTakedown) -> Result<String> {
 }
 
 /// Migrations, index i upgrading user_version i → i + 1.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE takedowns (
     seq             INTEGER PRIMARY KEY AUTOINCREMENT,
     id              TEXT NOT NULL UNIQUE,
@@ -406,7 +411,13 @@ CREATE TABLE swaps (
     at           REAL NOT NULL,
     kind         TEXT NOT NULL CHECK (kind IN ('promote','rollback'))
 );
-"#];
+"#,
+    // 1 → 2: `solo` marks a takedown that must run in a job of its own (its coalesced job failed,
+    // was rejected or was interrupted), so one bad takedown cannot keep failing the others.
+    r#"
+ALTER TABLE takedowns ADD COLUMN solo INTEGER NOT NULL DEFAULT 0;
+"#,
+];
 
 impl Store {
     /// Opens (creating if needed) `data_dir/lethe.sqlite3` and migrates it to the current schema.
@@ -414,6 +425,7 @@ impl Store {
         std::fs::create_dir_all(data_dir).map_err(Error::io("create", data_dir))?;
         let path = data_dir.join(DB_FILE);
         let existed = path.exists();
+        restrict_permissions(data_dir, &path)?;
         let mut conn = Connection::open(&path).map_err(sql("open database"))?;
         conn.busy_timeout(BUSY_TIMEOUT)
             .map_err(sql("set busy_timeout"))?;
@@ -601,25 +613,41 @@ impl Store {
             .map_err(sql("read events"))
     }
 
-    /// Atomically moves up to `max` queued takedowns, oldest first, to running under `job_id`,
-    /// counting an attempt on each. Returns them as updated.
+    /// Atomically moves queued takedowns, oldest first, to running under `job_id`, counting an
+    /// attempt on each, and returns them as updated: the oldest one alone when it is marked solo
+    /// (see [`Store::split_job`]), else up to `max` of the takedowns that are not.
     pub fn claim_queued(&self, job_id: &str, max: usize) -> Result<Vec<Takedown>> {
         if job_id.is_empty() {
             return Err(Error::invalid("job_id", "must not be empty"));
         }
         let mut conn = self.conn();
         let tx = immediate(&mut conn)?;
-        let ids: Vec<String> = {
-            let mut stmt = tx
-                .prepare_cached("SELECT id FROM takedowns WHERE state = ?1 ORDER BY seq LIMIT ?2")
-                .map_err(sql("select queued"))?;
-            let limit = i64::try_from(max).unwrap_or(i64::MAX);
-            let v = stmt
-                .query_map(params![State::Queued, limit], |r| r.get(0))
-                .map_err(sql("select queued"))?
-                .collect::<rusqlite::Result<_>>()
-                .map_err(sql("select queued"))?;
-            v
+        let oldest: Option<(String, bool)> = tx
+            .query_row(
+                "SELECT id, solo FROM takedowns WHERE state = ?1 ORDER BY seq LIMIT 1",
+                [State::Queued],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(sql("select queued"))?;
+        let ids: Vec<String> = match oldest {
+            None => Vec::new(),
+            Some((id, true)) => vec![id],
+            Some(_) => {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "SELECT id FROM takedowns WHERE state = ?1 AND solo = 0 ORDER BY seq \
+                         LIMIT ?2",
+                    )
+                    .map_err(sql("select queued"))?;
+                let limit = i64::try_from(max).unwrap_or(i64::MAX);
+                let v = stmt
+                    .query_map(params![State::Queued, limit], |r| r.get(0))
+                    .map_err(sql("select queued"))?
+                    .collect::<rusqlite::Result<_>>()
+                    .map_err(sql("select queued"))?;
+                v
+            }
         };
         let at = now();
         let mut out = Vec::with_capacity(ids.len());
@@ -754,6 +782,19 @@ impl Store {
         })
     }
 
+    /// Splits the job `job_id` after it failed, was rejected or panicked with several takedowns
+    /// in it: each of its running or validating takedowns goes back to the queue marked solo,
+    /// so each is retried in a job of its own and one bad takedown cannot fail the others.
+    /// `why` is recorded in each one's event. Returns how many.
+    pub fn split_job(&self, job_id: &str, why: &str) -> Result<usize> {
+        self.job_transition(job_id, State::Queued, |tx, id, at| {
+            clear_to_queued(tx, id, at)?;
+            tx.execute("UPDATE takedowns SET solo = 1 WHERE id = ?1", [id])
+                .map_err(sql("mark solo"))?;
+            Ok(json!({ "job_id": job_id, "reason": "split", "error": why }))
+        })
+    }
+
     /// Cancels takedown `id` (queued, running or validating). A running job notices through
     /// [`Store::is_cancelled`]. Its sequences stop being guarded.
     pub fn cancel(&self, id: &str) -> Result<Takedown> {
@@ -844,6 +885,9 @@ impl Store {
                 )?;
             } else {
                 clear_to_queued(&tx, id, at)?;
+                // Whatever stopped the process may be this takedown: it runs alone from now on.
+                tx.execute("UPDATE takedowns SET solo = 1 WHERE id = ?1", [id])
+                    .map_err(sql("mark solo"))?;
                 event(
                     &tx,
                     id,
@@ -1054,6 +1098,46 @@ impl Store {
         tx.commit().map_err(sql("commit transition"))?;
         Ok(rows.len())
     }
+}
+
+/// The data directory holds the sequences people asked to be forgotten: it is made private to
+/// the user lethe runs as (0700), and the database with its WAL and shared-memory files 0600
+/// (SQLite creates `-wal` and `-shm` with the database file's mode). A directory or file that
+/// was more open is tightened, with a warning.
+fn restrict_permissions(data_dir: &Path, db: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let tighten = |path: &Path, mode: u32| -> Result<()> {
+            let meta = std::fs::metadata(path).map_err(Error::io("stat", path))?;
+            let old = meta.permissions().mode() & 0o777;
+            if old & !mode != 0 {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                    .map_err(Error::io("chmod", path))?;
+                tracing::warn!(path = %path.display(), old = format!("{old:o}"),
+                    new = format!("{mode:o}"), "tightened permissions of the data directory");
+            }
+            Ok(())
+        };
+        tighten(data_dir, 0o700)?;
+        if !db.exists() {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(db)
+                .map_err(Error::io("create", db))?;
+        }
+        for suffix in ["", "-wal", "-shm", "-journal"] {
+            let f = PathBuf::from(format!("{}{suffix}", db.display()));
+            if f.exists() {
+                tighten(&f, 0o600)?;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (data_dir, db);
+    Ok(())
 }
 
 fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
@@ -1319,6 +1403,99 @@ mod tests {
             metrics: json!({ "memorized": 0.0 }),
             path: format!("/data/versions/{id}"),
         }
+    }
+
+    #[test]
+    fn a_split_job_runs_each_takedown_alone_and_the_rest_coalesce_again() {
+        let (_d, s) = open();
+        let ids: Vec<String> = (0..4u32)
+            .map(|i| s.create(new_td(vec![vec![i; 3]]), None).unwrap().0.id)
+            .collect();
+        // The first job takes three; it fails and is split.
+        let claimed = s.claim_queued("job_1", 3).unwrap();
+        assert_eq!(claimed.len(), 3);
+        assert_eq!(s.split_job("job_1", "gates failed").unwrap(), 3);
+        // Each of the three is now claimed alone, oldest first; the fourth, never split, waits
+        // for them and is then claimed as usual.
+        for (j, id) in ids[..3].iter().enumerate() {
+            let job = format!("solo_{j}");
+            let c = s.claim_queued(&job, 10).unwrap();
+            assert_eq!(c.iter().map(|t| &t.id).collect::<Vec<_>>(), [id], "{j}");
+            assert_eq!(c[0].attempts, 2);
+            s.finish_failed(&job, "x").unwrap();
+        }
+        let c = s.claim_queued("job_2", 10).unwrap();
+        assert_eq!(c.iter().map(|t| &t.id).collect::<Vec<_>>(), [&ids[3]]);
+        let ev = s.events(&ids[0]).unwrap();
+        assert!(ev
+            .iter()
+            .any(|e| e.detail["reason"] == "split" && e.detail["error"] == "gates failed"));
+        // A split is only allowed from running or validating.
+        assert_eq!(s.split_job("job_1", "again").unwrap(), 0);
+    }
+
+    #[test]
+    fn takedowns_interrupted_by_a_crash_come_back_solo() {
+        let (d, s) = open();
+        let a = s.create(new_td(vec![vec![1; 3]]), None).unwrap().0.id;
+        let b = s.create(new_td(vec![vec![2; 3]]), None).unwrap().0.id;
+        assert_eq!(s.claim_queued("job_1", 10).unwrap().len(), 2);
+        drop(s);
+        let s = Store::open(d.path()).unwrap();
+        assert_eq!(s.requeue_interrupted().unwrap(), 2);
+        assert_eq!(s.claim_queued("job_2", 10).unwrap()[0].id, a);
+        s.finish_failed("job_2", "x").unwrap();
+        let c = s.claim_queued("job_3", 10).unwrap();
+        assert_eq!((c.len(), c[0].id.as_str()), (1, b.as_str()));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_data_directory_and_database_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("data");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let s = Store::open(&dir).unwrap();
+        s.create(new_td(vec![vec![1; 3]]), None).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        let db = dir.join(DB_FILE);
+        assert_eq!(mode(&db), 0o600);
+        let wal = PathBuf::from(format!("{}-wal", db.display()));
+        assert!(wal.exists());
+        assert_eq!(mode(&wal), 0o600);
+        // A database made world-readable by hand is tightened when opened again.
+        drop(s);
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let _s = Store::open(&dir).unwrap();
+        assert_eq!(mode(&db), 0o600);
+    }
+
+    #[test]
+    fn a_full_disk_is_recognised_as_such() {
+        let full = Error::Sql {
+            op: "insert takedown",
+            source: rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+                None,
+            ),
+        };
+        assert!(full.is_disk_full());
+        let enospc = Error::Io {
+            op: "write",
+            path: "/x".into(),
+            source: std::io::Error::from_raw_os_error(28),
+        };
+        assert!(enospc.is_disk_full());
+        let write = Error::Model(crate::error::Error::Write {
+            path: "/x".into(),
+            source: std::io::Error::from_raw_os_error(28),
+        });
+        assert!(write.is_disk_full());
+        assert!(write.to_string().starts_with("cannot write /x"), "{write}");
+        assert!(!Error::NotFound("x".into()).is_disk_full());
     }
 
     #[test]
@@ -1736,14 +1913,20 @@ mod tests {
             s.events(&a).unwrap().last().unwrap().detail["reason"],
             "interrupted"
         );
-        // Oldest first again.
-        let again: Vec<String> = s
-            .claim_queued("j3", 3)
-            .unwrap()
-            .into_iter()
-            .map(|t| t.id)
-            .collect();
-        assert_eq!(again, vec![a, b, c]);
+        // Oldest first again; the two interrupted ones each alone (solo: whatever stopped the
+        // process may have been one of them), then the one that never ran.
+        let mut again = Vec::new();
+        for job in ["j3", "j4", "j5"] {
+            let claimed: Vec<String> = s
+                .claim_queued(job, 3)
+                .unwrap()
+                .into_iter()
+                .map(|t| t.id)
+                .collect();
+            s.finish_failed(job, "x").unwrap();
+            again.push(claimed);
+        }
+        assert_eq!(again, vec![vec![a], vec![b], vec![c]]);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use super::*;
 use lethe::server::takedowns::{resolve_current, Datasets, TakedownConfig, Takedowns};
 
 /// A server state with takedowns under `dir` (fast unlearning settings for tests).
-fn takedown_state(
+pub(crate) fn takedown_state(
     dir: &Path,
     start_worker: bool,
     tweak: impl FnOnce(&mut TakedownConfig),
@@ -42,7 +42,7 @@ fn takedown_state(
 }
 
 /// Memorized sequences of the bundled model under the tinymem definition (whole noised rows).
-fn memorized_rows(count: usize) -> Vec<Vec<u32>> {
+pub(crate) fn memorized_rows(count: usize) -> Vec<Vec<u32>> {
     let dir = lethe::loader::bundled_model_dir();
     let ds = lethe::tinymem::train::Card::read(&dir)
         .unwrap()
@@ -65,7 +65,7 @@ fn memorized_rows(count: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
-async fn wait_for<S, B>(app: &S, id: &str, done: &[&str], secs: u64) -> Value
+pub(crate) async fn wait_for<S, B>(app: &S, id: &str, done: &[&str], secs: u64) -> Value
 where
     S: Service<actix_http::Request, Response = ServiceResponse<B>, Error = actix_web::Error>,
     B: MessageBody,

@@ -19,6 +19,7 @@ use crate::engine::{GenerateRequest, Generation, SamplingParams};
 use crate::server::body;
 use crate::server::engine::{Job, RowEvent};
 use crate::server::error::ApiError;
+use crate::server::peer::{self, Peer};
 use crate::server::state::{unix_now, AppState, Served};
 
 /// The header that names the weights version a response was computed with.
@@ -67,6 +68,11 @@ pub struct StreamOptions {
 
 /// OpenAI's default `max_tokens` for completions.
 const DEFAULT_MAX_TOKENS: usize = 16;
+
+/// The status recorded (never received) when the client left before the answer: nginx's 499.
+fn client_closed() -> actix_web::http::StatusCode {
+    actix_web::http::StatusCode::from_u16(499).unwrap_or(actix_web::http::StatusCode::BAD_REQUEST)
+}
 const MAX_STOP_STRINGS: usize = 4;
 
 /// A 404 unless `model` (when given) names the served model or its version.
@@ -256,7 +262,8 @@ fn plan(r: CompletionRequest, s: &Served, state: &AppState) -> Result<Plan, ApiE
                 ),
             ));
         }
-        if p.ids.len() + max_tokens > ctx {
+        // `ids.len() <= ctx` here, so the subtraction cannot wrap (an addition could).
+        if max_tokens > ctx - p.ids.len() {
             return Err(ApiError::invalid(
                 "max_tokens",
                 format!(
@@ -465,8 +472,22 @@ pub async fn create(
     let mut gens: Vec<Option<Generation>> = vec![None; total];
     if let Some(mut rx) = rx {
         let mut left = plan.reqs.len();
+        let peer = Peer::of(&req);
         while left > 0 {
-            match rx.recv().await {
+            // While it waits, the handler checks that its client is still there; if it left,
+            // dropping `rx` makes the engine cancel the rows at its next step.
+            let event = match tokio::time::timeout(peer::CHECK_INTERVAL, rx.recv()).await {
+                Ok(event) => event,
+                Err(_) if peer.as_ref().is_some_and(Peer::gone) => {
+                    tracing::info!(
+                        rows = left,
+                        "client closed the connection; generation cancelled"
+                    );
+                    return Ok(HttpResponse::build(client_closed()).finish());
+                }
+                Err(_) => continue,
+            };
+            match event {
                 Some(RowEvent::Done { index, generation }) => {
                     gens[index] = Some(generation);
                     left -= 1;
