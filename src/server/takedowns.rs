@@ -824,8 +824,10 @@ fn auditor_loop(state: &AppState) {
         let live = state.served();
         let due = last_run.is_none_or(|t| t.elapsed() >= td.config.audit_interval);
         if due || live.version != last_version {
-            if let Err(e) = audit_once(state, &td, &live) {
-                tracing::error!(error = %e, "continuous audit failed");
+            match supervise::catch("auditor", || audit_once(state, &td, &live)) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "continuous audit failed"),
+                Err(_) => state.metrics.panics.with_label_values(&["auditor"]).inc(),
             }
             last_version = live.version.clone();
             last_run = Some(Instant::now());

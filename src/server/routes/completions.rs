@@ -464,8 +464,9 @@ pub async fn create(
         return Ok(resp
             .insert_header((header::CONTENT_TYPE, "text/event-stream"))
             .insert_header((header::CACHE_CONTROL, "no-cache"))
-            .streaming(futures_util::stream::unfold(stream, |mut st| async move {
-                st.next().await.map(|b| (Ok::<_, actix_web::Error>(b), st))
+            .streaming(futures_util::stream::unfold(Some(stream), move |st| {
+                let state = state.clone();
+                async move { next_frame(st?, &state).await }
             })));
     }
     let total = plan.prompts.len() * plan.n;
@@ -549,6 +550,29 @@ pub async fn create(
         choices,
         usage: Some(usage),
     }))
+}
+
+/// The stream's next frame. The response head is already sent, so the panic boundary of the
+/// middleware cannot answer 500 any more: a panic here ends the stream with an error event and
+/// `[DONE]`, and is counted like one in a handler.
+async fn next_frame(
+    mut st: Stream,
+    state: &AppState,
+) -> Option<(Result<web::Bytes, actix_web::Error>, Option<Stream>)> {
+    use futures_util::FutureExt;
+    match std::panic::AssertUnwindSafe(st.next()).catch_unwind().await {
+        Ok(frame) => frame.map(|b| (Ok(b), Some(st))),
+        Err(payload) => {
+            state.metrics.panics.with_label_values(&["http"]).inc();
+            let message = crate::supervise::panic_message(payload.as_ref());
+            tracing::error!(panic = %message, "a completion stream panicked; it ends with an error event");
+            let body = serde_json::json!({"error": {
+                "message": "internal error while streaming (logged)", "type": "server_error",
+                "param": null, "code": "internal_error"}});
+            let frames = format!("data: {body}\n\ndata: [DONE]\n\n");
+            Some((Ok(web::Bytes::from(frames)), None))
+        }
+    }
 }
 
 /// Per-choice streaming state.
