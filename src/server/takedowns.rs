@@ -136,6 +136,11 @@ impl Datasets {
     }
 }
 
+/// The auditor thread's name.
+const AUDITOR_THREAD: &str = "lethe-auditor";
+/// How long shutdown waits for an auditor pass in progress.
+const AUDITOR_SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+
 /// The takedown subsystem shared by handlers, the worker and the auditor.
 pub struct Takedowns {
     pub store: Store,
@@ -314,7 +319,7 @@ impl Takedowns {
                 .expect("spawning a takedown thread")
         };
         let worker = spawn("lethe-unlearn", worker_loop);
-        let auditor = spawn("lethe-auditor", auditor_loop);
+        let auditor = spawn(AUDITOR_THREAD, auditor_loop);
         if let Ok(mut t) = td.threads.lock() {
             t.push(worker);
             t.push(auditor);
@@ -334,7 +339,19 @@ impl Takedowns {
         }
         self.notify();
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        // The worker is joined: it re-queues its job. The auditor only reads and sets gauges,
+        // and a pass over a large held-out set cannot be interrupted: shutdown waits for it a
+        // few seconds, then lets the process exit without it.
+        let deadline = Instant::now() + AUDITOR_SHUTDOWN_WAIT;
         for t in threads {
+            let auditor = t.thread().name() == Some(AUDITOR_THREAD);
+            while auditor && !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if auditor && !t.is_finished() {
+                tracing::warn!("the auditor is in the middle of a pass; not waiting for it");
+                continue;
+            }
             let _ = t.join();
         }
     }

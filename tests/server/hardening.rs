@@ -169,22 +169,11 @@ async fn a_definition_whose_sizes_overflow_is_refused() {
         "k=1,n=18446744073709551615",
         "k=9223372036854775808,n=9223372036854775808",
     ] {
-        let e = post(
-            &app,
-            "/v1/takedowns",
-            json!({"definition": def, "sequences": ["^1 2 3"]}),
-        )
-        .await
-        .error(400);
-        assert_eq!(e["param"], "definition", "{e}");
-        let e = post(
-            &app,
-            "/v1/audit",
-            json!({"definition": def, "sequences": ["^1 2 3"]}),
-        )
-        .await
-        .error(400);
-        assert_eq!(e["param"], "definition", "{e}");
+        for route in ["/v1/takedowns", "/v1/audit"] {
+            let body = json!({"definition": def, "sequences": ["^1 2 3"]});
+            let e = post(&app, route, body).await.error(400);
+            assert_eq!(e["param"], "definition", "{route} {def}: {e}");
+        }
     }
     // Larger than the context but not overflowing: refused by name too.
     let e = post(
@@ -315,16 +304,16 @@ async fn retrying_a_cancelled_takedown_does_not_re_arm_its_guard() {
 #[actix_web::test]
 async fn a_non_streaming_completion_stops_when_its_client_leaves() {
     let st = state();
-    let server = {
-        let st = st.clone();
-        actix_web::HttpServer::new(move || make_app(st.clone()))
-    }
-    .workers(1)
-    .on_connect(lethe::server::peer::on_connect)
-    .bind("127.0.0.1:0")
+    // The server `lethe serve` runs (its on_connect hook keeps each connection's socket).
+    let (server, addrs) = lethe::server::http_server(
+        st.clone(),
+        &["127.0.0.1:0".parse().unwrap()],
+        1,
+        1,
+        &lethe::server::HttpTimeouts::default(),
+    )
     .unwrap();
-    let addr = server.addrs()[0].to_string();
-    let server = server.run();
+    let addr = addrs[0].to_string();
     let handle = server.handle();
     actix_web::rt::spawn(server);
     let generated = || st.metrics.generated_tokens.get();
