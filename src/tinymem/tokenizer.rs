@@ -1,9 +1,11 @@
 //! TinyMem's 14-symbol math vocabulary as a Hugging Face `tokenizer.json`.
 //!
 //! One character is one token ('0'–'9' → 0–9, '^' BOS 10, '$' EOS 11, ' ' 12, '_' PAD 13), any
-//! other character is dropped (spec §1.1; a normaliser deletes it), and decoding concatenates
-//! the symbols. Shipping it as a `tokenizer.json` keeps one tokenization code path for every
-//! model; a test pins it to [`super::vocab`].
+//! other character is deleted by the `tokenizer.json`'s normaliser (spec §1.1, as the reference
+//! and [`super::vocab::encode_text`] do), and decoding concatenates the symbols. Shipping it as a
+//! `tokenizer.json` keeps one tokenization code path for every model; a test pins it to
+//! [`super::vocab`]. [`Tokenizer::encode`] refuses text with such a character (naming it and its
+//! position) instead of letting it vanish: a prompt is never silently changed.
 
 use std::collections::HashMap;
 
@@ -69,16 +71,45 @@ mod tests {
         let tk = build().unwrap();
         assert_eq!(tk.vocab_size(), vocab::VOCAB_SIZE);
         for text in ["^7 14 21$", "^12 -5 x7$__", "", "  ", "^$"] {
-            assert_eq!(
-                tk.encode(text).unwrap(),
-                vocab::encode_text(text),
-                "{text:?}"
-            );
+            // The tokenizer.json itself drops what the reference drops...
+            let ids = tk.inner().encode(text, false).unwrap().get_ids().to_vec();
+            assert_eq!(ids, vocab::encode_text(text), "{text:?}");
+            // ...and `encode` gives the same ids for text inside the vocabulary.
+            if !text.contains(['-', 'x']) {
+                assert_eq!(tk.encode(text).unwrap(), ids, "{text:?}");
+            }
         }
         assert_eq!(tk.encode("^7 14$").unwrap(), vec![10, 7, 12, 1, 4, 11]);
         let ids = vocab::encode_values(&[7, 14, 21]);
         assert_eq!(tk.decode(&ids).unwrap(), vocab::decode(&ids));
         assert_eq!(tk.decode(&[10, 7, 12, 13]).unwrap(), "^7 _");
+    }
+
+    #[test]
+    fn characters_outside_the_vocabulary_are_named_not_dropped() {
+        let tk = build().unwrap();
+        for (text, pos, c) in [
+            ("Ú", 0, 'Ú'),
+            ("^12 -5", 4, '-'),
+            ("^1\n2", 2, '\n'),
+            ("^1 2\t", 4, '\t'),
+            ("^😀", 1, '😀'),
+        ] {
+            let e = tk.encode(text).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("{c:?}")) && e.contains(&format!("at position {pos} ")),
+                "{text:?}: {e}"
+            );
+            assert!(e.starts_with("invalid prompt:"), "{e}");
+        }
+        let e = tk
+            .encode_field("sequences[2]", "^1x")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("sequences[2]") && e.contains("'x' (U+0078) at position 2"),
+            "{e}"
+        );
     }
 
     #[test]

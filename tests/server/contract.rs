@@ -95,6 +95,16 @@ impl Contract {
         );
     }
 
+    /// Whether `instance` is valid for the schema at `pointer` (a request body, say).
+    pub fn is_valid(&self, pointer: &str, instance: &Value) -> bool {
+        let mut root = self.doc.clone();
+        let fragment = pointer.replace('{', "%7B").replace('}', "%7D");
+        root["$ref"] = Value::String(format!("#{fragment}"));
+        jsonschema::draft202012::new(&root)
+            .expect("the contract's schemas compile")
+            .is_valid(instance)
+    }
+
     /// Validates one streamed chunk against the `Completion` schema.
     pub fn check_chunk(&self, chunk: &Value) {
         self.validate("/components/schemas/Completion", chunk, "stream chunk");

@@ -12,6 +12,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::completions::{check_model, VERSION_HEADER};
+use super::misc::token_ids;
 use crate::audit::{self, AuditItem, AuditRow, AuditSummary, Definition};
 use crate::server::body;
 use crate::server::engine::{Job, RowEvent};
@@ -37,20 +38,53 @@ pub fn parse_sequence(
 ) -> Result<AuditItem, ApiError> {
     let field = format!("sequences[{i}]");
     let bad = |m: String| ApiError::invalid(field.clone(), m);
+    let vocab = s.model.spec().vocab_size;
     let row = match v {
+        // Text is tokenized here so a character outside the vocabulary is named (with its
+        // position), never dropped.
         Value::String(t) => AuditRow {
-            text: Some(t.clone()),
+            ids: Some(s.tokenizer.encode_field(&field, t)?),
             ..AuditRow::default()
         },
-        Value::Array(_) => {
-            AuditRow {
-                ids: Some(serde_json::from_value(v.clone()).map_err(|_| {
-                    bad("a list of token ids must hold non-negative integers".into())
-                })?),
-                ..AuditRow::default()
+        Value::Array(_) => AuditRow {
+            ids: Some(token_ids(v, &field, vocab)?),
+            ..AuditRow::default()
+        },
+        Value::Object(o) => {
+            let ids = |k: &str| {
+                let name = format!("{field}.{k}");
+                match o.get(k).filter(|v| !v.is_null()) {
+                    Some(Value::Array(a)) if a.is_empty() => {
+                        Err(ApiError::invalid(name, "must not be empty"))
+                    }
+                    Some(v) => token_ids(v, &name, vocab).map(Some),
+                    None => Ok(None),
+                }
+            };
+            let mut row = AuditRow {
+                text: None,
+                ids: ids("ids")?,
+                clean_ids: ids("clean_ids")?,
+                prompt_ids: ids("prompt_ids")?,
+                target_ids: ids("target_ids")?,
+            };
+            // `text` is used only when no ids are given (as in `lethe audit`).
+            let pair = row.prompt_ids.is_some() && row.target_ids.is_some();
+            match o.get("text") {
+                None | Some(Value::Null) => {}
+                Some(Value::String(t)) if row.ids.is_none() && !pair => {
+                    row.ids = Some(s.tokenizer.encode_field(&format!("{field}.text"), t)?);
+                }
+                Some(Value::String(_)) => {}
+                Some(other) => {
+                    return Err(ApiError::invalid(
+                        format!("{field}.text"),
+                        format!("must be a string, not {other}"),
+                    ))
+                }
             }
+            row
         }
-        Value::Object(_) => serde_json::from_value(v.clone()).map_err(|e| bad(e.to_string()))?,
         _ => {
             return Err(bad(
                 "must be a string, a list of token ids, or an audit row object".into(),

@@ -5,6 +5,7 @@ use std::time::Duration;
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::server::body;
 use crate::server::error::ApiError;
@@ -62,7 +63,8 @@ pub async fn tokenize(
     let r: TokenizeRequest = body::json(&req, payload, state.limits.max_body_bytes).await?;
     let s = state.served();
     super::completions::check_model(r.model.as_deref(), &s)?;
-    let tokens = s.tokenizer.encode(&r.prompt)?;
+    // A character outside the vocabulary is a 400 naming it and its position, never dropped.
+    let tokens = s.tokenizer.encode_field("prompt", &r.prompt)?;
     Ok(HttpResponse::Ok().json(serde_json::json!({
         "tokens": tokens,
         "count": tokens.len(),
@@ -75,7 +77,32 @@ pub async fn tokenize(
 struct DetokenizeRequest {
     #[serde(default)]
     model: Option<String>,
-    tokens: Vec<u32>,
+    /// Checked by [`token_ids`], so a float, a negative or a huge number gets a 400 that
+    /// names the element.
+    tokens: Value,
+}
+
+/// The token ids of `field` (a JSON list), each an integer below `vocab`; anything else is a
+/// 400 naming the offending element (`tokens[3]`). `1.0` is refused like `1.5`: ids are
+/// integers in JSON, not numbers that happen to be whole.
+pub fn token_ids(v: &Value, field: &str, vocab: usize) -> Result<Vec<u32>, ApiError> {
+    let items = v
+        .as_array()
+        .ok_or_else(|| ApiError::invalid(field, format!("must be a list of token ids, not {v}")))?;
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, t)| match t.as_u64() {
+            Some(id) if id < vocab as u64 => Ok(id as u32),
+            _ => Err(ApiError::invalid(
+                format!("{field}[{i}]"),
+                format!(
+                    "{t} is not a token id (an integer from 0 to {}, below the vocabulary size {vocab})",
+                    vocab.saturating_sub(1)
+                ),
+            )),
+        })
+        .collect()
 }
 
 pub async fn detokenize(
@@ -87,19 +114,8 @@ pub async fn detokenize(
     let r: DetokenizeRequest = body::json(&req, payload, state.limits.max_body_bytes).await?;
     let s = state.served();
     super::completions::check_model(r.model.as_deref(), &s)?;
-    let vocab = s.model.spec().vocab_size;
-    if let Some((i, t)) = r
-        .tokens
-        .iter()
-        .enumerate()
-        .find(|(_, &t)| t as usize >= vocab)
-    {
-        return Err(ApiError::invalid(
-            format!("tokens[{i}]"),
-            format!("token id {t} is outside the vocabulary (size {vocab})"),
-        ));
-    }
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "prompt": s.tokenizer.decode(&r.tokens)? })))
+    let tokens = token_ids(&r.tokens, "tokens", s.model.spec().vocab_size)?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "prompt": s.tokenizer.decode(&tokens)? })))
 }
 
 /// Liveness: the process answers. Never depends on the model or a running job.

@@ -195,65 +195,132 @@ pub async fn get(
 ) -> Result<HttpResponse, ApiError> {
     state.auth.admin(&req)?;
     let svc = service(&state)?;
+    let mut with = false;
+    for (_, v) in query_pairs(req.query_string(), &["include"])? {
+        if v != "sequences" {
+            return Err(ApiError::invalid(
+                "include",
+                format!("{v:?} cannot be included; the only value is \"sequences\""),
+            ));
+        }
+        with = true;
+    }
     let t = svc.store.get(&path).map_err(store_error)?;
-    let with = req.query_string().contains("include=sequences");
     Ok(HttpResponse::Ok().json(view(&t, with)))
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The query parameters of `GET /v1/takedowns`.
+#[derive(Debug, PartialEq)]
 struct ListQuery {
-    #[serde(default)]
     after: Option<String>,
-    #[serde(default)]
-    limit: Option<usize>,
-    #[serde(default)]
-    status: Option<String>,
+    limit: usize,
+    status: Option<State>,
+}
+
+/// The most takedowns one page may hold.
+const MAX_PAGE: usize = 500;
+
+impl ListQuery {
+    fn parse(q: &str) -> Result<Self, ApiError> {
+        let mut out = ListQuery {
+            after: None,
+            limit: 50,
+            status: None,
+        };
+        for (k, v) in query_pairs(q, &["after", "limit", "status"])? {
+            match k.as_str() {
+                "after" if v.is_empty() => {
+                    return Err(ApiError::invalid(
+                        "after",
+                        "must be the id of a takedown (the previous page's last_id), not empty",
+                    ))
+                }
+                "after" => out.after = Some(v),
+                "limit" => {
+                    out.limit = v
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|n| (1..=MAX_PAGE).contains(n))
+                        .ok_or_else(|| {
+                            ApiError::invalid(
+                                "limit",
+                                format!("{v:?} is not an integer between 1 and {MAX_PAGE}"),
+                            )
+                        })?
+                }
+                _ => {
+                    out.status = Some(
+                        State::ALL
+                            .into_iter()
+                            .find(|x| x.as_str() == v)
+                            .ok_or_else(|| {
+                                let all: Vec<&str> =
+                                    State::ALL.iter().map(|x| x.as_str()).collect();
+                                ApiError::invalid(
+                                    "status",
+                                    format!(
+                                        "unknown state {v:?}; expected one of {}",
+                                        all.join(", ")
+                                    ),
+                                )
+                            })?,
+                    )
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The percent-decoded (`%6C` is `l`, `+` is a space) `key=value` pairs of a query string,
+/// each key one of `known` and given at most once; anything else is a 400 naming the key.
+fn query_pairs(q: &str, known: &[&str]) -> Result<Vec<(String, String)>, ApiError> {
+    let pairs = web::Query::<Vec<(String, String)>>::from_query(q)
+        .map_err(|e| ApiError::Invalid {
+            message: format!("malformed query string: {e}"),
+            param: None,
+            code: "invalid_query",
+        })?
+        .into_inner();
+    for (i, (k, _)) in pairs.iter().enumerate() {
+        if !known.contains(&k.as_str()) {
+            return Err(ApiError::invalid(
+                k.clone(),
+                format!(
+                    "unknown query parameter {k:?}; this route takes {}",
+                    known.join(", ")
+                ),
+            ));
+        }
+        if pairs[..i].iter().any(|(p, _)| p == k) {
+            return Err(ApiError::invalid(k.clone(), "is given more than once"));
+        }
+    }
+    Ok(pairs)
 }
 
 pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     state.auth.admin(&req)?;
     let svc = service(&state)?;
-    let q: ListQuery = serde_urlencoded_query(req.query_string())?;
-    let limit = q.limit.unwrap_or(50);
-    if limit == 0 || limit > 500 {
-        return Err(ApiError::invalid("limit", "must be between 1 and 500"));
-    }
-    let status = q
-        .status
-        .as_deref()
-        .map(|s| {
-            State::ALL
-                .into_iter()
-                .find(|x| x.as_str() == s)
-                .ok_or_else(|| ApiError::invalid("status", format!("unknown state {s:?}")))
-        })
-        .transpose()?;
+    let q = ListQuery::parse(req.query_string())?;
+    let limit = q.limit;
     let page = svc
         .store
-        .list(q.after.as_deref(), limit + 1, status)
-        .map_err(store_error)?;
+        .list(q.after.as_deref(), limit + 1, q.status)
+        .map_err(|e| match e {
+            // A cursor that names no takedown is a bad parameter, not a missing page.
+            crate::takedown::Error::NotFound(id) => ApiError::invalid(
+                "after",
+                format!("no takedown {id:?}; pass the previous page's last_id"),
+            ),
+            e => store_error(e),
+        })?;
     let has_more = page.len() > limit;
     let data: Vec<Value> = page.iter().take(limit).map(|t| view(t, false)).collect();
     let last = page[..page.len().min(limit)].last().map(|t| t.id.clone());
     Ok(HttpResponse::Ok().json(json!({
         "object": "list", "data": data, "has_more": has_more, "last_id": last,
     })))
-}
-
-/// Parses `a=1&b=x` into `T` with errors naming the parameter.
-fn serde_urlencoded_query<T: serde::de::DeserializeOwned>(q: &str) -> Result<T, ApiError> {
-    let mut map = serde_json::Map::new();
-    for pair in q.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = v.replace('+', " ");
-        let value = match v.parse::<u64>() {
-            Ok(n) if k == "limit" => json!(n),
-            _ => json!(v),
-        };
-        map.insert(k.to_string(), value);
-    }
-    body::parse(Value::Object(map).to_string().as_bytes())
 }
 
 pub async fn cancel(
@@ -356,4 +423,45 @@ pub async fn rollback(
         .json(
             json!({"object": "rollback", "version": out.0, "previous": out.1, "requeued": out.2}),
         ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn param(e: ApiError) -> Option<String> {
+        match e {
+            ApiError::Invalid { param, .. } => param,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn list_queries_are_percent_decoded() {
+        let q = ListQuery::parse("status=app%6Cied&after=td_%41b+c&limit=%32").unwrap();
+        assert_eq!(q.status, Some(State::Applied));
+        assert_eq!(q.after.as_deref(), Some("td_Ab c"));
+        assert_eq!(q.limit, 2);
+        assert_eq!(ListQuery::parse("").unwrap().limit, 50);
+    }
+
+    #[test]
+    fn bad_list_queries_name_the_parameter() {
+        for (q, p) in [
+            ("after=", "after"),
+            ("limit=", "limit"),
+            ("limit=0", "limit"),
+            ("limit=501", "limit"),
+            ("limit=-1", "limit"),
+            ("limit=1e300", "limit"),
+            ("limit=18446744073709551615", "limit"),
+            ("limit=18446744073709551616", "limit"),
+            ("status=nope", "status"),
+            ("status=queued&status=failed", "status"),
+            ("bogus=1", "bogus"),
+        ] {
+            let e = ListQuery::parse(q).unwrap_err();
+            assert_eq!(param(e).as_deref(), Some(p), "{q}");
+        }
+    }
 }
