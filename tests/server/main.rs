@@ -537,6 +537,7 @@ async fn a_full_queue_answers_429_and_a_held_engine_is_not_ready() {
             max_batch: 1,
             queue_capacity: 1,
             score_batch: 8,
+            ..EngineConfig::default()
         },
     );
     let app = at::init_service(make_app(st.clone())).await;
@@ -828,5 +829,6 @@ async fn serves_over_a_real_socket_on_port_0() {
 }
 mod contract_fixes;
 mod deploy;
+mod hardening;
 mod hardening_http;
 mod takedowns;

@@ -118,9 +118,21 @@ pub async fn detokenize(
     Ok(HttpResponse::Ok().json(serde_json::json!({ "prompt": s.tokenizer.decode(&tokens)? })))
 }
 
-/// Liveness: the process answers. Never depends on the model or a running job.
-pub async fn livez() -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
+/// Liveness: the process answers and its long-lived threads (the engine, the unlearning worker,
+/// the auditor) are running. Never depends on the model, the load or a running job: a busy
+/// engine is alive; one whose thread ended is not, and only a restart brings it back.
+pub async fn livez(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    if !state.engine.is_alive() {
+        return Err(ApiError::Unavailable(
+            "the engine thread has stopped; restart the process".into(),
+        ));
+    }
+    if state.takedowns.as_ref().is_some_and(|t| !t.threads_alive()) {
+        return Err(ApiError::Unavailable(
+            "the unlearning worker or the auditor thread has stopped; restart the process".into(),
+        ));
+    }
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ok" })))
 }
 
 /// Whether the engine answers a probe within 2 s; recorded as `lethe_ready`.

@@ -103,8 +103,16 @@ pub async fn create(
             param: Some("sequences".into()),
         });
     }
-    let (k, n) = (def.k(), def.n());
+    let span = def.span();
     let ctx = s.model.spec().context_length;
+    if span > ctx {
+        return Err(ApiError::invalid(
+            "definition",
+            format!(
+                "{def} needs k + n = {span} tokens, more than the model's context length {ctx}"
+            ),
+        ));
+    }
     let vocab = s.model.spec().vocab_size;
     let mut seqs = Vec::with_capacity(r.sequences.len());
     let mut bad = Vec::new();
@@ -123,10 +131,9 @@ pub async fn create(
             _ => Err("must be a string or a list of token ids".into()),
         };
         match ids {
-            Ok(ids) if ids.len() < k + n => bad.push(format!(
-                "sequences[{i}]: {} tokens, fewer than k + n = {} for definition {def}",
+            Ok(ids) if ids.len() < span => bad.push(format!(
+                "sequences[{i}]: {} tokens, fewer than k + n = {span} for definition {def}",
                 ids.len(),
-                k + n
             )),
             Ok(ids) if ids.len() > ctx => bad.push(format!(
                 "sequences[{i}]: {} tokens, more than the context length {ctx}",
@@ -175,8 +182,12 @@ pub async fn create(
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?
     .map_err(store_error)?;
-    for seq in &t.sequences {
-        svc.guard.add(seq);
+    // A retry with the key of a takedown cancelled since must not re-arm its guard: only a
+    // takedown that is not cancelled is guarded (the store's `sequences_to_guard` agrees).
+    if t.state != State::Cancelled {
+        for seq in &t.sequences {
+            svc.guard.add(seq);
+        }
     }
     if created {
         tracing::info!(id = %t.id, sequences = t.sequences.len(), "takedown accepted");
