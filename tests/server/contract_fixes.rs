@@ -70,6 +70,15 @@ async fn characters_outside_the_vocabulary_are_named_with_their_position() {
     .await;
     let m = assert_names(&r, "prompt", "completions");
     assert!(m.contains("'x'") && m.contains("position 11"), "{m}");
+    // In a list of prompts, the one at fault is named.
+    let r = post(
+        &app,
+        "/v1/completions",
+        json!({"prompt": ["^1 2", "^3 x"], "max_tokens": 1}),
+    )
+    .await;
+    let m = assert_names(&r, "prompt[1]", "completions list");
+    assert!(m.contains("'x'") && m.contains("position 3"), "{m}");
     let long = PROMPT.to_string() + " 1910 1917 1924 1931 1938";
     for (seq, param) in [
         (json!(format!("{long}é")), "sequences[0]"),

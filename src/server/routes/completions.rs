@@ -116,9 +116,9 @@ fn parse_prompts(v: &Value, s: &Served, max_prompts: usize) -> Result<Vec<Prompt
             })
             .collect()
     };
-    let text_prompt = |t: &str| -> Result<Prompt, ApiError> {
+    let text_prompt = |t: &str, field: &str| -> Result<Prompt, ApiError> {
         Ok(Prompt {
-            ids: s.tokenizer.encode(t)?,
+            ids: s.tokenizer.encode_field(field, t)?,
             text: t.to_string(),
         })
     };
@@ -129,13 +129,14 @@ fn parse_prompts(v: &Value, s: &Served, max_prompts: usize) -> Result<Vec<Prompt
         })
     };
     let prompts = match v {
-        Value::String(t) => vec![text_prompt(t)?],
+        Value::String(t) => vec![text_prompt(t, "prompt")?],
         Value::Array(items) if items.is_empty() => {
             return Err(ApiError::invalid("prompt", "must not be an empty list"))
         }
         Value::Array(items) if items.iter().all(Value::is_string) => items
             .iter()
-            .map(|t| text_prompt(t.as_str().unwrap_or_default()))
+            .enumerate()
+            .map(|(i, t)| text_prompt(t.as_str().unwrap_or_default(), &format!("prompt[{i}]")))
             .collect::<Result<_, _>>()?,
         Value::Array(items) if items.iter().all(Value::is_number) => {
             vec![id_prompt(ids_of(items, "prompt")?)?]

@@ -119,7 +119,11 @@ pub async fn create(
     for (i, v) in r.sequences.iter().enumerate() {
         let ids: Result<Vec<u32>, String> = match v {
             Value::String(t) if t.is_empty() => Err("is empty".into()),
-            Value::String(t) => s.tokenizer.encode(t).map_err(|e| e.to_string()),
+            // "sequences[i]: invalid text: character 'Ú' (U+00DA) at position 0 is not in ..."
+            Value::String(t) => s
+                .tokenizer
+                .encode_field("text", t)
+                .map_err(|e| e.to_string()),
             Value::Array(a) if a.is_empty() => Err("is empty".into()),
             Value::Array(a) => a
                 .iter()
