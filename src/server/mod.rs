@@ -84,7 +84,7 @@ pub fn app_with(
                     Err(panic) => Err(panic),
                 };
                 let res = caught.unwrap_or_else(|panic| {
-                    let reason = panic_message(panic.as_ref());
+                    let reason = crate::supervise::panic_message(panic.as_ref());
                     tracing::error!(%method, route, panic = %reason, "a request handler panicked; answered 500");
                     if let Some(s) = &state {
                         s.metrics.panics.with_label_values(&["http"]).inc();
@@ -128,15 +128,6 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.dec();
     }
-}
-
-/// The text a panic was raised with (`panic!("…")`), or a placeholder.
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// The HTTP server for `state` bound to `addrs`, with lethe's connection limits: the request

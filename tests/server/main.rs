@@ -681,6 +681,11 @@ async fn keys_never_reach_the_logs() {
         .with_writer(move || writer.clone())
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
+    // Other tests run in parallel threads with no subscriber: one of them may register the
+    // middleware's "request" callsite while this thread's subscriber is being registered, and
+    // cache its interest as "never" (the line then goes missing here). Recompute it now that
+    // this subscriber exists.
+    tracing::callsite::rebuild_interest_cache();
     let keyed = Auth {
         api_key: Some(Secret::new("sk-infer-SECRET-1")),
         admin_key: Some(Secret::new("sk-admin-SECRET-2")),
