@@ -201,7 +201,10 @@ fn balanced_subnet_forgets_the_memorized_rows_and_keeps_accuracy() {
         mode: Mode::Balanced,
         ratio: 0.1,
         w: 0.9,
-        max_steps: 200,
+        // Early stopping ends the run as soon as nothing is extractable. 200 steps sufficed on
+        // CPUs with AVX-512; on one without it (other kernels, other rounding) the one
+        // memorized row of this tiny model was still extractable after 200 (issue #14 session).
+        max_steps: 600,
         check_every: 5,
         forget_per_batch: 4,
         batch_size: 32,
