@@ -4,29 +4,12 @@
 //! naming the field. Every response is validated against the contract by [`send`].
 
 use std::path::Path;
-use std::time::Duration;
 
 use super::*;
-use lethe::server::takedowns::{resolve_current, Datasets, TakedownConfig, Takedowns};
 
 /// A server with takedowns under `dir`; the worker is not started (nothing is unlearned).
 fn takedowns_state(dir: &Path) -> web::Data<AppState> {
-    let mut cfg = TakedownConfig::new(dir.to_path_buf());
-    cfg.audit_interval = Duration::from_secs(3600);
-    let live = resolve_current(&cfg, &lethe::loader::bundled_model_dir()).unwrap();
-    let lm = lethe::loader::load_dir(&live, "live", &Device::Cpu, DType::F32).unwrap();
-    let data = Datasets::for_model(&live, None, None, Vec::new()).unwrap();
-    let served = Served::new(lm, Some("tinymem-noise".into())).unwrap();
-    let td = Takedowns::open(cfg, data).unwrap();
-    web::Data::new(
-        AppState::new(
-            served,
-            EngineConfig::default(),
-            open_auth(),
-            Limits::default(),
-        )
-        .with_takedowns(td),
-    )
+    super::takedowns::takedown_state(dir, false, |_| {})
 }
 
 /// Whether `body` is valid for the request schema of `POST path` in the contract.
