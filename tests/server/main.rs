@@ -8,6 +8,7 @@ mod contract;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{Service, ServiceResponse};
@@ -678,14 +679,10 @@ async fn keys_never_reach_the_logs() {
     let writer = buf.clone();
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
         .with_writer(move || writer.clone())
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
-    // Other tests run in parallel threads with no subscriber: one of them may register the
-    // middleware's "request" callsite while this thread's subscriber is being registered, and
-    // cache its interest as "never" (the line then goes missing here). Recompute it now that
-    // this subscriber exists.
-    tracing::callsite::rebuild_interest_cache();
     let keyed = Auth {
         api_key: Some(Secret::new("sk-infer-SECRET-1")),
         admin_key: Some(Secret::new("sk-admin-SECRET-2")),
@@ -698,6 +695,21 @@ async fn keys_never_reach_the_logs() {
         EngineConfig::default(),
     )))
     .await;
+    // Other tests run in parallel threads with no subscriber. One of them may be registering the
+    // middleware's "request" callsite, with its interest computed before this subscriber existed,
+    // and be descheduled before it lists the callsite (2 cores, ~40 test threads): the cached
+    // interest is then "never" and a single rebuild can run before the callsite is listed. Probe
+    // with a keyless request, rebuilding the cache, until the line arrives (at most 10 s).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        tracing::callsite::rebuild_interest_cache();
+        send(&app, "GET", "/livez", None, &[]).await;
+        if String::from_utf8_lossy(&buf.0.lock().unwrap()).contains("request") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the request log line never arrived");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let body = || {
         Some(
             json!({"prompt": "^1 2", "max_tokens": 2})
@@ -729,7 +741,13 @@ async fn keys_never_reach_the_logs() {
         .await;
     }
     let logs = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
-    assert!(logs.contains("request"), "requests are logged: {logs}");
+    for route in ["/v1/completions", "/v1/audit"] {
+        let logged = logs
+            .lines()
+            .filter(|l| l.contains("request") && l.contains(&format!("route={route}")))
+            .count();
+        assert_eq!(logged, 3, "each {route} request is logged once: {logs}");
+    }
     assert!(logs.contains("configured"));
     assert!(!logs.contains("SECRET"), "a key reached the logs:\n{logs}");
 }
