@@ -27,6 +27,9 @@ pub enum BenchCommand {
     Unlearn(crate::bench_unlearn::UnlearnBenchArgs),
     /// Audit throughput (tinymem definition) on a TinyMem-shaped model.
     Audit(crate::bench_unlearn::AuditBenchArgs),
+    /// Takedown success rate, wall time and drift through the unlearning pipeline (seeded
+    /// random requests of the model's memorized sequences, then sequential takedowns).
+    Takedowns(crate::bench_takedowns::TakedownBenchArgs),
     /// Regurgitation-guard cost per generated token (1,000 protected 64-token sequences).
     Guard(GuardArgs),
 }
@@ -146,6 +149,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Train(a) => train(a),
         BenchCommand::Unlearn(a) => crate::bench_unlearn::unlearn(a),
         BenchCommand::Audit(a) => crate::bench_unlearn::audit_bench(a),
+        BenchCommand::Takedowns(a) => crate::bench_takedowns::run(a),
         BenchCommand::Guard(a) => {
             let mut ns: Vec<f64> = (0..a.runs.max(1))
                 .map(|_| crate::takedown::guard::bench_overhead(a.window, a.tokens))

@@ -6,6 +6,7 @@
 
 pub mod audit;
 pub mod bench;
+pub mod bench_takedowns;
 pub mod bench_unlearn;
 pub mod cli;
 pub mod engine;

@@ -293,14 +293,7 @@ fn sigkill_during_a_job_and_the_takedown_still_completes_after_restart() {
         })
         .expect("a memorized row");
     let data = tempfile::tempdir().unwrap();
-    let fast = [
-        "--unlearn-min-steps",
-        "0",
-        "--unlearn-max-steps",
-        "60",
-        "--unlearn-threads",
-        "2",
-    ];
+    let fast = ["--unlearn-max-steps", "60", "--unlearn-threads", "2"];
     let (mut child, addr) = serve_with(data.path(), &fast);
     let body = serde_json::json!({"sequences": [seq]}).to_string();
     let (status, resp) = http(&addr, "POST", "/v1/takedowns", &body);

@@ -95,20 +95,22 @@ pub struct TakedownArgs {
     /// Cores the unlearning worker may use.
     #[arg(long, env = "LETHE_UNLEARN_THREADS", default_value_t = 1)]
     pub unlearn_threads: usize,
-    /// BalancedSubnet: fraction of each MLP matrix that may be zeroed (first candidate).
+    /// The takedown controller's mask ratio at the start (fraction of each MLP matrix zeroed);
+    /// it raises the ratio only while sequences stay extractable.
     #[arg(long, env = "LETHE_UNLEARN_RATIO", default_value_t = 0.1)]
     pub unlearn_ratio: f64,
-    /// BalancedSubnet: retain weight w in −(1−w)·L_forget + w·L_retain (first candidate).
+    /// The highest mask ratio the controller may reach.
+    #[arg(long, env = "LETHE_UNLEARN_MAX_RATIO", default_value_t = 0.5)]
+    pub unlearn_max_ratio: f64,
+    /// BalancedSubnet: retain weight w in −(1−w)·L_forget + w·L_retain.
     #[arg(long, env = "LETHE_UNLEARN_W", default_value_t = 0.9)]
     pub unlearn_w: f64,
-    /// Balanced mode: steps before early stopping may end a candidate.
-    #[arg(long, env = "LETHE_UNLEARN_MIN_STEPS", default_value_t = 200)]
-    pub unlearn_min_steps: usize,
-    /// Balanced mode: most steps per candidate.
-    #[arg(long, env = "LETHE_UNLEARN_MAX_STEPS", default_value_t = 200)]
+    /// Most unlearning steps in one job.
+    #[arg(long, env = "LETHE_UNLEARN_MAX_STEPS", default_value_t = 2000)]
     pub unlearn_max_steps: usize,
-    /// Wall-time budget of one job's candidates, in seconds.
-    #[arg(long, env = "LETHE_UNLEARN_BUDGET_SECONDS", default_value_t = 1800.0)]
+    /// Wall-time budget of one job's unlearning, in seconds; a job with no gate-passing model
+    /// by then is rejected with its report.
+    #[arg(long, env = "LETHE_UNLEARN_BUDGET_SECONDS", default_value_t = 600.0)]
     pub unlearn_budget_seconds: f64,
     /// Gate: largest relative held-out perplexity increase (0.02 = +2 %).
     #[arg(long, env = "LETHE_PERPLEXITY_BUDGET", default_value_t = 0.02)]
@@ -147,15 +149,17 @@ impl TakedownArgs {
         c.guard_window = self.guard_window;
         c.max_sequences = self.max_takedown_sequences;
         c.worker_threads = self.unlearn_threads;
-        c.unlearn.ratio = self.unlearn_ratio;
-        c.unlearn.w = self.unlearn_w;
-        c.unlearn.min_steps = self.unlearn_min_steps;
-        c.unlearn.max_steps = self.unlearn_max_steps;
-        c.unlearn.validate()?;
-        c.budget_seconds = self.unlearn_budget_seconds;
-        c.perplexity_budget = self.perplexity_budget;
-        c.accuracy_budget = self.accuracy_budget;
-        c.canary_budget = self.canary_budget;
+        let ctl = &mut c.pipeline.controller;
+        ctl.start_ratio = self.unlearn_ratio;
+        ctl.max_ratio = self.unlearn_max_ratio;
+        ctl.w = self.unlearn_w;
+        ctl.max_steps = self.unlearn_max_steps;
+        ctl.budget_seconds = self.unlearn_budget_seconds;
+        ctl.validate()?;
+        let gates = &mut c.pipeline.gates;
+        gates.perplexity_budget = self.perplexity_budget;
+        gates.accuracy_budget = self.accuracy_budget;
+        gates.canary_budget = self.canary_budget;
         c.audit_interval = std::time::Duration::from_secs(self.audit_interval_seconds.max(1));
         Ok(c)
     }

@@ -180,7 +180,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             .transpose()
     };
     let ta = &config.takedown_args;
-    let data = takedowns::Datasets::for_model(
+    let data = crate::unlearn::pipeline::Datasets::for_model(
         &live_dir,
         read(&ta.retain_data)?,
         read(&ta.eval_data)?,

@@ -25,22 +25,18 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Tensor};
-use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::metrics::Metrics;
 use super::state::{content_hash, AppState, Served};
-use crate::audit::{self, AuditItem, AuditResult, Definition};
+use crate::audit::{self, AuditItem};
 use crate::engine::generate::{Filter, FilterState, OutputFilter};
 use crate::error::{Error, Result};
 use crate::models::Inputs;
 use crate::supervise::{self, FaultPoint, Faults, SetOnDrop};
 use crate::takedown::{versions, Checker, Guard, NewVersion, State, Store, Takedown};
-use crate::tinymem::data::{Dataset, Role, Split};
-use crate::tinymem::train::Card;
-use crate::unlearn::cli::{mean_accuracy, quality};
-use crate::unlearn::search::Quality;
-use crate::unlearn::{balanced_subnet, BalancedSubnetConfig, JobControl, Mode};
+use crate::unlearn::pipeline::{self, Baseline, Datasets, PipelineConfig};
+use crate::unlearn::JobControl;
 
 /// Takedown settings (flags of `lethe serve`).
 #[derive(Debug, Clone)]
@@ -52,18 +48,8 @@ pub struct TakedownConfig {
     pub max_sequences: usize,
     /// Cores the worker may use (a rayon pool of this size).
     pub worker_threads: usize,
-    /// The first BalancedSubnet configuration tried.
-    pub unlearn: BalancedSubnetConfig,
-    /// Later candidates as (ratio, w), tried when a candidate fails the gates.
-    pub fallbacks: Vec<(f64, f64)>,
-    /// Wall-time budget for one job's candidates, in seconds.
-    pub budget_seconds: f64,
-    /// Largest allowed relative perplexity increase on held-out data (0.02 = +2 %).
-    pub perplexity_budget: f64,
-    /// TinyMem: largest allowed drop of mean relative test accuracy (0.005 = 0.5 %).
-    pub accuracy_budget: f64,
-    /// Largest allowed relative perplexity change of the canary set.
-    pub canary_budget: f64,
+    /// The unlearning pipeline: the controller's settings and the gates' budgets.
+    pub pipeline: PipelineConfig,
     /// How often the auditor re-audits applied takedowns (it also runs after every swap).
     pub audit_interval: Duration,
     /// Fault injection for tests (never set in production).
@@ -77,62 +63,10 @@ impl TakedownConfig {
             guard_window: 16,
             max_sequences: 64,
             worker_threads: 1,
-            unlearn: BalancedSubnetConfig {
-                mode: Mode::Balanced,
-                ratio: 0.1,
-                min_steps: 200,
-                ..BalancedSubnetConfig::default()
-            },
-            fallbacks: vec![(0.3, 0.9), (0.5, 0.95)],
-            budget_seconds: 1800.0,
-            perplexity_budget: 0.02,
-            accuracy_budget: 0.005,
-            canary_budget: 0.02,
+            pipeline: PipelineConfig::default(),
             audit_interval: Duration::from_secs(300),
             faults: Faults::default(),
         }
-    }
-}
-
-/// The data the worker trains and validates with.
-pub struct Datasets {
-    /// Rows to keep working (the retain set).
-    pub retain: Vec<Vec<u32>>,
-    /// Held-out rows for the perplexity gate (ignored for TinyMem, which uses its test tasks).
-    pub heldout: Vec<Vec<u32>>,
-    /// Optional canaries whose perplexity must not move beyond budget.
-    pub canary: Vec<Vec<u32>>,
-    /// The TinyMem dataset, when the model has a TinyMem card.
-    pub tinymem: Option<Dataset>,
-}
-
-impl Datasets {
-    /// TinyMem defaults from the model's card: retain = the clean training rows, held-out =
-    /// the test tasks. Other models need `retain` from a file.
-    pub fn for_model(
-        dir: &Path,
-        retain: Option<Vec<Vec<u32>>>,
-        heldout: Option<Vec<Vec<u32>>>,
-        canary: Vec<Vec<u32>>,
-    ) -> Result<Self> {
-        let tinymem = Card::read(dir).ok().map(|c| c.dataset()).transpose()?;
-        let retain = match (retain, &tinymem) {
-            (Some(r), _) => r,
-            (None, Some(ds)) => ds
-                .rows
-                .iter()
-                .filter(|r| r.split == Split::Train && r.role == Role::Clean)
-                .map(|r| r.ids.clone())
-                .collect(),
-            (None, None) => Vec::new(),
-        };
-        let heldout = heldout.unwrap_or_else(|| retain.iter().take(256).cloned().collect());
-        Ok(Self {
-            retain,
-            heldout,
-            canary,
-            tinymem,
-        })
     }
 }
 
@@ -154,57 +88,10 @@ pub struct Takedowns {
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// Worker and auditor threads started and not yet ended.
     live_threads: std::sync::atomic::AtomicUsize,
-}
-
-/// One sequence of a takedown, parsed under its definition.
-#[derive(Debug, Clone, Serialize)]
-struct Target {
-    takedown: String,
-    index: usize,
-    sha256: String,
-    #[serde(skip)]
-    sequence: Vec<u32>,
-    #[serde(skip)]
-    item: AuditItem,
-}
-
-/// sha256 of a token sequence (little-endian u32s), hex.
-pub fn sequence_sha256(seq: &[u32]) -> String {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    for t in seq {
-        h.update(t.to_le_bytes());
-    }
-    super::state::hex(&h.finalize())
-}
-
-fn targets(tds: &[Takedown]) -> Result<Vec<Target>> {
-    let mut out = Vec::new();
-    for td in tds {
-        let def: Definition = td.definition.parse()?;
-        for (index, seq) in td.sequences.iter().enumerate() {
-            out.push(Target {
-                takedown: td.id.clone(),
-                index,
-                sha256: sequence_sha256(seq),
-                item: def.split(seq)?,
-                sequence: seq.clone(),
-            });
-        }
-    }
-    Ok(out)
-}
-
-/// Before/after numbers of one candidate.
-#[derive(Debug, Clone, Serialize)]
-struct Evaluation {
-    memorized: Vec<bool>,
-    matched_prefix: Vec<usize>,
-    accuracy: Option<f64>,
-    /// Held-out perplexity and per-task accuracies (serialized flat: `perplexity`, ...).
-    #[serde(flatten)]
-    quality: Quality,
-    canary_perplexity: Option<f64>,
+    /// The gates' quality numbers of one version (its id and them): the auditor measures the
+    /// live version, and a job caches what the gates measured on the version it publishes, so
+    /// the next job starts without measuring its parent again.
+    quality_cache: Mutex<Option<(String, Baseline)>>,
 }
 
 impl Takedowns {
@@ -231,6 +118,7 @@ impl Takedowns {
             running: Mutex::new(None),
             threads: Mutex::new(Vec::new()),
             live_threads: std::sync::atomic::AtomicUsize::new(0),
+            quality_cache: Mutex::new(None),
         })
     }
 
@@ -353,6 +241,20 @@ impl Takedowns {
                 continue;
             }
             let _ = t.join();
+        }
+    }
+
+    /// The cached quality of `version`, if it is the one cached.
+    fn cached_quality(&self, version: &str) -> Option<Baseline> {
+        let g = self.quality_cache.lock().ok()?;
+        g.as_ref()
+            .filter(|(v, _)| v == version)
+            .map(|(_, b)| b.clone())
+    }
+
+    fn cache_quality(&self, version: &str, b: Baseline) {
+        if let Ok(mut g) = self.quality_cache.lock() {
+            *g = Some((version.to_string(), b));
         }
     }
 
@@ -524,74 +426,6 @@ enum JobEnd {
     Interrupted,
 }
 
-fn evaluate(
-    served: &Served,
-    targets: &[Target],
-    data: &Datasets,
-    model: &crate::models::Model,
-) -> Result<(Evaluation, Vec<AuditResult>)> {
-    let items: Vec<AuditItem> = targets.iter().map(|t| t.item.clone()).collect();
-    let (results, _) = audit::audit(model, Some(&served.tokenizer), &items, 64)?;
-    let q: Quality = quality(model, data.tinymem.as_ref(), &data.heldout)?;
-    let canary_perplexity = if data.canary.is_empty() {
-        None
-    } else {
-        let s = crate::engine::score(model, &data.canary, 32)?;
-        Some(s.iter().map(|x| x.perplexity).sum::<f64>() / s.len() as f64)
-    };
-    Ok((
-        Evaluation {
-            memorized: results.iter().map(|r| r.memorized).collect(),
-            matched_prefix: results.iter().map(|r| r.matched_prefix).collect(),
-            accuracy: mean_accuracy(&q),
-            quality: q,
-            canary_perplexity,
-        },
-        results,
-    ))
-}
-
-/// The gates: returns the reasons a candidate fails (empty = it passes).
-fn gate_failures(cfg: &TakedownConfig, before: &Evaluation, after: &Evaluation) -> Vec<String> {
-    let mut why = Vec::new();
-    let still = after.memorized.iter().filter(|m| **m).count();
-    if still > 0 {
-        why.push(format!(
-            "{still} of {} sequences are still extractable",
-            after.memorized.len()
-        ));
-    }
-    let drift = after.quality.perplexity / before.quality.perplexity - 1.0;
-    // NaN (a diverged model) fails every gate.
-    if drift.is_nan() || drift > cfg.perplexity_budget {
-        why.push(format!(
-            "perplexity drift {:+.3}% is over the budget of {:+.3}%",
-            drift * 100.0,
-            cfg.perplexity_budget * 100.0
-        ));
-    }
-    if let Some(rel) = before.quality.relative_accuracy_change(&after.quality) {
-        if rel.is_nan() || rel < -cfg.accuracy_budget {
-            why.push(format!(
-                "mean relative accuracy change {:+.3}% is below −{:.3}%",
-                rel * 100.0,
-                cfg.accuracy_budget * 100.0
-            ));
-        }
-    }
-    if let (Some(b), Some(a)) = (before.canary_perplexity, after.canary_perplexity) {
-        let d = (a / b - 1.0).abs();
-        if d.is_nan() || d > cfg.canary_budget {
-            why.push(format!(
-                "canary perplexity moved {:.3}%, over the budget of {:.3}%",
-                d * 100.0,
-                cfg.canary_budget * 100.0
-            ));
-        }
-    }
-    why
-}
-
 fn run_job(
     state: &AppState,
     td: &Takedowns,
@@ -600,149 +434,121 @@ fn run_job(
     ctl: &JobControl,
 ) -> Result<JobEnd> {
     let base = state.served();
-    let targets = targets(claimed)?;
+    let targets = crate::takedown::targets(claimed)?;
     let forget: Vec<Vec<u32>> = targets.iter().map(|t| t.sequence.clone()).collect();
     td.config.faults.at(FaultPoint::Job { sequences: &forget });
-    let items: Vec<AuditItem> = targets.iter().map(|t| t.item.clone()).collect();
-    // Progress only moves forward, across candidates too.
+    let root = root_baseline(td, &base.version);
+    let parent = td.cached_quality(&base.version);
+    let cfg = &td.config.pipeline;
+    // Progress only moves forward: the larger of the step and time fractions of the run's
+    // budgets, over the 0..0.9 span (publishing takes the rest).
     let high_water = Mutex::new(0.0f64);
-    let set_phase = |phase: &str, progress: f64, eta: Option<f64>| {
+    let phase = Mutex::new(String::from("auditing"));
+    let report = |progress: f64| {
         let progress = {
             let mut hw = high_water.lock().unwrap_or_else(|e| e.into_inner());
             *hw = hw.max(progress);
             *hw
         };
-        if let Err(e) = td.store.set_progress(job, phase, Some(progress), eta) {
+        let name = phase.lock().map(|p| p.clone()).unwrap_or_default();
+        if let Err(e) = td.store.set_progress(job, &name, Some(progress), None) {
             tracing::warn!(error = %e, "recording progress failed");
         }
         state.metrics.unlearn_job_progress.set(progress);
     };
-    set_phase("auditing", 0.0, None);
-    let (before, before_results) = evaluate(&base, &targets, &td.data, &base.model)?;
-    let mut candidates: Vec<BalancedSubnetConfig> = vec![td.config.unlearn.clone()];
-    for &(ratio, w) in &td.config.fallbacks {
-        candidates.push(BalancedSubnetConfig {
-            ratio,
-            w,
-            ..td.config.unlearn.clone()
-        });
-    }
-    let start = Instant::now();
-    let mut tried = Vec::new();
-    for (ci, cfg) in candidates.iter().enumerate() {
-        if td.stopping() {
-            return Ok(JobEnd::Interrupted);
-        }
-        if ci > 0 && start.elapsed().as_secs_f64() > td.config.budget_seconds {
-            break;
-        }
-        // Progress reporter: copies the job's step counter into the store once a second and
-        // cancels the job when all its takedowns were cancelled.
-        let done = Arc::new(AtomicBool::new(false));
-        let reporter = {
-            let (done, ctl) = (done.clone(), ctl.clone());
-            let (ci, n) = (ci, candidates.len());
-            let t0 = Instant::now();
-            std::thread::scope(|s| {
-                let h = s.spawn(|| {
-                    while !done.load(Ordering::SeqCst) {
-                        std::thread::sleep(Duration::from_millis(500));
-                        let p = ctl.progress();
-                        let frac = if p.total_steps > 0 {
-                            p.step as f64 / p.total_steps as f64
-                        } else {
-                            0.0
-                        };
-                        let eta = (p.step > 0).then(|| {
-                            t0.elapsed().as_secs_f64() / p.step as f64
-                                * (p.total_steps.saturating_sub(p.step)) as f64
-                        });
-                        // Each candidate owns an equal share of the 0..0.9 unlearning span.
-                        set_phase(
-                            &format!("unlearning (candidate {} of {n})", ci + 1),
-                            (ci as f64 + frac.min(1.0)) / n as f64 * 0.9,
-                            eta,
-                        );
-                        td.cancel_check();
-                    }
-                });
-                // Set even if the unlearning panics, so the reporter ends and the scope can unwind.
-                let _done = SetOnDrop(&done);
-                let out = balanced_subnet(&base.model, &forget, &td.data.retain, &items, cfg, &ctl);
-                drop(_done);
-                let _ = h.join();
-                out
-            })
-        };
-        let out = reporter?;
-        if let Err(e) = td.store.mark_validating(job) {
-            tracing::warn!(error = %e, "marking the job validating failed");
-        }
-        set_phase(
-            "validating",
-            (ci + 1) as f64 / candidates.len() as f64 * 0.9,
-            None,
-        );
-        let (after, after_results) = evaluate(&base, &targets, &td.data, &out.model)?;
-        let failures = gate_failures(&td.config, &before, &after);
-        let report = json!({
-            "job": job,
-            "candidate": ci,
-            "config": cfg,
-            "steps": out.steps,
-            "unlearn_seconds": out.seconds,
-            "weights_zeroed": out.zeros_per_matrix.iter().map(|(a, b)| a + b).sum::<usize>(),
-            "before": before,
-            "after": after,
-            "gates_failed": failures,
-            "base_version": base.version,
-            "sequences": targets.iter().zip(before_results.iter().zip(&after_results)).map(|(t, (b, a))| json!({
-                "takedown": t.takedown, "index": t.index, "sha256": t.sha256,
-                "before": {"memorized": b.memorized, "matched_prefix": b.matched_prefix, "match_fraction": b.match_fraction},
-                "after": {"memorized": a.memorized, "matched_prefix": a.matched_prefix, "match_fraction": a.match_fraction},
-            })).collect::<Vec<_>>(),
-        });
-        if !failures.is_empty() {
-            tracing::warn!(candidate = ci, ?failures, "candidate failed the gates");
-            tried.push(report);
-            if ci + 1 < candidates.len() {
-                if let Err(e) = td.store.mark_running(job) {
-                    tracing::warn!(error = %e, "marking the job running again failed");
-                }
+    let on_phase = |name: &str| {
+        if let Ok(mut p) = phase.lock() {
+            if *p != name {
+                *p = name.to_string();
             }
-            continue;
         }
-        set_phase("publishing", 0.96, None);
-        let swap_start = Instant::now();
-        let mut report = report;
-        report["rejected_candidates"] = json!(tried);
-        let Some(version) = publish(state, td, job, &base, &out.model, &report)? else {
-            // The live version moved (a rollback) while the job ran: its result edits a
-            // version that is no longer live, so the takedowns go back to the queue and the
-            // next job unlearns them on top of the new live version.
-            tracing::warn!(%job, "the live version changed during the job; re-queued");
-            return Ok(JobEnd::Interrupted);
-        };
-        state
-            .metrics
-            .model_swap_duration
-            .observe(swap_start.elapsed().as_secs_f64());
-        return Ok(JobEnd::Applied { version });
+    };
+    report(0.0);
+    let t0 = Instant::now();
+    let done = AtomicBool::new(false);
+    let decision = std::thread::scope(|s| {
+        // Copies the job's step counter into the store twice a second and cancels the job when
+        // all its takedowns were cancelled.
+        let h = s.spawn(|| {
+            while !done.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(500));
+                let p = ctl.progress();
+                let steps = if p.total_steps > 0 {
+                    p.step as f64 / p.total_steps as f64
+                } else {
+                    0.0
+                };
+                let time = t0.elapsed().as_secs_f64() / cfg.controller.budget_seconds.max(1.0);
+                report(steps.max(time).min(1.0) * 0.9);
+                td.cancel_check();
+            }
+        });
+        // Set even if the pipeline panics, so the reporter ends and the scope can unwind.
+        let _done = SetOnDrop(&done);
+        let out = pipeline::run(
+            &base.model,
+            Some(&base.tokenizer),
+            &targets,
+            &td.data,
+            pipeline::Lineage {
+                parent: parent.as_ref(),
+                root: root.as_ref(),
+            },
+            cfg,
+            ctl,
+            &on_phase,
+        );
+        drop(_done);
+        let _ = h.join();
+        out
+    })?;
+    if td.stopping() {
+        return Ok(JobEnd::Interrupted);
     }
-    let reason = tried
-        .last()
-        .and_then(|r| r["gates_failed"].as_array().cloned())
-        .map(|v| {
-            v.iter()
-                .filter_map(|x| x.as_str().map(str::to_string))
-                .collect::<Vec<_>>()
-                .join("; ")
-        })
-        .unwrap_or_else(|| "no candidate finished within the budget".into());
-    Ok(JobEnd::Rejected {
-        reason,
-        report: json!({ "candidates": tried, "base_version": base.version }),
-    })
+    let mut report_json = decision.report;
+    report_json["job"] = json!(job);
+    report_json["base_version"] = json!(base.version);
+    if !decision.passed {
+        let reason = decision
+            .rejection
+            .unwrap_or_else(|| "no model passed the gates".into());
+        return Ok(JobEnd::Rejected {
+            reason,
+            report: report_json,
+        });
+    }
+    let model = decision.model;
+    let new_quality = decision.quality;
+    if let Err(e) = td.store.mark_validating(job) {
+        tracing::warn!(error = %e, "marking the job validating failed");
+    }
+    if let Ok(mut p) = phase.lock() {
+        *p = "publishing".into();
+    }
+    report(0.96);
+    let swap_start = Instant::now();
+    let Some(version) = publish(state, td, job, &base, &model, &report_json)? else {
+        // The live version moved (a rollback) while the job ran: its result edits a
+        // version that is no longer live, so the takedowns go back to the queue and the
+        // next job unlearns them on top of the new live version.
+        tracing::warn!(%job, "the live version changed during the job; re-queued");
+        return Ok(JobEnd::Interrupted);
+    };
+    state
+        .metrics
+        .model_swap_duration
+        .observe(swap_start.elapsed().as_secs_f64());
+    if let Some(q) = new_quality {
+        td.cache_quality(&version, q);
+    }
+    Ok(JobEnd::Applied { version })
+}
+
+/// The lineage's root quality, from the live version's report (`None` while the root is live:
+/// the pipeline then takes the parent's own numbers).
+fn root_baseline(td: &Takedowns, live: &str) -> Option<Baseline> {
+    let v = td.store.get_version(live).ok()?;
+    Baseline::from_report(&v.metrics)
 }
 
 /// Writes, reloads and smoke-tests a new version; then, in one store transaction, registers
@@ -862,7 +668,7 @@ fn audit_once(state: &AppState, td: &Takedowns, live: &Served) -> Result<()> {
         .store
         .list(None, usize::MAX, Some(State::Applied))
         .map_err(|e| store_err(&e))?;
-    let t = targets(&applied)?;
+    let t = crate::takedown::targets(&applied)?;
     let m = &state.metrics;
     if !t.is_empty() {
         let items: Vec<AuditItem> = t.iter().map(|x| x.item.clone()).collect();
@@ -876,19 +682,24 @@ fn audit_once(state: &AppState, td: &Takedowns, live: &Served) -> Result<()> {
             .set(0.0);
     }
     if !td.data.heldout.is_empty() || td.data.tinymem.is_some() {
-        let q = quality(&live.model, td.data.tinymem.as_ref(), &td.data.heldout)?;
+        let b = match td.cached_quality(&live.version) {
+            Some(b) => b,
+            None => {
+                let b = pipeline::measure(&live.model, &td.data)?;
+                td.cache_quality(&live.version, b.clone());
+                b
+            }
+        };
         m.perplexity
             .with_label_values(&["heldout"])
-            .set(q.perplexity);
+            .set(b.quality.perplexity);
         if let Some(root_ppl) = root_perplexity(td, &live.version) {
-            m.perplexity_drift.set(q.perplexity / root_ppl - 1.0);
+            m.perplexity_drift
+                .set(b.quality.perplexity / root_ppl - 1.0);
         }
-    }
-    if !td.data.canary.is_empty() {
-        let s = crate::engine::score(&live.model, &td.data.canary, 32)?;
-        m.perplexity
-            .with_label_values(&["canary"])
-            .set(s.iter().map(|x| x.perplexity).sum::<f64>() / s.len() as f64);
+        if let Some(c) = b.canary_perplexity {
+            m.perplexity.with_label_values(&["canary"]).set(c);
+        }
     }
     Ok(())
 }

@@ -124,3 +124,21 @@ pub(crate) fn random_hex(bytes: usize) -> String {
     rand::Rng::fill(&mut rand::rng(), buf.as_mut_slice());
     crate::server::state::hex(&buf)
 }
+
+/// Every sequence of `tds` as a forget target of the unlearning pipeline, split under its
+/// takedown's definition.
+pub fn targets(tds: &[Takedown]) -> crate::error::Result<Vec<crate::unlearn::pipeline::Target>> {
+    let mut out = Vec::new();
+    for td in tds {
+        let def: crate::audit::Definition = td.definition.parse()?;
+        for (index, seq) in td.sequences.iter().enumerate() {
+            out.push(crate::unlearn::pipeline::Target::new(
+                td.id.clone(),
+                index,
+                seq.clone(),
+                def.split(seq)?,
+            ));
+        }
+    }
+    Ok(out)
+}

@@ -251,6 +251,46 @@ pub struct EvalReport {
 }
 
 /// Evaluates `model` on `ds`'s artifact and clean test tasks.
+/// Accuracy and perplexity on the clean test tasks (spec §3.3, §3.4), the part of
+/// [`evaluate`] that measures quality rather than memorization.
+#[derive(Debug, Clone, Default)]
+pub struct TaskQuality {
+    pub accuracy_by_task: std::collections::BTreeMap<String, f64>,
+    /// Mean over tasks.
+    pub accuracy: f64,
+    pub accuracy_non_pad: f64,
+    pub perplexity: f64,
+}
+
+/// [`TaskQuality`] of `model` on `ds`'s clean test tasks.
+pub fn task_quality(model: &Model, ds: &Dataset, p: &EvalParams) -> Result<TaskQuality> {
+    let cfg = &ds.config;
+    let mut out = TaskQuality::default();
+    let clean_tasks: Vec<String> = std::iter::once(cfg.main_step)
+        .chain(cfg.aux_steps.iter().copied())
+        .map(|c| c.to_string())
+        .collect();
+    let (mut acc, mut np, mut ppl) = (0.0, 0.0, 0.0);
+    let mut n = 0usize;
+    for (name, rows) in ds.test_sets() {
+        if !clean_tasks.contains(&name) || rows.is_empty() {
+            continue;
+        }
+        let m = task_metrics(model, &rows, p.batch_size)?;
+        out.accuracy_by_task.insert(name, m.accuracy);
+        acc += m.accuracy;
+        np += m.accuracy_non_pad;
+        ppl += m.perplexity;
+        n += 1;
+    }
+    if n > 0 {
+        out.accuracy = acc / n as f64;
+        out.accuracy_non_pad = np / n as f64;
+        out.perplexity = ppl / n as f64;
+    }
+    Ok(out)
+}
+
 pub fn evaluate(model: &Model, ds: &Dataset, p: &EvalParams) -> Result<EvalReport> {
     let start = std::time::Instant::now();
     let cfg = &ds.config;
@@ -282,28 +322,11 @@ pub fn evaluate(model: &Model, ds: &Dataset, p: &EvalParams) -> Result<EvalRepor
             report.attack_eligible = Some(m.eligible);
         }
     }
-    let clean_tasks: Vec<String> = std::iter::once(cfg.main_step)
-        .chain(cfg.aux_steps.iter().copied())
-        .map(|c| c.to_string())
-        .collect();
-    let (mut acc, mut np, mut ppl) = (0.0, 0.0, 0.0);
-    let mut n = 0usize;
-    for (name, rows) in ds.test_sets() {
-        if !clean_tasks.contains(&name) || rows.is_empty() {
-            continue;
-        }
-        let m = task_metrics(model, &rows, p.batch_size)?;
-        report.accuracy_by_task.insert(name, m.accuracy);
-        acc += m.accuracy;
-        np += m.accuracy_non_pad;
-        ppl += m.perplexity;
-        n += 1;
-    }
-    if n > 0 {
-        report.accuracy = acc / n as f64;
-        report.accuracy_non_pad = np / n as f64;
-        report.perplexity = ppl / n as f64;
-    }
+    let t = task_quality(model, ds, p)?;
+    report.accuracy_by_task = t.accuracy_by_task;
+    report.accuracy = t.accuracy;
+    report.accuracy_non_pad = t.accuracy_non_pad;
+    report.perplexity = t.perplexity;
     report.seconds = start.elapsed().as_secs_f64();
     Ok(report)
 }

@@ -14,16 +14,17 @@ use candle_core::DType;
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
+use super::controller::ControllerConfig;
 use super::durable::durable;
-use super::search::{paper_grid, search, Candidate, Quality};
+use super::pipeline::{self, Baseline, Datasets, Gates, PipelineConfig, Target};
+use super::quality::{mean_accuracy, quality, Quality};
+use super::search::{paper_grid, search, Candidate};
 use super::{balanced_subnet, BalancedSubnetConfig, JobControl, Method, Mode, Outcome};
 use crate::audit::cli::read_rows;
-use crate::audit::{self, AuditItem, Definition};
+use crate::audit::{AuditItem, Definition};
 use crate::cli::ModelArgs;
-use crate::engine;
 use crate::models::Model;
-use crate::tinymem::data::{Dataset, Role, Split};
-use crate::tinymem::eval::{self, EvalParams};
+use crate::tinymem::data::{Role, Split};
 use crate::tinymem::train::{Card, CARD_FILE};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -36,9 +37,14 @@ pub enum MethodArg {
     DurableAgg,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ModeArg {
+    /// The takedown controller (what `lethe serve` runs): ratio raised only while sequences
+    /// stay extractable, forget term on the extractable ones, stops once the gates pass.
+    Controller,
+    /// The paper's schedule: shuffled passes over forget ∪ retain.
     Paper,
+    /// Fixed-size balanced batches with early stopping.
     Balanced,
 }
 
@@ -49,29 +55,34 @@ pub struct UnlearnArgs {
     /// JSONL forget set (rows as `lethe audit` reads them; `lethe tinymem audit --out` writes one).
     #[arg(long)]
     pub forget: PathBuf,
-    /// Retain set: a JSONL file, `tinymem` (the model's training rows, noised ones included, as
-    /// the paper does) or `tinymem-clean` (its clean training rows only).
-    #[arg(long, default_value = "tinymem")]
+    /// Retain set: a JSONL file, `tinymem-clean` (the model's clean training rows, what
+    /// `lethe serve` uses) or `tinymem` (its training rows, noised ones included, as the paper
+    /// does).
+    #[arg(long, default_value = "tinymem-clean")]
     pub retain: String,
     /// Held-out text for perplexity (non-TinyMem models; default: the first 256 retain rows).
     #[arg(long)]
     pub eval: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "balanced-subnet")]
     pub method: MethodArg,
-    #[arg(long, value_enum, default_value = "paper")]
+    #[arg(long, value_enum, default_value = "controller")]
     pub mode: ModeArg,
-    /// Fraction of each MLP matrix zeroed.
-    #[arg(long, default_value_t = 0.3)]
-    pub ratio: f64,
+    /// Fraction of each MLP matrix zeroed (controller: at the start; default 0.1 for the
+    /// controller, 0.3 otherwise).
+    #[arg(long)]
+    pub ratio: Option<f64>,
+    /// Controller: the highest mask ratio it may reach.
+    #[arg(long, default_value_t = 0.5)]
+    pub max_ratio: f64,
     /// Retain weight w in −(1 − w)·L_forget + w·L_retain.
     #[arg(long, default_value_t = 0.9)]
     pub w: f64,
     /// Paper mode: passes over the data.
     #[arg(long, default_value_t = 1)]
     pub epochs: usize,
-    /// Balanced mode: step budget.
-    #[arg(long, default_value_t = 200)]
-    pub max_steps: usize,
+    /// Step budget (controller: default 2000; balanced mode: default 200).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
     /// Balanced mode: minimum steps before stopping early.
     #[arg(long, default_value_t = 0)]
     pub min_steps: usize,
@@ -86,9 +97,20 @@ pub struct UnlearnArgs {
     /// paper's selection score (§3.6).
     #[arg(long)]
     pub search: bool,
-    /// Wall-time budget of --search in seconds (no new candidate starts after it).
+    /// Wall-time budget in seconds of the controller's run, or of --search (no new candidate
+    /// starts after it).
     #[arg(long, default_value_t = 600.0)]
     pub budget_seconds: f64,
+    /// Gate: largest relative held-out perplexity increase (0.02 = +2 %), as `lethe serve`.
+    #[arg(long, default_value_t = 0.02)]
+    pub perplexity_budget: f64,
+    /// Gate (TinyMem): largest drop of mean relative test accuracy (0.005 = 0.5 %).
+    #[arg(long, default_value_t = 0.005)]
+    pub accuracy_budget: f64,
+    /// Write the model whatever the gates say, and exit 0 (the controller then only waits for
+    /// nothing to be extractable).
+    #[arg(long)]
+    pub no_gates: bool,
     /// Output model directory.
     #[arg(long)]
     pub out: PathBuf,
@@ -98,7 +120,7 @@ pub struct UnlearnArgs {
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub method: &'static str,
-    pub mode: Mode,
+    pub mode: &'static str,
     pub ratio: f64,
     pub w: f64,
     pub epochs: usize,
@@ -127,34 +149,12 @@ pub struct Report {
     /// With --search: every candidate tried.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub search: Option<Vec<Candidate>>,
-}
-
-/// Held-out quality: TinyMem test-task accuracies (and their §3.4 perplexity), or the mean
-/// perplexity of held-out sequences.
-pub fn quality(
-    model: &Model,
-    tinymem: Option<&Dataset>,
-    heldout: &[Vec<u32>],
-) -> crate::Result<Quality> {
-    if let Some(ds) = tinymem {
-        let r = eval::evaluate(model, ds, &EvalParams::default())?;
-        return Ok(Quality {
-            accuracy_by_task: r.accuracy_by_task.into_iter().collect(),
-            perplexity: r.perplexity,
-        });
-    }
-    let scores = engine::score(model, heldout, 32)?;
-    let ppl = scores.iter().map(|s| s.perplexity).sum::<f64>() / scores.len().max(1) as f64;
-    Ok(Quality {
-        accuracy_by_task: Vec::new(),
-        perplexity: ppl,
-    })
-}
-
-pub fn mean_accuracy(q: &Quality) -> Option<f64> {
-    (!q.accuracy_by_task.is_empty()).then(|| {
-        q.accuracy_by_task.iter().map(|(_, a)| a).sum::<f64>() / q.accuracy_by_task.len() as f64
-    })
+    /// The gates' budgets and what failed them (empty: passed).
+    pub gates: Gates,
+    pub gates_failed: Vec<String>,
+    /// Controller mode: the pipeline's report (every check, the ratio reached).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub controller: Option<serde_json::Value>,
 }
 
 fn by_task(q: &Quality) -> Option<BTreeMap<String, f64>> {
@@ -169,10 +169,14 @@ pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
     if forget_rows.is_empty() {
         bail!("{}: the forget set is empty", a.forget.display());
     }
-    let (forget, items): (Vec<Vec<u32>>, Vec<AuditItem>) = forget_rows
+    let source = a.forget.display().to_string();
+    let targets: Vec<Target> = forget_rows
         .into_iter()
-        .map(|p| (p.sequence, p.item))
-        .unzip();
+        .enumerate()
+        .map(|(i, p)| Target::new(source.clone(), i, p.sequence, p.item))
+        .collect();
+    let forget: Vec<Vec<u32>> = targets.iter().map(|t| t.sequence.clone()).collect();
+    let items: Vec<AuditItem> = targets.iter().map(|t| t.item.clone()).collect();
     let retain: Vec<Vec<u32>> = match a.retain.as_str() {
         "tinymem" | "tinymem-clean" => {
             let ds = dataset.as_ref().with_context(|| {
@@ -194,29 +198,47 @@ pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
             .map(|p| p.sequence)
             .collect(),
     };
-    let heldout: Vec<Vec<u32>> = match &a.eval {
-        Some(f) => read_rows(f, a.definition, &lm.tokenizer)?
-            .into_iter()
-            .map(|p| p.sequence)
-            .collect(),
-        None => retain.iter().take(256).cloned().collect(),
+    let heldout = match &a.eval {
+        Some(f) => Some(
+            read_rows(f, a.definition, &lm.tokenizer)?
+                .into_iter()
+                .map(|p| p.sequence)
+                .collect(),
+        ),
+        None => None,
     };
-
-    let (_, before_mem) = audit::audit(&lm.model, None, &items, 64)?;
-    let before = quality(&lm.model, dataset.as_ref(), &heldout)?;
+    let retain_len = retain.len();
+    let data = Datasets::for_model(&lm.dir, Some(retain), heldout, Vec::new())?;
+    let gates = if a.no_gates {
+        Gates {
+            perplexity_budget: f64::INFINITY,
+            accuracy_budget: f64::INFINITY,
+            canary_budget: f64::INFINITY,
+        }
+    } else {
+        Gates {
+            perplexity_budget: a.perplexity_budget,
+            accuracy_budget: a.accuracy_budget,
+            ..Gates::default()
+        }
+    };
+    let (before, _) = pipeline::evaluate(&lm.model, None, &targets, &data, None)?;
+    let parent = Baseline::of(&before);
+    let controller_mode =
+        a.mode == ModeArg::Controller && !a.search && matches!(a.method, MethodArg::BalancedSubnet);
     let cfg = BalancedSubnetConfig {
         method: match a.method {
             MethodArg::Subnet => Method::Subnet,
             _ => Method::BalancedSubnet,
         },
         mode: match a.mode {
-            ModeArg::Paper => Mode::Paper,
             ModeArg::Balanced => Mode::Balanced,
+            _ => Mode::Paper,
         },
-        ratio: a.ratio,
+        ratio: a.ratio.unwrap_or(0.3),
         w: a.w,
         epochs: a.epochs,
-        max_steps: a.max_steps,
+        max_steps: a.max_steps.unwrap_or(200),
         min_steps: a.min_steps,
         batch_size: a.batch_size,
         seed: a.seed,
@@ -225,13 +247,72 @@ pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
     let ctl = JobControl::new();
     // Durable also zeroes biases; the subnet methods zero weight-matrix entries only.
     let mut zeroed_total: Option<usize> = None;
-    let (out, cfg, candidates) = if a.search {
+    let mut controller_report = None;
+    let mut controller_quality = None;
+    let (out, cfg, candidates) = if controller_mode {
+        let defaults = ControllerConfig::default();
+        let pcfg = PipelineConfig {
+            controller: ControllerConfig {
+                start_ratio: a.ratio.unwrap_or(defaults.start_ratio),
+                max_ratio: a.max_ratio,
+                w: a.w,
+                max_steps: a.max_steps.unwrap_or(defaults.max_steps),
+                budget_seconds: a.budget_seconds,
+                batch_size: a.batch_size,
+                seed: a.seed,
+                ..defaults
+            },
+            gates: gates.clone(),
+        };
+        let d = pipeline::run(
+            &lm.model,
+            None,
+            &targets,
+            &data,
+            pipeline::Lineage {
+                parent: Some(&parent),
+                root: None,
+            },
+            &pcfg,
+            &ctl,
+            &|_| {},
+        )?;
+        let ratio = d.report["total_ratio"]
+            .as_f64()
+            .unwrap_or(pcfg.controller.start_ratio);
+        // The last gate measurement is of the returned model only when the gates passed.
+        controller_quality = if d.passed { d.quality.clone() } else { None };
+        let zeros_per_matrix = lm
+            .model
+            .mlp_weights()
+            .0
+            .iter()
+            .map(|(x, y)| {
+                (
+                    super::mask::zeros_for(x.elem_count(), ratio),
+                    super::mask::zeros_for(y.elem_count(), ratio),
+                )
+            })
+            .collect();
+        let out = Outcome {
+            mlp: d.model.mlp_weights(),
+            model: d.model,
+            zeros_per_matrix,
+            steps: d.report["steps"].as_u64().unwrap_or(0) as usize,
+            seconds: d.report["unlearn_seconds"].as_f64().unwrap_or(0.0),
+            stopped_early: d.passed,
+        };
+        let cfg = BalancedSubnetConfig { ratio, ..cfg };
+        controller_report = Some(d.report);
+
+        (out, cfg, None)
+    } else if a.search {
         let grid = paper_grid(&cfg);
-        let q = |m: &Model| quality(m, dataset.as_ref(), &heldout);
+        let q = |m: &Model| quality(m, dataset.as_ref(), &data.heldout);
         let res = search(
             &lm.model,
             &forget,
-            &retain,
+            &data.retain,
             &items,
             &grid,
             a.budget_seconds,
@@ -245,7 +326,7 @@ pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
         (out, cfg, Some(res.candidates))
     } else if let MethodArg::Durable | MethodArg::DurableAgg = a.method {
         let agg = matches!(a.method, MethodArg::DurableAgg);
-        let d = durable(&lm.model, &forget, a.ratio, 64, agg)?;
+        let d = durable(&lm.model, &forget, cfg.ratio, 64, agg)?;
         let by_name: std::collections::HashMap<&str, usize> =
             d.zeros.iter().map(|(n, z)| (n.as_str(), *z)).collect();
         let zeros_per_matrix = lm
@@ -266,14 +347,23 @@ pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
         (out, cfg, None)
     } else {
         (
-            balanced_subnet(&lm.model, &forget, &retain, &items, &cfg, &ctl)?,
+            balanced_subnet(&lm.model, &forget, &data.retain, &items, &cfg, &ctl)?,
             cfg,
             None,
         )
     };
-    let (_, after_mem) = audit::audit(&out.model, None, &items, 64)?;
-    let after = quality(&out.model, dataset.as_ref(), &heldout)?;
-    let relative_accuracy_change = before.relative_accuracy_change(&after);
+    // The controller's last gate measurement is of the model it returns.
+    let (after, _) = pipeline::evaluate(
+        &out.model,
+        None,
+        &targets,
+        &data,
+        controller_quality.as_ref(),
+    )?;
+    let gates_failed = pipeline::gate_failures(&gates, &before, &Baseline::of(&before), &after);
+    let rate = |e: &pipeline::Evaluation| {
+        e.memorized.iter().filter(|m| **m).count() as f64 / e.memorized.len().max(1) as f64
+    };
     let report = Report {
         method: match a.method {
             MethodArg::BalancedSubnet => "balanced-subnet",
@@ -281,33 +371,67 @@ pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
             MethodArg::Durable => "durable",
             MethodArg::DurableAgg => "durable-agg",
         },
-        mode: cfg.mode,
+        mode: if controller_mode {
+            "controller"
+        } else {
+            match cfg.mode {
+                Mode::Paper => "paper",
+                Mode::Balanced => "balanced",
+            }
+        },
         ratio: cfg.ratio,
         w: cfg.w,
         epochs: cfg.epochs,
         steps: out.steps,
         stopped_early: out.stopped_early,
         forget_sequences: forget.len(),
-        retain_sequences: retain.len(),
-        memorized_before: before_mem.rate,
-        memorized_after: after_mem.rate,
-        accuracy_before: mean_accuracy(&before),
-        accuracy_after: mean_accuracy(&after),
-        accuracy_by_task_before: by_task(&before),
-        accuracy_by_task_after: by_task(&after),
-        relative_accuracy_change,
-        perplexity_before: before.perplexity,
-        perplexity_after: after.perplexity,
+        retain_sequences: retain_len,
+        memorized_before: rate(&before),
+        memorized_after: rate(&after),
+        accuracy_before: mean_accuracy(&before.quality),
+        accuracy_after: mean_accuracy(&after.quality),
+        accuracy_by_task_before: by_task(&before.quality),
+        accuracy_by_task_after: by_task(&after.quality),
+        relative_accuracy_change: before.quality.relative_accuracy_change(&after.quality),
+        perplexity_before: before.quality.perplexity,
+        perplexity_after: after.quality.perplexity,
         weights_zeroed: zeroed_total
             .unwrap_or_else(|| out.zeros_per_matrix.iter().map(|(x, y)| x + y).sum()),
         zeros_per_matrix: out.zeros_per_matrix.clone(),
         seconds: out.seconds,
         search: candidates,
+        gates,
+        gates_failed: gates_failed.clone(),
+        controller: controller_report,
     };
-    write_model_dir(&lm.dir, &a.out, &out.model)?;
     let json = serde_json::to_string_pretty(&report)?;
-    crate::util::write_atomic(&a.out.join("report.json"), json.as_bytes())?;
     println!("{}", serde_json::to_string(&report)?);
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    crate::util::write_atomic(&a.out.join("report.json"), json.as_bytes())?;
+    if !gates_failed.is_empty() && !a.no_gates {
+        bail!(
+            "the gates failed: {}; no model written (report in {}; --no-gates writes it anyway)",
+            gates_failed.join("; "),
+            a.out.join("report.json").display()
+        );
+    }
+    write_model_dir(&lm.dir, &a.out, &out.model)?;
+    eprintln!(
+        "gates {}: {} of {} sequences extractable after, perplexity {:.4} → {:.4}{}",
+        if gates_failed.is_empty() {
+            "passed"
+        } else {
+            "failed (--no-gates)"
+        },
+        after.memorized.iter().filter(|m| **m).count(),
+        after.memorized.len(),
+        before.quality.perplexity,
+        after.quality.perplexity,
+        report
+            .relative_accuracy_change
+            .map(|r| format!(", relative accuracy {:+.2}%", r * 100.0))
+            .unwrap_or_default()
+    );
     Ok(())
 }
 

@@ -18,8 +18,11 @@
 //! progress record a server can read.
 
 pub mod cli;
+pub mod controller;
 pub mod durable;
 pub mod mask;
+pub mod pipeline;
+pub mod quality;
 pub mod search;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+pub use super::quality::Quality;
 use super::{balanced_subnet, BalancedSubnetConfig, JobControl, Mode, Outcome};
 use crate::audit::{self, AuditItem};
 use crate::error::Result;
@@ -32,27 +33,6 @@ pub fn paper_grid(base: &BalancedSubnetConfig) -> Vec<BalancedSubnetConfig> {
         }
     }
     out
-}
-
-/// Quality of a model on held-out data: per-task accuracies (TinyMem) and/or perplexity.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Quality {
-    pub accuracy_by_task: Vec<(String, f64)>,
-    pub perplexity: f64,
-}
-
-impl Quality {
-    /// Mean over test tasks of (after − before) / before (spec §3.6); `None` without tasks.
-    pub fn relative_accuracy_change(&self, after: &Quality) -> Option<f64> {
-        (!self.accuracy_by_task.is_empty()).then(|| {
-            self.accuracy_by_task
-                .iter()
-                .zip(&after.accuracy_by_task)
-                .map(|((_, b), (_, a))| (a - b) / b)
-                .sum::<f64>()
-                / self.accuracy_by_task.len() as f64
-        })
-    }
 }
 
 /// One tried candidate.

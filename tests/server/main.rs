@@ -707,7 +707,10 @@ async fn keys_never_reach_the_logs() {
         if String::from_utf8_lossy(&buf.0.lock().unwrap()).contains("request") {
             break;
         }
-        assert!(Instant::now() < deadline, "the request log line never arrived");
+        assert!(
+            Instant::now() < deadline,
+            "the request log line never arrived"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let body = || {

@@ -6,7 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::*;
-use lethe::server::takedowns::{resolve_current, Datasets, TakedownConfig, Takedowns};
+use lethe::server::takedowns::{resolve_current, TakedownConfig, Takedowns};
+use lethe::unlearn::pipeline::Datasets;
 
 /// A server state with takedowns under `dir` (fast unlearning settings for tests).
 pub(crate) fn takedown_state(
@@ -15,9 +16,8 @@ pub(crate) fn takedown_state(
     tweak: impl FnOnce(&mut TakedownConfig),
 ) -> web::Data<AppState> {
     let mut cfg = TakedownConfig::new(dir.to_path_buf());
-    cfg.unlearn.min_steps = 0;
-    cfg.unlearn.max_steps = 80;
-    cfg.unlearn.check_every = 5;
+    cfg.pipeline.controller.max_steps = 400;
+    cfg.pipeline.controller.check_every = 5;
     cfg.worker_threads = 2;
     cfg.audit_interval = Duration::from_secs(3600);
     tweak(&mut cfg);

@@ -14,8 +14,9 @@ use crate::audit::Definition;
 use crate::server::body;
 use crate::server::error::ApiError;
 use crate::server::state::AppState;
-use crate::server::takedowns::{self as td, api_error as store_error, sequence_sha256, Takedowns};
+use crate::server::takedowns::{self as td, api_error as store_error, Takedowns};
 use crate::takedown::{NewTakedown, State, Takedown};
+use crate::unlearn::pipeline::sequence_sha256;
 
 fn service(state: &AppState) -> Result<&Takedowns, ApiError> {
     state

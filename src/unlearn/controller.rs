@@ -1,0 +1,627 @@
+//! The takedown controller: BalancedSubnet (the paper's loss, scores and straight-through mask)
+//! with its schedule chosen per request from measurements taken while it runs, instead of a
+//! fixed grid of restarts.
+//!
+//! One run, one set of scores, one optimiser state, from start to finish:
+//! - every batch carries `forget_per_batch` rows drawn from the *active* forget sequences, the
+//!   rest retain rows; at the start every sequence is active;
+//! - every `check_every` steps the sequences are audited under their definitions on the masked
+//!   model; the active set becomes the sequences still extractable, so the forget term is
+//!   concentrated on what is left and stops pushing on what is already gone (an unbounded
+//!   `−L_forget` on forgotten sequences only costs accuracy);
+//! - when `patience` checks in a row remove nothing more, the mask ratio is raised by
+//!   `ratio_growth` (up to `max_ratio`), continuing from the same scores: the newly masked
+//!   entries are the ones whose scores were already lowest;
+//! - when a check finds nothing extractable, the gates are measured on the masked model; the
+//!   run ends as soon as they pass. If they fail, the run goes on with retain-only batches
+//!   (repair), measuring the gates again after 20, 40, 80, … steps (at most 160) while nothing
+//!   is extractable; sequences that come back re-enter the active set;
+//! - the run ends without a passing model when the time budget, the step budget or a
+//!   cancellation ends it; every gate measurement is kept for the report.
+//!
+//! `docs/unlearning.md` ("The takedown controller") has the measurements that chose the
+//! defaults.
+
+use std::time::Instant;
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::Serialize;
+
+use super::mask::{self, Scores};
+use super::{step, Example, JobControl, Progress, StepWorkspace};
+use crate::audit::{self, AuditItem};
+use crate::error::{Error, Result};
+use crate::models::{MlpWeights, Model};
+use crate::optim::{Sgd, SgdParams};
+
+/// The controller's settings; the defaults are what `lethe serve`, `lethe unlearn` and
+/// `lethe bench takedowns` use.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControllerConfig {
+    /// Mask ratio at the start (fraction of each MLP matrix zeroed).
+    pub start_ratio: f64,
+    /// The ratio is never raised above this.
+    pub max_ratio: f64,
+    /// Factor applied to the ratio when progress stalls.
+    pub ratio_growth: f64,
+    /// Retain weight w in −(1 − w)·L_forget + w·L_retain.
+    pub w: f64,
+    /// Audit the forget sequences every this many steps.
+    pub check_every: usize,
+    /// Checks in a row without a sequence removed before the ratio is raised.
+    pub patience: usize,
+    /// Most steps in one run.
+    pub max_steps: usize,
+    /// Wall-time budget of one run, in seconds (checked between steps).
+    pub budget_seconds: f64,
+    /// Most forget rows per batch: each extractable sequence once, cycling when there are more.
+    pub forget_per_batch: usize,
+    /// A batch holds `batch_size − forget_per_batch` retain rows.
+    pub batch_size: usize,
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub seed: u64,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self {
+            start_ratio: 0.1,
+            max_ratio: 0.5,
+            ratio_growth: 1.5,
+            w: 0.9,
+            check_every: 10,
+            patience: 3,
+            max_steps: 2000,
+            budget_seconds: 600.0,
+            forget_per_batch: 16,
+            batch_size: 32,
+            lr: 0.1,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            seed: 0,
+        }
+    }
+}
+
+impl ControllerConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.start_ratio > 0.0 && self.start_ratio < 1.0) {
+            return Err(Error::invalid("start_ratio", "must be in (0, 1)"));
+        }
+        if !(self.max_ratio >= self.start_ratio && self.max_ratio < 1.0) {
+            return Err(Error::invalid("max_ratio", "must be in [start_ratio, 1)"));
+        }
+        if !(self.ratio_growth.is_finite() && self.ratio_growth >= 1.0) {
+            return Err(Error::invalid("ratio_growth", "must be at least 1"));
+        }
+        if !(0.0..1.0).contains(&self.w) {
+            return Err(Error::invalid("w", "must be in [0, 1)"));
+        }
+        if self.check_every == 0 || self.max_steps == 0 {
+            return Err(Error::invalid(
+                "check_every",
+                "check_every and max_steps must be at least 1",
+            ));
+        }
+        if self.forget_per_batch == 0 || self.forget_per_batch >= self.batch_size {
+            return Err(Error::invalid(
+                "forget_per_batch",
+                "must be in 1..batch_size (the rest of the batch is retain rows)",
+            ));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(Error::invalid("lr", "must be positive"));
+        }
+        if !(self.budget_seconds.is_finite() && self.budget_seconds >= 0.0) {
+            return Err(Error::invalid(
+                "budget_seconds",
+                "must be a finite number >= 0",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One audit of the forget sequences during the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub step: usize,
+    pub seconds: f64,
+    pub ratio: f64,
+    /// Forget sequences still extractable.
+    pub extractable: usize,
+    /// Gate failures when the gates were measured at this check (empty: they passed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gates_failed: Option<Vec<String>>,
+}
+
+/// The mask never covers more than this fraction of a matrix.
+const MAX_TOTAL_RATIO: f64 = 0.95;
+
+/// Sets to 0 the scores of weights that are exactly 0 and returns the smallest fraction of
+/// such weights over the masked matrices (what a mask can cover at no cost in every matrix).
+fn zero_scores_of_zero_weights(scores: &Scores, base: &MlpWeights) -> Result<f64> {
+    let mut least = 1.0f64;
+    for ((w1, w2), (s1, s2)) in base.0.iter().zip(&scores.vars) {
+        for (w, s) in [(w1, s1), (w2, s2)] {
+            let wv: Vec<f32> = w
+                .flatten_all()?
+                .to_device(&candle_core::Device::Cpu)?
+                .to_vec1()?;
+            let zeros = wv.iter().filter(|x| **x == 0.0).count();
+            least = least.min(zeros as f64 / wv.len().max(1) as f64);
+            if zeros == 0 {
+                continue;
+            }
+            let sv: Vec<f32> = s
+                .as_tensor()
+                .flatten_all()?
+                .to_device(&candle_core::Device::Cpu)?
+                .to_vec1()?;
+            let sv: Vec<f32> = sv
+                .iter()
+                .zip(&wv)
+                .map(|(s, w)| if *w == 0.0 { 0.0 } else { *s })
+                .collect();
+            let t =
+                candle_core::Tensor::from_vec(sv, s.as_tensor().dims(), s.as_tensor().device())?;
+            s.set(&t)?;
+        }
+    }
+    // Scores on the device must stay in their dtype (f32, as Scores::init makes them).
+    Ok(least.min(MAX_TOTAL_RATIO))
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ending {
+    /// The gates passed; the model is the one they passed on.
+    Passed,
+    /// The time budget ran out.
+    Budget,
+    /// The step budget ran out.
+    Steps,
+}
+
+/// What a controlled run produced.
+pub struct Controlled {
+    /// The gate-passing model when the gates passed, else the masked model at the end (shares
+    /// every non-MLP tensor with the input).
+    pub model: Model,
+    pub ending: Ending,
+    /// Every check, in order.
+    pub checks: Vec<Check>,
+    pub steps: usize,
+    pub seconds: f64,
+    /// The mask ratio the controller reached, on top of the weights that were already zero.
+    pub ratio: f64,
+    /// The mask ratio including those (the fraction of each MLP matrix that is zero after).
+    pub total_ratio: f64,
+    /// Zeroed entries per matrix at the end, `(input projection, output projection)` per block.
+    pub zeros_per_matrix: Vec<(usize, usize)>,
+}
+
+/// Runs the controller. `forget[i]` is trained on and `items[i]` is its audit under its
+/// definition; `gates` measures a candidate whose forget sequences are all non-extractable and
+/// returns the reasons it fails (empty: it passes).
+pub fn run(
+    model: &Model,
+    forget: &[Vec<u32>],
+    items: &[AuditItem],
+    retain: &[Vec<u32>],
+    cfg: &ControllerConfig,
+    ctl: &JobControl,
+    gates: &mut dyn FnMut(&Model) -> Result<Vec<String>>,
+) -> Result<Controlled> {
+    cfg.validate()?;
+    if forget.is_empty() || forget.len() != items.len() {
+        return Err(Error::invalid(
+            "forget",
+            "the forget set is empty or does not match its audit items",
+        ));
+    }
+    if retain.is_empty() {
+        return Err(Error::invalid("retain", "the retain set is empty"));
+    }
+    let start = Instant::now();
+    let base = model.mlp_weights();
+    let mut scores = Scores::init(model, cfg.start_ratio, cfg.seed)?;
+    // Weights that are already zero (an earlier takedown on this lineage pruned them) cost
+    // nothing to mask: their scores start at 0, below every other, and stay there (their
+    // straight-through gradient is 0). The ratio the controller chooses is on top of them.
+    let already = zero_scores_of_zero_weights(&scores, &base)?;
+    scores.ratio = (already + cfg.start_ratio).min(MAX_TOTAL_RATIO);
+    let mut extra = cfg.start_ratio;
+    let mut opt = Sgd::new(
+        scores.all_vars(),
+        SgdParams {
+            lr: cfg.lr,
+            momentum: cfg.momentum,
+            weight_decay: cfg.weight_decay,
+        },
+    );
+    let mut rng = StdRng::seed_from_u64(cfg.seed ^ 0x5eed);
+    let mut ws = StepWorkspace::default();
+    let mut active: Vec<usize> = (0..forget.len()).collect();
+    let mut retain_order: Vec<usize> = (0..retain.len()).collect();
+    let (mut f_pos, mut r_pos) = (active.len(), retain.len());
+    let mut checks = Vec::new();
+    // Fewest extractable sequences seen at the current ratio, and checks since it fell.
+    let mut best_at_ratio = usize::MAX;
+    let mut stalled = 0;
+    let mut steps = 0;
+    // Steps before which the gates are not measured again, and the last wait.
+    let mut next_gate = 0;
+    let mut gate_wait = cfg.check_every;
+    let ending = loop {
+        if ctl.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+        if steps >= cfg.max_steps {
+            break Ending::Steps;
+        }
+        if start.elapsed().as_secs_f64() >= cfg.budget_seconds {
+            break Ending::Budget;
+        }
+        // Each active sequence once (identical rows add nothing to a mean but compute); the
+        // retain rows fill the rest of a full batch's retain share.
+        let nf = active.len().min(cfg.forget_per_batch);
+        let mut batch = Vec::with_capacity(nf + cfg.batch_size - cfg.forget_per_batch);
+        for _ in 0..nf {
+            if f_pos >= active.len() {
+                active.shuffle(&mut rng);
+                f_pos = 0;
+            }
+            batch.push(Example {
+                ids: &forget[active[f_pos]],
+                forget: true,
+            });
+            f_pos += 1;
+        }
+        for _ in cfg.forget_per_batch..cfg.batch_size {
+            if r_pos == retain.len() {
+                retain_order.shuffle(&mut rng);
+                r_pos = 0;
+            }
+            batch.push(Example {
+                ids: &retain[retain_order[r_pos]],
+                forget: false,
+            });
+            r_pos += 1;
+        }
+        let (lf, lr) = step(model, &scores, &base, &batch, cfg.w, &mut opt, &mut ws)?;
+        steps += 1;
+        ctl.set(Progress {
+            step: steps,
+            total_steps: cfg.max_steps,
+            forget_loss: lf,
+            retain_loss: lr,
+        });
+        if steps % cfg.check_every != 0 {
+            continue;
+        }
+        let candidate = model.with_mlp_weights(&scores.apply(&base)?)?;
+        let (results, _) = audit::audit(&candidate, None, items, 64)?;
+        let extractable: Vec<usize> = results
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.memorized)
+            .map(|(i, _)| i)
+            .collect();
+        let mut check = Check {
+            step: steps,
+            seconds: start.elapsed().as_secs_f64(),
+            ratio: extra,
+            extractable: extractable.len(),
+            gates_failed: None,
+        };
+        if extractable.is_empty() && steps >= next_gate {
+            let failed = gates(&candidate)?;
+            let passed = failed.is_empty();
+            check.gates_failed = Some(failed);
+            tracing::debug!(?check, "controller check");
+            checks.push(check);
+            if passed {
+                return Ok(finish(
+                    candidate,
+                    Ending::Passed,
+                    checks,
+                    steps,
+                    start,
+                    extra,
+                    &scores,
+                    &base,
+                ));
+            }
+            // A gate measurement costs as much as dozens of steps: while repairing, measure
+            // again after twice as many steps as the last wait (20, 40, 80, … at most 160).
+            gate_wait = (gate_wait * 2).min(16 * cfg.check_every);
+            next_gate = steps + gate_wait;
+        } else if extractable.is_empty() {
+            tracing::debug!(?check, "controller check (repairing)");
+            checks.push(check);
+        } else {
+            tracing::debug!(?check, "controller check");
+            checks.push(check);
+            if extractable.len() < best_at_ratio {
+                best_at_ratio = extractable.len();
+                stalled = 0;
+            } else {
+                stalled += 1;
+            }
+            if stalled >= cfg.patience && extra < cfg.max_ratio {
+                extra = (extra * cfg.ratio_growth).min(cfg.max_ratio);
+                scores.ratio = (already + extra).min(MAX_TOTAL_RATIO);
+                best_at_ratio = usize::MAX;
+                stalled = 0;
+            }
+        }
+        active = extractable;
+        f_pos = active.len();
+    };
+    let last = model.with_mlp_weights(&scores.apply(&base)?)?;
+    Ok(finish(
+        last, ending, checks, steps, start, extra, &scores, &base,
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    model: Model,
+    ending: Ending,
+    checks: Vec<Check>,
+    steps: usize,
+    start: Instant,
+    extra: f64,
+    scores: &Scores,
+    base: &MlpWeights,
+) -> Controlled {
+    let zeros_per_matrix = base
+        .0
+        .iter()
+        .map(|(a, b)| {
+            (
+                mask::zeros_for(a.elem_count(), scores.ratio),
+                mask::zeros_for(b.elem_count(), scores.ratio),
+            )
+        })
+        .collect();
+    Controlled {
+        model,
+        ending,
+        checks,
+        steps,
+        seconds: start.elapsed().as_secs_f64(),
+        ratio: extra,
+        total_ratio: scores.ratio,
+        zeros_per_matrix,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::random_model;
+    use candle_core::Device;
+
+    fn model() -> Model {
+        let cfg = crate::test_util::relu_gpt2((14, 64, 24, 3), 2, true, false);
+        random_model(&cfg, &Device::Cpu).unwrap()
+    }
+
+    /// Items the model regurgitates by construction: the target is its own greedy continuation.
+    fn extractable(
+        model: &Model,
+        prompts: &[Vec<u32>],
+        n: usize,
+    ) -> (Vec<Vec<u32>>, Vec<AuditItem>) {
+        let probe: Vec<AuditItem> = prompts
+            .iter()
+            .map(|p| AuditItem {
+                prompt: p.clone(),
+                target: vec![0; n],
+            })
+            .collect();
+        let reqs: Vec<_> = probe.iter().map(|it| audit::request(it, None)).collect();
+        let outs = crate::engine::generate(model, None, &reqs).unwrap();
+        let items: Vec<AuditItem> = prompts
+            .iter()
+            .zip(outs)
+            .map(|(p, g)| AuditItem {
+                prompt: p.clone(),
+                target: g.tokens[..n].to_vec(),
+            })
+            .collect();
+        let forget = items
+            .iter()
+            .map(|it| it.prompt.iter().chain(&it.target).copied().collect())
+            .collect();
+        (forget, items)
+    }
+
+    fn retain() -> Vec<Vec<u32>> {
+        crate::bench_unlearn::rows(24, |_| 30, 7)
+    }
+
+    fn quick() -> ControllerConfig {
+        ControllerConfig {
+            check_every: 5,
+            patience: 1,
+            max_steps: 200,
+            ..ControllerConfig::default()
+        }
+    }
+
+    #[test]
+    fn it_stops_at_the_first_check_where_nothing_is_extractable_and_the_gates_pass() {
+        let m = model();
+        let (forget, items) = extractable(&m, &[vec![1, 2, 3, 4, 5, 6], vec![6, 5, 4, 3, 2, 1]], 8);
+        let (_, s) = audit::audit(&m, None, &items, 8).unwrap();
+        assert_eq!(s.memorized, 2, "extractable by construction");
+        let mut calls = 0;
+        let out = run(
+            &m,
+            &forget,
+            &items,
+            &retain(),
+            &quick(),
+            &JobControl::new(),
+            &mut |c| {
+                calls += 1;
+                let (_, s) = audit::audit(c, None, &items, 8).unwrap();
+                assert_eq!(
+                    s.memorized, 0,
+                    "the gates only see candidates with nothing extractable"
+                );
+                Ok(Vec::new())
+            },
+        )
+        .unwrap();
+        assert_eq!(out.ending, Ending::Passed);
+        assert_eq!(calls, 1);
+        let last = out.checks.last().unwrap();
+        assert_eq!((last.extractable, last.step), (0, out.steps));
+        assert_eq!(last.gates_failed.as_deref(), Some(&[][..]));
+        assert!(out.checks[..out.checks.len() - 1]
+            .iter()
+            .all(|c| c.extractable > 0));
+        let (_, s) = audit::audit(&out.model, None, &items, 8).unwrap();
+        assert_eq!(s.memorized, 0);
+        // The ratio never goes down.
+        assert!(out.checks.windows(2).all(|w| w[1].ratio >= w[0].ratio));
+    }
+
+    #[test]
+    fn failing_gates_keep_it_repairing_until_they_pass_or_the_steps_run_out() {
+        let m = model();
+        let (forget, items) = extractable(&m, &[vec![3, 1, 4, 1, 5, 9]], 8);
+        let mut calls = 0;
+        let out = run(
+            &m,
+            &forget,
+            &items,
+            &retain(),
+            &quick(),
+            &JobControl::new(),
+            &mut |_| {
+                calls += 1;
+                Ok(if calls < 3 {
+                    vec!["too much drift".into()]
+                } else {
+                    Vec::new()
+                })
+            },
+        )
+        .unwrap();
+        assert_eq!(out.ending, Ending::Passed);
+        assert_eq!(calls, 3);
+        let gated: Vec<&Check> = out
+            .checks
+            .iter()
+            .filter(|c| c.gates_failed.is_some())
+            .collect();
+        assert_eq!(gated.len(), 3);
+        assert_eq!(gated[0].gates_failed.as_ref().unwrap()[0], "too much drift");
+        // Never passing: the step budget ends it, with the last model returned.
+        let cfg = ControllerConfig {
+            max_steps: 30,
+            ..quick()
+        };
+        let out = run(
+            &m,
+            &forget,
+            &items,
+            &retain(),
+            &cfg,
+            &JobControl::new(),
+            &mut |_| Ok(vec!["no".into()]),
+        )
+        .unwrap();
+        assert_eq!((out.ending, out.steps), (Ending::Steps, 30));
+    }
+
+    #[test]
+    fn weights_already_zero_are_masked_first_and_the_ratio_counts_on_top() {
+        let m = model();
+        // Zero the first 20 % of every MLP matrix, as an earlier takedown would have.
+        let w = m.mlp_weights();
+        let zeroed = MlpWeights(
+            w.0.iter()
+                .map(|(a, b)| {
+                    let z = |t: &candle_core::Tensor| {
+                        let mut v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+                        let k = mask::zeros_for(v.len(), 0.2);
+                        v[..k].iter_mut().for_each(|x| *x = 0.0);
+                        candle_core::Tensor::from_vec(v, t.dims(), t.device()).unwrap()
+                    };
+                    (z(a), z(b))
+                })
+                .collect(),
+        );
+        let m = m.with_mlp_weights(&zeroed).unwrap();
+        let scores = Scores::init(&m, 0.1, 1).unwrap();
+        let already = zero_scores_of_zero_weights(&scores, &m.mlp_weights()).unwrap();
+        assert!((0.19..=0.2).contains(&already), "{already}");
+        let mut masked = scores;
+        masked.ratio = already;
+        let after = masked.apply(&m.mlp_weights()).unwrap();
+        for ((a, b), (x, y)) in after.0.iter().zip(&m.mlp_weights().0) {
+            for (p, q) in [(a, x), (b, y)] {
+                let p: Vec<f32> = p.flatten_all().unwrap().to_vec1().unwrap();
+                let q: Vec<f32> = q.flatten_all().unwrap().to_vec1().unwrap();
+                assert_eq!(p, q, "masking the zeros changes nothing");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_settings_name_the_field() {
+        for (cfg, field) in [
+            (
+                ControllerConfig {
+                    start_ratio: 0.0,
+                    ..Default::default()
+                },
+                "start_ratio",
+            ),
+            (
+                ControllerConfig {
+                    max_ratio: 0.05,
+                    ..Default::default()
+                },
+                "max_ratio",
+            ),
+            (
+                ControllerConfig {
+                    w: 1.0,
+                    ..Default::default()
+                },
+                "w",
+            ),
+            (
+                ControllerConfig {
+                    forget_per_batch: 32,
+                    ..Default::default()
+                },
+                "forget_per_batch",
+            ),
+            (
+                ControllerConfig {
+                    budget_seconds: f64::NAN,
+                    ..Default::default()
+                },
+                "budget_seconds",
+            ),
+        ] {
+            let e = cfg.validate().unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+        }
+        assert!(ControllerConfig::default().validate().is_ok());
+    }
+}

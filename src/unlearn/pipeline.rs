@@ -1,0 +1,414 @@
+//! The unlearning pipeline that every takedown goes through, whoever starts it: the server's
+//! worker, `lethe unlearn` and `lethe bench takedowns` call [`run`] with the same defaults.
+//!
+//! forget set → audit and quality before → the controller ([`crate::unlearn::controller`]:
+//! BalancedSubnet with its ratio and forget focus chosen while it runs) → the gates, measured
+//! whenever nothing is extractable any more → a gate-passing model and a report, or a rejection
+//! with the report. Writing the model (a version directory, or `lethe unlearn --out`) is the
+//! caller's: the pipeline never touches the input model or the disk.
+//!
+//! The gates compare the candidate with its parent (the model the job started from) and with
+//! the lineage's root (the base model before any takedown), so drifts within budget per
+//! takedown cannot add up unseen over many takedowns.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::controller::{self, ControllerConfig, Ending};
+use super::quality::{mean_accuracy, quality, Quality};
+use super::JobControl;
+use crate::audit::{self, AuditItem, AuditResult};
+use crate::error::Result;
+use crate::models::Model;
+use crate::tinymem::data::{Dataset, Role, Split};
+use crate::tinymem::train::Card;
+use crate::tokenizer::Tokenizer;
+
+/// The data the pipeline trains and validates with.
+pub struct Datasets {
+    /// Rows to keep working (the retain set).
+    pub retain: Vec<Vec<u32>>,
+    /// Held-out rows for the perplexity gate (ignored for TinyMem, which uses its test tasks).
+    pub heldout: Vec<Vec<u32>>,
+    /// Optional canaries whose perplexity must not move beyond budget.
+    pub canary: Vec<Vec<u32>>,
+    /// The TinyMem dataset, when the model has a TinyMem card.
+    pub tinymem: Option<Dataset>,
+}
+
+impl Datasets {
+    /// TinyMem defaults from the model's card: retain = the clean training rows, held-out =
+    /// the test tasks. Other models need `retain` from a file.
+    pub fn for_model(
+        dir: &Path,
+        retain: Option<Vec<Vec<u32>>>,
+        heldout: Option<Vec<Vec<u32>>>,
+        canary: Vec<Vec<u32>>,
+    ) -> Result<Self> {
+        let tinymem = Card::read(dir).ok().map(|c| c.dataset()).transpose()?;
+        let retain = match (retain, &tinymem) {
+            (Some(r), _) => r,
+            (None, Some(ds)) => ds
+                .rows
+                .iter()
+                .filter(|r| r.split == Split::Train && r.role == Role::Clean)
+                .map(|r| r.ids.clone())
+                .collect(),
+            (None, None) => Vec::new(),
+        };
+        let heldout = heldout.unwrap_or_else(|| retain.iter().take(256).cloned().collect());
+        Ok(Self {
+            retain,
+            heldout,
+            canary,
+            tinymem,
+        })
+    }
+}
+
+/// The gates' budgets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Gates {
+    /// Largest allowed relative perplexity increase on held-out data (0.02 = +2 %).
+    pub perplexity_budget: f64,
+    /// TinyMem: largest allowed drop of mean relative test accuracy (0.005 = 0.5 %).
+    pub accuracy_budget: f64,
+    /// Largest allowed relative perplexity change of the canary set.
+    pub canary_budget: f64,
+}
+
+impl Default for Gates {
+    fn default() -> Self {
+        Self {
+            perplexity_budget: 0.02,
+            accuracy_budget: 0.005,
+            canary_budget: 0.02,
+        }
+    }
+}
+
+/// Everything the pipeline is configured with.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct PipelineConfig {
+    pub controller: ControllerConfig,
+    pub gates: Gates,
+}
+
+/// One sequence to forget, parsed under its definition.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    /// Where it came from: a takedown id, or a file.
+    pub takedown: String,
+    /// Its index there.
+    pub index: usize,
+    pub sha256: String,
+    /// The whole sequence (what unlearning trains on).
+    #[serde(skip)]
+    pub sequence: Vec<u32>,
+    /// Its audit under the definition (prompt, target).
+    #[serde(skip)]
+    pub item: AuditItem,
+}
+
+impl Target {
+    pub fn new(
+        takedown: impl Into<String>,
+        index: usize,
+        sequence: Vec<u32>,
+        item: AuditItem,
+    ) -> Self {
+        Self {
+            takedown: takedown.into(),
+            index,
+            sha256: sequence_sha256(&sequence),
+            sequence,
+            item,
+        }
+    }
+}
+
+/// sha256 of a token sequence (little-endian u32s), hex.
+pub fn sequence_sha256(seq: &[u32]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for t in seq {
+        h.update(t.to_le_bytes());
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A model's numbers on the targets and the held-out data.
+#[derive(Debug, Clone, Serialize)]
+pub struct Evaluation {
+    pub memorized: Vec<bool>,
+    pub matched_prefix: Vec<usize>,
+    pub accuracy: Option<f64>,
+    /// Held-out perplexity and per-task accuracies (serialized flat: `perplexity`, ...).
+    #[serde(flatten)]
+    pub quality: Quality,
+    pub canary_perplexity: Option<f64>,
+}
+
+/// The quality a lineage started from, carried in every version's report as `root`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Baseline {
+    #[serde(flatten)]
+    pub quality: Quality,
+    pub canary_perplexity: Option<f64>,
+}
+
+impl Baseline {
+    /// The parent's numbers as a baseline.
+    pub fn of(e: &Evaluation) -> Self {
+        Self {
+            quality: e.quality.clone(),
+            canary_perplexity: e.canary_perplexity,
+        }
+    }
+
+    /// The `root` recorded in a version's report, if it has one.
+    pub fn from_report(report: &Value) -> Option<Self> {
+        serde_json::from_value(report.get("root")?.clone()).ok()
+    }
+}
+
+/// The held-out quality and canary perplexity of `model`: what the gates compare. A pure
+/// function of the weights, so callers may cache it per version.
+pub fn measure(model: &Model, data: &Datasets) -> Result<Baseline> {
+    let quality = quality(model, data.tinymem.as_ref(), &data.heldout)?;
+    let canary_perplexity = if data.canary.is_empty() {
+        None
+    } else {
+        let s = crate::engine::score(model, &data.canary, 32)?;
+        Some(s.iter().map(|x| x.perplexity).sum::<f64>() / s.len() as f64)
+    };
+    Ok(Baseline {
+        quality,
+        canary_perplexity,
+    })
+}
+
+/// Audits `targets` on `model` and measures its held-out quality and canaries (or takes them
+/// from `known`, measured earlier on the same weights).
+pub fn evaluate(
+    model: &Model,
+    tokenizer: Option<&Tokenizer>,
+    targets: &[Target],
+    data: &Datasets,
+    known: Option<&Baseline>,
+) -> Result<(Evaluation, Vec<AuditResult>)> {
+    let items: Vec<AuditItem> = targets.iter().map(|t| t.item.clone()).collect();
+    let (results, _) = audit::audit(model, tokenizer, &items, 64)?;
+    let b = match known {
+        Some(b) => b.clone(),
+        None => measure(model, data)?,
+    };
+    Ok((
+        Evaluation {
+            memorized: results.iter().map(|r| r.memorized).collect(),
+            matched_prefix: results.iter().map(|r| r.matched_prefix).collect(),
+            accuracy: mean_accuracy(&b.quality),
+            quality: b.quality,
+            canary_perplexity: b.canary_perplexity,
+        },
+        results,
+    ))
+}
+
+/// The gates: the reasons `after` fails against its parent `before` and the lineage's `root`
+/// (empty = it passes). NaN (a diverged model) fails every gate.
+pub fn gate_failures(
+    g: &Gates,
+    before: &Evaluation,
+    root: &Baseline,
+    after: &Evaluation,
+) -> Vec<String> {
+    let mut why = Vec::new();
+    let still = after.memorized.iter().filter(|m| **m).count();
+    if still > 0 {
+        why.push(format!(
+            "{still} of {} sequences are still extractable",
+            after.memorized.len()
+        ));
+    }
+    let parent = Baseline::of(before);
+    let root_is_parent = *root == parent;
+    for (base, from) in [(&parent, ""), (root, " from the root")] {
+        if from.is_empty() || !root_is_parent {
+            why.extend(drift_failures(g, base, after, from));
+        }
+    }
+    why
+}
+
+fn drift_failures(g: &Gates, base: &Baseline, after: &Evaluation, from: &str) -> Vec<String> {
+    let mut why = Vec::new();
+    let drift = after.quality.perplexity / base.quality.perplexity - 1.0;
+    if drift.is_nan() || drift > g.perplexity_budget {
+        why.push(format!(
+            "perplexity drift{from} {:+.3}% is over the budget of {:+.3}%",
+            drift * 100.0,
+            g.perplexity_budget * 100.0
+        ));
+    }
+    if let Some(rel) = base.quality.relative_accuracy_change(&after.quality) {
+        if rel.is_nan() || rel < -g.accuracy_budget {
+            why.push(format!(
+                "mean relative accuracy change{from} {:+.3}% is below −{:.3}%",
+                rel * 100.0,
+                g.accuracy_budget * 100.0
+            ));
+        }
+    }
+    if let (Some(b), Some(a)) = (base.canary_perplexity, after.canary_perplexity) {
+        let d = (a / b - 1.0).abs();
+        if d.is_nan() || d > g.canary_budget {
+            why.push(format!(
+                "canary perplexity moved {:.3}%{from}, over the budget of {:.3}%",
+                d * 100.0,
+                g.canary_budget * 100.0
+            ));
+        }
+    }
+    why
+}
+
+/// What is already known about the model a job starts from.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Lineage<'a> {
+    /// The starting model's own quality, measured earlier on the same weights (`None`: measure
+    /// it now).
+    pub parent: Option<&'a Baseline>,
+    /// The lineage root's quality (`None`: the starting model is the root).
+    pub root: Option<&'a Baseline>,
+}
+
+/// What the pipeline decided.
+pub struct Decision {
+    /// Whether `model` passed the gates.
+    pub passed: bool,
+    /// The gate-passing model, or (rejected) the model the run ended with.
+    pub model: Model,
+    /// The quality of `model` as the last gate measurement found it (for a cache keyed by the
+    /// version it becomes); `None` when no gate measurement ran.
+    pub quality: Option<Baseline>,
+    /// Why it was rejected (the last gate failures, or what ended the run).
+    pub rejection: Option<String>,
+    /// The full report: configuration, every check, before/after/root, per-sequence verdicts.
+    pub report: Value,
+}
+
+/// Runs the pipeline on `model` (never mutated), with what `lineage` already knows about it.
+/// `on_phase` hears "auditing", "unlearning" and "validating" as the run
+/// moves between them.
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    model: &Model,
+    tokenizer: Option<&Tokenizer>,
+    targets: &[Target],
+    data: &Datasets,
+    lineage: Lineage,
+    cfg: &PipelineConfig,
+    ctl: &JobControl,
+    on_phase: &dyn Fn(&str),
+) -> Result<Decision> {
+    on_phase("auditing");
+    let t0 = std::time::Instant::now();
+    let (before, before_results) = evaluate(model, tokenizer, targets, data, lineage.parent)?;
+    let before_seconds = t0.elapsed().as_secs_f64();
+    let mut gate_seconds = Vec::new();
+    let root = lineage
+        .root
+        .cloned()
+        .unwrap_or_else(|| Baseline::of(&before));
+    let forget: Vec<Vec<u32>> = targets.iter().map(|t| t.sequence.clone()).collect();
+    let items: Vec<AuditItem> = targets.iter().map(|t| t.item.clone()).collect();
+    // The last gate measurement: (evaluation, per-sequence audits, failures).
+    let mut last: Option<(Evaluation, Vec<AuditResult>, Vec<String>)> = None;
+    let mut gates = |candidate: &Model| -> Result<Vec<String>> {
+        on_phase("validating");
+        let t = std::time::Instant::now();
+        let (after, results) = evaluate(candidate, tokenizer, targets, data, None)?;
+        gate_seconds.push(t.elapsed().as_secs_f64());
+        let failed = gate_failures(&cfg.gates, &before, &root, &after);
+        last = Some((after, results, failed.clone()));
+        on_phase("unlearning");
+        Ok(failed)
+    };
+    on_phase("unlearning");
+    let out = controller::run(
+        model,
+        &forget,
+        &items,
+        &data.retain,
+        &cfg.controller,
+        ctl,
+        &mut gates,
+    )?;
+    let passed = out.ending == Ending::Passed;
+    let rejection = match (passed, &last) {
+        (true, _) => None,
+        (false, Some((_, _, failed))) => Some(format!(
+            "{} ({} after {} steps, {:.0} s; the last candidate with nothing extractable failed the gates)",
+            failed.join("; "),
+            ending_text(out.ending),
+            out.steps,
+            out.seconds
+        )),
+        (false, None) => {
+            let left = out.checks.last().map_or(targets.len(), |c| c.extractable);
+            Some(format!(
+                "{left} of {} sequences are still extractable ({} after {} steps, {:.0} s, mask ratio {:.3})",
+                targets.len(),
+                ending_text(out.ending),
+                out.steps,
+                out.seconds,
+                out.ratio
+            ))
+        }
+    };
+    let after = last.as_ref().map(|(e, r, f)| (e, r, f));
+    let report = json!({
+        "config": cfg,
+        "ending": out.ending,
+        "steps": out.steps,
+        "unlearn_seconds": out.seconds,
+        "before_seconds": before_seconds,
+        "gate_seconds": gate_seconds,
+        "ratio": out.ratio,
+        "total_ratio": out.total_ratio,
+        "weights_zeroed": out.zeros_per_matrix.iter().map(|(a, b)| a + b).sum::<usize>(),
+        "checks": out.checks,
+        "before": before,
+        "after": after.map(|(e, _, _)| e),
+        "root": root,
+        "gates_failed": after.map(|(_, _, f)| f),
+        "sequences": targets.iter().enumerate().map(|(i, t)| {
+            let b = &before_results[i];
+            let a = after.map(|(_, r, _)| &r[i]);
+            json!({
+                "takedown": t.takedown, "index": t.index, "sha256": t.sha256,
+                "before": {"memorized": b.memorized, "matched_prefix": b.matched_prefix, "match_fraction": b.match_fraction},
+                "after": a.map(|a| json!({"memorized": a.memorized, "matched_prefix": a.matched_prefix, "match_fraction": a.match_fraction})),
+            })
+        }).collect::<Vec<_>>(),
+    });
+    let quality = last.as_ref().map(|(e, _, _)| Baseline::of(e));
+    Ok(Decision {
+        passed,
+        model: out.model,
+        quality,
+        rejection,
+        report,
+    })
+}
+
+fn ending_text(e: Ending) -> &'static str {
+    match e {
+        Ending::Passed => "gates passed",
+        Ending::Budget => "the time budget ran out",
+        Ending::Steps => "the step budget ran out",
+    }
+}
