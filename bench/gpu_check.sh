@@ -167,8 +167,7 @@ cat "$OUT/bench.jsonl" | tee -a "$OUT/summary.txt"
 DATA="$OUT/serve-data"
 rm -rf "$DATA"
 note "serve: start on 127.0.0.1:$PORT --device cuda:0"
-LETHE_UNLEARN_MIN_STEPS="${LETHE_UNLEARN_MIN_STEPS:-50}" \
-    LETHE_UNLEARN_MAX_STEPS="${LETHE_UNLEARN_MAX_STEPS:-100}" \
+LETHE_UNLEARN_MAX_STEPS="${LETHE_UNLEARN_MAX_STEPS:-100}" \
     "$LETHE_BIN" serve --bind "127.0.0.1:$PORT" --data-dir "$DATA" --device cuda:0 \
     >"$OUT/serve.log" 2>&1 &
 SERVER=$!
@@ -234,7 +233,7 @@ if [ "${GPU_CHECK_FULL:-0}" = 1 ]; then
     step tinymem-audit-cuda 180 lethe tinymem audit --device cuda:0 --out "$OUT/forget.jsonl"
     step unlearn-cuda 300 lethe unlearn --device cuda:0 --forget "$OUT/forget.jsonl" \
         --retain tinymem --method balanced-subnet --mode balanced --ratio 0.3 --w 0.9 \
-        --min-steps 100 --max-steps 200 --out "$OUT/unlearned"
+        --min-steps 100 --max-steps 200 --no-gates --out "$OUT/unlearned"
     cp "$OUT/unlearned/report.json" "$OUT/unlearn-report.json" 2>/dev/null || true
 fi
 

@@ -90,7 +90,7 @@ def main():
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     rows = [json.loads(l)["ids"] for l in open(forget) if '"ids"' in l]
     print(f"{len(rows)} memorized sequences available", file=sys.stderr)
-    print("| sequences | POST → applied (s) | candidates | idle p50 / p99 ms | during job p50 / p99 ms | longest during job ms | failed requests | swap s |")
+    print("| sequences | POST → applied (s) | gate measurements | idle p50 / p99 ms | during job p50 / p99 ms | longest during job ms | failed requests | swap s |")
     print("|---|---|---|---|---|---|---|---|")
     for n in args.sizes:
         d = tempfile.mkdtemp(dir=tmp)
@@ -122,7 +122,8 @@ def main():
             failed = sum(1 for (_, _, st) in busy.samples if st != 200) + sum(
                 1 for (_, _, st) in idle.samples if st != 200)
             rep = t.get("report") or {}
-            cands = 1 + len(rep.get("rejected_candidates") or rep.get("candidates") or [])
+            # Gate measurements the takedown controller made (issue #15; it no longer restarts).
+            cands = sum(1 for c in rep.get("checks") or [] if c.get("gates_failed") is not None)
             ms = lambda xs, q: pct(xs, q) * 1e3
             il = [lat for (_, lat, _) in idle.samples]
             print(f"| {n} | {took:.1f} ({t['status']}) | {cands} | {ms(il, .5):.1f} / {ms(il, .99):.1f} | "

@@ -303,7 +303,8 @@ pub fn run(
             forget_loss: lf,
             retain_loss: lr,
         });
-        if steps % cfg.check_every != 0 {
+        // The last step of the step budget is a check too.
+        if steps % cfg.check_every != 0 && steps < cfg.max_steps {
             continue;
         }
         let candidate = model.with_mlp_weights(&scores.apply(&base)?)?;
