@@ -491,3 +491,72 @@ fn operations_doc_lists_every_serve_flag_and_env_var() {
         );
     }
 }
+
+/// `lethe unlearn` runs the takedown pipeline and its gates: when they fail it exits non-zero,
+/// names the failure and writes the report but no model; `--no-gates` writes the model.
+#[test]
+fn unlearn_exits_non_zero_without_a_model_when_the_gates_fail() {
+    let ds = lethe::tinymem::train::Card::read(&lethe::loader::bundled_model_dir())
+        .unwrap()
+        .dataset()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let forget = dir.path().join("forget.jsonl");
+    let lm = lethe::loader::load_dir(
+        &lethe::loader::bundled_model_dir(),
+        "bundled",
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    let def = lethe::audit::Definition::Tinymem;
+    let row = ds
+        .eligible_noised_rows(50, 100)
+        .into_iter()
+        .map(|r| r.ids.clone())
+        .find(|ids| {
+            let item = def.split(ids).unwrap();
+            lethe::audit::audit(&lm.model, None, &[item], 1).unwrap().0[0].memorized
+        })
+        .expect("a memorized row");
+    std::fs::write(&forget, serde_json::json!({ "ids": row }).to_string()).unwrap();
+    let out = dir.path().join("out");
+    let args = |extra: &[&'static str]| {
+        let mut a = vec![
+            "unlearn",
+            "--forget",
+            forget.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            // One step cannot make the model forget, and no drift at all is allowed.
+            "--max-steps",
+            "1",
+            "--perplexity-budget",
+            "0",
+            "--accuracy-budget",
+            "0",
+        ];
+        a.extend_from_slice(extra);
+        a.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let run = |a: Vec<String>| {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        lethe(&a)
+    };
+    let o = run(args(&[]));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{stderr}");
+    assert!(stderr.contains("the gates failed"), "{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["mode"], "controller");
+    assert!(
+        !report["gates_failed"].as_array().unwrap().is_empty(),
+        "{report}"
+    );
+    assert!(!out.join("model.safetensors").exists());
+    let o = run(args(&["--no-gates"]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.join("model.safetensors").is_file());
+    assert!(out.join("config.json").is_file());
+}

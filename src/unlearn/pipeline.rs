@@ -412,3 +412,84 @@ fn ending_text(e: Ending) -> &'static str {
         Ending::Steps => "the step budget ran out",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eval(memorized: &[bool], ppl: f64, acc: f64, canary: Option<f64>) -> Evaluation {
+        Evaluation {
+            memorized: memorized.to_vec(),
+            matched_prefix: vec![0; memorized.len()],
+            accuracy: Some(acc),
+            quality: Quality {
+                accuracy_by_task: vec![("7".into(), acc)],
+                perplexity: ppl,
+            },
+            canary_perplexity: canary,
+        }
+    }
+
+    #[test]
+    fn gates_hold_against_the_parent_and_the_root() {
+        let g = Gates::default();
+        let root = Baseline::of(&eval(&[], 1.00, 0.97, Some(10.0)));
+        let parent = eval(&[true, true], 1.015, 0.967, Some(10.1));
+        // Within budget of the parent (+1 %) but not of the root (+2.5 %).
+        let after = eval(&[false, false], 1.025, 0.966, Some(10.15));
+        let f = gate_failures(&g, &parent, &root, &after);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(
+            f[0].starts_with("perplexity drift from the root +2.500%"),
+            "{f:?}"
+        );
+        // The accuracy gate from the root too: 0.97 → 0.964 is −0.62 %.
+        let after = eval(&[false, true], 1.01, 0.964, Some(10.1));
+        let f = gate_failures(&g, &parent, &root, &after);
+        assert!(
+            f.iter()
+                .any(|x| x == "1 of 2 sequences are still extractable"),
+            "{f:?}"
+        );
+        assert!(f
+            .iter()
+            .any(|x| x.starts_with("mean relative accuracy change from the root")));
+        assert!(
+            !f.iter()
+                .any(|x| x.starts_with("mean relative accuracy change -")),
+            "{f:?}"
+        );
+        // When the parent is the root, each failure is named once.
+        let parent_root = Baseline::of(&parent);
+        let f = gate_failures(
+            &g,
+            &parent,
+            &parent_root,
+            &eval(&[false, false], 1.5, 0.9, Some(10.1)),
+        );
+        assert_eq!(f.len(), 2, "{f:?}");
+        // A diverged model fails every quality gate.
+        let f = gate_failures(
+            &g,
+            &parent,
+            &root,
+            &eval(&[false, false], f64::NAN, f64::NAN, Some(f64::NAN)),
+        );
+        assert_eq!(f.len(), 6, "{f:?}");
+        assert!(gate_failures(
+            &g,
+            &parent,
+            &root,
+            &eval(&[false, false], 1.0, 0.97, Some(10.0))
+        )
+        .is_empty());
+    }
+
+    #[test]
+    fn a_report_carries_the_root_for_the_next_job() {
+        let root = Baseline::of(&eval(&[], 1.08, 0.97, None));
+        let report = json!({ "root": root, "steps": 3 });
+        assert_eq!(Baseline::from_report(&report), Some(root));
+        assert_eq!(Baseline::from_report(&json!({})), None);
+    }
+}
