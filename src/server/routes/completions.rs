@@ -475,19 +475,25 @@ pub async fn create(
     if let Some(mut rx) = rx {
         let mut left = plan.reqs.len();
         let peer = Peer::of(&req);
+        let mut checked = std::time::Instant::now();
         while left > 0 {
-            // While it waits, the handler checks that its client is still there; if it left,
-            // dropping `rx` makes the engine cancel the rows at its next step.
-            let event = match tokio::time::timeout(peer::CHECK_INTERVAL, rx.recv()).await {
-                Ok(event) => event,
-                Err(_) if peer.as_ref().is_some_and(Peer::gone) => {
+            // While it waits, the handler checks every CHECK_INTERVAL that its client is still
+            // there, whether or not tokens keep arriving (they arrive far more often than that
+            // while rows generate); if it left, dropping `rx` makes the engine cancel the rows
+            // at its next step.
+            let event = tokio::time::timeout(peer::CHECK_INTERVAL, rx.recv()).await;
+            if checked.elapsed() >= peer::CHECK_INTERVAL {
+                checked = std::time::Instant::now();
+                if peer.as_ref().is_some_and(Peer::gone) {
                     tracing::info!(
                         rows = left,
                         "client closed the connection; generation cancelled"
                     );
                     return Ok(HttpResponse::build(client_closed()).finish());
                 }
-                Err(_) => continue,
+            }
+            let Ok(event) = event else {
+                continue;
             };
             match event {
                 Some(RowEvent::Done { index, generation }) => {
