@@ -29,6 +29,7 @@ use crate::cli::ModelArgs;
 use crate::models::Model;
 use crate::tinymem::train::Card;
 use crate::unlearn::pipeline::{self, Datasets, Lineage, PipelineConfig, Target};
+use crate::unlearn::quality::Quality;
 use crate::unlearn::JobControl;
 
 #[derive(Debug, Args)]
@@ -159,7 +160,7 @@ pub fn run(a: TakedownBenchArgs) -> anyhow::Result<()> {
             parent: Some(&parent),
             root: Some(&root),
         };
-        let (run, decision, _) = threads.install(|| {
+        let (run, decision) = threads.install(|| {
             one(
                 &lineage,
                 &targets,
@@ -177,8 +178,7 @@ pub fn run(a: TakedownBenchArgs) -> anyhow::Result<()> {
             let after = &decision.report["after"];
             let ppl = after["perplexity"].as_f64().unwrap_or(f64::NAN);
             run.root_perplexity_drift = Some(ppl / root_base.quality.perplexity - 1.0);
-            let q: Option<crate::unlearn::quality::Quality> =
-                serde_json::from_value(after.clone()).ok();
+            let q: Option<Quality> = serde_json::from_value(after.clone()).ok();
             run.root_accuracy_change =
                 q.and_then(|q| root_base.quality.relative_accuracy_change(&q));
             lineage = decision.model;
@@ -254,7 +254,7 @@ fn one(
     kind: &'static str,
     form: &str,
     request: usize,
-) -> anyhow::Result<(Run, pipeline::Decision, pipeline::Evaluation)> {
+) -> anyhow::Result<(Run, pipeline::Decision)> {
     let t0 = Instant::now();
     let d = pipeline::run(
         model,
@@ -267,13 +267,13 @@ fn one(
         &|_| {},
     )?;
     let seconds = t0.elapsed().as_secs_f64();
-    let before: pipeline::Evaluation = evaluation_of(&d.report["before"])?;
+    let before: Quality = serde_json::from_value(d.report["before"].clone())?;
     let (drift, acc) = match d.report.get("after").filter(|v| !v.is_null()) {
         Some(after) => {
-            let q: crate::unlearn::quality::Quality = serde_json::from_value(after.clone())?;
+            let q: Quality = serde_json::from_value(after.clone())?;
             (
-                q.perplexity / before.quality.perplexity - 1.0,
-                before.quality.relative_accuracy_change(&q),
+                q.perplexity / before.perplexity - 1.0,
+                before.relative_accuracy_change(&q),
             )
         }
         None => (f64::NAN, None),
@@ -295,19 +295,7 @@ fn one(
         root_accuracy_change: None,
         rejection: d.rejection.clone(),
     };
-    Ok((run, d, before))
-}
-
-/// The `before` evaluation back from a report.
-fn evaluation_of(v: &serde_json::Value) -> anyhow::Result<pipeline::Evaluation> {
-    let quality: crate::unlearn::quality::Quality = serde_json::from_value(v.clone())?;
-    Ok(pipeline::Evaluation {
-        memorized: serde_json::from_value(v["memorized"].clone())?,
-        matched_prefix: serde_json::from_value(v["matched_prefix"].clone())?,
-        accuracy: v["accuracy"].as_f64(),
-        quality,
-        canary_perplexity: v["canary_perplexity"].as_f64(),
-    })
+    Ok((run, d))
 }
 
 fn p90(xs: &[f64]) -> f64 {

@@ -267,9 +267,8 @@ fn poll_takedown(
     panic!("takedown {id} never reached the expected state: {last}");
 }
 
-#[test]
-fn sigkill_during_a_job_and_the_takedown_still_completes_after_restart() {
-    // A sequence the bundled model really regurgitates.
+/// A noised row of the bundled model that it really regurgitates (tinymem definition).
+fn memorized_bundled_row() -> Vec<u32> {
     let dir = lethe::loader::bundled_model_dir();
     let ds = lethe::tinymem::train::Card::read(&dir)
         .unwrap()
@@ -283,15 +282,19 @@ fn sigkill_during_a_job_and_the_takedown_still_completes_after_restart() {
     )
     .unwrap();
     let def = lethe::audit::Definition::Tinymem;
-    let seq = ds
-        .eligible_noised_rows(50, 100)
+    ds.eligible_noised_rows(50, 100)
         .into_iter()
         .map(|r| r.ids.clone())
         .find(|ids| {
             let item = def.split(ids).unwrap();
             lethe::audit::audit(&lm.model, None, &[item], 1).unwrap().0[0].memorized
         })
-        .expect("a memorized row");
+        .expect("a memorized row")
+}
+
+#[test]
+fn sigkill_during_a_job_and_the_takedown_still_completes_after_restart() {
+    let seq = memorized_bundled_row();
     let data = tempfile::tempdir().unwrap();
     let fast = ["--unlearn-max-steps", "60", "--unlearn-threads", "2"];
     let (mut child, addr) = serve_with(data.path(), &fast);
@@ -496,29 +499,9 @@ fn operations_doc_lists_every_serve_flag_and_env_var() {
 /// names the failure and writes the report but no model; `--no-gates` writes the model.
 #[test]
 fn unlearn_exits_non_zero_without_a_model_when_the_gates_fail() {
-    let ds = lethe::tinymem::train::Card::read(&lethe::loader::bundled_model_dir())
-        .unwrap()
-        .dataset()
-        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let forget = dir.path().join("forget.jsonl");
-    let lm = lethe::loader::load_dir(
-        &lethe::loader::bundled_model_dir(),
-        "bundled",
-        &candle_core::Device::Cpu,
-        candle_core::DType::F32,
-    )
-    .unwrap();
-    let def = lethe::audit::Definition::Tinymem;
-    let row = ds
-        .eligible_noised_rows(50, 100)
-        .into_iter()
-        .map(|r| r.ids.clone())
-        .find(|ids| {
-            let item = def.split(ids).unwrap();
-            lethe::audit::audit(&lm.model, None, &[item], 1).unwrap().0[0].memorized
-        })
-        .expect("a memorized row");
+    let row = memorized_bundled_row();
     std::fs::write(&forget, serde_json::json!({ "ids": row }).to_string()).unwrap();
     let out = dir.path().join("out");
     let args = |extra: &[&'static str]| {

@@ -282,18 +282,7 @@ pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
             .unwrap_or(pcfg.controller.start_ratio);
         // The last gate measurement is of the returned model only when the gates passed.
         controller_quality = if d.passed { d.quality.clone() } else { None };
-        let zeros_per_matrix = lm
-            .model
-            .mlp_weights()
-            .0
-            .iter()
-            .map(|(x, y)| {
-                (
-                    super::mask::zeros_for(x.elem_count(), ratio),
-                    super::mask::zeros_for(y.elem_count(), ratio),
-                )
-            })
-            .collect();
+        let zeros_per_matrix = super::mask::zeros_per_matrix(&lm.model.mlp_weights(), ratio);
         let out = Outcome {
             mlp: d.model.mlp_weights(),
             model: d.model,

@@ -383,16 +383,7 @@ fn finish(
     scores: &Scores,
     base: &MlpWeights,
 ) -> Controlled {
-    let zeros_per_matrix = base
-        .0
-        .iter()
-        .map(|(a, b)| {
-            (
-                mask::zeros_for(a.elem_count(), scores.ratio),
-                mask::zeros_for(b.elem_count(), scores.ratio),
-            )
-        })
-        .collect();
+    let zeros_per_matrix = mask::zeros_per_matrix(base, scores.ratio);
     Controlled {
         model,
         ending,

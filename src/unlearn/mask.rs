@@ -104,6 +104,20 @@ pub fn zeros_for(numel: usize, ratio: f64) -> usize {
     ((ratio * numel as f64).floor() as usize).min(numel)
 }
 
+/// [`zeros_for`] of every masked matrix of `base`, `(input projection, output projection)` per
+/// block.
+pub fn zeros_per_matrix(base: &MlpWeights, ratio: f64) -> Vec<(usize, usize)> {
+    base.0
+        .iter()
+        .map(|(a, b)| {
+            (
+                zeros_for(a.elem_count(), ratio),
+                zeros_for(b.elem_count(), ratio),
+            )
+        })
+        .collect()
+}
+
 /// `1` everywhere except the `⌊ratio·numel⌋` entries of smallest `|score|`, which are `0`
 /// (ties broken by position, deterministically).
 pub fn hard_mask(scores: &Tensor, ratio: f64) -> Result<Tensor> {

@@ -332,16 +332,7 @@ pub fn balanced_subnet(
         }
     }
     let mlp = scores.apply(&base)?;
-    let zeros_per_matrix = base
-        .0
-        .iter()
-        .map(|(a, b)| {
-            (
-                mask::zeros_for(a.elem_count(), cfg.ratio),
-                mask::zeros_for(b.elem_count(), cfg.ratio),
-            )
-        })
-        .collect();
+    let zeros_per_matrix = mask::zeros_per_matrix(&base, cfg.ratio);
     Ok(Outcome {
         model: model.with_mlp_weights(&mlp)?,
         mlp,

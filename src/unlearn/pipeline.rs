@@ -369,7 +369,7 @@ pub fn run(
             ))
         }
     };
-    let after = last.as_ref().map(|(e, r, f)| (e, r, f));
+    let after = last.as_ref();
     let report = json!({
         "config": cfg,
         "ending": out.ending,
