@@ -61,6 +61,10 @@ pub struct TakedownBenchArgs {
     /// rest keep `lethe serve`'s defaults.
     #[arg(long)]
     pub controller: Option<String>,
+    /// Sequential takedowns mask the parent's weights, keeping every earlier takedown's zeros
+    /// for good, instead of re-masking the root's (what `lethe serve` does).
+    #[arg(long)]
+    pub keep_zeros: bool,
 }
 
 /// One takedown's outcome.
@@ -73,7 +77,9 @@ struct Run {
     applied: bool,
     seconds: f64,
     steps: u64,
+    /// The ratio the controller added, and the fraction of each MLP matrix masked after.
     ratio: f64,
+    total_ratio: f64,
     /// Seconds of the evaluation before unlearning and of each gate measurement.
     before_seconds: f64,
     gate_seconds: Vec<f64>,
@@ -133,7 +139,7 @@ pub fn run(a: TakedownBenchArgs) -> anyhow::Result<()> {
                 let run = threads.install(|| {
                     let lineage = Lineage {
                         parent: Some(&base_quality),
-                        root: None,
+                        ..Lineage::default()
                     };
                     one(
                         &lm.model,
@@ -154,11 +160,15 @@ pub fn run(a: TakedownBenchArgs) -> anyhow::Result<()> {
     let mut lineage = lm.model.clone();
     let mut parent = base_quality.clone();
     let root = base_quality.clone();
+    // What the lineage removed so far, as the server collects it from the applied versions.
+    let mut earlier: Vec<Target> = Vec::new();
     for request in 0..a.sequential {
         let targets = draw(&pool, a.sequential_size.min(pool.len()), "rows", &mut rng)?;
         let known = Lineage {
             parent: Some(&parent),
             root: Some(&root),
+            root_model: (!earlier.is_empty() && !a.keep_zeros).then_some(&lm.model),
+            earlier: &earlier,
         };
         let (run, decision) = threads.install(|| {
             one(
@@ -185,6 +195,7 @@ pub fn run(a: TakedownBenchArgs) -> anyhow::Result<()> {
             if let Some(q) = decision.quality {
                 parent = q;
             }
+            earlier.extend(targets);
         }
         println!("{}", serde_json::to_string(&run)?);
         runs.push(run);
@@ -287,6 +298,7 @@ fn one(
         seconds,
         steps: d.report["steps"].as_u64().unwrap_or(0),
         ratio: d.report["ratio"].as_f64().unwrap_or(f64::NAN),
+        total_ratio: d.report["total_ratio"].as_f64().unwrap_or(f64::NAN),
         before_seconds: d.report["before_seconds"].as_f64().unwrap_or(f64::NAN),
         gate_seconds: serde_json::from_value(d.report["gate_seconds"].clone()).unwrap_or_default(),
         perplexity_drift: drift,

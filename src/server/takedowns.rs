@@ -92,6 +92,10 @@ pub struct Takedowns {
     /// live version, and a job caches what the gates measured on the version it publishes, so
     /// the next job starts without measuring its parent again.
     quality_cache: Mutex<Option<(String, Baseline)>>,
+    /// The lineage root's weights (its version id and model), loaded by the first job on a
+    /// lineage past the root: jobs re-mask the root's MLP weights (see
+    /// `unlearn::controller::run`).
+    root_model: Mutex<Option<(String, Arc<crate::models::Model>)>>,
 }
 
 impl Takedowns {
@@ -119,6 +123,7 @@ impl Takedowns {
             threads: Mutex::new(Vec::new()),
             live_threads: std::sync::atomic::AtomicUsize::new(0),
             quality_cache: Mutex::new(None),
+            root_model: Mutex::new(None),
         })
     }
 
@@ -438,6 +443,7 @@ fn run_job(
     let forget: Vec<Vec<u32>> = targets.iter().map(|t| t.sequence.clone()).collect();
     td.config.faults.at(FaultPoint::Job { sequences: &forget });
     let root = root_baseline(td, &base.version);
+    let (root_model, earlier) = lineage_of(td, &base)?;
     let parent = td.cached_quality(&base.version);
     let cfg = &td.config.pipeline;
     // Progress only moves forward: the larger of the step and time fractions of the run's
@@ -493,6 +499,8 @@ fn run_job(
             pipeline::Lineage {
                 parent: parent.as_ref(),
                 root: root.as_ref(),
+                root_model: root_model.as_deref(),
+                earlier: &earlier,
             },
             cfg,
             ctl,
@@ -542,6 +550,49 @@ fn run_job(
         td.cache_quality(&version, q);
     }
     Ok(JobEnd::Applied { version })
+}
+
+/// The lineage behind the live version `live`: the root's weights (`None` while the root is
+/// live) and the sequences that the versions between them applied.
+fn lineage_of(
+    td: &Takedowns,
+    live: &Served,
+) -> Result<(Option<Arc<crate::models::Model>>, Vec<pipeline::Target>)> {
+    let all = td.store.list_versions().map_err(|e| store_err(&e))?;
+    let Some(mut cur) = all.iter().find(|v| v.id == live.version) else {
+        return Ok((None, Vec::new()));
+    };
+    let mut applied = Vec::new();
+    while let Some(parent) = cur.parent.as_deref() {
+        for id in &cur.takedowns {
+            applied.push(td.store.get(id).map_err(|e| store_err(&e))?);
+        }
+        match all.iter().find(|v| v.id == parent) {
+            Some(p) => cur = p,
+            // A parent missing from the registry: mask the live weights, as without a lineage.
+            None => return Ok((None, Vec::new())),
+        }
+    }
+    if cur.id == live.version {
+        return Ok((None, Vec::new()));
+    }
+    let earlier = crate::takedown::targets(&applied)?;
+    let mut cached = td.root_model.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((id, m)) = cached.as_ref() {
+        if *id == cur.id {
+            return Ok((Some(m.clone()), earlier));
+        }
+    }
+    let dir = versions::version_dir(&td.config.data_dir, &cur.id);
+    let lm = crate::loader::load_dir(
+        &dir,
+        &dir.display().to_string(),
+        live.model.device(),
+        DType::F32,
+    )?;
+    let m = Arc::new(lm.model);
+    *cached = Some((cur.id.clone(), m.clone()));
+    Ok((Some(m), earlier))
 }
 
 /// The lineage's root quality, from the live version's report (`None` while the root is live:
@@ -980,7 +1031,7 @@ mod tests {
         let v0 = state.served();
         let job = |name: &str| {
             let new = NewTakedown {
-                sequences: vec![vec![1, 2, 3]],
+                sequences: vec![(0..120).map(|i| 1 + i % 12).collect()],
                 definition: "tinymem".into(),
                 reason: None,
                 requester: None,
@@ -996,6 +1047,27 @@ mod tests {
             .expect("the first job publishes");
         assert_eq!(state.served().version, v1);
         assert_eq!(td.store.get(&a).unwrap().state, State::Applied);
+        // The next job on v1 re-masks the root's weights (v0's, loaded from its version
+        // directory) with the sequences v1 applied in its forget set; on the root there is no
+        // lineage behind it.
+        let (root, earlier) = lineage_of(&td, &state.served()).unwrap();
+        let flat = |m: &crate::models::Model| -> Vec<f32> {
+            m.mlp_weights()
+                .0
+                .iter()
+                .flat_map(|(a, b)| {
+                    let mut v: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+                    v.extend(b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                    v
+                })
+                .collect()
+        };
+        assert_eq!(flat(&root.expect("v1 is past the root")), flat(&v0.model));
+        assert_eq!(earlier.len(), 1);
+        assert_eq!(earlier[0].takedown, a);
+        assert_eq!(earlier[0].sequence, td.store.get(&a).unwrap().sequences[0]);
+        let (root, earlier) = lineage_of(&td, &v0).unwrap();
+        assert!(root.is_none() && earlier.is_empty());
         // A second job that started on v0 finishes after v1 went live.
         let b = job("j2");
         let lost = publish(&state, &td, "j2", &v0, &scaled(&v0.model, 0.25), &json!({})).unwrap();

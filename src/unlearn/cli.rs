@@ -271,7 +271,7 @@ pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
             &data,
             pipeline::Lineage {
                 parent: Some(&parent),
-                root: None,
+                ..pipeline::Lineage::default()
             },
             &pcfg,
             &ctl,

@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use super::mask::{self, Scores};
@@ -43,6 +43,10 @@ use crate::optim::{Sgd, SgdParams};
 pub struct ControllerConfig {
     /// Mask ratio at the start (fraction of each MLP matrix zeroed).
     pub start_ratio: f64,
+    /// Mask ratio added at the start of a job on a lineage (the mask is over the root's
+    /// weights and starts at the parent's zeros, see [`run`]): smaller than `start_ratio`,
+    /// since the earlier takedowns' mask already covers much of what the new sequences need.
+    pub lineage_start_ratio: f64,
     /// The ratio is never raised above this.
     pub max_ratio: f64,
     /// Factor applied to the ratio when progress stalls.
@@ -71,6 +75,7 @@ impl Default for ControllerConfig {
     fn default() -> Self {
         Self {
             start_ratio: 0.1,
+            lineage_start_ratio: 0.025,
             max_ratio: 0.5,
             ratio_growth: 1.5,
             w: 0.9,
@@ -92,6 +97,12 @@ impl ControllerConfig {
     pub fn validate(&self) -> Result<()> {
         if !(self.start_ratio > 0.0 && self.start_ratio < 1.0) {
             return Err(Error::invalid("start_ratio", "must be in (0, 1)"));
+        }
+        if !(self.lineage_start_ratio > 0.0 && self.lineage_start_ratio <= self.start_ratio) {
+            return Err(Error::invalid(
+                "lineage_start_ratio",
+                "must be in (0, start_ratio]",
+            ));
         }
         if !(self.max_ratio >= self.start_ratio && self.max_ratio < 1.0) {
             return Err(Error::invalid("max_ratio", "must be in [start_ratio, 1)"));
@@ -143,11 +154,27 @@ pub struct Check {
 /// The mask never covers more than this fraction of a matrix.
 const MAX_TOTAL_RATIO: f64 = 0.95;
 
-/// Sets to 0 the scores of weights that are exactly 0 and returns the smallest fraction of
-/// such weights over the masked matrices (what a mask can cover at no cost in every matrix).
-fn zero_scores_of_zero_weights(scores: &Scores, base: &MlpWeights) -> Result<f64> {
+/// Makes the entries that are exactly 0 in `start` (pruned by an earlier takedown on the
+/// lineage) the first the mask covers, and returns the smallest fraction of such entries over
+/// the matrices (what a mask covers at no cost in every matrix).
+///
+/// `movable: None` (the weights trained are `start`'s own, so those entries are zero for good):
+/// their scores become 0, below every other; their straight-through gradient is 0, so they stay
+/// masked. `movable: Some(extra)` (the mask is over the root's weights, where those entries are
+/// not zero): each score becomes a random fraction of half the magnitude below which the
+/// `extra` lowest other scores lie, with a random sign. The first mask is still `start`'s zeros
+/// plus those lowest others, but an entry the retain loss wants back sits as near the threshold
+/// as the others around it, and its gradient is not 0.
+fn mark_pruned(
+    scores: &Scores,
+    start: &MlpWeights,
+    movable: Option<f64>,
+    seed: u64,
+) -> Result<f64> {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x9e37_79b9);
     let mut least = 1.0f64;
-    for ((w1, w2), (s1, s2)) in base.0.iter().zip(&scores.vars) {
+    let mut scratch = Vec::new();
+    for ((w1, w2), (s1, s2)) in start.0.iter().zip(&scores.vars) {
         for (w, s) in [(w1, s1), (w2, s2)] {
             let wv: Vec<f32> = w
                 .flatten_all()?
@@ -158,16 +185,35 @@ fn zero_scores_of_zero_weights(scores: &Scores, base: &MlpWeights) -> Result<f64
             if zeros == 0 {
                 continue;
             }
-            let sv: Vec<f32> = s
+            let mut sv: Vec<f32> = s
                 .as_tensor()
                 .flatten_all()?
                 .to_device(&candle_core::Device::Cpu)?
                 .to_vec1()?;
-            let sv: Vec<f32> = sv
-                .iter()
-                .zip(&wv)
-                .map(|(s, w)| if *w == 0.0 { 0.0 } else { *s })
-                .collect();
+            let near = match movable {
+                None => 0.0,
+                Some(extra) => {
+                    let others: Vec<f32> = sv
+                        .iter()
+                        .zip(&wv)
+                        .filter(|(_, w)| **w != 0.0)
+                        .map(|(s, _)| *s)
+                        .collect();
+                    let k = mask::zeros_for(wv.len(), extra).clamp(1, others.len().max(1));
+                    let below = mask::smallest_abs(&others, k, &mut scratch);
+                    below
+                        .iter()
+                        .map(|&i| others[i].abs())
+                        .fold(0.0f32, f32::max)
+                        * 0.5
+                }
+            };
+            for (s, w) in sv.iter_mut().zip(&wv) {
+                if *w == 0.0 {
+                    let sign = if rng.random::<bool>() { 1.0 } else { -1.0 };
+                    *s = sign * near * rng.random::<f32>();
+                }
+            }
             let t =
                 candle_core::Tensor::from_vec(sv, s.as_tensor().dims(), s.as_tensor().device())?;
             s.set(&t)?;
@@ -207,11 +253,21 @@ pub struct Controlled {
     pub zeros_per_matrix: Vec<(usize, usize)>,
 }
 
-/// Runs the controller. `forget[i]` is trained on and `items[i]` is its audit under its
-/// definition; `gates` measures a candidate whose forget sequences are all non-extractable and
-/// returns the reasons it fails (empty: it passes).
+/// Runs the controller from `model`. `forget[i]` is trained on and `items[i]` is its audit
+/// under its definition; `gates` measures a candidate whose forget sequences are all
+/// non-extractable and returns the reasons it fails (empty: it passes).
+///
+/// Without `root`, the mask is over `model`'s own weights: entries already zero (an earlier
+/// takedown) are masked first and for good, and the ratio starts at `start_ratio` on top of
+/// them. With `root` (the lineage's unedited model, of which `model` is a masked copy), the
+/// mask is over the root's weights: it starts at `model`'s zeros plus `lineage_start_ratio`,
+/// and an earlier takedown's pruned entries may come back where the retain loss wants them
+/// (the forget set then holds the lineage's earlier sequences too, so none of them returns
+/// unseen). Candidates are always `root` (or `model`) with masked MLP weights.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     model: &Model,
+    root: Option<&Model>,
     forget: &[Vec<u32>],
     items: &[AuditItem],
     retain: &[Vec<u32>],
@@ -230,14 +286,35 @@ pub fn run(
         return Err(Error::invalid("retain", "the retain set is empty"));
     }
     let start = Instant::now();
-    let base = model.mlp_weights();
-    let mut scores = Scores::init(model, cfg.start_ratio, cfg.seed)?;
-    // Weights that are already zero (an earlier takedown on this lineage pruned them) cost
-    // nothing to mask: their scores start at 0, below every other, and stay there (their
-    // straight-through gradient is 0). The ratio the controller chooses is on top of them.
-    let already = zero_scores_of_zero_weights(&scores, &base)?;
-    scores.ratio = (already + cfg.start_ratio).min(MAX_TOTAL_RATIO);
-    let mut extra = cfg.start_ratio;
+    let from = root.unwrap_or(model);
+    let base = from.mlp_weights();
+    let mut extra = if root.is_some() {
+        cfg.lineage_start_ratio
+    } else {
+        cfg.start_ratio
+    };
+    if root.is_some() {
+        let ok = base.0.len() == model.mlp_weights().0.len()
+            && base.0.iter().zip(&model.mlp_weights().0).all(|((a, b), (c, d))| {
+                a.dims() == c.dims() && b.dims() == d.dims()
+            });
+        if !ok {
+            return Err(Error::invalid(
+                "root",
+                "the lineage's root does not have the model's MLP shapes",
+            ));
+        }
+    }
+    let mut scores = Scores::init(from, extra, cfg.seed)?;
+    // Weights an earlier takedown on this lineage zeroed are masked first; the ratio the
+    // controller chooses is on top of them (see `mark_pruned`).
+    let already = mark_pruned(
+        &scores,
+        &model.mlp_weights(),
+        root.map(|_| extra),
+        cfg.seed,
+    )?;
+    scores.ratio = (already + extra).min(MAX_TOTAL_RATIO);
     let mut opt = Sgd::new(
         scores.all_vars(),
         SgdParams {
@@ -295,7 +372,7 @@ pub fn run(
             });
             r_pos += 1;
         }
-        let (lf, lr) = step(model, &scores, &base, &batch, cfg.w, &mut opt, &mut ws)?;
+        let (lf, lr) = step(from, &scores, &base, &batch, cfg.w, &mut opt, &mut ws)?;
         steps += 1;
         ctl.set(Progress {
             step: steps,
@@ -307,7 +384,7 @@ pub fn run(
         if steps % cfg.check_every != 0 && steps < cfg.max_steps {
             continue;
         }
-        let candidate = model.with_mlp_weights(&scores.apply(&base)?)?;
+        let candidate = from.with_mlp_weights(&scores.apply(&base)?)?;
         let (results, _) = audit::audit(&candidate, None, items, 64)?;
         let extractable: Vec<usize> = results
             .iter()
@@ -366,7 +443,7 @@ pub fn run(
         active = extractable;
         f_pos = active.len();
     };
-    let last = model.with_mlp_weights(&scores.apply(&base)?)?;
+    let last = from.with_mlp_weights(&scores.apply(&base)?)?;
     Ok(finish(
         last, ending, checks, steps, start, extra, &scores, &base,
     ))
@@ -459,6 +536,7 @@ mod tests {
         let mut calls = 0;
         let out = run(
             &m,
+            None,
             &forget,
             &items,
             &retain(),
@@ -496,6 +574,7 @@ mod tests {
         let mut calls = 0;
         let out = run(
             &m,
+            None,
             &forget,
             &items,
             &retain(),
@@ -527,6 +606,7 @@ mod tests {
         };
         let out = run(
             &m,
+            None,
             &forget,
             &items,
             &retain(),
@@ -558,7 +638,7 @@ mod tests {
         );
         let m = m.with_mlp_weights(&zeroed).unwrap();
         let scores = Scores::init(&m, 0.1, 1).unwrap();
-        let already = zero_scores_of_zero_weights(&scores, &m.mlp_weights()).unwrap();
+        let already = mark_pruned(&scores, &m.mlp_weights(), None, 0).unwrap();
         assert!((0.19..=0.2).contains(&already), "{already}");
         let mut masked = scores;
         masked.ratio = already;
@@ -570,6 +650,91 @@ mod tests {
                 assert_eq!(p, q, "masking the zeros changes nothing");
             }
         }
+    }
+
+    #[test]
+    fn on_a_lineage_the_mask_is_over_the_root_and_starts_at_the_parents_zeros() {
+        let root = model();
+        // The parent: the root with 20 % of every MLP matrix zeroed, as an earlier takedown.
+        let parent = root
+            .with_mlp_weights(
+                &Scores::init(&root, 0.2, 9)
+                    .unwrap()
+                    .apply(&root.mlp_weights())
+                    .unwrap(),
+            )
+            .unwrap();
+        let scores = Scores::init(&root, 0.05, 1).unwrap();
+        let already = mark_pruned(&scores, &parent.mlp_weights(), Some(0.05), 0).unwrap();
+        assert!((0.19..=0.2).contains(&already), "{already}");
+        let mut s = scores;
+        s.ratio = already + 0.05;
+        let first = s.apply(&root.mlp_weights()).unwrap();
+        for ((a, b), ((p, q), (sa, sb))) in first
+            .0
+            .iter()
+            .zip(parent.mlp_weights().0.iter().zip(&s.vars))
+        {
+            for (x, y, sc) in [(a, p, sa), (b, q, sb)] {
+                let x: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+                let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+                let sc: Vec<f32> = sc.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+                for i in 0..x.len() {
+                    if y[i] == 0.0 {
+                        // Masked at the start, with a score that can move (gradient ≠ 0).
+                        assert_eq!(x[i], 0.0, "the parent's zeros are masked first");
+                        assert!(sc[i] != 0.0);
+                    } else {
+                        assert!(x[i] == 0.0 || x[i] == y[i], "unmasked entries are the root's");
+                    }
+                }
+                let extra = x.iter().zip(&y).filter(|(a, b)| **a == 0.0 && **b != 0.0);
+                assert!(extra.count() > 0, "the lineage ratio masks more on top");
+            }
+        }
+        // A run with the root: candidates are the root's weights under a mask, and the earlier
+        // zeros can come back.
+        let (forget, items) = extractable(&parent, &[vec![1, 2, 3, 4, 5, 6]], 8);
+        let out = run(
+            &parent,
+            Some(&root),
+            &forget,
+            &items,
+            &retain(),
+            &quick(),
+            &JobControl::new(),
+            &mut |_| Ok(Vec::new()),
+        )
+        .unwrap();
+        assert_eq!(out.ending, Ending::Passed);
+        let (w, r) = (out.model.mlp_weights(), root.mlp_weights());
+        for ((a, b), (c, d)) in w.0.iter().zip(&r.0) {
+            for (x, y) in [(a, c), (b, d)] {
+                let x: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+                let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+                assert!(x.iter().zip(&y).all(|(p, q)| *p == 0.0 || p == q));
+            }
+        }
+        // A root of another shape is refused by name.
+        let other = random_model(
+            &crate::test_util::relu_gpt2((14, 64, 32, 4), 2, true, false),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let e = run(
+            &parent,
+            Some(&other),
+            &forget,
+            &items,
+            &retain(),
+            &quick(),
+            &JobControl::new(),
+            &mut |_| Ok(Vec::new()),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("root"), "{e}");
     }
 
     #[test]

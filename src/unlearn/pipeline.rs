@@ -283,6 +283,15 @@ pub struct Lineage<'a> {
     pub parent: Option<&'a Baseline>,
     /// The lineage root's quality (`None`: the starting model is the root).
     pub root: Option<&'a Baseline>,
+    /// The lineage root's weights (the unedited model the starting model is a masked copy
+    /// of): when given, the controller's mask is over them and may give back what earlier
+    /// takedowns pruned (see [`controller::run`]). `None`: the mask is over the starting
+    /// model's weights, its zeros kept for good.
+    pub root_model: Option<&'a Model>,
+    /// The sequences earlier takedowns on the lineage removed. With `root_model` they join
+    /// the forget set (trained on while extractable, audited at every check), so a mask that
+    /// gives back pruned weights never brings one of them back.
+    pub earlier: &'a [Target],
 }
 
 /// What the pipeline decided.
@@ -323,8 +332,18 @@ pub fn run(
         .root
         .cloned()
         .unwrap_or_else(|| Baseline::of(&before));
-    let forget: Vec<Vec<u32>> = targets.iter().map(|t| t.sequence.clone()).collect();
-    let items: Vec<AuditItem> = targets.iter().map(|t| t.item.clone()).collect();
+    // This request's sequences, then (on a lineage re-masked from its root) the earlier
+    // takedowns' ones that are not among them.
+    let mut all: Vec<&Target> = targets.iter().collect();
+    if lineage.root_model.is_some() {
+        for e in lineage.earlier {
+            if !all.iter().any(|t| t.item == e.item) {
+                all.push(e);
+            }
+        }
+    }
+    let forget: Vec<Vec<u32>> = all.iter().map(|t| t.sequence.clone()).collect();
+    let items: Vec<AuditItem> = all.iter().map(|t| t.item.clone()).collect();
     // The last gate measurement: (evaluation, per-sequence audits, failures).
     let mut last: Option<(Evaluation, Vec<AuditResult>, Vec<String>)> = None;
     let mut gates = |candidate: &Model| -> Result<Vec<String>> {
@@ -340,6 +359,7 @@ pub fn run(
     on_phase("unlearning");
     let out = controller::run(
         model,
+        lineage.root_model,
         &forget,
         &items,
         &data.retain,
@@ -384,6 +404,10 @@ pub fn run(
         "before": before,
         "after": after.map(|(e, _, _)| e),
         "root": root,
+        "lineage": {
+            "masked_from_root": lineage.root_model.is_some(),
+            "earlier_sequences": all.len() - targets.len(),
+        },
         "gates_failed": after.map(|(_, _, f)| f),
         "sequences": targets.iter().enumerate().map(|(i, t)| {
             let b = &before_results[i];
