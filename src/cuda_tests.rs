@@ -11,11 +11,10 @@ use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
 
-use crate::bench::random_model;
-use crate::bench_unlearn::rows;
 use crate::engine::{self, GenerateRequest};
 use crate::models::{gpt2, gpt_neox, Inputs, Model, ModelConfig, Weights};
 use crate::optim::{Sgd, SgdParams};
+use crate::test_util::rows;
 use crate::unlearn::mask::Scores;
 use crate::unlearn::{batch_loss, fast_step_applies, step, Example, StepWorkspace};
 
@@ -102,7 +101,7 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
 fn cuda_forward_and_decoding_match_the_cpu() {
     let Some(dev) = cuda() else { return };
     for config in [gpt2_config(), neox_config()] {
-        let cpu = random_model(&config, &Device::Cpu).unwrap();
+        let cpu = Model::random(&config, &Device::Cpu).unwrap();
         let gpu = to_device(&config, &cpu, &dev);
         assert!(gpu.device().is_cuda());
         let vocab = cpu.spec().vocab_size;
@@ -137,7 +136,7 @@ fn cuda_forward_and_decoding_match_the_cpu() {
 fn cuda_unlearning_step_matches_cpu_autograd() {
     let Some(dev) = cuda() else { return };
     for config in [gpt2_config(), neox_config()] {
-        let cpu = random_model(&config, &Device::Cpu).unwrap();
+        let cpu = Model::random(&config, &Device::Cpu).unwrap();
         let gpu = to_device(&config, &cpu, &dev);
         let data = rows(6, |r| [20, 9, 20, 14, 20, 3][r], 7);
         let batch: Vec<Example> = data

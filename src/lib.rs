@@ -5,9 +5,6 @@
 //! (Sakarvadia et al., ICLR 2025). This crate is the library; `src/main.rs` is a thin CLI over it.
 
 pub mod audit;
-pub mod bench;
-pub mod bench_takedowns;
-pub mod bench_unlearn;
 pub mod cli;
 pub mod engine;
 pub mod error;

@@ -9,11 +9,50 @@
 
 use std::path::{Path, PathBuf};
 
+use anyhow::Context;
 use candle_core::{DType, Device};
+use clap::Args;
 
 use crate::error::{Error, Result};
 use crate::models::{Model, ModelConfig, Weights};
 use crate::tokenizer::Tokenizer;
+
+/// Which model to load and where to run it.
+#[derive(Debug, Args, Clone)]
+pub struct ModelArgs {
+    /// Model directory or Hugging Face hub id `org/name[@revision]` (default: the bundled TinyMem
+    /// noise model).
+    #[arg(long, env = "LETHE_MODEL")]
+    pub model: Option<String>,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, env = "LETHE_DEVICE", default_value = "cpu")]
+    pub device: String,
+}
+
+impl ModelArgs {
+    /// The `--model` spec, or the bundled model's directory when it is omitted.
+    pub fn spec(&self) -> anyhow::Result<String> {
+        Ok(match &self.model {
+            Some(m) => m.clone(),
+            None => {
+                let dir = bundled_model_dir();
+                if !dir.is_dir() {
+                    anyhow::bail!(
+                        "no --model given and the bundled model is missing at {}",
+                        dir.display()
+                    );
+                }
+                dir.display().to_string()
+            }
+        })
+    }
+
+    pub fn load(&self) -> anyhow::Result<LoadedModel> {
+        let device = crate::runtime::parse_device(&self.device)?;
+        let spec = self.spec()?;
+        load(&spec, &device, DType::F32).with_context(|| format!("loading model {spec}"))
+    }
+}
 
 /// A model ready to run, with where it came from.
 #[derive(Debug, Clone)]

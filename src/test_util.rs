@@ -19,6 +19,11 @@ pub fn rand(shape: &[usize], seed: u64) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
+/// `n` rows of pseudo-random TinyMem token ids (below 14); row `r` has `len(r)` tokens.
+pub fn rows(n: usize, len: impl Fn(usize) -> usize, seed: u64) -> Vec<Vec<u32>> {
+    crate::util::token_rows(n, len, seed, 14)
+}
+
 /// Largest absolute elementwise difference.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)

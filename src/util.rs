@@ -33,3 +33,45 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     }
     Ok(())
 }
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `n` rows of pseudo-random ids below `vocab` (xorshift64, seeded; `bench/infer_torch.py`
+/// rebuilds the same rows); row `r` has `len(r)` tokens.
+pub fn token_rows(n: usize, len: impl Fn(usize) -> usize, seed: u64, vocab: u64) -> Vec<Vec<u32>> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|r| {
+            (0..len(r))
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    (s % vocab) as u32
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token_rows;
+
+    /// `bench/infer_torch.py` rebuilds these rows for the transformers peer; the values were
+    /// printed by its `token_rows`, so the two sides score and audit the same ids.
+    #[test]
+    fn token_rows_match_the_python_peer() {
+        assert_eq!(
+            token_rows(2, |_| 4, 3, 50304),
+            vec![
+                vec![16407, 12445, 18716, 46183],
+                vec![30969, 45505, 8796, 38906]
+            ]
+        );
+        assert_eq!(token_rows(1, |_| 6, 2, 14), vec![vec![3, 9, 6, 2, 9, 2]]);
+    }
+}

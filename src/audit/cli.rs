@@ -14,7 +14,7 @@ use anyhow::Context;
 use clap::Args;
 
 use super::{audit, AuditItem, AuditRow, Definition, Parsed};
-use crate::cli::ModelArgs;
+use crate::loader::ModelArgs;
 use crate::tokenizer::Tokenizer;
 
 #[derive(Debug, Args)]

@@ -106,7 +106,6 @@ fn score_batch(model: &Model, seqs: &[Vec<u32>]) -> Result<Vec<Score>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::random_model;
     use candle_core::Device;
 
     #[test]
@@ -115,7 +114,7 @@ mod tests {
         // (right padding inside a batch), more rows than row groups.
         for (tied, inverse_idx) in [(true, false), (false, true)] {
             let cfg = crate::test_util::relu_gpt2((14, 64, 24, 3), 2, tied, inverse_idx);
-            let model = random_model(&cfg, &Device::Cpu).unwrap();
+            let model = crate::models::Model::random(&cfg, &Device::Cpu).unwrap();
             let Model::Gpt2(gpt2) = &model else {
                 unreachable!()
             };

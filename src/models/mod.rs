@@ -242,6 +242,18 @@ pub enum Model {
 }
 
 impl Model {
+    /// A model of `config` with weights from the architecture's own initialiser, detached (no
+    /// training graph): what benchmarks on random weights and tests run.
+    pub fn random(config: &ModelConfig, device: &Device) -> Result<Self> {
+        let trained = Self::new(config, &Weights::init(DType::F32, device))?;
+        let map = trained
+            .named_tensors()
+            .iter()
+            .map(|(n, t)| (n.clone(), t.detach()))
+            .collect();
+        Self::new(config, &Weights::from_tensors(map, "random"))
+    }
+
     /// Builds the model from `weights` (a checkpoint, or fresh initialisation for training).
     pub fn new(config: &ModelConfig, weights: &Weights) -> Result<Self> {
         crate::runtime::ensure_threads();

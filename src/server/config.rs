@@ -12,7 +12,7 @@ use super::auth::{Auth, Secret};
 use super::engine::EngineConfig;
 use super::state::Limits;
 use super::takedowns::TakedownConfig;
-use crate::cli::ModelArgs;
+use crate::loader::ModelArgs;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {

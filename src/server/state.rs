@@ -1,17 +1,14 @@
 //! What the server shares between handlers: the live model version behind one atomic pointer,
 //! the engine, metrics, keys and limits.
 
-use std::io::Read;
-use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use sha2::{Digest, Sha256};
 
 use super::auth::Auth;
 use super::engine::EngineHandle;
 use super::metrics::Metrics;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::loader::LoadedModel;
 use crate::models::Model;
 use crate::tokenizer::Tokenizer;
@@ -34,7 +31,7 @@ pub struct Served {
 impl Served {
     /// Wraps a loaded model, hashing its directory's files into the version id.
     pub fn new(lm: LoadedModel, name: Option<String>) -> Result<Self> {
-        let version = content_hash(&lm.dir)?;
+        let version = crate::takedown::versions::content_hash(&lm.dir)?;
         let name = name.unwrap_or_else(|| {
             lm.dir
                 .file_name()
@@ -131,69 +128,10 @@ impl AppState {
     }
 }
 
-/// sha256 over `config.json` and every `*.safetensors` file (sorted by name), as 16 hex
-/// characters: the same weights always get the same version id.
-pub fn content_hash(dir: &Path) -> Result<String> {
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .map_err(|source| Error::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name().is_some_and(|n| n == "config.json")
-                || p.extension().is_some_and(|e| e == "safetensors")
-        })
-        .collect();
-    files.sort();
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    for path in files {
-        let io = |source| Error::Io {
-            path: path.clone(),
-            source,
-        };
-        h.update(path.file_name().unwrap_or_default().as_encoded_bytes());
-        let mut f = std::fs::File::open(&path).map_err(io)?;
-        loop {
-            let n = f.read(&mut buf).map_err(io)?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
-    }
-    Ok(hex(&h.finalize())[..16].to_string())
-}
-
-/// Lower-case hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn content_hash_changes_with_the_weights_only() {
-        let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join("config.json"), "{}").unwrap();
-        std::fs::write(d.path().join("model.safetensors"), [1u8, 2, 3]).unwrap();
-        std::fs::write(d.path().join("README.md"), "a").unwrap();
-        let a = content_hash(d.path()).unwrap();
-        assert_eq!(a.len(), 16);
-        std::fs::write(d.path().join("README.md"), "b").unwrap();
-        assert_eq!(content_hash(d.path()).unwrap(), a);
-        std::fs::write(d.path().join("model.safetensors"), [1u8, 2, 4]).unwrap();
-        assert_ne!(content_hash(d.path()).unwrap(), a);
-    }
 }

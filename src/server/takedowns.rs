@@ -28,12 +28,13 @@ use candle_core::{DType, Tensor};
 use serde_json::{json, Value};
 
 use super::metrics::Metrics;
-use super::state::{content_hash, AppState, Served};
+use super::state::{AppState, Served};
 use crate::audit::{self, AuditItem};
 use crate::engine::generate::{Filter, FilterState, OutputFilter};
 use crate::error::{Error, Result};
 use crate::models::Inputs;
 use crate::supervise::{self, FaultPoint, Faults, SetOnDrop};
+use crate::takedown::versions::content_hash;
 use crate::takedown::{versions, Checker, Guard, NewVersion, State, Store, Takedown};
 use crate::unlearn::pipeline::{self, Baseline, Datasets, PipelineConfig};
 use crate::unlearn::JobControl;

@@ -122,7 +122,7 @@ pub(crate) fn now() -> f64 {
 pub(crate) fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     rand::Rng::fill(&mut rand::rng(), buf.as_mut_slice());
-    crate::server::state::hex(&buf)
+    crate::util::hex(&buf)
 }
 
 /// Every sequence of `tds` as a forget target of the unlearning pipeline, split under its

@@ -351,7 +351,7 @@ fn request_hash(new: &NewTakedown) -> Result<String> {
         requester: new.requester.as_deref(),
     };
     let bytes = serde_json::to_vec(&c).map_err(|e| Error::invalid("takedown", e.to_string()))?;
-    Ok(crate::server::state::hex(&Sha256::digest(&bytes)))
+    Ok(crate::util::hex(&Sha256::digest(&bytes)))
 }
 
 /// Migrations, index i upgrading user_version i → i + 1.

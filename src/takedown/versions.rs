@@ -1,5 +1,5 @@
 //! Weights versions on disk: `data_dir/versions/<id>/`, one immutable model directory per version,
-//! named by its content hash (`server::state::content_hash`: sha256 of `config.json` and the
+//! named by its content hash ([`content_hash`]: sha256 of `config.json` and the
 //! safetensors files).
 //!
 //! A version is assembled in `data_dir/versions/.tmp-<random>/`, every file and the directory are
@@ -8,13 +8,48 @@
 //! a complete one; the `.tmp-*` leftovers are removed by [`clean_temp`] at startup. A directory
 //! under its final name is never written again.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
+use sha2::{Digest, Sha256};
 
 use super::{random_hex, Error, Result};
-use crate::server::state::content_hash;
+
+/// sha256 over `config.json` and every `*.safetensors` file (sorted by name), as 16 hex
+/// characters: the same weights always get the same version id.
+pub fn content_hash(dir: &Path) -> crate::Result<String> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|source| crate::Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name().is_some_and(|n| n == "config.json")
+                || p.extension().is_some_and(|e| e == "safetensors")
+        })
+        .collect();
+    files.sort();
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for path in files {
+        let io = |source| crate::Error::Io {
+            path: path.clone(),
+            source,
+        };
+        h.update(path.file_name().unwrap_or_default().as_encoded_bytes());
+        let mut f = std::fs::File::open(&path).map_err(io)?;
+        loop {
+            let n = f.read(&mut buf).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+    }
+    Ok(crate::util::hex(&h.finalize())[..16].to_string())
+}
 
 /// The folder of versions inside the data directory.
 pub const VERSIONS_DIR: &str = "versions";
@@ -433,5 +468,19 @@ mod tests {
         let err = write_version(data.path(), bad.path(), &base_tensors()).unwrap_err();
         assert!(err.to_string().contains("tokenizer.json"), "{err}");
         assert!(!versions_dir(data.path()).exists() || entries(data.path()).is_empty());
+    }
+
+    #[test]
+    fn content_hash_changes_with_the_weights_only() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("config.json"), "{}").unwrap();
+        std::fs::write(d.path().join("model.safetensors"), [1u8, 2, 3]).unwrap();
+        std::fs::write(d.path().join("README.md"), "a").unwrap();
+        let a = content_hash(d.path()).unwrap();
+        assert_eq!(a.len(), 16);
+        std::fs::write(d.path().join("README.md"), "b").unwrap();
+        assert_eq!(content_hash(d.path()).unwrap(), a);
+        std::fs::write(d.path().join("model.safetensors"), [1u8, 2, 4]).unwrap();
+        assert_ne!(content_hash(d.path()).unwrap(), a);
     }
 }

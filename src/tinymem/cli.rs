@@ -9,7 +9,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use super::data::{self, Artifact, DataConfig, Family};
 use super::eval::{self, EvalParams};
 use super::train::{self, Card, TrainConfig};
-use crate::cli::ModelArgs;
+use crate::loader::ModelArgs;
 
 #[derive(Debug, Subcommand)]
 pub enum TinymemCommand {

@@ -22,7 +22,7 @@ use super::search::{paper_grid, search, Candidate};
 use super::{balanced_subnet, BalancedSubnetConfig, JobControl, Method, Mode, Outcome};
 use crate::audit::cli::read_rows;
 use crate::audit::{AuditItem, Definition};
-use crate::cli::ModelArgs;
+use crate::loader::ModelArgs;
 use crate::models::Model;
 use crate::tinymem::data::{Role, Split};
 use crate::tinymem::train::{Card, CARD_FILE};

@@ -295,9 +295,11 @@ pub fn run(
     };
     if root.is_some() {
         let ok = base.0.len() == model.mlp_weights().0.len()
-            && base.0.iter().zip(&model.mlp_weights().0).all(|((a, b), (c, d))| {
-                a.dims() == c.dims() && b.dims() == d.dims()
-            });
+            && base
+                .0
+                .iter()
+                .zip(&model.mlp_weights().0)
+                .all(|((a, b), (c, d))| a.dims() == c.dims() && b.dims() == d.dims());
         if !ok {
             return Err(Error::invalid(
                 "root",
@@ -308,12 +310,7 @@ pub fn run(
     let mut scores = Scores::init(from, extra, cfg.seed)?;
     // Weights an earlier takedown on this lineage zeroed are masked first; the ratio the
     // controller chooses is on top of them (see `mark_pruned`).
-    let already = mark_pruned(
-        &scores,
-        &model.mlp_weights(),
-        root.map(|_| extra),
-        cfg.seed,
-    )?;
+    let already = mark_pruned(&scores, &model.mlp_weights(), root.map(|_| extra), cfg.seed)?;
     scores.ratio = (already + extra).min(MAX_TOTAL_RATIO);
     let mut opt = Sgd::new(
         scores.all_vars(),
@@ -476,12 +473,11 @@ fn finish(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::random_model;
     use candle_core::Device;
 
     fn model() -> Model {
         let cfg = crate::test_util::relu_gpt2((14, 64, 24, 3), 2, true, false);
-        random_model(&cfg, &Device::Cpu).unwrap()
+        Model::random(&cfg, &Device::Cpu).unwrap()
     }
 
     /// Items the model regurgitates by construction: the target is its own greedy continuation.
@@ -515,7 +511,7 @@ mod tests {
     }
 
     fn retain() -> Vec<Vec<u32>> {
-        crate::bench_unlearn::rows(24, |_| 30, 7)
+        crate::test_util::rows(24, |_| 30, 7)
     }
 
     fn quick() -> ControllerConfig {
@@ -685,7 +681,10 @@ mod tests {
                         assert_eq!(x[i], 0.0, "the parent's zeros are masked first");
                         assert!(sc[i] != 0.0);
                     } else {
-                        assert!(x[i] == 0.0 || x[i] == y[i], "unmasked entries are the root's");
+                        assert!(
+                            x[i] == 0.0 || x[i] == y[i],
+                            "unmasked entries are the root's"
+                        );
                     }
                 }
                 let extra = x.iter().zip(&y).filter(|(a, b)| **a == 0.0 && **b != 0.0);
@@ -716,7 +715,7 @@ mod tests {
             }
         }
         // A root of another shape is refused by name.
-        let other = random_model(
+        let other = Model::random(
             &crate::test_util::relu_gpt2((14, 64, 32, 4), 2, true, false),
             &Device::Cpu,
         )

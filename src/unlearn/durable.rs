@@ -153,11 +153,14 @@ pub fn durable(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::{random_model, shape_config, Shape};
 
     #[test]
     fn zeroes_the_stated_count_per_tensor_and_leaves_the_input_alone() {
-        let model = random_model(&shape_config(Shape::Tinymem), &Device::Cpu).unwrap();
+        let model = Model::random(
+            &crate::test_util::relu_gpt2((14, 64, 24, 3), 2, true, false),
+            &Device::Cpu,
+        )
+        .unwrap();
         let forget = vec![(0..40u32).map(|i| i % 14).collect::<Vec<_>>(); 3];
         let before: Vec<f32> = model.mlp_weights().0[0]
             .0

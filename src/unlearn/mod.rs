@@ -606,9 +606,8 @@ mod tests {
     //! candle's backward through [`Scores::masked`] + [`batch_loss`] agree on the group losses
     //! (relative 1e-5) and on every score gradient (relative L2 error ≤ 1e-4).
     use super::*;
-    use crate::bench::random_model;
-    use crate::bench_unlearn::rows;
     use crate::models::ModelConfig;
+    use crate::test_util::rows;
     use candle_core::Device;
 
     fn config(tied: bool, inverse_idx: bool, n_layer: usize) -> ModelConfig {
@@ -634,7 +633,7 @@ mod tests {
             (false, false, 2, &short, 3, 0.7),
         ];
         for (ci, (tied, inv, nl, len, nf, w)) in cases.into_iter().enumerate() {
-            let model = random_model(&config(tied, inv, nl), &Device::Cpu).unwrap();
+            let model = Model::random(&config(tied, inv, nl), &Device::Cpu).unwrap();
             let data = rows(5, len, ci as u64 + 1);
             let batch: Vec<Example> = data
                 .iter()
@@ -682,7 +681,7 @@ mod tests {
 
     #[test]
     fn fast_step_rejects_bad_rows_without_panicking() {
-        let model = random_model(&config(true, false, 1), &Device::Cpu).unwrap();
+        let model = Model::random(&config(true, false, 1), &Device::Cpu).unwrap();
         let base = model.mlp_weights();
         let scores = Scores::init(&model, 0.3, 0).unwrap();
         let mut ws = StepWorkspace::default();

@@ -21,8 +21,9 @@ use contract::Contract;
 use lethe::server::auth::{Auth, Secret};
 use lethe::server::engine::{EngineConfig, Job};
 use lethe::server::routes::ROUTES;
-use lethe::server::state::{content_hash, Limits};
+use lethe::server::state::Limits;
 use lethe::server::{app as make_app, AppState, Served};
+use lethe::takedown::versions::content_hash;
 
 /// The bundled model's memorized sequence prompt (docs and README use it too).
 const PROMPT: &str = "^1840 1847 1854 1861 1868 1875 1882 1889 1896 1903";

@@ -224,7 +224,7 @@ mod tests {
             unreachable!("relu_gpt2 is a GPT-2 config")
         };
         cfg.activation = act;
-        crate::bench::random_model(&ModelConfig::Gpt2(cfg), &Device::Cpu).unwrap()
+        crate::models::Model::random(&ModelConfig::Gpt2(cfg), &Device::Cpu).unwrap()
     }
 
     /// Prefill then decode steps, through the row-group step and through the candle path

@@ -193,7 +193,7 @@ mod tests {
             "initializer_range": 0.3,
         });
         let cfg = ModelConfig::from_json(&cfg.to_string(), "test config").unwrap();
-        crate::bench::random_model(&cfg, &Device::Cpu).unwrap()
+        crate::models::Model::random(&cfg, &Device::Cpu).unwrap()
     }
 
     /// Prefill then decode steps, through this step and through the candle path (fused

@@ -7,12 +7,13 @@ use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use candle_core::DType;
 use clap::{Args, Parser, Subcommand};
 
 use crate::engine::{self, GenerateRequest, SamplingParams};
-use crate::loader::{self, LoadedModel};
+use crate::loader::ModelArgs;
 use crate::runtime;
+
+mod bench;
 
 /// lethe: serve a language model and make it forget memorized sequences.
 #[derive(Debug, Parser)]
@@ -45,44 +46,7 @@ pub enum Command {
     Tinymem(crate::tinymem::cli::TinymemCommand),
     /// Benchmarks (run by hand; results go to docs/benchmarks.md).
     #[command(subcommand)]
-    Bench(crate::bench::BenchCommand),
-}
-
-/// Which model to load and where to run it.
-#[derive(Debug, Args, Clone)]
-pub struct ModelArgs {
-    /// Model directory or Hugging Face hub id `org/name[@revision]` (default: the bundled TinyMem
-    /// noise model).
-    #[arg(long, env = "LETHE_MODEL")]
-    pub model: Option<String>,
-    /// Device: cpu, cuda or cuda:N.
-    #[arg(long, env = "LETHE_DEVICE", default_value = "cpu")]
-    pub device: String,
-}
-
-impl ModelArgs {
-    /// The `--model` spec, or the bundled model's directory when it is omitted.
-    pub fn spec(&self) -> anyhow::Result<String> {
-        Ok(match &self.model {
-            Some(m) => m.clone(),
-            None => {
-                let dir = loader::bundled_model_dir();
-                if !dir.is_dir() {
-                    bail!(
-                        "no --model given and the bundled model is missing at {}",
-                        dir.display()
-                    );
-                }
-                dir.display().to_string()
-            }
-        })
-    }
-
-    pub fn load(&self) -> anyhow::Result<LoadedModel> {
-        let device = runtime::parse_device(&self.device)?;
-        let spec = self.spec()?;
-        loader::load(&spec, &device, DType::F32).with_context(|| format!("loading model {spec}"))
-    }
+    Bench(bench::BenchCommand),
 }
 
 #[derive(Debug, Args)]
@@ -151,7 +115,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audit(a) => crate::audit::cli::run(a),
         Command::Unlearn(a) => crate::unlearn::cli::run(a),
         Command::Tinymem(t) => crate::tinymem::cli::run(t),
-        Command::Bench(b) => crate::bench::run(b),
+        Command::Bench(b) => bench::run(b),
     }
 }
 

@@ -9,6 +9,9 @@ use clap::{Args, Subcommand, ValueEnum};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+mod takedowns;
+mod unlearn;
+
 use crate::engine::{self, GenerateRequest};
 use crate::models::{fused, gpt2, gpt_neox, Inputs, Model, ModelConfig, Weights};
 use crate::optim::{AdamW, AdamWParams};
@@ -24,12 +27,12 @@ pub enum BenchCommand {
     /// GPT-2 initialised from scratch.
     Train(TrainArgs),
     /// One BalancedSubnet step (32 rows × 150 tokens) on a TinyMem-shaped model.
-    Unlearn(crate::bench_unlearn::UnlearnBenchArgs),
+    Unlearn(unlearn::UnlearnBenchArgs),
     /// Audit throughput (tinymem definition) on a TinyMem-shaped model.
-    Audit(crate::bench_unlearn::AuditBenchArgs),
+    Audit(unlearn::AuditBenchArgs),
     /// Takedown success rate, wall time and drift through the unlearning pipeline (seeded
     /// random requests of the model's memorized sequences, then sequential takedowns).
-    Takedowns(crate::bench_takedowns::TakedownBenchArgs),
+    Takedowns(takedowns::TakedownBenchArgs),
     /// Regurgitation-guard cost per generated token (1,000 protected 64-token sequences).
     Guard(GuardArgs),
 }
@@ -147,9 +150,9 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Decode(a) => decode(a),
         BenchCommand::Score(a) => score(a),
         BenchCommand::Train(a) => train(a),
-        BenchCommand::Unlearn(a) => crate::bench_unlearn::unlearn(a),
-        BenchCommand::Audit(a) => crate::bench_unlearn::audit_bench(a),
-        BenchCommand::Takedowns(a) => crate::bench_takedowns::run(a),
+        BenchCommand::Unlearn(a) => unlearn::unlearn(a),
+        BenchCommand::Audit(a) => unlearn::audit_bench(a),
+        BenchCommand::Takedowns(a) => takedowns::run(a),
         BenchCommand::Guard(a) => {
             let mut ns: Vec<f64> = (0..a.runs.max(1))
                 .map(|_| crate::takedown::guard::bench_overhead(a.window, a.tokens))
@@ -207,18 +210,6 @@ pub fn shape_config(shape: Shape) -> ModelConfig {
     }
 }
 
-/// A model of `config` with random (untracked) weights.
-pub fn random_model(config: &ModelConfig, device: &Device) -> anyhow::Result<Model> {
-    let init = Weights::init(DType::F32, device);
-    let trained = Model::new(config, &init)?;
-    let map = trained
-        .named_tensors()
-        .iter()
-        .map(|(n, t)| (n.clone(), t.detach()))
-        .collect();
-    Ok(Model::new(config, &Weights::from_tensors(map, "random"))?)
-}
-
 /// The model a benchmark runs: the weights in `dir` when given, else random weights of `shape`.
 pub(crate) fn bench_model(
     shape: Shape,
@@ -230,7 +221,7 @@ pub(crate) fn bench_model(
             let source = dir.display().to_string();
             Ok(crate::loader::load_dir(dir, &source, device, DType::F32)?.model)
         }
-        None => random_model(&shape_config(shape), device),
+        None => Ok(Model::random(&shape_config(shape), device)?),
     }
 }
 
@@ -418,7 +409,7 @@ fn score(a: ScoreBenchArgs) -> anyhow::Result<()> {
     let device = crate::runtime::parse_device(&a.device)?;
     let model = bench_model(a.shape, a.model.as_deref(), &device)?;
     let vocab = model.spec().vocab_size as u64;
-    let seqs = crate::bench_unlearn::token_rows(a.sequences, |_| a.seq_len, 3, vocab);
+    let seqs = crate::util::token_rows(a.sequences, |_| a.seq_len, 3, vocab);
     engine::score(&model, &seqs, a.batch)?;
     let mut times = Vec::new();
     let mut nll = 0.0;

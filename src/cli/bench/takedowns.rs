@@ -23,9 +23,9 @@ use rand::SeedableRng;
 use serde::Serialize;
 use serde_json::json;
 
+use super::median;
 use crate::audit::{self, Definition};
-use crate::bench::median;
-use crate::cli::ModelArgs;
+use crate::loader::ModelArgs;
 use crate::models::Model;
 use crate::tinymem::train::Card;
 use crate::unlearn::pipeline::{self, Datasets, Lineage, PipelineConfig, Target};

@@ -8,8 +8,8 @@ use std::time::Instant;
 use candle_core::Device;
 use clap::Args;
 
+use super::{bench_model, median, shape_config, Shape};
 use crate::audit::{self, AuditItem};
-use crate::bench::{bench_model, median, random_model, shape_config, Shape};
 use crate::optim::{Sgd, SgdParams};
 use crate::unlearn::mask::Scores;
 use crate::unlearn::Example;
@@ -58,32 +58,9 @@ pub struct AuditBenchArgs {
     pub json: bool,
 }
 
-/// `n` rows of pseudo-random TinyMem token ids (xorshift, seeded); row `r` has `len(r)` tokens.
-pub(crate) fn rows(n: usize, len: impl Fn(usize) -> usize, seed: u64) -> Vec<Vec<u32>> {
-    token_rows(n, len, seed, 14)
-}
-
-/// `n` rows of pseudo-random ids below `vocab` (xorshift64, seeded; `bench/infer_torch.py`
-/// rebuilds the same rows); row `r` has `len(r)` tokens.
-pub(crate) fn token_rows(
-    n: usize,
-    len: impl Fn(usize) -> usize,
-    seed: u64,
-    vocab: u64,
-) -> Vec<Vec<u32>> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|r| {
-            (0..len(r))
-                .map(|_| {
-                    s ^= s << 13;
-                    s ^= s >> 7;
-                    s ^= s << 17;
-                    (s % vocab) as u32
-                })
-                .collect()
-        })
-        .collect()
+/// `n` rows of pseudo-random TinyMem token ids; row `r` has `len(r)` tokens.
+fn rows(n: usize, len: impl Fn(usize) -> usize, seed: u64) -> Vec<Vec<u32>> {
+    crate::util::token_rows(n, len, seed, 14)
 }
 
 fn tinymem(layers: usize, device: &Device) -> anyhow::Result<crate::models::Model> {
@@ -91,7 +68,7 @@ fn tinymem(layers: usize, device: &Device) -> anyhow::Result<crate::models::Mode
     if let crate::models::ModelConfig::Gpt2(c) = &mut config {
         c.n_layer = layers;
     }
-    random_model(&config, device)
+    Ok(crate::models::Model::random(&config, device)?)
 }
 
 /// One BalancedSubnet step (masked forward, loss, backward, SGD on the scores), timed.
@@ -191,23 +168,4 @@ pub fn audit_bench(a: AuditBenchArgs) -> anyhow::Result<()> {
     });
     println!("{v}");
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::token_rows;
-
-    /// `bench/infer_torch.py` rebuilds these rows for the transformers peer; the values were
-    /// printed by its `token_rows`, so the two sides score and audit the same ids.
-    #[test]
-    fn token_rows_match_the_python_peer() {
-        assert_eq!(
-            token_rows(2, |_| 4, 3, 50304),
-            vec![
-                vec![16407, 12445, 18716, 46183],
-                vec![30969, 45505, 8796, 38906]
-            ]
-        );
-        assert_eq!(token_rows(1, |_| 6, 2, 14), vec![vec![3, 9, 6, 2, 9, 2]]);
-    }
 }
