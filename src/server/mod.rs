@@ -165,8 +165,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let spec = config.model.spec()?;
     let model_dir = crate::loader::resolve(&spec).with_context(|| format!("--model {spec}"))?;
     // The data dir remembers which version is live; a first start imports --model as the root.
-    let live_dir = takedowns::resolve_current(&config.takedown, &model_dir)
-        .with_context(|| format!("opening --data-dir {}", config.data_dir.display()))?;
+    let live_dir =
+        crate::takedown::versions::resolve_current(&config.takedown.data_dir, &model_dir)
+            .with_context(|| format!("opening --data-dir {}", config.data_dir.display()))?;
     let lm = crate::loader::load_dir(&live_dir, &spec, &device, candle_core::DType::F32)
         .with_context(|| format!("loading {}", live_dir.display()))?;
     let name = config.served_model_name.clone().or_else(|| {
@@ -176,7 +177,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     });
     let read = |f: &Option<std::path::PathBuf>| {
         f.as_deref()
-            .map(|p| takedowns::read_sequences(p, &lm.tokenizer))
+            .map(|p| crate::unlearn::pipeline::read_sequences(p, &lm.tokenizer))
             .transpose()
     };
     let ta = &config.takedown_args;

@@ -1,16 +1,16 @@
-//! Takedowns: the durable queue, the background unlearning worker, validation gates, the hot
-//! swap, rollback and the continuous auditor.
+//! Takedowns in the server: the durable queue's worker and the continuous auditor, the hot swap
+//! and rollback.
 //!
 //! Life of a takedown: `POST /v1/takedowns` writes it to SQLite (WAL, synced) and registers its
 //! windows with the regurgitation guard before answering 202. The worker claims every queued
-//! takedown as one job, runs BalancedSubnet (balanced mode) on the live version, then checks
-//! the gates: (a) no takedown sequence is extractable under its definition, (b) held-out
-//! perplexity drift within budget (TinyMem: also mean relative accuracy), (c) canaries within
-//! budget. A candidate that fails the gates is followed by the next candidate of a small grid
-//! while the time budget lasts; if none passes, the job is rejected with the full report and
-//! the live model is untouched. A passing model is written as a new version (temp dir, fsync,
-//! rename), loaded back, smoke-tested, recorded, and published with one compare-and-swap of the
-//! live pointer. Requests in flight finish on the version they started on.
+//! takedown as one job and runs the unlearning pipeline (`unlearn::pipeline`: BalancedSubnet
+//! under the takedown controller, gated against the parent and the lineage's root) on the live
+//! version; past the root, the job re-masks the root's weights with the lineage's earlier
+//! sequences in its forget set. If no candidate passes the gates within the job's budget, the
+//! job is rejected with the full report and the live model is untouched. A passing model is
+//! written as a new version (temp dir, fsync, rename), loaded back, smoke-tested, recorded, and
+//! published with one compare-and-swap of the live pointer. Requests in flight finish on the
+//! version they started on.
 //!
 //! Isolation: each job runs under [`supervise::catch`]. A job that panics, fails or is rejected
 //! with one takedown ends that takedown (`failed` with the panic's message, or `rejected`); with
@@ -18,13 +18,13 @@
 //! or fails the good ones. The worker and auditor threads survive every job; if one of them
 //! ends anyway, [`Takedowns::threads_alive`] turns false and `/livez` asks for a restart.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Tensor};
+use candle_core::DType;
 use serde_json::{json, Value};
 
 use super::metrics::Metrics;
@@ -32,9 +32,7 @@ use super::state::{AppState, Served};
 use crate::audit::{self, AuditItem};
 use crate::engine::generate::{Filter, FilterState, OutputFilter};
 use crate::error::{Error, Result};
-use crate::models::Inputs;
 use crate::supervise::{self, FaultPoint, Faults, SetOnDrop};
-use crate::takedown::versions::content_hash;
 use crate::takedown::{versions, Checker, Guard, NewVersion, State, Store, Takedown};
 use crate::unlearn::pipeline::{self, Baseline, Datasets, PipelineConfig};
 use crate::unlearn::JobControl;
@@ -623,7 +621,7 @@ fn publish(
         model.device(),
         DType::F32,
     )?;
-    smoke_test(&lm.model)?;
+    versions::smoke_test(&lm.model)?;
     let served = Served::new(lm, Some(base.name.clone()))?;
     if served.version != id {
         return Err(store_err(&format!(
@@ -652,20 +650,6 @@ fn publish(
     }
     swap(state, td, base, Arc::new(served), "promote");
     Ok(Some(id))
-}
-
-/// One forward pass: the weights load and compute finite logits.
-pub fn smoke_test(model: &crate::models::Model) -> Result<()> {
-    let ids = Tensor::new(&[[1u32, 2, 3]], model.device())?;
-    let logits = model.forward(&Inputs::causal(&ids, 0)?, None, None)?;
-    let v: Vec<f32> = logits.flatten_all()?.to_vec1()?;
-    if v.iter().all(|x| x.is_finite()) {
-        Ok(())
-    } else {
-        Err(store_err(
-            &"smoke test: the new weights give non-finite logits",
-        ))
-    }
 }
 
 /// Publishes `new` in memory (the store already moved its pointer): compare-and-swap on the
@@ -770,57 +754,6 @@ fn root_perplexity(td: &Takedowns, live: &str) -> Option<f64> {
     found
 }
 
-/// Registers the served base model as the root version (first start), or loads the current
-/// version recorded in the store (restarts). Returns the directory to serve.
-///
-/// A data directory belongs to one model lineage: starting it with a different base model
-/// (`--model`) than the one it was created with is refused, since its versions and takedowns
-/// are edits of that model. Version directories are found under the data directory by id, so
-/// a restored or moved data directory works from any path.
-pub fn resolve_current(config: &TakedownConfig, model_dir: &Path) -> Result<PathBuf> {
-    let store = Store::open(&config.data_dir).map_err(|e| store_err(&e))?;
-    if let Some(cur) = store.current_version().map_err(|e| store_err(&e))? {
-        let versions = store.list_versions().map_err(|e| store_err(&e))?;
-        let base = content_hash(model_dir)?;
-        if let Some(root) = versions.iter().find(|v| v.parent.is_none()) {
-            if root.id != base {
-                return Err(Error::Config {
-                    file: config.data_dir.display().to_string(),
-                    message: format!(
-                        "this data directory belongs to base model version {} but --model {} \
-                         is version {base}; use the original model or another --data-dir",
-                        root.id,
-                        model_dir.display()
-                    ),
-                });
-            }
-        }
-        let dir = versions::version_dir(&config.data_dir, &cur);
-        if !dir.is_dir() {
-            return Err(Error::Config {
-                file: dir.display().to_string(),
-                message: format!(
-                    "the live version {cur} has no directory (restore it from a backup)"
-                ),
-            });
-        }
-        return Ok(dir);
-    }
-    let (id, path) =
-        versions::import_base(&config.data_dir, model_dir).map_err(|e| store_err(&e))?;
-    store
-        .insert_version(NewVersion {
-            id: id.clone(),
-            parent: None,
-            takedowns: Vec::new(),
-            metrics: json!({}),
-            path: path.display().to_string(),
-        })
-        .map_err(|e| store_err(&e))?;
-    store.set_current(None, &id).map_err(|e| store_err(&e))?;
-    Ok(path)
-}
-
 /// `POST /v1/admin/rollback`: makes the ancestor version `to` live if `expected` is live now
 /// (compare-and-swap). Takedowns applied by the versions left behind return to `queued` in the
 /// same store transaction; the guard keeps protecting them and the worker re-applies them on
@@ -854,7 +787,7 @@ pub fn rollback(
         live.model.device(),
         DType::F32,
     )?;
-    smoke_test(&lm.model)?;
+    versions::smoke_test(&lm.model)?;
     let new = Arc::new(Served::new(lm, Some(live.name.clone()))?);
     let requeued = td.store.rollback(expected, to).map_err(api_error)?;
     swap(state, &td, &live, new, "rollback");
@@ -914,48 +847,10 @@ pub fn api_error(e: crate::takedown::Error) -> super::error::ApiError {
     }
 }
 
-/// Reads a JSONL file of `{"text"}` or `{"ids"}` rows (a TinyMem data header line is skipped)
-/// into token sequences; errors name the file and line.
-pub fn read_sequences(path: &Path, tk: &crate::tokenizer::Tokenizer) -> Result<Vec<Vec<u32>>> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let at = || format!("{} line {}", path.display(), i + 1);
-        let v: Value =
-            serde_json::from_str(line).map_err(|e| Error::invalid(at(), e.to_string()))?;
-        if v.get("format").is_some() {
-            continue;
-        }
-        let ids = if let Some(ids) = v.get("ids") {
-            serde_json::from_value::<Vec<u32>>(ids.clone())
-                .map_err(|e| Error::invalid(at(), format!("ids: {e}")))?
-        } else if let Some(t) = v.get("text").and_then(Value::as_str) {
-            tk.encode(t)?
-        } else {
-            return Err(Error::invalid(at(), "expected {\"text\"} or {\"ids\"}"));
-        };
-        if ids.len() >= 2 {
-            out.push(ids);
-        }
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn bundled(name: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("models")
-            .join(name)
-    }
+    use std::path::Path;
 
     #[test]
     fn a_full_disk_is_a_503_that_says_so_not_a_500() {
@@ -973,26 +868,6 @@ mod tests {
             message: "y".into(),
         });
         assert_eq!(other.status_code().as_u16(), 500);
-    }
-
-    #[test]
-    fn a_moved_data_dir_still_resolves_and_another_base_model_is_refused() {
-        let tmp = tempfile::tempdir().unwrap();
-        let first = tmp.path().join("first");
-        let noise = bundled("tinymem-noise");
-        let dir = resolve_current(&TakedownConfig::new(first.clone()), &noise).unwrap();
-        assert!(dir.starts_with(&first) && dir.join("config.json").is_file());
-        // A restore to another path (the store recorded the old one).
-        let moved = tmp.path().join("restored");
-        std::fs::rename(&first, &moved).unwrap();
-        let cfg = TakedownConfig::new(moved.clone());
-        let dir = resolve_current(&cfg, &noise).unwrap();
-        assert!(dir.starts_with(&moved) && dir.join("config.json").is_file());
-        // The same data dir with a different base model.
-        let err = resolve_current(&cfg, &bundled("tinymem-backdoor"))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("belongs to base model"), "{err}");
     }
 
     use crate::server::auth::Auth;
@@ -1016,7 +891,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let cfg = TakedownConfig::new(tmp.path().to_path_buf());
         let noise = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tinymem-noise");
-        let live = resolve_current(&cfg, &noise).unwrap();
+        let live = versions::resolve_current(&cfg.data_dir, &noise).unwrap();
         let lm =
             crate::loader::load_dir(&live, "live", &candle_core::Device::Cpu, DType::F32).unwrap();
         let data = Datasets::for_model(&live, None, None, Vec::new()).unwrap();

@@ -303,6 +303,79 @@ fn fsync_dir(dir: &Path) -> Result<()> {
     d.sync_all().map_err(Error::io("fsync", dir))
 }
 
+/// One forward pass: the weights load and compute finite logits.
+pub fn smoke_test(model: &crate::models::Model) -> crate::Result<()> {
+    let ids = Tensor::new(&[[1u32, 2, 3]], model.device())?;
+    let logits = model.forward(&crate::models::Inputs::causal(&ids, 0)?, None, None)?;
+    let v: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+    if v.iter().all(|x| x.is_finite()) {
+        Ok(())
+    } else {
+        Err(crate::Error::Config {
+            file: "takedown store".into(),
+            message: "smoke test: the new weights give non-finite logits".into(),
+        })
+    }
+}
+
+/// Registers the served base model as the root version (first start), or loads the current
+/// version recorded in the store (restarts). Returns the directory to serve.
+///
+/// A data directory belongs to one model lineage: starting it with a different base model
+/// (`--model`) than the one it was created with is refused, since its versions and takedowns
+/// are edits of that model. Version directories are found under the data directory by id, so
+/// a restored or moved data directory works from any path.
+pub fn resolve_current(data_dir: &Path, model_dir: &Path) -> crate::Result<PathBuf> {
+    let store = super::Store::open(data_dir).map_err(|e| store_err(&e))?;
+    if let Some(cur) = store.current_version().map_err(|e| store_err(&e))? {
+        let versions = store.list_versions().map_err(|e| store_err(&e))?;
+        let base = content_hash(model_dir)?;
+        if let Some(root) = versions.iter().find(|v| v.parent.is_none()) {
+            if root.id != base {
+                return Err(crate::Error::Config {
+                    file: data_dir.display().to_string(),
+                    message: format!(
+                        "this data directory belongs to base model version {} but --model {} \
+                         is version {base}; use the original model or another --data-dir",
+                        root.id,
+                        model_dir.display()
+                    ),
+                });
+            }
+        }
+        let dir = version_dir(data_dir, &cur);
+        if !dir.is_dir() {
+            return Err(crate::Error::Config {
+                file: dir.display().to_string(),
+                message: format!(
+                    "the live version {cur} has no directory (restore it from a backup)"
+                ),
+            });
+        }
+        return Ok(dir);
+    }
+    let (id, path) = import_base(data_dir, model_dir).map_err(|e| store_err(&e))?;
+    store
+        .insert_version(super::NewVersion {
+            id: id.clone(),
+            parent: None,
+            takedowns: Vec::new(),
+            metrics: serde_json::json!({}),
+            path: path.display().to_string(),
+        })
+        .map_err(|e| store_err(&e))?;
+    store.set_current(None, &id).map_err(|e| store_err(&e))?;
+    Ok(path)
+}
+
+/// A store failure where a `crate::Error` is expected (start-up), named as the store's.
+fn store_err(e: &dyn std::fmt::Display) -> crate::Error {
+    crate::Error::Config {
+        file: "takedown store".into(),
+        message: e.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -482,5 +555,27 @@ mod tests {
         assert_eq!(content_hash(d.path()).unwrap(), a);
         std::fs::write(d.path().join("model.safetensors"), [1u8, 2, 4]).unwrap();
         assert_ne!(content_hash(d.path()).unwrap(), a);
+    }
+
+    #[test]
+    fn a_moved_data_dir_still_resolves_and_another_base_model_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let first = tmp.path().join("first");
+        let noise = base();
+        let dir = resolve_current(&first, &noise).unwrap();
+        assert!(dir.starts_with(&first) && dir.join("config.json").is_file());
+        // A restore to another path (the store recorded the old one).
+        let moved = tmp.path().join("restored");
+        std::fs::rename(&first, &moved).unwrap();
+        let dir = resolve_current(&moved, &noise).unwrap();
+        assert!(dir.starts_with(&moved) && dir.join("config.json").is_file());
+        // The same data dir with a different base model.
+        let err = resolve_current(
+            &moved,
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tinymem-backdoor"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("belongs to base model"), "{err}");
     }
 }

@@ -68,6 +68,42 @@ impl Datasets {
     }
 }
 
+/// Reads a JSONL file of `{"text"}` or `{"ids"}` rows (a TinyMem data header line is skipped)
+/// into token sequences; errors name the file and line.
+pub fn read_sequences(path: &Path, tk: &Tokenizer) -> Result<Vec<Vec<u32>>> {
+    let text = std::fs::read_to_string(path).map_err(|source| crate::Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = || format!("{} line {}", path.display(), i + 1);
+        let v: Value =
+            serde_json::from_str(line).map_err(|e| crate::Error::invalid(at(), e.to_string()))?;
+        if v.get("format").is_some() {
+            continue;
+        }
+        let ids = if let Some(ids) = v.get("ids") {
+            serde_json::from_value::<Vec<u32>>(ids.clone())
+                .map_err(|e| crate::Error::invalid(at(), format!("ids: {e}")))?
+        } else if let Some(t) = v.get("text").and_then(Value::as_str) {
+            tk.encode(t)?
+        } else {
+            return Err(crate::Error::invalid(
+                at(),
+                "expected {\"text\"} or {\"ids\"}",
+            ));
+        };
+        if ids.len() >= 2 {
+            out.push(ids);
+        }
+    }
+    Ok(out)
+}
+
 /// The gates' budgets.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Gates {

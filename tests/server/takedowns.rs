@@ -6,7 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::*;
-use lethe::server::takedowns::{resolve_current, TakedownConfig, Takedowns};
+use lethe::server::takedowns::{TakedownConfig, Takedowns};
+use lethe::takedown::versions::resolve_current;
 use lethe::unlearn::pipeline::Datasets;
 
 /// A server state with takedowns under `dir` (fast unlearning settings for tests).
@@ -21,7 +22,7 @@ pub(crate) fn takedown_state(
     cfg.worker_threads = 2;
     cfg.audit_interval = Duration::from_secs(3600);
     tweak(&mut cfg);
-    let live = resolve_current(&cfg, &lethe::loader::bundled_model_dir()).unwrap();
+    let live = resolve_current(&cfg.data_dir, &lethe::loader::bundled_model_dir()).unwrap();
     let lm = lethe::loader::load_dir(&live, "live", &Device::Cpu, DType::F32).unwrap();
     let data = Datasets::for_model(&live, None, None, Vec::new()).unwrap();
     let served = Served::new(lm, Some("tinymem-noise".into())).unwrap();
