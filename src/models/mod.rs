@@ -245,13 +245,18 @@ impl Model {
     /// A model of `config` with weights from the architecture's own initialiser, detached (no
     /// training graph): what benchmarks on random weights and tests run.
     pub fn random(config: &ModelConfig, device: &Device) -> Result<Self> {
-        let trained = Self::new(config, &Weights::init(DType::F32, device))?;
-        let map = trained
+        Self::new(config, &Weights::init(DType::F32, device))?.detached("random")
+    }
+
+    /// An untracked copy sharing this model's storage (no training graph behind its tensors),
+    /// named `origin`: it runs the inference kernels.
+    pub fn detached(&self, origin: &str) -> Result<Self> {
+        let map = self
             .named_tensors()
             .iter()
             .map(|(n, t)| (n.clone(), t.detach()))
             .collect();
-        Self::new(config, &Weights::from_tensors(map, "random"))
+        Self::new(&self.config(), &Weights::from_tensors(map, origin))
     }
 
     /// Builds the model from `weights` (a checkpoint, or fresh initialisation for training).

@@ -582,16 +582,19 @@ fn lineage_of(
             return Ok((Some(m.clone()), earlier));
         }
     }
-    let dir = versions::version_dir(&td.config.data_dir, &cur.id);
-    let lm = crate::loader::load_dir(
-        &dir,
-        &dir.display().to_string(),
-        live.model.device(),
-        DType::F32,
-    )?;
-    let m = Arc::new(lm.model);
+    let m = Arc::new(load_version(td, &cur.id, live.model.device())?.model);
     *cached = Some((cur.id.clone(), m.clone()));
     Ok((Some(m), earlier))
+}
+
+/// The registered version `id`, loaded from its directory under the data directory.
+fn load_version(
+    td: &Takedowns,
+    id: &str,
+    device: &candle_core::Device,
+) -> Result<crate::loader::LoadedModel> {
+    let dir = versions::version_dir(&td.config.data_dir, id);
+    crate::loader::load_dir(&dir, &dir.display().to_string(), device, DType::F32)
 }
 
 /// The lineage's root quality, from the live version's report (`None` while the root is live:
@@ -780,13 +783,7 @@ pub fn rollback(
         return Ok((to.to_string(), expected.to_string(), 0));
     }
     let target = td.store.get_version(to).map_err(api_error)?;
-    let dir = versions::version_dir(&td.config.data_dir, &target.id);
-    let lm = crate::loader::load_dir(
-        &dir,
-        &dir.display().to_string(),
-        live.model.device(),
-        DType::F32,
-    )?;
+    let lm = load_version(&td, &target.id, live.model.device())?;
     versions::smoke_test(&lm.model)?;
     let new = Arc::new(Served::new(lm, Some(live.name.clone()))?);
     let requeued = td.store.rollback(expected, to).map_err(api_error)?;

@@ -305,7 +305,9 @@ pub fn train(
         let due = |every: usize| last || (every > 0 && (epoch + 1).is_multiple_of(every));
         let eval = if due(cfg.eval_every) {
             Some(eval::evaluate(
-                &snapshot(&model, &model_cfg)?,
+                // An untracked copy: it runs the inference kernels, so its evaluation equals what
+                // `lethe tinymem eval` computes on the written checkpoint.
+                &model.detached("training snapshot")?,
                 &ds,
                 eval_params,
             )?)
@@ -405,17 +407,6 @@ pub fn train_step_autograd(
         optimizer_seconds: t1.elapsed().as_secs_f64(),
         fast: false,
     })
-}
-
-/// An untracked copy of `model` sharing its storage: it runs the inference kernels, so its
-/// evaluation equals what `lethe tinymem eval` computes on the written checkpoint.
-fn snapshot(model: &Model, cfg: &ModelConfig) -> Result<Model> {
-    let map = model
-        .named_tensors()
-        .iter()
-        .map(|(n, t)| (n.clone(), t.detach()))
-        .collect();
-    Model::new(cfg, &Weights::from_tensors(map, "training snapshot"))
 }
 
 /// The trainable variables behind `model`'s parameters, by checkpoint name.

@@ -694,17 +694,19 @@ mod tests {
         // A run with the root: candidates are the root's weights under a mask, and the earlier
         // zeros can come back.
         let (forget, items) = extractable(&parent, &[vec![1, 2, 3, 4, 5, 6]], 8);
-        let out = run(
-            &parent,
-            Some(&root),
-            &forget,
-            &items,
-            &retain(),
-            &quick(),
-            &JobControl::new(),
-            &mut |_| Ok(Vec::new()),
-        )
-        .unwrap();
+        let from_root = |root: &Model| {
+            run(
+                &parent,
+                Some(root),
+                &forget,
+                &items,
+                &retain(),
+                &quick(),
+                &JobControl::new(),
+                &mut |_| Ok(Vec::new()),
+            )
+        };
+        let out = from_root(&root).unwrap();
         assert_eq!(out.ending, Ending::Passed);
         let (w, r) = (out.model.mlp_weights(), root.mlp_weights());
         for ((a, b), (c, d)) in w.0.iter().zip(&r.0) {
@@ -720,19 +722,7 @@ mod tests {
             &Device::Cpu,
         )
         .unwrap();
-        let e = run(
-            &parent,
-            Some(&other),
-            &forget,
-            &items,
-            &retain(),
-            &quick(),
-            &JobControl::new(),
-            &mut |_| Ok(Vec::new()),
-        )
-        .err()
-        .unwrap()
-        .to_string();
+        let e = from_root(&other).err().unwrap().to_string();
         assert!(e.contains("root"), "{e}");
     }
 
