@@ -1,12 +1,10 @@
 //! Process-wide runtime settings: compute threads, devices, logging.
 //!
-//! Threads: candle asks for its thread count on **every** matmul. With `RAYON_NUM_THREADS` set
-//! that is an environment lookup; without it, candle 0.11 falls back to
-//! `num_cpus::get_physical()`, which re-reads and parses `/proc/cpuinfo` each time (strace: one
-//! `openat("/proc/cpuinfo")` per matmul). Small-op workloads such as KV-cache decode spent most
-//! of their time there (3.2× slower decode, `docs/benchmarks.md`). [`configure_threads`] (the
-//! CLI) and [`ensure_threads`] (every model load) therefore set `RAYON_NUM_THREADS` to the CPUs
-//! this process may use when it is unset, before any pool exists.
+//! Invariant: before any model runs, `RAYON_NUM_THREADS` is set (to the CPUs this process may
+//! use, unless the user set it): [`configure_threads`] (the CLI) and [`ensure_threads`] (every
+//! model load) set it before any thread pool exists. candle asks for its thread count on every
+//! matmul, and without the variable it re-reads `/proc/cpuinfo` each time (the cost is in
+//! `docs/benchmarks.md`).
 
 use candle_core::Device;
 

@@ -1,22 +1,18 @@
 //! Dense layers for a few rows on the CPU: the shape of a decode step.
 //!
-//! A decode step multiplies `B` rows (one per sequence in the batch, often 1) by every weight of
-//! the model. candle's CPU matmul (the `gemm` crate) packs both operands for a cache-blocked
-//! kernel on every call; for a handful of rows the packing and dispatch cost more than the
-//! arithmetic, and one row against Pythia-70m's 512 × 50,304 LM head ran at 6 GFLOP/s, a
-//! twentieth of what the same weight streams at (`docs/benchmarks.md`, "Decode kernels"). The
-//! kernels here read the weight once, in its stored layout, with no packing:
+//! Invariants:
+//! - Each kernel computes `x · Wᵀ` ([`x_wt`], an `[out, in]` weight: `nn.Linear`, GPT-NeoX) or
+//!   `x · W` ([`x_w`], an `[in, out]` weight: GPT-2's `Conv1D`) reading the weight once, in its
+//!   stored layout, with no packing; results equal candle's matmul to float rounding, not bit
+//!   for bit (the summation order differs; tested against candle below).
+//! - They run only where [`available`] says so (AVX-512F, checked at run time); `ops` keeps
+//!   candle's matmul everywhere else, so no CPU lacks a path.
+//! - Work is split over the rayon pool by output columns only: every thread streams its own
+//!   slice of the weight, and no two threads write the same output.
 //!
-//! - [`x_wt`] for an `[out, in]` weight (`nn.Linear`, GPT-NeoX): each output is a dot product
-//!   of an input row with a weight row; a tile of up to 4 input rows × 4 weight rows keeps 16
-//!   AVX-512 accumulators, so each weight vector loaded feeds 4 FMAs.
-//! - [`x_w`] for an `[in, out]` weight (GPT-2 `Conv1D`): each input element scales a weight row
-//!   into the outputs; a tile of up to 4 input rows × 64 outputs keeps 16 accumulators.
-//!
-//! Work is split over the rayon pool by output columns, so every thread streams its own slice
-//! of the weight. They need AVX-512F (checked at run time: [`available`]); elsewhere `ops`
-//! keeps candle's matmul. The summation order differs from `gemm`'s, so results agree to
-//! float rounding, not bit for bit (tested against candle below).
+//! Tiles: `x_wt` keeps up to 4 input rows × 4 weight rows in 16 accumulators, `x_w` up to 4
+//! input rows × 64 outputs. Why these kernels exist and what they gained is in
+//! `docs/benchmarks.md` ("Inference kernels").
 
 /// Whether [`super::ops::dense`] takes these kernels at inference for `rows` rows against an
 /// `[out, in]` (`transposed`) or `[in, out]` weight. Measured against candle's matmul on

@@ -1,16 +1,17 @@
 //! A GPT-NeoX decode step on the CPU, written out over slices instead of candle ops.
 //!
-//! A Pythia-70m-shaped step at batch 32 spent about 30 % of its time outside the weight
-//! products (`perf`, after the decode kernels of `models/skinny.rs`): per layer some twenty
-//! candle ops — two LayerNorms, the head split, two rotary embeddings with their gathers and
-//! concatenations, the cache append, attention, GELU, three adds — each allocating its output
-//! and most handing work to a thread pool for a few thousand elements. Here the four products
-//! of a layer and the LM head stay on [`skinny`]'s kernels, split over the threads by output
-//! columns as before, and everything between them runs on the calling thread over the batch's
-//! rows (tens of thousands of elements, microseconds). Taken for f32 on the CPU with AVX-512F
-//! and at most 64 rows, where [`super::ops::dense`] takes the same kernels; otherwise the
-//! candle path runs. It computes the same function as that path to float rounding (tested
-//! below against it with the fused kernels switched off).
+//! Invariants:
+//! - It computes the same function as the candle path of `forward_hidden` for one new token
+//!   with a KV cache, to float rounding (tested below against that path with the fused kernels
+//!   switched off).
+//! - It is taken only for f32 weights on the CPU with AVX-512F and at most 64 rows (where
+//!   [`super::ops::dense`] takes the same kernels); every other case runs the candle path.
+//! - The four products of a layer and the LM head run on [`skinny`]'s kernels, split over the
+//!   threads by output columns; everything between them (LayerNorms, rotary embeddings, the
+//!   cache append, attention, GELU, residual adds) runs on the calling thread over the batch's
+//!   rows, so no state is shared between threads inside a step.
+//!
+//! Measurements behind it: `docs/benchmarks.md` ("Decode steps").
 
 use candle_core::{Result, Tensor};
 
