@@ -1,5 +1,16 @@
 //! What the server shares between handlers: the live model version behind one atomic pointer,
 //! the engine, metrics, keys and limits.
+//!
+//! Invariants:
+//! - A request loads the live [`Served`] once and runs to its end on that version, whatever
+//!   swaps happen meanwhile: the pointer is replaced whole (`ArcSwap`), never mutated, and the
+//!   old version lives as long as a request holds it.
+//! - The live pointer follows the store's current-version pointer: a publisher (a takedown job
+//!   or a rollback) first moves the store's pointer by compare-and-swap from the version it
+//!   started from, in one transaction, and only a publisher that won publishes in memory; one
+//!   that lost changes nothing.
+//! - A [`Served`]'s version id is the content hash of its directory's config and weights, so
+//!   the same weights always carry the same id in responses, metrics and the store.
 
 use std::sync::Arc;
 
