@@ -1,28 +1,27 @@
 //! GPT-2's forward and backward without candle's autograd: the unlearning step's and the
 //! training step's hot path.
 //!
-//! BalancedSubnet trains nothing but the scores over the MLP matrices (spec §4.1), so of the
-//! whole backward pass it needs `∂L/∂W_eff` for each `c_fc` and `c_proj` ([`Gpt2::mlp_grads`]);
-//! training needs every parameter's gradient ([`Gpt2::train_grads`]). Both run the same code,
-//! parameterised by what is accumulated. Through candle's autograd every node's gradient is
-//! accumulated into a fresh zero tensor, and (for unlearning) every frozen weight, bias and
-//! LayerNorm parameter gets a gradient nobody reads. Here the forward keeps exactly the
-//! activations the backward reads, in buffers that a [`MlpGradWorkspace`] reuses from step to
-//! step (no page faults after the first), and the MLP-only backward stops at layer 0's `c_fc`.
-//! Causal attention skips the masked upper triangle in blocks of query rows.
+//! Invariants:
+//! - It computes the same function as [`super::Gpt2::forward_hidden`] → logits → per-sequence
+//!   cross-entropy, to f32 rounding, and the same gradients as candle's autograd through that
+//!   forward: tests in `unlearn` pin the loss and every score gradient, tests in
+//!   `tinymem::train` the loss and every parameter gradient.
+//! - [`Gpt2::mlp_grads`] returns `∂L/∂W_eff` for each `c_fc` and `c_proj` only (what
+//!   BalancedSubnet's scores need; the backward stops at layer 0's `c_fc`);
+//!   [`Gpt2::train_grads`] returns every parameter's gradient. Both run the same code,
+//!   parameterised by what is accumulated.
+//! - Supported: f32 weights on the CPU, ReLU MLPs, unpadded causal attention (rows may be
+//!   right-padded; the padding's predictions carry zero weight).
+//!   [`super::Gpt2::mlp_grads_supported`] says whether a model qualifies; callers fall back to
+//!   autograd otherwise.
+//! - A step's batch is cut into row groups that each run the whole forward and backward
+//!   single-threaded on their own buffers (from a [`MlpGradWorkspace`] reused between steps);
+//!   the only cross-group step is the final sum of weight gradients into the first group's
+//!   buffers, so no state is shared while a group runs.
 //!
-//! Parallelism is by rows: every op but the weight-gradient sums is per sequence, so the batch is
-//! cut into a few row groups that run the whole forward and backward single-threaded, each on its
-//! own buffers (no synchronisation inside the step, large single-threaded gemms), and their
-//! weight gradients are summed at the end into the first group's buffers.
-//!
-//! It computes the same function as [`super::Gpt2::forward_hidden`] → logits →
-//! per-sequence cross-entropy (to f32 rounding); tests in `unlearn` pin the loss and every score
-//! gradient, and tests in `tinymem::train` the loss and every parameter gradient, to candle's
-//! autograd through the model's ordinary forward. Supported: f32 weights on the CPU, ReLU MLPs,
-//! unpadded causal attention (rows may be right-padded; the padding's predictions carry zero
-//! weight). [`super::Gpt2::mlp_grads_supported`] says whether a model qualifies; callers fall
-//! back to autograd otherwise.
+//! The forward keeps exactly the activations the backward reads, and causal attention skips
+//! the masked upper triangle in blocks of query rows. What this path gained over autograd is in
+//! `docs/benchmarks.md` ("BalancedSubnet step and audit throughput", "Training step").
 
 use candle_core::{bail, Result};
 use gemm::Parallelism;
