@@ -33,7 +33,9 @@ use crate::audit::{self, AuditItem};
 use crate::engine::generate::{Filter, FilterState, OutputFilter};
 use crate::error::{Error, Result};
 use crate::supervise::{self, FaultPoint, Faults, SetOnDrop};
-use crate::takedown::{versions, Checker, Guard, NewVersion, State, Store, Takedown};
+use crate::takedown::{
+    versions, Checker, Guard, NewVersion, State, Store, Takedown, VersionRecord,
+};
 use crate::unlearn::pipeline::{self, Baseline, Datasets, PipelineConfig};
 use crate::unlearn::JobControl;
 
@@ -558,33 +560,40 @@ fn lineage_of(
     live: &Served,
 ) -> Result<(Option<Arc<crate::models::Model>>, Vec<pipeline::Target>)> {
     let all = td.store.list_versions().map_err(|e| store_err(&e))?;
-    let Some(mut cur) = all.iter().find(|v| v.id == live.version) else {
+    // A version or parent missing from the registry: mask the live weights, as without a
+    // lineage.
+    let Some(chain) = ancestry(&all, &live.version) else {
+        return Ok((None, Vec::new()));
+    };
+    let Some((root, edits)) = chain.split_last().filter(|(_, edits)| !edits.is_empty()) else {
         return Ok((None, Vec::new()));
     };
     let mut applied = Vec::new();
-    while let Some(parent) = cur.parent.as_deref() {
-        for id in &cur.takedowns {
+    for v in edits {
+        for id in &v.takedowns {
             applied.push(td.store.get(id).map_err(|e| store_err(&e))?);
         }
-        match all.iter().find(|v| v.id == parent) {
-            Some(p) => cur = p,
-            // A parent missing from the registry: mask the live weights, as without a lineage.
-            None => return Ok((None, Vec::new())),
-        }
-    }
-    if cur.id == live.version {
-        return Ok((None, Vec::new()));
     }
     let earlier = crate::takedown::targets(&applied)?;
     let mut cached = td.root_model.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((id, m)) = cached.as_ref() {
-        if *id == cur.id {
+        if *id == root.id {
             return Ok((Some(m.clone()), earlier));
         }
     }
-    let m = Arc::new(load_version(td, &cur.id, live.model.device())?.model);
-    *cached = Some((cur.id.clone(), m.clone()));
+    let m = Arc::new(load_version(td, &root.id, live.model.device())?.model);
+    *cached = Some((root.id.clone(), m.clone()));
     Ok((Some(m), earlier))
+}
+
+/// The versions from `live` up to its lineage's root (both included, `live` first); `None`
+/// when `live` or one of its ancestors is not in `all`.
+fn ancestry<'a>(all: &'a [VersionRecord], live: &str) -> Option<Vec<&'a VersionRecord>> {
+    let mut chain = vec![all.iter().find(|v| v.id == live)?];
+    while let Some(parent) = chain[chain.len() - 1].parent.as_deref() {
+        chain.push(all.iter().find(|v| v.id == parent)?);
+    }
+    Some(chain)
 }
 
 /// The registered version `id`, loaded from its directory under the data directory.
@@ -748,13 +757,13 @@ fn audit_once(state: &AppState, td: &Takedowns, live: &Served) -> Result<()> {
 /// and nothing was measured yet (the drift gauge then stays at 0).
 fn root_perplexity(td: &Takedowns, live: &str) -> Option<f64> {
     let all = td.store.list_versions().ok()?;
-    let mut cur = all.iter().find(|v| v.id == live)?;
-    let mut found = None;
-    while let Some(parent) = cur.parent.as_deref() {
-        found = cur.metrics["before"]["perplexity"].as_f64().or(found);
-        cur = all.iter().find(|v| v.id == parent)?;
-    }
-    found
+    let chain = ancestry(&all, live)?;
+    // The edits, root excluded, nearest the root last.
+    let (_, edits) = chain.split_last()?;
+    edits
+        .iter()
+        .rev()
+        .find_map(|v| v.metrics["before"]["perplexity"].as_f64())
 }
 
 /// `POST /v1/admin/rollback`: makes the ancestor version `to` live if `expected` is live now

@@ -288,29 +288,27 @@ pub fn run(
     let start = Instant::now();
     let from = root.unwrap_or(model);
     let base = from.mlp_weights();
+    let own = model.mlp_weights();
+    let shapes = |w: &MlpWeights| -> Vec<Vec<usize>> {
+        w.0.iter()
+            .flat_map(|(a, b)| [a.dims().to_vec(), b.dims().to_vec()])
+            .collect()
+    };
+    if shapes(&base) != shapes(&own) {
+        return Err(Error::invalid(
+            "root",
+            "the lineage's root does not have the model's MLP shapes",
+        ));
+    }
     let mut extra = if root.is_some() {
         cfg.lineage_start_ratio
     } else {
         cfg.start_ratio
     };
-    if root.is_some() {
-        let ok = base.0.len() == model.mlp_weights().0.len()
-            && base
-                .0
-                .iter()
-                .zip(&model.mlp_weights().0)
-                .all(|((a, b), (c, d))| a.dims() == c.dims() && b.dims() == d.dims());
-        if !ok {
-            return Err(Error::invalid(
-                "root",
-                "the lineage's root does not have the model's MLP shapes",
-            ));
-        }
-    }
     let mut scores = Scores::init(from, extra, cfg.seed)?;
     // Weights an earlier takedown on this lineage zeroed are masked first; the ratio the
     // controller chooses is on top of them (see `mark_pruned`).
-    let already = mark_pruned(&scores, &model.mlp_weights(), root.map(|_| extra), cfg.seed)?;
+    let already = mark_pruned(&scores, &own, root.map(|_| extra), cfg.seed)?;
     scores.ratio = (already + extra).min(MAX_TOTAL_RATIO);
     let mut opt = Sgd::new(
         scores.all_vars(),
@@ -691,8 +689,8 @@ mod tests {
                 assert!(extra.count() > 0, "the lineage ratio masks more on top");
             }
         }
-        // A run with the root: candidates are the root's weights under a mask, and the earlier
-        // zeros can come back.
+        // A run with the root: candidates are the root's weights under a mask (an earlier zero
+        // that comes back carries the root's value, never something else).
         let (forget, items) = extractable(&parent, &[vec![1, 2, 3, 4, 5, 6]], 8);
         let from_root = |root: &Model| {
             run(
