@@ -9,6 +9,7 @@ pub mod cli;
 pub mod engine;
 pub mod error;
 pub mod loader;
+pub mod metrics;
 pub mod models;
 pub mod optim;
 pub mod runtime;

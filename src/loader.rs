@@ -7,11 +7,13 @@
 //! `HF_HUB_OFFLINE` is set, does lethe download through hf-hub. The architecture is chosen from
 //! `config.json`'s `model_type`.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use candle_core::{DType, Device};
 use clap::Args;
+use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::models::{Model, ModelConfig, Weights};
@@ -148,6 +150,41 @@ fn require(dir: &Path, file: &str) -> Result<PathBuf> {
             file: file.to_string(),
         })
     }
+}
+
+/// sha256 over `config.json` and every `*.safetensors` file (sorted by name), as 16 hex
+/// characters: the same weights always get the same version id.
+pub fn content_hash(dir: &Path) -> Result<String> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|source| Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name().is_some_and(|n| n == "config.json")
+                || p.extension().is_some_and(|e| e == "safetensors")
+        })
+        .collect();
+    files.sort();
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for path in files {
+        let io = |source| Error::Io {
+            path: path.clone(),
+            source,
+        };
+        h.update(path.file_name().unwrap_or_default().as_encoded_bytes());
+        let mut f = std::fs::File::open(&path).map_err(io)?;
+        loop {
+            let n = f.read(&mut buf).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+    }
+    Ok(crate::util::hex(&h.finalize())[..16].to_string())
 }
 
 /// Turns `--model` into a local directory.

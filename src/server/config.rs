@@ -9,10 +9,10 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 use super::auth::{Auth, Secret};
-use super::engine::EngineConfig;
 use super::state::Limits;
-use super::takedowns::TakedownConfig;
+use crate::engine::batcher::EngineConfig;
 use crate::loader::ModelArgs;
+use crate::takedown::worker::TakedownConfig;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {

@@ -7,6 +7,7 @@ use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
 
+use crate::engine::batcher::SubmitError;
 use crate::error::Error;
 
 /// Everything a handler can answer besides success.
@@ -215,9 +216,88 @@ impl From<Error> for ApiError {
     }
 }
 
+/// A job the engine refused: 429 with `Retry-After` for a full queue, 503 for a stopped one.
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::Full => ApiError::Overloaded {
+                retry_after_seconds: 1,
+            },
+            SubmitError::ShuttingDown | SubmitError::Stopped => {
+                ApiError::Unavailable(e.to_string())
+            }
+        }
+    }
+}
+
+/// The HTTP answer for an error of the takedown subsystem.
+pub fn api_error(e: crate::takedown::Error) -> ApiError {
+    use crate::takedown::Error as E;
+    match e {
+        E::NotFound(id) => ApiError::NotFound {
+            message: format!("no takedown {id:?}"),
+            param: None,
+            code: "takedown_not_found",
+        },
+        E::VersionNotFound(id) => ApiError::NotFound {
+            message: format!("no version {id:?}"),
+            param: Some("to_version".into()),
+            code: "version_not_found",
+        },
+        E::IdempotencyConflict { key, existing_id } => ApiError::Conflict {
+            message: format!(
+                "Idempotency-Key {key:?} was already used by takedown {existing_id} for a \
+                 different request"
+            ),
+            code: "idempotency_key_reused",
+        },
+        E::NotCancellable { id, state } => ApiError::Conflict {
+            message: format!("takedown {id} is {state} and can no longer be cancelled"),
+            code: "not_cancellable",
+        },
+        E::VersionConflict { expected, actual } => ApiError::Conflict {
+            message: format!(
+                "the live version is {}, not the expected {}",
+                actual.as_deref().unwrap_or("none"),
+                expected.as_deref().unwrap_or("none")
+            ),
+            code: "version_mismatch",
+        },
+        E::InvalidInput { field, message } => ApiError::invalid(field, message),
+        e if e.is_disk_full() => {
+            tracing::error!(error = %e, "the data directory's disk is full");
+            ApiError::Unavailable(
+                "the data directory's disk is full: nothing was stored; retry once the \
+                 operator has freed space"
+                    .into(),
+            )
+        }
+        E::Model(e) => ApiError::from(e),
+        other => ApiError::Internal(other.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_disk_is_a_503_that_says_so_not_a_500() {
+        use actix_web::ResponseError;
+        let full = crate::takedown::Error::Io {
+            op: "write",
+            path: "/data/lethe.sqlite3".into(),
+            source: std::io::Error::from_raw_os_error(28),
+        };
+        let e = api_error(full);
+        assert_eq!(e.status_code().as_u16(), 503);
+        assert!(e.to_string().contains("disk is full"), "{e}");
+        let other = api_error(crate::takedown::Error::Corrupt {
+            what: "x".into(),
+            message: "y".into(),
+        });
+        assert_eq!(other.status_code().as_u16(), 500);
+    }
 
     #[test]
     fn every_variant_maps_to_its_status_and_type() {

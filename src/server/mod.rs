@@ -1,8 +1,9 @@
 //! `lethe serve`: the HTTP sidecar.
 //!
-//! actix workers only parse, authenticate and route; every forward pass runs on the engine
-//! thread ([`engine`]), fed by a bounded queue. The live model is one `ArcSwap<Served>`:
-//! a request loads it once and finishes on that version. See `docs/api.md` for the routes and
+//! This module only speaks HTTP: actix workers parse, authenticate, route and answer. Every
+//! forward pass runs on the engine thread ([`crate::engine::batcher`]), fed by a bounded queue;
+//! the live model is [`crate::engine::served::Live`], which a request loads once and finishes
+//! on; takedowns run in [`crate::takedown::worker`]. See `docs/api.md` for the routes and
 //! `docs/metrics.md` for the metrics.
 
 use std::net::SocketAddr;
@@ -17,16 +18,17 @@ use anyhow::Context;
 pub mod auth;
 pub mod body;
 pub mod config;
-pub mod engine;
 pub mod error;
 pub mod metrics;
 pub mod peer;
 pub mod routes;
 pub mod state;
-pub mod takedowns;
 
 pub use config::{Config, HttpTimeouts, ServeArgs};
-pub use state::{AppState, Served};
+pub use state::AppState;
+
+use crate::engine::served::Served;
+use crate::takedown::worker::Takedowns;
 
 /// The application: routes, OpenAI-shaped 404/405s, request metrics and logging, and a panic
 /// boundary around each request.
@@ -118,7 +120,7 @@ pub fn app_with(
 struct InFlight(prometheus::IntGauge);
 
 impl InFlight {
-    fn new(m: &metrics::Metrics) -> Self {
+    fn new(m: &crate::metrics::Metrics) -> Self {
         m.requests_in_flight.inc();
         Self(m.requests_in_flight.clone())
     }
@@ -189,20 +191,25 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     )?;
     let served = Served::new(lm, name).context("hashing the model files into a version id")?;
     tracing::info!(model = %served.name, version = %served.version, "model loaded");
-    let td = takedowns::Takedowns::open(config.takedown.clone(), data)?;
+    let state = AppState::new(
+        served,
+        config.engine.clone(),
+        config.auth.clone(),
+        config.limits.clone(),
+    );
+    let td = Takedowns::open(
+        config.takedown.clone(),
+        data,
+        state.live.clone(),
+        state.metrics.clone(),
+    )?;
     if !td.can_unlearn() {
         tracing::warn!("no retain set (--retain-data): takedowns are refused until one is given");
     }
-    let state = web::Data::new(
-        AppState::new(
-            served,
-            config.engine.clone(),
-            config.auth.clone(),
-            config.limits.clone(),
-        )
-        .with_takedowns(td),
-    );
-    takedowns::Takedowns::start(&state);
+    let state = web::Data::new(state.with_takedowns(td));
+    if let Some(td) = &state.takedowns {
+        td.start();
+    }
     if let Some(warning) = config.auth.open_admin_warning() {
         tracing::warn!("{warning}");
     }

@@ -1,68 +1,20 @@
-//! What the server shares between handlers: the live model version behind one atomic pointer,
-//! the engine, metrics, keys and limits.
+//! What the server shares between handlers: the live model version, the engine, metrics, keys
+//! and limits.
 //!
 //! Invariants:
-//! - A request loads the live [`Served`] once and runs to its end on that version, whatever
-//!   swaps happen meanwhile: the pointer is replaced whole (`ArcSwap`), never mutated, and the
-//!   old version lives as long as a request holds it.
-//! - The live pointer follows the store's current-version pointer: a publisher (a takedown job
-//!   or a rollback) first moves the store's pointer by compare-and-swap from the version it
-//!   started from, in one transaction, and only a publisher that won publishes in memory; one
-//!   that lost changes nothing.
-//! - A [`Served`]'s version id is the content hash of its directory's config and weights, so
-//!   the same weights always carry the same id in responses, metrics and the store.
+//! - A handler loads the live [`Served`] once ([`AppState::served`]) and runs the whole request
+//!   on it; [`crate::engine::served`] states why a swap cannot change it underneath.
+//! - Handlers never publish a version: the takedown worker and rollback
+//!   ([`crate::takedown::worker`]) are the only publishers, and they move the store's pointer
+//!   before the live one.
 
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
-
 use super::auth::Auth;
-use super::engine::EngineHandle;
-use super::metrics::Metrics;
-use crate::error::Result;
-use crate::loader::LoadedModel;
-use crate::models::Model;
-use crate::tokenizer::Tokenizer;
-
-/// One immutable model version being served. Requests load the pointer once and keep this
-/// `Arc` until they finish, so a swap never changes the weights under a running request.
-pub struct Served {
-    pub model: Model,
-    pub tokenizer: Tokenizer,
-    /// The name clients put in `model` (the directory name unless configured).
-    pub name: String,
-    /// Content hash of config and weights (hex, 16 characters).
-    pub version: String,
-    /// Unix time the version was loaded.
-    pub created: u64,
-    /// The directory the weights were loaded from.
-    pub dir: std::path::PathBuf,
-}
-
-impl Served {
-    /// Wraps a loaded model, hashing its directory's files into the version id.
-    pub fn new(lm: LoadedModel, name: Option<String>) -> Result<Self> {
-        let version = crate::takedown::versions::content_hash(&lm.dir)?;
-        let name = name.unwrap_or_else(|| {
-            lm.dir
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| lm.source.clone())
-        });
-        Ok(Self {
-            model: lm.model,
-            tokenizer: lm.tokenizer,
-            name,
-            version,
-            created: unix_now(),
-            dir: lm.dir,
-        })
-    }
-
-    pub fn architecture(&self) -> &'static str {
-        self.model.spec().architecture.model_type()
-    }
-}
+use crate::engine::batcher::{EngineConfig, EngineHandle};
+use crate::engine::served::{Live, Served};
+use crate::metrics::Metrics;
+use crate::takedown::worker::Takedowns;
 
 /// Request limits (all configurable).
 #[derive(Debug, Clone)]
@@ -91,29 +43,25 @@ impl Default for Limits {
 
 /// Shared server state.
 pub struct AppState {
-    pub current: ArcSwap<Served>,
+    /// The live version, shared with the takedown worker and the auditor.
+    pub live: Arc<Live>,
     pub engine: EngineHandle,
     pub metrics: Metrics,
     pub auth: Auth,
     pub limits: Limits,
     /// The takedown subsystem (durable queue, guard, worker), when enabled.
-    pub takedowns: Option<Arc<super::takedowns::Takedowns>>,
+    pub takedowns: Option<Arc<Takedowns>>,
 }
 
 impl AppState {
     /// Starts the engine on `served` and publishes it as the live version.
-    pub fn new(
-        served: Served,
-        engine: super::engine::EngineConfig,
-        auth: Auth,
-        limits: Limits,
-    ) -> Self {
+    pub fn new(served: Served, engine: EngineConfig, auth: Auth, limits: Limits) -> Self {
         let metrics = Metrics::new();
         metrics.set_model(&served.version, served.architecture());
         let served = Arc::new(served);
         let engine = EngineHandle::start(engine, metrics.clone());
         Self {
-            current: ArcSwap::new(served),
+            live: Arc::new(Live::new(served)),
             engine,
             metrics,
             auth,
@@ -122,8 +70,9 @@ impl AppState {
         }
     }
 
-    /// Enables takedowns (call before serving, then [`super::takedowns::Takedowns::start`]).
-    pub fn with_takedowns(mut self, takedowns: super::takedowns::Takedowns) -> Self {
+    /// Enables takedowns (call before serving, then [`Takedowns::start`]). `takedowns` must have
+    /// been opened on this state's [`AppState::live`] and [`AppState::metrics`].
+    pub fn with_takedowns(mut self, takedowns: Takedowns) -> Self {
         self.takedowns = Some(Arc::new(takedowns));
         self
     }
@@ -135,14 +84,6 @@ impl AppState {
 
     /// The live version; keep the returned `Arc` for the whole request.
     pub fn served(&self) -> Arc<Served> {
-        self.current.load_full()
+        self.live.served()
     }
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }

@@ -15,6 +15,7 @@
 pub mod guard;
 pub mod store;
 pub mod versions;
+pub mod worker;
 
 pub use guard::{Checker, Guard};
 pub use store::{

@@ -8,48 +8,13 @@
 //! a complete one; the `.tmp-*` leftovers are removed by [`clean_temp`] at startup. A directory
 //! under its final name is never written again.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
-use sha2::{Digest, Sha256};
 
 use super::{random_hex, Error, Result};
-
-/// sha256 over `config.json` and every `*.safetensors` file (sorted by name), as 16 hex
-/// characters: the same weights always get the same version id.
-pub fn content_hash(dir: &Path) -> crate::Result<String> {
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .map_err(|source| crate::Error::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name().is_some_and(|n| n == "config.json")
-                || p.extension().is_some_and(|e| e == "safetensors")
-        })
-        .collect();
-    files.sort();
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    for path in files {
-        let io = |source| crate::Error::Io {
-            path: path.clone(),
-            source,
-        };
-        h.update(path.file_name().unwrap_or_default().as_encoded_bytes());
-        let mut f = std::fs::File::open(&path).map_err(io)?;
-        loop {
-            let n = f.read(&mut buf).map_err(io)?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
-    }
-    Ok(crate::util::hex(&h.finalize())[..16].to_string())
-}
+use crate::loader::content_hash;
 
 /// The folder of versions inside the data directory.
 pub const VERSIONS_DIR: &str = "versions";

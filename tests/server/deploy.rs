@@ -17,7 +17,7 @@ use clap::CommandFactory;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use lethe::server::metrics::{MetricType, Metrics};
+use lethe::metrics::{MetricType, Metrics};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use super::takedowns::{memorized_rows, takedown_state, wait_for};
 use super::*;
-use lethe::server::takedowns::Takedowns;
 use lethe::supervise::{FaultPoint, Faults};
 
 /// `lethe_panics_total{component}` from the exposition.
@@ -66,7 +65,7 @@ async fn a_huge_max_tokens_is_refused_and_the_engine_keeps_serving() {
         })
         .unwrap();
     match rx.recv().await {
-        Some(lethe::server::engine::RowEvent::Failed { message }) => {
+        Some(lethe::engine::batcher::RowEvent::Failed { message }) => {
             assert!(message.contains("context length"), "{message}")
         }
         other => panic!("expected a failed row, got {other:?}"),
@@ -223,7 +222,7 @@ async fn a_poisoned_takedown_fails_alone_and_the_valid_one_is_applied() {
     let good = post(&app, "/v1/takedowns", json!({"sequences": [rows[0]]}))
         .await
         .json();
-    Takedowns::start(&st);
+    st.takedowns.as_ref().unwrap().start();
     let (bad, good) = (bad["id"].as_str().unwrap(), good["id"].as_str().unwrap());
     let good_end = wait_for(&app, good, &["applied", "rejected", "failed"], 600).await;
     assert_eq!(good_end["status"], "applied", "{good_end}");
@@ -255,7 +254,7 @@ async fn livez_fails_when_the_worker_thread_is_gone() {
         });
     });
     let app = at::init_service(make_app(st.clone())).await;
-    Takedowns::start(&st);
+    st.takedowns.as_ref().unwrap().start();
     assert_eq!(get(&app, "/livez").await.status, 200);
     armed.store(true, Ordering::SeqCst);
     st.takedowns.as_ref().unwrap().notify();

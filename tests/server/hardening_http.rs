@@ -10,7 +10,7 @@ use actix_web::http::header;
 use actix_web::{test as at, web, HttpResponse};
 use serde_json::Value;
 
-use lethe::server::engine::EngineConfig;
+use lethe::engine::batcher::EngineConfig;
 use lethe::server::routes::ROUTES;
 use lethe::server::state::Limits;
 use lethe::server::{app_with, http_server, HttpTimeouts};

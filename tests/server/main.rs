@@ -18,12 +18,13 @@ use candle_core::{DType, Device};
 use serde_json::{json, Value};
 
 use contract::Contract;
+use lethe::engine::batcher::{EngineConfig, Job};
+use lethe::engine::served::Served;
+use lethe::loader::content_hash;
 use lethe::server::auth::{Auth, Secret};
-use lethe::server::engine::{EngineConfig, Job};
 use lethe::server::routes::ROUTES;
 use lethe::server::state::Limits;
-use lethe::server::{app as make_app, AppState, Served};
-use lethe::takedown::versions::content_hash;
+use lethe::server::{app as make_app, AppState};
 
 /// The bundled model's memorized sequence prompt (docs and README use it too).
 const PROMPT: &str = "^1840 1847 1854 1861 1868 1875 1882 1889 1896 1903";
@@ -574,8 +575,8 @@ async fn a_full_queue_answers_429_and_a_held_engine_is_not_ready() {
     st.engine.set_paused(false);
     loop {
         match rx.recv().await.unwrap() {
-            lethe::server::engine::RowEvent::Done { .. } => break,
-            lethe::server::engine::RowEvent::Failed { message } => panic!("{message}"),
+            lethe::engine::batcher::RowEvent::Done { .. } => break,
+            lethe::engine::batcher::RowEvent::Failed { message } => panic!("{message}"),
             _ => {}
         }
     }

@@ -6,8 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::*;
-use lethe::server::takedowns::{TakedownConfig, Takedowns};
 use lethe::takedown::versions::resolve_current;
+use lethe::takedown::worker::{TakedownConfig, Takedowns};
 use lethe::unlearn::pipeline::Datasets;
 
 /// A server state with takedowns under `dir` (fast unlearning settings for tests).
@@ -26,18 +26,16 @@ pub(crate) fn takedown_state(
     let lm = lethe::loader::load_dir(&live, "live", &Device::Cpu, DType::F32).unwrap();
     let data = Datasets::for_model(&live, None, None, Vec::new()).unwrap();
     let served = Served::new(lm, Some("tinymem-noise".into())).unwrap();
-    let td = Takedowns::open(cfg, data).unwrap();
-    let st = web::Data::new(
-        AppState::new(
-            served,
-            EngineConfig::default(),
-            open_auth(),
-            Limits::default(),
-        )
-        .with_takedowns(td),
+    let st = AppState::new(
+        served,
+        EngineConfig::default(),
+        open_auth(),
+        Limits::default(),
     );
+    let td = Takedowns::open(cfg, data, st.live.clone(), st.metrics.clone()).unwrap();
+    let st = web::Data::new(st.with_takedowns(td));
     if start_worker {
-        Takedowns::start(&st);
+        st.takedowns.as_ref().unwrap().start();
     }
     st
 }

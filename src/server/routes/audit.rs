@@ -14,10 +14,11 @@ use tokio::sync::mpsc;
 use super::completions::{check_model, VERSION_HEADER};
 use super::misc::token_ids;
 use crate::audit::{self, AuditItem, AuditRow, AuditSummary, Definition};
+use crate::engine::batcher::{Job, RowEvent};
+use crate::engine::served::Served;
 use crate::server::body;
-use crate::server::engine::{Job, RowEvent};
 use crate::server::error::ApiError;
-use crate::server::state::{AppState, Served};
+use crate::server::state::AppState;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -12,9 +12,10 @@ use serde_json::{json, Value};
 use super::completions::VERSION_HEADER;
 use crate::audit::Definition;
 use crate::server::body;
+use crate::server::error::api_error as store_error;
 use crate::server::error::ApiError;
 use crate::server::state::AppState;
-use crate::server::takedowns::{self as td, api_error as store_error, Takedowns};
+use crate::takedown::worker::{self as td, Takedowns};
 use crate::takedown::{NewTakedown, State, Takedown};
 use crate::unlearn::pipeline::sequence_sha256;
 
@@ -196,7 +197,7 @@ pub async fn create(
     }
     if created {
         tracing::info!(id = %t.id, sequences = t.sequences.len(), "takedown accepted");
-        svc.refresh_counts(&state.metrics);
+        svc.refresh_counts();
         svc.notify();
     }
     Ok(HttpResponse::Accepted()
@@ -351,7 +352,7 @@ pub async fn cancel(
     let guarded = svc.store.sequences_to_guard().map_err(store_error)?;
     svc.guard.replace(&guarded);
     svc.cancel_check();
-    svc.refresh_counts(&state.metrics);
+    svc.refresh_counts();
     Ok(HttpResponse::Ok().json(view(&t, false)))
 }
 
@@ -430,10 +431,15 @@ pub async fn rollback(
     state.auth.admin(&req)?;
     service(&state)?;
     let r: RollbackRequest = body::json(&req, payload, state.limits.max_body_bytes).await?;
-    let st = state.clone();
-    let out = web::block(move || td::rollback(&st, &r.to_version, &r.expected_current))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let svc = state.takedowns.clone();
+    let out = web::block(move || {
+        svc.as_deref()
+            .map(|svc| td::rollback(svc, &r.to_version, &r.expected_current))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .ok_or_else(|| ApiError::Unavailable("takedowns are not enabled on this server".into()))?
+    .map_err(store_error)?;
     Ok(HttpResponse::Ok()
         .insert_header((VERSION_HEADER, out.0.clone()))
         .json(

@@ -15,12 +15,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::engine::batcher::{Job, RowEvent};
+use crate::engine::served::{unix_now, Served};
 use crate::engine::{GenerateRequest, Generation, SamplingParams};
 use crate::server::body;
-use crate::server::engine::{Job, RowEvent};
 use crate::server::error::ApiError;
 use crate::server::peer::{self, Peer};
-use crate::server::state::{unix_now, AppState, Served};
+use crate::server::state::AppState;
 
 mod logprobs;
 mod request;

@@ -24,11 +24,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
-use super::error::ApiError;
-use super::metrics::Metrics;
-use super::state::Served;
+use super::served::Served;
 use crate::engine::generate::{DecodeBatch, Event};
 use crate::engine::{self, GenerateRequest, Generation, Score};
+use crate::metrics::Metrics;
 use crate::supervise::{self, FaultPoint, Faults};
 
 /// Engine sizing.
@@ -53,6 +52,17 @@ impl Default for EngineConfig {
             faults: Faults::default(),
         }
     }
+}
+
+/// Why [`EngineHandle::submit`] refused a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the request queue is full")]
+    Full,
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+    #[error("the engine has stopped")]
+    Stopped,
 }
 
 /// What a generation row reports back to its request.
@@ -138,20 +148,17 @@ impl EngineHandle {
         }
     }
 
-    /// Queues a job, or answers 429 (full) / 503 (stopped) at once.
-    pub fn submit(&self, job: Job) -> Result<(), ApiError> {
+    /// Queues a job, or refuses it at once (the HTTP layer answers 429 for a full queue, 503
+    /// for a stopped engine).
+    pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
         let guard = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
         let Some(tx) = guard.as_ref() else {
-            return Err(ApiError::Unavailable("the engine is shutting down".into()));
+            return Err(SubmitError::ShuttingDown);
         };
         match tx.try_send(job) {
             Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => Err(ApiError::Overloaded {
-                retry_after_seconds: 1,
-            }),
-            Err(TrySendError::Disconnected(_)) => {
-                Err(ApiError::Unavailable("the engine has stopped".into()))
-            }
+            Err(TrySendError::Full(_)) => Err(SubmitError::Full),
+            Err(TrySendError::Disconnected(_)) => Err(SubmitError::Stopped),
         }
     }
 

@@ -1,5 +1,5 @@
-//! Takedowns in the server: the durable queue's worker and the continuous auditor, the hot swap
-//! and rollback.
+//! The takedown subsystem at run time: the durable queue's worker, the continuous auditor, the
+//! hot swap and rollback. The HTTP layer only calls into it.
 //!
 //! Life of a takedown: `POST /v1/takedowns` writes it to SQLite (WAL, synced) and registers its
 //! windows with the regurgitation guard before answering 202. The worker claims every queued
@@ -27,11 +27,11 @@ use std::time::{Duration, Instant};
 use candle_core::DType;
 use serde_json::{json, Value};
 
-use super::metrics::Metrics;
-use super::state::{AppState, Served};
 use crate::audit::{self, AuditItem};
 use crate::engine::generate::{Filter, FilterState, OutputFilter};
+use crate::engine::served::{Live, Served};
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::supervise::{self, FaultPoint, Faults, SetOnDrop};
 use crate::takedown::{
     versions, Checker, Guard, NewVersion, State, Store, Takedown, VersionRecord,
@@ -97,12 +97,21 @@ pub struct Takedowns {
     /// lineage past the root: jobs re-mask the root's MLP weights (see
     /// `unlearn::controller::run`).
     root_model: Mutex<Option<(String, Arc<crate::models::Model>)>>,
+    /// The live version this subsystem publishes to and audits.
+    live: Arc<Live>,
+    metrics: Metrics,
 }
 
 impl Takedowns {
     /// Opens the store under `config.data_dir`, cleans half-written versions, re-queues jobs
-    /// that a crash interrupted, and loads every accepted sequence into the guard.
-    pub fn open(config: TakedownConfig, data: Datasets) -> Result<Self> {
+    /// that a crash interrupted, and loads every accepted sequence into the guard. Jobs and
+    /// rollbacks publish to `live`; the worker and the auditor report to `metrics`.
+    pub fn open(
+        config: TakedownConfig,
+        data: Datasets,
+        live: Arc<Live>,
+        metrics: Metrics,
+    ) -> Result<Self> {
         let store = Store::open(&config.data_dir).map_err(|e| store_err(&e))?;
         versions::clean_temp(&config.data_dir).map_err(|e| store_err(&e))?;
         let requeued = store.requeue_interrupted().map_err(|e| store_err(&e))?;
@@ -125,6 +134,8 @@ impl Takedowns {
             live_threads: std::sync::atomic::AtomicUsize::new(0),
             quality_cache: Mutex::new(None),
             root_model: Mutex::new(None),
+            live,
+            metrics,
         })
     }
 
@@ -183,7 +194,8 @@ impl Takedowns {
     }
 
     /// Refreshes `lethe_takedowns{state}`.
-    pub fn refresh_counts(&self, metrics: &Metrics) {
+    pub fn refresh_counts(&self) {
+        let metrics = &self.metrics;
         if let Ok(counts) = self.store.counts_by_state() {
             for s in State::ALL {
                 let n = counts.iter().find(|(c, _)| *c == s).map_or(0, |(_, n)| *n);
@@ -196,30 +208,27 @@ impl Takedowns {
     }
 
     /// Starts the worker and the auditor threads.
-    pub fn start(state: &actix_web::web::Data<AppState>) {
-        let Some(td) = state.takedowns.clone() else {
-            return;
-        };
-        let spawn = |name: &str, body: fn(&AppState)| {
-            let state = state.clone();
-            td.live_threads.fetch_add(1, Ordering::SeqCst);
+    pub fn start(self: &Arc<Self>) {
+        let spawn = |name: &str, body: fn(&Takedowns)| {
+            let td = Arc::clone(self);
+            self.live_threads.fetch_add(1, Ordering::SeqCst);
             std::thread::Builder::new()
                 .name(name.into())
                 .spawn(move || {
                     // Counted down however the thread ends, a panic outside a job included.
-                    let _ended = ThreadEnded(state.takedowns.clone());
-                    body(&state)
+                    let _ended = ThreadEnded(Arc::clone(&td));
+                    body(&td)
                 })
                 .expect("spawning a takedown thread")
         };
         let worker = spawn("lethe-unlearn", worker_loop);
         let auditor = spawn(AUDITOR_THREAD, auditor_loop);
-        if let Ok(mut t) = td.threads.lock() {
+        if let Ok(mut t) = self.threads.lock() {
             t.push(worker);
             t.push(auditor);
         }
-        td.refresh_counts(&state.metrics);
-        td.notify();
+        self.refresh_counts();
+        self.notify();
     }
 
     /// Stops the worker (cancelling a running job, which stays queued for the next start)
@@ -278,18 +287,17 @@ impl Takedowns {
 }
 
 /// Counts a takedown thread down when it ends.
-struct ThreadEnded(Option<Arc<Takedowns>>);
+struct ThreadEnded(Arc<Takedowns>);
 
 impl Drop for ThreadEnded {
     fn drop(&mut self) {
-        if let Some(td) = &self.0 {
-            td.live_threads.fetch_sub(1, Ordering::SeqCst);
-            if !td.stopping() {
-                tracing::error!(
-                    thread = std::thread::current().name().unwrap_or("?"),
-                    "a takedown thread ended; /livez now fails so the process is restarted"
-                );
-            }
+        let td = &self.0;
+        td.live_threads.fetch_sub(1, Ordering::SeqCst);
+        if !td.stopping() {
+            tracing::error!(
+                thread = std::thread::current().name().unwrap_or("?"),
+                "a takedown thread ended; /livez now fails so the process is restarted"
+            );
         }
     }
 }
@@ -316,10 +324,7 @@ fn store_err(e: &dyn std::fmt::Display) -> Error {
     }
 }
 
-fn worker_loop(state: &AppState) {
-    let Some(td) = state.takedowns.clone() else {
-        return;
-    };
+fn worker_loop(td: &Takedowns) {
     let pool = match rayon::ThreadPoolBuilder::new()
         .num_threads(td.config.worker_threads.max(1))
         .thread_name(|i| format!("lethe-unlearn-{i}"))
@@ -351,7 +356,7 @@ fn worker_loop(state: &AppState) {
             td.wait(&mut seen, Duration::from_secs(2));
             continue;
         }
-        td.refresh_counts(&state.metrics);
+        td.refresh_counts();
         let ctl = JobControl::new();
         if let Ok(mut r) = td.running.lock() {
             *r = Some((job.clone(), ctl.clone()));
@@ -359,16 +364,15 @@ fn worker_loop(state: &AppState) {
         tracing::info!(%job, takedowns = claimed.len(), "unlearning job started");
         let started = Instant::now();
         let result = supervise::catch("worker", || {
-            pool.install(|| run_job(state, &td, &job, &claimed, &ctl))
+            pool.install(|| run_job(td, &job, &claimed, &ctl))
         });
         if let Ok(mut r) = td.running.lock() {
             *r = None;
         }
-        state
-            .metrics
+        td.metrics
             .unlearn_job_duration
             .observe(started.elapsed().as_secs_f64());
-        state.metrics.unlearn_job_progress.set(0.0);
+        td.metrics.unlearn_job_progress.set(0.0);
         // With several takedowns in the job, a failure, a rejection or a panic cannot be pinned
         // on one of them: each is retried in a job of its own.
         let several = claimed.len() > 1;
@@ -401,7 +405,7 @@ fn worker_loop(state: &AppState) {
                 td.store.finish_failed(&job, &e.to_string())
             }
             Err(panic) => {
-                state.metrics.panics.with_label_values(&["worker"]).inc();
+                td.metrics.panics.with_label_values(&["worker"]).inc();
                 let why = format!("the unlearning job failed on an internal error ({panic})");
                 if several {
                     split(&why)
@@ -414,7 +418,7 @@ fn worker_loop(state: &AppState) {
         if let Err(e) = outcome {
             tracing::error!(%job, error = %e, "recording the job's outcome failed");
         }
-        td.refresh_counts(&state.metrics);
+        td.refresh_counts();
         td.notify();
     }
 }
@@ -432,14 +436,8 @@ enum JobEnd {
     Interrupted,
 }
 
-fn run_job(
-    state: &AppState,
-    td: &Takedowns,
-    job: &str,
-    claimed: &[Takedown],
-    ctl: &JobControl,
-) -> Result<JobEnd> {
-    let base = state.served();
+fn run_job(td: &Takedowns, job: &str, claimed: &[Takedown], ctl: &JobControl) -> Result<JobEnd> {
+    let base = td.live.served();
     let targets = crate::takedown::targets(claimed)?;
     let forget: Vec<Vec<u32>> = targets.iter().map(|t| t.sequence.clone()).collect();
     td.config.faults.at(FaultPoint::Job { sequences: &forget });
@@ -461,7 +459,7 @@ fn run_job(
         if let Err(e) = td.store.set_progress(job, &name, Some(progress), None) {
             tracing::warn!(error = %e, "recording progress failed");
         }
-        state.metrics.unlearn_job_progress.set(progress);
+        td.metrics.unlearn_job_progress.set(progress);
     };
     let on_phase = |name: &str| {
         if let Ok(mut p) = phase.lock() {
@@ -536,15 +534,14 @@ fn run_job(
     }
     report(0.96);
     let swap_start = Instant::now();
-    let Some(version) = publish(state, td, job, &base, &model, &report_json)? else {
+    let Some(version) = publish(td, job, &base, &model, &report_json)? else {
         // The live version moved (a rollback) while the job ran: its result edits a
         // version that is no longer live, so the takedowns go back to the queue and the
         // next job unlearns them on top of the new live version.
         tracing::warn!(%job, "the live version changed during the job; re-queued");
         return Ok(JobEnd::Interrupted);
     };
-    state
-        .metrics
+    td.metrics
         .model_swap_duration
         .observe(swap_start.elapsed().as_secs_f64());
     if let Some(q) = new_quality {
@@ -618,7 +615,6 @@ fn root_baseline(td: &Takedowns, live: &str) -> Option<Baseline> {
 /// applied; then publishes it in memory. `None` when the compare-and-swap lost: the live
 /// version is no longer `base` (the new version stays on disk, unreferenced by the pointer).
 fn publish(
-    state: &AppState,
     td: &Takedowns,
     job: &str,
     base: &Arc<Served>,
@@ -660,45 +656,35 @@ fn publish(
         Err(crate::takedown::Error::VersionConflict { .. }) => return Ok(None),
         Err(e) => return Err(store_err(&e)),
     }
-    swap(state, td, base, Arc::new(served), "promote");
+    swap(td, base, Arc::new(served), "promote");
     Ok(Some(id))
 }
 
 /// Publishes `new` in memory (the store already moved its pointer): compare-and-swap on the
 /// live `Arc`, so a request keeps the version it loaded.
-pub fn swap(
-    state: &AppState,
-    td: &Takedowns,
-    expected: &Arc<Served>,
-    new: Arc<Served>,
-    kind: &str,
-) {
-    let prev = state.current.compare_and_swap(expected, new.clone());
-    if !Arc::ptr_eq(&prev, expected) {
+fn swap(td: &Takedowns, expected: &Arc<Served>, new: Arc<Served>, kind: &str) {
+    if let Err(prev) = td.live.replace(expected, new.clone()) {
         // The store is the authority and has moved; memory follows it.
         tracing::warn!(live = %prev.version, "the live version changed during a swap");
-        state.current.store(new.clone());
+        td.live.set(new.clone());
     }
-    state.metrics.set_model(&new.version, new.architecture());
+    td.metrics.set_model(&new.version, new.architecture());
     tracing::info!(from = %expected.version, to = %new.version, kind, "model version swapped");
     td.notify();
 }
 
-fn auditor_loop(state: &AppState) {
-    let Some(td) = state.takedowns.clone() else {
-        return;
-    };
+fn auditor_loop(td: &Takedowns) {
     let mut seen = 0;
     let mut last_version = String::new();
     let mut last_run: Option<Instant> = None;
     while !td.stopping() {
-        let live = state.served();
+        let live = td.live.served();
         let due = last_run.is_none_or(|t| t.elapsed() >= td.config.audit_interval);
         if due || live.version != last_version {
-            match supervise::catch("auditor", || audit_once(state, &td, &live)) {
+            match supervise::catch("auditor", || audit_once(td, &live)) {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::error!(error = %e, "continuous audit failed"),
-                Err(_) => state.metrics.panics.with_label_values(&["auditor"]).inc(),
+                Err(_) => td.metrics.panics.with_label_values(&["auditor"]).inc(),
             }
             last_version = live.version.clone();
             last_run = Some(Instant::now());
@@ -711,13 +697,13 @@ fn auditor_loop(state: &AppState) {
 }
 
 /// Re-audits every applied takedown (and the canaries) on the live version; sets the gauges.
-fn audit_once(state: &AppState, td: &Takedowns, live: &Served) -> Result<()> {
+fn audit_once(td: &Takedowns, live: &Served) -> Result<()> {
     let applied = td
         .store
         .list(None, usize::MAX, Some(State::Applied))
         .map_err(|e| store_err(&e))?;
     let t = crate::takedown::targets(&applied)?;
-    let m = &state.metrics;
+    let m = &td.metrics;
     if !t.is_empty() {
         let items: Vec<AuditItem> = t.iter().map(|x| x.item.clone()).collect();
         let (_, summary) = audit::audit(&live.model, None, &items, 64)?;
@@ -766,91 +752,39 @@ fn root_perplexity(td: &Takedowns, live: &str) -> Option<f64> {
         .find_map(|v| v.metrics["before"]["perplexity"].as_f64())
 }
 
-/// `POST /v1/admin/rollback`: makes the ancestor version `to` live if `expected` is live now
-/// (compare-and-swap). Takedowns applied by the versions left behind return to `queued` in the
-/// same store transaction; the guard keeps protecting them and the worker re-applies them on
-/// top of `to` (cancel them to stop that). Returns (new live version, previous, re-queued).
+/// Makes the ancestor version `to` live if `expected` is live now (compare-and-swap), for
+/// `POST /v1/admin/rollback`. Takedowns applied by the versions left behind return to `queued`
+/// in the same store transaction; the guard keeps protecting them and the worker re-applies
+/// them on top of `to` (cancel them to stop that). Returns (new live version, previous,
+/// re-queued).
 pub fn rollback(
-    state: &AppState,
+    td: &Takedowns,
     to: &str,
     expected: &str,
-) -> std::result::Result<(String, String, usize), super::error::ApiError> {
-    use super::error::ApiError;
-    let td = state
-        .takedowns
-        .clone()
-        .ok_or_else(|| ApiError::Unavailable("takedowns are not enabled".into()))?;
+) -> crate::takedown::Result<(String, String, usize)> {
     let started = Instant::now();
-    let live = state.served();
+    let live = td.live.served();
     if live.version != expected {
-        return Err(ApiError::Conflict {
-            message: format!("the live version is {}, not {expected}", live.version),
-            code: "version_mismatch",
+        return Err(crate::takedown::Error::VersionConflict {
+            expected: Some(expected.to_string()),
+            actual: Some(live.version.clone()),
         });
     }
     if to == expected {
         return Ok((to.to_string(), expected.to_string(), 0));
     }
-    let target = td.store.get_version(to).map_err(api_error)?;
-    let lm = load_version(&td, &target.id, live.model.device())?;
+    let target = td.store.get_version(to)?;
+    let lm = load_version(td, &target.id, live.model.device())?;
     versions::smoke_test(&lm.model)?;
     let new = Arc::new(Served::new(lm, Some(live.name.clone()))?);
-    let requeued = td.store.rollback(expected, to).map_err(api_error)?;
-    swap(state, &td, &live, new, "rollback");
-    state
-        .metrics
+    let requeued = td.store.rollback(expected, to)?;
+    swap(td, &live, new, "rollback");
+    td.metrics
         .model_swap_duration
         .observe(started.elapsed().as_secs_f64());
-    td.refresh_counts(&state.metrics);
+    td.refresh_counts();
     td.notify();
     Ok((to.to_string(), expected.to_string(), requeued))
-}
-
-/// The HTTP answer for a store error.
-pub fn api_error(e: crate::takedown::Error) -> super::error::ApiError {
-    use super::error::ApiError;
-    use crate::takedown::Error as E;
-    match e {
-        E::NotFound(id) => ApiError::NotFound {
-            message: format!("no takedown {id:?}"),
-            param: None,
-            code: "takedown_not_found",
-        },
-        E::VersionNotFound(id) => ApiError::NotFound {
-            message: format!("no version {id:?}"),
-            param: Some("to_version".into()),
-            code: "version_not_found",
-        },
-        E::IdempotencyConflict { key, existing_id } => ApiError::Conflict {
-            message: format!(
-                "Idempotency-Key {key:?} was already used by takedown {existing_id} for a \
-                 different request"
-            ),
-            code: "idempotency_key_reused",
-        },
-        E::NotCancellable { id, state } => ApiError::Conflict {
-            message: format!("takedown {id} is {state} and can no longer be cancelled"),
-            code: "not_cancellable",
-        },
-        E::VersionConflict { expected, actual } => ApiError::Conflict {
-            message: format!(
-                "the live version is {}, not the expected {}",
-                actual.as_deref().unwrap_or("none"),
-                expected.as_deref().unwrap_or("none")
-            ),
-            code: "version_mismatch",
-        },
-        E::InvalidInput { field, message } => ApiError::invalid(field, message),
-        e if e.is_disk_full() => {
-            tracing::error!(error = %e, "the data directory's disk is full");
-            ApiError::Unavailable(
-                "the data directory's disk is full: nothing was stored; retry once the \
-                 operator has freed space"
-                    .into(),
-            )
-        }
-        other => ApiError::Internal(other.to_string()),
-    }
 }
 
 #[cfg(test)]
@@ -858,27 +792,6 @@ mod tests {
     use super::*;
     use std::path::Path;
 
-    #[test]
-    fn a_full_disk_is_a_503_that_says_so_not_a_500() {
-        use actix_web::ResponseError;
-        let full = crate::takedown::Error::Io {
-            op: "write",
-            path: "/data/lethe.sqlite3".into(),
-            source: std::io::Error::from_raw_os_error(28),
-        };
-        let e = api_error(full);
-        assert_eq!(e.status_code().as_u16(), 503);
-        assert!(e.to_string().contains("disk is full"), "{e}");
-        let other = api_error(crate::takedown::Error::Corrupt {
-            what: "x".into(),
-            message: "y".into(),
-        });
-        assert_eq!(other.status_code().as_u16(), 500);
-    }
-
-    use crate::server::auth::Auth;
-    use crate::server::engine::EngineConfig;
-    use crate::server::state::Limits;
     use crate::takedown::NewTakedown;
 
     /// The bundled model with every MLP weight scaled by `f`: distinct weights per `f`.
@@ -901,16 +814,9 @@ mod tests {
         let lm =
             crate::loader::load_dir(&live, "live", &candle_core::Device::Cpu, DType::F32).unwrap();
         let data = Datasets::for_model(&live, None, None, Vec::new()).unwrap();
-        let served = Served::new(lm, None).unwrap();
-        let auth = Auth {
-            api_key: None,
-            admin_key: None,
-            loopback_only: true,
-        };
-        let state = AppState::new(served, EngineConfig::default(), auth, Limits::default())
-            .with_takedowns(Takedowns::open(cfg, data).unwrap());
-        let td = state.takedowns.clone().unwrap();
-        let v0 = state.served();
+        let live = Arc::new(Live::new(Arc::new(Served::new(lm, None).unwrap())));
+        let td = Takedowns::open(cfg, data, live.clone(), Metrics::new()).unwrap();
+        let v0 = live.served();
         let job = |name: &str| {
             let new = NewTakedown {
                 sequences: vec![(0..120).map(|i| 1 + i % 12).collect()],
@@ -924,15 +830,15 @@ mod tests {
             t.id
         };
         let a = job("j1");
-        let v1 = publish(&state, &td, "j1", &v0, &scaled(&v0.model, 0.5), &json!({}))
+        let v1 = publish(&td, "j1", &v0, &scaled(&v0.model, 0.5), &json!({}))
             .unwrap()
             .expect("the first job publishes");
-        assert_eq!(state.served().version, v1);
+        assert_eq!(live.served().version, v1);
         assert_eq!(td.store.get(&a).unwrap().state, State::Applied);
         // The next job on v1 re-masks the root's weights (v0's, loaded from its version
         // directory) with the sequences v1 applied in its forget set; on the root there is no
         // lineage behind it.
-        let (root, earlier) = lineage_of(&td, &state.served()).unwrap();
+        let (root, earlier) = lineage_of(&td, &live.served()).unwrap();
         let flat = |m: &crate::models::Model| -> Vec<f32> {
             m.mlp_weights()
                 .0
@@ -952,9 +858,9 @@ mod tests {
         assert!(root.is_none() && earlier.is_empty());
         // A second job that started on v0 finishes after v1 went live.
         let b = job("j2");
-        let lost = publish(&state, &td, "j2", &v0, &scaled(&v0.model, 0.25), &json!({})).unwrap();
+        let lost = publish(&td, "j2", &v0, &scaled(&v0.model, 0.25), &json!({})).unwrap();
         assert_eq!(lost, None);
-        assert_eq!(state.served().version, v1);
+        assert_eq!(live.served().version, v1);
         assert_eq!(
             td.store.current_version().unwrap().as_deref(),
             Some(v1.as_str())
