@@ -129,8 +129,8 @@ impl Sampler {
 /// block of lanes that holds it — instead of one compare-and-branch per logit: a 50,304-token
 /// vocabulary is scanned once per generated token.
 pub fn argmax(xs: &[f32]) -> u32 {
-    const W: usize = crate::models::vmath::LANES;
-    let max = crate::models::vmath::max_lanes(xs);
+    const W: usize = crate::models::cpu::vmath::LANES;
+    let max = crate::models::cpu::vmath::max_lanes(xs);
     let block = xs
         .chunks(W)
         .position(|c| c.iter().fold(false, |hit, &x| hit | (x == max)))

@@ -10,15 +10,12 @@
 //!   supplies ([`MlpWeights`]); BalancedSubnet trains a mask over exactly these through the same
 //!   forward that serves inference.
 
-mod attend;
 pub mod cache;
+pub(crate) mod cpu;
 pub mod fused;
 pub mod gpt2;
 pub mod gpt_neox;
-mod head;
 pub mod ops;
-mod skinny;
-pub(crate) mod vmath;
 pub mod weights;
 
 use candle_core::{DType, Device, Result as CResult, Tensor};
@@ -337,7 +334,7 @@ impl Model {
             Self::Gpt2(m) => m.lm_head(),
             Self::GptNeoX(m) => m.lm_head(),
         };
-        head::next_token_logprobs(hidden, head, ids)
+        cpu::head::next_token_logprobs(hidden, head, ids)
     }
 
     /// `forward_hidden` followed by `logits`: `[B, T, V]`.

@@ -14,7 +14,8 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
-use super::{attend, fused, skinny, vmath};
+use super::cpu::{attend, skinny, storage, vmath};
+use super::fused;
 
 /// True when autograd must see through an op on these tensors.
 fn needs_grad(ts: &[&Tensor]) -> bool {
@@ -251,12 +252,12 @@ fn dense_skinny(
             candle_core::bail!("dense: bias {:?} does not fit {d_out} outputs", b.dims());
         }
     }
-    let y = fused::with_f32(x, |xs| {
-        fused::with_f32(w, |ws| {
+    let y = storage::with_f32(x, |xs| {
+        storage::with_f32(w, |ws| {
             let run =
                 |bs: Option<&[f32]>| skinny::dense(xs, (rows, d_in), ws, d_out, bs, transposed);
             match b {
-                Some(b) => fused::with_f32(b, |bs| Ok(run(Some(bs)))),
+                Some(b) => storage::with_f32(b, |bs| Ok(run(Some(bs)))),
                 None => Ok(run(None)),
             }
         })

@@ -43,14 +43,6 @@ pub(crate) fn linear_dims(
     Ok((x.iter().product::<usize>() / d_in, d_in, d_out))
 }
 
-/// Threads for one large gemm (the rayon pool's size).
-pub(crate) fn gemm_parallelism() -> Parallelism {
-    match rayon::current_num_threads() {
-        0 | 1 => Parallelism::None,
-        n => Parallelism::Rayon(n),
-    }
-}
-
 /// `(row stride, column stride)` of `W` seen as an `[in, out]` matrix.
 pub(super) fn w_strides(transposed: bool, d_in: usize, d_out: usize) -> (usize, usize) {
     if transposed {

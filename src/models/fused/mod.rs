@@ -12,14 +12,14 @@
 //! bottom of this file (relative L2 error ≤ 1e-4 on every input, odd shapes included). Inputs may
 //! have any strides; outputs are contiguous. Bad shapes are errors, never panics.
 
-use std::borrow::Cow;
 use std::sync::OnceLock;
 
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape,
-    Storage, Tensor, WithDType,
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor,
 };
-use gemm::Parallelism;
+
+use super::cpu::gemm::{gemm_parallelism, small_gemm};
+use super::cpu::storage::{cpu, data, with_f32};
 use rayon::prelude::*;
 
 mod attention;
@@ -60,91 +60,6 @@ pub fn with_reference_ops<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-// ---------------------------------------------------------------------------------------------
-// Storage access
-
-/// The elements of a CPU storage seen through `layout`, in logical (row-major) order: borrowed
-/// when the layout is contiguous, gathered otherwise.
-fn data<'a, T: WithDType>(s: &'a CpuStorage, layout: &Layout) -> Result<Cow<'a, [T]>> {
-    let all = s.as_slice::<T>()?;
-    Ok(match layout.contiguous_offsets() {
-        Some((a, b)) => Cow::Borrowed(&all[a..b]),
-        None => Cow::Owned(gather_strided(all, layout)),
-    })
-}
-
-fn gather_strided<T: Copy>(all: &[T], layout: &Layout) -> Vec<T> {
-    let dims = layout.dims();
-    let strides = layout.stride();
-    let n = layout.shape().elem_count();
-    let mut out = Vec::with_capacity(n);
-    let mut idx = vec![0usize; dims.len()];
-    let mut off = layout.start_offset();
-    for _ in 0..n {
-        out.push(all[off]);
-        for d in (0..dims.len()).rev() {
-            idx[d] += 1;
-            off += strides[d];
-            if idx[d] < dims[d] {
-                break;
-            }
-            off -= strides[d] * dims[d];
-            idx[d] = 0;
-        }
-    }
-    out
-}
-
-fn cpu(s: &Storage) -> Result<&CpuStorage> {
-    match s {
-        Storage::Cpu(c) => Ok(c),
-        _ => bail!("lethe's fused kernels run on the CPU only"),
-    }
-}
-
-/// Runs `f` on the logical f32 elements of `t` (a CPU tensor).
-pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let (guard, layout) = t.storage_and_layout();
-    let d = data::<f32>(cpu(&guard)?, layout)?;
-    f(&d)
-}
-
-/// A read view of a contiguous f32 CPU tensor (`G` is candle's storage read guard), for
-/// hand-written passes that hold every weight as a plain slice at once.
-pub(crate) struct View<'a, G> {
-    guard: G,
-    layout: &'a Layout,
-}
-
-/// [`View`] of `t`; the read guard is held until the view is dropped.
-pub(crate) fn view(t: &Tensor) -> View<'_, impl std::ops::Deref<Target = Storage> + '_> {
-    let (guard, layout) = t.storage_and_layout();
-    View { guard, layout }
-}
-
-impl<G: std::ops::Deref<Target = Storage>> View<'_, G> {
-    /// The tensor's elements; an error when it is not a contiguous f32 CPU tensor.
-    pub(crate) fn slice(&self) -> Result<&[f32]> {
-        let Storage::Cpu(c) = &*self.guard else {
-            bail!("expected a tensor on the CPU");
-        };
-        let Some((a, b)) = self.layout.contiguous_offsets() else {
-            bail!("expected a contiguous tensor");
-        };
-        Ok(&c.as_slice::<f32>()?[a..b])
-    }
-}
-
-/// Runs `f` on the whole f32 storage of `t` (a CPU tensor) and its layout, for kernels that read
-/// a strided view in place.
-pub(crate) fn with_f32_storage<R>(
-    t: &Tensor,
-    f: impl FnOnce(&[f32], &Layout) -> Result<R>,
-) -> Result<R> {
-    let (guard, layout) = t.storage_and_layout();
-    f(cpu(&guard)?.as_slice::<f32>()?, layout)
-}
-
 fn cpu_tensor(v: Vec<f32>, shape: &Shape) -> Result<Tensor> {
     Tensor::from_vec(v, shape.clone(), &Device::Cpu)
 }
@@ -167,49 +82,6 @@ impl SharedMut {
 fn rows_per_task(rows: usize) -> usize {
     let tasks = 4 * rayon::current_num_threads().max(1);
     rows.div_ceil(tasks).max(1)
-}
-
-/// `dst[m×n] = beta · lhs[m×k] · rhs[k×n]` (+ `dst` when `accumulate`), single-threaded.
-/// Strides are (row, column) in elements.
-///
-/// # Safety
-/// Every pointer must address its whole matrix under the given strides, and `dst` must not alias
-/// the inputs.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn small_gemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    lhs: *const f32,
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: *const f32,
-    (rhs_rs, rhs_cs): (usize, usize),
-    beta: f32,
-    accumulate: bool,
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        accumulate,
-        lhs,
-        lhs_cs as isize,
-        lhs_rs as isize,
-        rhs,
-        rhs_cs as isize,
-        rhs_rs as isize,
-        1.0,
-        beta,
-        false,
-        false,
-        false,
-        Parallelism::None,
-    )
 }
 
 #[cfg(test)]

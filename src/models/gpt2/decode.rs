@@ -18,11 +18,13 @@
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
-use super::grad::{gemm, BlockWeights};
+use super::grad::BlockWeights;
 use super::Gpt2;
-use crate::models::attend::CachedKv;
-use crate::models::vmath::layer_norm;
-use crate::models::{fused, skinny, Inputs, KvCache, StepInputs};
+use crate::models::cpu::attend::CachedKv;
+use crate::models::cpu::gemm::gemm;
+use crate::models::cpu::skinny;
+use crate::models::cpu::vmath::layer_norm;
+use crate::models::{fused, Inputs, KvCache, StepInputs};
 
 /// Parameters per block (`c_attn`, `attn.c_proj`, `c_fc`, `mlp.c_proj`) up to which the step is
 /// taken: 4 MiB of f32, about a core's L2. TinyMem's blocks have 196,608.

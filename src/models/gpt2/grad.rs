@@ -24,17 +24,17 @@
 //! `docs/benchmarks.md` ("BalancedSubnet step and audit throughput", "Training step").
 
 use candle_core::{bail, Result};
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::Gpt2;
-use crate::models::fused::{self, small_gemm, softmax_row, view};
+use crate::models::cpu::activation;
+use crate::models::cpu::attention::{attention_bwd, attention_fwd, QkvLayout};
+use crate::models::cpu::gemm::gemm;
+use crate::models::cpu::norm::{col_sum, layer_norm_bwd_add, rows_plus_bias};
+use crate::models::cpu::storage::view;
+use crate::models::cpu::vmath::{layer_norm, logsumexp};
+use crate::models::fused::{self, softmax_row};
 use crate::models::ops::Activation;
-use crate::models::vmath::layer_norm;
-use crate::models::vmath::{exp_neg, logsumexp, max_lanes, row_stats, sum_pairs};
-
-/// Query rows per block of the causal attention kernels.
-const ATT_BLOCK: usize = 32;
 
 /// Buffers kept between steps so that steady-state steps allocate nothing large: one set per
 /// row group.
@@ -185,295 +185,6 @@ pub(super) struct BlockWeights<'a> {
     pub(super) scale: f32,
 }
 
-/// `dst[m×n] (row stride n) (+)= lhs[m×k] · rhs[k×n]`, strides `(row, column)`,
-/// single-threaded (the step parallelises over row groups).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn gemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    lhs: &[f32],
-    (lrs, lcs): (usize, usize),
-    rhs: &[f32],
-    (rrs, rcs): (usize, usize),
-    accumulate: bool,
-) {
-    // The asserts make the unsafe addressing below sound; callers size every buffer exactly.
-    assert!(dst.len() >= m * n);
-    assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lrs + (k - 1) * lcs);
-    assert!(n == 0 || k == 0 || rhs.len() > (k - 1) * rrs + (n - 1) * rcs);
-    // SAFETY: every access lies within the slices (checked above); dst is distinct from both.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lcs as isize,
-            lrs as isize,
-            rhs.as_ptr(),
-            rcs as isize,
-            rrs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        )
-    }
-}
-
-/// Softmax of a row with no −∞ entries, in place.
-#[inline(always)]
-fn softmax_dense_row(row: &mut [f32]) {
-    let max = max_lanes(row);
-    row.iter_mut().for_each(|v| *v = exp_neg(*v - max));
-    let inv = 1.0 / sum_pairs(row, row, |a, _| a);
-    row.iter_mut().for_each(|v| *v *= inv);
-}
-
-/// `dx += ∂LayerNorm(x)/∂x · g` row by row, and, given `(∂w, ∂b)`, `∂w += Σ g ⊙ x̂` and
-/// `∂b += Σ g` over the rows.
-#[inline(always)]
-fn layer_norm_bwd_add(
-    x: &[f32],
-    w: &[f32],
-    eps: f32,
-    g: &[f32],
-    dx: &mut [f32],
-    mut dparams: Option<(&mut [f32], &mut [f32])>,
-) {
-    let d = w.len();
-    let (mut xhat, mut gw) = (vec![0f32; d], vec![0f32; d]);
-    for ((dxr, xr), gr) in dx
-        .chunks_exact_mut(d)
-        .zip(x.chunks_exact(d))
-        .zip(g.chunks_exact(d))
-    {
-        let (mean, rstd) = row_stats(xr, eps);
-        for i in 0..d {
-            xhat[i] = (xr[i] - mean) * rstd;
-            gw[i] = gr[i] * w[i];
-        }
-        if let Some((dw, db)) = dparams.as_mut() {
-            for i in 0..d {
-                dw[i] += gr[i] * xhat[i];
-                db[i] += gr[i];
-            }
-        }
-        let a = sum_pairs(&gw, &gw, |p, _| p) / d as f32;
-        let c = sum_pairs(&gw, &xhat, |p, q| p * q) / d as f32;
-        for i in 0..d {
-            dxr[i] += rstd * (gw[i] - a - xhat[i] * c);
-        }
-    }
-}
-
-/// `out = Σ_rows x` for `x: [rows, out.len()]`.
-#[inline(always)]
-fn col_sum(x: &[f32], out: &mut [f32]) {
-    out.fill(0.0);
-    for row in x.chunks_exact(out.len()) {
-        out.iter_mut().zip(row).for_each(|(o, &v)| *o += v);
-    }
-}
-
-/// Fills each `[d]` row of `out` with `base_row + bias` (`base` is `[rows, d]`, or absent).
-#[inline(always)]
-fn rows_plus_bias(base: Option<&[f32]>, bias: &[f32], out: &mut [f32]) {
-    let d = bias.len();
-    match base {
-        Some(x) => {
-            for (row, xr) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-                for ((r, &xv), &bv) in row.iter_mut().zip(xr).zip(bias) {
-                    *r = xv + bv;
-                }
-            }
-        }
-        None => out
-            .chunks_exact_mut(d)
-            .for_each(|r| r.copy_from_slice(bias)),
-    }
-}
-
-/// Causal multi-head attention over packed `qkv: [B, T, 3H]` → `out: [B, T, H]`, saving the
-/// probabilities `[B, nh, T, T]` (zero above the diagonal).
-#[inline(always)]
-fn attention_fwd(
-    qkv: &[f32],
-    (b, t, h, nh): (usize, usize, usize, usize),
-    scale: f32,
-    probs: &mut [f32],
-    out: &mut [f32],
-) {
-    let (three_h, hd) = (3 * h, h / nh);
-    assert!(qkv.len() == b * t * three_h && probs.len() == b * nh * t * t);
-    assert!(out.len() == b * t * h);
-    for (bh, p) in probs.chunks_exact_mut(t * t).enumerate() {
-        let (bi, hi) = (bh / nh, bh % nh);
-        let base = &qkv[bi * t * three_h + hi * hd..];
-        let (q, k, v) = (base.as_ptr(), base[h..].as_ptr(), base[2 * h..].as_ptr());
-        let o = out[bi * t * h + hi * hd..].as_mut_ptr();
-        for r0 in (0..t).step_by(ATT_BLOCK) {
-            let r1 = (r0 + ATT_BLOCK).min(t);
-            // SAFETY: q, k, v address [t × hd] blocks of `qkv` (row stride 3H) and `o` the
-            // [t × hd] block of `out` (row stride H) of batch bi, head hi, all within the
-            // slices (asserted above); `p` is this head's [t × t] chunk, rows r0..r1,
-            // columns 0..r1.
-            unsafe {
-                small_gemm(
-                    r1 - r0,
-                    r1,
-                    hd,
-                    p.as_mut_ptr().add(r0 * t),
-                    t,
-                    q.add(r0 * three_h),
-                    (three_h, 1),
-                    k,
-                    (1, three_h),
-                    scale,
-                    false,
-                );
-            }
-            for i in r0..r1 {
-                let row = &mut p[i * t..(i + 1) * t];
-                softmax_dense_row(&mut row[..=i]);
-                row[i + 1..].fill(0.0);
-            }
-            // SAFETY: as above.
-            unsafe {
-                small_gemm(
-                    r1 - r0,
-                    hd,
-                    r1,
-                    o.add(r0 * h),
-                    h,
-                    p.as_ptr().add(r0 * t),
-                    (t, 1),
-                    v,
-                    (three_h, 1),
-                    1.0,
-                    false,
-                );
-            }
-        }
-    }
-}
-
-/// Backward of [`attention_fwd`]: `dqkv [B, T, 3H]` from `g = ∂L/∂out [B, T, H]`; `ds` is
-/// `[T, T]` scratch.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn attention_bwd(
-    qkv: &[f32],
-    probs: &[f32],
-    g: &[f32],
-    (b, t, h, nh): (usize, usize, usize, usize),
-    scale: f32,
-    dqkv: &mut [f32],
-    ds: &mut Vec<f32>,
-) {
-    let (three_h, hd) = (3 * h, h / nh);
-    assert!(qkv.len() == b * t * three_h && probs.len() == b * nh * t * t);
-    assert!(dqkv.len() == b * t * three_h && g.len() == b * t * h);
-    let ds = buf(ds, t * t);
-    for (bh, p) in probs.chunks_exact(t * t).enumerate() {
-        let (bi, hi) = (bh / nh, bh % nh);
-        let off = bi * t * three_h + hi * hd;
-        let base = &qkv[off..];
-        let (q, k, v) = (base.as_ptr(), base[h..].as_ptr(), base[2 * h..].as_ptr());
-        let go = g[bi * t * h + hi * hd..].as_ptr();
-        // dP = dO Vᵀ (lower triangle, by row blocks), then dS = scale·P⊙(dP − rowsum(P⊙dP)).
-        for r0 in (0..t).step_by(ATT_BLOCK) {
-            let r1 = (r0 + ATT_BLOCK).min(t);
-            // SAFETY: rows r0..r1, columns 0..r1 of the [t × t] scratch `ds`; go and v address
-            // blocks of `g` and `qkv` within the slices (asserted above).
-            unsafe {
-                small_gemm(
-                    r1 - r0,
-                    r1,
-                    hd,
-                    ds.as_mut_ptr().add(r0 * t),
-                    t,
-                    go.add(r0 * h),
-                    (h, 1),
-                    v,
-                    (1, three_h),
-                    1.0,
-                    false,
-                );
-            }
-            for i in r0..r1 {
-                let (dr, pr) = (&mut ds[i * t..=i * t + i], &p[i * t..=i * t + i]);
-                let dot = sum_pairs(dr, pr, |a, b| a * b);
-                for (d, &pp) in dr.iter_mut().zip(pr) {
-                    *d = scale * pp * (*d - dot);
-                }
-                ds[i * t + i + 1..(i + 1) * t].fill(0.0);
-            }
-        }
-        // SAFETY: dq, dk, dv are batch bi / head hi's column blocks of `dqkv` (row stride 3H),
-        // within the slice. P and dS are zero above the diagonal, so each product only spans
-        // the rows and columns that can be non-zero.
-        unsafe {
-            let dq = dqkv[off..].as_mut_ptr();
-            let (dk, dv) = (dq.add(h), dq.add(2 * h));
-            for r0 in (0..t).step_by(ATT_BLOCK) {
-                let r1 = (r0 + ATT_BLOCK).min(t);
-                // dQ[r0..r1] = dS[r0..r1, 0..r1] K[0..r1]
-                small_gemm(
-                    r1 - r0,
-                    hd,
-                    r1,
-                    dq.add(r0 * three_h),
-                    three_h,
-                    ds.as_ptr().add(r0 * t),
-                    (t, 1),
-                    k,
-                    (three_h, 1),
-                    1.0,
-                    false,
-                );
-                // Key block c0..c1 = r0..r1 sees queries c0..t:
-                // dK[c] = dS[c0..t, c]ᵀ Q[c0..t], dV[c] = P[c0..t, c]ᵀ dO[c0..t].
-                let (c0, c1) = (r0, r1);
-                small_gemm(
-                    c1 - c0,
-                    hd,
-                    t - c0,
-                    dk.add(c0 * three_h),
-                    three_h,
-                    ds.as_ptr().add(c0 * t + c0),
-                    (1, t),
-                    q.add(c0 * three_h),
-                    (three_h, 1),
-                    1.0,
-                    false,
-                );
-                small_gemm(
-                    c1 - c0,
-                    hd,
-                    t - c0,
-                    dv.add(c0 * three_h),
-                    three_h,
-                    p.as_ptr().add(c0 * t + c0),
-                    (1, t),
-                    go.add(c0 * h),
-                    (h, 1),
-                    1.0,
-                    false,
-                );
-            }
-        }
-    }
-}
-
 /// Forward and backward over one row group (`ids: [b, t]`), single-threaded: fills `ws.grads`
 /// (what `want` asks for) and `ws.row_loss`.
 #[allow(clippy::too_many_arguments)]
@@ -557,7 +268,7 @@ fn part_body(
     } = d;
     let (b, nl) = (lens.len(), w.blocks.len());
     let n = b * t;
-    let dims = (b, t, h, nh);
+    let qkv_layout = QkvLayout::gpt2(h, nh);
     let full = want == Want::All;
     ws.xs.resize_with(nl + 1, Vec::new);
     ws.layers.resize_with(nl, LayerBufs::default);
@@ -589,7 +300,7 @@ fn part_body(
         gemm(n, 3 * h, h, qkv, a, (h, 1), bw.qkv.0, (3 * h, 1), true);
         let probs = buf(&mut lb.probs, b * nh * t * t);
         let att = buf(&mut lb.att, n * h);
-        attention_fwd(qkv, dims, bw.scale, probs, att);
+        attention_fwd(qkv, qkv_layout, (b, t), bw.scale, probs, att);
         let xm = buf(&mut lb.xm, n * h);
         rows_plus_bias(Some(x), bw.proj.1, xm);
         gemm(n, h, h, xm, att, (h, 1), bw.proj.0, (h, 1), true);
@@ -599,9 +310,7 @@ fn part_body(
         rows_plus_bias(None, bw.fc.1, hpre);
         gemm(n, inner, h, hpre, m_in, (h, 1), bw.fc.0, (inner, 1), true);
         let hh = buf(&mut lb.h, n * inner);
-        hh.iter_mut()
-            .zip(&*hpre)
-            .for_each(|(o, &i)| *o = i.max(0.0));
+        activation::forward(Activation::Relu, hpre, hh);
         let next = buf(&mut rest[0], n * h);
         rows_plus_bias(Some(xm), bw.mproj.1, next);
         gemm(n, h, inner, next, hh, (inner, 1), bw.mproj.0, (h, 1), true);
@@ -712,10 +421,7 @@ fn part_body(
         }
         let dh = buf(&mut ws.dh, n * inner);
         gemm(n, inner, h, dh, dx, (h, 1), bw.mproj.0, (1, h), false);
-        // A select, not a branch: the sign of x is a coin flip.
-        dh.iter_mut()
-            .zip(&lb.hpre)
-            .for_each(|(d, &x)| *d = if x >= 0.0 { *d } else { 0.0 });
+        activation::backward(Activation::Relu, &lb.hpre, dh);
         // c_fc: ∂W1 = m_inᵀ ∂hpre.
         let (gw, gb) = pair(grads, pidx(li, P_FC));
         gemm(
@@ -752,7 +458,17 @@ fn part_body(
         }
         gemm(n, h, h, dt, dx, (h, 1), bw.proj.0, (1, h), false);
         let dqkv = buf(&mut ws.dqkv, n * 3 * h);
-        attention_bwd(&lb.qkv, &lb.probs, dt, dims, bw.scale, dqkv, &mut ws.ds);
+        let ds = buf(&mut ws.ds, t * t);
+        attention_bwd(
+            &lb.qkv,
+            &lb.probs,
+            dt,
+            qkv_layout,
+            (b, t),
+            bw.scale,
+            dqkv,
+            ds,
+        );
         if full {
             let (gw, gb) = pair(grads, pidx(li, P_ATTN));
             gemm(
@@ -1079,30 +795,4 @@ fn sum_groups<'p>(parts: &'p mut [PartBufs], which: &[usize]) -> &'p [Vec<f32>] 
             }
         });
     &first.grads
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lane_reductions_match_serial_ones() {
-        for n in [1usize, 5, 16, 17, 128, 151] {
-            let x: Vec<f32> = (0..n)
-                .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
-                .collect();
-            let y: Vec<f32> = (0..n).map(|i| ((i * 11 % 13) as f32 - 6.0) / 3.0).collect();
-            let dot: f32 = x.iter().zip(&y).map(|(a, b)| a * b).sum();
-            assert!((sum_pairs(&x, &y, |a, b| a * b) - dot).abs() <= 1e-5 * dot.abs().max(1.0));
-            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            assert_eq!(max_lanes(&x), max);
-            let mut row = x.clone();
-            softmax_dense_row(&mut row);
-            let mut reference = x.clone();
-            softmax_row(&mut reference);
-            for (a, b) in row.iter().zip(&reference) {
-                assert!((a - b).abs() <= 1e-6, "{a} vs {b}");
-            }
-        }
-    }
 }

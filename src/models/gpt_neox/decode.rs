@@ -16,10 +16,12 @@
 use candle_core::{Result, Tensor};
 
 use super::GptNeoX;
-use crate::models::attend::CachedKv;
-use crate::models::fused::{self, view};
-use crate::models::vmath::layer_norm;
-use crate::models::{skinny, Inputs, KvCache, StepInputs};
+use crate::models::cpu::attend::CachedKv;
+use crate::models::cpu::skinny;
+use crate::models::cpu::storage::view;
+use crate::models::cpu::vmath::layer_norm;
+use crate::models::fused;
+use crate::models::{Inputs, KvCache, StepInputs};
 
 /// Rows up to which the step is taken (the skinny kernels' range for `[out, in]` weights).
 const MAX_ROWS: usize = 64;

@@ -5,7 +5,7 @@
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
-use super::{fused, skinny};
+use super::{skinny, storage};
 
 /// Independent partial sums: LLVM keeps float sums in source order, so a plain `.sum()` is one
 /// serial dependency chain; 16 lanes vectorise (the result differs from the serial sum only by
@@ -126,7 +126,7 @@ fn logsumexp_body(row: &[f32]) -> f32 {
 
 /// `erf(x)` to 1.5e-7 absolute (Abramowitz & Stegun 7.1.26), from [`exp_neg`].
 #[inline(always)]
-fn erf(x: f32) -> f32 {
+pub(crate) fn erf(x: f32) -> f32 {
     const P: f32 = 0.327_591_1;
     const A: [f32; 5] = [
         0.254_829_6,
@@ -184,7 +184,7 @@ unsafe fn gelu_erf_avx512(xs: &mut [f32]) {
 /// [`Tensor::gelu_erf`] for an f32 CPU tensor at inference, vectorised and parallel; the
 /// same function to about 1e-7 (tested against candle's, which calls libm's `erff` per element).
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    let mut out = fused::with_f32(x, |xs| Ok(xs.to_vec()))?;
+    let mut out = storage::with_f32(x, |xs| Ok(xs.to_vec()))?;
     out.par_chunks_mut(1 << 14).for_each(gelu_erf_in_place);
     Tensor::from_vec(out, x.shape(), x.device())
 }

@@ -11,7 +11,8 @@
 use candle_core::{bail, DType, Result, Tensor};
 use rayon::prelude::*;
 
-use super::{fused, ops, vmath::logsumexp};
+use super::{storage, vmath::logsumexp};
+use crate::models::{fused, ops};
 
 /// Positions per block: the logits buffer is `BLOCK_ROWS × V` floats (103 MB for a 50,304-token
 /// vocabulary). Measured on Pythia-70m's head (8 × 127 positions, 2 threads): 512 rows took
@@ -48,8 +49,8 @@ pub fn next_token_logprobs(hidden: &Tensor, head: &Tensor, ids: &Tensor) -> Resu
         .flat_map(|s| (0..t - 1).map(move |p| (s * t + p, s * t + p + 1)))
         .map(|(r, next)| (r, ids[next]))
         .collect();
-    let out = fused::with_f32(hidden, |hs| {
-        fused::with_f32(head, |ws| Ok(block_logprobs(hs, h, ws, v, &rows)))
+    let out = storage::with_f32(hidden, |hs| {
+        storage::with_f32(head, |ws| Ok(block_logprobs(hs, h, ws, v, &rows)))
     })?;
     Tensor::from_vec(out, (b, t - 1), hidden.device())
 }
@@ -86,7 +87,7 @@ fn block_logprobs(hs: &[f32], h: usize, ws: &[f32], v: usize, rows: &[(usize, u3
                 false,
                 false,
                 false,
-                fused::gemm_parallelism(),
+                super::gemm::gemm_parallelism(),
             );
         }
         dst.par_iter_mut()

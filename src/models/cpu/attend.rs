@@ -11,7 +11,8 @@
 use candle_core::{bail, Layout, Result, Tensor};
 use rayon::prelude::*;
 
-use super::{fused, skinny, vmath, KvCache};
+use super::{skinny, storage, vmath};
+use crate::models::KvCache;
 
 /// Multiply-adds below which the heads run on the calling thread.
 const MIN_PARALLEL_WORK: usize = 1 << 15;
@@ -47,9 +48,9 @@ pub fn attention(
     let mask = mask.map(Tensor::contiguous).transpose()?;
     let scale = 1.0 / (d as f32).sqrt();
     let mut out = vec![0f32; b * h * t * d];
-    let done = fused::with_f32(&q, |qs| {
-        fused::with_f32_storage(k, |ks, kl| {
-            fused::with_f32_storage(v, |vs, vl| {
+    let done = storage::with_f32(&q, |qs| {
+        storage::with_f32_storage(k, |ks, kl| {
+            storage::with_f32_storage(v, |vs, vl| {
                 let (kst, vst) = (kl.stride(), vl.stride());
                 if kst[3] != 1 || vst[3] != 1 {
                     return Ok(false);
@@ -78,7 +79,7 @@ pub fn attention(
                     }
                 };
                 match &mask {
-                    Some(m) => fused::with_f32(m, |ms| {
+                    Some(m) => storage::with_f32(m, |ms| {
                         run(Some(ms));
                         Ok(())
                     })?,
@@ -224,8 +225,8 @@ impl CachedKv<'_> {
             &Tensor::from_vec(v, (b, h, 1, d), &dev)?,
         )?;
         let s = keys.dim(2)?;
-        fused::with_f32_storage(&keys, |ks, kl| {
-            fused::with_f32_storage(&values, |vs, vl| {
+        storage::with_f32_storage(&keys, |ks, kl| {
+            storage::with_f32_storage(&values, |vs, vl| {
                 for l in [kl, vl] {
                     if !matches!(l.stride(), &[_, _, ss, 1] if ss == d) {
                         bail!(
@@ -325,6 +326,7 @@ fn head_contiguous_on<'m>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::fused;
     use crate::models::ops;
     use crate::test_util::*;
 
