@@ -85,73 +85,138 @@ pub(crate) fn softmax_dense_row(row: &mut [f32]) {
     row.iter_mut().for_each(|v| *v *= inv);
 }
 
+/// One attention call's shape: where the heads sit, the batch `[b, t]` and the logit scale.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AttnShape {
+    pub layout: QkvLayout,
+    pub b: usize,
+    pub t: usize,
+    pub scale: f32,
+}
+
+/// `(row, H, head_dim)` of `s`'s layout, after asserting that every packed buffer (`[B, T, row]`),
+/// the probabilities (`[B, heads, T, T]`) and the output or its gradient (`[B, T, H]`) have a
+/// `[b, t]` batch's lengths: the unsafe addressing of the kernels relies on it.
+fn sizes(s: AttnShape, packed: &[usize], probs: usize, out: usize) -> (usize, usize, usize) {
+    let (l, b, t) = (s.layout, s.b, s.t);
+    let (row, h, nh, hd) = (l.row, l.hidden(), l.heads, l.head_dim);
+    assert!(
+        packed.iter().all(|&n| n == b * t * row),
+        "packed buffers of {packed:?}"
+    );
+    assert!(
+        probs == b * nh * t * t && out == b * t * h,
+        "probs {probs}, out {out}"
+    );
+    (row, h, hd)
+}
+
+/// For the `bh`-th (batch, head) pair: its offset in `qkv` (the part's columns are added to
+/// it), its query, key and value pointers, and its offset in the `[B, T, H]` output.
+#[inline(always)]
+fn head(qkv: &[f32], s: AttnShape, bh: usize) -> (usize, [*const f32; 3], usize) {
+    let (l, t) = (s.layout, s.t);
+    let (bi, hi) = (bh / l.heads, bh % l.heads);
+    let off = bi * t * l.row + hi * l.head_stride;
+    let base = &qkv[off..];
+    let part = |c: usize| base[c..].as_ptr();
+    let out = bi * t * l.hidden() + hi * l.head_dim;
+    (off, [part(l.q), part(l.k), part(l.v)], out)
+}
+
+/// Rows `r0..r1`, columns `0..r1` of the `[t × t]` matrix at `dst`: `beta · A[r0..r1] B[0..r1]ᵀ`
+/// for `[t × hd]` matrices A and B with row strides `a_rs` and `b_rs`.
+///
+/// # Safety
+/// `a` and `b` address `t` rows of `hd` under their strides, `dst` a `[t × t]` matrix that
+/// aliases neither.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn rows_a_bt(
+    dst: *mut f32,
+    t: usize,
+    (r0, r1): (usize, usize),
+    hd: usize,
+    (a, a_rs): (*const f32, usize),
+    (b, b_rs): (*const f32, usize),
+    beta: f32,
+) {
+    small_gemm(
+        r1 - r0,
+        r1,
+        hd,
+        dst.add(r0 * t),
+        t,
+        a.add(r0 * a_rs),
+        (a_rs, 1),
+        b,
+        (1, b_rs),
+        beta,
+        false,
+    )
+}
+
+/// `dst[r0..r1] = M[r0..r1, 0..r1] X[0..r1]` for the lower-triangular `[t × t]` matrix M and a
+/// `[t × hd]` X (row strides `dst_rs`, `x_rs`); with `transposed`, `dst[r0..r1] =
+/// M[r0..t, r0..r1]ᵀ X[r0..t]` (what lies above M's diagonal is zero, so the rows before `r0`
+/// add nothing).
+///
+/// # Safety
+/// As for [`rows_a_bt`], with `dst` addressing `t` rows of `hd`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn block_m_x(
+    (dst, dst_rs): (*mut f32, usize),
+    t: usize,
+    (r0, r1): (usize, usize),
+    hd: usize,
+    m: *const f32,
+    (x, x_rs): (*const f32, usize),
+    transposed: bool,
+) {
+    let (k, m_block, m_strides, x_block) = if transposed {
+        (t - r0, m.add(r0 * t + r0), (1, t), x.add(r0 * x_rs))
+    } else {
+        (r1, m.add(r0 * t), (t, 1), x)
+    };
+    small_gemm(
+        r1 - r0,
+        hd,
+        k,
+        dst.add(r0 * dst_rs),
+        dst_rs,
+        m_block,
+        m_strides,
+        x_block,
+        (x_rs, 1),
+        1.0,
+        false,
+    )
+}
+
 /// Causal multi-head attention over packed `qkv: [B, T, row]` (heads placed by `l`) →
 /// `out: [B, T, H]` (head `i` in columns `i·hd..(i+1)·hd`), saving the probabilities
 /// `[B, nh, T, T]` (zero above the diagonal).
 #[inline(always)]
-pub(crate) fn attention_fwd(
-    qkv: &[f32],
-    l: QkvLayout,
-    (b, t): (usize, usize),
-    scale: f32,
-    probs: &mut [f32],
-    out: &mut [f32],
-) {
-    let (three_h, h, nh) = (l.row, l.hidden(), l.heads);
-    assert!(qkv.len() == b * t * three_h && probs.len() == b * nh * t * t);
-    assert!(out.len() == b * t * h);
+pub(crate) fn attention_fwd(qkv: &[f32], s: AttnShape, probs: &mut [f32], out: &mut [f32]) {
+    let (t, scale) = (s.t, s.scale);
+    let (row, h, hd) = sizes(s, &[qkv.len()], probs.len(), out.len());
     for (bh, p) in probs.chunks_exact_mut(t * t).enumerate() {
-        let (bi, hi) = (bh / nh, bh % nh);
-        let hd = l.head_dim;
-        let base = &qkv[bi * t * three_h + hi * l.head_stride..];
-        let (q, k, v) = (
-            base[l.q..].as_ptr(),
-            base[l.k..].as_ptr(),
-            base[l.v..].as_ptr(),
-        );
-        let o = out[bi * t * h + hi * hd..].as_mut_ptr();
+        let (_, [q, k, v], o) = head(qkv, s, bh);
+        let o = out[o..].as_mut_ptr();
         for r0 in (0..t).step_by(ATT_BLOCK) {
             let r1 = (r0 + ATT_BLOCK).min(t);
-            // SAFETY: q, k, v address [t × hd] blocks of `qkv` (row stride `row`) and `o` the
-            // [t × hd] block of `out` (row stride H) of batch bi, head hi, all within the
-            // slices (asserted above, and by `QkvLayout::new`); `p` is this head's [t × t]
-            // chunk, rows r0..r1, columns 0..r1.
-            unsafe {
-                small_gemm(
-                    r1 - r0,
-                    r1,
-                    hd,
-                    p.as_mut_ptr().add(r0 * t),
-                    t,
-                    q.add(r0 * three_h),
-                    (three_h, 1),
-                    k,
-                    (1, three_h),
-                    scale,
-                    false,
-                );
-            }
+            // SAFETY: q, k, v address [t × hd] blocks of `qkv` (row stride `row`) of batch bi,
+            // head hi, within the slice (asserted above, and by `QkvLayout::new`); `p` is this
+            // head's [t × t] chunk of `probs`.
+            unsafe { rows_a_bt(p.as_mut_ptr(), t, (r0, r1), hd, (q, row), (k, row), scale) };
             for i in r0..r1 {
                 let row = &mut p[i * t..(i + 1) * t];
                 softmax_dense_row(&mut row[..=i]);
                 row[i + 1..].fill(0.0);
             }
-            // SAFETY: as above.
-            unsafe {
-                small_gemm(
-                    r1 - r0,
-                    hd,
-                    r1,
-                    o.add(r0 * h),
-                    h,
-                    p.as_ptr().add(r0 * t),
-                    (t, 1),
-                    v,
-                    (three_h, 1),
-                    1.0,
-                    false,
-                );
-            }
+            // SAFETY: as above; `o` is the [t × hd] block of `out` (row stride H) of bi, hi.
+            unsafe { block_m_x((o, h), t, (r0, r1), hd, p.as_ptr(), (v, row), false) };
         }
     }
 }
@@ -159,52 +224,25 @@ pub(crate) fn attention_fwd(
 /// Backward of [`attention_fwd`]: `dqkv` (laid out as `qkv`; every query, key and value entry
 /// is written, other columns of a row are left as they are) from `g = ∂L/∂out [B, T, H]`; `ds`
 /// is scratch of at least `T × T`.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(crate) fn attention_bwd(
-    qkv: &[f32],
-    probs: &[f32],
-    g: &[f32],
-    l: QkvLayout,
-    (b, t): (usize, usize),
-    scale: f32,
+    (qkv, probs, g): (&[f32], &[f32], &[f32]),
+    s: AttnShape,
     dqkv: &mut [f32],
     ds: &mut [f32],
 ) {
-    let (three_h, h, nh, hd) = (l.row, l.hidden(), l.heads, l.head_dim);
-    assert!(qkv.len() == b * t * three_h && probs.len() == b * nh * t * t);
-    assert!(dqkv.len() == b * t * three_h && g.len() == b * t * h);
+    let (l, t, scale) = (s.layout, s.t, s.scale);
+    let (row, h, hd) = sizes(s, &[qkv.len(), dqkv.len()], probs.len(), g.len());
     let ds = &mut ds[..t * t];
     for (bh, p) in probs.chunks_exact(t * t).enumerate() {
-        let (bi, hi) = (bh / nh, bh % nh);
-        let off = bi * t * three_h + hi * l.head_stride;
-        let base = &qkv[off..];
-        let (q, k, v) = (
-            base[l.q..].as_ptr(),
-            base[l.k..].as_ptr(),
-            base[l.v..].as_ptr(),
-        );
-        let go = g[bi * t * h + hi * hd..].as_ptr();
+        let (off, [q, k, v], go) = head(qkv, s, bh);
+        let go = g[go..].as_ptr();
         // dP = dO Vᵀ (lower triangle, by row blocks), then dS = scale·P⊙(dP − rowsum(P⊙dP)).
         for r0 in (0..t).step_by(ATT_BLOCK) {
             let r1 = (r0 + ATT_BLOCK).min(t);
-            // SAFETY: rows r0..r1, columns 0..r1 of the [t × t] scratch `ds`; go and v address
-            // blocks of `g` and `qkv` within the slices (asserted above).
-            unsafe {
-                small_gemm(
-                    r1 - r0,
-                    r1,
-                    hd,
-                    ds.as_mut_ptr().add(r0 * t),
-                    t,
-                    go.add(r0 * h),
-                    (h, 1),
-                    v,
-                    (1, three_h),
-                    1.0,
-                    false,
-                );
-            }
+            // SAFETY: `ds` is [t × t]; go and v address [t × hd] blocks of `g` (row stride H)
+            // and `qkv` (row stride `row`) within the slices (asserted above).
+            unsafe { rows_a_bt(ds.as_mut_ptr(), t, (r0, r1), hd, (go, h), (v, row), 1.0) };
             for i in r0..r1 {
                 let (dr, pr) = (&mut ds[i * t..=i * t + i], &p[i * t..=i * t + i]);
                 let dot = sum_pairs(dr, pr, |a, b| a * b);
@@ -214,57 +252,20 @@ pub(crate) fn attention_bwd(
                 ds[i * t + i + 1..(i + 1) * t].fill(0.0);
             }
         }
-        // SAFETY: dq, dk, dv are batch bi / head hi's column blocks of `dqkv` (row stride `row`),
-        // within the slice. P and dS are zero above the diagonal, so each product only spans
-        // the rows and columns that can be non-zero.
+        // SAFETY: dq, dk, dv are batch bi / head hi's [t × hd] blocks of `dqkv` (row stride
+        // `row`), within the slice. P and dS are zero above the diagonal, so each product only
+        // spans the rows and columns that can be non-zero.
         unsafe {
             let d = dqkv[off..].as_mut_ptr();
             let (dq, dk, dv) = (d.add(l.q), d.add(l.k), d.add(l.v));
             for r0 in (0..t).step_by(ATT_BLOCK) {
                 let r1 = (r0 + ATT_BLOCK).min(t);
                 // dQ[r0..r1] = dS[r0..r1, 0..r1] K[0..r1]
-                small_gemm(
-                    r1 - r0,
-                    hd,
-                    r1,
-                    dq.add(r0 * three_h),
-                    three_h,
-                    ds.as_ptr().add(r0 * t),
-                    (t, 1),
-                    k,
-                    (three_h, 1),
-                    1.0,
-                    false,
-                );
+                block_m_x((dq, row), t, (r0, r1), hd, ds.as_ptr(), (k, row), false);
                 // Key block c0..c1 = r0..r1 sees queries c0..t:
                 // dK[c] = dS[c0..t, c]ᵀ Q[c0..t], dV[c] = P[c0..t, c]ᵀ dO[c0..t].
-                let (c0, c1) = (r0, r1);
-                small_gemm(
-                    c1 - c0,
-                    hd,
-                    t - c0,
-                    dk.add(c0 * three_h),
-                    three_h,
-                    ds.as_ptr().add(c0 * t + c0),
-                    (1, t),
-                    q.add(c0 * three_h),
-                    (three_h, 1),
-                    1.0,
-                    false,
-                );
-                small_gemm(
-                    c1 - c0,
-                    hd,
-                    t - c0,
-                    dv.add(c0 * three_h),
-                    three_h,
-                    p.as_ptr().add(c0 * t + c0),
-                    (1, t),
-                    go.add(c0 * h),
-                    (h, 1),
-                    1.0,
-                    false,
-                );
+                block_m_x((dk, row), t, (r0, r1), hd, ds.as_ptr(), (q, row), true);
+                block_m_x((dv, row), t, (r0, r1), hd, p.as_ptr(), (go, h), true);
             }
         }
     }
@@ -313,7 +314,13 @@ mod tests {
         let qkv = values(n, 1);
         let mut probs = vec![0f32; b * l.heads * t * t];
         let mut out = vec![0f32; b * t * l.hidden()];
-        attention_fwd(&qkv, l, (b, t), scale, &mut probs, &mut out);
+        let shape = AttnShape {
+            layout: l,
+            b,
+            t,
+            scale,
+        };
+        attention_fwd(&qkv, shape, &mut probs, &mut out);
         let q64: Vec<f64> = qkv.iter().map(|&x| x as f64).collect();
         let want = naive(&q64, l, (b, t), scale as f64);
         for (a, w) in out.iter().zip(&want) {
@@ -330,7 +337,7 @@ mod tests {
         let r = values(out.len(), 2);
         let mut dqkv = vec![0f32; n];
         let mut ds = vec![0f32; t * t];
-        attention_bwd(&qkv, &probs, &r, l, (b, t), scale, &mut dqkv, &mut ds);
+        attention_bwd((&qkv, &probs, &r), shape, &mut dqkv, &mut ds);
         let loss = |x: &[f64]| -> f64 {
             naive(x, l, (b, t), scale as f64)
                 .iter()

@@ -28,7 +28,7 @@ use rayon::prelude::*;
 
 use super::Gpt2;
 use crate::models::cpu::activation;
-use crate::models::cpu::attention::{attention_bwd, attention_fwd, QkvLayout};
+use crate::models::cpu::attention::{attention_bwd, attention_fwd, AttnShape, QkvLayout};
 use crate::models::cpu::gemm::gemm;
 use crate::models::cpu::norm::{col_sum, layer_norm_bwd_add, rows_plus_bias};
 use crate::models::cpu::storage::view;
@@ -268,7 +268,12 @@ fn part_body(
     } = d;
     let (b, nl) = (lens.len(), w.blocks.len());
     let n = b * t;
-    let qkv_layout = QkvLayout::gpt2(h, nh);
+    let attn = |scale| AttnShape {
+        layout: QkvLayout::gpt2(h, nh),
+        b,
+        t,
+        scale,
+    };
     let full = want == Want::All;
     ws.xs.resize_with(nl + 1, Vec::new);
     ws.layers.resize_with(nl, LayerBufs::default);
@@ -300,7 +305,7 @@ fn part_body(
         gemm(n, 3 * h, h, qkv, a, (h, 1), bw.qkv.0, (3 * h, 1), true);
         let probs = buf(&mut lb.probs, b * nh * t * t);
         let att = buf(&mut lb.att, n * h);
-        attention_fwd(qkv, qkv_layout, (b, t), bw.scale, probs, att);
+        attention_fwd(qkv, attn(bw.scale), probs, att);
         let xm = buf(&mut lb.xm, n * h);
         rows_plus_bias(Some(x), bw.proj.1, xm);
         gemm(n, h, h, xm, att, (h, 1), bw.proj.0, (h, 1), true);
@@ -459,16 +464,7 @@ fn part_body(
         gemm(n, h, h, dt, dx, (h, 1), bw.proj.0, (1, h), false);
         let dqkv = buf(&mut ws.dqkv, n * 3 * h);
         let ds = buf(&mut ws.ds, t * t);
-        attention_bwd(
-            &lb.qkv,
-            &lb.probs,
-            dt,
-            qkv_layout,
-            (b, t),
-            bw.scale,
-            dqkv,
-            ds,
-        );
+        attention_bwd((&lb.qkv, &lb.probs, dt), attn(bw.scale), dqkv, ds);
         if full {
             let (gw, gb) = pair(grads, pidx(li, P_ATTN));
             gemm(
