@@ -1,9 +1,16 @@
-//! The library's error type.
+//! The library's error type: what model loading, tokenization, inference, audits and unlearning
+//! return. The takedown store has its own (`takedown::Error`), which wraps this one as `Model`.
 //!
-//! Every fallible operation in the library returns [`Result`]. Variants are chosen so a caller can
-//! tell *whose* problem it is: the operator's (a missing file, a malformed config), the client's
-//! (bad input), or ours (a tensor-shape bug surfaces as [`Error::Candle`]). Messages always name
-//! the file, tensor, field or value at fault; nothing in the library panics on input.
+//! Invariants:
+//! - The variant tells whose problem it is: the operator's (`Io`, `Write`, `MissingFile`,
+//!   `Config`, `UnsupportedArchitecture`, `Weights`, `Hub`), the client's ([`Error::InvalidInput`],
+//!   naming the field), a cooperative stop ([`Error::Cancelled`]), or lethe's own
+//!   ([`Error::Candle`] on validated input).
+//! - Every variant about a file or field names it in its message: the path, the file, the
+//!   `model_type` or the field at fault.
+//! - [`Error::is_disk_full`] is true exactly for an `Io` or `Write` error whose cause is a full
+//!   disk or quota (`ENOSPC`, `EDQUOT`), so that case is reported as the operator's.
+//! - This module depends on no other lethe module (layer 0 in `docs/architecture.md`).
 
 use std::path::PathBuf;
 

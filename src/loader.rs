@@ -1,11 +1,22 @@
-//! Resolving `--model` and loading a model directory.
+//! Resolving `--model` to a directory and loading what is in it: config, weights and
+//! tokenizer.
 //!
-//! `--model` is a local directory (`config.json`, `model.safetensors` or a sharded
-//! `model.safetensors.index.json`, `tokenizer.json`) or a hub id `org/name[@revision]`. Hub ids are
-//! looked up in the Hugging Face cache first (`HF_HUB_CACHE`, else `$HF_HOME/hub`, else
-//! `~/.cache/huggingface/hub`), which works offline; only on a cache miss, and never when
-//! `HF_HUB_OFFLINE` is set, does lethe download through hf-hub. The architecture is chosen from
-//! `config.json`'s `model_type`.
+//! Invariants:
+//! - `--model` is a local directory (`config.json`, `model.safetensors` or a sharded
+//!   `model.safetensors.index.json`, `tokenizer.json`) or a hub id `org/name[@revision]`;
+//!   anything else, including hub ids with path-like parts (`..`, a leading dot, a third
+//!   segment), is an error saying so. Without `--model` the bundled TinyMem model loads
+//!   ([`bundled_model_dir`]).
+//! - Hub ids are looked up in the Hugging Face cache first (`HF_HUB_CACHE`, else `$HF_HOME/hub`,
+//!   else `~/.cache/huggingface/hub`), which works offline; only on a cache miss, and never when
+//!   `HF_HUB_OFFLINE` is set, does lethe download through hf-hub.
+//! - The architecture is chosen from `config.json`'s `model_type`; floating tensors are
+//!   converted to the compute dtype ([`ModelArgs::load`]: f32) on the chosen device.
+//! - A bad directory is an error naming the missing file, the malformed file or the tensor
+//!   (`tests/loading_errors.rs`); so is a tokenizer with more tokens than the model's
+//!   `vocab_size`.
+//! - [`content_hash`] depends only on the names and bytes of `config.json` and the
+//!   `*.safetensors` files, so the same weights always get the same version id.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

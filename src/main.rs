@@ -1,5 +1,10 @@
-//! The `lethe` binary: parse the command line, start logging, run. It installs mimalloc as
-//! the global allocator (the library leaves that choice to its host).
+//! The `lethe` binary: parse the command line, start logging, run.
+//!
+//! Invariants:
+//! - Logs go to stderr (filtered by `RUST_LOG`, `info` by default); stdout is left to the
+//!   commands' output.
+//! - A failed command prints `error: ` and its cause chain to stderr and exits non-zero.
+//! - mimalloc is the global allocator (the library leaves that choice to its host).
 
 use clap::Parser;
 

@@ -1,21 +1,21 @@
 //! Every Prometheus metric lethe exports, in one registry (served at `GET /metrics`).
-//! `docs/metrics.md` lists each one.
-//!
-//! Names follow Prometheus conventions: `lethe_` prefix, base units in the name, `_total` on
-//! counters, `_info` for metadata gauges. Labels are bounded: route templates, methods, status
-//! codes, outcomes; never prompts, ids or sequences.
+//! `docs/metrics.md` lists each one; the HTTP labels (`route`, `method`) are computed in
+//! `server::metrics`.
 //!
 //! Invariants:
+//! - Names follow Prometheus conventions: `lethe_` prefix, base units in the name, `_total` on
+//!   counters, `_info` for metadata gauges.
+//! - Label values come from bounded sets (route templates, methods, status codes, states,
+//!   results, components, set names) plus the live version's content hash and architecture;
+//!   never prompts, sequences, or request or takedown ids.
 //! - Each metric is registered exactly once, when [`Metrics::new`] builds the registry; clones
 //!   share it, so the engine, the takedown worker, the auditor and the HTTP layer all write the
 //!   same series.
-//! - Every labelled metric whose label values are a fixed set (audit results, panic components)
-//!   has all its series from the start, at 0, so rates and alerts see them before the first
-//!   event.
-//! - [`Metrics::set_model`] leaves exactly one `lethe_model_info` and one
-//!   `lethe_model_version_info` series at 1: the live version's.
-//!
-//! The HTTP labels (`route`, `method`) are computed in `server::metrics`.
+//! - `lethe_audit_sequences_total{result}` and `lethe_panics_total{component}` have all their
+//!   series from the start, at 0, so rates and alerts see them before the first event.
+//! - After [`Metrics::set_model`] returns, exactly one `lethe_model_info` and one
+//!   `lethe_model_version_info` series are at 1: the version it was given. It resets then sets,
+//!   so a scrape during the call may see neither.
 
 pub use prometheus::proto::MetricType;
 use prometheus::{

@@ -1,15 +1,22 @@
-//! Optimisers with the exact PyTorch semantics the paper's code relies on, and state that can be
-//! saved and restored (training resumes bit-for-bit from a checkpoint).
+//! Optimisers with the exact PyTorch semantics the paper's code relies on, and AdamW state that
+//! can be saved and restored.
 //!
-//! - [`AdamW`]: `torch.optim.AdamW` (decoupled weight decay `θ ← θ − lr·wd·θ`, bias-corrected
-//!   moments, `eps` added to `√v̂`).
-//! - [`Sgd`]: `torch.optim.SGD` with momentum and *coupled* weight decay (`g ← g + wd·θ`; the
-//!   momentum buffer is `g` on the first step, then `μ·buf + g`; no dampening, no Nesterov),
-//!   as BalancedSubnet uses it. candle-nn's SGD has no momentum.
-//!
-//! Both update only the variables they were given, in place, and skip variables that received
-//! no gradient in a step (as PyTorch does for parameters whose `.grad` is `None`). State is kept
-//! detached from the autograd graph (regression test: `state_does_not_retain_the_graph`).
+//! Invariants:
+//! - [`AdamW`] is `torch.optim.AdamW` (decoupled weight decay `θ ← θ − lr·wd·θ`, bias-corrected
+//!   moments, `eps` added to `√v̂`); [`Sgd`] is `torch.optim.SGD` with momentum and *coupled*
+//!   weight decay (`g ← g + wd·θ`; the momentum buffer is `g` on the first step, then
+//!   `μ·buf + g`; no dampening, no Nesterov), as BalancedSubnet uses it (candle-nn's SGD has no
+//!   momentum). Both are pinned to steps worked by hand from PyTorch's formulas (tests below).
+//! - Both update only the variables they were given, in place, and skip variables that received
+//!   no gradient in a step (as PyTorch does for parameters whose `.grad` is `None`).
+//! - The slice steps (`step_slices`) update f32 CPU variables in one pass each, in parallel over
+//!   variables, bit for bit as the tensor steps do (pinned); other devices and dtypes go through
+//!   the tensor expressions. A gradient of the wrong length is an error.
+//! - State is kept detached from the autograd graph (regression test:
+//!   `state_does_not_retain_the_graph`).
+//! - [`AdamW::save`] and [`AdamW::load`] round-trip the moments and the step count, so a resumed
+//!   run takes the same next step as an uninterrupted one (`adamw_state_round_trips`); missing
+//!   or mis-shaped state is an error naming the file.
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -1,10 +1,20 @@
 //! Process-wide runtime settings: compute threads, devices, logging.
 //!
-//! Invariant: before any model runs, `RAYON_NUM_THREADS` is set (to the CPUs this process may
-//! use, unless the user set it): [`configure_threads`] (the CLI) and [`ensure_threads`] (every
-//! model load) set it before any thread pool exists. candle asks for its thread count on every
-//! matmul, and without the variable it re-reads `/proc/cpuinfo` each time (the cost is in
-//! `docs/benchmarks.md`).
+//! Invariants:
+//! - Thread settings apply once per process: the first call of [`configure_threads`] (the CLI,
+//!   with `--threads`) or [`ensure_threads`] (every model build) wins; later calls only report
+//!   the count in force.
+//! - After that first call `RAYON_NUM_THREADS` is set: to `--threads` when given, else to its
+//!   existing positive value, else to the CPUs this process may use; `--threads 0` leaves the
+//!   variable and the libraries' defaults alone. Rayon's global pool is built with the same
+//!   count unless one already exists.
+//! - [`parse_device`] accepts `cpu`, `cuda`, `gpu` and `cuda:N`; anything else, or CUDA in a
+//!   build without it, is `InvalidInput` naming `device`.
+//! - Logs go to stderr only, so stdout stays machine-readable; [`init_tracing`] may be called
+//!   more than once.
+//!
+//! Why the variable matters is in `docs/benchmarks.md` ("Why the thread setting matters (the
+//! `RAYON_NUM_THREADS` mystery)").
 
 use candle_core::Device;
 

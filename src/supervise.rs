@@ -1,15 +1,16 @@
 //! Supervision of long-lived threads: one unit of work (an engine step, a scoring job, an
-//! unlearning job) runs under [`catch`], so a panic fails that unit with an error and the thread
-//! that ran it lives on.
+//! unlearning job, an audit pass) runs under [`catch`], so a panic fails that unit with an error
+//! and the thread that ran it lives on.
 //!
 //! Invariants:
-//! - A caught panic is always reported: [`catch`] logs it with its component and hands back its
-//!   message, and callers count it (`lethe_panics_total{component}`) and fail exactly the work
-//!   the unit owned (its requests get an error, its takedowns `failed`).
+//! - [`catch`] turns an unwinding panic into `Err(message)`, logged with its component. Its
+//!   callers count it (`lethe_panics_total{component}`) and fail only the work the unit owned:
+//!   its requests get an error; a job's takedown becomes `failed`, or, when the job held
+//!   several, each goes back to the queue to run alone.
 //! - State a panicking unit may have left half-updated is discarded by the caller (a decode
 //!   batch is rebuilt, a job's weights are a copy), never reused.
-//! - [`FaultHook`]s exist for tests only: no flag or request can set one, so production code
-//!   paths call an absent hook.
+//! - [`FaultHook`]s are for tests only: no flag or request sets one, so in production
+//!   [`Faults::at`] calls nothing.
 
 use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};

@@ -1,4 +1,11 @@
-//! Helpers for the library's unit tests: deterministic random tensors and tensor comparisons.
+//! Helpers for the library's unit tests: deterministic random tensors and token rows, small
+//! ReLU GPT-2 configs, tensor comparisons, and the check that pins a hand-written decode step to
+//! the candle path.
+//!
+//! Invariants:
+//! - Compiled only for tests (`#[cfg(test)]` in `lib.rs`): no library code can depend on it.
+//! - Every helper is deterministic in its arguments and touches no global RNG state.
+//! - Helpers panic on failure: they are assertions, unlike library code.
 
 use candle_core::{Device, Tensor};
 

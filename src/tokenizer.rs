@@ -1,10 +1,15 @@
 //! Tokenization through the `tokenizers` crate, for every model (TinyMem's 14-symbol math
 //! vocabulary ships as a `tokenizer.json` too, so there is one code path).
 //!
-//! Text is encoded exactly as given: no special tokens are added, so `score` and audits see the
-//! same ids the model was trained on. A character the tokenizer cannot represent (one its
-//! normalizer deletes, as TinyMem's does for every character outside its 14 symbols) is an error
-//! naming the character and its position, never silently dropped.
+//! Invariants:
+//! - Text is encoded exactly as given: no special tokens are added, so `score` and audits see
+//!   the same ids the model was trained on. Decoding keeps special tokens as text.
+//! - A character the normalizer deletes (as TinyMem's does for every character outside its 14
+//!   symbols) is an error naming the field, the character and its position in characters, never
+//!   silently dropped; characters a normalizer rewrites (lower-casing) or merges into a
+//!   neighbour (NFC) pass (tested below).
+//! - Failures inside the `tokenizers` crate come back as [`Error::Tokenizer`]; nothing is kept
+//!   between calls.
 
 use std::path::Path;
 

@@ -1,4 +1,15 @@
-//! Small filesystem helpers with crash-safety guarantees.
+//! Small helpers every layer may use: an atomic file write, hex encoding, and the seeded token
+//! rows the benchmarks and tests share.
+//!
+//! Invariants:
+//! - [`write_atomic`] writes a temporary file beside `path`, fsyncs it and renames it over
+//!   `path`: readers and a crash at any moment see the old file or the new one, never a torn
+//!   one. The directory fsync after the rename is best effort, and a failed call may leave its
+//!   `.<name>.tmp-<pid>` file behind. The temporary name is per process, so two threads must
+//!   not write the same `path` at once.
+//! - [`hex`] is lower-case, two characters per byte.
+//! - [`token_rows`] is a pure function of its arguments; `bench/infer_torch.py` rebuilds the
+//!   same rows, and a test pins the values it printed.
 
 use std::io::Write;
 use std::path::Path;

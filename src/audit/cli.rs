@@ -4,8 +4,14 @@
 //! and `n`-token target by the definition), `{"ids": […], "clean_ids": […]}` (a TinyMem noise
 //! row: prompt from the clean row, target from the noised one), or
 //! `{"prompt_ids": […], "target_ids": […]}` (optionally with `"ids"`, the whole sequence that
-//! unlearning trains on). A TinyMem data header line (`{"format": …}`) is
-//! skipped. Output: one JSON result per input row, then one summary line.
+//! unlearning trains on). A TinyMem data header line (`{"format": …}`) and blank lines are
+//! skipped.
+//!
+//! Invariants:
+//! - Every line is parsed before any decoding; a bad line is refused with an error naming the
+//!   file and line (1-based).
+//! - Output goes to stdout: one JSON result per input row (with its `index`), then one summary
+//!   line naming the definition.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;

@@ -1,12 +1,20 @@
 //! Extractable-memorization audits: does the model regurgitate a sequence verbatim?
 //!
 //! A sequence is **(k, n)-extractable** when greedy decoding from its first `k` tokens, with EOS
-//! banned, reproduces its next `n` tokens exactly. Definitions name common (k, n) choices. For
-//! TinyMem noise rows the prompt is the *clean* prefix and the target the *noised* continuation
-//! (spec §3.1); any caller can supply its own prompt/target pairs ([`AuditItem`]).
+//! banned, reproduces its next `n` tokens exactly. [`Definition`] names common (k, n) choices;
+//! any caller can supply its own prompt/target pairs ([`AuditItem`]).
 //!
-//! Every item is judged on its own, so results do not depend on batching: items are decoded in
-//! left-padded batches through [`crate::engine::generate`], which keeps rows independent.
+//! Invariants:
+//! - An item counts as memorized only when all `n` generated tokens equal its target; the
+//!   model's EOS is banned and generation never stops early (spec §3.1, where for TinyMem noise
+//!   rows the prompt is the *clean* prefix and the target the *noised* continuation).
+//! - Every item is judged on its own, so results do not depend on batching: items are decoded
+//!   in left-padded batches through [`crate::engine::generate`], which keeps rows independent.
+//! - The model is only read.
+//! - Bad input is an error, never a panic: an empty prompt or target is refused before any
+//!   decoding (naming `items[i]`), a definition that is unknown or has `k` or `n` outside
+//!   `1..=MAX_DEFINITION_TOKENS` is refused naming `definition`, and a sequence shorter than
+//!   `k + n` with an error stating the length it needs.
 
 use std::str::FromStr;
 use std::time::Instant;

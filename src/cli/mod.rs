@@ -1,7 +1,14 @@
 //! The `lethe` command line: argument definitions and the commands they run.
 //!
-//! Every flag is documented and settable through a `LETHE_…` environment variable. Commands
-//! print machine-readable JSON on stdout where asked (`--json`) and log to stderr.
+//! Invariants:
+//! - `--threads`, the model-loading flags (`--model`, `--device`), `lethe generate
+//!   --max-tokens` and every `lethe serve` flag can also be set through a `LETHE_…` environment
+//!   variable (`docs/operations.md` lists the server's); the other flags are command-line only.
+//! - Commands print their results on stdout (JSON where asked, `--json`) and log to stderr; a
+//!   failing command returns its error, which the binary prints to stderr before exiting
+//!   non-zero.
+//! - `lethe score` checks every line (UTF-8, at least 2 tokens, within the context length)
+//!   before scoring any, naming the file and line of a bad one.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;

@@ -1,19 +1,25 @@
 //! The engine thread: all model compute for HTTP requests runs here, never on an actix worker.
-//!
-//! Handlers submit [`Job`]s through a bounded queue; when it is full they answer 429 at once.
-//! Generation is **continuously batched**: between decode steps the engine admits waiting
-//! sequences into the running batch (up to `max_batch` sequences) and sequences leave as soon as
-//! they finish, so throughput grows with concurrency. Rows of different model versions run in
-//! separate batches, so a request always finishes on the version it started on. A row whose
-//! client went away (its event receiver dropped) is cancelled at the next step.
+//! Generation is continuously batched: between decode steps the engine admits waiting rows into
+//! the running batch of their version (up to `max_batch` rows in all), and rows leave as soon as
+//! they finish. What it gains is in `docs/benchmarks.md` ("Serving under load (issue #5)").
 //!
 //! Invariants:
+//! - [`EngineHandle::submit`] never waits for room: with `queue_capacity` jobs waiting it refuses
+//!   at once ([`SubmitError::Full`], answered 429), and a shut-down or stopped engine likewise
+//!   (503).
+//! - Rows of different model versions run in separate batches, so every row runs to its end on
+//!   the version its job named.
+//! - A row's events come in generation order, and nothing follows its `Done` or `Failed`; a
+//!   scoring job gets one reply.
+//! - A row whose receiver was dropped (its client left) is dropped before admission, or cancelled
+//!   at the next token the engine tries to send it.
 //! - Every unit of work (admitting rows, one decode step, a scoring job) runs under
-//!   [`supervise::catch`]: a panic fails the rows or the job that unit held (their requests get
-//!   an error), rebuilds the batch it may have corrupted, is counted in
+//!   [`supervise::catch`]: a panic fails the scoring job, or every row of the batch it hit (the
+//!   batch is rebuilt empty; rows still waiting are kept), is counted in
 //!   `lethe_panics_total{component="engine"}`, and the engine goes on with the next unit.
 //! - [`EngineHandle::is_alive`] is false once the thread has ended for any reason, so `/livez`
-//!   can ask the orchestrator for a restart.
+//!   can ask the orchestrator for a restart. Shutdown refuses new jobs and lets the engine
+//!   finish every job already queued before the thread ends.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,15 +1,24 @@
-//! Batched autoregressive generation with a shared, left-padded KV cache, and continuous batching.
+//! Batched autoregressive generation with a shared, left-padded KV cache, and continuous
+//! batching ([`DecodeBatch`]), which [`generate`] and the engine thread both run.
 //!
-//! Prompts of different lengths are left-padded into one batch; each row gets its own position
-//! ids (starting at 0 at its first real token) and an attention mask that hides its padding, so
-//! a row's tokens are the same whether it runs alone or in a batch. Each row samples with its
-//! own seeded RNG.
-//!
-//! [`DecodeBatch`] is the continuous form: rows join between decode steps ([`DecodeBatch::admit`]
-//! prefills them as their own left-padded batch, then stacks their cache under the running one,
-//! left-padding the shorter) and leave as soon as they finish or are cancelled; padding columns
-//! that no row needs any more are trimmed from the cache. [`generate`] is one admission followed
-//! by steps until the batch is empty, so the server and the CLI share one decode path.
+//! Invariants:
+//! - Prompts of different lengths are left-padded into one batch; each row gets its own position
+//!   ids (0 at its first real token) and a mask that hides its padding, so a row computes what it
+//!   would alone, to float rounding: `tests/model_invariants.rs` checks the same tokens and
+//!   log-probabilities within 1e-4 for padded batches and for rows joining and leaving a running
+//!   batch.
+//! - Rows join between decode steps ([`DecodeBatch::admit`] prefills them as their own
+//!   left-padded batch, then stacks their cache under the running one, left-padding the shorter)
+//!   and leave as soon as they finish or are cancelled; padding columns that no row needs any
+//!   more are trimmed from the cache, and an empty batch frees it.
+//! - Requests are validated before any compute (empty prompt, id outside the vocabulary, prompt
+//!   plus new tokens over the context length, bad sampling parameters, every id banned, stop
+//!   strings without a tokenizer): an error naming the field, and nothing is admitted.
+//! - Each row samples with its own [`Sampler`]: greedy rows are deterministic, seeded rows draw
+//!   the same tokens alone or batched.
+//! - Every emitted token is one [`Event::Token`], in order, and every row that finishes ends with
+//!   one [`Event::Done`]; an ending EOS, a stop string's last token and a token the output
+//!   filter refuses are not emitted. Cancelled rows ([`DecodeBatch::cancel`]) get no events.
 
 use candle_core::{DType, Device, Tensor};
 

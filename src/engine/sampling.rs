@@ -1,6 +1,18 @@
 //! Choosing the next token from logits: greedy or sampled (temperature, top-k, top-p), with
-//! banned ids. Each sequence owns its own seeded RNG, so the same seed gives the same output no
-//! matter how requests are batched together.
+//! banned ids.
+//!
+//! Invariants:
+//! - Temperature 0 is greedy: [`argmax`], the lowest id on ties (as `torch.argmax`), NaNs
+//!   skipped; no RNG is drawn.
+//! - Banned ids become −∞ before either rule, so they are never picked while any other logit is
+//!   finite.
+//! - Sampling divides the finite logits by the temperature, keeps the `top_k` most likely (0:
+//!   all), then the shortest most-likely prefix whose mass reaches `top_p` (1: all), and draws
+//!   from what is left; candidates are ordered by logit, then by id.
+//! - Each sequence owns its [`Sampler`] and RNG, seeded from `seed` (from the OS when `None`):
+//!   the same seed and logits give the same tokens, however requests are batched together.
+//! - [`SamplingParams::validate`] rejects a negative or non-finite temperature and a `top_p`
+//!   outside (0, 1], naming the field.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

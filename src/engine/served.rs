@@ -4,9 +4,10 @@
 //! - A request loads the live [`Served`] once ([`Live::served`]) and runs to its end on that
 //!   version, whatever swaps happen meanwhile: the pointer is replaced whole, never mutated, and
 //!   the old version lives as long as a request holds it.
-//! - A version is replaced only by compare-and-swap from the version the publisher started from
-//!   ([`Live::replace`]): of two publishers racing from the same version, one wins and the other
-//!   changes nothing.
+//! - [`Live::replace`] is a compare-and-swap from the version the publisher started from: of two
+//!   publishers racing from the same version, one wins and the other changes nothing.
+//!   [`Live::set`] publishes unconditionally, for a publisher that has already moved the store's
+//!   pointer (the store is the authority; memory follows it).
 //! - A [`Served`]'s version id is the content hash of its directory's config and weights
 //!   ([`crate::loader::content_hash`]), so the same weights always carry the same id in
 //!   responses, metrics and the store.

@@ -1,11 +1,20 @@
-//! The key/value cache, owned by the caller rather than the model.
+//! The key/value cache of a batch of sequences, owned by the caller rather than the model, so
+//! that one immutable, shared model (`Arc<Model>`) serves many generations at once and can be
+//! swapped as a whole.
 //!
-//! Keeping the cache outside the model lets one immutable, shared model (`Arc<Model>`) serve many
-//! generations at once and be swapped atomically. Storage per layer is a preallocated
-//! `[batch, heads, capacity, head_dim]` buffer written in place; capacity doubles when full, so
-//! appending a token costs O(new tokens), not O(sequence). Invariant: every layer holds exactly
-//! [`KvCache::len`] positions. The cache is an inference structure: it is never used under
-//! autograd (training and unlearning run full sequences without one).
+//! Invariants:
+//! - Every layer holds exactly [`KvCache::len`] positions; the last layer to append advances it,
+//!   so one forward call extends every layer by the same positions.
+//! - Storage per layer is a preallocated `[batch, heads, capacity, head_dim]` buffer written in
+//!   place; capacity at least doubles when full, so appending costs amortised O(new positions),
+//!   not O(sequence). [`KvCache::append`] returns views of it, narrowed to the filled positions.
+//! - Row operations keep every layer consistent: [`KvCache::select_rows`] keeps (and orders)
+//!   rows, [`KvCache::trim_front`] drops leading positions of every row, [`KvCache::merge`]
+//!   stacks another cache's rows after these, left-padding the shorter with zeros (the caller
+//!   masks them). Merging caches of different layer counts or trimming more than `len` is an
+//!   error.
+//! - It is an inference structure: never used under autograd (training and unlearning run full
+//!   sequences without one).
 
 use candle_core::{Result, Tensor};
 

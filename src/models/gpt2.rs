@@ -1,9 +1,24 @@
-//! GPT-2 as TinyMem uses it (Hugging Face `GPT2LMHeadModel`).
+//! GPT-2 as TinyMem uses it (Hugging Face `GPT2LMHeadModel`): its config, its parameters and
+//! its forward pass.
 //!
-//! Learned positional embeddings, pre-LayerNorm blocks, a final LayerNorm, and a tied or untied
-//! LM head. Linear layers are `Conv1D`s whose weights are stored `[in, out]`; tensor names are
-//! transformers' (`transformer.h.{i}.mlp.c_fc.weight`, ...). Checkpoints without the
-//! `transformer.` prefix (the original OpenAI conversion) load too; lethe always writes it.
+//! Invariants:
+//! - The architecture is transformers': learned positional embeddings, pre-LayerNorm blocks
+//!   (optionally scaled by `1/(layer + 1)` in attention), a final LayerNorm, and a tied or untied
+//!   LM head. Linear layers are `Conv1D`s whose weights are stored `[in, out]` under
+//!   transformers' names (`transformer.h.{i}.mlp.c_fc.weight`, ...). Checkpoints without the
+//!   `transformer.` prefix (the original OpenAI conversion) load too; lethe always writes it.
+//! - [`Config::from_json`] rejects what the forward pass cannot run (an unknown activation, no
+//!   `n_positions`, a zero size, `n_embd` not divisible by `n_head`, a non-positive epsilon)
+//!   with an error naming the file; `reorder_and_upcast_attn` is accepted and ignored.
+//! - Every parameter is taken through [`Params`] with the shape the config implies: a missing
+//!   tensor or another shape is an error naming it (`tests/loading_errors.rs`).
+//! - `forward_hidden` takes the row-group decode step (`decode`) for one new token per row with
+//!   a cache, no MLP override, f32 weights on the CPU and small blocks; without a cache,
+//!   attention is one fused kernel over the packed `qkv` (`ops::self_attention`); otherwise the
+//!   ops of [`ops`]. All compute the same function to float rounding (`decode`'s tests;
+//!   `tests/parity.rs` against transformers).
+//! - The training and unlearning passes without candle's autograd live in `grad` (f32 CPU
+//!   weights, ReLU MLPs).
 
 use candle_core::{DType, Device, Result as CResult, Tensor};
 use candle_nn::Init;

@@ -1,10 +1,25 @@
-//! GPT-NeoX as Pythia uses it (Hugging Face `GPTNeoXForCausalLM`).
+//! GPT-NeoX as Pythia uses it (Hugging Face `GPTNeoXForCausalLM`): its config, its parameters
+//! and its forward pass.
 //!
-//! Rotary embeddings on the first `rotary_pct` of each head's dimensions (the "rotate_half"
-//! convention, base `rotary_emb_base`), parallel (`x + attn(ln1 x) + mlp(ln2 x)`) or sequential
-//! residuals, a fused `query_key_value` projection laid out per head as `[q | k | v]`, and a
-//! separate `embed_out` head. Linear weights are stored `[out, in]`. fp16/bf16 checkpoints are
-//! upcast by the loader; compute dtype is whatever the weights were converted to.
+//! Invariants:
+//! - The architecture is transformers': rotary embeddings on the first `rotary_pct` of each
+//!   head's dimensions (the "rotate_half" convention, base `rotary_emb_base`, tables computed in
+//!   f32), parallel (`x + attn(ln1 x) + mlp(ln2 x)`) or sequential residuals, a fused
+//!   `query_key_value` projection laid out per head as `[q | k | v]`, and a separate `embed_out`
+//!   head (unless tied). Linear weights are stored `[out, in]` under transformers' names.
+//! - [`Config::from_json`] reads the old and new key spellings (`rotary_pct`,
+//!   `partial_rotary_factor`, `rope_parameters`; `rotary_emb_base`, `rope_theta`) and rejects what
+//!   the forward pass cannot run (rope scaling, a `rope_type` other than `default`, an unknown
+//!   activation, a zero size, heads that do not divide the width, an odd number of rotary
+//!   dimensions, a non-positive base or epsilon) with an error naming the file.
+//! - Every parameter is taken through [`Params`] with the shape the config implies: a missing
+//!   tensor or another shape is an error naming it (`tests/loading_errors.rs`).
+//! - The compute dtype is whatever the loader converted the weights to (fp16/bf16 checkpoints
+//!   are upcast by it); `rotary_pct` 0 runs with no rotation.
+//! - `forward_hidden` takes the hand-written decode step (`decode`) for one new token per row
+//!   with a cache, no MLP override, f32 weights on an AVX-512F CPU and at most 64 rows, and the
+//!   ops of [`ops`] otherwise; both compute the same function to float rounding (`decode`'s
+//!   tests; `tests/parity.rs` against transformers, an fp16 checkpoint included).
 
 use candle_core::{DType, Device, Result as CResult, Tensor};
 use candle_nn::Init;

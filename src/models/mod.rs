@@ -1,14 +1,25 @@
-//! The model runtime: the two architectures lethe serves, behind one [`Model`] type.
+//! The model runtime: the two architectures lethe serves (GPT-2 and GPT-NeoX) behind one
+//! [`Model`] type, with their configs, the caller's KV cache and checkpoint I/O.
 //!
 //! Invariants every architecture keeps:
 //! - `forward(&self, ..)` never mutates the model; the KV cache is the caller's ([`KvCache`]), so
 //!   one `Arc<Model>` serves many requests and is swapped atomically as a whole.
 //! - Parameters use Hugging Face's names and layouts (GPT-2 `Conv1D` as `[in, out]`, GPT-NeoX
 //!   `Linear` as `[out, in]`), so a checkpoint written by transformers loads unchanged and one
-//!   written by lethe loads in transformers.
+//!   written by lethe loads in transformers. Logits, greedy continuations and scores match
+//!   transformers on the fixtures (`tests/parity.rs`, |Δlogit| ≤ 1e-4).
+//! - One function, whichever path runs it: a one-token step with a cache and no MLP override
+//!   may take a hand-written decode step (`gpt2::decode`, `gpt_neox::decode`; f32 on the CPU),
+//!   everything else the ops of [`ops`]; their tests pin them to each other to float rounding,
+//!   and a cached decode equals full recomputation (`tests/model_invariants.rs`).
+//! - Inputs a decode step cannot take (not one token per row, ids or positions out of range, a
+//!   mask of another shape) fall through to the candle path, so a bad input gets the same error
+//!   whichever path would have run.
 //! - The two MLP weight matrices of every block can be replaced at call time by tensors the caller
 //!   supplies ([`MlpWeights`]); BalancedSubnet trains a mask over exactly these through the same
-//!   forward that serves inference.
+//!   forward that serves inference. An override with the wrong number of layers is an error.
+//! - Building a model fixes the process's thread count once, unless it is set already
+//!   (`runtime::ensure_threads`: `RAYON_NUM_THREADS` and the global rayon pool).
 
 pub mod cache;
 pub(crate) mod cpu;

@@ -1,16 +1,23 @@
-//! Numeric building blocks shared by the architectures, each in two forms.
+//! The numeric building blocks both architectures compose (LayerNorm, softmax, rotary
+//! embedding, activations, attention, dense layers, the LM loss), each choosing its
+//! implementation from its inputs so that no caller has to.
 //!
-//! candle's fused CPU kernels (`candle_nn::ops::layer_norm`, `softmax_last_dim`,
-//! `rotary_emb::rope`) are fast but have **no backward**: used on a tensor that needs a gradient,
-//! they silently cut the graph. Every function here therefore looks at its inputs: when any of
-//! them is tracked by autograd (`Tensor::track_op`), it composes differentiable primitives;
-//! otherwise it calls the fused kernel. Inference gets the fast path, training and unlearning get
-//! correct gradients, and no caller has to choose. Both paths compute the same function; tests
-//! pin them to each other.
-//!
-//! On the tracked path, f32 tensors on the CPU go through [`super::fused`]: one candle node per
-//! op with a hand-written backward (tested against the composed form kept here as the reference
-//! for other devices and dtypes).
+//! Invariants:
+//! - Inputs tracked by autograd (`Tensor::track_op`) always get a differentiable path: for f32
+//!   tensors on the CPU the [`fused`] kernels (one node each, with a hand-written backward),
+//!   elsewhere a composition of candle primitives. candle's own fused kernels
+//!   (`candle_nn::ops::layer_norm`, `softmax_last_dim`, `rotary_emb::rope`) have no backward and
+//!   run only on untracked inputs.
+//! - Untracked f32 CPU inputs take lethe's CPU kernels where they apply: attention reading the
+//!   KV cache in place (`cpu::attend`), the skinny products for a few rows on AVX-512F CPUs
+//!   (`cpu::skinny`, as [`dense`] decides), the vectorised exact GELU (`cpu::vmath`), and
+//!   [`self_attention`]'s fused kernel (tracked or not). Other devices and dtypes take the
+//!   composed path.
+//! - Every path computes the same function to float rounding: the tests below pin the fast and
+//!   differentiable paths to each other, and each kernel's own tests pin it to the composed form.
+//!   One known difference: a query row whose keys are all masked gives zeros through the fused
+//!   `self_attention` and NaN through the composed one (no caller builds such a row).
+//! - No state between calls; the kernels use the rayon pool of the calling thread.
 
 use candle_core::{DType, Result, Tensor, D};
 

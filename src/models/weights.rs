@@ -1,9 +1,20 @@
 //! Where a model's parameters come from, and how they are written back.
 //!
-//! [`Weights`] is either a checkpoint (tensors read from safetensors files, upcast to the compute
-//! dtype) or a fresh initialisation into a [`VarMap`] for training. Architectures ask for each
-//! tensor through [`Params`], which checks its shape, names the file and tensor in every error,
-//! and records what it handed out so the model can write itself back under the same names.
+//! Invariants:
+//! - [`Weights`] is either a checkpoint (tensors read from safetensors files, floating ones
+//!   converted to the compute dtype, integer ones kept) or a fresh initialisation into a
+//!   [`VarMap`] for training.
+//! - Architectures ask for each tensor through [`Params`], which hands out exactly the shape the
+//!   config implies: a missing tensor or another shape is an error naming the file and the
+//!   tensor (`tests/loading_errors.rs`). `Params` records what it handed out, so the model can
+//!   write itself back under the same names.
+//! - A fresh initialisation draws from an RNG seeded by the caller ([`Weights::init`]: seed 0)
+//!   in request order, so the same seed and config give the same initial weights.
+//! - A sharded checkpoint reads every shard its index lists; a shard that is missing or whose
+//!   name leaves the directory is an error.
+//! - [`write_safetensors`] replaces its file atomically (temporary file, fsync, rename), so a
+//!   crash never leaves a torn file; what it writes in f32 reads back identically
+//!   (`tests/model_invariants.rs`).
 
 use std::collections::HashMap;
 use std::path::Path;

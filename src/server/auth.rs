@@ -1,8 +1,18 @@
-//! API keys: an optional inference key and a separate admin key, compared in constant time.
+//! API keys: an optional inference key and a separate admin key, both sent as
+//! `Authorization: Bearer <key>`.
 //!
-//! Secure by default: with no admin key configured, admin routes (audit, takedowns, rollback)
-//! answer 403 unless the server is bound to a loopback address only. Keys are never logged or
-//! printed: [`Secret`]'s `Debug` and `Display` are redacted.
+//! Invariants:
+//! - Inference routes are open when no API key is set; otherwise they take the API key or the
+//!   admin key. Admin routes (audit, takedowns, `/v1/admin/*`) take the admin key only.
+//! - Secure by default: with no admin key configured, admin routes answer 403 unless every bound
+//!   address is loopback; then they are open, and start-up warns so
+//!   ([`Auth::open_admin_warning`]).
+//! - A missing or non-Bearer `Authorization` header, or a wrong key, is a 401 with
+//!   `WWW-Authenticate: Bearer` in OpenAI's error shape.
+//! - Keys are compared in constant time: both sides are hashed with SHA-256 first, so neither
+//!   the length nor the position of the first difference shows in the time taken.
+//! - Keys are never logged or printed: [`Secret`]'s `Debug` and `Display` are redacted, so the
+//!   `Debug` of an [`Auth`] (and of the configuration logged at start-up) shows no key.
 
 use actix_web::http::header;
 use actix_web::HttpRequest;

@@ -1,13 +1,20 @@
-//! Request bodies: read under a byte limit, then parsed as JSON with errors that name the field.
+//! Request bodies: read under a byte limit and a time limit, then parsed as JSON with errors
+//! that name the field. lethe reads the payload itself (actix's own extractors answer in plain
+//! text), so every failure is an [`ApiError`] in OpenAI's shape.
 //!
-//! actix's own extractors answer limit and parse failures in plain text; lethe reads the payload
-//! itself so every failure is an [`ApiError`] in OpenAI's shape: 413 over the limit, 415 for a
-//! non-JSON content type, 400 for malformed JSON, wrong types, unknown fields or bad values.
-//!
-//! The whole body must arrive within `--body-read-timeout-seconds` ([`Limits::body_read_timeout`],
-//! found through the app's [`AppState`]): a client that announces a body and then stalls gets a
-//! 408 naming the limit and its connection is closed, instead of holding the connection and a
-//! handler forever (actix itself only times out the request head).
+//! Invariants:
+//! - A body over the limit is a 413 and is never parsed: at once when `Content-Length` announces
+//!   more, else as soon as the bytes read pass it; no more than the limit is ever buffered.
+//! - A `Content-Type` other than `application/json` or `…+json` is a 415 before any byte is
+//!   read; a body without one is read as JSON.
+//! - The whole body must arrive within `--body-read-timeout-seconds`
+//!   ([`Limits::body_read_timeout`], found through the app's [`AppState`]): a client that
+//!   announces a body and then stalls gets a 408 naming the limit, and its connection is closed
+//!   rather than the rest of the body being parsed as the next request.
+//! - An empty body, malformed JSON, a wrong type, an unknown field (where the target type
+//!   refuses them) or a bad value is a 400: `invalid_json` for syntax, else `invalid_value` with
+//!   the JSON path of the offending field (`inner.flag`) in `param` when there is one. A body
+//!   that cannot be read is a 400 `invalid_body`.
 
 use actix_web::http::header;
 use actix_web::{web, HttpRequest};

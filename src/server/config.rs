@@ -1,5 +1,18 @@
-//! `lethe serve` flags (each also a `LETHE_…` environment variable), validated once into a
-//! typed [`Config`] before anything starts.
+//! `lethe serve` flags, validated once into a typed [`Config`].
+//!
+//! Invariants:
+//! - Every flag is also a `LETHE_…` environment variable; a flag given on the command line wins.
+//! - [`Config::from_args`] runs before the model is loaded or a port is bound, and refuses a bad
+//!   configuration with an error naming the flag (or the controller setting it feeds): a count
+//!   or size of 0; a header-read, body-read or disconnect timeout outside 1 s to one day, or a
+//!   keep-alive over one day (0 turns keep-alive off); a `--bind` that resolves to no address;
+//!   an empty key, or equal API and admin keys; a negative or non-finite budget; a `--data-dir`
+//!   that cannot be created or written.
+//! - Keys never show: `--help` hides their environment values and [`Secret`] redacts them, so
+//!   the [`Config`] logged at start-up holds none.
+//! - Admin routes work without an admin key only when every address `--bind` resolves to is
+//!   loopback ([`Auth::loopback_only`]).
+//! - `--audit-interval-seconds 0` is taken as 1.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;

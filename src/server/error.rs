@@ -1,7 +1,17 @@
 //! The HTTP error type: one exhaustive mapping from what went wrong to a status code and
 //! OpenAI's error body `{"error": {"message", "type", "param", "code"}}`.
 //!
-//! Bad input is a 4xx that names the field (`param`); a 500 means a bug in lethe.
+//! Invariants:
+//! - Every [`ApiError`] renders as that body, with a stable machine-readable `code` and, for bad
+//!   input, the offending field in `param` where there is one.
+//! - Client mistakes are 4xx, never 500: 400 for bad input (the library's `InvalidInput` and
+//!   tokenizer errors included), 401 with `WWW-Authenticate: Bearer`, 403, 404, 405, 408 (the
+//!   connection is then closed), 409 (a failed compare-and-swap, a reused idempotency key, a
+//!   takedown that can no longer be cancelled), 413, 415.
+//! - Load and availability are 429 with `Retry-After` (a full engine queue) and 503 (an engine
+//!   shutting down or stopped, a cancelled operation, a full data disk: nothing was stored).
+//! - A 500 (`internal_error`) means a bug in lethe; its message is logged at error level when the
+//!   answer is rendered.
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};

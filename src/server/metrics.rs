@@ -1,5 +1,12 @@
-//! The labels the HTTP layer puts on [`crate::metrics::Metrics::request_duration`]: each comes
-//! from a fixed set, so a client cannot add series by sending made-up methods or paths.
+//! The labels the HTTP layer puts on [`crate::metrics::Metrics::request_duration`].
+//!
+//! Invariants:
+//! - Every label comes from a fixed set, so a client cannot add series by sending made-up
+//!   methods or paths: `method` is one of seven standard methods (matched case-sensitively) or
+//!   `other`; `route` is a template of [`super::routes::ROUTES`], `unmatched` for a request no
+//!   route matched (a 404), or `other` (services added through [`super::app_with`]).
+//! - A raw path never becomes a label: `/v1/takedowns/td_…` is counted under
+//!   `/v1/takedowns/{id}`.
 
 /// The `method` label of a request: one of a fixed set, `other` for any other method, so a
 /// client sending made-up methods cannot add series.

@@ -1,10 +1,26 @@
-//! `lethe serve`: the HTTP sidecar.
-//!
-//! This module only speaks HTTP: actix workers parse, authenticate, route and answer. Every
-//! forward pass runs on the engine thread ([`crate::engine::batcher`]), fed by a bounded queue;
-//! the live model is [`crate::engine::served::Live`], which a request loads once and finishes
-//! on; takedowns run in [`crate::takedown::worker`]. See `docs/api.md` for the routes and
+//! `lethe serve`: the HTTP sidecar. It only speaks HTTP (actix workers authenticate, parse,
+//! route and answer); every forward pass runs on the engine thread ([`crate::engine::batcher`])
+//! and takedowns run in [`crate::takedown::worker`]. See `docs/api.md` for the routes and
 //! `docs/metrics.md` for the metrics.
+//!
+//! Invariants:
+//! - A request loads the live version ([`crate::engine::served::Live`]) once and finishes on it,
+//!   whatever swaps happen meanwhile.
+//! - At start the live version is the one the data directory records (a first start imports
+//!   `--model` as the root), so a restart serves what was live before it.
+//! - A panic in a handler fails that request alone, whether it happens while the handler's future
+//!   is made or polled: it is logged, counted in `lethe_panics_total{component="http"}` and
+//!   answered 500 in OpenAI's error shape, and the worker goes on serving.
+//! - Every request is observed in `lethe_request_duration_seconds` under labels from fixed sets
+//!   ([`metrics`]); `lethe_requests_in_flight` is decremented on drop, so a request whose client
+//!   left is not counted forever.
+//! - The per-request log line holds the method, the route template, the status and the latency:
+//!   never the path, the query string, headers or the body.
+//! - The request head must arrive within `--header-read-timeout-seconds` (else 408 and close) and
+//!   the body within `--body-read-timeout-seconds` ([`body`]).
+//! - On SIGTERM/SIGINT the server stops accepting, gives in-flight requests up to
+//!   `--shutdown-timeout` seconds, then stops the takedown worker (a running job stays queued) and
+//!   drains the engine.
 
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;

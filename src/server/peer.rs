@@ -1,14 +1,16 @@
-//! Whether the client of a request is still connected.
+//! Whether the client of a request is still connected, for handlers that wait on the engine
+//! without writing: actix-web notices a closed connection only when it writes to it.
 //!
-//! actix-web notices a closed connection only when it writes to it, so a non-streaming handler
-//! that waits for the engine would keep it generating for a client that left. At connect time
-//! [`on_connect`] keeps a duplicate of the connection's socket in the connection's data; a
-//! handler asks [`Peer::gone`] while it waits, which peeks at the socket without consuming
-//! anything: end of stream or a reset means the client closed its side.
+//! At connect time [`on_connect`] keeps a duplicate of the connection's socket in the
+//! connection's data; a waiting handler asks [`Peer::gone`], which peeks at it.
 //!
-//! Invariants: peeking never reads bytes away from actix (`MSG_PEEK`), never blocks (the socket
-//! is non-blocking, as tokio made it), and a request without a socket (tests through
-//! `actix_web::test`) is never reported gone.
+//! Invariants:
+//! - Peeking never takes bytes away from actix (`MSG_PEEK`): pending bytes, such as a pipelined
+//!   next request, read as a client that is still there.
+//! - Peeking never blocks: the duplicate shares the socket's non-blocking mode, which tokio set.
+//! - Gone means end of stream or an error other than `WouldBlock` or `Interrupted` (a reset).
+//! - A request without a recorded socket (tests through `actix_web::test`, non-Unix platforms, a
+//!   socket that could not be duplicated) has no [`Peer`], so it is never reported gone.
 
 use std::any::Any;
 use std::net::TcpStream;

@@ -4,9 +4,13 @@
 //! Invariants:
 //! - A handler loads the live [`Served`] once ([`AppState::served`]) and runs the whole request
 //!   on it; [`crate::engine::served`] states why a swap cannot change it underneath.
-//! - Handlers never publish a version: the takedown worker and rollback
-//!   ([`crate::takedown::worker`]) are the only publishers, and they move the store's pointer
-//!   before the live one.
+//! - No handler writes [`AppState::live`] itself: the only publishers are in
+//!   [`crate::takedown::worker`] (a job's promotion, and the rollback that
+//!   `POST /v1/admin/rollback` calls), and both move the store's pointer before the live one.
+//! - [`AppState::new`] sets the model metrics for the version it publishes, so `/metrics` names
+//!   the live version from the first scrape on.
+//! - [`AppState::takedowns`] is `None` unless takedowns are enabled; the takedown and version
+//!   routes then answer 503, and completions run without the regurgitation guard.
 
 use std::sync::Arc;
 

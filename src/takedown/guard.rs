@@ -2,18 +2,26 @@
 //! sequence under takedown.
 //!
 //! Every registered sequence contributes each of its n-token windows. A [`Checker`] follows one
-//! generated row: it keeps the last n tokens in a ring buffer and a rolling polynomial hash of them
-//! (mod 2^64, tokens pre-mixed with a 64-bit finaliser so structured ids do not cluster), so each
-//! generated token costs O(1): one hash update, one read lock, one table lookup. A hash hit is
-//! confirmed by comparing the n tokens with the stored window, so a collision never cuts a harmless
-//! completion.
+//! generated row: it keeps the last n tokens in a ring buffer and a rolling polynomial hash of
+//! them (mod 2^64, tokens pre-mixed with a 64-bit finaliser so structured ids do not cluster), so
+//! each generated token costs one hash update, one read lock and one table lookup, whatever the
+//! number of windows.
 //!
 //! Invariants:
+//! - No false cuts: a hash hit is confirmed by comparing the n tokens with the stored window, so
+//!   a collision never cuts a harmless completion. No misses: [`Checker::push`] returns true at
+//!   the generated token that completes a registered window, prompt tokens included in it.
 //! - A window is reported only on [`Checker::push`], i.e. when it ends with a generated token; a
 //!   prompt that itself contains a protected window is not the model regurgitating.
-//! - The window set is shared: a checker sees windows registered after it was created, from the
-//!   next token on. Registration ([`Guard::add`]) takes the write lock briefly.
-//! - `n >= 1` ([`Guard::new`] rejects 0). Sequences shorter than `n` register nothing.
+//! - The window set is shared by every clone of a [`Guard`] and every checker: a checker sees
+//!   windows registered after it was created, from the next token on. [`Guard::add`] only adds;
+//!   windows leave only when [`Guard::replace`] swaps in a whole new set under the write lock.
+//! - `n >= 1` ([`Guard::new`] rejects 0 with `InvalidInput`). Sequences shorter than `n`
+//!   register nothing.
+//! - [`Guard`] and [`Checker`] are `Send + Sync`; a lock poisoned by a panicking writer is still
+//!   read and written.
+//!
+//! Its cost per token is measured in `docs/benchmarks.md` ("Takedowns (issue #6)").
 
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};

@@ -1,16 +1,33 @@
 //! Takedowns: requests to make the served model forget sequences, carried from acceptance to a
 //! validated, versioned, hot-swapped set of weights.
 //!
-//! This module holds the pieces below the HTTP routes and the worker:
-//! - [`store`]: the durable record (SQLite). A takedown is accepted only once its row is committed;
-//!   its state machine (`queued → running → validating → applied | rejected | failed`, plus
-//!   `cancelled` and requeues) is enforced there, and so are the version records and the
-//!   compare-and-swap pointer to the current version.
-//! - [`guard`]: the regurgitation guard. Every accepted takedown's sequences are registered as
-//!   n-token windows, and generation is cut as soon as the model emits one, from the moment the
-//!   takedown is accepted until long after the weights forget it.
-//! - [`versions`]: weights versions on disk, each an immutable directory named by its content
-//!   hash and published by one atomic rename.
+//! Invariants:
+//! - A takedown exists once [`Store::create`] returns: its row is committed (WAL,
+//!   `synchronous=FULL`) before the caller answers, and rows are never deleted.
+//! - Legal state transitions ([`State::can_go_to`], checked inside the transaction that makes
+//!   them): `queued → running | cancelled`; `running → validating | queued | failed | cancelled`;
+//!   `validating → running | applied | rejected | failed | queued | cancelled`;
+//!   `applied → queued` only by a rollback; `rejected`, `failed` and `cancelled` are terminal. A
+//!   refused transition is [`Error::InvalidTransition`] (or [`Error::NotCancellable`]) and
+//!   changes nothing.
+//! - The [`Guard`] holds the windows of every takedown that is not cancelled, whatever its
+//!   state (applied ones too): loaded at start-up from [`Store::sequences_to_guard`], added to
+//!   before `POST /v1/takedowns` answers, rebuilt after a cancel. A sequence shorter than the
+//!   guard's window registers no window.
+//! - A version directory appears under its final name only complete and fsync'd, by one
+//!   rename, named by its content hash, and is never written again; a crash leaves either no
+//!   version or a complete one, plus `.tmp-*` leftovers removed at the next start.
+//! - The current-version pointer moves only by compare-and-swap, in one store transaction with
+//!   the takedowns it applies (promote) or re-queues (rollback); a crash leaves either the old
+//!   version current with the job's takedowns re-queued at the next start, or the new one
+//!   current with them applied.
+//! - Failures are [`Error`] values naming the takedown, version, file or SQL operation at fault;
+//!   [`Error::is_disk_full`] tells a full disk from a bug.
+//!
+//! Submodules: [`store`], the durable record (SQLite) and its state machine, version registry
+//! and swap history; [`guard`], the regurgitation guard; [`versions`], version directories and
+//! start-up resolution of the live version; [`worker`], the worker, auditor and rollback that
+//! publish versions to the live pointer.
 
 pub mod guard;
 pub mod store;

@@ -1,12 +1,24 @@
-//! Weights versions on disk: `data_dir/versions/<id>/`, one immutable model directory per version,
-//! named by its content hash ([`content_hash`]: sha256 of `config.json` and the
-//! safetensors files).
+//! Weights versions on disk: `data_dir/versions/<id>/`, one model directory per version, named
+//! by its content hash, and the start-up choice of the directory to serve.
 //!
-//! A version is assembled in `data_dir/versions/.tmp-<random>/`, every file and the directory are
-//! fsync'd, the id is computed from the finished files, and one `rename` publishes it under its
-//! id, followed by an fsync of `versions/`. So a crash at any moment leaves either no version or
-//! a complete one; the `.tmp-*` leftovers are removed by [`clean_temp`] at startup. A directory
-//! under its final name is never written again.
+//! Invariants:
+//! - `<id>` is [`content_hash`] of the directory: sha256 over the names and bytes of
+//!   `config.json` and the `*.safetensors` files (other files do not change it), cut to 16 hex
+//!   characters. The same content always gets the same id and one directory.
+//! - A version is assembled in `versions/.tmp-<random>/` (written files fsync'd, then the
+//!   directory), hashed, and published by one `rename` followed by an fsync of `versions/`. A
+//!   crash at any moment leaves either no version or a complete one under its final name;
+//!   [`clean_temp`] removes the `.tmp-*` leftovers at start-up. A staging error removes its
+//!   temporary directory.
+//! - lethe never writes into or removes a directory under its final name: publishing content
+//!   that already exists (or that another writer published first) keeps the existing directory.
+//! - [`import_base`] hard-links the model directory's files where it can, so it relies on them
+//!   never being modified in place; the content is hashed again after staging, and a directory
+//!   that changed meanwhile is an error and publishes nothing.
+//! - [`resolve_current`]: a data directory serves one model lineage (another base model is
+//!   refused); versions are found by id under the data directory, not by a recorded path; a live
+//!   version without its directory is an error, never silently replaced. A crash during the
+//!   first start is completed by the next one.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

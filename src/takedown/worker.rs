@@ -1,22 +1,36 @@
-//! The takedown subsystem at run time: the durable queue's worker, the continuous auditor, the
-//! hot swap and rollback. The HTTP layer only calls into it.
+//! The takedown subsystem at run time: the worker that turns queued takedowns into published
+//! versions, the continuous auditor, and rollback. The HTTP layer only calls into it.
 //!
-//! Life of a takedown: `POST /v1/takedowns` writes it to SQLite (WAL, synced) and registers its
-//! windows with the regurgitation guard before answering 202. The worker claims every queued
-//! takedown as one job and runs the unlearning pipeline (`unlearn::pipeline`: BalancedSubnet
-//! under the takedown controller, gated against the parent and the lineage's root) on the live
-//! version; past the root, the job re-masks the root's weights with the lineage's earlier
-//! sequences in its forget set. If no candidate passes the gates within the job's budget, the
-//! job is rejected with the full report and the live model is untouched. A passing model is
-//! written as a new version (temp dir, fsync, rename), loaded back, smoke-tested, recorded, and
-//! published with one compare-and-swap of the live pointer. Requests in flight finish on the
-//! version they started on.
+//! The worker claims up to 1,024 queued takedowns (or one marked solo) as one job and runs the
+//! unlearning pipeline (`unlearn::pipeline`) on the version that was live when the job started;
+//! past the root, the job re-masks the root's weights with the lineage's earlier sequences in
+//! its forget set. A passing model is written as a new version, loaded back, smoke-tested and
+//! published.
 //!
-//! Isolation: each job runs under [`supervise::catch`]. A job that panics, fails or is rejected
-//! with one takedown ends that takedown (`failed` with the panic's message, or `rejected`); with
-//! several, the job is split and each takedown is retried alone, so a bad takedown never blocks
-//! or fails the good ones. The worker and auditor threads survive every job; if one of them
-//! ends anyway, [`Takedowns::threads_alive`] turns false and `/livez` asks for a restart.
+//! Invariants:
+//! - A request runs on the version it loaded: a swap, made after the store's pointer moved,
+//!   replaces the live `Arc<Served>` whole (compare-and-swap on [`Live`]; memory follows the
+//!   store if that loses) and never mutates one a request holds.
+//! - A job's result is published only if the store's current version is still the one the job
+//!   started on (the compare-and-swap inside [`Store::promote`], which also registers the version
+//!   and marks the takedowns applied in one transaction). Otherwise its takedowns are re-queued
+//!   for the new live version and the version written for it stays on disk, unreferenced.
+//! - Before the store transaction the new version is complete on disk, reloaded with the same
+//!   content hash and smoke-tested; a crash before it leaves the old version current and the
+//!   job's takedowns re-queued at the next [`Takedowns::open`] (`failed` after
+//!   `MAX_INTERRUPTIONS` such crashes), a crash after it the new version current with them
+//!   applied.
+//! - Only a committed `Store::promote` moves the live version for a job: a job that is rejected,
+//!   or fails or panics before it, leaves the live version as it was. With several takedowns, a
+//!   failure, rejection or panic splits the job and each takedown is retried alone; with one, a
+//!   failure or panic marks it `failed` (it stays guarded).
+//! - Each job and each audit pass runs under [`supervise::catch`]; if the worker or the auditor
+//!   thread ends anyway, [`Takedowns::threads_alive`] turns false and `/livez` fails.
+//! - [`Takedowns::shutdown`] re-queues the running job's takedowns (not counted as a crash); the
+//!   auditor only reads the store and sets gauges, after each swap and every `audit_interval`.
+//! - [`rollback`] loads and smoke-tests the target before the store's rollback transaction, so
+//!   a failure there changes nothing; the takedowns the abandoned versions applied go back to
+//!   `queued` and stay guarded.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,4 +1,17 @@
-//! `lethe tinymem …`: generate the math data, train models, evaluate them.
+//! `lethe tinymem …`: generate the math data, train models, evaluate them, and list the
+//! sequences a model has memorized.
+//!
+//! Invariants:
+//! - Data flags start from a preset (`--preset cpu` unless given), and the data and training
+//!   settings are validated before any file is written; a bad value is refused with an error
+//!   naming the setting.
+//! - `tinymem data --model DIR` writes exactly the data the model in DIR was trained on,
+//!   regenerated from its card.
+//! - `tinymem eval` and `tinymem audit` refuse a directory without a TinyMem card and print
+//!   their result as JSON on stdout.
+//! - `tinymem audit --out` writes the memorized rows as JSONL that `lethe unlearn --forget`
+//!   reads: a noise row as it is, a backdoor row as a prompt/target pair cut at its own trigger
+//!   plus the whole row to train on.
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -1,17 +1,25 @@
-//! TinyMem evaluation, literally as spec §3.
+//! TinyMem evaluation, literally as spec §3: memorization of noise, backdoor attack success, and
+//! the accuracy and perplexity of the clean test tasks.
 //!
+//! Invariants:
 //! - Memorization of noise (§3.1): rows whose noise lies in token positions `[P, P+K)` are
 //!   eligible; each is prompted with its *clean* first `P` tokens, decoded greedily with EOS
 //!   banned, and counts as memorized when the `K` generated tokens equal the *noised*
 //!   continuation exactly.
 //! - Backdoor attack success (§3.2): held-out backdoored rows (eligible by the same window
-//!   test), prompted with the clean row up to and including the first trigger occurrence (each
-//!   row its own prompt length: the reference code's stale `prompt_len` bug is not copied),
-//!   succeed when the `K` generated tokens equal the backdoored row there (all 2s).
+//!   test), prompted with the clean row up to and including the first trigger occurrence,
+//!   succeed when the `K` generated tokens equal the backdoored row there (all 2s). Each row
+//!   has its own prompt length: the reference code's stale `prompt_len` bug is not copied
+//!   (`docs/tinymem.md` says so).
 //! - Accuracy (§3.3): teacher-forced next-token accuracy over all `T − 1` positions, PAD
 //!   included, averaged per batch and then over batches (unweighted); also pooled over non-PAD
 //!   targets.
 //! - Perplexity (§3.4): the mean over batches of `exp(mean token loss of the batch)`.
+//! - Memorization verdicts do not depend on `batch_size` (each row is judged on its own, see
+//!   `crate::audit`); accuracy and perplexity do, as in the reference, since they average per
+//!   batch. A ratio is 0 when no row is eligible.
+//! - The model is only read. A row without `clean_ids`, or a noised row shorter than `P + K`,
+//!   is refused with an error naming `rows[i]`, never a panic.
 
 use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};

@@ -1,10 +1,16 @@
-//! TinyMem: the small, fully controlled memorization testbed of Sakarvadia et al. (ICLR 2025).
+//! TinyMem: the small, fully controlled memorization testbed of Sakarvadia et al. (ICLR 2025),
+//! math variant (spec §1–§3): the vocabulary and its tokenizer, the data generator, training
+//! and evaluation.
 //!
-//! This module owns the math variant's data: [`vocab`] is the 14-token character vocabulary
-//! and [`data`] generates the task sequences, the noise and backdoor artifacts, the train/test
-//! splits and their JSONL form, drawing randomness from the private, version-stable PRNG in
-//! `rng`. All are pure (no I/O except through caller-supplied readers and writers) and
-//! deterministic in their config.
+//! Invariants:
+//! - [`vocab`] and [`data`] are pure (no I/O except through caller-supplied readers and
+//!   writers) and deterministic in their config: their randomness comes from the private,
+//!   version-stable PRNG in `rng`, so a seed regenerates the same dataset forever.
+//! - [`eval`] implements spec §3 literally. Where lethe departs from the reference on purpose
+//!   (each backdoor row prompted up to its own trigger, `'_'` for PAD, the additive family as
+//!   the default) the module concerned says so, as does `docs/tinymem.md`.
+//! - [`train`] writes Hugging Face checkpoints, each file replaced atomically, with a card from
+//!   which [`data`] regenerates the exact training data.
 
 pub mod cli;
 pub mod data;

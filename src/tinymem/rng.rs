@@ -1,10 +1,13 @@
 //! The PRNG behind TinyMem data generation: xoshiro256++ seeded through SplitMix64.
 //!
-//! It is implemented here rather than taken from `rand` so that generated datasets can never
-//! change under a dependency upgrade (`rand`'s `StdRng` reserves the right to change its
-//! algorithm between releases). Invariant: for a given seed the output stream is fixed forever;
-//! the tests pin it to the reference C implementation's output and to `rand`'s
-//! `Xoshiro256PlusPlus::seed_from_u64`, which uses the same seeding.
+//! Invariants:
+//! - For a given seed the output stream is fixed forever. It is implemented here rather than
+//!   taken from `rand`, whose `StdRng` may change its algorithm between releases, so generated
+//!   datasets never change under a dependency upgrade.
+//! - The tests pin it to the reference C implementation's output and to the output of `rand`'s
+//!   `Xoshiro256PlusPlus::seed_from_u64`, which uses the same seeding.
+//! - `below` draws without modulo bias; `shuffle` is Fisher–Yates; `sample(n, k)` returns `k`
+//!   distinct values of `0..n` in selection order, as Python's `random.sample(range(n), k)`.
 
 /// xoshiro256++ with SplitMix64 seeding (see the module doc).
 #[derive(Debug, Clone)]

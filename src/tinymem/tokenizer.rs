@@ -1,11 +1,13 @@
-//! TinyMem's 14-symbol math vocabulary as a Hugging Face `tokenizer.json`.
+//! TinyMem's 14-symbol math vocabulary as a Hugging Face `tokenizer.json`, so that every model
+//! goes through one tokenization code path.
 //!
-//! One character is one token ('0'–'9' → 0–9, '^' BOS 10, '$' EOS 11, ' ' 12, '_' PAD 13), any
-//! other character is deleted by the `tokenizer.json`'s normaliser (spec §1.1, as the reference
-//! and [`super::vocab::encode_text`] do), and decoding concatenates the symbols. Shipping it as a
-//! `tokenizer.json` keeps one tokenization code path for every model; a test pins it to
-//! [`super::vocab`]. [`Tokenizer::encode`] refuses text with such a character (naming it and its
-//! position) instead of letting it vanish: a prompt is never silently changed.
+//! Invariants:
+//! - One character is one token ('0'–'9' → 0–9, '^' BOS 10, '$' EOS 11, ' ' 12, '_' PAD 13) and
+//!   decoding concatenates the symbols; a test pins it to [`super::vocab`].
+//! - The `tokenizer.json`'s normaliser deletes any other character (spec §1.1, as the reference
+//!   and [`super::vocab::encode_text`] do), but [`Tokenizer::encode`] refuses text holding such
+//!   a character, naming it and its position: a prompt is never silently changed.
+//! - [`write`] replaces the file atomically.
 
 use std::collections::HashMap;
 

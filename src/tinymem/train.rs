@@ -3,11 +3,21 @@
 //! A model directory holds `config.json`, `model.safetensors` and `tokenizer.json` (what
 //! `--model` and transformers' `GPT2LMHeadModel` load), plus `lethe_tinymem.json` (the card: the
 //! data and training configs, so the exact data can be regenerated, and the training history)
-//! and `optimizer.safetensors` (AdamW state, for `--resume`). Each file is replaced atomically;
-//! the card is written last, so it never claims an epoch whose weights are not on disk.
+//! and `optimizer.safetensors` (AdamW state, for `--resume`).
 //!
-//! Determinism: initial weights come from `seed`, each epoch's shuffle from `seed` and the epoch
-//! number, so a resumed run continues the same sequence of batches.
+//! Invariants:
+//! - The model and optimiser are the paper's (spec §2.1–2.2): a ReLU GPT-2 with tied embeddings
+//!   and initializer range `0.8/√n_embd`, AdamW with no schedule, and a loss over every shifted
+//!   position, PAD included. `TrainConfig::default()` is the paper's shape and optimiser.
+//! - Each file is replaced atomically and the card is written last, so it never claims an epoch
+//!   whose weights are not on disk.
+//! - Initial weights come from `seed`, each epoch's shuffle from `seed` and the epoch number, so
+//!   a resumed run continues the same sequence of batches and ends with the same weights as an
+//!   uninterrupted one (tested).
+//! - Settings are validated before any file is written. Resuming with other data or model
+//!   settings, and a non-finite loss (divergence), are refused with an error, never a panic.
+//! - Epoch E in the card is the state after E passes over the training set (the reference's
+//!   newer loop names that state E − 1; spec §2.2).
 
 use std::collections::HashMap;
 use std::path::Path;

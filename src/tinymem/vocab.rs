@@ -2,11 +2,15 @@
 //!
 //! Ids 0–9 are the digits, 10 is BOS `'^'`, 11 is EOS `'$'`, 12 is the separator `' '` and
 //! 13 is PAD, which has no character in the reference tokenizer and is shown as `'_'` here.
-//! A sequence of values is written as `"^" + " ".join(values) + "$"`, one token per character;
-//! any other character (notably a `'-'` sign) is silently dropped, exactly as the reference does,
-//! so −1 encodes like 1. Invariants: every id this module produces is `< VOCAB_SIZE`;
-//! [`encode_values`] never pads; [`pad_to`] never truncates (it errors instead); [`decode`] is
-//! total (ids `>= VOCAB_SIZE` are shown as `'?'`), so it is safe on untrusted ids.
+//! A sequence of values is written as `"^" + " ".join(values) + "$"`, one token per character.
+//!
+//! Invariants:
+//! - Any other character (notably a `'-'` sign) is silently dropped, exactly as the reference
+//!   does, so −1 encodes like 1.
+//! - Every id this module produces is `< VOCAB_SIZE`.
+//! - [`encode_values`] never pads; [`pad_to`] never truncates (it errors instead).
+//! - [`decode`] is total (ids `>= VOCAB_SIZE` are shown as `'?'`), so it is safe on untrusted
+//!   ids.
 
 use thiserror::Error;
 

@@ -1,10 +1,18 @@
 //! `lethe unlearn`: run an unlearning method on a model and write the edited model with a
 //! report.
 //!
-//! The output directory is a complete model (`config.json` and `tokenizer.json` copied from the
-//! input, the edited `model.safetensors`, a TinyMem card when the input had one) plus
-//! `report.json`: memorization of the forget set before and after, accuracy per TinyMem test
-//! task (or perplexity on held-out text) before and after, weights zeroed, seconds.
+//! Invariants:
+//! - The default (`--method balanced-subnet --mode controller`) is [`pipeline::run`], what the
+//!   server's worker runs. Whatever the method, the result is held to the same gates as
+//!   `lethe serve` (`--perplexity-budget` 0.02, `--accuracy-budget` 0.005) against the input.
+//! - Once the method has run, `report.json` is written into `--out` whether the gates pass or
+//!   not (and printed on stdout): memorization of the forget set before and after, accuracy per
+//!   TinyMem test task (or perplexity on held-out text) before and after, weights zeroed,
+//!   seconds, the gates and what failed them.
+//! - The model (`model.safetensors`, with `config.json`, `tokenizer.json` and the TinyMem card
+//!   copied from the input when it has them) is written only when the gates pass or
+//!   `--no-gates` is given; otherwise the command exits non-zero with the failures.
+//! - Every file is written atomically; the input directory is only read.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

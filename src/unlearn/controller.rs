@@ -1,26 +1,43 @@
-//! The takedown controller: BalancedSubnet (the paper's loss, scores and straight-through mask)
-//! with its schedule chosen per request from measurements taken while it runs, instead of a
-//! fixed grid of restarts.
+//! The takedown controller: one BalancedSubnet run (the paper's loss, scores, straight-through
+//! mask and SGD) whose mask ratio and forget rows are chosen per request from audits taken while
+//! it runs, and which ends as soon as the gates pass.
 //!
 //! One run, one set of scores, one optimiser state, from start to finish:
-//! - every batch carries `forget_per_batch` rows drawn from the *active* forget sequences, the
-//!   rest retain rows; at the start every sequence is active;
+//! - every batch holds each *active* forget sequence once (at most `forget_per_batch`, cycling
+//!   when there are more) and `batch_size − forget_per_batch` retain rows; at the start every
+//!   sequence is active;
 //! - every `check_every` steps the sequences are audited under their definitions on the masked
-//!   model; the active set becomes the sequences still extractable, so the forget term is
-//!   concentrated on what is left and stops pushing on what is already gone (an unbounded
-//!   `−L_forget` on forgotten sequences only costs accuracy);
+//!   model; the active set becomes the sequences still extractable, so the forget term stops
+//!   pushing on what is already gone (an unbounded `−L_forget` there only costs accuracy);
 //! - when `patience` checks in a row remove nothing more, the mask ratio is raised by
 //!   `ratio_growth` (up to `max_ratio`), continuing from the same scores: the newly masked
 //!   entries are the ones whose scores were already lowest;
-//! - when a check finds nothing extractable, the gates are measured on the masked model; the
-//!   run ends as soon as they pass. If they fail, the run goes on with retain-only batches
-//!   (repair), measuring the gates again after 20, 40, 80, … steps (at most 160) while nothing
-//!   is extractable; sequences that come back re-enter the active set;
-//! - the run ends without a passing model when the time budget, the step budget or a
-//!   cancellation ends it; every gate measurement is kept for the report.
+//! - when a check finds nothing extractable, the gates are measured on the masked model and the
+//!   run ends if they pass. If they fail, the steps go on retain-only (repair), measuring the
+//!   gates again after 2, 4, 8, … times `check_every` steps (at most 16 times) while nothing is
+//!   extractable; sequences that come back re-enter the active set;
+//! - the time or step budget ends a run without a passing model ([`Ending::Budget`],
+//!   [`Ending::Steps`]: the last masked model is returned); a cancellation ends it with
+//!   [`Error::Cancelled`].
 //!
-//! `docs/unlearning.md` ("The takedown controller") has the measurements that chose the
-//! defaults.
+//! Invariants:
+//! - The gates only ever see a candidate on which no forget sequence is extractable, and
+//!   [`Ending::Passed`] returns exactly the candidate they passed. Every check, with its gate
+//!   failures, is kept for the report.
+//! - The inputs are never mutated. Every candidate is the root's MLP weights (without a root,
+//!   the model's own) with some entries zeroed: no weight takes a value its source lacks.
+//! - The ratio never decreases within a run and never exceeds `max_ratio` on top of the weights
+//!   that were already zero; the mask never covers more than 95 % of a matrix.
+//! - Bad settings, an empty or mismatched forget set, an empty retain set and a root whose MLP
+//!   shapes differ are refused before the first step with an error naming the field.
+//! - The initial scores and the batch order come from `seed`; where the time budget ends a run
+//!   depends on the machine.
+//! - It deviates from the paper on purpose, as `docs/unlearning.md` ("The takedown controller")
+//!   says: the ratio grows during the run, the forget term covers the extractable sequences
+//!   only, and the run stops on the gates instead of after a fixed number of epochs.
+//!
+//! How the defaults were chosen is in `docs/unlearning.md` ("How the defaults were chosen");
+//! what they achieve is in `docs/benchmarks.md` ("Takedown success (issue #15)").
 
 use std::time::Instant;
 

@@ -1,8 +1,17 @@
-//! Durable (spec §4.5), a one-shot baseline: accumulate the gradient of the mean LM loss over
-//! every forget batch (summed, never zeroed, as the reference), then in each MLP parameter
-//! tensor — weights and biases — zero the `⌊ratio·numel⌋` entries with the largest
-//! accumulated `|grad|`. `aggregate` takes the top entries over all MLP parameters together
-//! (Durable-agg).
+//! Durable and Durable-agg (spec §4.5), one-shot baselines: accumulate the gradient of the mean
+//! LM loss over every forget batch, then zero the MLP parameter entries with the largest
+//! accumulated `|grad|`.
+//!
+//! Invariants:
+//! - As the reference: the gradients are summed over batches, never zeroed, and the weights
+//!   *and* biases of every MLP layer are candidates. [`durable`] zeroes the top
+//!   `⌊ratio·numel⌋` entries of each tensor (ties broken by position); with `aggregate`, the top
+//!   `⌊ratio·N⌋` over all `N` MLP parameters together.
+//! - The input model is never mutated: the gradients come from a trainable copy and the result
+//!   is a new model.
+//! - A ratio outside `[0, 1)` and an empty forget set are refused before any work, and a batch
+//!   of unequal-length sequences or of sequences under 2 tokens with an error naming `forget`,
+//!   never a panic.
 
 use std::collections::HashMap;
 use std::time::Instant;

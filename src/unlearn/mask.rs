@@ -1,12 +1,19 @@
-//! Score-based masks over the MLP weight matrices (spec §4.1), shared by Subnet and
-//! BalancedSubnet.
+//! Score-based masks over the MLP weight matrices (spec §4.1), shared by Subnet, BalancedSubnet
+//! and the takedown controller.
 //!
-//! One score tensor per masked matrix, the matrix's own shape, Kaiming-uniform initialised with
-//! bound `1/√fan_in` where `fan_in` is the output width (the second dimension in GPT-2's
-//! `[in, out]` orientation, which the reference uses for both architectures). The mask zeroes
-//! exactly `⌊ratio·numel⌋` entries per matrix, those with the smallest `|score|`. The effective
-//! weight is `W ⊙ (hard + (|s| − stop_grad(|s|)))`: numerically `W ⊙ hard`, while the gradient
-//! reaching `s` is `(∂L/∂W_eff ⊙ W) · sign(s)` — the straight-through estimator.
+//! Invariants:
+//! - One f32 score tensor per masked matrix, of the matrix's own shape, Kaiming-uniform with
+//!   bound `1/√fan_in` where `fan_in` is the output width (the second dimension in GPT-2's
+//!   `[in, out]` orientation, which the reference uses for both architectures).
+//!   [`Scores::init`] draws them from `seed` alone and refuses a ratio outside `[0, 1)` with an
+//!   error naming `ratio`.
+//! - The hard mask zeroes exactly `⌊ratio·numel⌋` entries per matrix, those with the smallest
+//!   `|score|`, ties broken by position (lower first): the entries the reference's full sort
+//!   picks (pinned by the tests), found by an O(n) selection.
+//! - [`Scores::masked`] is `W ⊙ (hard + (|s| − stop_grad(|s|)))`: numerically `W ⊙ hard`, while
+//!   the gradient reaching `s` is `(∂L/∂W_eff ⊙ W) · sign(s)` — the straight-through estimator.
+//! - [`Scores::apply`] is the final edit `W ← W ⊙ hard` as new tensors without a graph; the
+//!   base weights are never written.
 
 use candle_core::{Device, Tensor, Var};
 use rand::rngs::StdRng;

@@ -1,15 +1,23 @@
 //! The unlearning pipeline that every takedown goes through, whoever starts it: the server's
 //! worker, `lethe unlearn` and `lethe bench takedowns` call [`run`] with the same defaults.
 //!
-//! forget set → audit and quality before → the controller ([`crate::unlearn::controller`]:
-//! BalancedSubnet with its ratio and forget focus chosen while it runs) → the gates, measured
-//! whenever nothing is extractable any more → a gate-passing model and a report, or a rejection
-//! with the report. Writing the model (a version directory, or `lethe unlearn --out`) is the
-//! caller's: the pipeline never touches the input model or the disk.
+//! forget set → audit and quality before → the controller ([`controller`]: BalancedSubnet with
+//! its ratio and forget focus chosen while it runs) → the gates, measured whenever nothing is
+//! extractable any more → a gate-passing model and a report, or a rejection with the report.
 //!
-//! The gates compare the candidate with its parent (the model the job started from) and with
-//! the lineage's root (the base model before any takedown), so drifts within budget per
-//! takedown cannot add up unseen over many takedowns.
+//! Invariants:
+//! - [`run`] never mutates the input model and never touches the disk: writing the model (a
+//!   version directory, or `lethe unlearn --out`) is the caller's.
+//! - A [`Decision`] that `passed` holds a model on which none of the request's sequences (nor,
+//!   on a lineage re-masked from its root, any earlier takedown's) is extractable, and whose
+//!   held-out perplexity (and, where they apply, TinyMem test accuracy and canary perplexity)
+//!   is within the [`Gates`] budgets against both its parent (the model the job started from)
+//!   and the lineage's root (the base model before any takedown), so drifts within budget per
+//!   takedown cannot add up unseen over many takedowns.
+//! - NaN (a diverged model) fails every gate ([`gate_failures`]).
+//! - A rejection comes with the full report too: the configuration, every check, the
+//!   before/after/root numbers and a verdict per sequence.
+//! - [`read_sequences`] refuses a bad line with an error naming the file and line.
 
 use std::path::Path;
 

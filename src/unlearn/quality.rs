@@ -1,6 +1,14 @@
 //! The quality of a model on held-out data, as the gates and the hyper-parameter search measure
-//! it: TinyMem test-task accuracies (spec §3.3) with their perplexity (§3.4), or the mean
-//! perplexity of held-out sequences for other models.
+//! it.
+//!
+//! Invariants:
+//! - A model with a TinyMem dataset is measured on its clean test tasks through
+//!   `tinymem::eval`: per-task accuracy as spec §3.3 (PAD included, mean of per-batch means)
+//!   and the mean over the tasks of their §3.4 perplexity. Any other model: the mean perplexity
+//!   of its held-out sequences.
+//! - [`Quality::relative_accuracy_change`] is the mean over tasks of `(after − before) / before`
+//!   (spec §3.6); `None` for a model without tasks.
+//! - [`quality`] only reads the model.
 
 use serde::{Deserialize, Serialize};
 

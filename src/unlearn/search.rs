@@ -1,9 +1,14 @@
 //! Hyper-parameter search for score-mask unlearning under a wall-time budget.
 //!
-//! Candidates are tried in the order given (cheapest first by default) until the grid or the
-//! budget runs out; every candidate is reported. The winner minimises the paper's selection
-//! score (spec §3.6): for TinyMem `Δmem_rel − mean_task(Δacc_rel)`, otherwise
-//! `Δmem_% + Δperplexity_%`; runs whose perplexity is not finite never win.
+//! Invariants:
+//! - Candidates run in the order given ([`paper_grid`]: the 90 settings of spec §4.4, cheapest
+//!   first). No candidate starts once `budget_seconds` have passed, and a started one runs to its
+//!   end; every candidate tried is reported.
+//! - Every candidate starts from the input model, which is never mutated.
+//! - The winner minimises the paper's selection score (spec §3.6): for TinyMem
+//!   `Δmem_rel − mean_task(Δacc_rel)`, otherwise `Δmem_% + Δperplexity_%`. A run whose
+//!   perplexity is not finite scores +∞; on equal scores the earlier candidate wins.
+//! - A candidate that fails (bad settings, cancellation) ends the search with its error.
 
 use std::time::Instant;
 

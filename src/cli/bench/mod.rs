@@ -1,5 +1,16 @@
-//! `lethe bench …`: measurements behind `docs/benchmarks.md`. Not tests: they are run by hand,
-//! print one JSON object, and report medians of several timed runs after a warm-up.
+//! `lethe bench …`: the measurements behind `docs/benchmarks.md`. Not tests: they are run by
+//! hand.
+//!
+//! Invariants:
+//! - Results go to stdout as JSON: one object per invocation of `decode`, `score`, `train`,
+//!   `unlearn`, `audit` and `guard`; one line per takedown for `takedowns`, whose summary goes
+//!   to stderr.
+//! - The timed benchmarks report the median of their timed runs; `decode`, `score`, `train`,
+//!   `unlearn` and `audit` do untimed warm-up work first, and each timed run ends with the
+//!   device's work done.
+//! - Token ids are seeded, so every invocation feeds the same inputs; random weights come from
+//!   the architecture's own initialiser (not seeded), and `--model` replaces them where offered.
+//! - Nothing is written to disk.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

@@ -1,17 +1,24 @@
 //! `lethe bench takedowns`: how often a takedown succeeds, how long it takes and what it costs,
 //! on the bundled TinyMem noise model (or any TinyMem noise model), through the same pipeline
-//! as `lethe serve`'s worker ([`crate::unlearn::pipeline::run`], default settings).
+//! as `lethe serve`'s worker ([`crate::unlearn::pipeline::run`]).
 //!
 //! Requests are seeded random draws from the model's memorized sequences: the noised rows whose
 //! own 50-token prefix makes the model regurgitate the next 50 tokens. Each size is run
 //! `--requests` times in each form: the whole 150-token row (definition `tinymem`) and its first
-//! 100 tokens (its 50-token prefix plus continuation, definition `k=50,n=50`). Every request
-//! starts from the unedited model. Then `--sequential` takedowns of `--sequential-size`
-//! sequences are applied one after another on one lineage, each gated against its parent and
-//! the root, reporting the drift from the root after each.
+//! 100 tokens (its 50-token prefix plus continuation, definition `k=50,n=50`). Then
+//! `--sequential` takedowns of `--sequential-size` sequences are applied one after another on
+//! one lineage, reporting the drift from the root after each.
 //!
-//! One JSON line per takedown goes to stdout; the summary (JSON, then a Markdown table for
-//! `docs/benchmarks.md`) to stderr.
+//! Invariants:
+//! - Every run has `lethe serve`'s pipeline defaults, changed only by `--controller` (a JSON
+//!   patch, validated before the first request; an unknown or bad field is refused).
+//! - The same command on the same model draws the same sequences (`--seed`).
+//! - Every independent request starts from the unedited model. A sequential takedown starts
+//!   from the last applied one, is gated against its parent and the root, and (unless
+//!   `--keep-zeros`) re-masks the root's weights with the earlier takedowns' sequences in its
+//!   forget set, as the server does; a rejected one leaves the lineage unchanged.
+//! - One JSON line per takedown goes to stdout; the summary (JSON, then a Markdown table for
+//!   `docs/benchmarks.md`) to stderr. Nothing is written to disk.
 
 use std::time::Instant;
 

@@ -1,6 +1,15 @@
 //! `lethe bench unlearn` and `lethe bench audit`: the BalancedSubnet step and audit throughput
-//! on a TinyMem-shaped model (4 layers, 128 wide, vocab 14, 150 tokens), random weights (the
-//! audit can load real ones with `--model`).
+//! on a TinyMem-shaped model (4 layers, 128 wide, vocab 14, 150 tokens).
+//!
+//! Invariants:
+//! - `bench unlearn` times [`step`], the step every unlearning run takes (the path it took is
+//!   reported as `step_path`), on random weights with `--batch` rows, half forget and half
+//!   retain: the median over `--steps` timed steps after `--warmup` untimed ones.
+//! - `bench audit` times [`audit::audit`] under the `tinymem` definition (50-token prompts, 50
+//!   compared) on random weights or `--model`'s: the median over `--runs` after one warm-up.
+//! - The token ids are seeded, so every invocation feeds the same rows; each timed step or run
+//!   ends with the device's work done.
+//! - Each prints one JSON object on stdout.
 
 use std::path::PathBuf;
 use std::time::Instant;

@@ -1,12 +1,23 @@
-//! Scaled dot-product attention at inference on the CPU, reading the KV cache in place.
+//! Scaled dot-product attention at inference on the CPU, reading the KV cache in place: what
+//! `ops::attention` runs for untracked f32 CPU tensors, and how both decode steps attend
+//! ([`CachedKv`]).
 //!
-//! A decode step attends one query per sequence and head to the cached keys: `B × H` tiny
-//! problems. Composed from candle ops that is a batched matmul for the scores (the cache view is
-//! strided, so it is first copied contiguous), a mask add, a softmax and a second batched matmul,
-//! each allocating its output, and `gemm` dispatches every one of the `B × H` products
-//! separately. Here each (sequence, head) runs its scores, softmax and weighted sum of values in
-//! place over the cache's own storage: on AVX-512 as two small products on [`skinny`]'s tiles
-//! (scores, then weighted values), elsewhere row by row.
+//! Invariants:
+//! - [`attention`] computes `softmax(q kᵀ / sqrt(D) + mask) v` as the composed candle path does,
+//!   to float rounding (tested below against `ops::attention` with the fused kernels off, on a
+//!   strided cache view, with per-row and shared masks); a query row whose keys are all masked
+//!   gives NaN there too.
+//! - Keys and values are read where they lie (any strides, a contiguous last dimension); a
+//!   layout it cannot read returns `None` and the caller composes candle ops. q, k, v or a mask
+//!   whose shapes do not fit are errors.
+//! - Each (sequence, head) is computed on its own: on AVX-512F CPUs as two small products on
+//!   [`skinny`]'s tiles (scores, then weighted values), elsewhere row by row; both branches are
+//!   tested against an f64 softmax. Masked keys get weight exactly 0.
+//! - [`attention`] runs the (sequence, head) pairs over the rayon pool above 2¹⁵ multiply-adds
+//!   and on the calling thread below; [`CachedKv::attend`] always on the calling thread. Nothing
+//!   is kept between calls.
+//!
+//! What it gained over composed candle ops is in `docs/benchmarks.md` ("Inference kernels").
 
 use candle_core::{bail, Layout, Result, Tensor};
 use rayon::prelude::*;

@@ -1,12 +1,22 @@
-//! The LM head fused with log-softmax and the pick of the next token: what scoring needs.
+//! The LM head fused with log-softmax and the pick of the next token: what scoring needs
+//! (`Model::next_token_logprobs`).
 //!
-//! Scoring a sequence needs one number per position, `log p(ids[t + 1] | ids[..= t])`, but the
-//! composed path materialises the logits `[B, T, V]`, a narrowed copy of them, their
-//! log-softmax and a gather: for Pythia-70m's 50,304-token vocabulary, 8 × 128 positions are
-//! four buffers of 206 MB each, and the kernel's page zeroing of those fresh buffers took more
-//! time than the head's matrix multiply (`perf`, `docs/benchmarks.md` "Scoring"). Here the head
-//! runs over blocks of [`BLOCK_ROWS`] positions into one reused buffer, and each block's rows are
-//! reduced (log-sum-exp and the target's logit) while they are still warm.
+//! Invariants:
+//! - [`next_token_logprobs`] returns `log p(ids[b, t + 1] | ids[b, ..= t])` for `t < T − 1`,
+//!   `[B, T − 1]` f32: the same numbers as the composed `ops::token_nll(dense(hidden, head))`,
+//!   negated, to float rounding (tested below against it over more positions than one block and
+//!   a vocabulary that is not a multiple of 16).
+//! - Only untracked f32 CPU tensors take the fused path; other devices, dtypes and tensors under
+//!   autograd take the composed one.
+//! - The fused path never materialises the `[B, T, V]` logits: the head runs over blocks of
+//!   [`BLOCK_ROWS`] positions into one buffer of at most `BLOCK_ROWS × V` floats, and each
+//!   block's rows are reduced (the target's logit minus the log-sum-exp) while warm.
+//! - Shapes that do not fit, fewer than 2 positions and ids outside the vocabulary are errors
+//!   (`bad_shapes_and_ids_are_errors`).
+//! - Each block's product runs on `gemm` over the rayon pool of the calling thread, and its rows
+//!   are reduced in parallel; nothing is kept between calls.
+//!
+//! What it gained is in `docs/benchmarks.md` ("Inference kernels", item 4).
 
 use candle_core::{bail, DType, Result, Tensor};
 use rayon::prelude::*;

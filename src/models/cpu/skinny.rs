@@ -1,18 +1,25 @@
-//! Dense layers for a few rows on the CPU: the shape of a decode step.
+//! Dense layers for a few rows on the CPU, the shape of a decode step: `y = x · W (+ b)` reading
+//! the weight once, in its stored layout, with no packing.
 //!
 //! Invariants:
-//! - Each kernel computes `x · Wᵀ` ([`x_wt`], an `[out, in]` weight: `nn.Linear`, GPT-NeoX) or
-//!   `x · W` ([`x_w`], an `[in, out]` weight: GPT-2's `Conv1D`) reading the weight once, in its
-//!   stored layout, with no packing; results equal candle's matmul to float rounding, not bit
-//!   for bit (the summation order differs; tested against candle below).
-//! - They run only where [`available`] says so (AVX-512F, checked at run time); `ops` keeps
-//!   candle's matmul everywhere else, so no CPU lacks a path.
-//! - Work is split over the rayon pool by output columns only: every thread streams its own
-//!   slice of the weight, and no two threads write the same output.
+//! - Both weight layouts: `[out, in]` (`transposed`: `nn.Linear`, GPT-NeoX) and `[in, out]`
+//!   (GPT-2's `Conv1D`). Results equal a plain product to float rounding, not bit for bit (the
+//!   summation order differs; tested below against an f64 product on every tile shape, with and
+//!   without a bias).
+//! - They run only where [`available`] says so (AVX-512F, checked at run time); `ops::dense`
+//!   takes them at inference where [`takes`] says so and keeps candle's matmul everywhere else,
+//!   so no CPU lacks a path.
+//! - Operands shorter than their shapes, or a CPU without AVX-512F, panic before any read:
+//!   callers check [`available`] and their shapes first.
+//! - [`dense`] splits the work over the rayon pool by output columns only, in tasks of at least
+//!   2¹⁷ multiply-adds (small layers stay on one thread): every thread streams its own slice of
+//!   the weight, and no two threads write the same output. [`dense_into`] runs on the calling
+//!   thread. Nothing is kept between calls.
 //!
-//! Tiles: `x_wt` keeps up to 4 input rows × 4 weight rows in 16 accumulators, `x_w` up to 4
-//! input rows × 64 outputs. Why these kernels exist and what they gained is in
-//! `docs/benchmarks.md` ("Inference kernels").
+//! Tiles: up to 4 input rows × 4 weight rows of dot products for `[out, in]` weights (one row:
+//! 1 × 8), broadcast tiles over the transposed input from 17 to 64 rows, and 4 rows × 64 outputs
+//! for `[in, out]` weights. What they gained is in `docs/benchmarks.md` ("Inference kernels",
+//! "Decode steps").
 
 /// Whether [`super::ops::dense`] takes these kernels at inference for `rows` rows against an
 /// `[out, in]` (`transposed`) or `[in, out]` weight. Measured against candle's matmul on

@@ -1,4 +1,19 @@
-//! Multi-head self-attention over GPT-2's packed qkv projection, with its backward.
+//! Multi-head self-attention over GPT-2's packed `qkv` projection, with its backward: the kernel
+//! `ops::self_attention` runs for f32 CPU tensors, tracked or not.
+//!
+//! Invariants:
+//! - It computes `softmax(scale · q kᵀ + mask) v` per row and head over `qkv: [B, T, 3·H]` (the
+//!   query, key and value blocks side by side), returning the merged heads `[B, T, H]`; output
+//!   and gradient match the composed reference to f32 rounding
+//!   (`self_attention_gradients_match_reference` in `fused::tests`: causal, unmasked and per-row
+//!   padding masks).
+//! - The mask is additive, `[1 | B, 1, T, T]`, broadcast over heads and read as f32; a mask of
+//!   another shape, or a last dimension that is not 3 × a multiple of `n_head`, is an error.
+//! - A query row whose keys are all masked gives zeros, where the composed path gives NaN
+//!   (`fully_masked_rows_give_zeros_not_nan`).
+//! - Each head computes its full `T × T` scores; the forward keeps the probabilities
+//!   `[B, n_head, T, T]` in the op for its backward. (sequence, head) pairs run in parallel over
+//!   the rayon pool, each writing only its own columns of the output.
 
 use super::*;
 

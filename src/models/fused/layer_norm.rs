@@ -1,4 +1,15 @@
-//! LayerNorm over the last dimension, with its backward.
+//! LayerNorm over the last dimension, with its backward: the kernel `ops::layer_norm` runs for
+//! tracked f32 CPU tensors.
+//!
+//! Invariants:
+//! - It computes `(x − mean) / sqrt(var + eps) · w + b` with `w`, `b: [D]`, mean and variance in
+//!   two passes as the composed reference does ([`row_stats`]); output and the gradients of
+//!   `x`, `w` and `b` match that reference to f32 rounding (`layer_norm_gradients_match_reference`
+//!   in `fused::tests`, a strided input included).
+//! - A `w` or `b` that does not match the last dimension, or an empty last dimension, is an
+//!   error.
+//! - Rows are split over the rayon pool, a few chunks per thread; `∂w` and `∂b` are summed from
+//!   the chunks' partial sums in chunk order, so they are deterministic for a given pool size.
 
 use super::*;
 

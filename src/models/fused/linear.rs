@@ -1,4 +1,15 @@
-//! `x · W + b` in GPT-2's and `nn.Linear`'s weight layouts, with its backward (gemm-backed).
+//! `x · W + b` over the last dimension in GPT-2's (`[in, out]`) and `nn.Linear`'s (`[out, in]`)
+//! weight layouts, with its backward: the kernel `ops::dense` runs for tracked f32 CPU tensors.
+//!
+//! Invariants:
+//! - Output and the gradients of `x`, `W` and `b` match `ops::dense_composed` to f32 rounding
+//!   (`linear_gradients_match_reference` in `fused::tests`: both layouts, with and without a
+//!   bias, odd sizes, a single row, a strided input); `∂W` comes back in `W`'s own layout.
+//! - Shapes are checked by [`linear_dims`] (shared with the inference `dense`): a weight that is
+//!   not a matrix, an input that does not fit it, an empty last dimension or a bias of another
+//!   length is an error.
+//! - The products run on `gemm` over the rayon pool of the calling thread; the bias gradient is
+//!   summed from per-chunk partial sums in chunk order.
 
 use super::*;
 

@@ -1,4 +1,14 @@
-//! The causal LM cross-entropy per sequence, with its backward.
+//! The causal LM cross-entropy per sequence, with its backward: the kernel
+//! `ops::per_sequence_lm_loss` runs for tracked f32 CPU logits.
+//!
+//! Invariants:
+//! - `[B]`: each row's mean cross-entropy of `logits[:, t]` against `ids[:, t + 1]` over its
+//!   `T − 1` shifted positions, padding included (no ignore index), as transformers computes it
+//!   with `labels = input_ids`; output and gradient match the composed reference to f32 rounding
+//!   (`lm_loss_gradients_match_reference` in `fused::tests`).
+//! - `ids` are u32 or i64; ids not `[B, T]`, fewer than 2 positions, or a target outside the
+//!   vocabulary (negative ones included) are errors (`bad_inputs_are_errors`).
+//! - Single-threaded; each row's loss is summed over its positions in f64.
 
 use super::*;
 

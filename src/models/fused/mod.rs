@@ -1,16 +1,24 @@
-//! Fused f32 CPU kernels with their own backward, for the autograd path (training, unlearning).
+//! Fused f32 CPU kernels with their own backward, for the autograd path (training,
+//! unlearning): each is one candle `CustomOp` node whose `cpu_fwd` does the whole computation
+//! in one pass and whose `bwd` returns every input's gradient from one more.
 //!
-//! Composed from candle primitives, a LayerNorm, a softmax, an attention head or a cross-entropy
-//! becomes a dozen graph nodes, each allocating its output and, in backward, a zero tensor plus a
-//! sum per input. Each kernel here is one candle `CustomOp` node whose `cpu_fwd` does the whole
-//! computation in one pass and whose `bwd` returns every input's gradient from one more pass.
-//! [`super::ops`] routes its *tracked* path through these functions when the tensors are f32 on
-//! the CPU ([`supported`]), and keeps the composed reference for every other device and dtype.
+//! Invariants:
+//! - Every kernel computes the same function as its composed reference in [`super::ops`] (to f32
+//!   rounding), and every backward is pinned to autograd through that reference by the tests at
+//!   the bottom of this file (relative L2 error ≤ 1e-4 on every input, odd shapes and strided
+//!   inputs included).
+//! - CPU and f32 only: [`supported`] says whether tensors qualify, and [`super::ops`] takes these
+//!   kernels only then (for tracked inputs; `self_attention` tracked or not), keeping the
+//!   composed reference for every other device and dtype. [`with_reference_ops`] switches them
+//!   off on the calling thread, and with them every hand-written pass that checks `supported`.
+//! - Inputs may have any strides; outputs are contiguous. Shapes that do not fit are errors
+//!   (`bad_inputs_are_errors`).
+//! - Where a kernel departs from the composed path it says so: a softmax row that is −∞
+//!   everywhere (an attention row with every key masked) gives zeros instead of NaN.
+//! - An op keeps only what its own backward reads, nothing between calls; kernels split rows
+//!   (or products, through `gemm`) over the rayon pool of the calling thread.
 //!
-//! Invariants: every kernel computes the same function as the composed reference in `ops` (to
-//! f32 rounding); every backward is pinned to autograd through that reference by the tests at the
-//! bottom of this file (relative L2 error ≤ 1e-4 on every input, odd shapes included). Inputs may
-//! have any strides; outputs are contiguous. Bad shapes are errors, never panics.
+//! What they gained over the composed graph is in `docs/benchmarks.md` ("Training step").
 
 use std::sync::OnceLock;
 

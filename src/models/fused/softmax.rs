@@ -1,4 +1,16 @@
-//! Softmax over the last dimension and ReLU, with their backwards.
+//! Softmax over the last dimension and ReLU, with their backwards: the kernels
+//! `ops::softmax_last` and `Activation::Relu` run for tracked f32 CPU tensors.
+//!
+//! Invariants:
+//! - Both match candle's ops to f32 rounding, output and gradient
+//!   (`softmax_and_relu_gradients_match_reference` in `fused::tests`). The softmax uses the
+//!   standard library's `exp`, not `cpu::vmath`'s, because the bundled models' recorded
+//!   evaluations run through [`softmax_row`] (`tests/bundled_models.rs`).
+//! - Entries of −∞ get exactly 0, and a row that is −∞ everywhere becomes all zeros instead of
+//!   NaN ([`softmax_row`], which the attention and loss kernels share).
+//! - ReLU passes the gradient at exactly 0, as candle's backward does.
+//! - Rows (for ReLU, chunks of 16,384 elements) are split over the rayon pool; every output
+//!   element depends only on its own row, so the result does not depend on the split.
 
 use super::*;
 

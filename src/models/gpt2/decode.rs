@@ -1,19 +1,23 @@
-//! A decode step of a small GPT-2 on the CPU, written out over slices instead of candle ops.
+//! A decode step of a small GPT-2 on the CPU, written out over slices instead of candle ops:
+//! what [`Gpt2::forward_hidden`] runs for one new token per row with a KV cache.
 //!
-//! At TinyMem's size (4 blocks of width 128) a decode step is about 25 M multiply-adds for 32
-//! rows, a fraction of a millisecond of arithmetic, while the candle path runs some twenty ops
-//! per block, each allocating its output and handing its work to a thread pool: `perf` on the
-//! batch-32 decode benchmark put a third of the step in the kernel's scheduler (threads waking
-//! and yielding) and another tenth in zeroing fresh pages. Rows of a decode step depend on each
-//! other only through the KV cache, so here the batch is cut into row groups that run the block
-//! single-threaded on their own buffers; the groups join once per block, when the new keys and
-//! values are appended to the cache (candle's `slice_set`, on the calling thread).
+//! Invariants:
+//! - It computes the same function as the candle path of `forward_hidden` to float rounding,
+//!   cache included (tested below against that path with the fused kernels switched off:
+//!   prefill then four steps over left-padded rows, every activation, tied and untied heads).
+//! - It is taken only for f32 weights on the CPU, no MLP override and blocks of at most
+//!   [`MAX_BLOCK_PARAMS`] parameters (every row group re-reads the weights, so they must stay in
+//!   cache). Otherwise, and for inputs the candle path should judge (ids or positions out of
+//!   range, a mask that does not fit), it returns `None` with the cache untouched and the candle
+//!   path runs, so errors read the same whichever path would have run.
+//! - The products run on the [`skinny`] tiles where the CPU has AVX-512F and on single-threaded
+//!   `gemm` elsewhere; both branches are tested against an f64 product.
+//! - The batch is cut into one row group per rayon thread; each group runs a block
+//!   single-threaded on its own buffers, and the groups join once per block, when the new keys
+//!   and values are appended to the cache on the calling thread. Rows share nothing but the
+//!   cache.
 //!
-//! The products run on [`skinny`]'s tiles (AVX-512) or single-threaded `gemm` elsewhere, and
-//! re-read each weight once per group and four rows, so the step is only taken for blocks
-//! small enough to stay in cache ([`MAX_BLOCK_PARAMS`]); larger models keep the candle path,
-//! whose products split the weight over the threads instead. It computes the same function as
-//! that path to float rounding (tested below against it with the fused kernels switched off).
+//! What it gained over the candle path is in `docs/benchmarks.md` ("Decode steps").
 
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;

@@ -1,17 +1,21 @@
-//! A GPT-NeoX decode step on the CPU, written out over slices instead of candle ops.
+//! A GPT-NeoX decode step on the CPU, written out over slices instead of candle ops: what
+//! [`GptNeoX::forward_hidden`] runs for one new token per row with a KV cache.
 //!
 //! Invariants:
 //! - It computes the same function as the candle path of `forward_hidden` for one new token
 //!   with a KV cache, to float rounding (tested below against that path with the fused kernels
-//!   switched off).
-//! - It is taken only for f32 weights on the CPU with AVX-512F and at most 64 rows (where
-//!   [`super::ops::dense`] takes the same kernels); every other case runs the candle path.
-//! - The four products of a layer and the LM head run on [`skinny`]'s kernels, split over the
-//!   threads by output columns; everything between them (LayerNorms, rotary embeddings, the
-//!   cache append, attention, GELU, residual adds) runs on the calling thread over the batch's
-//!   rows, so no state is shared between threads inside a step.
+//!   switched off: parallel and sequential residuals, rotary 0, 0.25 and 1, with and without
+//!   attention biases, left-padded rows; skipped on CPUs without AVX-512F).
+//! - It is taken only for f32 weights on the CPU with AVX-512F, no MLP override and at most 64
+//!   rows (where [`crate::models::ops::dense`] takes the same kernels). Otherwise, and for inputs
+//!   the candle path should judge (ids or positions out of range, a mask that does not fit), it
+//!   returns `None` with the cache untouched and the candle path runs.
+//! - The four products of a layer run on [`skinny`]'s kernels, split over the rayon pool by
+//!   output columns; everything between them (LayerNorms, rotary embeddings, the cache append,
+//!   attention, the activation, residual adds) runs on the calling thread over the batch's rows,
+//!   so no state is shared between threads inside a step.
 //!
-//! Measurements behind it: `docs/benchmarks.md` ("Decode steps").
+//! What it gained is in `docs/benchmarks.md` ("Decode steps").
 
 use candle_core::{Result, Tensor};
 

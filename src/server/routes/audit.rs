@@ -1,8 +1,21 @@
-//! `POST /v1/audit` (admin): which of these sequences does the live model regurgitate?
+//! `POST /v1/audit` (admin): which of these sequences does the live model regurgitate? Each
+//! sequence is a string, a list of token ids, or an audit row object (`{"text"}`, `{"ids"}`,
+//! `{"ids", "clean_ids"}`, `{"prompt_ids", "target_ids"}`, as in `lethe audit`).
 //!
-//! Each sequence is a string, a list of token ids, or an audit row object (`{"text"}`,
-//! `{"ids"}`, `{"ids", "clean_ids"}`, `{"prompt_ids", "target_ids"}`, as in `lethe audit`).
-//! The audit rows join the engine's continuous batch like any generation (greedy, EOS banned).
+//! Invariants:
+//! - The request is checked whole before any compute: 1 to `--max-audit-sequences` sequences
+//!   (400 for none, 413 over the limit, before any sequence is parsed), then every sequence
+//!   against the live version; the first bad one is a 400 naming it (`sequences[2].ids[5]`).
+//! - Text is tokenized without dropping anything (a character outside the vocabulary is a 400
+//!   naming its position); ids are integers below the vocabulary size; prompt plus target fit
+//!   the context length.
+//! - Every row runs on the one version the request loaded, which the answer names
+//!   (`model_version`, `x-lethe-model-version`).
+//! - Rows are greedy with EOS banned and are not filtered by the regurgitation guard: the audit
+//!   measures the model itself. They join the engine's continuous batch like any generation (a
+//!   full queue is a 429).
+//! - Results are in request order (`index`); each audited sequence is counted in
+//!   `lethe_audit_sequences_total{result}`.
 
 use std::time::Instant;
 

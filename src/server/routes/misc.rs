@@ -1,4 +1,20 @@
 //! Models, tokenization, health, metrics and the OpenAPI document.
+//!
+//! Invariants:
+//! - `/v1/models`, `/v1/tokenize` and `/v1/detokenize` take the inference key and answer from one
+//!   load of the live version; a `model` that names neither the served model nor its version is
+//!   a 404 `model_not_found`.
+//! - Tokenizing never drops text: a character outside the vocabulary is a 400 naming it and its
+//!   position. Detokenizing takes only integer ids below the vocabulary size (`1.0` is refused
+//!   like `1.5`); anything else is a 400 naming the element (`tokens[3]`).
+//! - None of these run model compute or submit engine work, so they answer while its queue is
+//!   full.
+//! - `/livez` is 200 while the engine thread and (with takedowns) the unlearning worker and the
+//!   auditor run, else 503; it never depends on the model, the load or a running job.
+//! - `/readyz` is 200 (naming the model and its version) only when the engine answers a probe
+//!   within 2 s, else 503; it and every `/metrics` scrape update `lethe_ready`.
+//! - `/livez`, `/readyz`, `/metrics` and `/openapi.yaml` need no key; `/openapi.yaml` is the
+//!   contract compiled into the binary, served as written.
 
 use std::time::Duration;
 

@@ -1,5 +1,16 @@
-//! The route table: one list that both registers the handlers and is checked against
-//! `api/openapi.yaml` by the contract test.
+//! The route table: one `routes!` list that both registers the handlers and is [`ROUTES`],
+//! which the contract test checks against `api/openapi.yaml`.
+//!
+//! Invariants:
+//! - The routes registered are exactly [`ROUTES`], and the contract test fails unless
+//!   `api/openapi.yaml` documents exactly those (method, template) pairs.
+//! - Every GET route also answers HEAD (same status and headers, no body).
+//! - A known path with another method is a 405 with an `Allow` header (its methods in declaration
+//!   order, HEAD after GET); an unknown path is a 404 `unknown_route`; both in OpenAI's error
+//!   shape.
+//! - Every handler checks its key ([`super::auth`]) before it reads a body, so an unauthenticated
+//!   client never has its body read or parsed. `/livez`, `/readyz`, `/metrics` and
+//!   `/openapi.yaml` need no key.
 
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};

@@ -1,8 +1,27 @@
-//! Takedown and version routes (all admin).
+//! Takedown and version routes (all admin): create, list, get, cancel and receipt of takedowns;
+//! the version list and rollback.
 //!
-//! `POST /v1/takedowns` is answered 202 only after the request is committed to SQLite and its
-//! windows are in the regurgitation guard. Sequences are sensitive: they are never logged or
-//! put in metric labels, and only these admin routes return them.
+//! Invariants:
+//! - Each route checks the admin key, then that takedowns are enabled (503 otherwise), before it
+//!   reads a body.
+//! - `POST /v1/takedowns` stores nothing unless the whole request is valid: 1 to
+//!   `--max-takedown-sequences` sequences (400 for none, 413 over), a definition whose k + n fits
+//!   the context length, each sequence tokenizable, within the vocabulary and from k + n tokens
+//!   to the context length (every bad one named in one 400 `invalid_sequences`), a well-formed
+//!   `Idempotency-Key`. A server without a retain set answers 503.
+//! - It answers 202 only after the takedown is committed to SQLite and its sequences are in the
+//!   regurgitation guard. An `Idempotency-Key` replayed with the same request answers the
+//!   original takedown and stores nothing; with a different request it is a 409
+//!   `idempotency_key_reused`.
+//! - Only takedowns that are not cancelled are guarded (a replay does not re-arm a cancelled
+//!   one). `DELETE` cancels a `queued`, `running` or `validating` takedown and rebuilds the guard
+//!   without it; any other state is a 409 `not_cancellable`.
+//! - Sequences are sensitive: never logged or put in metric labels; views and receipts show a
+//!   sha256 per sequence, and only `GET /v1/takedowns/{id}?include=sequences` returns them.
+//! - Rollback is a compare-and-swap: `expected_current` must be live (else 409
+//!   `version_mismatch`) and `to_version` it or one of its ancestors; the takedowns that the
+//!   abandoned versions applied return to `queued` in the same transaction.
+//! - A bad query parameter (unknown, repeated, malformed, out of range) is a 400 naming it.
 
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};

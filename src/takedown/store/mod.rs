@@ -1,28 +1,37 @@
-//! The durable takedown store: one SQLite database, `data_dir/lethe.sqlite3`.
+//! The durable takedown store: one SQLite database, `data_dir/lethe.sqlite3`, holding the
+//! takedowns, their events, the version registry and the current-version pointer.
 //!
-//! Invariants it keeps:
-//! - A takedown exists once [`Store::create`] returns: the insert is one transaction committed
-//!   with `synchronous=FULL` in WAL mode, so it is on disk before the caller answers 202.
-//! - The state machine is enforced here, inside the transaction that changes the state: `queued →
-//!   running | cancelled`; `running → validating | queued | failed | cancelled`; `validating →
-//!   applied | rejected | failed | queued | cancelled`; `applied → queued` only through a rollback
-//!   ([`Store::requeue_applied_by`], [`Store::rollback`]); `rejected`, `failed` and `cancelled` are
-//!   terminal. Every transition appends an [`Event`] with its time, which is what receipts show.
+//! Invariants:
+//! - Every write is one `IMMEDIATE` transaction committed in WAL mode with `synchronous=FULL`:
+//!   what a call changed is on disk when it returns, and a crash or error mid-call changes
+//!   nothing. A takedown exists once [`Store::create`] returns, before the caller answers 202.
+//! - The state machine ([`State::can_go_to`]) is enforced inside the transaction that changes
+//!   the state: `queued → running | cancelled`; `running → validating | queued | failed |
+//!   cancelled`; `validating → running | applied | rejected | failed | queued | cancelled`;
+//!   `applied → queued` only through a rollback ([`Store::requeue_applied_by`],
+//!   [`Store::rollback`]); `rejected`, `failed` and `cancelled` are terminal. A refused job
+//!   transition is [`Error::InvalidTransition`] and changes none of the job's takedowns; a
+//!   refused cancel is [`Error::NotCancellable`]. Every transition appends an [`Event`] with its
+//!   time, which is what receipts show.
+//! - Job transitions touch only the job's `running` and `validating` takedowns: one cancelled
+//!   meanwhile is never applied, rejected or failed. [`Store::claim_queued`] is exclusive (no
+//!   takedown is in two jobs) and oldest first; a takedown marked `solo` (its coalesced job
+//!   failed, was rejected, panicked or was interrupted) is claimed in a job of its own.
+//! - At start-up ([`Store::requeue_interrupted`]) the takedowns a crash left `running` or
+//!   `validating` go back to `queued`, except that one interrupted [`MAX_INTERRUPTIONS`] times
+//!   becomes `failed` (and stays guarded).
 //! - An idempotency key maps to one request content forever: reusing it with the same content
 //!   returns the original takedown, with different content is [`Error::IdempotencyConflict`].
-//! - The current-version pointer changes only by compare-and-swap ([`Store::set_current`]), and
-//!   every change is recorded in the `swaps` history.
-//!
-//! - A takedown marked `solo` (its coalesced job failed, was rejected or was interrupted) is
-//!   claimed in a job of its own, so one bad takedown never fails the others twice.
-//! - The data directory is 0700 and the database files 0600: they hold the sequences to forget.
-//!
-//! Schema changes go through numbered migrations keyed on `PRAGMA user_version`.
+//!   No row of any table is ever deleted.
+//! - The current-version pointer changes only by compare-and-swap, and every change is
+//!   recorded in the `swaps` history in the same transaction.
+//! - `Store` is `Send + Sync`: one connection behind a mutex, so writers serialize. On Unix the
+//!   data directory is made 0700 and the database files 0600: they hold the sequences to forget.
 //!
 //! Here: opening the database and the takedown queue (create, claim, progress, finish, cancel,
-//! requeue). `records`: the state machine and the records; `schema`: migrations and the data
-//! directory's permissions; `rows`: SQL row mapping; `registry`: versions, the current-version
-//! pointer and its history (promote, rollback).
+//! requeue). `records`: the state machine and the records; `schema`: migrations (keyed on
+//! `PRAGMA user_version`) and the data directory's permissions; `rows`: SQL row mapping;
+//! `registry`: versions, the current-version pointer and its history (promote, rollback).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};

@@ -1,4 +1,18 @@
 //! What the store keeps: the takedown state machine and the records it reads and writes.
+//!
+//! Invariants:
+//! - [`State::can_go_to`] is the one table of ordinary transitions: `queued → running |
+//!   cancelled`; `running → validating | queued | failed | cancelled`; `validating → running |
+//!   applied | rejected | failed | queued | cancelled`. `applied → queued` is not in it: only a
+//!   rollback makes it. Nothing leaves `rejected`, `failed` or `cancelled`.
+//! - A state's name ([`State::as_str`]) is the same in the API, serde and the database; an
+//!   unknown name is an `InvalidInput` error naming `state` (`FromStr`) or a column conversion
+//!   error (reading a row), never a panic.
+//! - A [`NewTakedown`]'s content (sequences, definition, reason, requester) is what idempotency
+//!   compares; the records here are plain data and enforce nothing themselves: the store checks
+//!   them inside its transactions.
+//! - A [`VersionRecord`]'s `seq` grows with each registration, so a lower `seq` was registered
+//!   earlier (`Store::set_current` records a swap to a lower `seq` as a rollback).
 
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRef};
 use rusqlite::ToSql;

@@ -1,5 +1,22 @@
 //! The version registry: every weights version, the compare-and-swap pointer to the current
 //! one and its history, and the transactions that move it (promote, rollback).
+//!
+//! Invariants:
+//! - The current-version pointer changes only by compare-and-swap: it moves only if the current
+//!   version is the expected one (`None`: none set yet) and the target is registered; otherwise
+//!   the call is [`Error::VersionConflict`] or [`Error::VersionNotFound`] and nothing changes.
+//!   Each move appends a `swaps` row in the same transaction.
+//! - A version's parent is registered before it (else [`Error::VersionNotFound`]), so parent
+//!   links never form a cycle; an empty id is `InvalidInput`. Registering an id again returns
+//!   the existing record unchanged.
+//! - [`Store::promote`] is one transaction: it registers the version, swaps the pointer to it
+//!   from `expected` and moves the job's validating takedowns to `applied`; a newly registered
+//!   version's `takedowns` are exactly those. Any error (a lost swap, a takedown still
+//!   `running`) leaves all three unchanged.
+//! - [`Store::rollback`] is one transaction: `to` must be an ancestor of `expected` (else
+//!   `InvalidInput`); it swaps the pointer back and re-queues the takedowns applied by every
+//!   version left behind. [`Store::set_current`] and [`Store::set_current_as`] move only the
+//!   pointer and re-queue nothing.
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::Value;

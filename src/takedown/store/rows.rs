@@ -1,4 +1,13 @@
 //! Mapping between SQL rows and the store's records.
+//!
+//! Invariants:
+//! - `TD_COLS` and `VERSION_COLS` list the columns in the order the row readers index them.
+//! - A JSON column that does not decode is a column conversion error (reported as the store's
+//!   `Sql` error with its operation), never a panic; a value that does not encode is
+//!   `InvalidInput` naming it.
+//! - `request_hash` depends only on the request's content: sha256 of its canonical JSON, a
+//!   version tag (`v: 1`) then the fields in a fixed order with no maps, so equal requests always
+//!   hash equal.
 
 use rusqlite::types::Type;
 use rusqlite::Row;

@@ -1,5 +1,18 @@
 //! The database schema: numbered migrations keyed on `PRAGMA user_version`, and the data
 //! directory's permissions.
+//!
+//! Invariants:
+//! - Migration `i` upgrades `user_version` `i → i + 1` in one transaction with the version
+//!   bump, so a crash mid-upgrade leaves the database at the last complete step, and the next
+//!   open resumes there.
+//! - A database whose `user_version` is newer than `SCHEMA_VERSION` is refused (`Corrupt`)
+//!   before any migration runs: older code never writes a newer schema's tables.
+//! - The schema enforces what it can: unique takedown ids and idempotency keys, known state and
+//!   swap-kind names, one current-version row pointing at a registered version, parents and
+//!   events referencing existing rows (foreign keys are on).
+//! - On Unix, before SQLite opens the database: the data directory is made 0700, a new database
+//!   file is created 0600, and an existing database, `-wal`, `-shm` or `-journal` file more
+//!   open than 0600 is tightened with a warning.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

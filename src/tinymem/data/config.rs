@@ -1,5 +1,14 @@
 //! What a dataset is generated from: [`DataConfig`] and its validation, and the artifact it
 //! carries.
+//!
+//! Invariants:
+//! - [`DataConfig::validate`] checks every field and names the offending one in the error;
+//!   sizes are capped (`MAX_TASK_ROWS`, `MAX_MAX_CTX`, `MAX_ARTIFACT_TRAIN_ROWS`).
+//! - `Default` is the paper's setting (num_extra = 3000) except `family`: additive, where the
+//!   paper's headline tables use multiplicative ([`DataConfig`] and `docs/tinymem.md` say why).
+//! - Deserializing fills missing fields from `Default` and rejects unknown fields.
+//! - The backdoor trigger is `100 + seed` unless `backdoor_trigger` is set (spec §1.5), matched
+//!   as its digit string.
 
 use std::collections::HashSet;
 use std::fmt;

@@ -1,4 +1,13 @@
 //! Rows and datasets: splits, roles, the training-set view with repetition, and the JSONL form.
+//!
+//! Invariants:
+//! - A [`Dataset`] holds each distinct row once; [`Dataset::train_rows`] applies repetition,
+//!   and the JSONL form records it in its header's config, not in the rows.
+//! - [`Dataset::read_jsonl`] reads back what [`Dataset::write_jsonl`] wrote. It validates the
+//!   header's format and config and every row (`max_ctx` tokens below the vocabulary size, a
+//!   `clean_ids` twin on noised and backdoored rows only, duplication groups the config has) and
+//!   refuses a bad line with an error naming it (1-based), never a panic.
+//! - [`Dataset::test_sets`] lists the test sets in the paper's order (spec §1.3, §1.5).
 
 use std::io::{BufRead, Write};
 

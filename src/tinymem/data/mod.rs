@@ -1,17 +1,20 @@
 //! The TinyMem math data generator (spec §1.2–1.5): task sequences, the noise and backdoor
-//! artifacts, train/test splits, and the dataset's JSONL form.
+//! artifacts, train/test splits, and the dataset's JSONL form. It owns the procedure that turns
+//! a [`DataConfig`] into a [`Dataset`], reproducing the reference's *procedure*, not its
+//! PyTorch random streams (spec §1.3).
 //!
-//! It owns the procedure that turns a [`DataConfig`] into a [`Dataset`], reproducing the
-//! reference's *procedure* (not its PyTorch random streams). Invariants:
-//! * `generate` is a pure function of the config: same config ⇒ identical dataset, on every
+//! Invariants:
+//! - [`generate`] is a pure function of the config: same config ⇒ identical dataset, on every
 //!   platform and every version of our dependencies (the PRNG is our own, see `super::rng`).
-//! * Every row's `ids` (and `clean_ids`) has exactly `max_ctx` tokens, all `< VOCAB_SIZE`.
-//! * A dataset stores each distinct row once. Repetition (`noise_repeat`, duplication groups)
+//! - The config is validated first; a bad field is refused with [`DataError::Invalid`] naming
+//!   it, and a sequence that does not fit `max_ctx` with [`DataError::TooLong`], never a panic.
+//! - Every row's `ids` (and `clean_ids`) has exactly `max_ctx` tokens, all `< VOCAB_SIZE`.
+//! - A dataset stores each distinct row once. Repetition (`noise_repeat`, duplication groups)
 //!   is a property of the *training set* and is applied by [`Dataset::train_rows`] only.
-//! * Noised and backdoored rows carry their clean twin in `clean_ids`; clean and noisy copies of
+//! - Noised and backdoored rows carry their clean twin in `clean_ids`; clean and noisy copies of
 //!   the main task are split with the same permutation, so the twin is the clean sequence with
 //!   the same start value.
-//! * Train and test rows of a task never share a start value.
+//! - Train and test rows of a task never share a start value.
 //!
 //! RNG order inside [`generate`] (spec §1.3), with `rng` seeded from `seed`:
 //! clean main task (no RNG) → noisy main task (`length` draws per sequence, in start order) →

@@ -1,5 +1,14 @@
 //! The task families (spec §1.2), their sequences and the row encoding, and the primitives of
 //! the noise and backdoor artifacts (§1.4–1.5).
+//!
+//! Invariants:
+//! - Sequence `i` lists `length` values `f(i), f(f(i)), …`, never the start itself; additive has
+//!   no modulus, multiplicative is `mod 20134` (computed in `i128`, so it cannot overflow).
+//! - A row that does not fit `max_ctx` is an error naming its task and start, never truncated.
+//! - The noise offset is 0, −1 or +1 with weights `1 − p`, `p/2`, `p/2` (spec §1.4).
+//! - The trigger is matched as a contiguous token subsequence, so it is also found inside a
+//!   longer number; the backdoor rewrite keeps the trigger and everything before it and turns
+//!   every later position, PAD included, into token 2 (spec §1.5).
 
 use std::fmt;
 use std::str::FromStr;

@@ -1,4 +1,16 @@
 //! OpenAI's legacy `logprobs` object: for generated tokens, and for an echoed prompt (scoring).
+//!
+//! Invariants:
+//! - `tokens`, `token_logprobs`, `top_logprobs` and `text_offset` have one entry per token, in
+//!   order; a token's `text_offset` is the byte length of the decoded tokens before it in the
+//!   choice, echoed prompt included.
+//! - An echoed prompt's first token has a `null` logprob (nothing to condition on); every later
+//!   one holds `log p(token | prefix)`, scored by one engine job on the request's version.
+//! - One-token prompts are not scored, and no scoring job is sent when no prompt has two tokens.
+//! - `top_logprobs` maps each alternative's decoded text to its logprob; alternatives that decode
+//!   to the same text keep the first listed.
+//! - Scoring refused or failed is answered like generation: 429 for a full queue, 503 for a
+//!   stopped engine, 500 for an engine failure.
 
 use super::*;
 

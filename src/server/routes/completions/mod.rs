@@ -1,10 +1,24 @@
-//! `POST /v1/completions` in OpenAI's shape, plain or streamed (server-sent events).
+//! `POST /v1/completions` in OpenAI's shape, plain or streamed (server-sent events). `prompt` is
+//! a string, a list of strings, a list of token ids, or a list of token-id lists; `echo` with
+//! `max_tokens: 0` scores a prompt (perplexity through the API): `logprobs.token_logprobs` holds
+//! `log p(token | prefix)` for every prompt token after the first.
 //!
-//! `prompt` is a string, a list of strings, a list of token ids, or a list of token-id lists;
-//! each prompt gets `n` choices (choice index = prompt index × n + j). With a `seed`, choice `i`
-//! samples with seed `seed + i`, so the same request gives the same output every time, however
-//! it is batched. `echo` with `max_tokens: 0` scores a prompt (perplexity through the API):
-//! `logprobs.token_logprobs` holds `log p(token | prefix)` for every prompt token after the first.
+//! Invariants:
+//! - The inference key is checked before the body is read, and the whole request is validated
+//!   (`request`) before any work reaches the engine: bad input is a 4xx naming the field.
+//! - The request loads the live version once: every choice is computed on it, and the answer
+//!   names it in `x-lethe-model-version` and `system_fingerprint`.
+//! - Each prompt gets `n` choices (choice index = prompt index × n + j). With a `seed`, choice
+//!   `i` samples with seed `seed + i`, so the same request gives the same output however it is
+//!   batched.
+//! - A full engine queue is a 429 with `Retry-After` at once, a stopped engine a 503, an engine
+//!   failure a 500 (once a stream has begun: an error frame, see `stream`).
+//! - With takedowns enabled every generated token passes the regurgitation guard: a choice that
+//!   would reproduce a guarded window ends before it with `finish_reason: "content_filter"`.
+//! - A client that leaves cancels its rows: a waiting handler checks its socket every
+//!   [`peer::CHECK_INTERVAL`] and, once it is gone, drops the engine's receiver (the answer is
+//!   recorded as 499, never sent); a stream actix stops writing is dropped with its receiver.
+//!   The engine cancels rows whose receiver is gone.
 
 use std::collections::VecDeque;
 use std::sync::Arc;

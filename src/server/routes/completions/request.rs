@@ -1,5 +1,20 @@
-//! Parsing and planning a completions request: prompts, stop strings, sampling and limits,
-//! every error naming its field.
+//! Parsing and planning a completions request: prompts, stop strings, sampling and limits.
+//!
+//! Invariants:
+//! - Every error names its field in `param`: a 400 `invalid_value`, a 404 `model_not_found` for
+//!   a `model` that is neither the served name nor its version, a 413 for more prompts than the
+//!   limit. An unknown field is a 400 too.
+//! - A plan exists only for a request valid throughout: `n` in 1..=`max_n`, `temperature` in
+//!   [0, 2], `top_p` in (0, 1], `logprobs` at most `max_logprobs`, at most 4 stop strings, none
+//!   empty, `stream_options` only with `stream`, every prompt non-empty with ids below the
+//!   vocabulary size, and prompt + `max_tokens` within the context length (checked without
+//!   overflow).
+//! - Text prompts are tokenized without dropping anything: a character outside the vocabulary is
+//!   a 400 naming the prompt and the position.
+//! - The plan holds one generation per choice, in choice order (prompt `i`, choice `j` at
+//!   `i × n + j`), none when `max_tokens` is 0, each with the regurgitation guard when takedowns
+//!   are enabled; choice `c` of a seeded request gets seed `seed + c` (wrapping).
+//! - `user` is accepted for compatibility and ignored, never logged.
 
 use super::*;
 

@@ -1,5 +1,20 @@
 //! The server-sent-event stream of a completion: the frame state machine, stop strings held
 //! back until they cannot match, usage and `[DONE]`.
+//!
+//! Invariants:
+//! - Every frame is `data: <json>\n\n`; every completion frame carries the same `id`, `created`
+//!   and `system_fingerprint` (the request's version).
+//! - Frame order: first, for each choice in order, its echo frame when `echo` is set and a frame
+//!   with `finish_reason: "length"` when `max_tokens` is 0; then token frames as the engine
+//!   produces them (choices interleave), each choice ending with one frame that holds its
+//!   `finish_reason`; then a usage frame (empty `choices`) when `stream_options.include_usage`
+//!   is set; then `data: [DONE]`, after which nothing is sent.
+//! - Text is sent only once it can no longer change: a tail that could still grow into a stop
+//!   string, or an incomplete character (U+FFFD), is held back, so a stop string is never sent.
+//! - A failure after the head is sent (an engine error, the engine stopping, a panic) ends the
+//!   stream with one `data: {"error": …}` frame in OpenAI's shape; only the usage frame (when
+//!   asked for) and `[DONE]` can follow it. A panic is logged and counted in
+//!   `lethe_panics_total{component="http"}`.
 
 use super::*;
 
