@@ -529,6 +529,11 @@ fn run_job(td: &Takedowns, job: &str, claimed: &[Takedown], ctl: &JobControl) ->
     let mut report_json = decision.report;
     report_json["job"] = json!(job);
     report_json["base_version"] = json!(base.version);
+    // The gates have decided: `running → validating`, the state from which a job is either
+    // applied or rejected (`State::can_go_to`).
+    if let Err(e) = td.store.mark_validating(job) {
+        tracing::warn!(error = %e, "marking the job validating failed");
+    }
     if !decision.passed {
         let reason = decision
             .rejection
@@ -540,9 +545,6 @@ fn run_job(td: &Takedowns, job: &str, claimed: &[Takedown], ctl: &JobControl) ->
     }
     let model = decision.model;
     let new_quality = decision.quality;
-    if let Err(e) = td.store.mark_validating(job) {
-        tracing::warn!(error = %e, "marking the job validating failed");
-    }
     if let Ok(mut p) = phase.lock() {
         *p = "publishing".into();
     }

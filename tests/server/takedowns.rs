@@ -293,6 +293,42 @@ async fn five_memorized_sequences_are_guarded_unlearned_swapped_kept_and_rolled_
     assert_eq!(t["status"], "queued");
 }
 
+/// A takedown of one sequence that no model can pass the gates for ends `rejected`, with its
+/// reason and report, and the live version stays; it does not stay `running` (the job is
+/// `validating` once the gates decided, the state a rejection leaves from).
+#[actix_web::test]
+async fn a_takedown_no_candidate_passes_ends_rejected_and_the_live_version_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = takedown_state(dir.path(), true, |c| {
+        // Held-out perplexity would have to fall by half: no candidate can pass.
+        c.pipeline.gates.perplexity_budget = -0.5;
+        c.pipeline.controller.max_steps = 10;
+    });
+    let app = at::init_service(make_app(st.clone())).await;
+    let v0 = st.served().version.clone();
+    let seq = memorized_rows(1);
+    let t = post(&app, "/v1/takedowns", json!({"sequences": seq}))
+        .await
+        .json();
+    let id = t["id"].as_str().unwrap().to_string();
+    let t = wait_for(&app, &id, &["applied", "rejected", "failed"], 120).await;
+    assert_eq!(t["status"], "rejected", "{t}");
+    assert!(
+        t["rejection_reason"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty()),
+        "{t}"
+    );
+    assert!(t["report"].is_object(), "{t}");
+    assert_eq!(st.served().version, v0);
+    let events = get(&app, &format!("/v1/takedowns/{id}/receipt"))
+        .await
+        .json();
+    let text = events.to_string();
+    assert!(text.contains("validating"), "{events}");
+    st.takedowns.as_ref().unwrap().shutdown();
+}
+
 #[actix_web::test]
 async fn bad_takedowns_are_refused_item_by_item() {
     let dir = tempfile::tempdir().unwrap();
