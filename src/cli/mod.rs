@@ -263,6 +263,23 @@ mod tests {
 
     use super::Cli;
 
+    /// A benchmark asked for zero runs, steps or requests is refused by the parser with a
+    /// message naming the flag, instead of panicking on an empty median later.
+    #[test]
+    fn zero_runs_steps_or_requests_are_refused() {
+        for line in [
+            "bench unlearn --steps 0",
+            "bench decode --runs 0",
+            "bench audit --runs 0",
+            "bench train --steps 0",
+            "bench takedowns --requests 0",
+        ] {
+            let args = std::iter::once("lethe").chain(line.split_whitespace());
+            let e = Cli::try_parse_from(args).expect_err(line).to_string();
+            assert!(e.contains("at least 1"), "{line}: {e}");
+        }
+    }
+
     /// Every `lethe` command line that `bench/gpu_check.sh` runs parses (the script cannot be run
     /// without a GPU, so its flags are pinned here).
     #[test]

@@ -532,9 +532,10 @@ impl Engine {
                 self.routes.remove(id);
             }
             if let Err(e) = self.groups[gi].batch.cancel(&gone) {
-                tracing::error!(error = %e, "cancelling rows failed; resetting the batch");
-                let g = &mut self.groups[gi];
-                g.batch = DecodeBatch::new(&g.served.model);
+                // The batch is reset, so every other row in it fails now rather than waiting
+                // for events that will never come.
+                let message = format!("cancelling rows failed; the batch was reset: {e}");
+                self.reset_group(gi, &message, false);
             }
         }
     }

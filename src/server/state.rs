@@ -20,7 +20,9 @@ use crate::engine::served::{Live, Served};
 use crate::metrics::Metrics;
 use crate::takedown::worker::Takedowns;
 
-/// Request limits (all configurable).
+/// Request limits. `--max-body-bytes`, `--max-audit-sequences` and `--body-read-timeout-seconds`
+/// set three of them; `max_prompts` (64), `max_n` (16) and `max_logprobs` (20) have no flag
+/// and keep their defaults, which `docs/api.md` lists.
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_body_bytes: usize,

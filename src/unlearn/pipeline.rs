@@ -422,10 +422,12 @@ pub fn run(
             out.seconds
         )),
         (false, None) => {
-            let left = out.checks.last().map_or(targets.len(), |c| c.extractable);
+            // Counted over the controller's forget set: this request's sequences plus, on a
+            // lineage, the earlier takedowns' ones.
+            let left = out.checks.last().map_or(all.len(), |c| c.extractable);
             Some(format!(
                 "{left} of {} sequences are still extractable ({} after {} steps, {:.0} s, mask ratio {:.3})",
-                targets.len(),
+                all.len(),
                 ending_text(out.ending),
                 out.steps,
                 out.seconds,

@@ -57,7 +57,7 @@ pub struct GuardArgs {
     #[arg(long, default_value_t = 1_000_000)]
     pub tokens: usize,
     /// Runs (the median is reported).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = at_least_one)]
     pub runs: usize,
 }
 
@@ -88,7 +88,7 @@ pub struct DecodeArgs {
     #[arg(long, default_value_t = 100)]
     pub new_tokens: usize,
     /// Timed runs (after one warm-up); the median is reported.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = at_least_one)]
     pub runs: usize,
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
@@ -115,7 +115,7 @@ pub struct ScoreBenchArgs {
     #[arg(long, default_value_t = 150)]
     pub seq_len: usize,
     /// Timed runs (after one warm-up); the median is reported.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = at_least_one)]
     pub runs: usize,
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
@@ -137,7 +137,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 150)]
     pub seq_len: usize,
     /// Timed steps; the median step time is reported.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = at_least_one)]
     pub steps: usize,
     /// Untimed steps first (allocator and thread pools warm up).
     #[arg(long, default_value_t = 3)]
@@ -244,10 +244,23 @@ fn model_label(shape: Shape, dir: Option<&Path>) -> String {
     )
 }
 
+/// A count of runs, steps or requests: a whole number of at least 1.
+pub(crate) fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        Ok(_) => Err("must be at least 1".into()),
+        Err(e) => Err(format!("not a whole number: {e}")),
+    }
+}
+
 pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     let n = xs.len();
-    if n % 2 == 1 {
+    if n == 0 {
+        // Nothing to take the median of (a group with no applied request): NaN, which the
+        // JSON output writes as `null`.
+        f64::NAN
+    } else if n % 2 == 1 {
         xs[n / 2]
     } else {
         (xs[n / 2 - 1] + xs[n / 2]) / 2.0
@@ -447,4 +460,23 @@ fn score(a: ScoreBenchArgs) -> anyhow::Result<()> {
     });
     println!("{v}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_of_zero_are_refused_and_an_empty_median_is_nan() {
+        assert_eq!(at_least_one("3"), Ok(3));
+        assert!(at_least_one("0").unwrap_err().contains("at least 1"));
+        assert!(at_least_one("x").is_err());
+        assert!(median(Vec::new()).is_nan());
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0]), 2.5);
+        assert_eq!(
+            serde_json::json!(median(Vec::new())),
+            serde_json::Value::Null
+        );
+    }
 }

@@ -30,7 +30,7 @@ use rand::SeedableRng;
 use serde::Serialize;
 use serde_json::json;
 
-use super::median;
+use super::{at_least_one, median};
 use crate::audit::{self, Definition};
 use crate::loader::ModelArgs;
 use crate::models::Model;
@@ -47,7 +47,7 @@ pub struct TakedownBenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "1,5,10,24")]
     pub sizes: Vec<usize>,
     /// Requests per size and form.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = at_least_one)]
     pub requests: usize,
     /// Forms: `rows` (whole rows, definition tinymem), `prefix` (50-token prefix plus the
     /// 50-token continuation, definition k=50,n=50).

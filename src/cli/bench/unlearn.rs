@@ -17,7 +17,7 @@ use std::time::Instant;
 use candle_core::Device;
 use clap::Args;
 
-use super::{bench_model, median, shape_config, Shape};
+use super::{at_least_one, bench_model, median, shape_config, Shape};
 use crate::audit::{self, AuditItem};
 use crate::optim::{Sgd, SgdParams};
 use crate::unlearn::mask::Scores;
@@ -34,7 +34,7 @@ pub struct UnlearnBenchArgs {
     /// Fraction of each MLP matrix masked.
     #[arg(long, default_value_t = 0.3)]
     pub ratio: f64,
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = at_least_one)]
     pub steps: usize,
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
@@ -57,7 +57,7 @@ pub struct AuditBenchArgs {
     /// Sequences audited per run.
     #[arg(long, default_value_t = 128)]
     pub sequences: usize,
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = at_least_one)]
     pub runs: usize,
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]

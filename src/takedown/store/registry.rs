@@ -163,7 +163,7 @@ impl Store {
                 }
                 None => {
                     return Err(Error::invalid(
-                        "to",
+                        "to_version",
                         format!("version {to} is not an ancestor of {expected}"),
                     ))
                 }
