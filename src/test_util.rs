@@ -48,6 +48,23 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 /// A small ReLU GPT-2 for gradient tests (`vocab`, `positions`, `width`, `heads`; MLP 40), with
 /// initializer range 0.3 so attention is far from uniform and every op matters.
 pub fn relu_gpt2(
+    dims: (usize, usize, usize, usize),
+    n_layer: usize,
+    tied: bool,
+    inverse_idx: bool,
+) -> crate::models::ModelConfig {
+    gpt2_with(
+        crate::models::ops::Activation::Relu,
+        dims,
+        n_layer,
+        tied,
+        inverse_idx,
+    )
+}
+
+/// [`relu_gpt2`] with another MLP activation.
+pub fn gpt2_with(
+    activation: crate::models::ops::Activation,
     (vocab, positions, width, heads): (usize, usize, usize, usize),
     n_layer: usize,
     tied: bool,
@@ -60,7 +77,7 @@ pub fn relu_gpt2(
         n_layer,
         n_head: heads,
         n_inner: 40,
-        activation: crate::models::ops::Activation::Relu,
+        activation,
         layer_norm_epsilon: 1e-5,
         tie_word_embeddings: tied,
         scale_attn_weights: true,

@@ -122,8 +122,14 @@ mod tests {
     fn the_hand_written_gpt2_path_scores_like_the_candle_path() {
         // Tied and untied heads, the 1/(layer + 1) attention scale, rows of mixed lengths
         // (right padding inside a batch), more rows than row groups.
-        for (tied, inverse_idx) in [(true, false), (false, true)] {
-            let cfg = crate::test_util::relu_gpt2((14, 64, 24, 3), 2, tied, inverse_idx);
+        use crate::models::ops::Activation::{Gelu, Relu, Silu};
+        for (act, tied, inverse_idx) in [
+            (Relu, true, false),
+            (Relu, false, true),
+            (Gelu, false, false),
+            (Silu, true, true),
+        ] {
+            let cfg = crate::test_util::gpt2_with(act, (14, 64, 24, 3), 2, tied, inverse_idx);
             let model = crate::models::Model::random(&cfg, &Device::Cpu).unwrap();
             let Model::Gpt2(gpt2) = &model else {
                 unreachable!()

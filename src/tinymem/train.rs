@@ -486,20 +486,25 @@ mod tests {
 
     #[test]
     fn hand_written_gradients_match_autograd_for_every_parameter() {
-        // (layers, tied, inverse layer scaling, rows, length): lengths odd, even, 2 and the
-        // whole context.
+        // (activation, layers, tied, inverse layer scaling, rows, length): lengths odd, even, 2
+        // and the whole context; every MLP activation the loader accepts.
+        use Activation::{Gelu, GeluTanh, Relu, Silu};
         let cases = [
-            (1, true, false, 3, 9),
-            (2, false, false, 2, 13),
-            (2, true, true, 5, 16),
-            (1, false, false, 4, 2),
-            (2, true, false, 1, 10),
+            (Relu, 1, true, false, 3, 9),
+            (Relu, 2, false, false, 2, 13),
+            (Relu, 2, true, true, 5, 16),
+            (Relu, 1, false, false, 4, 2),
+            (Relu, 2, true, false, 1, 10),
+            (Gelu, 2, false, true, 3, 11),
+            (GeluTanh, 1, true, false, 2, 16),
+            (Silu, 2, false, false, 2, 7),
         ];
         // One workspace for all cases: buffers left by another shape must not leak in.
         let mut ws = MlpGradWorkspace::default();
-        for (case, &(nl, tied, inv, b, t)) in cases.iter().enumerate() {
+        for (case, &(act, nl, tied, inv, b, t)) in cases.iter().enumerate() {
             let weights = Weights::init_seeded(case as u64, DType::F32, &Device::Cpu);
-            let model = Model::new(&config(nl, tied, inv), &weights).unwrap();
+            let cfg = crate::test_util::gpt2_with(act, (11, 16, 16, 2), nl, tied, inv);
+            let model = Model::new(&cfg, &weights).unwrap();
             let Model::Gpt2(gpt) = &model else {
                 unreachable!()
             };

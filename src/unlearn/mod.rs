@@ -614,12 +614,17 @@ mod tests {
     //! candle's backward through [`Scores::masked`] + [`batch_loss`] agree on the group losses
     //! (relative 1e-5) and on every score gradient (relative L2 error ≤ 1e-4).
     use super::*;
+    use crate::models::ops::Activation;
     use crate::models::ModelConfig;
     use crate::test_util::rows;
     use candle_core::Device;
 
     fn config(tied: bool, inverse_idx: bool, n_layer: usize) -> ModelConfig {
         crate::test_util::relu_gpt2((14, 64, 24, 3), n_layer, tied, inverse_idx)
+    }
+
+    fn config_with(act: Activation, tied: bool, inverse_idx: bool, n_layer: usize) -> ModelConfig {
+        crate::test_util::gpt2_with(act, (14, 64, 24, 3), n_layer, tied, inverse_idx)
     }
 
     use crate::test_util::rel_l2;
@@ -632,16 +637,29 @@ mod tests {
         let mixed = |r: usize| [45, 7, 33, 2, 40][r % 5];
         // Rows too short to predict anything count in their group's mean with loss 0.
         let short = |r: usize| [9, 1, 0, 6, 2][r % 5];
-        type Case<'a> = (bool, bool, usize, &'a dyn Fn(usize) -> usize, usize, f64);
+        // Every MLP activation the loader accepts.
+        use Activation::{Gelu, GeluTanh, Relu, Silu};
+        type Case<'a> = (
+            Activation,
+            bool,
+            bool,
+            usize,
+            &'a dyn Fn(usize) -> usize,
+            usize,
+            f64,
+        );
         let cases: Vec<Case> = vec![
-            (true, false, 3, &long, 3, 0.9),
-            (false, true, 2, &mixed, 2, 0.5),
-            (true, false, 1, &mixed, 0, 0.9),
-            (true, false, 2, &long, 5, 0.0),
-            (false, false, 2, &short, 3, 0.7),
+            (Relu, true, false, 3, &long, 3, 0.9),
+            (Relu, false, true, 2, &mixed, 2, 0.5),
+            (Relu, true, false, 1, &mixed, 0, 0.9),
+            (Relu, true, false, 2, &long, 5, 0.0),
+            (Relu, false, false, 2, &short, 3, 0.7),
+            (Gelu, false, true, 2, &mixed, 2, 0.5),
+            (GeluTanh, true, false, 2, &long, 3, 0.9),
+            (Silu, false, false, 1, &mixed, 3, 0.7),
         ];
-        for (ci, (tied, inv, nl, len, nf, w)) in cases.into_iter().enumerate() {
-            let model = Model::random(&config(tied, inv, nl), &Device::Cpu).unwrap();
+        for (ci, (act, tied, inv, nl, len, nf, w)) in cases.into_iter().enumerate() {
+            let model = Model::random(&config_with(act, tied, inv, nl), &Device::Cpu).unwrap();
             let data = rows(5, len, ci as u64 + 1);
             let batch: Vec<Example> = data
                 .iter()
@@ -658,7 +676,7 @@ mod tests {
             for _ in 0..2 {
                 let (flf, flr) = fast_score_grads(&model, &scores, &base, &batch, w, &mut ws)
                     .unwrap()
-                    .expect("GPT-2 with ReLU takes the fast path");
+                    .expect("GPT-2 on the CPU takes the fast path");
                 let masked = scores.masked(&base).unwrap();
                 let (loss, lf, lr) = batch_loss(&model, &masked, &batch, w).unwrap();
                 let grads = loss.backward().unwrap();

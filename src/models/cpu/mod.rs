@@ -10,6 +10,7 @@
 //! | [`attention`] | causal attention forward and backward over a packed `qkv` ([`attention::QkvLayout`]) |
 //! | [`norm`] | LayerNorm's backward, bias rows and column sums |
 //! | [`activation`] | every MLP activation and its derivative |
+//! | [`rotary`] | rotary position embeddings ("rotate_half") forward and backward, one head or a packed `qkv` |
 //! | [`vmath`] | vectorisable exp, log-sum-exp, erf/GELU, LayerNorm forward |
 //! | [`skinny`] | dense layers for a few rows (AVX-512), the decode step's products |
 //! | [`attend`] | attention at inference, reading the KV cache in place |
@@ -30,6 +31,7 @@ pub(crate) mod attention;
 pub(crate) mod gemm;
 pub(crate) mod head;
 pub(crate) mod norm;
+pub(crate) mod rotary;
 pub(crate) mod skinny;
 pub(crate) mod storage;
 pub(crate) mod vmath;

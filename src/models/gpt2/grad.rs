@@ -10,7 +10,8 @@
 //!   BalancedSubnet's scores need; the backward stops at layer 0's `c_fc`);
 //!   [`Gpt2::train_grads`] returns every parameter's gradient. Both run the same code,
 //!   parameterised by what is accumulated.
-//! - Supported: f32 weights on the CPU, ReLU MLPs, unpadded causal attention (rows may be
+//! - Supported: f32 weights on the CPU, every MLP activation the loader accepts (ReLU, exact
+//!   and tanh GELU, SiLU), unpadded causal attention (rows may be
 //!   right-padded; the padding's predictions carry zero weight).
 //!   [`super::Gpt2::mlp_grads_supported`] says whether a model qualifies; callers fall back to
 //!   autograd otherwise.
@@ -160,6 +161,7 @@ struct Dims {
     inner: usize,
     v: usize,
     eps: f32,
+    act: Activation,
 }
 
 /// Every weight the step reads, as slices.
@@ -242,7 +244,7 @@ part_with_features!(
     "avx512f,avx2,fma"
 );
 part_with_features!(
-    /// 8-wide vectors for the row loops (LayerNorm, softmax, bias, ReLU).
+    /// 8-wide vectors for the row loops (LayerNorm, softmax, bias, activation).
     part_avx2,
     "avx2,fma"
 );
@@ -265,6 +267,7 @@ fn part_body(
         inner,
         v,
         eps,
+        act,
     } = d;
     let (b, nl) = (lens.len(), w.blocks.len());
     let n = b * t;
@@ -315,7 +318,7 @@ fn part_body(
         rows_plus_bias(None, bw.fc.1, hpre);
         gemm(n, inner, h, hpre, m_in, (h, 1), bw.fc.0, (inner, 1), true);
         let hh = buf(&mut lb.h, n * inner);
-        activation::forward(Activation::Relu, hpre, hh);
+        activation::forward(act, hpre, hh);
         let next = buf(&mut rest[0], n * h);
         rows_plus_bias(Some(xm), bw.mproj.1, next);
         gemm(n, h, inner, next, hh, (inner, 1), bw.mproj.0, (h, 1), true);
@@ -408,7 +411,7 @@ fn part_body(
         let bw = &w.blocks[li];
         let lb = &ws.layers[li];
         let dx = &mut ws.dx;
-        // c_proj: ∂W2 = hᵀ dx, ∂h = dx W2ᵀ, then ReLU (the gradient passes at 0).
+        // c_proj: ∂W2 = hᵀ dx, ∂h = dx W2ᵀ, then the activation's derivative.
         let (gw, gb) = pair(grads, pidx(li, P_MPROJ));
         gemm(
             inner,
@@ -426,7 +429,7 @@ fn part_body(
         }
         let dh = buf(&mut ws.dh, n * inner);
         gemm(n, inner, h, dh, dx, (h, 1), bw.mproj.0, (1, h), false);
-        activation::backward(Activation::Relu, &lb.hpre, dh);
+        activation::backward(act, &lb.hpre, dh);
         // c_fc: ∂W1 = m_inᵀ ∂hpre.
         let (gw, gb) = pair(grads, pidx(li, P_FC));
         gemm(
@@ -519,9 +522,9 @@ fn part_body(
 
 impl Gpt2 {
     /// Whether [`Gpt2::mlp_grads`] and [`Gpt2::train_grads`] can run on this model (f32 CPU
-    /// weights, ReLU MLP, fused kernels enabled on this thread).
+    /// weights, fused kernels enabled on this thread; every activation the loader accepts).
     pub fn mlp_grads_supported(&self) -> bool {
-        self.cfg.activation == Activation::Relu && fused::supported(&[&self.wte])
+        fused::supported(&[&self.wte])
     }
 
     /// The loss `L = Σ_r row_weight[r] · ℓ_r`, where `ℓ_r` is row `r`'s mean next-token
@@ -638,7 +641,7 @@ impl Gpt2 {
         let cfg = &self.cfg;
         let (h, nh, inner, v) = (cfg.n_embd, cfg.n_head, cfg.n_inner, cfg.vocab_size);
         if !self.mlp_grads_supported() {
-            bail!("mlp_grads: unsupported model (needs f32 on the CPU and a ReLU MLP)");
+            bail!("mlp_grads: unsupported model (needs f32 weights on the CPU)");
         }
         if ids.len() != b * t || lens.len() != b || row_weight.len() != b || b == 0 {
             bail!("mlp_grads: ids, lens and row weights do not describe {b} rows of {t}");
@@ -660,6 +663,7 @@ impl Gpt2 {
             inner,
             v,
             eps: cfg.layer_norm_epsilon as f32,
+            act: cfg.activation,
         };
 
         // Row groups: four per thread, so that a thread slowed down by another process leaves

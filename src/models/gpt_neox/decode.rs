@@ -21,6 +21,7 @@ use candle_core::{Result, Tensor};
 
 use super::GptNeoX;
 use crate::models::cpu::attend::CachedKv;
+use crate::models::cpu::rotary::rotate;
 use crate::models::cpu::skinny;
 use crate::models::cpu::storage::view;
 use crate::models::cpu::vmath::layer_norm;
@@ -160,18 +161,6 @@ impl GptNeoX {
         let (fw, fb) = (view(&self.final_ln.w), view(&self.final_ln.b));
         layer_norm(&x, (fw.slice()?, fb.slice()?), eps, &mut a);
         Tensor::from_vec(a, (b, 1, h), &dev).map(Some)
-    }
-}
-
-/// Rotary embedding of one head's first `2 · c.len()` dimensions in place: pairs `(i, i + half)`
-/// turn by the angle whose cosine and sine are `c[i]`, `s[i]`.
-fn rotate(x: &mut [f32], c: &[f32], s: &[f32]) {
-    let half = c.len();
-    let (lo, hi) = x.split_at_mut(half);
-    for i in 0..half {
-        let (x1, x2) = (lo[i], hi[i]);
-        lo[i] = x1 * c[i] - x2 * s[i];
-        hi[i] = x2 * c[i] + x1 * s[i];
     }
 }
 
