@@ -68,12 +68,29 @@ pub fn token_rows(n: usize, len: impl Fn(usize) -> usize, seed: u64, vocab: u64)
         .collect()
 }
 
+/// The process's peak resident set size in bytes (`VmHWM` of `/proc/self/status`), where the
+/// system reports it (Linux); `None` elsewhere.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::token_rows;
+    use super::{peak_rss_bytes, token_rows};
 
-    /// `bench/infer_torch.py` rebuilds these rows for the transformers peer; the values were
-    /// printed by its `token_rows`, so the two sides score and audit the same ids.
+    #[test]
+    fn the_peak_rss_covers_what_the_process_holds() {
+        let big = vec![1u8; 64 << 20];
+        assert!(big.iter().map(|&b| u64::from(b)).sum::<u64>() > 0);
+        if let Some(peak) = peak_rss_bytes() {
+            // Bytes, not KiB: at least the 64 MiB touched just now.
+            assert!(peak >= 64 << 20, "{peak}");
+        }
+    }
+
     #[test]
     fn token_rows_match_the_python_peer() {
         assert_eq!(

@@ -68,6 +68,12 @@ pub enum Shape {
     Tinymem,
     /// Pythia-70m: GPT-NeoX, 6 layers, 512 wide, 8 heads, vocab 50304.
     Pythia70m,
+    /// Pythia-160m: GPT-NeoX, 12 layers, 768 wide, 12 heads, MLP 3072.
+    Pythia160m,
+    /// Pythia-410m: GPT-NeoX, 24 layers, 1024 wide, 16 heads, MLP 4096.
+    Pythia410m,
+    /// Pythia-1b: GPT-NeoX, 16 layers, 2048 wide, 8 heads, MLP 8192.
+    Pythia1b,
 }
 
 #[derive(Debug, Args)]
@@ -199,26 +205,35 @@ pub fn shape_config(shape: Shape) -> ModelConfig {
             eos_token_id: Some(11),
             pad_token_id: Some(13),
         }),
-        Shape::Pythia70m => ModelConfig::GptNeoX(gpt_neox::Config {
-            vocab_size: 50304,
-            hidden_size: 512,
-            num_hidden_layers: 6,
-            num_attention_heads: 8,
-            intermediate_size: 2048,
-            max_position_embeddings: 2048,
-            rotary_pct: 0.25,
-            rotary_emb_base: 10000.0,
-            use_parallel_residual: true,
-            layer_norm_eps: 1e-5,
-            activation: crate::models::ops::Activation::Gelu,
-            tie_word_embeddings: false,
-            attention_bias: true,
-            initializer_range: 0.02,
-            bos_token_id: Some(0),
-            eos_token_id: Some(0),
-            pad_token_id: None,
-        }),
+        Shape::Pythia70m => pythia((6, 512, 8)),
+        Shape::Pythia160m => pythia((12, 768, 12)),
+        Shape::Pythia410m => pythia((24, 1024, 16)),
+        Shape::Pythia1b => pythia((16, 2048, 8)),
     }
+}
+
+/// EleutherAI's Pythia config at `(layers, width, heads)`: MLP 4× wide, vocab 50304, rotary on
+/// a quarter of each head, parallel residual, exact GELU, untied head.
+fn pythia((layers, width, heads): (usize, usize, usize)) -> ModelConfig {
+    ModelConfig::GptNeoX(gpt_neox::Config {
+        vocab_size: 50304,
+        hidden_size: width,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        intermediate_size: 4 * width,
+        max_position_embeddings: 2048,
+        rotary_pct: 0.25,
+        rotary_emb_base: 10000.0,
+        use_parallel_residual: true,
+        layer_norm_eps: 1e-5,
+        activation: crate::models::ops::Activation::Gelu,
+        tie_word_embeddings: false,
+        attention_bias: true,
+        initializer_range: 0.02,
+        bos_token_id: Some(0),
+        eos_token_id: Some(0),
+        pad_token_id: None,
+    })
 }
 
 /// The model a benchmark runs: the weights in `dir` when given, else random weights of `shape`.

@@ -29,8 +29,18 @@ pub struct UnlearnBenchArgs {
     /// Rows per step (half forget, half retain).
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
+    /// Tokens per row (at most the model's context).
+    #[arg(long, default_value_t = 150, value_parser = at_least_one)]
+    pub seq_len: usize,
+    /// Blocks of the random TinyMem-shaped model (without `--shape` or `--model`).
     #[arg(long, default_value_t = 4)]
     pub layers: usize,
+    /// A random model of this shape instead of TinyMem's.
+    #[arg(long, value_enum)]
+    pub shape: Option<Shape>,
+    /// A model directory (any supported checkpoint) instead of a random model.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
     /// Fraction of each MLP matrix masked.
     #[arg(long, default_value_t = 0.3)]
     pub ratio: f64,
@@ -83,7 +93,28 @@ fn tinymem(layers: usize, device: &Device) -> anyhow::Result<crate::models::Mode
 /// One BalancedSubnet step (masked forward, loss, backward, SGD on the scores), timed.
 pub fn unlearn(a: UnlearnBenchArgs) -> anyhow::Result<()> {
     let device = crate::runtime::parse_device(&a.device)?;
-    let model = tinymem(a.layers, &device)?;
+    let (model, label) = match (&a.model, a.shape) {
+        (Some(dir), _) => (
+            bench_model(Shape::Tinymem, Some(dir), &device)?,
+            dir.display().to_string(),
+        ),
+        (None, Some(shape)) => (
+            bench_model(shape, None, &device)?,
+            format!("{shape:?}").to_lowercase(),
+        ),
+        (None, None) => (
+            tinymem(a.layers, &device)?,
+            format!("tinymem-{}-layers", a.layers),
+        ),
+    };
+    let spec = model.spec().clone();
+    if a.seq_len > spec.context_length {
+        anyhow::bail!(
+            "--seq-len {} is longer than the model's context ({})",
+            a.seq_len,
+            spec.context_length
+        );
+    }
     let base = model.mlp_weights();
     let scores = Scores::init(&model, a.ratio, 0)?;
     let mut opt = Sgd::new(
@@ -94,7 +125,7 @@ pub fn unlearn(a: UnlearnBenchArgs) -> anyhow::Result<()> {
             weight_decay: 5e-4,
         },
     );
-    let data = rows(a.batch, |_| 150, 1);
+    let data = crate::util::token_rows(a.batch, |_| a.seq_len, 1, spec.vocab_size as u64);
     let batch: Vec<Example> = data
         .iter()
         .enumerate()
@@ -118,9 +149,11 @@ pub fn unlearn(a: UnlearnBenchArgs) -> anyhow::Result<()> {
         "benchmark": "unlearn",
         "implementation": "lethe",
         "method": "balanced-subnet",
-        "layers": a.layers,
+        "model": label,
+        "layers": spec.num_layers,
+        "mlp_parameters": 2 * spec.num_layers * spec.hidden_size * spec.intermediate_size,
         "batch": a.batch,
-        "seq_len": 150,
+        "seq_len": a.seq_len,
         "ratio": a.ratio,
         "device": a.device,
         "step_path": if crate::unlearn::fast_step_applies(&model, &scores) {
@@ -129,7 +162,9 @@ pub fn unlearn(a: UnlearnBenchArgs) -> anyhow::Result<()> {
             "autograd"
         },
         "steps": times.len(),
+        "tokens_per_second": (a.batch * a.seq_len) as f64 / median(times.clone()),
         "seconds_per_step": median(times),
+        "peak_rss_bytes": crate::util::peak_rss_bytes(),
         "statistic": "median over timed steps",
         "threads": std::env::var("RAYON_NUM_THREADS").ok(),
     });
