@@ -29,7 +29,7 @@ use super::{causal_mask, Inputs, KvCache, MlpWeights, ModelSpec, Params};
 use crate::error::{Error, Result};
 
 mod decode;
-mod grad;
+pub(crate) mod grad;
 pub use grad::{MlpGradWorkspace, MlpGrads, TrainGrads};
 
 /// GPT-2 hyper-parameters, validated.

@@ -30,6 +30,7 @@ use super::{causal_mask, Inputs, KvCache, MlpWeights, ModelSpec, Params, TokenId
 use crate::error::{Error, Result};
 
 mod decode;
+mod grad;
 
 /// GPT-NeoX hyper-parameters, validated.
 #[derive(Debug, Clone, PartialEq)]

@@ -388,7 +388,7 @@ pub fn train_step(
         .enumerate()
         .map(|(i, (n, _))| (n.as_str(), i))
         .collect();
-    opt.step_slices(|name| index.get(name).map(|&i| out.grads[i].as_slice()))?;
+    opt.step_slices(|name| index.get(name).map(|&i| out.grads[i]))?;
     Ok(StepReport {
         loss: out.loss,
         grad_seconds: (t1 - t0).as_secs_f64(),

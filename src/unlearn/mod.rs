@@ -393,11 +393,14 @@ pub fn step(
     Ok((lf, lr))
 }
 
-/// Whether [`step`] takes the hand-written backward for `model` and `scores`: a GPT-2 with a
-/// ReLU MLP whose weights are f32 on the CPU. On any other device (CUDA) or dtype, and for
-/// GPT-NeoX, the step runs through candle's autograd on the model's own device.
+/// Whether [`step`] takes the hand-written backward for `model` and `scores`: weights f32 on
+/// the CPU, GPT-2 or GPT-NeoX, scores in the weights' own layout. On any other device (CUDA)
+/// or dtype the step runs through candle's autograd on the model's own device.
 pub fn fast_step_applies(model: &Model, scores: &Scores) -> bool {
-    matches!(model, Model::Gpt2(gpt) if gpt.mlp_grads_supported()) && !scores.linear_layout()
+    match model {
+        Model::Gpt2(gpt) => gpt.mlp_grads_supported() && !scores.linear_layout(),
+        Model::GptNeoX(neox) => neox.mlp_grads_supported() && scores.linear_layout(),
+    }
 }
 
 /// `f` of a CPU f32 tensor's values, without a copy where the tensor is contiguous.
@@ -423,9 +426,6 @@ fn fast_score_grads(
     w: f64,
     ws: &mut StepWorkspace,
 ) -> Result<Option<(Option<f64>, Option<f64>)>> {
-    let Model::Gpt2(gpt) = model else {
-        return Ok(None);
-    };
     if !fast_step_applies(model, scores) {
         return Ok(None);
     }
@@ -491,14 +491,15 @@ fn fast_score_grads(
                 mask::for_each_smallest_abs(sv, j, scratch, |i| eff[i] = 0.0);
             })
         })?;
-    let out = gpt.mlp_grads(
-        &ids,
-        (batch.len(), width),
-        &lens,
-        &row_weight,
-        &ws.eff,
-        &mut ws.grad,
-    )?;
+    let shape = (batch.len(), width);
+    let out = match model {
+        Model::Gpt2(gpt) => {
+            gpt.mlp_grads(&ids, shape, &lens, &row_weight, &ws.eff, &mut ws.grad)?
+        }
+        Model::GptNeoX(neox) => {
+            neox.mlp_grads(&ids, shape, &lens, &row_weight, &ws.eff, &mut ws.grad)?
+        }
+    };
     // Straight-through: ∂L/∂s = (∂L/∂W_eff ⊙ W) · sign(s), with sign(0) = +1 as candle's abs.
     out.grads
         .iter()
@@ -629,6 +630,35 @@ mod tests {
 
     use crate::test_util::rel_l2;
 
+    /// A small GPT-NeoX (vocab 14, 64 positions, width 24, 3 heads, MLP 40) for the fast step.
+    fn neox(
+        layers: usize,
+        rotary_pct: f64,
+        parallel: bool,
+        act: Activation,
+        bias: bool,
+    ) -> ModelConfig {
+        ModelConfig::GptNeoX(crate::models::gpt_neox::Config {
+            vocab_size: 14,
+            hidden_size: 24,
+            num_hidden_layers: layers,
+            num_attention_heads: 3,
+            intermediate_size: 40,
+            max_position_embeddings: 64,
+            rotary_pct,
+            rotary_emb_base: 10000.0,
+            use_parallel_residual: parallel,
+            layer_norm_eps: 1e-5,
+            activation: act,
+            tie_word_embeddings: false,
+            attention_bias: bias,
+            initializer_range: 0.3,
+            bos_token_id: None,
+            eos_token_id: None,
+            pad_token_id: None,
+        })
+    }
+
     #[test]
     fn fast_step_matches_autograd_through_the_masked_model() {
         // (tied head, 1/(layer+1) attention scale, layers, row lengths, forget rows, w):
@@ -639,27 +669,24 @@ mod tests {
         let short = |r: usize| [9, 1, 0, 6, 2][r % 5];
         // Every MLP activation the loader accepts.
         use Activation::{Gelu, GeluTanh, Relu, Silu};
-        type Case<'a> = (
-            Activation,
-            bool,
-            bool,
-            usize,
-            &'a dyn Fn(usize) -> usize,
-            usize,
-            f64,
-        );
+        type Case<'a> = (ModelConfig, &'a dyn Fn(usize) -> usize, usize, f64);
+        let gpt2 = config_with;
         let cases: Vec<Case> = vec![
-            (Relu, true, false, 3, &long, 3, 0.9),
-            (Relu, false, true, 2, &mixed, 2, 0.5),
-            (Relu, true, false, 1, &mixed, 0, 0.9),
-            (Relu, true, false, 2, &long, 5, 0.0),
-            (Relu, false, false, 2, &short, 3, 0.7),
-            (Gelu, false, true, 2, &mixed, 2, 0.5),
-            (GeluTanh, true, false, 2, &long, 3, 0.9),
-            (Silu, false, false, 1, &mixed, 3, 0.7),
+            (gpt2(Relu, true, false, 3), &long, 3, 0.9),
+            (gpt2(Relu, false, true, 2), &mixed, 2, 0.5),
+            (gpt2(Relu, true, false, 1), &mixed, 0, 0.9),
+            (gpt2(Relu, true, false, 2), &long, 5, 0.0),
+            (gpt2(Relu, false, false, 2), &short, 3, 0.7),
+            (gpt2(Gelu, false, true, 2), &mixed, 2, 0.5),
+            (gpt2(GeluTanh, true, false, 2), &long, 3, 0.9),
+            (gpt2(Silu, false, false, 1), &mixed, 3, 0.7),
+            // GPT-NeoX: partial and full rotary, parallel and sequential residual, biases or not.
+            (neox(2, 0.25, true, Gelu, true), &mixed, 2, 0.5),
+            (neox(2, 1.0, false, Gelu, false), &long, 3, 0.9),
+            (neox(1, 0.5, true, GeluTanh, true), &short, 3, 0.7),
         ];
-        for (ci, (act, tied, inv, nl, len, nf, w)) in cases.into_iter().enumerate() {
-            let model = Model::random(&config_with(act, tied, inv, nl), &Device::Cpu).unwrap();
+        for (ci, (cfg, len, nf, w)) in cases.into_iter().enumerate() {
+            let model = Model::random(&cfg, &Device::Cpu).unwrap();
             let data = rows(5, len, ci as u64 + 1);
             let batch: Vec<Example> = data
                 .iter()
@@ -676,7 +703,7 @@ mod tests {
             for _ in 0..2 {
                 let (flf, flr) = fast_score_grads(&model, &scores, &base, &batch, w, &mut ws)
                     .unwrap()
-                    .expect("GPT-2 on the CPU takes the fast path");
+                    .expect("f32 on the CPU takes the fast path");
                 let masked = scores.masked(&base).unwrap();
                 let (loss, lf, lr) = batch_loss(&model, &masked, &batch, w).unwrap();
                 let grads = loss.backward().unwrap();

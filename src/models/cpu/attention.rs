@@ -41,8 +41,6 @@ impl QkvLayout {
     }
 
     /// GPT-NeoX's `query_key_value` output: `[heads, (q, k, v), head_dim]`.
-    // Tested here; GPT-NeoX's hand-written training pass (issue #17) is its first caller.
-    #[allow(dead_code)]
     pub fn neox(hidden: usize, heads: usize) -> Self {
         let hd = hidden / heads;
         Self::new(3 * hidden, heads, hd, (0, hd, 2 * hd), 3 * hd)

@@ -45,8 +45,6 @@ fn turn(x: &mut [f32], c: &[f32], s: &[f32], dir: f32) {
 /// Rotates the first `2·half` dimensions of every head's query and key in a packed
 /// `qkv: [b, t, row]` (token `i` of each row at position `i`), or, with `inverse`, undoes that
 /// rotation (the backward on `∂qkv`). `cos`, `sin` are `[≥ t, half]`.
-// Tested here; GPT-NeoX's hand-written training pass (issue #17) is its first caller.
-#[allow(dead_code)]
 pub(crate) fn rotate_packed(
     qkv: &mut [f32],
     l: QkvLayout,

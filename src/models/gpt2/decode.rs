@@ -77,7 +77,7 @@ impl Gpt2 {
             for ((row, &id), &p) in x.chunks_exact_mut(h).zip(ids).zip(pos) {
                 let (tok, at) = (
                     &w.wte[id as usize * h..][..h],
-                    &w.wpe[p as usize * h..][..h],
+                    &w.wpe.expect("GPT-2 has position embeddings")[p as usize * h..][..h],
                 );
                 row.iter_mut()
                     .zip(tok.iter().zip(at))

@@ -32,6 +32,7 @@ use crate::models::cpu::activation;
 use crate::models::cpu::attention::{attention_bwd, attention_fwd, AttnShape, QkvLayout};
 use crate::models::cpu::gemm::gemm;
 use crate::models::cpu::norm::{col_sum, layer_norm_bwd_add, rows_plus_bias};
+use crate::models::cpu::rotary::rotate_packed;
 use crate::models::cpu::storage::view;
 use crate::models::cpu::vmath::{layer_norm, logsumexp};
 use crate::models::fused::{self, softmax_row};
@@ -41,12 +42,12 @@ use crate::models::ops::Activation;
 /// row group.
 #[derive(Default)]
 pub struct MlpGradWorkspace {
-    parts: Vec<PartBufs>,
+    pub(crate) parts: Vec<PartBufs>,
 }
 
 /// Which parameter gradients a pass accumulates.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Want {
+pub(crate) enum Want {
     /// The MLP weight matrices only (`c_fc`, `c_proj`); the backward stops at layer 0's `c_fc`.
     Mlp,
     /// Every parameter, down to the embeddings (training).
@@ -58,19 +59,19 @@ enum Want {
 /// Index of block `li`'s `k`-th parameter in [`Gpt2::named_tensors`] order: `wte`, `wpe`, then
 /// per block `ln_1` (w, b), `c_attn` (w, b), `attn.c_proj` (w, b), `ln_2` (w, b), `c_fc` (w, b),
 /// `mlp.c_proj` (w, b); then `ln_f` (w, b) and, untied, `lm_head`.
-const fn pidx(li: usize, k: usize) -> usize {
+pub(crate) const fn pidx(li: usize, k: usize) -> usize {
     2 + 12 * li + k
 }
-const P_LN1: usize = 0;
-const P_ATTN: usize = 2;
-const P_PROJ: usize = 4;
-const P_LN2: usize = 6;
-const P_FC: usize = 8;
-const P_MPROJ: usize = 10;
+pub(crate) const P_LN1: usize = 0;
+pub(crate) const P_ATTN: usize = 2;
+pub(crate) const P_PROJ: usize = 4;
+pub(crate) const P_LN2: usize = 6;
+pub(crate) const P_FC: usize = 8;
+pub(crate) const P_MPROJ: usize = 10;
 
 /// One row group's activations, scratch and partial parameter gradients.
 #[derive(Default)]
-struct PartBufs {
+pub(crate) struct PartBufs {
     /// Residual stream entering each block, plus the final one: `L + 1` × `[N, H]`.
     xs: Vec<Vec<f32>>,
     layers: Vec<LayerBufs>,
@@ -84,6 +85,8 @@ struct PartBufs {
     dh: Vec<f32>,
     dqkv: Vec<f32>,
     ds: Vec<f32>,
+    /// `∂` of the MLP's LayerNorm output `[N, H]`.
+    dm: Vec<f32>,
     /// Parameter gradients over this group's rows, in [`Gpt2::named_tensors`] order (see
     /// [`pidx`]); in [`Want::Mlp`] mode only the MLP matrices' entries are filled.
     grads: Vec<Vec<f32>>,
@@ -125,6 +128,19 @@ fn zbuf(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     b
 }
 
+/// A LayerNorm's `(∂w, ∂b)` buffers at `i`, zeroed, when every gradient is wanted.
+fn norm_grads(
+    g: &mut [Vec<f32>],
+    i: usize,
+    h: usize,
+    full: bool,
+) -> Option<(&mut [f32], &mut [f32])> {
+    full.then(|| {
+        let (gw, gb) = pair(g, i);
+        (zbuf(gw, h), zbuf(gb, h))
+    })
+}
+
 /// Entries `i` and `i + 1` (a weight and its bias) of a gradient list.
 fn pair(g: &mut [Vec<f32>], i: usize) -> (&mut Vec<f32>, &mut Vec<f32>) {
     let (a, b) = g[i..].split_at_mut(1);
@@ -145,46 +161,103 @@ pub struct MlpGrads<'w> {
 pub struct TrainGrads<'w> {
     /// The causal-LM loss ([`crate::models::ops::lm_loss`]).
     pub loss: f64,
-    /// `∂loss/∂p` for every parameter, in [`Gpt2::named_tensors`] order, each row-major in the
-    /// parameter's shape. Tied embeddings get both uses' gradient in `wte`.
-    pub grads: &'w [Vec<f32>],
+    /// `∂loss/∂p` for every parameter, in the model's `named_tensors` order, each row-major in
+    /// the parameter's shape. Tied embeddings get both uses' gradient in `wte`.
+    pub grads: Vec<&'w [f32]>,
 }
 
 /// The model's sizes.
 #[derive(Clone, Copy)]
-struct Dims {
-    t: usize,
-    /// Rows of `wpe`.
-    npos: usize,
-    h: usize,
-    nh: usize,
-    inner: usize,
-    v: usize,
-    eps: f32,
-    act: Activation,
+pub(crate) struct Dims {
+    pub(crate) t: usize,
+    /// The context: rows of `wpe`, and the longest `t`.
+    pub(crate) npos: usize,
+    pub(crate) h: usize,
+    pub(crate) nh: usize,
+    pub(crate) inner: usize,
+    pub(crate) v: usize,
+    pub(crate) eps: f32,
+    pub(crate) act: Activation,
 }
 
-/// Every weight the step reads, as slices.
-pub(super) struct Weights<'a> {
-    pub(super) wte: &'a [f32],
-    pub(super) wpe: &'a [f32],
+/// Every weight the step reads, as slices, and how the model family arranges them.
+pub(crate) struct Weights<'a> {
+    pub(crate) wte: &'a [f32],
+    /// Learned position embeddings `[positions, H]` (GPT-2); `None` with rotary ones.
+    pub(crate) wpe: Option<&'a [f32]>,
     /// `[V, H]` (the tied `wte` or an untied head).
-    pub(super) lm: &'a [f32],
+    pub(crate) lm: &'a [f32],
     /// Whether `lm` is `wte`.
-    pub(super) tied: bool,
-    pub(super) lnf: (&'a [f32], &'a [f32]),
-    pub(super) blocks: Vec<BlockWeights<'a>>,
+    pub(crate) tied: bool,
+    pub(crate) lnf: (&'a [f32], &'a [f32]),
+    pub(crate) blocks: Vec<BlockWeights<'a>>,
+    /// Dense weights stored `[out, in]` (`nn.Linear`: GPT-NeoX) instead of `[in, out]`
+    /// (GPT-2's `Conv1D`).
+    pub(crate) linear: bool,
+    /// Where each head's query, key and value sit in the packed projection.
+    pub(crate) layout: QkvLayout,
+    /// GPT-NeoX's parallel residual: the MLP reads `LayerNorm(x)`, not `LayerNorm(x + attn)`.
+    pub(crate) parallel: bool,
+    /// Rotary tables `cos`, `sin: [positions, half]` and `half` (the rotated dimensions of a
+    /// head are `2·half`); `None` without rotary embeddings.
+    pub(crate) rotary: Option<(&'a [f32], &'a [f32], usize)>,
 }
 
-pub(super) struct BlockWeights<'a> {
-    pub(super) ln1: (&'a [f32], &'a [f32]),
-    pub(super) qkv: (&'a [f32], &'a [f32]),
-    pub(super) proj: (&'a [f32], &'a [f32]),
-    pub(super) ln2: (&'a [f32], &'a [f32]),
-    pub(super) fc: (&'a [f32], &'a [f32]),
-    pub(super) mproj: (&'a [f32], &'a [f32]),
+/// One block's weights, each `(weight, bias)`; a family without a bias passes zeros.
+pub(crate) struct BlockWeights<'a> {
+    pub(crate) ln1: (&'a [f32], &'a [f32]),
+    pub(crate) qkv: (&'a [f32], &'a [f32]),
+    pub(crate) proj: (&'a [f32], &'a [f32]),
+    pub(crate) ln2: (&'a [f32], &'a [f32]),
+    pub(crate) fc: (&'a [f32], &'a [f32]),
+    pub(crate) mproj: (&'a [f32], &'a [f32]),
     /// Attention logit scale.
-    pub(super) scale: f32,
+    pub(crate) scale: f32,
+}
+
+/// `out (+)= x · W` for `x: [n, d_in]` and a dense weight stored `[d_in, d_out]`, or `[d_out,
+/// d_in]` when `linear` (then `x · Wᵀ`).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn dense_fwd(
+    linear: bool,
+    (n, d_in, d_out): (usize, usize, usize),
+    out: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    acc: bool,
+) {
+    let ws = if linear { (1, d_in) } else { (d_out, 1) };
+    gemm(n, d_out, d_in, out, x, (d_in, 1), w, ws, acc);
+}
+
+/// `dx = dy · (the transpose of the map of [`dense_fwd`])`: `[n, d_in]` from `dy: [n, d_out]`.
+#[inline(always)]
+fn dense_bwd_x(
+    linear: bool,
+    (n, d_in, d_out): (usize, usize, usize),
+    dx: &mut [f32],
+    dy: &[f32],
+    w: &[f32],
+) {
+    let ws = if linear { (d_in, 1) } else { (1, d_out) };
+    gemm(n, d_in, d_out, dx, dy, (d_out, 1), w, ws, false);
+}
+
+/// `∂W` in the weight's own layout from the layer's input `x: [n, d_in]` and `dy: [n, d_out]`.
+#[inline(always)]
+fn dense_bwd_w(
+    linear: bool,
+    (n, d_in, d_out): (usize, usize, usize),
+    gw: &mut [f32],
+    x: &[f32],
+    dy: &[f32],
+) {
+    if linear {
+        gemm(d_out, d_in, n, gw, dy, (1, d_out), x, (d_in, 1), false);
+    } else {
+        gemm(d_in, d_out, n, gw, x, (1, d_in), dy, (d_out, 1), false);
+    }
 }
 
 /// Forward and backward over one row group (`ids: [b, t]`), single-threaded: fills `ws.grads`
@@ -271,8 +344,9 @@ fn part_body(
     } = d;
     let (b, nl) = (lens.len(), w.blocks.len());
     let n = b * t;
+    let lin = w.linear;
     let attn = |scale| AttnShape {
-        layout: QkvLayout::gpt2(h, nh),
+        layout: w.layout,
         b,
         t,
         scale,
@@ -286,12 +360,11 @@ fn part_body(
     let x0 = buf(&mut ws.xs[0], n * h);
     for (r, row) in x0.chunks_exact_mut(h).enumerate() {
         let (id, pos) = (ids[r] as usize, r % t);
-        for ((o, &a), &p) in row
-            .iter_mut()
-            .zip(&w.wte[id * h..(id + 1) * h])
-            .zip(&w.wpe[pos * h..(pos + 1) * h])
-        {
-            *o = a + p;
+        row.copy_from_slice(&w.wte[id * h..(id + 1) * h]);
+        if let Some(wpe) = w.wpe {
+            row.iter_mut()
+                .zip(&wpe[pos * h..(pos + 1) * h])
+                .for_each(|(o, &p)| *o += p);
         }
     }
 
@@ -305,23 +378,27 @@ fn part_body(
         layer_norm(x, bw.ln1, eps, a);
         let qkv = buf(&mut lb.qkv, n * 3 * h);
         rows_plus_bias(None, bw.qkv.1, qkv);
-        gemm(n, 3 * h, h, qkv, a, (h, 1), bw.qkv.0, (3 * h, 1), true);
+        dense_fwd(lin, (n, h, 3 * h), qkv, a, bw.qkv.0, true);
+        if let Some((cos, sin, half)) = w.rotary {
+            rotate_packed(qkv, w.layout, (b, t), (cos, sin), half, false);
+        }
         let probs = buf(&mut lb.probs, b * nh * t * t);
         let att = buf(&mut lb.att, n * h);
         attention_fwd(qkv, attn(bw.scale), probs, att);
         let xm = buf(&mut lb.xm, n * h);
         rows_plus_bias(Some(x), bw.proj.1, xm);
-        gemm(n, h, h, xm, att, (h, 1), bw.proj.0, (h, 1), true);
+        dense_fwd(lin, (n, h, h), xm, att, bw.proj.0, true);
         let m_in = buf(&mut lb.m_in, n * h);
-        layer_norm(xm, bw.ln2, eps, m_in);
+        // Sequential: the MLP reads the residual after attention; parallel: the block's input.
+        layer_norm(if w.parallel { x } else { xm }, bw.ln2, eps, m_in);
         let hpre = buf(&mut lb.hpre, n * inner);
         rows_plus_bias(None, bw.fc.1, hpre);
-        gemm(n, inner, h, hpre, m_in, (h, 1), bw.fc.0, (inner, 1), true);
+        dense_fwd(lin, (n, h, inner), hpre, m_in, bw.fc.0, true);
         let hh = buf(&mut lb.h, n * inner);
         activation::forward(act, hpre, hh);
         let next = buf(&mut rest[0], n * h);
         rows_plus_bias(Some(xm), bw.mproj.1, next);
-        gemm(n, h, inner, next, hh, (inner, 1), bw.mproj.0, (h, 1), true);
+        dense_fwd(lin, (n, inner, h), next, hh, bw.mproj.0, true);
     }
     // The final LayerNorm, then logits = hf · lmᵀ.
     let hf = buf(&mut ws.hf, n * h);
@@ -400,122 +477,80 @@ fn part_body(
     let dhf = buf(&mut ws.dt, n * h);
     gemm(n, h, v, dhf, &ws.logits, (v, 1), w.lm, (h, 1), false);
     let dx = zbuf(&mut ws.dx, n * h);
-    let lnf = if full {
-        let (gw, gb) = pair(grads, pidx(nl, 0));
-        Some((zbuf(gw, h), zbuf(gb, h)))
-    } else {
-        None
-    };
+    let lnf = norm_grads(grads, pidx(nl, 0), h, full);
     layer_norm_bwd_add(&ws.xs[nl], w.lnf.0, eps, dhf, dx, lnf);
     for li in (0..nl).rev() {
         let bw = &w.blocks[li];
         let lb = &ws.layers[li];
         let dx = &mut ws.dx;
-        // c_proj: ∂W2 = hᵀ dx, ∂h = dx W2ᵀ, then the activation's derivative.
+        // mlp.c_proj: ∂W2 from h and dx, ∂h = dx through W2, then the activation's derivative.
         let (gw, gb) = pair(grads, pidx(li, P_MPROJ));
-        gemm(
-            inner,
-            h,
-            n,
-            buf(gw, inner * h),
-            &lb.h,
-            (1, inner),
-            dx,
-            (h, 1),
-            false,
-        );
+        dense_bwd_w(lin, (n, inner, h), buf(gw, inner * h), &lb.h, dx);
         if full {
             col_sum(dx, buf(gb, h));
         }
         let dh = buf(&mut ws.dh, n * inner);
-        gemm(n, inner, h, dh, dx, (h, 1), bw.mproj.0, (1, h), false);
+        dense_bwd_x(lin, (n, inner, h), dh, dx, bw.mproj.0);
         activation::backward(act, &lb.hpre, dh);
-        // c_fc: ∂W1 = m_inᵀ ∂hpre.
+        // c_fc: ∂W1 from m_in and ∂hpre.
         let (gw, gb) = pair(grads, pidx(li, P_FC));
-        gemm(
-            h,
-            inner,
-            n,
-            buf(gw, h * inner),
-            &lb.m_in,
-            (1, h),
-            dh,
-            (inner, 1),
-            false,
-        );
+        dense_bwd_w(lin, (n, h, inner), buf(gw, h * inner), &lb.m_in, dh);
         if full {
             col_sum(dh, buf(gb, inner));
         } else if li == 0 {
             break;
         }
-        // ∂m_in = ∂hpre W1ᵀ; through ln_2 into the residual.
-        let dt = buf(&mut ws.dt, n * h);
-        gemm(n, h, inner, dt, dh, (inner, 1), bw.fc.0, (1, inner), false);
-        let ln2 = if full {
-            let (gw, gb) = pair(grads, pidx(li, P_LN2));
-            Some((zbuf(gw, h), zbuf(gb, h)))
-        } else {
-            None
-        };
-        layer_norm_bwd_add(&lb.xm, bw.ln2.0, eps, dt, dx, ln2);
+        // ∂m_in = ∂hpre through W1, then through ln_2: into ∂(x + attn) now (sequential), or
+        // into ∂x once the attention branch has read ∂next (parallel).
+        let dm = buf(&mut ws.dm, n * h);
+        dense_bwd_x(lin, (n, h, inner), dm, dh, bw.fc.0);
+        if !w.parallel {
+            let p = norm_grads(grads, pidx(li, P_LN2), h, full);
+            layer_norm_bwd_add(&lb.xm, bw.ln2.0, eps, dm, dx, p);
+        }
         // Attention output projection, attention, qkv projection, ln_1.
         if full {
             let (gw, gb) = pair(grads, pidx(li, P_PROJ));
-            gemm(h, h, n, buf(gw, h * h), &lb.att, (1, h), dx, (h, 1), false);
+            dense_bwd_w(lin, (n, h, h), buf(gw, h * h), &lb.att, dx);
             col_sum(dx, buf(gb, h));
         }
-        gemm(n, h, h, dt, dx, (h, 1), bw.proj.0, (1, h), false);
+        let dt = buf(&mut ws.dt, n * h);
+        dense_bwd_x(lin, (n, h, h), dt, dx, bw.proj.0);
         let dqkv = buf(&mut ws.dqkv, n * 3 * h);
         let ds = buf(&mut ws.ds, t * t);
         attention_bwd((&lb.qkv, &lb.probs, dt), attn(bw.scale), dqkv, ds);
+        if let Some((cos, sin, half)) = w.rotary {
+            rotate_packed(dqkv, w.layout, (b, t), (cos, sin), half, true);
+        }
         if full {
             let (gw, gb) = pair(grads, pidx(li, P_ATTN));
-            gemm(
-                h,
-                3 * h,
-                n,
-                buf(gw, h * 3 * h),
-                &lb.ln1,
-                (1, h),
-                dqkv,
-                (3 * h, 1),
-                false,
-            );
+            dense_bwd_w(lin, (n, h, 3 * h), buf(gw, h * 3 * h), &lb.ln1, dqkv);
             col_sum(dqkv, buf(gb, 3 * h));
         }
-        gemm(
-            n,
-            h,
-            3 * h,
-            dt,
-            dqkv,
-            (3 * h, 1),
-            bw.qkv.0,
-            (1, 3 * h),
-            false,
-        );
-        let ln1 = if full {
-            let (gw, gb) = pair(grads, pidx(li, P_LN1));
-            Some((zbuf(gw, h), zbuf(gb, h)))
-        } else {
-            None
-        };
+        dense_bwd_x(lin, (n, h, 3 * h), dt, dqkv, bw.qkv.0);
+        let ln1 = norm_grads(grads, pidx(li, P_LN1), h, full);
         layer_norm_bwd_add(&ws.xs[li], bw.ln1.0, eps, dt, dx, ln1);
+        if w.parallel {
+            let p = norm_grads(grads, pidx(li, P_LN2), h, full);
+            layer_norm_bwd_add(&ws.xs[li], bw.ln2.0, eps, &ws.dm, dx, p);
+        }
     }
     if full {
         // The embeddings: scatter the residual's gradient by token id and by position.
         let (gte, gpe) = pair(grads, 0);
-        let gpe = zbuf(gpe, npos * h);
+        let mut gpe = w.wpe.is_some().then(|| zbuf(gpe, npos * h));
         for (r, row) in ws.dx.chunks_exact(h).enumerate() {
             let (id, pos) = (ids[r] as usize, r % t);
             gte[id * h..(id + 1) * h]
                 .iter_mut()
                 .zip(row)
                 .for_each(|(g, &x)| *g += x);
-            gpe[pos * h..(pos + 1) * h]
-                .iter_mut()
-                .zip(row)
-                .for_each(|(g, &x)| *g += x);
+            if let Some(gpe) = gpe.as_deref_mut() {
+                gpe[pos * h..(pos + 1) * h]
+                    .iter_mut()
+                    .zip(row)
+                    .for_each(|(g, &x)| *g += x);
+            }
         }
     }
 }
@@ -590,7 +625,10 @@ impl Gpt2 {
         let first = sum_groups(&mut ws.parts, &all);
         Ok(TrainGrads {
             loss,
-            grads: &first[..self.named.len()],
+            grads: first[..self.named.len()]
+                .iter()
+                .map(Vec::as_slice)
+                .collect(),
         })
     }
 
@@ -624,9 +662,7 @@ impl Gpt2 {
         })
     }
 
-    /// Runs the forward and the backward `want` asks for over row groups in parallel, leaving
-    /// each group's gradients in `ws.parts` (exactly as many groups as ran). Returns the loss
-    /// `Σ_r row_weight[r] · ℓ_r` and each row's `ℓ_r`.
+    /// [`run_parts`] on this model's weights, the MLP matrices replaced by `mlp` when given.
     #[allow(clippy::too_many_arguments)]
     fn run_parts(
         &self,
@@ -639,72 +675,20 @@ impl Gpt2 {
         ws: &mut MlpGradWorkspace,
     ) -> Result<(f64, Vec<f64>)> {
         let cfg = &self.cfg;
-        let (h, nh, inner, v) = (cfg.n_embd, cfg.n_head, cfg.n_inner, cfg.vocab_size);
         if !self.mlp_grads_supported() {
             bail!("mlp_grads: unsupported model (needs f32 weights on the CPU)");
-        }
-        if ids.len() != b * t || lens.len() != b || row_weight.len() != b || b == 0 {
-            bail!("mlp_grads: ids, lens and row weights do not describe {b} rows of {t}");
-        }
-        if t < 2 || t > cfg.n_positions {
-            bail!("mlp_grads: {t} positions outside 2..={}", cfg.n_positions);
-        }
-        if let Some(&l) = lens.iter().find(|&&l| l > t) {
-            bail!("mlp_grads: row length {l} is longer than {t}");
-        }
-        if let Some(&id) = ids.iter().find(|&&i| i as usize >= v) {
-            bail!("mlp_grads: token id {id} is outside the vocabulary of {v}");
         }
         let d = Dims {
             t,
             npos: cfg.n_positions,
-            h,
-            nh,
-            inner,
-            v,
+            h: cfg.n_embd,
+            nh: cfg.n_head,
+            inner: cfg.n_inner,
+            v: cfg.vocab_size,
             eps: cfg.layer_norm_epsilon as f32,
             act: cfg.activation,
         };
-
-        // Row groups: four per thread, so that a thread slowed down by another process leaves
-        // work for the other to take, and each group's activations stay closer to the core's
-        // L2 (4 rows of 150 TinyMem positions: ≈ 1.2 MB for the MLP's hidden layer). Against
-        // two per thread, 3 alternating pairs: scoring +5 %, the BalancedSubnet step +2 %,
-        // training +1 % (medians; the machine's noise is of that size).
-        let groups = (4 * rayon::current_num_threads()).clamp(1, b);
-        let per = b.div_ceil(groups);
-        let groups = b.div_ceil(per);
-        ws.parts.resize_with(groups, PartBufs::default);
-        self.with_weights(mlp, |w| {
-            ws.parts
-                .par_iter_mut()
-                .enumerate()
-                .for_each(|(gi, part_ws)| {
-                    let (r0, r1) = (gi * per, ((gi + 1) * per).min(b));
-                    part(
-                        d,
-                        w,
-                        &ids[r0 * t..r1 * t],
-                        &lens[r0..r1],
-                        &row_weight[r0..r1],
-                        want,
-                        part_ws,
-                    );
-                });
-            Ok(())
-        })?;
-
-        let row_loss: Vec<f64> = ws
-            .parts
-            .iter()
-            .flat_map(|p| p.row_loss.iter().copied())
-            .collect();
-        let loss = row_loss
-            .iter()
-            .zip(row_weight)
-            .map(|(l, &w)| l * f64::from(w))
-            .sum();
-        Ok((loss, row_loss))
+        self.with_weights(mlp, |w| run_parts(d, w, ids, b, lens, row_weight, want, ws))
     }
 
     /// Runs `f` on every weight as a plain slice (the read guards are held for the call), with
@@ -768,7 +752,7 @@ impl Gpt2 {
         }
         f(&Weights {
             wte: wte.slice()?,
-            wpe: wpe.slice()?,
+            wpe: Some(wpe.slice()?),
             lm: match &lm_head {
                 Some(l) => l.slice()?,
                 None => wte.slice()?,
@@ -776,13 +760,81 @@ impl Gpt2 {
             tied: lm_head.is_none(),
             lnf: (lnf.0.slice()?, lnf.1.slice()?),
             blocks,
+            linear: false,
+            layout: QkvLayout::gpt2(h, nh),
+            parallel: false,
+            rotary: None,
         })
     }
 }
 
+/// Runs the forward and the backward `want` asks for over row groups in parallel, leaving
+/// each group's gradients in `ws.parts` (exactly as many groups as ran). Returns the loss
+/// `Σ_r row_weight[r] · ℓ_r` and each row's `ℓ_r`. Bad rows are errors, checked first.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_parts(
+    d: Dims,
+    w: &Weights,
+    ids: &[u32],
+    b: usize,
+    lens: &[usize],
+    row_weight: &[f32],
+    want: Want,
+    ws: &mut MlpGradWorkspace,
+) -> Result<(f64, Vec<f64>)> {
+    let t = d.t;
+    if ids.len() != b * t || lens.len() != b || row_weight.len() != b || b == 0 {
+        bail!("mlp_grads: ids, lens and row weights do not describe {b} rows of {t}");
+    }
+    if t < 2 || t > d.npos {
+        bail!("mlp_grads: {t} positions outside 2..={}", d.npos);
+    }
+    if let Some(&l) = lens.iter().find(|&&l| l > t) {
+        bail!("mlp_grads: row length {l} is longer than {t}");
+    }
+    if let Some(&id) = ids.iter().find(|&&i| i as usize >= d.v) {
+        bail!(
+            "mlp_grads: token id {id} is outside the vocabulary of {}",
+            d.v
+        );
+    }
+    // Row groups: four per thread, so that a thread slowed down by another process leaves
+    // work for the other to take, and each group's activations stay closer to the core's L2.
+    let groups = (4 * rayon::current_num_threads()).clamp(1, b);
+    let per = b.div_ceil(groups);
+    let groups = b.div_ceil(per);
+    ws.parts.resize_with(groups, PartBufs::default);
+    ws.parts
+        .par_iter_mut()
+        .enumerate()
+        .for_each(|(gi, part_ws)| {
+            let (r0, r1) = (gi * per, ((gi + 1) * per).min(b));
+            part(
+                d,
+                w,
+                &ids[r0 * t..r1 * t],
+                &lens[r0..r1],
+                &row_weight[r0..r1],
+                want,
+                part_ws,
+            );
+        });
+    let row_loss: Vec<f64> = ws
+        .parts
+        .iter()
+        .flat_map(|p| p.row_loss.iter().copied())
+        .collect();
+    let loss = row_loss
+        .iter()
+        .zip(row_weight)
+        .map(|(l, &w)| l * f64::from(w))
+        .sum();
+    Ok((loss, row_loss))
+}
+
 /// Sums gradients `which` over the row groups into the first group's buffers (one gradient
 /// per task, no allocation) and returns the first group's gradient list.
-fn sum_groups<'p>(parts: &'p mut [PartBufs], which: &[usize]) -> &'p [Vec<f32>] {
+pub(crate) fn sum_groups<'p>(parts: &'p mut [PartBufs], which: &[usize]) -> &'p [Vec<f32>] {
     let (first, rest) = parts.split_first_mut().expect("at least one row group");
     first
         .grads
