@@ -1,11 +1,13 @@
-//! GPT-2's forward and backward without candle's autograd: the unlearning step's and the
-//! training step's hot path.
+//! The transformer forward and backward without candle's autograd, the unlearning step's and
+//! the training step's hot path: written for GPT-2 and parameterised by family ([`Weights`]:
+//! dense weight layout, packed-qkv layout, position or rotary embeddings, sequential or
+//! parallel residual), so GPT-NeoX runs the same code (`gpt_neox::grad`).
 //!
 //! Invariants:
-//! - It computes the same function as [`super::Gpt2::forward_hidden`] → logits → per-sequence
+//! - It computes the same function as each family's `forward_hidden` → logits → per-sequence
 //!   cross-entropy, to f32 rounding, and the same gradients as candle's autograd through that
-//!   forward: tests in `unlearn` pin the loss and every score gradient, tests in
-//!   `tinymem::train` the loss and every parameter gradient.
+//!   forward: tests in `unlearn` pin the loss and every score gradient (both families), tests
+//!   in `tinymem::train` and `gpt_neox::grad` the loss and every parameter gradient.
 //! - [`Gpt2::mlp_grads`] returns `∂L/∂W_eff` for each `c_fc` and `c_proj` only (what
 //!   BalancedSubnet's scores need; the backward stops at layer 0's `c_fc`);
 //!   [`Gpt2::train_grads`] returns every parameter's gradient. Both run the same code,
