@@ -178,3 +178,71 @@ pub fn check_decode_steps(
         assert_eq!(fast.len(), slow.len(), "{what}");
     }
 }
+
+/// A small GPT-NeoX for gradient tests (`vocab`, `positions`, `width`, `heads`, `inner`), with
+/// initializer range 0.3; the rest as given. Built from its `config.json`, as a checkpoint's.
+#[allow(clippy::too_many_arguments)]
+pub fn neox(
+    (vocab, positions, width, heads, inner): (usize, usize, usize, usize, usize),
+    layers: usize,
+    rotary_pct: f64,
+    parallel: bool,
+    activation: crate::models::ops::Activation,
+    attention_bias: bool,
+    tied: bool,
+) -> crate::models::ModelConfig {
+    let json = serde_json::json!({
+        "model_type": "gpt_neox", "vocab_size": vocab, "max_position_embeddings": positions,
+        "hidden_size": width, "num_attention_heads": heads, "intermediate_size": inner,
+        "num_hidden_layers": layers, "rotary_pct": rotary_pct, "rotary_emb_base": 10000.0,
+        "use_parallel_residual": parallel, "layer_norm_eps": 1e-5,
+        "hidden_act": activation.hf_name(), "attention_bias": attention_bias,
+        "tie_word_embeddings": tied, "initializer_range": 0.3,
+    });
+    crate::models::ModelConfig::from_json(&json.to_string(), "test config").unwrap()
+}
+
+/// The gradient autograd computed for `t`, flattened.
+pub fn grad_values(grads: &candle_core::backprop::GradStore, t: &Tensor) -> Vec<f32> {
+    grads
+        .get(t)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// Asserts that a hand-written pass's training loss and gradients (`loss`, `grads` in
+/// `named_tensors` order) match candle's autograd through `model` (built on trainable
+/// `weights`) on `ids: [b, t]`: loss within 1e-5 relative, every gradient within 1e-4
+/// relative L2.
+pub fn assert_matches_autograd(
+    case: usize,
+    model: &crate::models::Model,
+    weights: &crate::models::Weights,
+    (ids, b, t): (&[u32], usize, usize),
+    (loss, grads): (f64, &[&[f32]]),
+) {
+    let ids_t = Tensor::from_slice(ids, (b, t), &candle_core::Device::Cpu).unwrap();
+    let logits = model
+        .forward(
+            &crate::models::Inputs::causal(&ids_t, 0).unwrap(),
+            None,
+            None,
+        )
+        .unwrap();
+    let want_loss = crate::models::ops::lm_loss(&logits, &ids_t).unwrap();
+    let want = f64::from(want_loss.to_scalar::<f32>().unwrap());
+    assert!(
+        (loss - want).abs() <= 1e-5 * want.abs(),
+        "case {case}: loss {loss} vs {want}"
+    );
+    let back = want_loss.backward().unwrap();
+    let vars = crate::tinymem::train::named_vars(model, weights).unwrap();
+    assert_eq!(vars.len(), grads.len(), "case {case}");
+    for ((name, var), got) in vars.iter().zip(grads) {
+        let e = rel_l2(got, &grad_values(&back, var.as_tensor()));
+        assert!(e <= 1e-4, "case {case}: {name}: relative L2 error {e}");
+    }
+}

@@ -17,6 +17,7 @@
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
+use crate::models::gpt2::grad::HandWrittenPass;
 use crate::models::{Inputs, Model};
 
 /// The score of one sequence.

@@ -46,6 +46,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::audit::{self, AuditItem};
 use crate::error::{Error, Result};
+use crate::models::gpt2::grad::HandWrittenPass;
 use crate::models::gpt2::MlpGradWorkspace;
 use crate::models::{Inputs, MlpWeights, Model};
 use crate::optim::{Sgd, SgdParams};
@@ -638,25 +639,15 @@ mod tests {
         act: Activation,
         bias: bool,
     ) -> ModelConfig {
-        ModelConfig::GptNeoX(crate::models::gpt_neox::Config {
-            vocab_size: 14,
-            hidden_size: 24,
-            num_hidden_layers: layers,
-            num_attention_heads: 3,
-            intermediate_size: 40,
-            max_position_embeddings: 64,
+        crate::test_util::neox(
+            (14, 64, 24, 3, 40),
+            layers,
             rotary_pct,
-            rotary_emb_base: 10000.0,
-            use_parallel_residual: parallel,
-            layer_norm_eps: 1e-5,
-            activation: act,
-            tie_word_embeddings: false,
-            attention_bias: bias,
-            initializer_range: 0.3,
-            bos_token_id: None,
-            eos_token_id: None,
-            pad_token_id: None,
-        })
+            parallel,
+            act,
+            bias,
+            false,
+        )
     }
 
     #[test]
@@ -717,13 +708,7 @@ mod tests {
                 }
                 assert_eq!(ws.ds.len(), scores.all_vars().len());
                 for (got, var) in ws.ds.iter().zip(scores.all_vars()) {
-                    let want: Vec<f32> = grads
-                        .get(var.as_tensor())
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap();
+                    let want = crate::test_util::grad_values(&grads, var.as_tensor());
                     assert!(want.iter().any(|&x| x != 0.0), "case {ci}: zero gradient");
                     let e = rel_l2(got, &want);
                     assert!(e <= 1e-4, "case {ci}: relative gradient error {e}");

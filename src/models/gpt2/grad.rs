@@ -8,14 +8,14 @@
 //!   cross-entropy, to f32 rounding, and the same gradients as candle's autograd through that
 //!   forward: tests in `unlearn` pin the loss and every score gradient (both families), tests
 //!   in `tinymem::train` and `gpt_neox::grad` the loss and every parameter gradient.
-//! - [`Gpt2::mlp_grads`] returns `∂L/∂W_eff` for each `c_fc` and `c_proj` only (what
+//! - [`HandWrittenPass::mlp_grads`] returns `∂L/∂W_eff` for each `c_fc` and `c_proj` only (what
 //!   BalancedSubnet's scores need; the backward stops at layer 0's `c_fc`);
-//!   [`Gpt2::train_grads`] returns every parameter's gradient. Both run the same code,
+//!   [`HandWrittenPass::train_grads`] returns every parameter's gradient. Both run the same code,
 //!   parameterised by what is accumulated.
 //! - Supported: f32 weights on the CPU, every MLP activation the loader accepts (ReLU, exact
 //!   and tanh GELU, SiLU), unpadded causal attention (rows may be
 //!   right-padded; the padding's predictions carry zero weight).
-//!   [`super::Gpt2::mlp_grads_supported`] says whether a model qualifies; callers fall back to
+//!   [`HandWrittenPass::mlp_grads_supported`] says whether a model qualifies; callers fall back to
 //!   autograd otherwise.
 //! - A step's batch is cut into row groups that each run the whole forward and backward
 //!   single-threaded on their own buffers (from a [`MlpGradWorkspace`] reused between steps);
@@ -39,6 +39,7 @@ use crate::models::cpu::storage::view;
 use crate::models::cpu::vmath::{layer_norm, logsumexp};
 use crate::models::fused::{self, softmax_row};
 use crate::models::ops::Activation;
+use crate::models::ModelSpec;
 
 /// Buffers kept between steps so that steady-state steps allocate nothing large: one set per
 /// row group.
@@ -149,7 +150,7 @@ fn pair(g: &mut [Vec<f32>], i: usize) -> (&mut Vec<f32>, &mut Vec<f32>) {
     (&mut a[0], &mut b[0])
 }
 
-/// Output of [`Gpt2::mlp_grads`], borrowing the workspace's buffers.
+/// Output of [`HandWrittenPass::mlp_grads`], borrowing the workspace's buffers.
 pub struct MlpGrads<'w> {
     /// `Σ_r row_weight[r] · loss[r]`.
     pub loss: f64,
@@ -159,7 +160,7 @@ pub struct MlpGrads<'w> {
     pub grads: Vec<(&'w [f32], &'w [f32])>,
 }
 
-/// Output of [`Gpt2::train_grads`], borrowing the workspace's buffers.
+/// Output of [`HandWrittenPass::train_grads`], borrowing the workspace's buffers.
 pub struct TrainGrads<'w> {
     /// The causal-LM loss ([`crate::models::ops::lm_loss`]).
     pub loss: f64,
@@ -203,6 +204,33 @@ pub(crate) struct Weights<'a> {
     /// Rotary tables `cos`, `sin: [positions, half]` and `half` (the rotated dimensions of a
     /// head are `2·half`); `None` without rotary embeddings.
     pub(crate) rotary: Option<(&'a [f32], &'a [f32], usize)>,
+}
+
+impl<'a> Weights<'a> {
+    /// What every family has: the token embedding, the head (`None`: tied to the embedding),
+    /// the final LayerNorm, the blocks and where heads sit in the packed projection. The
+    /// rest starts as GPT-2's: no position embeddings (set them), `[in, out]` weights,
+    /// sequential residual, no rotary embeddings.
+    pub(crate) fn new(
+        wte: &'a [f32],
+        head: Option<&'a [f32]>,
+        lnf: (&'a [f32], &'a [f32]),
+        blocks: Vec<BlockWeights<'a>>,
+        layout: QkvLayout,
+    ) -> Self {
+        Self {
+            wte,
+            wpe: None,
+            lm: head.unwrap_or(wte),
+            tied: head.is_none(),
+            lnf,
+            blocks,
+            linear: false,
+            layout,
+            parallel: false,
+            rotary: None,
+        }
+    }
 }
 
 /// One block's weights, each `(weight, bias)`; a family without a bias passes zeros.
@@ -558,86 +586,10 @@ fn part_body(
 }
 
 impl Gpt2 {
-    /// Whether [`Gpt2::mlp_grads`] and [`Gpt2::train_grads`] can run on this model (f32 CPU
-    /// weights, fused kernels enabled on this thread; every activation the loader accepts).
-    pub fn mlp_grads_supported(&self) -> bool {
-        fused::supported(&[&self.wte])
-    }
-
-    /// The loss `L = Σ_r row_weight[r] · ℓ_r`, where `ℓ_r` is row `r`'s mean next-token
-    /// cross-entropy over its first `lens[r]` tokens, and `∂L/∂W` for every MLP matrix, with the
-    /// MLP weights replaced by `mlp` (`(c_fc, c_proj)` per block, `[in, out]` row-major).
-    ///
-    /// `ids` is `[b, t]` row-major, rows right-padded to `t` with any valid id; `lens[r] ≤ t`
-    /// (a row shorter than 2 tokens contributes nothing).
-    pub fn mlp_grads<'w>(
-        &self,
-        ids: &[u32],
-        (b, t): (usize, usize),
-        lens: &[usize],
-        row_weight: &[f32],
-        mlp: &[(Vec<f32>, Vec<f32>)],
-        ws: &'w mut MlpGradWorkspace,
-    ) -> Result<MlpGrads<'w>> {
-        let cfg = &self.cfg;
-        let (h, inner, nl) = (cfg.n_embd, cfg.n_inner, cfg.n_layer);
-        if mlp.len() != nl
-            || mlp
-                .iter()
-                .any(|(a, c)| a.len() != h * inner || c.len() != inner * h)
-        {
-            bail!("mlp_grads: MLP weights do not fit {nl} blocks of [{h}, {inner}]");
-        }
-        let (loss, row_loss) =
-            self.run_parts(ids, (b, t), lens, row_weight, Some(mlp), Want::Mlp, ws)?;
-        let used: Vec<usize> = (0..nl)
-            .flat_map(|li| [pidx(li, P_FC), pidx(li, P_MPROJ)])
-            .collect();
-        let first = sum_groups(&mut ws.parts, &used);
-        let grads = (0..nl)
-            .map(|li| {
-                (
-                    first[pidx(li, P_FC)].as_slice(),
-                    first[pidx(li, P_MPROJ)].as_slice(),
-                )
-            })
-            .collect();
-        Ok(MlpGrads {
-            loss,
-            row_loss,
-            grads,
-        })
-    }
-
-    /// The causal-LM training loss of `ids` (`[b, t]` row-major, no padding): the mean over
-    /// rows of each row's mean next-token cross-entropy over its `t − 1` predictions, exactly
-    /// [`crate::models::ops::lm_loss`] of [`Gpt2::forward`]'s logits; and its gradient with
-    /// respect to every parameter. Needs [`Gpt2::mlp_grads_supported`].
-    pub fn train_grads<'w>(
-        &self,
-        ids: &[u32],
-        (b, t): (usize, usize),
-        ws: &'w mut MlpGradWorkspace,
-    ) -> Result<TrainGrads<'w>> {
-        let lens = vec![t; b];
-        let row_weight = vec![1.0 / b.max(1) as f32; b];
-        let (_, row_loss) = self.run_parts(ids, (b, t), &lens, &row_weight, None, Want::All, ws)?;
-        let loss = row_loss.iter().sum::<f64>() / b as f64;
-        let all: Vec<usize> = (0..self.named.len()).collect();
-        let first = sum_groups(&mut ws.parts, &all);
-        Ok(TrainGrads {
-            loss,
-            grads: first[..self.named.len()]
-                .iter()
-                .map(Vec::as_slice)
-                .collect(),
-        })
-    }
-
     /// Each row's log-probability of its next token at every position, `[b, t − 1]` row-major
-    /// (0 at and past position `lens[r] − 1`), for `ids` as [`Gpt2::mlp_grads`] takes them:
+    /// (0 at and past position `lens[r] − 1`), for `ids` as [`HandWrittenPass::mlp_grads`] takes them:
     /// scoring through this module's forward (row groups in parallel, single-threaded gemms,
-    /// causal attention without the upper triangle). Needs [`Gpt2::mlp_grads_supported`].
+    /// causal attention without the upper triangle). Needs [`HandWrittenPass::mlp_grads_supported`].
     ///
     /// The buffers stay with the calling thread for its next call (a scoring batch reuses the
     /// previous one's pages instead of faulting in fresh zeroed ones, which took as long as the
@@ -655,42 +607,22 @@ impl Gpt2 {
         WORKSPACE.with(|cell| {
             let mut ws = cell.borrow_mut();
             let row_weight = vec![0.0; b];
-            self.run_parts(ids, (b, t), lens, &row_weight, None, Want::Forward, &mut ws)?;
+            run(
+                self,
+                ids,
+                (b, t),
+                lens,
+                &row_weight,
+                None,
+                Want::Forward,
+                &mut ws,
+            )?;
             Ok(ws
                 .parts
                 .iter()
                 .flat_map(|p| p.token_lp.iter().copied())
                 .collect())
         })
-    }
-
-    /// [`run_parts`] on this model's weights, the MLP matrices replaced by `mlp` when given.
-    #[allow(clippy::too_many_arguments)]
-    fn run_parts(
-        &self,
-        ids: &[u32],
-        (b, t): (usize, usize),
-        lens: &[usize],
-        row_weight: &[f32],
-        mlp: Option<&[(Vec<f32>, Vec<f32>)]>,
-        want: Want,
-        ws: &mut MlpGradWorkspace,
-    ) -> Result<(f64, Vec<f64>)> {
-        let cfg = &self.cfg;
-        if !self.mlp_grads_supported() {
-            bail!("mlp_grads: unsupported model (needs f32 weights on the CPU)");
-        }
-        let d = Dims {
-            t,
-            npos: cfg.n_positions,
-            h: cfg.n_embd,
-            nh: cfg.n_head,
-            inner: cfg.n_inner,
-            v: cfg.vocab_size,
-            eps: cfg.layer_norm_epsilon as f32,
-            act: cfg.activation,
-        };
-        self.with_weights(mlp, |w| run_parts(d, w, ids, b, lens, row_weight, want, ws))
     }
 
     /// Runs `f` on every weight as a plain slice (the read guards are held for the call), with
@@ -701,6 +633,25 @@ impl Gpt2 {
         mlp: Option<&[(Vec<f32>, Vec<f32>)]>,
         f: impl FnOnce(&Weights) -> Result<R>,
     ) -> Result<R> {
+        <Self as HandWrittenPass>::with_weights(self, mlp, f)
+    }
+}
+
+impl HandWrittenPass for Gpt2 {
+    /// GPT-2's `named_tensors` order is the pass's own.
+    fn param_slots(&self) -> Vec<usize> {
+        (0..self.named.len()).collect()
+    }
+
+    fn shape(&self) -> (ModelSpec, f32, Activation) {
+        (
+            self.cfg.spec(),
+            self.cfg.layer_norm_epsilon as f32,
+            self.cfg.activation,
+        )
+    }
+
+    fn with_weights<R>(&self, mlp: Mlp, f: impl FnOnce(&Weights) -> Result<R>) -> Result<R> {
         let cfg = &self.cfg;
         let (h, nh) = (cfg.n_embd, cfg.n_head);
         let wte = view(&self.wte);
@@ -752,22 +703,150 @@ impl Gpt2 {
                 scale: scale as f32,
             });
         }
+        let head = lm_head.as_ref().map(|l| l.slice()).transpose()?;
+        let lnf = (lnf.0.slice()?, lnf.1.slice()?);
         f(&Weights {
-            wte: wte.slice()?,
             wpe: Some(wpe.slice()?),
-            lm: match &lm_head {
-                Some(l) => l.slice()?,
-                None => wte.slice()?,
-            },
-            tied: lm_head.is_none(),
-            lnf: (lnf.0.slice()?, lnf.1.slice()?),
-            blocks,
-            linear: false,
-            layout: QkvLayout::gpt2(h, nh),
-            parallel: false,
-            rotary: None,
+            ..Weights::new(wte.slice()?, head, lnf, blocks, QkvLayout::gpt2(h, nh))
         })
     }
+
+    fn embedding(&self) -> &candle_core::Tensor {
+        &self.wte
+    }
+}
+
+/// MLP weights that replace a model's own in a pass (one `(in-projection, out-projection)`
+/// pair per layer, in the weights' layout), or `None` for its own.
+pub(crate) type Mlp<'m> = Option<&'m [(Vec<f32>, Vec<f32>)]>;
+
+/// A model family the pass runs: its sizes, its weights as slices, its parameter order; and
+/// the pass's two entry points.
+pub(crate) trait HandWrittenPass {
+    /// The token embedding, whose storage says where the weights live.
+    fn embedding(&self) -> &candle_core::Tensor;
+
+    /// Whether the pass can run on this model: f32 weights on the CPU, fused kernels enabled on
+    /// this thread (every activation the loader accepts); callers fall back to autograd
+    /// otherwise.
+    fn mlp_grads_supported(&self) -> bool {
+        fused::supported(&[self.embedding()])
+    }
+    /// The model's sizes, its LayerNorm epsilon and its MLP activation.
+    fn shape(&self) -> (ModelSpec, f32, Activation);
+    /// For each of the model's `named_tensors`, its slot in the pass's gradient list ([`pidx`]).
+    fn param_slots(&self) -> Vec<usize>;
+    /// Runs `f` on every weight as a plain slice, the MLP matrices replaced by `mlp` (in the
+    /// weights' own layout) when given.
+    fn with_weights<R>(&self, mlp: Mlp, f: impl FnOnce(&Weights) -> Result<R>) -> Result<R>;
+
+    /// The loss `L = Σ_r row_weight[r] · ℓ_r`, where `ℓ_r` is row `r`'s mean next-token
+    /// cross-entropy over its first `lens[r]` tokens, and `∂L/∂W` for every MLP matrix, with
+    /// the MLP weights replaced by `mlp`: one `(in-projection, out-projection)` pair per layer
+    /// in the weights' own layout (GPT-2's `c_fc`, `c_proj` `[in, out]`; GPT-NeoX's
+    /// `dense_h_to_4h`, `dense_4h_to_h` `[out, in]`), gradients in the same layout.
+    ///
+    /// `ids` is `[b, t]` row-major, rows right-padded to `t` with any valid id; `lens[r] ≤ t`
+    /// (a row shorter than 2 tokens contributes nothing).
+    fn mlp_grads<'w>(
+        &self,
+        ids: &[u32],
+        bt: (usize, usize),
+        lens: &[usize],
+        row_weight: &[f32],
+        mlp: &[(Vec<f32>, Vec<f32>)],
+        ws: &'w mut MlpGradWorkspace,
+    ) -> Result<MlpGrads<'w>>
+    where
+        Self: Sized,
+    {
+        let (d, nl) = (dims(self, bt.1), self.shape().0.num_layers);
+        let size = d.h * d.inner;
+        if mlp.len() != nl || mlp.iter().any(|(a, c)| a.len() != size || c.len() != size) {
+            bail!(
+                "mlp_grads: MLP weights do not fit {nl} layers of {} × {}",
+                d.h,
+                d.inner
+            );
+        }
+        let (loss, row_loss) = run(self, ids, bt, lens, row_weight, Some(mlp), Want::Mlp, ws)?;
+        let used: Vec<usize> = (0..nl)
+            .flat_map(|li| [pidx(li, P_FC), pidx(li, P_MPROJ)])
+            .collect();
+        let first = sum_groups(&mut ws.parts, &used);
+        let grads = (0..nl)
+            .map(|li| {
+                (
+                    first[pidx(li, P_FC)].as_slice(),
+                    first[pidx(li, P_MPROJ)].as_slice(),
+                )
+            })
+            .collect();
+        Ok(MlpGrads {
+            loss,
+            row_loss,
+            grads,
+        })
+    }
+
+    /// The causal-LM training loss of `ids` (`[b, t]` row-major, no padding): the mean over
+    /// rows of each row's mean next-token cross-entropy over its `t − 1` predictions, exactly
+    /// [`crate::models::ops::lm_loss`] of the model's logits; and its gradient with respect to
+    /// every parameter, in the model's `named_tensors` order.
+    fn train_grads<'w>(
+        &self,
+        ids: &[u32],
+        (b, t): (usize, usize),
+        ws: &'w mut MlpGradWorkspace,
+    ) -> Result<TrainGrads<'w>>
+    where
+        Self: Sized,
+    {
+        let lens = vec![t; b];
+        let row_weight = vec![1.0 / b.max(1) as f32; b];
+        let (_, row_loss) = run(self, ids, (b, t), &lens, &row_weight, None, Want::All, ws)?;
+        let loss = row_loss.iter().sum::<f64>() / b as f64;
+        let slots = self.param_slots();
+        let first = sum_groups(&mut ws.parts, &slots);
+        Ok(TrainGrads {
+            loss,
+            grads: slots.iter().map(|&i| first[i].as_slice()).collect(),
+        })
+    }
+}
+
+/// The sizes of a pass of `m` over rows of `t` tokens.
+fn dims<M: HandWrittenPass>(m: &M, t: usize) -> Dims {
+    let (s, eps, act) = m.shape();
+    Dims {
+        t,
+        npos: s.context_length,
+        h: s.hidden_size,
+        nh: s.num_heads,
+        inner: s.intermediate_size,
+        v: s.vocab_size,
+        eps,
+        act,
+    }
+}
+
+/// [`run_parts`] on `m`'s weights, the MLP matrices replaced by `mlp` when given.
+#[allow(clippy::too_many_arguments)]
+fn run<M: HandWrittenPass>(
+    m: &M,
+    ids: &[u32],
+    (b, t): (usize, usize),
+    lens: &[usize],
+    row_weight: &[f32],
+    mlp: Option<&[(Vec<f32>, Vec<f32>)]>,
+    want: Want,
+    ws: &mut MlpGradWorkspace,
+) -> Result<(f64, Vec<f64>)> {
+    if !m.mlp_grads_supported() {
+        bail!("mlp_grads: unsupported model (needs f32 weights on the CPU)");
+    }
+    let d = dims(m, t);
+    m.with_weights(mlp, |w| run_parts(d, w, ids, b, lens, row_weight, want, ws))
 }
 
 /// Runs the forward and the backward `want` asks for over row groups in parallel, leaving
