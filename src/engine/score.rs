@@ -11,13 +11,13 @@
 //! - Every sequence is checked before any compute: fewer than 2 tokens, more than the context
 //!   length or an id outside the vocabulary is an error naming `sequence[i]`.
 //! - GPT-2 with a ReLU MLP in f32 on the CPU (TinyMem) scores through the hand-written forward
-//!   of `models::gpt2::grad` (tested below against the candle path, within 1e-4); every other
+//!   of `models::pass` (tested below against the candle path, within 1e-4); every other
 //!   model through `forward_hidden` and the fused head (`Model::next_token_logprobs`).
 
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
-use crate::models::gpt2::grad::HandWrittenPass;
+use crate::models::pass::HandWrittenPass;
 use crate::models::{Inputs, Model};
 
 /// The score of one sequence.

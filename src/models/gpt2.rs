@@ -29,8 +29,7 @@ use super::{causal_mask, Inputs, KvCache, MlpWeights, ModelSpec, Params};
 use crate::error::{Error, Result};
 
 mod decode;
-pub(crate) mod grad;
-pub use grad::{MlpGradWorkspace, MlpGrads, TrainGrads};
+mod grad;
 
 /// GPT-2 hyper-parameters, validated.
 #[derive(Debug, Clone, PartialEq)]

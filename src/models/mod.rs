@@ -27,6 +27,7 @@ pub mod fused;
 pub mod gpt2;
 pub mod gpt_neox;
 pub mod ops;
+pub mod pass;
 pub mod weights;
 
 use candle_core::{DType, Device, Result as CResult, Tensor};

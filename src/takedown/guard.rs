@@ -27,6 +27,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::{Error, Result};
+use crate::engine::generate::{Filter, FilterState, OutputFilter};
 
 /// Multiplier of the rolling hash (odd, so multiplication is invertible mod 2^64).
 const BASE: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -281,6 +282,28 @@ pub fn bench_overhead(n: usize, tokens: usize) -> f64 {
     }
     std::hint::black_box(hits);
     start.elapsed().as_nanos() as f64 / tokens.max(1) as f64
+}
+
+impl Guard {
+    /// The guard as an engine output filter: each generated row gets its own [`Checker`].
+    pub fn filter(&self) -> Filter {
+        Filter(Arc::new(GuardFilter(self.clone())))
+    }
+}
+
+/// The regurgitation guard seen by the engine.
+struct GuardFilter(Guard);
+
+impl OutputFilter for GuardFilter {
+    fn start(&self, prompt: &[u32]) -> Box<dyn FilterState> {
+        Box::new(self.0.checker(prompt))
+    }
+}
+
+impl FilterState for Checker {
+    fn push(&mut self, token: u32) -> bool {
+        Checker::push(self, token)
+    }
 }
 
 #[cfg(test)]

@@ -42,14 +42,12 @@ use candle_core::DType;
 use serde_json::{json, Value};
 
 use crate::audit::{self, AuditItem};
-use crate::engine::generate::{Filter, FilterState, OutputFilter};
+use crate::engine::generate::Filter;
 use crate::engine::served::{Live, Served};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::supervise::{self, FaultPoint, Faults, SetOnDrop};
-use crate::takedown::{
-    versions, Checker, Guard, NewVersion, State, Store, Takedown, VersionRecord,
-};
+use crate::takedown::{versions, Guard, NewVersion, State, Store, Takedown, VersionRecord};
 use crate::unlearn::pipeline::{self, Baseline, Datasets, PipelineConfig};
 use crate::unlearn::JobControl;
 
@@ -155,7 +153,7 @@ impl Takedowns {
 
     /// The guard as an engine output filter for completions.
     pub fn filter(&self) -> Filter {
-        Filter(Arc::new(GuardFilter(self.guard.clone())))
+        self.guard.filter()
     }
 
     /// Whether the worker has what it needs to unlearn (a retain set).
@@ -313,21 +311,6 @@ impl Drop for ThreadEnded {
                 "a takedown thread ended; /livez now fails so the process is restarted"
             );
         }
-    }
-}
-
-/// The regurgitation guard seen by the engine: each row gets a rolling-hash checker.
-struct GuardFilter(Guard);
-
-impl OutputFilter for GuardFilter {
-    fn start(&self, prompt: &[u32]) -> Box<dyn FilterState> {
-        Box::new(self.0.checker(prompt))
-    }
-}
-
-impl FilterState for Checker {
-    fn push(&mut self, token: u32) -> bool {
-        Checker::push(self, token)
     }
 }
 

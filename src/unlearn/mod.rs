@@ -46,8 +46,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::audit::{self, AuditItem};
 use crate::error::{Error, Result};
-use crate::models::gpt2::grad::HandWrittenPass;
-use crate::models::gpt2::MlpGradWorkspace;
+use crate::models::pass::{HandWrittenPass, MlpGradWorkspace};
 use crate::models::{Inputs, MlpWeights, Model};
 use crate::optim::{Sgd, SgdParams};
 use mask::Scores;
@@ -612,7 +611,7 @@ fn per_sequence_loss(logits: &Tensor, ids: &Tensor, lens: &[usize]) -> Result<Te
 
 #[cfg(test)]
 mod tests {
-    //! The fast step against autograd: [`fast_score_grads`] (hand-written GPT-2 backward) and
+    //! The fast step against autograd: [`fast_score_grads`] (the hand-written pass) and
     //! candle's backward through [`Scores::masked`] + [`batch_loss`] agree on the group losses
     //! (relative 1e-5) and on every score gradient (relative L2 error ≤ 1e-4).
     use super::*;

@@ -1,5 +1,5 @@
 //! The CPU kernels that every hand-written pass shares, on plain f32 slices: what GPT-2's
-//! training/unlearning pass (`gpt2::grad`), both decode steps (`gpt2::decode`,
+//! training/unlearning pass (`models::pass`), both decode steps (`gpt2::decode`,
 //! `gpt_neox::decode`), the fused autograd ops (`fused`) and the candle fallbacks in `ops`
 //! build on.
 //!

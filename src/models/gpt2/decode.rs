@@ -22,12 +22,12 @@
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
-use super::grad::BlockWeights;
 use super::Gpt2;
 use crate::models::cpu::attend::CachedKv;
 use crate::models::cpu::gemm::gemm;
 use crate::models::cpu::skinny;
 use crate::models::cpu::vmath::layer_norm;
+use crate::models::pass::BlockWeights;
 use crate::models::{fused, Inputs, KvCache, StepInputs};
 
 /// Parameters per block (`c_attn`, `attn.c_proj`, `c_fc`, `mlp.c_proj`) up to which the step is

@@ -1,5 +1,6 @@
 //! GPT-NeoX's forward and backward without candle's autograd, for training and unlearning: the
-//! hand-written pass of `gpt2::grad` (one pass for both families), fed GPT-NeoX's weights.
+//! hand-written pass of [`crate::models::pass`] (one pass for both families), fed GPT-NeoX's
+//! weights.
 //!
 //! Invariants:
 //! - It computes the same function as [`GptNeoX::forward_hidden`] → logits → per-sequence
@@ -21,10 +22,10 @@ use candle_core::Result;
 use super::GptNeoX;
 use crate::models::cpu::attention::QkvLayout;
 use crate::models::cpu::storage::view;
-use crate::models::gpt2::grad::{
+use crate::models::ops::Activation;
+use crate::models::pass::{
     pidx, BlockWeights, HandWrittenPass, Mlp, Weights, P_ATTN, P_FC, P_LN1, P_LN2, P_MPROJ, P_PROJ,
 };
-use crate::models::ops::Activation;
 use crate::models::ModelSpec;
 
 impl HandWrittenPass for GptNeoX {
@@ -145,8 +146,8 @@ impl HandWrittenPass for GptNeoX {
 mod tests {
     use candle_core::{DType, Device};
 
-    use crate::models::gpt2::grad::HandWrittenPass;
     use crate::models::ops::Activation;
+    use crate::models::pass::HandWrittenPass;
     use crate::models::{Model, Weights};
     use crate::test_util::{assert_matches_autograd, neox};
 
@@ -161,7 +162,7 @@ mod tests {
             (2, 0.5, false, Relu, false, true, 2, 12),
             (1, 0.5, true, Gelu, true, true, 1, 2),
         ];
-        let mut ws = crate::models::gpt2::MlpGradWorkspace::default();
+        let mut ws = crate::models::pass::MlpGradWorkspace::default();
         for (case, &(nl, rp, par, act, bias, tied, b, t)) in cases.iter().enumerate() {
             let weights = Weights::init_seeded(case as u64 + 7, DType::F32, &Device::Cpu);
             // vocab 11, 16 positions, width 16, 2 heads of 8, MLP 24.

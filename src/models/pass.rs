@@ -1,0 +1,799 @@
+//! The hand-written transformer pass: forward and backward without candle's autograd, the
+//! unlearning step's and the training step's hot path. Written once for every family: a
+//! family gives its weights as slices with what sets it apart ([`Weights`]: dense weight
+//! layout, packed-qkv layout, position or rotary embeddings, sequential or parallel residual)
+//! by implementing [`HandWrittenPass`] (`gpt2::grad`, `gpt_neox::grad`), on the kernels of
+//! [`super::cpu`].
+//!
+//! Invariants:
+//! - It computes the same function as each family's `forward_hidden` → logits → per-sequence
+//!   cross-entropy, to f32 rounding, and the same gradients as candle's autograd through that
+//!   forward: tests in `unlearn` pin the loss and every score gradient (both families), tests
+//!   in `tinymem::train` and `gpt_neox::grad` the loss and every parameter gradient.
+//! - [`HandWrittenPass::mlp_grads`] returns `∂L/∂W_eff` for each MLP matrix only (what
+//!   BalancedSubnet's scores need; the backward stops at layer 0's in-projection);
+//!   [`HandWrittenPass::train_grads`] returns every parameter's gradient. Both run the same
+//!   code, parameterised by what is accumulated.
+//! - Supported: f32 weights on the CPU, every MLP activation the loader accepts (ReLU, exact
+//!   and tanh GELU, SiLU), causal attention over right-padded rows (the padding's predictions
+//!   carry zero weight). [`HandWrittenPass::mlp_grads_supported`] says whether a model
+//!   qualifies; callers fall back to autograd otherwise.
+//! - A step's batch is cut into row groups that each run the whole forward and backward
+//!   single-threaded on their own buffers (from a [`MlpGradWorkspace`] reused between steps);
+//!   the only cross-group step is the final sum of weight gradients into the first group's
+//!   buffers, so no state is shared while a group runs.
+//!
+//! The forward keeps exactly the activations the backward reads, and causal attention skips
+//! the masked upper triangle in blocks of query rows. What this path gained over autograd is in
+//! `docs/benchmarks.md` ("BalancedSubnet step and audit throughput", "Training step").
+
+use candle_core::{bail, Result};
+use rayon::prelude::*;
+
+use super::cpu::activation;
+use super::cpu::attention::{attention_bwd, attention_fwd, AttnShape, QkvLayout};
+use super::cpu::gemm::gemm;
+use super::cpu::norm::{col_sum, layer_norm_bwd_add, rows_plus_bias};
+use super::cpu::rotary::rotate_packed;
+use super::cpu::vmath::{layer_norm, logsumexp};
+use super::fused::{self, softmax_row};
+use super::ops::Activation;
+use super::ModelSpec;
+
+/// Buffers kept between steps so that steady-state steps allocate nothing large: one set per
+/// row group.
+#[derive(Default)]
+pub struct MlpGradWorkspace {
+    pub(crate) parts: Vec<PartBufs>,
+}
+
+/// Which parameter gradients a pass accumulates.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Want {
+    /// The MLP weight matrices only (`c_fc`, `c_proj`); the backward stops at layer 0's `c_fc`.
+    Mlp,
+    /// Every parameter, down to the embeddings (training).
+    All,
+    /// None: the forward and each position's log-probability of its next token (scoring).
+    Forward,
+}
+
+/// Index of block `li`'s `k`-th parameter in [`Gpt2::named_tensors`] order: `wte`, `wpe`, then
+/// per block `ln_1` (w, b), `c_attn` (w, b), `attn.c_proj` (w, b), `ln_2` (w, b), `c_fc` (w, b),
+/// `mlp.c_proj` (w, b); then `ln_f` (w, b) and, untied, `lm_head`.
+pub(crate) const fn pidx(li: usize, k: usize) -> usize {
+    2 + 12 * li + k
+}
+pub(crate) const P_LN1: usize = 0;
+pub(crate) const P_ATTN: usize = 2;
+pub(crate) const P_PROJ: usize = 4;
+pub(crate) const P_LN2: usize = 6;
+pub(crate) const P_FC: usize = 8;
+pub(crate) const P_MPROJ: usize = 10;
+
+/// One row group's activations, scratch and partial parameter gradients.
+#[derive(Default)]
+pub(crate) struct PartBufs {
+    /// Residual stream entering each block, plus the final one: `L + 1` × `[N, H]`.
+    xs: Vec<Vec<f32>>,
+    layers: Vec<LayerBufs>,
+    /// Logits, then their gradient, `[N, V]`.
+    logits: Vec<f32>,
+    /// The final LayerNorm's output `[N, H]`.
+    hf: Vec<f32>,
+    /// Scratch: `[N, H]` ×2, `[N, I]`, `[N, 3H]`, `[T, T]`.
+    dx: Vec<f32>,
+    dt: Vec<f32>,
+    dh: Vec<f32>,
+    dqkv: Vec<f32>,
+    ds: Vec<f32>,
+    /// `∂` of the MLP's LayerNorm output `[N, H]`.
+    dm: Vec<f32>,
+    /// Parameter gradients over this group's rows, in [`Gpt2::named_tensors`] order (see
+    /// [`pidx`]); in [`Want::Mlp`] mode only the MLP matrices' entries are filled.
+    grads: Vec<Vec<f32>>,
+    /// Each row's mean loss.
+    row_loss: Vec<f64>,
+    /// [`Want::Forward`]: `log p(ids[r, j + 1])` for `j < t − 1`, row by row (0 past a row's
+    /// length).
+    pub(crate) token_lp: Vec<f32>,
+}
+
+/// What one block's backward reads.
+#[derive(Default)]
+struct LayerBufs {
+    /// `ln_1`'s output, the packed q/k/v, the attention probabilities and output.
+    ln1: Vec<f32>,
+    qkv: Vec<f32>,
+    probs: Vec<f32>,
+    att: Vec<f32>,
+    /// Residual after attention, the MLP input (LayerNorm output), pre- and post-activation.
+    xm: Vec<f32>,
+    m_in: Vec<f32>,
+    hpre: Vec<f32>,
+    h: Vec<f32>,
+}
+
+/// A buffer of exactly `n` elements (contents unspecified; every user overwrites it).
+fn buf(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if v.len() != n {
+        v.clear();
+        v.resize(n, 0.0);
+    }
+    v
+}
+
+/// A buffer of exactly `n` zeros.
+fn zbuf(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    let b = buf(v, n);
+    b.fill(0.0);
+    b
+}
+
+/// A LayerNorm's `(∂w, ∂b)` buffers at `i`, zeroed, when every gradient is wanted.
+fn norm_grads(
+    g: &mut [Vec<f32>],
+    i: usize,
+    h: usize,
+    full: bool,
+) -> Option<(&mut [f32], &mut [f32])> {
+    full.then(|| {
+        let (gw, gb) = pair(g, i);
+        (zbuf(gw, h), zbuf(gb, h))
+    })
+}
+
+/// Entries `i` and `i + 1` (a weight and its bias) of a gradient list.
+fn pair(g: &mut [Vec<f32>], i: usize) -> (&mut Vec<f32>, &mut Vec<f32>) {
+    let (a, b) = g[i..].split_at_mut(1);
+    (&mut a[0], &mut b[0])
+}
+
+/// Output of [`HandWrittenPass::mlp_grads`], borrowing the workspace's buffers.
+pub struct MlpGrads<'w> {
+    /// `Σ_r row_weight[r] · loss[r]`.
+    pub loss: f64,
+    /// Each row's mean cross-entropy over its own `len − 1` predictions.
+    pub row_loss: Vec<f64>,
+    /// `(∂L/∂c_fc, ∂L/∂c_proj)` per block, each `[in, out]` row-major like the weights.
+    pub grads: Vec<(&'w [f32], &'w [f32])>,
+}
+
+/// Output of [`HandWrittenPass::train_grads`], borrowing the workspace's buffers.
+pub struct TrainGrads<'w> {
+    /// The causal-LM loss ([`crate::models::ops::lm_loss`]).
+    pub loss: f64,
+    /// `∂loss/∂p` for every parameter, in the model's `named_tensors` order, each row-major in
+    /// the parameter's shape. Tied embeddings get both uses' gradient in `wte`.
+    pub grads: Vec<&'w [f32]>,
+}
+
+/// The model's sizes.
+#[derive(Clone, Copy)]
+pub(crate) struct Dims {
+    pub(crate) t: usize,
+    /// The context: rows of `wpe`, and the longest `t`.
+    pub(crate) npos: usize,
+    pub(crate) h: usize,
+    pub(crate) nh: usize,
+    pub(crate) inner: usize,
+    pub(crate) v: usize,
+    pub(crate) eps: f32,
+    pub(crate) act: Activation,
+}
+
+/// Every weight the step reads, as slices, and how the model family arranges them.
+pub(crate) struct Weights<'a> {
+    pub(crate) wte: &'a [f32],
+    /// Learned position embeddings `[positions, H]` (GPT-2); `None` with rotary ones.
+    pub(crate) wpe: Option<&'a [f32]>,
+    /// `[V, H]` (the tied `wte` or an untied head).
+    pub(crate) lm: &'a [f32],
+    /// Whether `lm` is `wte`.
+    pub(crate) tied: bool,
+    pub(crate) lnf: (&'a [f32], &'a [f32]),
+    pub(crate) blocks: Vec<BlockWeights<'a>>,
+    /// Dense weights stored `[out, in]` (`nn.Linear`: GPT-NeoX) instead of `[in, out]`
+    /// (GPT-2's `Conv1D`).
+    pub(crate) linear: bool,
+    /// Where each head's query, key and value sit in the packed projection.
+    pub(crate) layout: QkvLayout,
+    /// GPT-NeoX's parallel residual: the MLP reads `LayerNorm(x)`, not `LayerNorm(x + attn)`.
+    pub(crate) parallel: bool,
+    /// Rotary tables `cos`, `sin: [positions, half]` and `half` (the rotated dimensions of a
+    /// head are `2·half`); `None` without rotary embeddings.
+    pub(crate) rotary: Option<(&'a [f32], &'a [f32], usize)>,
+}
+
+impl<'a> Weights<'a> {
+    /// What every family has: the token embedding, the head (`None`: tied to the embedding),
+    /// the final LayerNorm, the blocks and where heads sit in the packed projection. The
+    /// rest starts as GPT-2's: no position embeddings (set them), `[in, out]` weights,
+    /// sequential residual, no rotary embeddings.
+    pub(crate) fn new(
+        wte: &'a [f32],
+        head: Option<&'a [f32]>,
+        lnf: (&'a [f32], &'a [f32]),
+        blocks: Vec<BlockWeights<'a>>,
+        layout: QkvLayout,
+    ) -> Self {
+        Self {
+            wte,
+            wpe: None,
+            lm: head.unwrap_or(wte),
+            tied: head.is_none(),
+            lnf,
+            blocks,
+            linear: false,
+            layout,
+            parallel: false,
+            rotary: None,
+        }
+    }
+}
+
+/// One block's weights, each `(weight, bias)`; a family without a bias passes zeros.
+pub(crate) struct BlockWeights<'a> {
+    pub(crate) ln1: (&'a [f32], &'a [f32]),
+    pub(crate) qkv: (&'a [f32], &'a [f32]),
+    pub(crate) proj: (&'a [f32], &'a [f32]),
+    pub(crate) ln2: (&'a [f32], &'a [f32]),
+    pub(crate) fc: (&'a [f32], &'a [f32]),
+    pub(crate) mproj: (&'a [f32], &'a [f32]),
+    /// Attention logit scale.
+    pub(crate) scale: f32,
+}
+
+/// `out (+)= x · W` for `x: [n, d_in]` and a dense weight stored `[d_in, d_out]`, or `[d_out,
+/// d_in]` when `linear` (then `x · Wᵀ`).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn dense_fwd(
+    linear: bool,
+    (n, d_in, d_out): (usize, usize, usize),
+    out: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    acc: bool,
+) {
+    let ws = if linear { (1, d_in) } else { (d_out, 1) };
+    gemm(n, d_out, d_in, out, x, (d_in, 1), w, ws, acc);
+}
+
+/// `dx = dy · (the transpose of the map of [`dense_fwd`])`: `[n, d_in]` from `dy: [n, d_out]`.
+#[inline(always)]
+fn dense_bwd_x(
+    linear: bool,
+    (n, d_in, d_out): (usize, usize, usize),
+    dx: &mut [f32],
+    dy: &[f32],
+    w: &[f32],
+) {
+    let ws = if linear { (d_in, 1) } else { (1, d_out) };
+    gemm(n, d_in, d_out, dx, dy, (d_out, 1), w, ws, false);
+}
+
+/// `∂W` in the weight's own layout from the layer's input `x: [n, d_in]` and `dy: [n, d_out]`.
+#[inline(always)]
+fn dense_bwd_w(
+    linear: bool,
+    (n, d_in, d_out): (usize, usize, usize),
+    gw: &mut [f32],
+    x: &[f32],
+    dy: &[f32],
+) {
+    if linear {
+        gemm(d_out, d_in, n, gw, dy, (1, d_out), x, (d_in, 1), false);
+    } else {
+        gemm(d_in, d_out, n, gw, x, (1, d_in), dy, (d_out, 1), false);
+    }
+}
+
+/// Forward and backward over one row group (`ids: [b, t]`), single-threaded: fills `ws.grads`
+/// (what `want` asks for) and `ws.row_loss`.
+#[allow(clippy::too_many_arguments)]
+fn part(
+    d: Dims,
+    w: &Weights,
+    ids: &[u32],
+    lens: &[usize],
+    row_weight: &[f32],
+    want: Want,
+    ws: &mut PartBufs,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
+    {
+        // SAFETY: the CPU has the features `part_avx512` is compiled for (checked just above).
+        return unsafe { part_avx512(d, w, ids, lens, row_weight, want, ws) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features `part_avx2` is compiled for (checked just above).
+        return unsafe { part_avx2(d, w, ids, lens, row_weight, want, ws) };
+    }
+    part_body(d, w, ids, lens, row_weight, want, ws)
+}
+
+/// `unsafe fn $name(..)`: [`part_body`] compiled with the target features `$features` (the
+/// crate's baseline is x86-64's SSE2). Floating-point semantics are unchanged: no contraction
+/// into FMA, no reassociation, so every build computes the same operations in the same order.
+macro_rules! part_with_features {
+    ($(#[$doc:meta])* $name:ident, $features:literal) => {
+        $(#[$doc])*
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name(
+            d: Dims,
+            w: &Weights,
+            ids: &[u32],
+            lens: &[usize],
+            row_weight: &[f32],
+            want: Want,
+            ws: &mut PartBufs,
+        ) {
+            part_body(d, w, ids, lens, row_weight, want, ws)
+        }
+    };
+}
+
+part_with_features!(
+    /// 16-wide vectors for the row loops (the lane reductions of
+    /// [`crate::models::vmath`] are 16 lanes).
+    part_avx512,
+    "avx512f,avx2,fma"
+);
+part_with_features!(
+    /// 8-wide vectors for the row loops (LayerNorm, softmax, bias, activation).
+    part_avx2,
+    "avx2,fma"
+);
+
+#[inline(always)]
+fn part_body(
+    d: Dims,
+    w: &Weights,
+    ids: &[u32],
+    lens: &[usize],
+    row_weight: &[f32],
+    want: Want,
+    ws: &mut PartBufs,
+) {
+    let Dims {
+        t,
+        npos,
+        h,
+        nh,
+        inner,
+        v,
+        eps,
+        act,
+    } = d;
+    let (b, nl) = (lens.len(), w.blocks.len());
+    let n = b * t;
+    let lin = w.linear;
+    let attn = |scale| AttnShape {
+        layout: w.layout,
+        b,
+        t,
+        scale,
+    };
+    let full = want == Want::All;
+    ws.xs.resize_with(nl + 1, Vec::new);
+    ws.layers.resize_with(nl, LayerBufs::default);
+    ws.grads.resize_with(pidx(nl, 3), Vec::new);
+
+    // Embeddings.
+    let x0 = buf(&mut ws.xs[0], n * h);
+    for (r, row) in x0.chunks_exact_mut(h).enumerate() {
+        let (id, pos) = (ids[r] as usize, r % t);
+        row.copy_from_slice(&w.wte[id * h..(id + 1) * h]);
+        if let Some(wpe) = w.wpe {
+            row.iter_mut()
+                .zip(&wpe[pos * h..(pos + 1) * h])
+                .for_each(|(o, &p)| *o += p);
+        }
+    }
+
+    // Forward.
+    for (li, bw) in w.blocks.iter().enumerate() {
+        let (done, rest) = ws.xs.split_at_mut(li + 1);
+        let x = &done[li][..];
+        // The backward reads every layer's activations; a forward alone reuses one set.
+        let lb = &mut ws.layers[if want == Want::Forward { 0 } else { li }];
+        let a = buf(&mut lb.ln1, n * h);
+        layer_norm(x, bw.ln1, eps, a);
+        let qkv = buf(&mut lb.qkv, n * 3 * h);
+        rows_plus_bias(None, bw.qkv.1, qkv);
+        dense_fwd(lin, (n, h, 3 * h), qkv, a, bw.qkv.0, true);
+        if let Some((cos, sin, half)) = w.rotary {
+            rotate_packed(qkv, w.layout, (b, t), (cos, sin), half, false);
+        }
+        let probs = buf(&mut lb.probs, b * nh * t * t);
+        let att = buf(&mut lb.att, n * h);
+        attention_fwd(qkv, attn(bw.scale), probs, att);
+        let xm = buf(&mut lb.xm, n * h);
+        rows_plus_bias(Some(x), bw.proj.1, xm);
+        dense_fwd(lin, (n, h, h), xm, att, bw.proj.0, true);
+        let m_in = buf(&mut lb.m_in, n * h);
+        // Sequential: the MLP reads the residual after attention; parallel: the block's input.
+        layer_norm(if w.parallel { x } else { xm }, bw.ln2, eps, m_in);
+        let hpre = buf(&mut lb.hpre, n * inner);
+        rows_plus_bias(None, bw.fc.1, hpre);
+        dense_fwd(lin, (n, h, inner), hpre, m_in, bw.fc.0, true);
+        let hh = buf(&mut lb.h, n * inner);
+        activation::forward(act, hpre, hh);
+        let next = buf(&mut rest[0], n * h);
+        rows_plus_bias(Some(xm), bw.mproj.1, next);
+        dense_fwd(lin, (n, inner, h), next, hh, bw.mproj.0, true);
+    }
+    // The final LayerNorm, then logits = hf · lmᵀ.
+    let hf = buf(&mut ws.hf, n * h);
+    layer_norm(&ws.xs[nl], w.lnf, eps, hf);
+    let logits = buf(&mut ws.logits, n * v);
+    gemm(n, v, h, logits, hf, (h, 1), w.lm, (1, h), false);
+
+    ws.row_loss.clear();
+    if want == Want::Forward {
+        ws.token_lp.clear();
+        for (r, lg) in logits.chunks_exact(t * v).enumerate() {
+            let len = lens[r];
+            let mut total = 0f64;
+            for j in 0..t - 1 {
+                let lp = if j + 1 < len {
+                    let row = &lg[j * v..(j + 1) * v];
+                    row[ids[r * t + j + 1] as usize] - logsumexp(row)
+                } else {
+                    0.0
+                };
+                total -= f64::from(lp);
+                ws.token_lp.push(lp);
+            }
+            ws.row_loss.push(if len > 1 {
+                total / (len - 1) as f64
+            } else {
+                0.0
+            });
+        }
+        return;
+    }
+
+    // Loss and its gradient, in place: logits become ∂L/∂logits.
+    for (r, lg) in logits.chunks_exact_mut(t * v).enumerate() {
+        // A row of fewer than 2 tokens predicts nothing: loss 0, no gradient (as the composed
+        // path's zero position weights give).
+        let len = lens[r];
+        let c = if len > 1 {
+            row_weight[r] / (len - 1) as f32
+        } else {
+            0.0
+        };
+        let mut total = 0f64;
+        for j in 0..t {
+            let row = &mut lg[j * v..(j + 1) * v];
+            if j + 1 >= len {
+                row.fill(0.0);
+                continue;
+            }
+            let tg = ids[r * t + j + 1] as usize;
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = max + row.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
+            total += f64::from(lse - row[tg]);
+            softmax_row(row);
+            row[tg] -= 1.0;
+            row.iter_mut().for_each(|d| *d *= c);
+        }
+        ws.row_loss.push(if len > 1 {
+            total / (len - 1) as f64
+        } else {
+            0.0
+        });
+    }
+
+    // Backward.
+    let grads = &mut ws.grads;
+    if full {
+        // The head: ∂lm = ∂logitsᵀ hf (`wte`'s first share when tied).
+        let head = if w.tied { 0 } else { pidx(nl, 2) };
+        let g = buf(&mut grads[head], v * h);
+        gemm(v, h, n, g, &ws.logits, (1, v), &ws.hf, (h, 1), false);
+        if !w.tied {
+            zbuf(&mut grads[0], v * h);
+        }
+    }
+    let dhf = buf(&mut ws.dt, n * h);
+    gemm(n, h, v, dhf, &ws.logits, (v, 1), w.lm, (h, 1), false);
+    let dx = zbuf(&mut ws.dx, n * h);
+    let lnf = norm_grads(grads, pidx(nl, 0), h, full);
+    layer_norm_bwd_add(&ws.xs[nl], w.lnf.0, eps, dhf, dx, lnf);
+    for li in (0..nl).rev() {
+        let bw = &w.blocks[li];
+        let lb = &ws.layers[li];
+        let dx = &mut ws.dx;
+        // mlp.c_proj: ∂W2 from h and dx, ∂h = dx through W2, then the activation's derivative.
+        let (gw, gb) = pair(grads, pidx(li, P_MPROJ));
+        dense_bwd_w(lin, (n, inner, h), buf(gw, inner * h), &lb.h, dx);
+        if full {
+            col_sum(dx, buf(gb, h));
+        }
+        let dh = buf(&mut ws.dh, n * inner);
+        dense_bwd_x(lin, (n, inner, h), dh, dx, bw.mproj.0);
+        activation::backward(act, &lb.hpre, dh);
+        // c_fc: ∂W1 from m_in and ∂hpre.
+        let (gw, gb) = pair(grads, pidx(li, P_FC));
+        dense_bwd_w(lin, (n, h, inner), buf(gw, h * inner), &lb.m_in, dh);
+        if full {
+            col_sum(dh, buf(gb, inner));
+        } else if li == 0 {
+            break;
+        }
+        // ∂m_in = ∂hpre through W1, then through ln_2: into ∂(x + attn) now (sequential), or
+        // into ∂x once the attention branch has read ∂next (parallel).
+        let dm = buf(&mut ws.dm, n * h);
+        dense_bwd_x(lin, (n, h, inner), dm, dh, bw.fc.0);
+        if !w.parallel {
+            let p = norm_grads(grads, pidx(li, P_LN2), h, full);
+            layer_norm_bwd_add(&lb.xm, bw.ln2.0, eps, dm, dx, p);
+        }
+        // Attention output projection, attention, qkv projection, ln_1.
+        if full {
+            let (gw, gb) = pair(grads, pidx(li, P_PROJ));
+            dense_bwd_w(lin, (n, h, h), buf(gw, h * h), &lb.att, dx);
+            col_sum(dx, buf(gb, h));
+        }
+        let dt = buf(&mut ws.dt, n * h);
+        dense_bwd_x(lin, (n, h, h), dt, dx, bw.proj.0);
+        let dqkv = buf(&mut ws.dqkv, n * 3 * h);
+        let ds = buf(&mut ws.ds, t * t);
+        attention_bwd((&lb.qkv, &lb.probs, dt), attn(bw.scale), dqkv, ds);
+        if let Some((cos, sin, half)) = w.rotary {
+            rotate_packed(dqkv, w.layout, (b, t), (cos, sin), half, true);
+        }
+        if full {
+            let (gw, gb) = pair(grads, pidx(li, P_ATTN));
+            dense_bwd_w(lin, (n, h, 3 * h), buf(gw, h * 3 * h), &lb.ln1, dqkv);
+            col_sum(dqkv, buf(gb, 3 * h));
+        }
+        dense_bwd_x(lin, (n, h, 3 * h), dt, dqkv, bw.qkv.0);
+        let ln1 = norm_grads(grads, pidx(li, P_LN1), h, full);
+        layer_norm_bwd_add(&ws.xs[li], bw.ln1.0, eps, dt, dx, ln1);
+        if w.parallel {
+            let p = norm_grads(grads, pidx(li, P_LN2), h, full);
+            layer_norm_bwd_add(&ws.xs[li], bw.ln2.0, eps, &ws.dm, dx, p);
+        }
+    }
+    if full {
+        // The embeddings: scatter the residual's gradient by token id and by position.
+        let (gte, gpe) = pair(grads, 0);
+        let mut gpe = w.wpe.is_some().then(|| zbuf(gpe, npos * h));
+        for (r, row) in ws.dx.chunks_exact(h).enumerate() {
+            let (id, pos) = (ids[r] as usize, r % t);
+            gte[id * h..(id + 1) * h]
+                .iter_mut()
+                .zip(row)
+                .for_each(|(g, &x)| *g += x);
+            if let Some(gpe) = gpe.as_deref_mut() {
+                gpe[pos * h..(pos + 1) * h]
+                    .iter_mut()
+                    .zip(row)
+                    .for_each(|(g, &x)| *g += x);
+            }
+        }
+    }
+}
+
+/// MLP weights that replace a model's own in a pass (one `(in-projection, out-projection)`
+/// pair per layer, in the weights' layout), or `None` for its own.
+pub(crate) type Mlp<'m> = Option<&'m [(Vec<f32>, Vec<f32>)]>;
+
+/// A model family the pass runs: its sizes, its weights as slices, its parameter order; and
+/// the pass's two entry points.
+pub(crate) trait HandWrittenPass {
+    /// The token embedding, whose storage says where the weights live.
+    fn embedding(&self) -> &candle_core::Tensor;
+
+    /// Whether the pass can run on this model: f32 weights on the CPU, fused kernels enabled on
+    /// this thread (every activation the loader accepts); callers fall back to autograd
+    /// otherwise.
+    fn mlp_grads_supported(&self) -> bool {
+        fused::supported(&[self.embedding()])
+    }
+    /// The model's sizes, its LayerNorm epsilon and its MLP activation.
+    fn shape(&self) -> (ModelSpec, f32, Activation);
+    /// For each of the model's `named_tensors`, its slot in the pass's gradient list ([`pidx`]).
+    fn param_slots(&self) -> Vec<usize>;
+    /// Runs `f` on every weight as a plain slice, the MLP matrices replaced by `mlp` (in the
+    /// weights' own layout) when given.
+    fn with_weights<R>(&self, mlp: Mlp, f: impl FnOnce(&Weights) -> Result<R>) -> Result<R>;
+
+    /// The loss `L = Σ_r row_weight[r] · ℓ_r`, where `ℓ_r` is row `r`'s mean next-token
+    /// cross-entropy over its first `lens[r]` tokens, and `∂L/∂W` for every MLP matrix, with
+    /// the MLP weights replaced by `mlp`: one `(in-projection, out-projection)` pair per layer
+    /// in the weights' own layout (GPT-2's `c_fc`, `c_proj` `[in, out]`; GPT-NeoX's
+    /// `dense_h_to_4h`, `dense_4h_to_h` `[out, in]`), gradients in the same layout.
+    ///
+    /// `ids` is `[b, t]` row-major, rows right-padded to `t` with any valid id; `lens[r] ≤ t`
+    /// (a row shorter than 2 tokens contributes nothing).
+    fn mlp_grads<'w>(
+        &self,
+        ids: &[u32],
+        bt: (usize, usize),
+        lens: &[usize],
+        row_weight: &[f32],
+        mlp: &[(Vec<f32>, Vec<f32>)],
+        ws: &'w mut MlpGradWorkspace,
+    ) -> Result<MlpGrads<'w>>
+    where
+        Self: Sized,
+    {
+        let (d, nl) = (dims(self, bt.1), self.shape().0.num_layers);
+        let size = d.h * d.inner;
+        if mlp.len() != nl || mlp.iter().any(|(a, c)| a.len() != size || c.len() != size) {
+            bail!(
+                "mlp_grads: MLP weights do not fit {nl} layers of {} × {}",
+                d.h,
+                d.inner
+            );
+        }
+        let (loss, row_loss) = run(self, ids, bt, lens, row_weight, Some(mlp), Want::Mlp, ws)?;
+        let used: Vec<usize> = (0..nl)
+            .flat_map(|li| [pidx(li, P_FC), pidx(li, P_MPROJ)])
+            .collect();
+        let first = sum_groups(&mut ws.parts, &used);
+        let grads = (0..nl)
+            .map(|li| {
+                (
+                    first[pidx(li, P_FC)].as_slice(),
+                    first[pidx(li, P_MPROJ)].as_slice(),
+                )
+            })
+            .collect();
+        Ok(MlpGrads {
+            loss,
+            row_loss,
+            grads,
+        })
+    }
+
+    /// The causal-LM training loss of `ids` (`[b, t]` row-major, no padding): the mean over
+    /// rows of each row's mean next-token cross-entropy over its `t − 1` predictions, exactly
+    /// [`crate::models::ops::lm_loss`] of the model's logits; and its gradient with respect to
+    /// every parameter, in the model's `named_tensors` order.
+    fn train_grads<'w>(
+        &self,
+        ids: &[u32],
+        (b, t): (usize, usize),
+        ws: &'w mut MlpGradWorkspace,
+    ) -> Result<TrainGrads<'w>>
+    where
+        Self: Sized,
+    {
+        let lens = vec![t; b];
+        let row_weight = vec![1.0 / b.max(1) as f32; b];
+        let (_, row_loss) = run(self, ids, (b, t), &lens, &row_weight, None, Want::All, ws)?;
+        let loss = row_loss.iter().sum::<f64>() / b as f64;
+        let slots = self.param_slots();
+        let first = sum_groups(&mut ws.parts, &slots);
+        Ok(TrainGrads {
+            loss,
+            grads: slots.iter().map(|&i| first[i].as_slice()).collect(),
+        })
+    }
+}
+
+/// The sizes of a pass of `m` over rows of `t` tokens.
+fn dims<M: HandWrittenPass>(m: &M, t: usize) -> Dims {
+    let (s, eps, act) = m.shape();
+    Dims {
+        t,
+        npos: s.context_length,
+        h: s.hidden_size,
+        nh: s.num_heads,
+        inner: s.intermediate_size,
+        v: s.vocab_size,
+        eps,
+        act,
+    }
+}
+
+/// [`run_parts`] on `m`'s weights, the MLP matrices replaced by `mlp` when given.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run<M: HandWrittenPass>(
+    m: &M,
+    ids: &[u32],
+    (b, t): (usize, usize),
+    lens: &[usize],
+    row_weight: &[f32],
+    mlp: Option<&[(Vec<f32>, Vec<f32>)]>,
+    want: Want,
+    ws: &mut MlpGradWorkspace,
+) -> Result<(f64, Vec<f64>)> {
+    if !m.mlp_grads_supported() {
+        bail!("mlp_grads: unsupported model (needs f32 weights on the CPU)");
+    }
+    let d = dims(m, t);
+    m.with_weights(mlp, |w| run_parts(d, w, ids, b, lens, row_weight, want, ws))
+}
+
+/// Runs the forward and the backward `want` asks for over row groups in parallel, leaving
+/// each group's gradients in `ws.parts` (exactly as many groups as ran). Returns the loss
+/// `Σ_r row_weight[r] · ℓ_r` and each row's `ℓ_r`. Bad rows are errors, checked first.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_parts(
+    d: Dims,
+    w: &Weights,
+    ids: &[u32],
+    b: usize,
+    lens: &[usize],
+    row_weight: &[f32],
+    want: Want,
+    ws: &mut MlpGradWorkspace,
+) -> Result<(f64, Vec<f64>)> {
+    let t = d.t;
+    if ids.len() != b * t || lens.len() != b || row_weight.len() != b || b == 0 {
+        bail!("mlp_grads: ids, lens and row weights do not describe {b} rows of {t}");
+    }
+    if t < 2 || t > d.npos {
+        bail!("mlp_grads: {t} positions outside 2..={}", d.npos);
+    }
+    if let Some(&l) = lens.iter().find(|&&l| l > t) {
+        bail!("mlp_grads: row length {l} is longer than {t}");
+    }
+    if let Some(&id) = ids.iter().find(|&&i| i as usize >= d.v) {
+        bail!(
+            "mlp_grads: token id {id} is outside the vocabulary of {}",
+            d.v
+        );
+    }
+    // Row groups: four per thread, so that a thread slowed down by another process leaves
+    // work for the other to take, and each group's activations stay closer to the core's L2.
+    let groups = (4 * rayon::current_num_threads()).clamp(1, b);
+    let per = b.div_ceil(groups);
+    let groups = b.div_ceil(per);
+    ws.parts.resize_with(groups, PartBufs::default);
+    ws.parts
+        .par_iter_mut()
+        .enumerate()
+        .for_each(|(gi, part_ws)| {
+            let (r0, r1) = (gi * per, ((gi + 1) * per).min(b));
+            part(
+                d,
+                w,
+                &ids[r0 * t..r1 * t],
+                &lens[r0..r1],
+                &row_weight[r0..r1],
+                want,
+                part_ws,
+            );
+        });
+    let row_loss: Vec<f64> = ws
+        .parts
+        .iter()
+        .flat_map(|p| p.row_loss.iter().copied())
+        .collect();
+    let loss = row_loss
+        .iter()
+        .zip(row_weight)
+        .map(|(l, &w)| l * f64::from(w))
+        .sum();
+    Ok((loss, row_loss))
+}
+
+/// Sums gradients `which` over the row groups into the first group's buffers (one gradient
+/// per task, no allocation) and returns the first group's gradient list.
+pub(crate) fn sum_groups<'p>(parts: &'p mut [PartBufs], which: &[usize]) -> &'p [Vec<f32>] {
+    let (first, rest) = parts.split_first_mut().expect("at least one row group");
+    first
+        .grads
+        .par_iter_mut()
+        .enumerate()
+        .filter(|(i, _)| which.contains(i))
+        .for_each(|(i, acc)| {
+            for p in rest.iter() {
+                acc.iter_mut().zip(&p.grads[i]).for_each(|(a, &g)| *a += g);
+            }
+        });
+    &first.grads
+}
