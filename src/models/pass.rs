@@ -32,7 +32,7 @@ use rayon::prelude::*;
 
 use super::cpu::activation;
 use super::cpu::attention::{attention_bwd, attention_fwd, AttnShape, QkvLayout};
-use super::cpu::gemm::gemm;
+use super::cpu::gemm::{dense_bwd_w, dense_bwd_x, dense_fwd, gemm};
 use super::cpu::norm::{col_sum, layer_norm_bwd_add, rows_plus_bias};
 use super::cpu::rotary::rotate_packed;
 use super::cpu::vmath::{layer_norm, logsumexp};
@@ -242,51 +242,6 @@ pub(crate) struct BlockWeights<'a> {
     pub(crate) mproj: (&'a [f32], &'a [f32]),
     /// Attention logit scale.
     pub(crate) scale: f32,
-}
-
-/// `out (+)= x · W` for `x: [n, d_in]` and a dense weight stored `[d_in, d_out]`, or `[d_out,
-/// d_in]` when `linear` (then `x · Wᵀ`).
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn dense_fwd(
-    linear: bool,
-    (n, d_in, d_out): (usize, usize, usize),
-    out: &mut [f32],
-    x: &[f32],
-    w: &[f32],
-    acc: bool,
-) {
-    let ws = if linear { (1, d_in) } else { (d_out, 1) };
-    gemm(n, d_out, d_in, out, x, (d_in, 1), w, ws, acc);
-}
-
-/// `dx = dy · (the transpose of the map of [`dense_fwd`])`: `[n, d_in]` from `dy: [n, d_out]`.
-#[inline(always)]
-fn dense_bwd_x(
-    linear: bool,
-    (n, d_in, d_out): (usize, usize, usize),
-    dx: &mut [f32],
-    dy: &[f32],
-    w: &[f32],
-) {
-    let ws = if linear { (d_in, 1) } else { (1, d_out) };
-    gemm(n, d_in, d_out, dx, dy, (d_out, 1), w, ws, false);
-}
-
-/// `∂W` in the weight's own layout from the layer's input `x: [n, d_in]` and `dy: [n, d_out]`.
-#[inline(always)]
-fn dense_bwd_w(
-    linear: bool,
-    (n, d_in, d_out): (usize, usize, usize),
-    gw: &mut [f32],
-    x: &[f32],
-    dy: &[f32],
-) {
-    if linear {
-        gemm(d_out, d_in, n, gw, dy, (1, d_out), x, (d_in, 1), false);
-    } else {
-        gemm(d_in, d_out, n, gw, x, (1, d_in), dy, (d_out, 1), false);
-    }
 }
 
 /// Forward and backward over one row group (`ids: [b, t]`), single-threaded: fills `ws.grads`
@@ -717,6 +672,10 @@ pub(crate) fn run<M: HandWrittenPass>(
     m.with_weights(mlp, |w| run_parts(d, w, ids, b, lens, row_weight, want, ws))
 }
 
+/// Weight-gradient bytes the row groups of one pass may hold together (each group keeps its own
+/// until the final sum), unless that would leave a thread without a group.
+const GRAD_BYTES_PER_PASS: usize = 1 << 30;
+
 /// Runs the forward and the backward `want` asks for over row groups in parallel, leaving
 /// each group's gradients in `ws.parts` (exactly as many groups as ran). Returns the loss
 /// `Σ_r row_weight[r] · ℓ_r` and each row's `ℓ_r`. Bad rows are errors, checked first.
@@ -749,7 +708,16 @@ pub(crate) fn run_parts(
     }
     // Row groups: four per thread, so that a thread slowed down by another process leaves
     // work for the other to take, and each group's activations stay closer to the core's L2.
-    let groups = (4 * rayon::current_num_threads()).clamp(1, b);
+    // Each group also holds its own weight gradients until the final sum, so for large models
+    // fewer groups (never fewer than threads) keep that within GRAD_BYTES_PER_PASS.
+    let threads = rayon::current_num_threads().max(1);
+    let grad_bytes = match want {
+        Want::Forward => 0,
+        Want::Mlp => 2 * w.blocks.len() * d.h * d.inner * 4,
+        Want::All => (w.blocks.len() * (4 * d.h * d.h + 2 * d.h * d.inner) + 2 * d.v * d.h) * 4,
+    };
+    let by_memory = GRAD_BYTES_PER_PASS / grad_bytes.max(1);
+    let groups = (4 * threads).min(by_memory.max(threads)).clamp(1, b);
     let per = b.div_ceil(groups);
     let groups = b.div_ceil(per);
     ws.parts.resize_with(groups, PartBufs::default);

@@ -103,6 +103,51 @@ pub(crate) unsafe fn small_gemm(
     )
 }
 
+/// `out (+)= x · W` for `x: [n, d_in]` and a dense weight stored `[d_in, d_out]`, or `[d_out,
+/// d_in]` when `linear` (then `x · Wᵀ`).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn dense_fwd(
+    linear: bool,
+    (n, d_in, d_out): (usize, usize, usize),
+    out: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    acc: bool,
+) {
+    let ws = if linear { (1, d_in) } else { (d_out, 1) };
+    gemm(n, d_out, d_in, out, x, (d_in, 1), w, ws, acc);
+}
+
+/// `dx = dy · (the transpose of the map of [`dense_fwd`])`: `[n, d_in]` from `dy: [n, d_out]`.
+#[inline(always)]
+pub(crate) fn dense_bwd_x(
+    linear: bool,
+    (n, d_in, d_out): (usize, usize, usize),
+    dx: &mut [f32],
+    dy: &[f32],
+    w: &[f32],
+) {
+    let ws = if linear { (d_in, 1) } else { (1, d_out) };
+    gemm(n, d_in, d_out, dx, dy, (d_out, 1), w, ws, false);
+}
+
+/// `∂W` in the weight's own layout from the layer's input `x: [n, d_in]` and `dy: [n, d_out]`.
+#[inline(always)]
+pub(crate) fn dense_bwd_w(
+    linear: bool,
+    (n, d_in, d_out): (usize, usize, usize),
+    gw: &mut [f32],
+    x: &[f32],
+    dy: &[f32],
+) {
+    if linear {
+        gemm(d_out, d_in, n, gw, dy, (1, d_out), x, (d_in, 1), false);
+    } else {
+        gemm(d_in, d_out, n, gw, x, (1, d_in), dy, (d_out, 1), false);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,5 +230,43 @@ mod tests {
             (2, 1),
             false,
         );
+    }
+
+    #[test]
+    fn dense_layers_in_both_weight_layouts_match_the_naive_products() {
+        let (n, di, d_o) = (3, 4, 5);
+        let x: Vec<f32> = (0..n * di).map(|i| (i as f32 * 0.3).sin()).collect();
+        let w_conv: Vec<f32> = (0..di * d_o).map(|i| (i as f32 * 0.7).cos()).collect();
+        // The same weight stored [out, in].
+        let w_lin: Vec<f32> = (0..d_o * di)
+            .map(|k| w_conv[(k % di) * d_o + k / di])
+            .collect();
+        let dy: Vec<f32> = (0..n * d_o).map(|i| (i as f32 * 0.11).sin()).collect();
+        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5);
+        let y_want = naive((n, d_o, di), &x, (di, 1), &w_conv, (d_o, 1));
+        let dx_want = naive((n, di, d_o), &dy, (d_o, 1), &w_conv, (1, d_o));
+        let dw_want = naive((di, d_o, n), &x, (1, di), &dy, (d_o, 1));
+        for (linear, w) in [(false, &w_conv), (true, &w_lin)] {
+            let mut y = vec![0f32; n * d_o];
+            dense_fwd(linear, (n, di, d_o), &mut y, &x, w, false);
+            assert!(close(&y, &y_want), "forward, linear {linear}");
+            let mut dx = vec![0f32; n * di];
+            dense_bwd_x(linear, (n, di, d_o), &mut dx, &dy, w);
+            assert!(close(&dx, &dx_want), "input gradient, linear {linear}");
+            let mut dw = vec![0f32; di * d_o];
+            dense_bwd_w(linear, (n, di, d_o), &mut dw, &x, &dy);
+            // In the weight's own layout.
+            let dw_conv: Vec<f32> = if linear {
+                (0..di * d_o)
+                    .map(|k| dw[(k % d_o) * di + k / d_o])
+                    .collect()
+            } else {
+                dw
+            };
+            assert!(
+                close(&dw_conv, &dw_want),
+                "weight gradient, linear {linear}"
+            );
+        }
     }
 }
