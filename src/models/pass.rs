@@ -32,7 +32,7 @@ use rayon::prelude::*;
 
 use super::cpu::activation;
 use super::cpu::attention::{attention_bwd, attention_fwd, AttnShape, QkvLayout};
-use super::cpu::gemm::{dense_bwd_w, dense_bwd_x, dense_fwd, gemm};
+use super::cpu::gemm::{dense_bwd_w, dense_fwd, gemm};
 use super::cpu::norm::{col_sum, layer_norm_bwd_add, rows_plus_bias};
 use super::cpu::rotary::rotate_packed;
 use super::cpu::vmath::{layer_norm, logsumexp};
@@ -447,7 +447,8 @@ fn part_body(
         });
     }
 
-    // Backward.
+    // Backward. An input gradient `dy · Wᵀ` is `dense_fwd` with the weight read the other way
+    // (`!lin`, `d_in` and `d_out` swapped).
     let grads = &mut ws.grads;
     if full {
         // The head: ∂lm = ∂logitsᵀ hf (`wte`'s first share when tied).
@@ -474,7 +475,7 @@ fn part_body(
             col_sum(dx, buf(gb, h));
         }
         let dh = buf(&mut ws.dh, n * inner);
-        dense_bwd_x(lin, (n, inner, h), dh, dx, bw.mproj.0);
+        dense_fwd(!lin, (n, h, inner), dh, dx, bw.mproj.0, false);
         activation::backward(act, &lb.hpre, dh);
         // c_fc: ∂W1 from m_in and ∂hpre.
         let (gw, gb) = pair(grads, pidx(li, P_FC));
@@ -487,7 +488,7 @@ fn part_body(
         // ∂m_in = ∂hpre through W1, then through ln_2: into ∂(x + attn) now (sequential), or
         // into ∂x once the attention branch has read ∂next (parallel).
         let dm = buf(&mut ws.dm, n * h);
-        dense_bwd_x(lin, (n, h, inner), dm, dh, bw.fc.0);
+        dense_fwd(!lin, (n, inner, h), dm, dh, bw.fc.0, false);
         if !w.parallel {
             let p = norm_grads(grads, pidx(li, P_LN2), h, full);
             layer_norm_bwd_add(&lb.xm, bw.ln2.0, eps, dm, dx, p);
@@ -499,7 +500,7 @@ fn part_body(
             col_sum(dx, buf(gb, h));
         }
         let dt = buf(&mut ws.dt, n * h);
-        dense_bwd_x(lin, (n, h, h), dt, dx, bw.proj.0);
+        dense_fwd(!lin, (n, h, h), dt, dx, bw.proj.0, false);
         let dqkv = buf(&mut ws.dqkv, n * 3 * h);
         let ds = buf(&mut ws.ds, t * t);
         attention_bwd((&lb.qkv, &lb.probs, dt), attn(bw.scale), dqkv, ds);
@@ -511,7 +512,7 @@ fn part_body(
             dense_bwd_w(lin, (n, h, 3 * h), buf(gw, h * 3 * h), &lb.ln1, dqkv);
             col_sum(dqkv, buf(gb, 3 * h));
         }
-        dense_bwd_x(lin, (n, h, 3 * h), dt, dqkv, bw.qkv.0);
+        dense_fwd(!lin, (n, 3 * h, h), dt, dqkv, bw.qkv.0, false);
         let ln1 = norm_grads(grads, pidx(li, P_LN1), h, full);
         layer_norm_bwd_add(&ws.xs[li], bw.ln1.0, eps, dt, dx, ln1);
         if w.parallel {

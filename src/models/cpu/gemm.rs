@@ -104,7 +104,8 @@ pub(crate) unsafe fn small_gemm(
 }
 
 /// `out (+)= x · W` for `x: [n, d_in]` and a dense weight stored `[d_in, d_out]`, or `[d_out,
-/// d_in]` when `linear` (then `x · Wᵀ`).
+/// d_in]` when `linear` (then `x · Wᵀ`). With `!linear` and the sizes swapped it reads the same
+/// weight the other way round: `dx = dy · Wᵀ`, the layer's input gradient.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(crate) fn dense_fwd(
@@ -119,28 +120,16 @@ pub(crate) fn dense_fwd(
     gemm(n, d_out, d_in, out, x, (d_in, 1), w, ws, acc);
 }
 
-/// `dx = dy · (the transpose of the map of [`dense_fwd`])`: `[n, d_in]` from `dy: [n, d_out]`.
-#[inline(always)]
-pub(crate) fn dense_bwd_x(
-    linear: bool,
-    (n, d_in, d_out): (usize, usize, usize),
-    dx: &mut [f32],
-    dy: &[f32],
-    w: &[f32],
-) {
-    let ws = if linear { (d_in, 1) } else { (1, d_out) };
-    gemm(n, d_in, d_out, dx, dy, (d_out, 1), w, ws, false);
-}
-
 /// `∂W` in the weight's own layout from the layer's input `x: [n, d_in]` and `dy: [n, d_out]`.
 #[inline(always)]
 pub(crate) fn dense_bwd_w(
     linear: bool,
-    (n, d_in, d_out): (usize, usize, usize),
+    dims: (usize, usize, usize),
     gw: &mut [f32],
     x: &[f32],
     dy: &[f32],
 ) {
+    let (n, d_in, d_out) = dims;
     if linear {
         gemm(d_out, d_in, n, gw, dy, (1, d_out), x, (d_in, 1), false);
     } else {
@@ -251,7 +240,7 @@ mod tests {
             dense_fwd(linear, (n, di, d_o), &mut y, &x, w, false);
             assert!(close(&y, &y_want), "forward, linear {linear}");
             let mut dx = vec![0f32; n * di];
-            dense_bwd_x(linear, (n, di, d_o), &mut dx, &dy, w);
+            dense_fwd(!linear, (n, d_o, di), &mut dx, &dy, w, false);
             assert!(close(&dx, &dx_want), "input gradient, linear {linear}");
             let mut dw = vec![0f32; di * d_o];
             dense_bwd_w(linear, (n, di, d_o), &mut dw, &x, &dy);
