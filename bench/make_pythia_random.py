@@ -1,11 +1,20 @@
-"""Writes a Pythia-70m-shaped GPT-NeoX with random weights in Hugging Face format, for the peer
-benchmarks (`bench/peer.py`). Nothing is downloaded.
+"""Writes a Pythia-shaped GPT-NeoX with random weights in Hugging Face format, for the peer
+benchmarks (`bench/peer.py`, `bench/scale.py`). Nothing is downloaded.
 
     .venv/bin/python bench/make_pythia_random.py target/bench-models/pythia70m-random
+    .venv/bin/python bench/make_pythia_random.py --shape 1b target/bench-models/pythia1b-random
 
-The config is EleutherAI/pythia-70m's (6 layers, hidden 512, 8 heads, MLP 2048, vocab 50304,
-rotary_pct 0.25, base 10000, parallel residual, max positions 2048, exact GELU, untied head,
-bos = eos = 0), typed in here. The weights are transformers' own initialisation
+`--shape` picks EleutherAI's config of that size, typed in here (default 70m):
+
+| shape | layers | hidden | heads | MLP  |
+|-------|--------|--------|-------|------|
+| 70m   | 6      | 512    | 8     | 2048 |
+| 160m  | 12     | 768    | 12    | 3072 |
+| 410m  | 24     | 1024   | 16    | 4096 |
+| 1b    | 16     | 2048   | 8     | 8192 |
+
+Every shape has vocab 50304, rotary_pct 0.25, base 10000, parallel residual, max positions
+2048, exact GELU, an untied head and bos = eos = 0. The weights are transformers' own initialisation
 (`initializer_range` 0.02) under `torch.manual_seed(seed)`. The directory gets `config.json`
 (with the legacy keys `rotary_pct` / `rotary_emb_base` and `torch_dtype` added, as
 tests/fixtures/make_fixtures.py does), `model.safetensors`, and a `tokenizer.json` (lethe's
@@ -23,25 +32,35 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 VOCAB = 50304
+# (layers, hidden, heads, MLP) of EleutherAI/pythia-{shape}.
+SHAPES = {
+    "70m": (6, 512, 8, 2048),
+    "160m": (12, 768, 12, 3072),
+    "410m": (24, 1024, 16, 4096),
+    "1b": (16, 2048, 8, 8192),
+}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out_dir")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="70m")
     a = ap.parse_args()
+    layers, hidden, heads, inner = SHAPES[a.shape]
     stamp = os.path.join(a.out_dir, "lethe_bench_seed.json")
-    if os.path.isfile(stamp) and json.load(open(stamp)) == {"seed": a.seed}:
+    want = {"seed": a.seed} if a.shape == "70m" else {"seed": a.seed, "shape": a.shape}
+    if os.path.isfile(stamp) and json.load(open(stamp)) == want:
         print(f"{a.out_dir}: up to date")
         return
     os.makedirs(a.out_dir, exist_ok=True)
     torch.manual_seed(a.seed)
     cfg = GPTNeoXConfig(
         vocab_size=VOCAB,
-        hidden_size=512,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        intermediate_size=2048,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=inner,
         hidden_act="gelu",
         rotary_pct=0.25,
         rotary_emb_base=10000,
@@ -71,8 +90,8 @@ def main() -> None:
     tok.save(os.path.join(a.out_dir, "tokenizer.json"))
     n = sum(p.numel() for p in model.parameters())
     with open(stamp, "w") as f:
-        json.dump({"seed": a.seed}, f)
-    print(f"{a.out_dir}: {n / 1e6:.1f} M parameters, seed {a.seed}")
+        json.dump(want, f)
+    print(f"{a.out_dir}: {n / 1e6:.1f} M parameters, shape {a.shape}, seed {a.seed}")
 
 
 if __name__ == "__main__":

@@ -363,9 +363,10 @@ pub struct StepReport {
 /// [`ops::lm_loss`] with respect to every parameter, then one step of `opt` (whose variables
 /// are named as in [`Model::named_tensors`]).
 ///
-/// GPT-2 with a ReLU MLP, f32 on the CPU, takes [`gpt2::Gpt2::train_grads`] (a hand-written
-/// forward and backward, pinned to autograd by this module's tests); any other model goes
-/// through candle's autograd ([`train_step_autograd`]).
+/// GPT-2 and GPT-NeoX, f32 on the CPU, take the hand-written forward and backward
+/// ([`crate::models::pass::HandWrittenPass::train_grads`], pinned to autograd by this module's
+/// tests and `gpt_neox::grad`'s); any other model goes through candle's autograd
+/// ([`train_step_autograd`]).
 pub fn train_step(
     model: &Model,
     opt: &mut AdamW,
@@ -373,14 +374,16 @@ pub fn train_step(
     (b, t): (usize, usize),
     ws: &mut StepWorkspace,
 ) -> Result<StepReport> {
-    let Model::Gpt2(gpt) = model else {
-        return train_step_autograd(model, opt, ids, (b, t));
-    };
-    if !gpt.mlp_grads_supported() {
-        return train_step_autograd(model, opt, ids, (b, t));
-    }
     let t0 = Instant::now();
-    let out = gpt.train_grads(ids, (b, t), &mut ws.grad)?;
+    let out = match model {
+        Model::Gpt2(gpt) if gpt.mlp_grads_supported() => {
+            gpt.train_grads(ids, (b, t), &mut ws.grad)?
+        }
+        Model::GptNeoX(neox) if neox.mlp_grads_supported() => {
+            neox.train_grads(ids, (b, t), &mut ws.grad)?
+        }
+        _ => return train_step_autograd(model, opt, ids, (b, t)),
+    };
     let t1 = Instant::now();
     let index: HashMap<&str, usize> = model
         .named_tensors()

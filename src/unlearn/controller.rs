@@ -396,6 +396,9 @@ pub fn run(
         if steps % cfg.check_every != 0 && steps < cfg.max_steps {
             continue;
         }
+        // The candidate's MLP weights take the place of the step's masked copy until the
+        // next step (the memory bound in docs/unlearning.md).
+        ws.release_masked();
         let candidate = from.with_mlp_weights(&scores.apply(&base)?)?;
         let (results, _) = audit::audit(&candidate, None, items, 64)?;
         let extractable: Vec<usize> = results
@@ -455,6 +458,7 @@ pub fn run(
         active = extractable;
         f_pos = active.len();
     };
+    drop((ws, opt));
     let last = from.with_mlp_weights(&scores.apply(&base)?)?;
     Ok(finish(
         last, ending, checks, steps, start, extra, &scores, &base,

@@ -154,18 +154,19 @@ pub fn hard_mask_values(flat: &[f32], ratio: f64) -> Vec<f32> {
 /// above +∞, the unsigned order of the bits is `f32::total_cmp`'s order) finds the threshold `τ`,
 /// the `j`-th smallest; every entry below `τ` is taken, then entries equal to `τ` in position
 /// order until `j` are taken.
-pub fn smallest_abs(x: &[f32], j: usize, scratch: &mut Vec<u32>) -> Vec<usize> {
+pub fn smallest_abs(x: &[f32], j: usize, scratch: &mut Vec<f32>) -> Vec<usize> {
     let mut out = Vec::with_capacity(j.min(x.len()));
     for_each_smallest_abs(x, j, scratch, |i| out.push(i));
     out
 }
 
 /// Calls `f` on each of [`smallest_abs`]'s positions, in ascending order, without collecting
-/// them.
+/// them. `scratch` holds the keys (`|x|`'s bit patterns, as f32 bits) during the selection;
+/// its contents afterwards are unspecified.
 pub fn for_each_smallest_abs(
     x: &[f32],
     j: usize,
-    scratch: &mut Vec<u32>,
+    scratch: &mut Vec<f32>,
     mut f: impl FnMut(usize),
 ) {
     let j = j.min(x.len());
@@ -174,8 +175,9 @@ pub fn for_each_smallest_abs(
     }
     let key = |v: f32| v.to_bits() & 0x7fff_ffff;
     scratch.clear();
-    scratch.extend(x.iter().map(|&v| key(v)));
-    let (_, &mut tau, _) = scratch.select_nth_unstable(j - 1);
+    scratch.extend(x.iter().map(|&v| f32::from_bits(key(v))));
+    let (_, tau, _) = scratch.select_nth_unstable_by_key(j - 1, |v| v.to_bits());
+    let tau = tau.to_bits();
     let below = x.iter().filter(|&&v| key(v) < tau).count();
     let mut ties = j - below;
     for (i, &v) in x.iter().enumerate() {

@@ -331,6 +331,7 @@ pub fn balanced_subnet(
             && steps % cfg.check_every == 0
             && !forget_items.is_empty()
         {
+            ws.release_masked();
             let candidate = model.with_mlp_weights(&scores.apply(&base)?)?;
             let (_, summary) = audit::audit(&candidate, None, forget_items, 64)?;
             if summary.memorized == 0 {
@@ -339,6 +340,7 @@ pub fn balanced_subnet(
             }
         }
     }
+    drop((ws, opt));
     let mlp = scores.apply(&base)?;
     let zeros_per_matrix = mask::zeros_per_matrix(&base, cfg.ratio);
     Ok(Outcome {
@@ -351,18 +353,23 @@ pub fn balanced_subnet(
     })
 }
 
-/// Buffers that [`step`] reuses from one step to the next.
+/// Buffers that [`step`] reuses from one step to the next: with the scores and the
+/// optimiser's momentum, 16 bytes per MLP parameter in all on the hand-written path.
 #[derive(Default)]
 pub struct StepWorkspace {
+    /// The pass's buffers; its MLP gradient sums double as the mask selection's scratch and
+    /// become the scores' gradients in place.
     grad: MlpGradWorkspace,
-    /// The masked MLP weights `(c_fc, c_proj)` per block, and selection scratch per matrix.
+    /// The masked MLP weights `(c_fc, c_proj)` per block.
     eff: Vec<(Vec<f32>, Vec<f32>)>,
-    scratch: Vec<Vec<u32>>,
-    /// Per matrix: the base weight's values and the id of the (immutable) tensor they were
-    /// read from, so that a run reads them once.
-    base: Vec<(Option<candle_core::TensorId>, Vec<f32>)>,
-    /// Per matrix: the score gradient.
-    ds: Vec<Vec<f32>>,
+}
+
+impl StepWorkspace {
+    /// Frees the masked weights between steps (the next step allocates them again), so that a
+    /// candidate model built from the scores does not sit beside them.
+    pub fn release_masked(&mut self) {
+        self.eff = Vec::new();
+    }
 }
 
 /// One BalancedSubnet step: the loss of [`batch_loss`] through the scores' straight-through
@@ -383,7 +390,8 @@ pub fn step(
     ws: &mut StepWorkspace,
 ) -> Result<(Option<f64>, Option<f64>)> {
     if let Some((lf, lr)) = fast_score_grads(model, scores, base, batch, w, ws)? {
-        opt.step_slices(|i| ws.ds.get(i).map(Vec::as_slice))?;
+        let grads = ws.grad.mlp_grads_mut();
+        opt.step_slices(|i| grads.get(i).map(|g| g.as_slice()))?;
         return Ok((lf, lr));
     }
     let masked = scores.masked(base)?;
@@ -465,64 +473,55 @@ fn fast_score_grads(
         .flat_map(|((w1, w2), (s1, s2))| [(w1, s1), (w2, s2)])
         .collect();
     ws.eff.resize_with(pairs.len() / 2, Default::default);
-    ws.scratch.resize_with(pairs.len(), Vec::new);
-    ws.base.resize_with(pairs.len(), Default::default);
-    ws.ds.resize_with(pairs.len(), Vec::new);
-    // The base weights' values, read again only when the tensor changes (a variable's values
-    // can change in place, so those are read every step).
-    for ((wt, _), (id, values)) in pairs.iter().zip(ws.base.iter_mut()) {
-        if *id != Some(wt.id()) || wt.is_variable() {
-            *values = wt.flatten_all()?.to_vec1::<f32>()?;
-            *id = Some(wt.id());
-        }
-    }
-    // The masked weights W ⊙ hard, one matrix per task, into the workspace's buffers.
+    ws.grad.reserve_mlp(pairs.len() / 2);
+    // The masked weights W ⊙ hard, one matrix per task, into the workspace's buffers; the
+    // selection's scratch is the matrix's gradient buffer, which the pass overwrites next.
     let ratio = scores.ratio;
     let mut eff: Vec<&mut Vec<f32>> = ws.eff.iter_mut().flat_map(|(a, b)| [a, b]).collect();
     eff.par_iter_mut()
-        .zip(ws.scratch.par_iter_mut())
-        .zip(ws.base.par_iter())
+        .zip(ws.grad.mlp_grads_mut().into_par_iter())
         .zip(pairs.par_iter())
-        .try_for_each(|(((eff, scratch), (_, wv)), (_, s))| {
-            with_values(s.as_tensor(), |sv| {
-                eff.clear();
-                eff.extend_from_slice(wv);
-                let j = mask::zeros_for(sv.len(), ratio);
-                mask::for_each_smallest_abs(sv, j, scratch, |i| eff[i] = 0.0);
+        .try_for_each(|((eff, scratch), (wt, s))| {
+            with_values(wt, |wv| {
+                with_values(s.as_tensor(), |sv| {
+                    eff.clear();
+                    eff.extend_from_slice(wv);
+                    let j = mask::zeros_for(sv.len(), ratio);
+                    mask::for_each_smallest_abs(sv, j, scratch, |i| eff[i] = 0.0);
+                })
             })
+            .and_then(|r| r)
         })?;
     let shape = (batch.len(), width);
-    let out = match model {
+    let row_loss = match model {
         Model::Gpt2(gpt) => {
             gpt.mlp_grads(&ids, shape, &lens, &row_weight, &ws.eff, &mut ws.grad)?
+                .row_loss
         }
         Model::GptNeoX(neox) => {
             neox.mlp_grads(&ids, shape, &lens, &row_weight, &ws.eff, &mut ws.grad)?
+                .row_loss
         }
     };
-    // Straight-through: ∂L/∂s = (∂L/∂W_eff ⊙ W) · sign(s), with sign(0) = +1 as candle's abs.
-    out.grads
-        .iter()
-        .flat_map(|&(g1, g2)| [g1, g2])
-        .collect::<Vec<_>>()
+    // Straight-through, in place: ∂L/∂s = (∂L/∂W_eff ⊙ W) · sign(s), with sign(0) = +1 as
+    // candle's abs.
+    ws.grad
+        .mlp_grads_mut()
         .into_par_iter()
-        .zip(ws.ds.par_iter_mut())
-        .zip(ws.base.par_iter())
         .zip(pairs.par_iter())
-        .try_for_each(|(((g, ds), (_, wv)), (_, s))| {
-            with_values(s.as_tensor(), |sv| {
-                ds.clear();
-                ds.extend(
-                    g.iter()
+        .try_for_each(|(g, (wt, s))| {
+            with_values(wt, |wv| {
+                with_values(s.as_tensor(), |sv| {
+                    g.iter_mut()
                         .zip(wv)
                         .zip(sv)
-                        .map(|((g, w), s)| (g * w) * if *s >= 0.0 { 1.0 } else { -1.0 }),
-                );
+                        .for_each(|((g, w), s)| *g = (*g * w) * if *s >= 0.0 { 1.0 } else { -1.0 });
+                })
             })
+            .and_then(|r| r)
         })?;
     let mean = |f: bool| -> Option<f64> {
-        let v: Vec<f64> = out
-            .row_loss
+        let v: Vec<f64> = row_loss
             .iter()
             .zip(batch)
             .filter(|(_, e)| e.forget == f)
@@ -705,8 +704,9 @@ mod tests {
                         (a, b) => assert_eq!(a.is_some(), b.is_some(), "case {ci}"),
                     }
                 }
-                assert_eq!(ws.ds.len(), scores.all_vars().len());
-                for (got, var) in ws.ds.iter().zip(scores.all_vars()) {
+                let ds = ws.grad.mlp_grads_mut();
+                assert_eq!(ds.len(), scores.all_vars().len());
+                for (got, var) in ds.iter().zip(scores.all_vars()) {
                     let want = crate::test_util::grad_values(&grads, var.as_tensor());
                     assert!(want.iter().any(|&x| x != 0.0), "case {ci}: zero gradient");
                     let e = rel_l2(got, &want);

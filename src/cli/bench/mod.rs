@@ -133,9 +133,13 @@ pub struct ScoreBenchArgs {
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Transformer blocks (TinyMem uses 2, 4, 8 or 16).
+    /// Transformer blocks (TinyMem uses 2, 4, 8 or 16) of the random TinyMem-shaped model.
     #[arg(long, default_value_t = 4)]
     pub layers: usize,
+    /// A model directory (any supported checkpoint, f32 on the device) trained instead of a
+    /// random TinyMem-shaped model.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
     /// Sequences per step.
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
@@ -283,21 +287,32 @@ pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 fn train(a: TrainArgs) -> anyhow::Result<()> {
-    let mut config = shape_config(Shape::Tinymem);
-    let ModelConfig::Gpt2(c) = &mut config else {
-        anyhow::bail!("the TinyMem shape is not GPT-2")
-    };
-    anyhow::ensure!(a.layers > 0, "--layers must be positive");
     anyhow::ensure!(a.batch > 0, "--batch must be positive");
-    anyhow::ensure!(
-        (2..=c.n_positions).contains(&a.seq_len),
-        "--seq-len must be in 2..={}",
-        c.n_positions
-    );
-    c.n_layer = a.layers;
-    let vocab = c.vocab_size as u32;
     let device = crate::runtime::parse_device(&a.device)?;
-    let weights = Weights::init(DType::F32, &device);
+    let (config, weights) = match &a.model {
+        // A checkpoint's weights become the variables (the loaded copy is dropped first).
+        Some(dir) => {
+            let loaded = bench_model(Shape::Tinymem, Some(dir), &device)?;
+            let map = loaded.named_tensors().iter().cloned().collect();
+            (loaded.config(), Weights::vars_from_tensors(map, 0)?)
+        }
+        None => {
+            let mut config = shape_config(Shape::Tinymem);
+            let ModelConfig::Gpt2(c) = &mut config else {
+                anyhow::bail!("the TinyMem shape is not GPT-2")
+            };
+            anyhow::ensure!(a.layers > 0, "--layers must be positive");
+            c.n_layer = a.layers;
+            (config, Weights::init(DType::F32, &device))
+        }
+    };
+    let spec = config.spec();
+    anyhow::ensure!(
+        (2..=spec.context_length).contains(&a.seq_len),
+        "--seq-len must be in 2..={}",
+        spec.context_length
+    );
+    let vocab = spec.vocab_size as u32;
     let model = Model::new(&config, &weights)?;
     let vars = crate::tinymem::train::named_vars(&model, &weights)?;
     let mut opt = AdamW::new(
@@ -361,7 +376,8 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
     };
     let mut infer = Vec::new();
     let mut infer_ref = Vec::new();
-    for _ in 0..5 {
+    // The inference comparison is the TinyMem shape's (a checkpoint's step is what is asked).
+    for _ in 0..if a.model.is_none() { 5 } else { 0 } {
         infer.push(time_forward()?);
         infer_ref.push(fused::with_reference_ops(time_forward)?);
     }
@@ -371,7 +387,8 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
     let v = serde_json::json!({
         "benchmark": "train",
         "implementation": "lethe",
-        "layers": a.layers,
+        "model": a.model.as_ref().map_or_else(|| format!("tinymem-{}-layers", a.layers), |d| d.display().to_string()),
+        "layers": spec.num_layers,
         "batch": a.batch,
         "seq_len": a.seq_len,
         "steps": steps.len(),
@@ -382,8 +399,9 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         "path": if steps[0].1.fast { "hand-written backward" } else { "autograd" },
         "forward_backward_seconds": phase(|s| s.grad_seconds),
         "optimizer_seconds": phase(|s| s.optimizer_seconds),
-        "inference_forward_seconds": median(infer),
-        "inference_forward_reference_seconds": median(infer_ref),
+        "inference_forward_seconds": (!infer.is_empty()).then(|| median(infer)),
+        "inference_forward_reference_seconds": (!infer_ref.is_empty()).then(|| median(infer_ref)),
+        "peak_rss_bytes": crate::util::peak_rss_bytes(),
         "device": a.device,
         "first_loss": first_loss,
         "last_loss": steps.last().map(|(_, s)| s.loss),

@@ -53,11 +53,7 @@ impl Gpt2 {
                 Want::Forward,
                 &mut ws,
             )?;
-            Ok(ws
-                .parts
-                .iter()
-                .flat_map(|p| p.token_lp.iter().copied())
-                .collect())
+            Ok(ws.token_lp.clone())
         })
     }
 

@@ -177,4 +177,50 @@ mod tests {
             assert_matches_autograd(case, &model, &weights, (&ids, b, t), (out.loss, &out.grads));
         }
     }
+
+    /// The groups add their gradients into one sum in group order: the result is the same bits
+    /// however the threads interleave, and (to f32 rounding) whatever the group count.
+    #[test]
+    fn summed_gradients_do_not_depend_on_thread_timing_or_group_count() {
+        let weights = Weights::init_seeded(3, DType::F32, &Device::Cpu);
+        let cfg = neox(
+            (11, 16, 16, 2, 24),
+            2,
+            0.25,
+            true,
+            Activation::Gelu,
+            true,
+            false,
+        );
+        let model = Model::new(&cfg, &weights).unwrap();
+        let Model::GptNeoX(gpt) = &model else {
+            unreachable!()
+        };
+        let (b, t) = (16, 12);
+        let ids = crate::util::token_rows(b, |_| t, 5, 11).concat();
+        let run = |threads: usize| -> (f64, Vec<Vec<f32>>) {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut ws = crate::models::pass::MlpGradWorkspace::default();
+                let out = gpt.train_grads(&ids, (b, t), &mut ws).unwrap();
+                (out.loss, out.grads.iter().map(|g| g.to_vec()).collect())
+            })
+        };
+        // Two threads: 8 groups of 2 rows; one thread: 4 groups of 4.
+        let first = run(2);
+        for _ in 0..3 {
+            let again = run(2);
+            assert_eq!(again.0.to_bits(), first.0.to_bits());
+            assert!(again.1 == first.1, "the sums changed between runs");
+        }
+        let one = run(1);
+        assert!((one.0 - first.0).abs() <= 1e-6 * first.0.abs());
+        for (a, b) in one.1.iter().zip(&first.1) {
+            let e = crate::test_util::rel_l2(a, b);
+            assert!(e <= 1e-5, "group count changed a gradient by {e}");
+        }
+    }
 }

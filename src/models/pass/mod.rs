@@ -19,16 +19,22 @@
 //!   carry zero weight). [`HandWrittenPass::mlp_grads_supported`] says whether a model
 //!   qualifies; callers fall back to autograd otherwise.
 //! - A step's batch is cut into row groups that each run the whole forward and backward
-//!   single-threaded on their own buffers (from a [`MlpGradWorkspace`] reused between steps);
-//!   the only cross-group step is the final sum of weight gradients into the first group's
-//!   buffers, so no state is shared while a group runs.
+//!   single-threaded, at most one group per thread at a time, on that thread's buffers (from a
+//!   [`MlpGradWorkspace`] reused between steps). Groups shrink (never below one row) so that
+//!   the groups running at once hold at most `ACT_BYTES_PER_PASS` of activations: no
+//!   `[B, T, V]` logits tensor, only each group's `[rows, T, V]` block.
+//! - Each parameter gradient is held once: a group adds its share into the workspace's sum as
+//!   soon as it is computed, in group order (group `g` waits for `g − 1`'s share of that
+//!   parameter), so the result does not depend on which thread ran which group. A panic in
+//!   one group releases the others and is re-raised.
+//!
+//! How row groups are formed, scheduled and summed is [`groups`].
 //!
 //! The forward keeps exactly the activations the backward reads, and causal attention skips
 //! the masked upper triangle in blocks of query rows. What this path gained over autograd is in
 //! `docs/benchmarks.md` ("BalancedSubnet step and audit throughput", "Training step").
 
 use candle_core::{bail, Result};
-use rayon::prelude::*;
 
 use super::cpu::activation;
 use super::cpu::attention::{attention_bwd, attention_fwd, AttnShape, QkvLayout};
@@ -39,13 +45,11 @@ use super::cpu::vmath::{layer_norm, logsumexp};
 use super::fused::{self, softmax_row};
 use super::ops::Activation;
 use super::ModelSpec;
+pub(crate) use groups::run_parts;
+pub use groups::MlpGradWorkspace;
+use groups::{sums, Sink};
 
-/// Buffers kept between steps so that steady-state steps allocate nothing large: one set per
-/// row group.
-#[derive(Default)]
-pub struct MlpGradWorkspace {
-    pub(crate) parts: Vec<PartBufs>,
-}
+mod groups;
 
 /// Which parameter gradients a pass accumulates.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -71,7 +75,7 @@ pub(crate) const P_LN2: usize = 6;
 pub(crate) const P_FC: usize = 8;
 pub(crate) const P_MPROJ: usize = 10;
 
-/// One row group's activations, scratch and partial parameter gradients.
+/// One worker's activations and scratch, reused by every row group it runs.
 #[derive(Default)]
 pub(crate) struct PartBufs {
     /// Residual stream entering each block, plus the final one: `L + 1` × `[N, H]`.
@@ -89,14 +93,14 @@ pub(crate) struct PartBufs {
     ds: Vec<f32>,
     /// `∂` of the MLP's LayerNorm output `[N, H]`.
     dm: Vec<f32>,
-    /// Parameter gradients over this group's rows, in [`Gpt2::named_tensors`] order (see
-    /// [`pidx`]); in [`Want::Mlp`] mode only the MLP matrices' entries are filled.
-    grads: Vec<Vec<f32>>,
-    /// Each row's mean loss.
+    /// One parameter's gradient over this group's rows (a weight, its bias), before it is
+    /// added to the workspace's sums; with tied embeddings, `wte`'s share from the head.
+    gw: Vec<f32>,
+    gb: Vec<f32>,
+    tied: Vec<f32>,
+    /// The group's rows' mean losses and ([`Want::Forward`]) next-token log-probabilities.
     row_loss: Vec<f64>,
-    /// [`Want::Forward`]: `log p(ids[r, j + 1])` for `j < t − 1`, row by row (0 past a row's
-    /// length).
-    pub(crate) token_lp: Vec<f32>,
+    token_lp: Vec<f32>,
 }
 
 /// What one block's backward reads.
@@ -130,23 +134,27 @@ fn zbuf(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     b
 }
 
-/// A LayerNorm's `(∂w, ∂b)` buffers at `i`, zeroed, when every gradient is wanted.
-fn norm_grads(
-    g: &mut [Vec<f32>],
-    i: usize,
-    h: usize,
-    full: bool,
-) -> Option<(&mut [f32], &mut [f32])> {
-    full.then(|| {
-        let (gw, gb) = pair(g, i);
-        (zbuf(gw, h), zbuf(gb, h))
-    })
+/// The first `n` elements of a scratch buffer that grows as needed (contents unspecified).
+fn scratch(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+    &mut v[..n]
 }
 
-/// Entries `i` and `i + 1` (a weight and its bias) of a gradient list.
-fn pair(g: &mut [Vec<f32>], i: usize) -> (&mut Vec<f32>, &mut Vec<f32>) {
-    let (a, b) = g[i..].split_at_mut(1);
-    (&mut a[0], &mut b[0])
+/// A LayerNorm's `(∂w, ∂b)` scratch, zeroed, when every gradient is wanted.
+fn norm_scratch<'b>(
+    gw: &'b mut Vec<f32>,
+    gb: &'b mut Vec<f32>,
+    h: usize,
+    full: bool,
+) -> Option<(&'b mut [f32], &'b mut [f32])> {
+    full.then(|| {
+        let (w, b) = (scratch(gw, h), scratch(gb, h));
+        w.fill(0.0);
+        b.fill(0.0);
+        (w, b)
+    })
 }
 
 /// Output of [`HandWrittenPass::mlp_grads`], borrowing the workspace's buffers.
@@ -255,6 +263,7 @@ fn part(
     row_weight: &[f32],
     want: Want,
     ws: &mut PartBufs,
+    sink: &Sink,
 ) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f")
@@ -262,14 +271,14 @@ fn part(
         && std::is_x86_feature_detected!("fma")
     {
         // SAFETY: the CPU has the features `part_avx512` is compiled for (checked just above).
-        return unsafe { part_avx512(d, w, ids, lens, row_weight, want, ws) };
+        return unsafe { part_avx512(d, w, ids, lens, row_weight, want, ws, sink) };
     }
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has the features `part_avx2` is compiled for (checked just above).
-        return unsafe { part_avx2(d, w, ids, lens, row_weight, want, ws) };
+        return unsafe { part_avx2(d, w, ids, lens, row_weight, want, ws, sink) };
     }
-    part_body(d, w, ids, lens, row_weight, want, ws)
+    part_body(d, w, ids, lens, row_weight, want, ws, sink)
 }
 
 /// `unsafe fn $name(..)`: [`part_body`] compiled with the target features `$features` (the
@@ -280,6 +289,7 @@ macro_rules! part_with_features {
         $(#[$doc])*
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
+        #[allow(clippy::too_many_arguments)]
         unsafe fn $name(
             d: Dims,
             w: &Weights,
@@ -288,8 +298,9 @@ macro_rules! part_with_features {
             row_weight: &[f32],
             want: Want,
             ws: &mut PartBufs,
+            sink: &Sink,
         ) {
-            part_body(d, w, ids, lens, row_weight, want, ws)
+            part_body(d, w, ids, lens, row_weight, want, ws, sink)
         }
     };
 }
@@ -307,6 +318,7 @@ part_with_features!(
 );
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn part_body(
     d: Dims,
     w: &Weights,
@@ -315,6 +327,7 @@ fn part_body(
     row_weight: &[f32],
     want: Want,
     ws: &mut PartBufs,
+    sink: &Sink,
 ) {
     let Dims {
         t,
@@ -338,7 +351,6 @@ fn part_body(
     let full = want == Want::All;
     ws.xs.resize_with(nl + 1, Vec::new);
     ws.layers.resize_with(nl, LayerBufs::default);
-    ws.grads.resize_with(pidx(nl, 3), Vec::new);
 
     // Embeddings.
     let x0 = buf(&mut ws.xs[0], n * h);
@@ -448,40 +460,53 @@ fn part_body(
     }
 
     // Backward. An input gradient `dy · Wᵀ` is `dense_fwd` with the weight read the other way
-    // (`!lin`, `d_in` and `d_out` swapped).
-    let grads = &mut ws.grads;
+    // (`!lin`, `d_in` and `d_out` swapped). Each parameter's gradient over this group's rows
+    // goes to the sink as soon as it is computed.
     if full {
-        // The head: ∂lm = ∂logitsᵀ hf (`wte`'s first share when tied).
-        let head = if w.tied { 0 } else { pidx(nl, 2) };
-        let g = buf(&mut grads[head], v * h);
+        // The head: ∂lm = ∂logitsᵀ hf (`wte`'s first share when tied, kept until the
+        // embeddings' scatter adds the second).
+        let g = if w.tied {
+            buf(&mut ws.tied, v * h)
+        } else {
+            scratch(&mut ws.gw, v * h)
+        };
         gemm(v, h, n, g, &ws.logits, (1, v), &ws.hf, (h, 1), false);
         if !w.tied {
-            zbuf(&mut grads[0], v * h);
+            sink.add(pidx(nl, 2), g);
         }
     }
     let dhf = buf(&mut ws.dt, n * h);
     gemm(n, h, v, dhf, &ws.logits, (v, 1), w.lm, (h, 1), false);
     let dx = zbuf(&mut ws.dx, n * h);
-    let lnf = norm_grads(grads, pidx(nl, 0), h, full);
-    layer_norm_bwd_add(&ws.xs[nl], w.lnf.0, eps, dhf, dx, lnf);
+    let p = norm_scratch(&mut ws.gw, &mut ws.gb, h, full);
+    layer_norm_bwd_add(&ws.xs[nl], w.lnf.0, eps, dhf, dx, p);
+    if full {
+        sink.add_pair(pidx(nl, 0), &ws.gw[..h], &ws.gb[..h]);
+    }
     for li in (0..nl).rev() {
         let bw = &w.blocks[li];
         let lb = &ws.layers[li];
         let dx = &mut ws.dx;
         // mlp.c_proj: ∂W2 from h and dx, ∂h = dx through W2, then the activation's derivative.
-        let (gw, gb) = pair(grads, pidx(li, P_MPROJ));
-        dense_bwd_w(lin, (n, inner, h), buf(gw, inner * h), &lb.h, dx);
+        let gw = scratch(&mut ws.gw, inner * h);
+        dense_bwd_w(lin, (n, inner, h), gw, &lb.h, dx);
+        sink.add(pidx(li, P_MPROJ), gw);
         if full {
-            col_sum(dx, buf(gb, h));
+            let gb = scratch(&mut ws.gb, h);
+            col_sum(dx, gb);
+            sink.add(pidx(li, P_MPROJ) + 1, gb);
         }
         let dh = buf(&mut ws.dh, n * inner);
         dense_fwd(!lin, (n, h, inner), dh, dx, bw.mproj.0, false);
         activation::backward(act, &lb.hpre, dh);
         // c_fc: ∂W1 from m_in and ∂hpre.
-        let (gw, gb) = pair(grads, pidx(li, P_FC));
-        dense_bwd_w(lin, (n, h, inner), buf(gw, h * inner), &lb.m_in, dh);
+        let gw = scratch(&mut ws.gw, h * inner);
+        dense_bwd_w(lin, (n, h, inner), gw, &lb.m_in, dh);
+        sink.add(pidx(li, P_FC), gw);
         if full {
-            col_sum(dh, buf(gb, inner));
+            let gb = scratch(&mut ws.gb, inner);
+            col_sum(dh, gb);
+            sink.add(pidx(li, P_FC) + 1, gb);
         } else if li == 0 {
             break;
         }
@@ -490,14 +515,19 @@ fn part_body(
         let dm = buf(&mut ws.dm, n * h);
         dense_fwd(!lin, (n, inner, h), dm, dh, bw.fc.0, false);
         if !w.parallel {
-            let p = norm_grads(grads, pidx(li, P_LN2), h, full);
+            let p = norm_scratch(&mut ws.gw, &mut ws.gb, h, full);
             layer_norm_bwd_add(&lb.xm, bw.ln2.0, eps, dm, dx, p);
+            if full {
+                sink.add_pair(pidx(li, P_LN2), &ws.gw[..h], &ws.gb[..h]);
+            }
         }
         // Attention output projection, attention, qkv projection, ln_1.
         if full {
-            let (gw, gb) = pair(grads, pidx(li, P_PROJ));
-            dense_bwd_w(lin, (n, h, h), buf(gw, h * h), &lb.att, dx);
-            col_sum(dx, buf(gb, h));
+            let gw = scratch(&mut ws.gw, h * h);
+            dense_bwd_w(lin, (n, h, h), gw, &lb.att, dx);
+            let gb = scratch(&mut ws.gb, h);
+            col_sum(dx, gb);
+            sink.add_pair(pidx(li, P_PROJ), &ws.gw[..h * h], &ws.gb[..h]);
         }
         let dt = buf(&mut ws.dt, n * h);
         dense_fwd(!lin, (n, h, h), dt, dx, bw.proj.0, false);
@@ -508,34 +538,55 @@ fn part_body(
             rotate_packed(dqkv, w.layout, (b, t), (cos, sin), half, true);
         }
         if full {
-            let (gw, gb) = pair(grads, pidx(li, P_ATTN));
-            dense_bwd_w(lin, (n, h, 3 * h), buf(gw, h * 3 * h), &lb.ln1, dqkv);
-            col_sum(dqkv, buf(gb, 3 * h));
+            let gw = scratch(&mut ws.gw, h * 3 * h);
+            dense_bwd_w(lin, (n, h, 3 * h), gw, &lb.ln1, dqkv);
+            let gb = scratch(&mut ws.gb, 3 * h);
+            col_sum(dqkv, gb);
+            sink.add_pair(pidx(li, P_ATTN), &ws.gw[..3 * h * h], &ws.gb[..3 * h]);
         }
         dense_fwd(!lin, (n, 3 * h, h), dt, dqkv, bw.qkv.0, false);
-        let ln1 = norm_grads(grads, pidx(li, P_LN1), h, full);
-        layer_norm_bwd_add(&ws.xs[li], bw.ln1.0, eps, dt, dx, ln1);
+        let p = norm_scratch(&mut ws.gw, &mut ws.gb, h, full);
+        layer_norm_bwd_add(&ws.xs[li], bw.ln1.0, eps, dt, dx, p);
+        if full {
+            sink.add_pair(pidx(li, P_LN1), &ws.gw[..h], &ws.gb[..h]);
+        }
         if w.parallel {
-            let p = norm_grads(grads, pidx(li, P_LN2), h, full);
+            let p = norm_scratch(&mut ws.gw, &mut ws.gb, h, full);
             layer_norm_bwd_add(&ws.xs[li], bw.ln2.0, eps, &ws.dm, dx, p);
+            if full {
+                sink.add_pair(pidx(li, P_LN2), &ws.gw[..h], &ws.gb[..h]);
+            }
         }
     }
     if full {
         // The embeddings: scatter the residual's gradient by token id and by position.
-        let (gte, gpe) = pair(grads, 0);
-        let mut gpe = w.wpe.is_some().then(|| zbuf(gpe, npos * h));
-        for (r, row) in ws.dx.chunks_exact(h).enumerate() {
-            let (id, pos) = (ids[r] as usize, r % t);
-            gte[id * h..(id + 1) * h]
-                .iter_mut()
-                .zip(row)
-                .for_each(|(g, &x)| *g += x);
-            if let Some(gpe) = gpe.as_deref_mut() {
-                gpe[pos * h..(pos + 1) * h]
+        let dx = &ws.dx;
+        let by_token = |g: &mut [f32]| {
+            for (r, row) in dx.chunks_exact(h).enumerate() {
+                let id = ids[r] as usize;
+                g[id * h..(id + 1) * h]
                     .iter_mut()
                     .zip(row)
                     .for_each(|(g, &x)| *g += x);
             }
+        };
+        if w.tied {
+            let g = &mut ws.tied[..v * h];
+            by_token(g);
+            sink.add(0, g);
+        } else {
+            sink.scatter(0, v * h, by_token);
+        }
+        if w.wpe.is_some() {
+            sink.scatter(1, npos * h, |g| {
+                for (r, row) in dx.chunks_exact(h).enumerate() {
+                    let pos = r % t;
+                    g[pos * h..(pos + 1) * h]
+                        .iter_mut()
+                        .zip(row)
+                        .for_each(|(g, &x)| *g += x);
+                }
+            });
         }
     }
 }
@@ -594,15 +645,12 @@ pub(crate) trait HandWrittenPass {
             );
         }
         let (loss, row_loss) = run(self, ids, bt, lens, row_weight, Some(mlp), Want::Mlp, ws)?;
-        let used: Vec<usize> = (0..nl)
-            .flat_map(|li| [pidx(li, P_FC), pidx(li, P_MPROJ)])
-            .collect();
-        let first = sum_groups(&mut ws.parts, &used);
+        let mut all = sums(ws);
         let grads = (0..nl)
             .map(|li| {
                 (
-                    first[pidx(li, P_FC)].as_slice(),
-                    first[pidx(li, P_MPROJ)].as_slice(),
+                    std::mem::take(&mut all[pidx(li, P_FC)]),
+                    std::mem::take(&mut all[pidx(li, P_MPROJ)]),
                 )
             })
             .collect();
@@ -631,10 +679,10 @@ pub(crate) trait HandWrittenPass {
         let (_, row_loss) = run(self, ids, (b, t), &lens, &row_weight, None, Want::All, ws)?;
         let loss = row_loss.iter().sum::<f64>() / b as f64;
         let slots = self.param_slots();
-        let first = sum_groups(&mut ws.parts, &slots);
+        let mut all = sums(ws);
         Ok(TrainGrads {
             loss,
-            grads: slots.iter().map(|&i| first[i].as_slice()).collect(),
+            grads: slots.iter().map(|&i| std::mem::take(&mut all[i])).collect(),
         })
     }
 }
@@ -671,98 +719,4 @@ pub(crate) fn run<M: HandWrittenPass>(
     }
     let d = dims(m, t);
     m.with_weights(mlp, |w| run_parts(d, w, ids, b, lens, row_weight, want, ws))
-}
-
-/// Weight-gradient bytes the row groups of one pass may hold together (each group keeps its own
-/// until the final sum), unless that would leave a thread without a group.
-const GRAD_BYTES_PER_PASS: usize = 1 << 30;
-
-/// Runs the forward and the backward `want` asks for over row groups in parallel, leaving
-/// each group's gradients in `ws.parts` (exactly as many groups as ran). Returns the loss
-/// `Σ_r row_weight[r] · ℓ_r` and each row's `ℓ_r`. Bad rows are errors, checked first.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn run_parts(
-    d: Dims,
-    w: &Weights,
-    ids: &[u32],
-    b: usize,
-    lens: &[usize],
-    row_weight: &[f32],
-    want: Want,
-    ws: &mut MlpGradWorkspace,
-) -> Result<(f64, Vec<f64>)> {
-    let t = d.t;
-    if ids.len() != b * t || lens.len() != b || row_weight.len() != b || b == 0 {
-        bail!("mlp_grads: ids, lens and row weights do not describe {b} rows of {t}");
-    }
-    if t < 2 || t > d.npos {
-        bail!("mlp_grads: {t} positions outside 2..={}", d.npos);
-    }
-    if let Some(&l) = lens.iter().find(|&&l| l > t) {
-        bail!("mlp_grads: row length {l} is longer than {t}");
-    }
-    if let Some(&id) = ids.iter().find(|&&i| i as usize >= d.v) {
-        bail!(
-            "mlp_grads: token id {id} is outside the vocabulary of {}",
-            d.v
-        );
-    }
-    // Row groups: four per thread, so that a thread slowed down by another process leaves
-    // work for the other to take, and each group's activations stay closer to the core's L2.
-    // Each group also holds its own weight gradients until the final sum, so for large models
-    // fewer groups (never fewer than threads) keep that within GRAD_BYTES_PER_PASS.
-    let threads = rayon::current_num_threads().max(1);
-    let grad_bytes = match want {
-        Want::Forward => 0,
-        Want::Mlp => 2 * w.blocks.len() * d.h * d.inner * 4,
-        Want::All => (w.blocks.len() * (4 * d.h * d.h + 2 * d.h * d.inner) + 2 * d.v * d.h) * 4,
-    };
-    let by_memory = GRAD_BYTES_PER_PASS / grad_bytes.max(1);
-    let groups = (4 * threads).min(by_memory.max(threads)).clamp(1, b);
-    let per = b.div_ceil(groups);
-    let groups = b.div_ceil(per);
-    ws.parts.resize_with(groups, PartBufs::default);
-    ws.parts
-        .par_iter_mut()
-        .enumerate()
-        .for_each(|(gi, part_ws)| {
-            let (r0, r1) = (gi * per, ((gi + 1) * per).min(b));
-            part(
-                d,
-                w,
-                &ids[r0 * t..r1 * t],
-                &lens[r0..r1],
-                &row_weight[r0..r1],
-                want,
-                part_ws,
-            );
-        });
-    let row_loss: Vec<f64> = ws
-        .parts
-        .iter()
-        .flat_map(|p| p.row_loss.iter().copied())
-        .collect();
-    let loss = row_loss
-        .iter()
-        .zip(row_weight)
-        .map(|(l, &w)| l * f64::from(w))
-        .sum();
-    Ok((loss, row_loss))
-}
-
-/// Sums gradients `which` over the row groups into the first group's buffers (one gradient
-/// per task, no allocation) and returns the first group's gradient list.
-pub(crate) fn sum_groups<'p>(parts: &'p mut [PartBufs], which: &[usize]) -> &'p [Vec<f32>] {
-    let (first, rest) = parts.split_first_mut().expect("at least one row group");
-    first
-        .grads
-        .par_iter_mut()
-        .enumerate()
-        .filter(|(i, _)| which.contains(i))
-        .for_each(|(i, acc)| {
-            for p in rest.iter() {
-                acc.iter_mut().zip(&p.grads[i]).for_each(|(a, &g)| *a += g);
-            }
-        });
-    &first.grads
 }
