@@ -290,7 +290,8 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
     anyhow::ensure!(a.batch > 0, "--batch must be positive");
     let device = crate::runtime::parse_device(&a.device)?;
     let (config, weights) = match &a.model {
-        // A checkpoint's weights become the variables (the loaded copy is dropped first).
+        // A checkpoint's weights become the variables (copies; the loaded tensors are freed once
+        // they are made, so the load briefly holds the weights twice).
         Some(dir) => {
             let loaded = bench_model(Shape::Tinymem, Some(dir), &device)?;
             let map = loaded.named_tensors().iter().cloned().collect();
