@@ -543,3 +543,75 @@ fn unlearn_exits_non_zero_without_a_model_when_the_gates_fail() {
     assert!(out.join("model.safetensors").is_file());
     assert!(out.join("config.json").is_file());
 }
+
+/// `lethe finetune` trains the NeoX fixture on JSONL rows and writes a directory that loads and
+/// scores the trained row better; a token id outside the vocabulary is refused, naming the row,
+/// and nothing is written.
+#[test]
+fn finetune_writes_a_model_that_learnt_the_rows_and_refuses_bad_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture_dir("neox-parallel-rot25");
+    let row: Vec<u32> = (0..24).map(|i| 4 + (i * 7 % 60)).collect();
+    let data = dir.path().join("rows.jsonl");
+    std::fs::write(&data, format!("{}\n", serde_json::json!({"ids": row}))).unwrap();
+    let out_dir = dir.path().join("tuned");
+    let run = |data: &std::path::Path, out: &std::path::Path| {
+        lethe(&[
+            "--threads",
+            "1",
+            "finetune",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "30",
+            "--batch",
+            "2",
+            "--seq-len",
+            "24",
+            "--lr",
+            "3e-3",
+        ])
+    };
+    let out = run(&data, &out_dir);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = &v["report"];
+    assert_eq!(r["fast"], true, "{v}");
+    assert!(
+        r["last_loss"].as_f64().unwrap() < 0.5 * r["first_loss"].as_f64().unwrap(),
+        "{v}"
+    );
+    // The written model reproduces the row greedily from its first 8 tokens.
+    let lm = lethe::loader::load_dir(
+        &out_dir,
+        "tuned",
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    let item = lethe::audit::Definition::Custom { k: 8, n: 16 }
+        .split(&row)
+        .unwrap();
+    let (res, _) = lethe::audit::audit(&lm.model, None, &[item], 1).unwrap();
+    assert!(res[0].memorized, "{:?}", res[0]);
+
+    std::fs::write(&data, "{\"ids\": [4, 5, 64, 6]}\n").unwrap();
+    let bad_dir = dir.path().join("bad");
+    let out = run(&data, &bad_dir);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("row 0") && err.contains("64"), "{err}");
+    assert!(
+        !bad_dir.exists(),
+        "a refused run wrote {}",
+        bad_dir.display()
+    );
+}

@@ -21,6 +21,7 @@ use crate::loader::ModelArgs;
 use crate::runtime;
 
 mod bench;
+mod finetune;
 
 /// lethe: serve a language model and make it forget memorized sequences.
 #[derive(Debug, Parser)]
@@ -48,6 +49,8 @@ pub enum Command {
     Audit(crate::audit::cli::AuditArgs),
     /// Remove memorized sequences from a model's weights (BalancedSubnet, Subnet).
     Unlearn(crate::unlearn::cli::UnlearnArgs),
+    /// Fine-tune a checkpoint on JSONL rows (e.g. to make a model that regurgitates them).
+    Finetune(finetune::FinetuneArgs),
     /// TinyMem: data, training, evaluation.
     #[command(subcommand)]
     Tinymem(crate::tinymem::cli::TinymemCommand),
@@ -121,6 +124,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(a) => inspect(a),
         Command::Audit(a) => crate::audit::cli::run(a),
         Command::Unlearn(a) => crate::unlearn::cli::run(a),
+        Command::Finetune(a) => finetune::run(a),
         Command::Tinymem(t) => crate::tinymem::cli::run(t),
         Command::Bench(b) => bench::run(b),
     }

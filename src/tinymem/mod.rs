@@ -11,10 +11,13 @@
 //!   the default) the module concerned says so, as does `docs/tinymem.md`.
 //! - [`train`] writes Hugging Face checkpoints, each file replaced atomically, with a card from
 //!   which [`data`] regenerates the exact training data.
+//! - [`finetune`] trains any supported checkpoint on given rows (how tests and benchmarks make a
+//!   GPT-NeoX that regurgitates chosen sequences).
 
 pub mod cli;
 pub mod data;
 pub mod eval;
+pub mod finetune;
 mod rng;
 pub mod tokenizer;
 pub mod train;

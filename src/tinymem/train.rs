@@ -423,7 +423,7 @@ pub fn train_step_autograd(
 }
 
 /// The trainable variables behind `model`'s parameters, by checkpoint name.
-pub(crate) fn named_vars(model: &Model, weights: &Weights) -> Result<Vec<(String, Var)>> {
+pub fn named_vars(model: &Model, weights: &Weights) -> Result<Vec<(String, Var)>> {
     let varmap = weights
         .varmap()
         .ok_or_else(|| Error::invalid("weights", "not trainable"))?;

@@ -860,3 +860,4 @@ mod deploy;
 mod hardening;
 mod hardening_http;
 mod takedowns;
+mod takedowns_neox;
