@@ -7,8 +7,9 @@
 //!   *and* biases of every MLP layer are candidates. [`durable`] zeroes the top
 //!   `⌊ratio·numel⌋` entries of each tensor (ties broken by position); with `aggregate`, the top
 //!   `⌊ratio·N⌋` over all `N` MLP parameters together.
-//! - The input model is never mutated: the gradients come from a trainable copy and the result
-//!   is a new model.
+//! - The input model is never mutated; the result is a new model. GPT-2 and GPT-NeoX in f32 on
+//!   the CPU take the hand-written backward (`models::pass`, every parameter's gradient, tied to
+//!   autograd by this module's tests); other models a trainable copy through candle's autograd.
 //! - A ratio outside `[0, 1)` and an empty forget set are refused before any work, and a batch
 //!   of unequal-length sequences or of sequences under 2 tokens with an error naming `forget`,
 //!   never a panic.
@@ -19,6 +20,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::models::pass::{HandWrittenPass, MlpGradWorkspace};
 use crate::models::{ops, Inputs, Model, Weights};
 
 /// What Durable changed.
@@ -52,32 +54,6 @@ pub fn durable(
             [bias(&a), bias(&b), a, b]
         })
         .collect();
-    // A trainable copy: every parameter a variable, so the MLP biases get gradients too.
-    let map: HashMap<String, Tensor> = model
-        .named_tensors()
-        .iter()
-        .map(|(n, t)| (n.clone(), t.detach()))
-        .collect();
-    let vars = Weights::vars_from_tensors(map.clone(), 0)?;
-    let trainable = Model::new(&model.config(), &vars)?;
-    let varmap = vars
-        .varmap()
-        .ok_or_else(|| Error::invalid("weights", "not trainable"))?;
-    let tracked: Vec<(String, Tensor)> = {
-        let data = varmap
-            .data()
-            .lock()
-            .map_err(|_| Error::invalid("weights", "poisoned lock"))?;
-        names
-            .iter()
-            .map(|n| {
-                data.get(n)
-                    .map(|v| (n.clone(), v.as_tensor().clone()))
-                    .ok_or_else(|| Error::invalid("weights", format!("no parameter {n}")))
-            })
-            .collect::<Result<_>>()?
-    };
-    let mut acc: Vec<Option<Tensor>> = vec![None; tracked.len()];
     for chunk in forget.chunks(batch_size.max(1)) {
         let t = chunk[0].len();
         if chunk.iter().any(|s| s.len() != t) || t < 2 {
@@ -86,34 +62,34 @@ pub fn durable(
                 "Durable batches need equal-length sequences of at least 2 tokens",
             ));
         }
-        let flat: Vec<u32> = chunk.iter().flatten().copied().collect();
-        let ids = Tensor::from_vec(flat, (chunk.len(), t), model.device())?;
-        let logits = trainable.forward(&Inputs::causal(&ids, 0)?, None, None)?;
-        let grads = ops::lm_loss(&logits, &ids)?.backward()?;
-        for ((_, p), a) in tracked.iter().zip(acc.iter_mut()) {
-            if let Some(g) = grads.get(p) {
-                let g = g.detach();
-                *a = Some(match a.take() {
-                    Some(prev) => (prev + g)?,
-                    None => g,
-                });
-            }
-        }
     }
-    let flat_abs = |t: &Tensor| -> Result<Vec<f32>> {
-        Ok(t.abs()?.flatten_all()?.to_device(&Device::Cpu)?.to_vec1()?)
+    let acc = match model {
+        Model::Gpt2(m) if m.mlp_grads_supported() => {
+            summed_fast(m, model, &names, forget, batch_size)?
+        }
+        Model::GptNeoX(m) if m.mlp_grads_supported() => {
+            summed_fast(m, model, &names, forget, batch_size)?
+        }
+        _ => summed_autograd(model, &names, forget, batch_size)?,
     };
+    let tracked: Vec<(&String, Vec<usize>)> = names
+        .iter()
+        .map(|n| {
+            model
+                .named_tensors()
+                .iter()
+                .find(|(m, _)| m == n)
+                .map(|(_, t)| (n, t.dims().to_vec()))
+                .ok_or_else(|| Error::invalid("weights", format!("no parameter {n}")))
+        })
+        .collect::<Result<_>>()?;
     let mut keep_masks: Vec<Vec<f32>> = Vec::with_capacity(tracked.len());
     if aggregate {
         let mut all: Vec<(f32, usize, usize)> = Vec::new();
         let mut sizes = Vec::new();
-        for (ti, ((_, p), a)) in tracked.iter().zip(&acc).enumerate() {
-            let g = match a {
-                Some(g) => flat_abs(g)?,
-                None => vec![0.0; p.elem_count()],
-            };
+        for (ti, g) in acc.iter().enumerate() {
             sizes.push(g.len());
-            all.extend(g.into_iter().enumerate().map(|(i, v)| (v, ti, i)));
+            all.extend(g.iter().enumerate().map(|(i, v)| (v.abs(), ti, i)));
         }
         let k = ((ratio * all.len() as f64).floor() as usize).min(all.len());
         keep_masks = sizes.iter().map(|&n| vec![1.0; n]).collect();
@@ -124,16 +100,14 @@ pub fn durable(
             }
         }
     } else {
-        for ((_, p), a) in tracked.iter().zip(&acc) {
-            let g = match a {
-                Some(g) => flat_abs(g)?,
-                None => vec![0.0; p.elem_count()],
-            };
+        for g in &acc {
             let k = super::mask::zeros_for(g.len(), ratio);
             let mut m = vec![1.0f32; g.len()];
             if k > 0 {
                 let mut idx: Vec<usize> = (0..g.len()).collect();
-                idx.select_nth_unstable_by(k - 1, |&a, &b| g[b].total_cmp(&g[a]).then(a.cmp(&b)));
+                idx.select_nth_unstable_by(k - 1, |&a, &b| {
+                    g[b].abs().total_cmp(&g[a].abs()).then(a.cmp(&b))
+                });
                 for &i in &idx[..k] {
                     m[i] = 0.0;
                 }
@@ -141,11 +115,15 @@ pub fn durable(
             keep_masks.push(m);
         }
     }
-    let mut edited = map;
+    let mut edited: HashMap<String, Tensor> = model
+        .named_tensors()
+        .iter()
+        .map(|(n, t)| (n.clone(), t.detach()))
+        .collect();
     let mut zeros = Vec::new();
-    for ((name, p), m) in tracked.iter().zip(keep_masks) {
+    for ((name, dims), m) in tracked.into_iter().zip(keep_masks) {
         zeros.push((name.clone(), m.iter().filter(|&&x| x == 0.0).count()));
-        let mask = Tensor::from_vec(m, p.dims(), p.device())?;
+        let mask = Tensor::from_vec(m, dims, model.device())?;
         edited.insert(name.clone(), (&edited[name] * mask)?);
     }
     let model = Model::new(
@@ -157,6 +135,99 @@ pub fn durable(
         zeros,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// The summed gradients of `names` over the forget batches, through the hand-written pass
+/// (`pass` is `model`'s GPT-2 or GPT-NeoX).
+fn summed_fast<P: HandWrittenPass>(
+    pass: &P,
+    model: &Model,
+    names: &[String],
+    forget: &[Vec<u32>],
+    batch_size: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let slots: Vec<usize> = names
+        .iter()
+        .map(|n| {
+            model
+                .named_tensors()
+                .iter()
+                .position(|(m, _)| m == n)
+                .ok_or_else(|| Error::invalid("weights", format!("no parameter {n}")))
+        })
+        .collect::<Result<_>>()?;
+    let mut acc: Vec<Vec<f32>> = Vec::new();
+    let mut ws = MlpGradWorkspace::default();
+    for chunk in forget.chunks(batch_size.max(1)) {
+        let flat: Vec<u32> = chunk.iter().flatten().copied().collect();
+        let out = pass.train_grads(&flat, (chunk.len(), chunk[0].len()), &mut ws)?;
+        if acc.is_empty() {
+            acc = slots.iter().map(|&i| out.grads[i].to_vec()).collect();
+        } else {
+            for (a, &i) in acc.iter_mut().zip(&slots) {
+                a.iter_mut().zip(out.grads[i]).for_each(|(x, g)| *x += g);
+            }
+        }
+    }
+    Ok(acc)
+}
+
+/// [`summed_fast`] through candle's autograd, for every model.
+fn summed_autograd(
+    model: &Model,
+    names: &[String],
+    forget: &[Vec<u32>],
+    batch_size: usize,
+) -> Result<Vec<Vec<f32>>> {
+    // A trainable copy: every parameter a variable, so the MLP biases get gradients too.
+    let map: HashMap<String, Tensor> = model
+        .named_tensors()
+        .iter()
+        .map(|(n, t)| (n.clone(), t.detach()))
+        .collect();
+    let vars = Weights::vars_from_tensors(map, 0)?;
+    let trainable = Model::new(&model.config(), &vars)?;
+    let varmap = vars
+        .varmap()
+        .ok_or_else(|| Error::invalid("weights", "not trainable"))?;
+    let tracked: Vec<Tensor> = {
+        let data = varmap
+            .data()
+            .lock()
+            .map_err(|_| Error::invalid("weights", "poisoned lock"))?;
+        names
+            .iter()
+            .map(|n| {
+                data.get(n)
+                    .map(|v| v.as_tensor().clone())
+                    .ok_or_else(|| Error::invalid("weights", format!("no parameter {n}")))
+            })
+            .collect::<Result<_>>()?
+    };
+    let mut acc: Vec<Option<Tensor>> = vec![None; tracked.len()];
+    for chunk in forget.chunks(batch_size.max(1)) {
+        let flat: Vec<u32> = chunk.iter().flatten().copied().collect();
+        let ids = Tensor::from_vec(flat, (chunk.len(), chunk[0].len()), model.device())?;
+        let logits = trainable.forward(&Inputs::causal(&ids, 0)?, None, None)?;
+        let grads = ops::lm_loss(&logits, &ids)?.backward()?;
+        for (p, a) in tracked.iter().zip(acc.iter_mut()) {
+            if let Some(g) = grads.get(p) {
+                let g = g.detach();
+                *a = Some(match a.take() {
+                    Some(prev) => (prev + g)?,
+                    None => g,
+                });
+            }
+        }
+    }
+    tracked
+        .iter()
+        .zip(acc)
+        .map(|(p, a)| match a {
+            Some(g) => Ok(g.flatten_all()?.to_device(&Device::Cpu)?.to_vec1()?),
+            None => Ok(vec![0.0; p.elem_count()]),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -212,5 +283,36 @@ mod tests {
             })
             .sum();
         assert_eq!(total, (0.05 * numel as f64).floor() as usize);
+    }
+
+    /// The hand-written pass sums the same forget-set gradients as autograd, for GPT-2 and for
+    /// GPT-NeoX (partial rotary, parallel residual, biases), so Durable zeroes the same entries.
+    #[test]
+    fn the_hand_written_sums_match_autograd() {
+        use crate::models::ops::Activation;
+        use crate::test_util::{neox, rel_l2};
+        let configs = [
+            crate::test_util::relu_gpt2((14, 64, 24, 3), 2, true, false),
+            neox((14, 64, 32, 4, 48), 2, 0.25, true, Activation::Gelu, true, false),
+        ];
+        for config in configs {
+            let model = Model::random(&config, &Device::Cpu).unwrap();
+            let names: Vec<String> = model
+                .mlp_weight_names()
+                .into_iter()
+                .flat_map(|(a, b)| [a, b])
+                .collect();
+            let forget: Vec<Vec<u32>> = crate::test_util::rows(5, |_| 12, 3);
+            let fast = match &model {
+                Model::Gpt2(m) => summed_fast(m, &model, &names, &forget, 2).unwrap(),
+                Model::GptNeoX(m) => summed_fast(m, &model, &names, &forget, 2).unwrap(),
+                _ => unreachable!(),
+            };
+            let slow = summed_autograd(&model, &names, &forget, 2).unwrap();
+            for ((f, s), n) in fast.iter().zip(&slow).zip(&names) {
+                let e = rel_l2(f, s);
+                assert!(e < 1e-4, "{n}: relative L2 {e}");
+            }
+        }
     }
 }
