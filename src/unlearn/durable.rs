@@ -293,7 +293,15 @@ mod tests {
         use crate::test_util::{neox, rel_l2};
         let configs = [
             crate::test_util::relu_gpt2((14, 64, 24, 3), 2, true, false),
-            neox((14, 64, 32, 4, 48), 2, 0.25, true, Activation::Gelu, true, false),
+            neox(
+                (14, 64, 32, 4, 48),
+                2,
+                0.25,
+                true,
+                Activation::Gelu,
+                true,
+                false,
+            ),
         ];
         for config in configs {
             let model = Model::random(&config, &Device::Cpu).unwrap();
