@@ -397,6 +397,35 @@ impl Model {
             .sum()
     }
 
+    /// `other`'s weights held as `self`'s tensors plus `other`'s MLP matrices, when every other
+    /// tensor of the two is equal bit for bit (a version that differs from `self` only in its
+    /// MLP, as every unlearned version does, then costs no second copy of the rest); `None`
+    /// when any other tensor differs in name, shape or value.
+    pub fn sharing_all_but_mlp(&self, other: &Model) -> Result<Option<Self>> {
+        let mlp: std::collections::HashSet<String> = self
+            .mlp_weight_names()
+            .into_iter()
+            .flat_map(|(a, b)| [a, b])
+            .collect();
+        let (mine, theirs) = (self.named_tensors(), other.named_tensors());
+        if mine.len() != theirs.len() || self.mlp_weight_names() != other.mlp_weight_names() {
+            return Ok(None);
+        }
+        let values = |t: &Tensor| -> Result<Vec<u32>> {
+            let v: Vec<f32> = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+            Ok(v.into_iter().map(f32::to_bits).collect())
+        };
+        for ((n, a), (m, b)) in mine.iter().zip(theirs) {
+            if n != m || a.dims() != b.dims() {
+                return Ok(None);
+            }
+            if !mlp.contains(n) && values(a)? != values(b)? {
+                return Ok(None);
+            }
+        }
+        self.with_mlp_weights(&other.mlp_weights()).map(Some)
+    }
+
     /// A new model sharing every tensor with `self` except the MLP matrices, replaced by `mlp`
     /// (used to publish unlearned weights without touching the live model).
     pub fn with_mlp_weights(&self, mlp: &MlpWeights) -> Result<Self> {
@@ -488,5 +517,61 @@ mod tests {
         ] {
             assert!(read(&declined).is_none(), "{:?}", declined.ids.dims());
         }
+    }
+
+    /// A version that differs only in its MLP shares every other tensor; one whose other
+    /// tensors differ (here the embedding) is not merged.
+    #[test]
+    fn sharing_all_but_mlp_only_merges_mlp_only_differences() {
+        let cfg = crate::test_util::relu_gpt2((14, 64, 24, 3), 2, true, false);
+        let live = Model::random(&cfg, &Device::Cpu).unwrap();
+        let w = live.mlp_weights();
+        let halved = MlpWeights(
+            w.0.iter()
+                .map(|(a, b)| ((a * 0.5).unwrap(), (b * 0.5).unwrap()))
+                .collect(),
+        );
+        let version = live.with_mlp_weights(&halved).unwrap();
+        // A fresh copy of the version (its own tensors, as loaded from disk).
+        let copy = |m: &Model| {
+            let map = m
+                .named_tensors()
+                .iter()
+                .map(|(n, t)| (n.clone(), t.copy().unwrap()))
+                .collect();
+            Model::new(&m.config(), &Weights::from_tensors(map, "copy")).unwrap()
+        };
+        let shared = live.sharing_all_but_mlp(&copy(&version)).unwrap().unwrap();
+        let mlp: Vec<String> = live
+            .mlp_weight_names()
+            .into_iter()
+            .flat_map(|(a, b)| [a, b])
+            .collect();
+        for ((n, a), ((_, b), (_, v))) in shared
+            .named_tensors()
+            .iter()
+            .zip(live.named_tensors().iter().zip(version.named_tensors()))
+        {
+            let same = |x: &Tensor, y: &Tensor| {
+                x.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                    == y.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            };
+            assert!(same(a, v), "{n}: not the version's values");
+            assert_eq!(a.id() == b.id(), !mlp.contains(n), "{n}");
+        }
+        let map = version
+            .named_tensors()
+            .iter()
+            .map(|(n, t)| {
+                let t = if mlp.contains(n) {
+                    t.clone()
+                } else {
+                    (t * 2.0).unwrap()
+                };
+                (n.clone(), t)
+            })
+            .collect();
+        let other = Model::new(&cfg, &Weights::from_tensors(map, "other")).unwrap();
+        assert!(live.sharing_all_but_mlp(&other).unwrap().is_none());
     }
 }

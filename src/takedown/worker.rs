@@ -577,7 +577,10 @@ fn lineage_of(
             return Ok((Some(m.clone()), earlier));
         }
     }
-    let m = Arc::new(load_version(td, &root.id, live.model.device())?.model);
+    // Versions differ only in their MLP matrices: hold the root as the served tensors plus its
+    // own MLP, not as a second copy of every weight.
+    let full = load_version(td, &root.id, live.model.device())?.model;
+    let m = Arc::new(live.model.sharing_all_but_mlp(&full)?.unwrap_or(full));
     *cached = Some((root.id.clone(), m.clone()));
     Ok((Some(m), earlier))
 }
@@ -849,7 +852,22 @@ mod tests {
                 })
                 .collect()
         };
-        assert_eq!(flat(&root.expect("v1 is past the root")), flat(&v0.model));
+        let root = root.expect("v1 is past the root");
+        assert_eq!(flat(&root), flat(&v0.model));
+        // Only the MLP is the root's own: every other tensor is the served model's.
+        let mlp: Vec<String> = root
+            .mlp_weight_names()
+            .into_iter()
+            .flat_map(|(a, b)| [a, b])
+            .collect();
+        let served = live.served();
+        for ((n, a), (_, b)) in root
+            .named_tensors()
+            .iter()
+            .zip(served.model.named_tensors())
+        {
+            assert_eq!(a.id() == b.id(), !mlp.contains(n), "{n}");
+        }
         assert_eq!(earlier.len(), 1);
         assert_eq!(earlier[0].takedown, a);
         assert_eq!(earlier[0].sequence, td.store.get(&a).unwrap().sequences[0]);
