@@ -187,23 +187,18 @@ fn summed_autograd(
         .collect();
     let vars = Weights::vars_from_tensors(map, 0)?;
     let trainable = Model::new(&model.config(), &vars)?;
-    let varmap = vars
-        .varmap()
-        .ok_or_else(|| Error::invalid("weights", "not trainable"))?;
-    let tracked: Vec<Tensor> = {
-        let data = varmap
-            .data()
-            .lock()
-            .map_err(|_| Error::invalid("weights", "poisoned lock"))?;
-        names
-            .iter()
-            .map(|n| {
-                data.get(n)
-                    .map(|v| v.as_tensor().clone())
-                    .ok_or_else(|| Error::invalid("weights", format!("no parameter {n}")))
-            })
-            .collect::<Result<_>>()?
-    };
+    let all: HashMap<String, candle_core::Var> =
+        crate::tinymem::train::named_vars(&trainable, &vars)?
+            .into_iter()
+            .collect();
+    let tracked: Vec<Tensor> = names
+        .iter()
+        .map(|n| {
+            all.get(n)
+                .map(|v| v.as_tensor().clone())
+                .ok_or_else(|| Error::invalid("weights", format!("no parameter {n}")))
+        })
+        .collect::<Result<_>>()?;
     let mut acc: Vec<Option<Tensor>> = vec![None; tracked.len()];
     for chunk in forget.chunks(batch_size.max(1)) {
         let flat: Vec<u32> = chunk.iter().flatten().copied().collect();

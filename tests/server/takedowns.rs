@@ -22,10 +22,28 @@ pub(crate) fn takedown_state(
     cfg.worker_threads = 2;
     cfg.audit_interval = Duration::from_secs(3600);
     tweak(&mut cfg);
-    let live = resolve_current(&cfg.data_dir, &lethe::loader::bundled_model_dir()).unwrap();
+    state_with_takedowns(
+        cfg,
+        &lethe::loader::bundled_model_dir(),
+        "tinymem-noise",
+        |live| Datasets::for_model(live, None, None, Vec::new()).unwrap(),
+        start_worker,
+    )
+}
+
+/// A server state serving the current version of `model_dir` (under `cfg.data_dir`) as `name`,
+/// with takedowns on the datasets `data` builds from that version's directory.
+pub(crate) fn state_with_takedowns(
+    cfg: TakedownConfig,
+    model_dir: &Path,
+    name: &str,
+    data: impl FnOnce(&Path) -> Datasets,
+    start_worker: bool,
+) -> web::Data<AppState> {
+    let live = resolve_current(&cfg.data_dir, model_dir).unwrap();
     let lm = lethe::loader::load_dir(&live, "live", &Device::Cpu, DType::F32).unwrap();
-    let data = Datasets::for_model(&live, None, None, Vec::new()).unwrap();
-    let served = Served::new(lm, Some("tinymem-noise".into())).unwrap();
+    let data = data(&live);
+    let served = Served::new(lm, Some(name.into())).unwrap();
     let st = AppState::new(
         served,
         EngineConfig::default(),

@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 
 use super::*;
 use lethe::takedown::versions::resolve_current;
-use lethe::takedown::worker::{TakedownConfig, Takedowns};
+use lethe::takedown::worker::TakedownConfig;
 use lethe::tinymem::finetune::{fine_tune, FineTuneConfig};
 use lethe::unlearn::pipeline::Datasets;
 
@@ -77,25 +77,21 @@ async fn a_neox_trained_here_to_regurgitate_is_taken_down_through_the_server() {
     let mut cfg = TakedownConfig::new(dir.path().join("data"));
     cfg.worker_threads = 2;
     cfg.audit_interval = Duration::from_secs(3600);
-    let live = resolve_current(&cfg.data_dir, &model_dir).unwrap();
-    let lm = lethe::loader::load_dir(&live, "live", &Device::Cpu, DType::F32).unwrap();
-    let data = Datasets::for_model(
-        &live,
-        Some(retain.clone()),
-        Some(heldout.clone()),
-        Vec::new(),
-    )
-    .unwrap();
-    let served = Served::new(lm, Some("tiny-neox".into())).unwrap();
-    let st = AppState::new(
-        served,
-        EngineConfig::default(),
-        open_auth(),
-        Limits::default(),
+    let st = super::takedowns::state_with_takedowns(
+        cfg,
+        &model_dir,
+        "tiny-neox",
+        |live| {
+            Datasets::for_model(
+                live,
+                Some(retain.clone()),
+                Some(heldout.clone()),
+                Vec::new(),
+            )
+            .unwrap()
+        },
+        true,
     );
-    let td = Takedowns::open(cfg, data, st.live.clone(), st.metrics.clone()).unwrap();
-    let st = web::Data::new(st.with_takedowns(td));
-    st.takedowns.as_ref().unwrap().start();
     let app = at::init_service(make_app(st.clone())).await;
     let v0 = st.served().version.clone();
 
