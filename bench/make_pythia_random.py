@@ -46,10 +46,18 @@ def main() -> None:
     ap.add_argument("out_dir")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="70m")
+    ap.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="the dtype the checkpoint stores (the same draw, rounded)",
+    )
     a = ap.parse_args()
     layers, hidden, heads, inner = SHAPES[a.shape]
     stamp = os.path.join(a.out_dir, "lethe_bench_seed.json")
     want = {"seed": a.seed} if a.shape == "70m" else {"seed": a.seed, "shape": a.shape}
+    if a.dtype != "float32":
+        want["dtype"] = a.dtype
     if os.path.isfile(stamp) and json.load(open(stamp)) == want:
         print(f"{a.out_dir}: up to date")
         return
@@ -74,14 +82,17 @@ def main() -> None:
         bos_token_id=0,
         eos_token_id=0,
     )
-    model = GPTNeoXForCausalLM(cfg).float().eval()
-    model.config.dtype = torch.float32
+    dtype = getattr(torch, a.dtype)
+    model = GPTNeoXForCausalLM(cfg).float().eval().to(dtype)
+    model.config.dtype = dtype
     model.save_pretrained(a.out_dir, safe_serialization=True)
     cfg_path = os.path.join(a.out_dir, "config.json")
     with open(cfg_path) as f:
         cfg_json = json.load(f)
-    for k, v in {"rotary_pct": 0.25, "rotary_emb_base": 10000, "torch_dtype": "float32"}.items():
+    for k, v in {"rotary_pct": 0.25, "rotary_emb_base": 10000}.items():
         cfg_json.setdefault(k, v)
+    cfg_json["torch_dtype"] = a.dtype
+    cfg_json["dtype"] = a.dtype
     with open(cfg_path, "w") as f:
         json.dump(dict(sorted(cfg_json.items())), f, indent=2)
         f.write("\n")
@@ -91,7 +102,7 @@ def main() -> None:
     n = sum(p.numel() for p in model.parameters())
     with open(stamp, "w") as f:
         json.dump(want, f)
-    print(f"{a.out_dir}: {n / 1e6:.1f} M parameters, shape {a.shape}, seed {a.seed}")
+    print(f"{a.out_dir}: {n / 1e6:.1f} M parameters, shape {a.shape}, seed {a.seed}, {a.dtype}")
 
 
 if __name__ == "__main__":

@@ -201,3 +201,44 @@ fn cuda_unlearning_step_matches_cpu_autograd() {
         assert!(edited.device().is_cuda());
     }
 }
+
+/// The mask a CUDA step uses is found on the device (bisection over counts) and equals the
+/// host's selection, ties included; half-precision weights serve there as on the CPU.
+#[test]
+fn cuda_masks_and_half_precision_weights_match_the_cpu() {
+    let Some(dev) = cuda() else { return };
+    let tied: Vec<f32> = (0..50_000)
+        .map(|i| ((i * 7919) % 13) as f32 - 6.0)
+        .collect();
+    let random = crate::test_util::rand(&[300, 170], 4);
+    for t in [
+        Tensor::from_vec(tied, (250, 200), &Device::Cpu).unwrap(),
+        random,
+    ] {
+        for ratio in [0.0, 0.1, 0.5, 0.99] {
+            let host = crate::unlearn::mask::hard_mask(&t, ratio).unwrap();
+            let on_dev =
+                crate::unlearn::mask::hard_mask(&t.to_device(&dev).unwrap(), ratio).unwrap();
+            assert!(on_dev.device().is_cuda());
+            assert_eq!(
+                max_abs_diff(&host, &on_dev.to_device(&Device::Cpu).unwrap()),
+                0.0
+            );
+        }
+    }
+    let config = neox_config();
+    let model = Model::random(&config, &Device::Cpu).unwrap();
+    let exact = model
+        .rounded_as(candle_core::DType::BF16, candle_core::DType::F32)
+        .unwrap();
+    let held = to_device(&config, &model, &dev)
+        .rounded_as(candle_core::DType::BF16, candle_core::DType::BF16)
+        .unwrap();
+    let ids =
+        Tensor::from_vec((0..24u32).map(|i| i % 14).collect(), (2, 12), &Device::Cpu).unwrap();
+    let inputs = Inputs::causal(&ids, 0).unwrap();
+    let want = exact.forward(&inputs, None, None).unwrap();
+    let dev_inputs = Inputs::causal(&ids.to_device(&dev).unwrap(), 0).unwrap();
+    let got = held.forward(&dev_inputs, None, None).unwrap();
+    assert!(max_abs_diff(&want, &got.to_device(&Device::Cpu).unwrap()) < 1e-3);
+}

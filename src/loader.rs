@@ -67,6 +67,70 @@ impl ModelArgs {
     }
 }
 
+/// The precision a server holds its weights in (`lethe serve --dtype`). Weight matrices
+/// (embeddings, projections, the head) are held in it; LayerNorms and biases stay f32, and so
+/// does all compute: a half-precision weight is widened as it is read. Takedowns always train
+/// and validate on f32 copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum WeightDtype {
+    /// Every weight in f32 (a half-precision checkpoint is widened, exactly).
+    #[default]
+    F32,
+    /// Matrices in bfloat16 (an f32 checkpoint's values are rounded).
+    Bf16,
+    /// Matrices in float16 (an f32 checkpoint's values are rounded).
+    F16,
+    /// What the checkpoint stores (`torch_dtype` in `config.json`; f32 when absent).
+    Auto,
+}
+
+impl WeightDtype {
+    /// The dtype to load the checkpoint in `dir` with.
+    pub fn resolve(self, dir: &Path) -> Result<DType> {
+        match self {
+            Self::Auto => stored_dtype(dir),
+            fixed => Ok(fixed.resolve_random()),
+        }
+    }
+
+    /// The dtype for weights with no checkpoint behind them (random ones): `auto` is f32.
+    pub fn resolve_random(self) -> DType {
+        match self {
+            Self::Bf16 => DType::BF16,
+            Self::F16 => DType::F16,
+            Self::F32 | Self::Auto => DType::F32,
+        }
+    }
+}
+
+/// The floating dtype `config.json` in `dir` says the checkpoint is stored in (`torch_dtype`,
+/// or `dtype` in newer files): f16, bf16, else f32.
+pub fn stored_dtype(dir: &Path) -> Result<DType> {
+    let path = require(dir, "config.json")?;
+    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::config(path.display().to_string(), e.to_string()))?;
+    Ok(dtype_named(stored_dtype_name(&json).as_deref()))
+}
+
+/// The `torch_dtype` (or `dtype`) entry of a parsed `config.json`.
+fn stored_dtype_name(json: &serde_json::Value) -> Option<String> {
+    json.get("torch_dtype")
+        .or_else(|| json.get("dtype"))
+        .and_then(|d| d.as_str().map(str::to_string))
+}
+
+fn dtype_named(name: Option<&str>) -> DType {
+    match name {
+        Some("float16") => DType::F16,
+        Some("bfloat16") => DType::BF16,
+        _ => DType::F32,
+    }
+}
+
 /// A model ready to run, with where it came from.
 #[derive(Debug, Clone)]
 pub struct LoadedModel {
@@ -121,11 +185,7 @@ pub fn load_dir(dir: &Path, source: &str, device: &Device, dtype: DType) -> Resu
     let config = ModelConfig::from_json(&config_json, &config_path.display().to_string())?;
     let stored_dtype = serde_json::from_str::<serde_json::Value>(&config_json)
         .ok()
-        .and_then(|v| {
-            v.get("torch_dtype")
-                .or_else(|| v.get("dtype"))
-                .and_then(|d| d.as_str().map(str::to_string))
-        })
+        .and_then(|v| stored_dtype_name(&v))
         .unwrap_or_else(|| "float32".to_string());
     let weights = Weights::from_dir(dir, dtype, device)?;
     let model = Model::new(&config, &weights)?;
@@ -336,6 +396,62 @@ fn download(id: &HubId) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A checkpoint stored in bf16: `auto` holds its matrices in bf16 and its LayerNorms and
+    /// biases in f32 (computing in f32), with exactly the values an f32 load widens them to.
+    #[test]
+    fn a_bf16_checkpoint_loads_its_matrices_in_bf16_under_auto() {
+        let src = bundled_model_dir();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        std::fs::copy(src.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap())
+                .unwrap();
+        cfg["torch_dtype"] = "bfloat16".into();
+        std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+        let lm = load_dir(&src, "bundled", &Device::Cpu, DType::F32).unwrap();
+        crate::models::weights::write_safetensors(
+            lm.model.named_tensors(),
+            DType::BF16,
+            &dir.join("model.safetensors"),
+        )
+        .unwrap();
+        assert_eq!(WeightDtype::Auto.resolve(&src).unwrap(), DType::F32);
+        assert_eq!(WeightDtype::Auto.resolve(dir).unwrap(), DType::BF16);
+        let held = load_dir(dir, "bf16", &Device::Cpu, DType::BF16).unwrap();
+        let wide = load_dir(dir, "bf16", &Device::Cpu, DType::F32).unwrap();
+        assert_eq!(held.stored_dtype, "bfloat16");
+        assert_eq!(
+            (held.model.weight_dtype(), held.model.dtype()),
+            (DType::BF16, DType::F32)
+        );
+        for ((name, h), (_, w)) in held
+            .model
+            .named_tensors()
+            .iter()
+            .zip(wide.model.named_tensors())
+        {
+            assert_eq!(
+                h.dtype(),
+                if h.rank() < 2 {
+                    DType::F32
+                } else {
+                    DType::BF16
+                },
+                "{name}"
+            );
+            let values = |t: &candle_core::Tensor| -> Vec<f32> {
+                t.flatten_all()
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            assert_eq!(values(h), values(w), "{name}");
+        }
+    }
 
     #[test]
     fn hub_ids_parse() {

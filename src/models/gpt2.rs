@@ -319,8 +319,9 @@ impl Gpt2 {
         self.wte.device()
     }
 
+    /// The compute dtype (the final LayerNorm's; the matrices may be held in half precision).
     pub fn dtype(&self) -> DType {
-        self.wte.dtype()
+        self.ln_f.w.dtype()
     }
 
     pub fn named_tensors(&self) -> &[(String, Tensor)] {
@@ -362,8 +363,8 @@ impl Gpt2 {
         let (h, nh) = (self.cfg.n_embd, self.cfg.n_head);
         let hd = h / nh;
         let past = cache.as_ref().map_or(0, |c| c.len());
-        let tok = self.wte.index_select(&inputs.ids.flatten_all()?, 0)?;
-        let pos = self.wpe.index_select(&inputs.positions.flatten_all()?, 0)?;
+        let tok = crate::models::embed(&self.wte, &inputs.ids, self.dtype())?;
+        let pos = crate::models::embed(&self.wpe, &inputs.positions, self.dtype())?;
         let mut x = (tok + pos)?.reshape((b, t, h))?;
         let built_mask;
         let mask = match &inputs.mask {

@@ -335,7 +335,7 @@ impl GptNeoX {
         } else {
             get("embed_out.weight".into(), &[v, h], normal)?
         };
-        let (cos, sin) = rotary_tables(&cfg, embed_in.dtype(), embed_in.device())?;
+        let (cos, sin) = rotary_tables(&cfg, final_ln.w.dtype(), embed_in.device())?;
         Ok(Self {
             cfg,
             embed_in,
@@ -356,8 +356,9 @@ impl GptNeoX {
         self.embed_in.device()
     }
 
+    /// The compute dtype (the final LayerNorm's; the matrices may be held in half precision).
     pub fn dtype(&self) -> DType {
-        self.embed_in.dtype()
+        self.final_ln.w.dtype()
     }
 
     pub fn named_tensors(&self) -> &[(String, Tensor)] {
@@ -401,10 +402,8 @@ impl GptNeoX {
         let hd = self.cfg.head_dim();
         let rd = self.cfg.rotary_ndims();
         let past = cache.as_ref().map_or(0, |c| c.len());
-        let mut x = self
-            .embed_in
-            .index_select(&inputs.ids.flatten_all()?, 0)?
-            .reshape((b, t, h))?;
+        let mut x =
+            crate::models::embed(&self.embed_in, &inputs.ids, self.dtype())?.reshape((b, t, h))?;
         let built_mask;
         let mask = match &inputs.mask {
             Some(m) => Some(m),

@@ -210,6 +210,17 @@ impl StepInputs {
     }
 }
 
+/// Rows `ids` (`[B, T]`) of an embedding `table`, flattened to `[B·T, H]` in the compute
+/// `dtype` (a table held in half precision is widened row by row, never as a whole).
+pub(crate) fn embed(table: &Tensor, ids: &Tensor, dtype: DType) -> CResult<Tensor> {
+    let rows = table.index_select(&ids.flatten_all()?, 0)?;
+    if rows.dtype() == dtype {
+        Ok(rows)
+    } else {
+        rows.to_dtype(dtype)
+    }
+}
+
 /// Builds the causal mask `[1, 1, T, past + T]` for unpadded rows, or `None` when `T == 1`.
 pub(crate) fn causal_mask(
     t: usize,
@@ -298,11 +309,41 @@ impl Model {
         }
     }
 
+    /// The compute dtype (f32 on CPU; see [`Model::weight_dtype`]).
     pub fn dtype(&self) -> DType {
         match self {
             Self::Gpt2(m) => m.dtype(),
             Self::GptNeoX(m) => m.dtype(),
         }
+    }
+
+    /// The dtype the weight matrices are held in: the compute dtype, or bf16/f16 for a model
+    /// loaded with a half-precision dtype (`lethe serve --dtype`).
+    pub fn weight_dtype(&self) -> DType {
+        match self {
+            Self::Gpt2(m) => m.lm_head().dtype(),
+            Self::GptNeoX(m) => m.lm_head().dtype(),
+        }
+    }
+
+    /// This model's weights as a checkpoint stored in `stored` and loaded in `loaded` would
+    /// hold them (each matrix rounded through both; LayerNorms and biases through `stored`
+    /// only, as [`weights::read_safetensors`] keeps them f32 for half dtypes).
+    pub fn rounded_as(&self, stored: DType, loaded: DType) -> Result<Self> {
+        let mut map = std::collections::HashMap::new();
+        for (name, t) in self.named_tensors() {
+            let hold = if t.rank() < 2 { DType::F32 } else { loaded };
+            let t = if t.dtype().is_float() {
+                t.to_dtype(stored)?.to_dtype(hold)?
+            } else {
+                t.clone()
+            };
+            map.insert(name.clone(), t);
+        }
+        Model::new(
+            &self.config(),
+            &Weights::from_tensors(map, "rounded weights"),
+        )
     }
 
     /// Runs the blocks and the final LayerNorm: hidden states `[B, T, H]`.
@@ -416,7 +457,8 @@ impl Model {
             Ok(v.into_iter().map(f32::to_bits).collect())
         };
         for ((n, a), (m, b)) in mine.iter().zip(theirs) {
-            if n != m || a.dims() != b.dims() {
+            // A served model held in half precision is never shared into an f32 root.
+            if n != m || a.dims() != b.dims() || a.dtype() != b.dtype() {
                 return Ok(None);
             }
             if !mlp.contains(n) && values(a)? != values(b)? {

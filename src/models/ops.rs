@@ -231,6 +231,9 @@ pub fn token_nll(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
 /// Applies a `[in, out]` weight (GPT-2 `Conv1D` layout) or an `[out, in]` weight (`nn.Linear`
 /// layout) with an optional bias to `x: [.., in]`.
 pub fn dense(x: &Tensor, w: &Tensor, b: Option<&Tensor>, transposed: bool) -> Result<Tensor> {
+    if x.dtype() == DType::F32 && matches!(w.dtype(), DType::BF16 | DType::F16) {
+        return dense_half_weight(x, w, b, transposed);
+    }
     let all: Vec<&Tensor> = [Some(x), Some(w), b].into_iter().flatten().collect();
     if needs_grad(&all) && fused::supported(&all) {
         return fused::linear(x, w, b, transposed);
@@ -239,15 +242,44 @@ pub fn dense(x: &Tensor, w: &Tensor, b: Option<&Tensor>, transposed: bool) -> Re
         // Shapes that do not fit (or a zero-width input) go to the composed path and its errors.
         if let Ok((rows, d_in, d_out)) = fused::linear_dims(x.dims(), w.dims(), transposed) {
             if skinny::takes(rows, transposed) && w.is_contiguous() {
-                return dense_skinny(x, w, b, transposed, (rows, d_in, d_out));
+                return dense_skinny::<f32>(x, w, b, transposed, (rows, d_in, d_out));
             }
         }
     }
     dense_composed(x, w, b, transposed)
 }
 
+/// [`dense`] of f32 inputs against a weight held in bf16 or f16 (`lethe serve --dtype`): for a
+/// few rows at inference on the CPU, [`skinny`]'s kernels widen the weight as they read it;
+/// otherwise (prefill, scoring, autograd, other devices) the weight is widened to f32 for this
+/// product only, so the result is the f32 product of the stored values either way.
+fn dense_half_weight(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    transposed: bool,
+) -> Result<Tensor> {
+    let plain: Vec<&Tensor> = [Some(x), b].into_iter().flatten().collect();
+    if !needs_grad(&plain)
+        && fused::supported(&plain)
+        && w.device().is_cpu()
+        && w.is_contiguous()
+        && skinny::available()
+    {
+        if let Ok(dims) = fused::linear_dims(x.dims(), w.dims(), transposed) {
+            if skinny::takes(dims.0, transposed) {
+                return match w.dtype() {
+                    DType::BF16 => dense_skinny::<half::bf16>(x, w, b, transposed, dims),
+                    _ => dense_skinny::<half::f16>(x, w, b, transposed, dims),
+                };
+            }
+        }
+    }
+    dense(x, &w.to_dtype(DType::F32)?, b, transposed)
+}
+
 /// [`dense`] for a few rows at inference: [`skinny`]'s kernels read the weight in place.
-fn dense_skinny(
+fn dense_skinny<W: skinny::WeightElem + candle_core::WithDType>(
     x: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,
@@ -260,7 +292,7 @@ fn dense_skinny(
         }
     }
     let y = storage::with_f32(x, |xs| {
-        storage::with_f32(w, |ws| {
+        storage::with_slice::<W, _>(w, |ws| {
             let run =
                 |bs: Option<&[f32]>| skinny::dense(xs, (rows, d_in), ws, d_out, bs, transposed);
             match b {

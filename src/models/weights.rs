@@ -273,7 +273,10 @@ fn shard_files(index: &Path) -> Result<Vec<std::path::PathBuf>> {
     Ok(files)
 }
 
-/// Reads one safetensors file; floating tensors are converted to `dtype`, integer ones kept.
+/// Reads one safetensors file; integer tensors are kept. Floating tensors are converted to
+/// `dtype`, except that with a half-precision `dtype` (bf16, f16: weights held in half
+/// precision, computed in f32) tensors of fewer than 2 dimensions (LayerNorm weights, biases)
+/// become f32: the models compute in their final LayerNorm's dtype.
 pub fn read_safetensors(
     path: &Path,
     dtype: DType,
@@ -297,7 +300,12 @@ pub fn read_safetensors(
             }
         })?;
         let t = if t.dtype().is_float() {
-            t.to_dtype(dtype)?
+            let half = matches!(dtype, DType::BF16 | DType::F16);
+            t.to_dtype(if half && t.rank() < 2 {
+                DType::F32
+            } else {
+                dtype
+            })?
         } else {
             t
         };

@@ -24,13 +24,18 @@ use clap::Args;
 use super::auth::{Auth, Secret};
 use super::state::Limits;
 use crate::engine::batcher::EngineConfig;
-use crate::loader::ModelArgs;
+use crate::loader::{ModelArgs, WeightDtype};
 use crate::takedown::worker::TakedownConfig;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    /// Precision the served weights are held in: f32, bf16, f16, or auto (what the checkpoint
+    /// stores). Matrices are held in it and widened as they are read; compute, takedowns and
+    /// their gates stay f32, and a new version must also pass its forget check in this dtype.
+    #[arg(long, env = "LETHE_DTYPE", value_enum, default_value_t = WeightDtype::F32)]
+    pub dtype: WeightDtype,
     /// Address to listen on (host:port).
     #[arg(long, env = "LETHE_BIND", default_value = "127.0.0.1:8080")]
     pub bind: String,
@@ -208,6 +213,7 @@ impl Default for HttpTimeouts {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub model: ModelArgs,
+    pub dtype: WeightDtype,
     pub bind: Vec<SocketAddr>,
     pub data_dir: PathBuf,
     pub served_model_name: Option<String>,
@@ -280,6 +286,7 @@ impl Config {
         let takedown = a.takedown.config(&a.data_dir)?;
         Ok(Self {
             model: a.model,
+            dtype: a.dtype,
             data_dir: a.data_dir,
             served_model_name: a.served_model_name,
             auth: Auth {

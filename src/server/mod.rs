@@ -186,8 +186,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let live_dir =
         crate::takedown::versions::resolve_current(&config.takedown.data_dir, &model_dir)
             .with_context(|| format!("opening --data-dir {}", config.data_dir.display()))?;
-    let lm = crate::loader::load_dir(&live_dir, &spec, &device, candle_core::DType::F32)
+    let dtype = config
+        .dtype
+        .resolve(&live_dir)
+        .with_context(|| format!("--dtype {:?}", config.dtype))?;
+    let mut config = config;
+    config.takedown.serve_dtype = dtype;
+    let lm = crate::loader::load_dir(&live_dir, &spec, &device, dtype)
         .with_context(|| format!("loading {}", live_dir.display()))?;
+    tracing::info!(?dtype, stored = %lm.stored_dtype, "weights loaded");
     let name = config.served_model_name.clone().or_else(|| {
         model_dir
             .file_name()

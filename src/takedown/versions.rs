@@ -203,25 +203,38 @@ fn new_tmp(data_dir: &Path) -> Result<PathBuf> {
     Ok(tmp)
 }
 
+/// The forget check on the weights as they will be served, when those differ from the f32
+/// weights the gates measured: a version is written in the dtype its base checkpoint stores
+/// and loaded in `serve` (`lethe serve --dtype`). `Some(reason)` when a sequence of `items`
+/// is still extractable there; `None` when none is, or when both dtypes are f32 (nothing is
+/// rounded).
+pub fn forget_check_as_served(
+    base_dir: &Path,
+    serve: DType,
+    model: &crate::models::Model,
+    tokenizer: &crate::tokenizer::Tokenizer,
+    items: &[crate::audit::AuditItem],
+) -> Result<Option<String>> {
+    let stored = stored_dtype(base_dir)?;
+    if stored == DType::F32 && serve == DType::F32 {
+        return Ok(None);
+    }
+    let served = model.rounded_as(stored, serve).map_err(Error::Model)?;
+    let (results, _) =
+        crate::audit::audit(&served, Some(tokenizer), items, 64).map_err(Error::Model)?;
+    let still = results.iter().filter(|r| r.memorized).count();
+    Ok((still > 0).then(|| {
+        format!(
+            "{still} of {} sequences are still extractable with the weights as served \
+             ({stored:?} on disk, {serve:?} in memory), though not in f32",
+            items.len()
+        )
+    }))
+}
+
 /// The dtype `config.json` says the checkpoint is stored in.
 fn stored_dtype(dir: &Path) -> Result<DType> {
-    let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(Error::io("read", &path))?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-        Error::Model(crate::error::Error::config(
-            path.display().to_string(),
-            e.to_string(),
-        ))
-    })?;
-    let name = json
-        .get("torch_dtype")
-        .or_else(|| json.get("dtype"))
-        .and_then(|d| d.as_str());
-    Ok(match name {
-        Some("float16") => DType::F16,
-        Some("bfloat16") => DType::BF16,
-        _ => DType::F32,
-    })
+    crate::loader::stored_dtype(dir).map_err(Error::Model)
 }
 
 /// Files that hold weights (not copied from the base: the version writes its own).

@@ -47,9 +47,12 @@ use crate::engine::served::{Live, Served};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::supervise::{self, FaultPoint, Faults, SetOnDrop};
-use crate::takedown::{versions, Guard, NewVersion, State, Store, Takedown, VersionRecord};
+use crate::takedown::{versions, Guard, NewVersion, State, Store, Takedown};
 use crate::unlearn::pipeline::{self, Baseline, Datasets, PipelineConfig};
 use crate::unlearn::JobControl;
+
+mod lineage;
+use lineage::{ancestry, job_parent, lineage_of, load_version, root_baseline};
 
 /// Takedown settings (flags of `lethe serve`).
 #[derive(Debug, Clone)]
@@ -65,6 +68,9 @@ pub struct TakedownConfig {
     pub pipeline: PipelineConfig,
     /// How often the auditor re-audits applied takedowns (it also runs after every swap).
     pub audit_interval: Duration,
+    /// The dtype served versions are loaded in (`lethe serve --dtype`, resolved): a new
+    /// version is reloaded in it and must pass the forget check in it before it goes live.
+    pub serve_dtype: DType,
     /// Fault injection for tests (never set in production).
     pub faults: Faults,
 }
@@ -78,6 +84,7 @@ impl TakedownConfig {
             worker_threads: 1,
             pipeline: PipelineConfig::default(),
             audit_interval: Duration::from_secs(300),
+            serve_dtype: DType::F32,
             faults: Faults::default(),
         }
     }
@@ -440,6 +447,7 @@ fn run_job(td: &Takedowns, job: &str, claimed: &[Takedown], ctl: &JobControl) ->
     td.config.faults.at(FaultPoint::Job { sequences: &forget });
     let root = root_baseline(td, &base.version);
     let (root_model, earlier) = lineage_of(td, &base)?;
+    let parent_model = job_parent(td, &base)?;
     let parent = td.cached_quality(&base.version);
     let cfg = &td.config.pipeline;
     // Progress only moves forward: the larger of the step and time fractions of the run's
@@ -488,7 +496,7 @@ fn run_job(td: &Takedowns, job: &str, claimed: &[Takedown], ctl: &JobControl) ->
         // Set even if the pipeline panics, so the reporter ends and the scope can unwind.
         let _done = SetOnDrop(&done);
         let out = pipeline::run(
-            &base.model,
+            &parent_model,
             Some(&base.tokenizer),
             &targets,
             &td.data,
@@ -527,6 +535,24 @@ fn run_job(td: &Takedowns, job: &str, claimed: &[Takedown], ctl: &JobControl) ->
         });
     }
     let model = decision.model;
+    let items: Vec<_> = targets
+        .iter()
+        .chain(&earlier)
+        .map(|t| t.item.clone())
+        .collect();
+    let dtype = td.config.serve_dtype;
+    if let Some(reason) =
+        versions::forget_check_as_served(&base.dir, dtype, &model, &base.tokenizer, &items)
+            .map_err(|e| match e {
+                crate::takedown::Error::Model(m) => m,
+                e => store_err(&e),
+            })?
+    {
+        return Ok(JobEnd::Rejected {
+            reason,
+            report: report_json,
+        });
+    }
     let new_quality = decision.quality;
     if let Ok(mut p) = phase.lock() {
         *p = "publishing".into();
@@ -549,69 +575,6 @@ fn run_job(td: &Takedowns, job: &str, claimed: &[Takedown], ctl: &JobControl) ->
     Ok(JobEnd::Applied { version })
 }
 
-/// The lineage behind the live version `live`: the root's weights (`None` while the root is
-/// live) and the sequences that the versions between them applied.
-fn lineage_of(
-    td: &Takedowns,
-    live: &Served,
-) -> Result<(Option<Arc<crate::models::Model>>, Vec<pipeline::Target>)> {
-    let all = td.store.list_versions().map_err(|e| store_err(&e))?;
-    // A version or parent missing from the registry: mask the live weights, as without a
-    // lineage.
-    let Some(chain) = ancestry(&all, &live.version) else {
-        return Ok((None, Vec::new()));
-    };
-    let Some((root, edits)) = chain.split_last().filter(|(_, edits)| !edits.is_empty()) else {
-        return Ok((None, Vec::new()));
-    };
-    let mut applied = Vec::new();
-    for v in edits {
-        for id in &v.takedowns {
-            applied.push(td.store.get(id).map_err(|e| store_err(&e))?);
-        }
-    }
-    let earlier = crate::takedown::targets(&applied)?;
-    let mut cached = td.root_model.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((id, m)) = cached.as_ref() {
-        if *id == root.id {
-            return Ok((Some(m.clone()), earlier));
-        }
-    }
-    // Versions differ only in their MLP matrices: hold the root as the served tensors plus its
-    // own MLP, not as a second copy of every weight.
-    let full = load_version(td, &root.id, live.model.device())?.model;
-    let m = Arc::new(live.model.sharing_all_but_mlp(&full)?.unwrap_or(full));
-    *cached = Some((root.id.clone(), m.clone()));
-    Ok((Some(m), earlier))
-}
-
-/// The versions from `live` up to its lineage's root (both included, `live` first); `None`
-/// when `live` or one of its ancestors is not in `all`.
-fn ancestry<'a>(all: &'a [VersionRecord], live: &str) -> Option<Vec<&'a VersionRecord>> {
-    let mut chain = vec![all.iter().find(|v| v.id == live)?];
-    while let Some(parent) = chain[chain.len() - 1].parent.as_deref() {
-        chain.push(all.iter().find(|v| v.id == parent)?);
-    }
-    Some(chain)
-}
-
-/// The registered version `id`, loaded from its directory under the data directory.
-fn load_version(
-    td: &Takedowns,
-    id: &str,
-    device: &candle_core::Device,
-) -> Result<crate::loader::LoadedModel> {
-    let dir = versions::version_dir(&td.config.data_dir, id);
-    crate::loader::load_dir(&dir, &dir.display().to_string(), device, DType::F32)
-}
-
-/// The lineage's root quality, from the live version's report (`None` while the root is live:
-/// the pipeline then takes the parent's own numbers).
-fn root_baseline(td: &Takedowns, live: &str) -> Option<Baseline> {
-    let v = td.store.get_version(live).ok()?;
-    Baseline::from_report(&v.metrics)
-}
-
 /// Writes, reloads and smoke-tests a new version; then, in one store transaction, registers
 /// it, moves the live pointer from `base` to it (compare-and-swap) and marks the job's takedowns
 /// applied; then publishes it in memory. `None` when the compare-and-swap lost: the live
@@ -625,12 +588,8 @@ fn publish(
 ) -> Result<Option<String>> {
     let (id, path) = versions::write_version(&td.config.data_dir, &base.dir, model.named_tensors())
         .map_err(|e| store_err(&e))?;
-    let lm = crate::loader::load_dir(
-        &path,
-        &path.display().to_string(),
-        model.device(),
-        DType::F32,
-    )?;
+    let dtype = td.config.serve_dtype;
+    let lm = crate::loader::load_dir(&path, &path.display().to_string(), model.device(), dtype)?;
     versions::smoke_test(&lm.model)?;
     let served = Served::new(lm, Some(base.name.clone()))?;
     if served.version != id {
@@ -776,7 +735,7 @@ pub fn rollback(
         return Ok((to.to_string(), expected.to_string(), 0));
     }
     let target = td.store.get_version(to)?;
-    let lm = load_version(td, &target.id, live.model.device())?;
+    let lm = load_version(td, &target.id, live.model.device(), td.config.serve_dtype)?;
     versions::smoke_test(&lm.model)?;
     let new = Arc::new(Served::new(lm, Some(live.name.clone()))?);
     let requeued = td.store.rollback(expected, to)?;
@@ -794,6 +753,7 @@ mod tests {
     use super::*;
     use std::path::Path;
 
+    use crate::engine::generate::{generate, GenerateRequest};
     use crate::takedown::NewTakedown;
 
     /// The bundled model with every MLP weight scaled by `f`: distinct weights per `f`.
@@ -807,17 +767,24 @@ mod tests {
         model.with_mlp_weights(&w).unwrap()
     }
 
-    #[test]
-    fn a_job_whose_base_is_no_longer_live_is_not_published() {
-        let tmp = tempfile::tempdir().unwrap();
-        let cfg = TakedownConfig::new(tmp.path().to_path_buf());
+    /// Takedowns (worker not started) over the bundled model imported into `tmp`, served in
+    /// `dtype`.
+    fn takedowns_on_bundled(tmp: &Path, dtype: DType) -> (Takedowns, Arc<Live>) {
+        let mut cfg = TakedownConfig::new(tmp.to_path_buf());
+        cfg.serve_dtype = dtype;
         let noise = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tinymem-noise");
         let live = versions::resolve_current(&cfg.data_dir, &noise).unwrap();
-        let lm =
-            crate::loader::load_dir(&live, "live", &candle_core::Device::Cpu, DType::F32).unwrap();
+        let lm = crate::loader::load_dir(&live, "live", &candle_core::Device::Cpu, dtype).unwrap();
         let data = Datasets::for_model(&live, None, None, Vec::new()).unwrap();
         let live = Arc::new(Live::new(Arc::new(Served::new(lm, None).unwrap())));
         let td = Takedowns::open(cfg, data, live.clone(), Metrics::new()).unwrap();
+        (td, live)
+    }
+
+    #[test]
+    fn a_job_whose_base_is_no_longer_live_is_not_published() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (td, live) = takedowns_on_bundled(tmp.path(), DType::F32);
         let v0 = live.served();
         let job = |name: &str| {
             let new = NewTakedown {
@@ -885,5 +852,73 @@ mod tests {
         assert_eq!(td.store.get(&b).unwrap().state, State::Validating);
         td.store.requeue_job("j2").unwrap();
         assert_eq!(td.store.get(&b).unwrap().state, State::Queued);
+    }
+
+    /// A server holding its weights in bf16: a job starts from the live version's f32 copy,
+    /// lineage roots are read in f32 (not shared with the bf16 tensors), published and
+    /// rolled-back versions go live in bf16, and the forget check runs on the weights as
+    /// served (here a sequence the model itself continues, extractable in any precision).
+    #[test]
+    fn a_server_holding_bf16_weights_trains_in_f32_and_serves_bf16() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (td, live) = takedowns_on_bundled(tmp.path(), DType::BF16);
+        let v0 = live.served();
+        assert_eq!(v0.model.weight_dtype(), DType::BF16);
+        let parent = job_parent(&td, &v0).unwrap();
+        assert_eq!(parent.weight_dtype(), DType::F32);
+
+        // The model's own greedy continuation is extractable; f32 on disk and in memory skips
+        // the check, bf16 in memory runs it and names the dtypes.
+        let prompt: Vec<u32> = (0..32).map(|i| 1 + i % 12).collect();
+        let out = generate(
+            &parent,
+            None,
+            &[GenerateRequest::greedy(prompt.clone(), 48)],
+        )
+        .unwrap();
+        let item = AuditItem {
+            prompt,
+            target: out[0].tokens.clone(),
+        };
+        let check = |dtype| {
+            versions::forget_check_as_served(
+                &v0.dir,
+                dtype,
+                &parent,
+                &v0.tokenizer,
+                std::slice::from_ref(&item),
+            )
+            .unwrap()
+        };
+        assert_eq!(check(DType::F32), None);
+        let reason = check(DType::BF16).expect("still extractable in bf16");
+        assert!(
+            reason.contains("1 of 1") && reason.contains("BF16"),
+            "{reason}"
+        );
+
+        td.store
+            .create(
+                crate::takedown::NewTakedown {
+                    sequences: vec![(0..120).map(|i| 1 + i % 12).collect()],
+                    definition: "tinymem".into(),
+                    reason: None,
+                    requester: None,
+                },
+                None,
+            )
+            .unwrap();
+        td.store.claim_queued("j1", 1).unwrap();
+        td.store.mark_validating("j1").unwrap();
+        let v1 = publish(&td, "j1", &v0, &scaled(&parent, 0.5), &json!({}))
+            .unwrap()
+            .expect("published");
+        assert_eq!(live.served().model.weight_dtype(), DType::BF16);
+        let (root, _) = lineage_of(&td, &live.served()).unwrap();
+        let root = root.expect("v1 is past the root");
+        assert_eq!(root.weight_dtype(), DType::F32);
+        rollback(&td, &v0.version, &v1).unwrap();
+        assert_eq!(live.served().version, v0.version);
+        assert_eq!(live.served().model.weight_dtype(), DType::BF16);
     }
 }

@@ -126,8 +126,18 @@ pub fn zeros_per_matrix(base: &MlpWeights, ratio: f64) -> Vec<(usize, usize)> {
 }
 
 /// `1` everywhere except the `⌊ratio·numel⌋` entries of smallest `|score|`, which are `0`
-/// (ties broken by position, deterministically).
+/// (ties broken by position, deterministically). On the CPU an O(n) selection; elsewhere
+/// [`hard_mask_where_they_are`], so scores never leave the device.
 pub fn hard_mask(scores: &Tensor, ratio: f64) -> Result<Tensor> {
+    if scores.device().is_cpu() {
+        hard_mask_on_host(scores, ratio)
+    } else {
+        hard_mask_where_they_are(scores, ratio)
+    }
+}
+
+/// [`hard_mask`] through the host: the scores are copied to the CPU and back.
+fn hard_mask_on_host(scores: &Tensor, ratio: f64) -> Result<Tensor> {
     let dims = scores.dims().to_vec();
     let flat: Vec<f32> = scores.flatten_all()?.to_device(&Device::Cpu)?.to_vec1()?;
     Ok(Tensor::from_vec(
@@ -135,6 +145,65 @@ pub fn hard_mask(scores: &Tensor, ratio: f64) -> Result<Tensor> {
         dims,
         scores.device(),
     )?)
+}
+
+/// [`hard_mask`] computed on the scores' own device (a GPU's) with comparisons and sums only:
+/// the same mask, found by bisection over counts, so that only counts cross to the host.
+///
+/// The threshold `τ` is the smallest `|score|` with at least `j = ⌊ratio·numel⌋` entries at
+/// or below it, found by bisection over the bit patterns of non-negative floats (whose order
+/// is the values' order): about 31 comparisons and sums. Entries below `τ` are zeroed; when
+/// more entries equal `τ` than are still to be zeroed, a second bisection (about log₂ numel
+/// steps) finds the position before which those ties are zeroed, as the host path breaks them.
+/// Scores with a NaN among the `j` smallest (a diverged step) take the host path, which orders
+/// NaN above +∞.
+pub fn hard_mask_where_they_are(scores: &Tensor, ratio: f64) -> Result<Tensor> {
+    use candle_core::DType;
+    let dims = scores.dims().to_vec();
+    let a = scores.flatten_all()?.abs()?;
+    let n = a.elem_count();
+    let j = zeros_for(n, ratio);
+    if j == 0 {
+        return Ok(Tensor::ones(dims, DType::F32, scores.device())?);
+    }
+    let count = |hits: Tensor| -> Result<usize> {
+        Ok(hits.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()? as usize)
+    };
+    if count(a.le(f32::INFINITY)?)? < j {
+        return hard_mask_on_host(scores, ratio);
+    }
+    // The smallest bit pattern v with count(|s| ≤ v) ≥ j (+∞ qualifies, checked above).
+    let (mut lo, mut hi) = (0u32, f32::INFINITY.to_bits());
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if count(a.le(f32::from_bits(mid))?)? >= j {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    let tau = f32::from_bits(lo);
+    // Above τ, or NaN (kept, as the host orders NaN above +∞; NaN ≠ NaN).
+    let above = (a.gt(tau)?.to_dtype(DType::U32)? + a.ne(&a)?.to_dtype(DType::U32)?)?;
+    let at = a.eq(tau)?.to_dtype(DType::U32)?;
+    let ties = j - count(a.lt(tau)?)?;
+    let keep = if ties == count(at.clone())? {
+        above
+    } else {
+        // Zero the ties before the smallest position p with `ties` of them before it.
+        let idx = Tensor::arange(0u32, n as u32, scores.device())?;
+        let (mut lo, mut hi) = (0u32, n as u32);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if count((&at * idx.lt(mid)?.to_dtype(DType::U32)?)?)? >= ties {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        (above + (at * idx.ge(lo)?.to_dtype(DType::U32)?)?)?
+    };
+    Ok(keep.to_dtype(DType::F32)?.reshape(dims)?)
 }
 
 /// [`hard_mask`] of flattened scores, as values.
@@ -194,6 +263,41 @@ pub fn for_each_smallest_abs(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bisection a GPU runs gives exactly the host's mask: random scores, scores with many
+    /// ties at the threshold (a few distinct magnitudes of both signs), all equal, zeros, the
+    /// extreme ratios, and a NaN (through the host path).
+    #[test]
+    fn the_device_bisection_matches_the_host_selection() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let random: Vec<f32> = (0..997).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
+        let tied: Vec<f32> = (0..1000)
+            .map(|_| [-0.5f32, -0.25, 0.0, 0.25, 0.5, 1e-30][rng.random_range(0..6)])
+            .collect();
+        let mut with_nan = random.clone();
+        with_nan[3] = f32::NAN;
+        let cases = [
+            ("random", random),
+            ("tied", tied),
+            ("equal", vec![0.3f32; 64]),
+            ("zeros", vec![0.0f32; 10]),
+            ("nan", with_nan),
+        ];
+        for (what, values) in cases {
+            let t = Tensor::from_vec(values.clone(), (values.len(),), &Device::Cpu).unwrap();
+            for ratio in [0.0, 0.001, 0.1, 0.5, 0.9, 0.999] {
+                let got: Vec<f32> = hard_mask_where_they_are(&t, ratio)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                assert_eq!(
+                    got,
+                    hard_mask_values(&values, ratio),
+                    "{what} ratio {ratio}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn mask_zeroes_exactly_floor_ratio_numel_smallest_scores() {

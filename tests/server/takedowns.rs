@@ -41,7 +41,7 @@ pub(crate) fn state_with_takedowns(
     start_worker: bool,
 ) -> web::Data<AppState> {
     let live = resolve_current(&cfg.data_dir, model_dir).unwrap();
-    let lm = lethe::loader::load_dir(&live, "live", &Device::Cpu, DType::F32).unwrap();
+    let lm = lethe::loader::load_dir(&live, "live", &Device::Cpu, cfg.serve_dtype).unwrap();
     let data = data(&live);
     let served = Served::new(lm, Some(name.into())).unwrap();
     let st = AppState::new(

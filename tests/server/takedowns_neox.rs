@@ -70,11 +70,24 @@ fn memorizing_neox(dir: &Path, retain: &[Vec<u32>], secrets: &[Vec<u32>]) -> Pat
 
 #[actix_web::test]
 async fn a_neox_trained_here_to_regurgitate_is_taken_down_through_the_server() {
+    taken_down_through_the_server(DType::F32).await;
+}
+
+/// The same takedown on a server holding its weights in bf16 (`lethe serve --dtype bf16`):
+/// the job trains and gates in f32, and the audits before and after run on the bf16 weights
+/// that the server holds.
+#[actix_web::test]
+async fn a_neox_served_in_bf16_is_taken_down_and_served_in_bf16() {
+    taken_down_through_the_server(DType::BF16).await;
+}
+
+async fn taken_down_through_the_server(serve_dtype: DType) {
     let dir = tempfile::tempdir().unwrap();
     let [retain, heldout, secrets] = data();
     let model_dir = memorizing_neox(dir.path(), &retain, &secrets);
 
     let mut cfg = TakedownConfig::new(dir.path().join("data"));
+    cfg.serve_dtype = serve_dtype;
     cfg.worker_threads = 2;
     cfg.audit_interval = Duration::from_secs(3600);
     let st = super::takedowns::state_with_takedowns(
@@ -142,6 +155,7 @@ async fn a_neox_trained_here_to_regurgitate_is_taken_down_through_the_server() {
     let v1 = t["version"].as_str().unwrap();
     assert_ne!(v1, v0);
     assert_eq!(st.served().version, v1);
+    assert_eq!(st.served().model.weight_dtype(), serve_dtype);
 
     // After: none is extractable, and the gates measured the held-out rows within budget.
     let a = post(&app, "/v1/audit", audit).await.json();

@@ -24,6 +24,7 @@ mod takedowns;
 mod unlearn;
 
 use crate::engine::{self, GenerateRequest};
+use crate::loader::WeightDtype;
 use crate::models::{fused, gpt2, gpt_neox, Inputs, Model, ModelConfig, Weights};
 use crate::optim::{AdamW, AdamWParams};
 use crate::tinymem::train::{train_step, train_step_autograd, StepReport, StepWorkspace};
@@ -80,6 +81,10 @@ pub enum Shape {
 pub struct DecodeArgs {
     #[arg(long, value_enum, default_value = "tinymem")]
     pub shape: Shape,
+    /// Precision the weights are held in, as `lethe serve --dtype` (random weights are
+    /// rounded to it; `auto` keeps them f32).
+    #[arg(long, value_enum, default_value_t = WeightDtype::F32)]
+    pub dtype: WeightDtype,
     /// Model directory (config.json, model.safetensors, tokenizer.json) whose weights replace
     /// the random ones; `--shape` is then ignored.
     #[arg(long)]
@@ -108,6 +113,10 @@ pub struct DecodeArgs {
 pub struct ScoreBenchArgs {
     #[arg(long, value_enum, default_value = "tinymem")]
     pub shape: Shape,
+    /// Precision the weights are held in, as `lethe serve --dtype` (random weights are
+    /// rounded to it; `auto` keeps them f32).
+    #[arg(long, value_enum, default_value_t = WeightDtype::F32)]
+    pub dtype: WeightDtype,
     /// Model directory whose weights replace the random ones; `--shape` is then ignored.
     #[arg(long)]
     pub model: Option<PathBuf>,
@@ -246,12 +255,29 @@ pub(crate) fn bench_model(
     dir: Option<&Path>,
     device: &Device,
 ) -> anyhow::Result<Model> {
+    bench_model_in(shape, dir, device, WeightDtype::F32)
+}
+
+/// [`bench_model`] with its weights held in `dtype`.
+fn bench_model_in(
+    shape: Shape,
+    dir: Option<&Path>,
+    device: &Device,
+    dtype: WeightDtype,
+) -> anyhow::Result<Model> {
     match dir {
         Some(dir) => {
             let source = dir.display().to_string();
-            Ok(crate::loader::load_dir(dir, &source, device, DType::F32)?.model)
+            let dtype = dtype.resolve(dir)?;
+            Ok(crate::loader::load_dir(dir, &source, device, dtype)?.model)
         }
-        None => Ok(Model::random(&shape_config(shape), device)?),
+        None => {
+            let random = Model::random(&shape_config(shape), device)?;
+            Ok(match dtype.resolve_random() {
+                DType::F32 => random,
+                half => random.rounded_as(DType::F32, half)?,
+            })
+        }
     }
 }
 
@@ -414,7 +440,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
 
 fn decode(a: DecodeArgs) -> anyhow::Result<()> {
     let device = crate::runtime::parse_device(&a.device)?;
-    let model = bench_model(a.shape, a.model.as_deref(), &device)?;
+    let model = bench_model_in(a.shape, a.model.as_deref(), &device, a.dtype)?;
     let spec = model.spec();
     // The prompts `bench/infer_torch.py` rebuilds: row b, position i -> (7b + 3i) mod (vocab - 1).
     let reqs: Vec<GenerateRequest> = (0..a.batch)
@@ -454,6 +480,8 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
         "median_seconds": secs,
         "tokens_per_second": tokens / secs,
         "first_row_tokens": first_row,
+        "weight_dtype": format!("{:?}", model.weight_dtype()).to_lowercase(),
+        "peak_rss_bytes": crate::util::peak_rss_bytes(),
         "threads": std::env::var("RAYON_NUM_THREADS").ok(),
     });
     println!("{v}");
@@ -465,7 +493,7 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
 fn score(a: ScoreBenchArgs) -> anyhow::Result<()> {
     // Scores come back to the host, so each timed call ends with the device's work done.
     let device = crate::runtime::parse_device(&a.device)?;
-    let model = bench_model(a.shape, a.model.as_deref(), &device)?;
+    let model = bench_model_in(a.shape, a.model.as_deref(), &device, a.dtype)?;
     let vocab = model.spec().vocab_size as u64;
     let seqs = crate::util::token_rows(a.sequences, |_| a.seq_len, 3, vocab);
     engine::score(&model, &seqs, a.batch)?;
@@ -490,6 +518,8 @@ fn score(a: ScoreBenchArgs) -> anyhow::Result<()> {
         "median_seconds": secs,
         "tokens_per_second": (a.sequences * a.seq_len) as f64 / secs,
         "mean_nll": nll,
+        "weight_dtype": format!("{:?}", model.weight_dtype()).to_lowercase(),
+        "peak_rss_bytes": crate::util::peak_rss_bytes(),
         "threads": std::env::var("RAYON_NUM_THREADS").ok(),
     });
     println!("{v}");

@@ -45,6 +45,15 @@ pub fn next_token_logprobs(hidden: &Tensor, head: &Tensor, ids: &Tensor) -> Resu
             ids.dims()
         );
     }
+    // A head held in half precision (`lethe serve --dtype`) is widened once per call, so that
+    // scoring keeps its blocked path instead of a whole `[B, T, V]` logits tensor.
+    let widened;
+    let head = if matches!(head.dtype(), DType::BF16 | DType::F16) && !head.track_op() {
+        widened = head.to_dtype(DType::F32)?;
+        &widened
+    } else {
+        head
+    };
     let plain = fused::supported(&[hidden, head]) && !hidden.track_op() && !head.track_op();
     if !plain {
         let logits = ops::dense(hidden, head, None, true)?.to_dtype(DType::F32)?;

@@ -41,14 +41,101 @@ pub(crate) fn available() -> bool {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::{__m512 as F32x16, __mmask16 as Mask16};
+
+/// An element type the kernels read weights in: `f32`, or `bf16`/`f16` (a server holding its
+/// weights in half precision, `lethe serve --dtype`), widened to f32 as each vector is loaded,
+/// so inputs, sums and outputs stay f32.
+pub(crate) trait WeightElem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    /// The first `mask.count_ones()` elements at `p` as f32 lanes, the rest zero; `mask` is a
+    /// prefix mask (`lanes(n)`), and only those elements are read.
+    ///
+    /// # Safety
+    /// Inlined into the kernels (AVX-512F); `p` must address that many elements.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load(mask: Mask16, p: *const Self) -> F32x16;
+    /// The element at `p` as f32, inside the kernels.
+    ///
+    /// # Safety
+    /// As [`WeightElem::load`], for one element.
+    #[inline(always)]
+    unsafe fn one(p: *const Self) -> f32 {
+        (*p).to_f32()
+    }
+}
+
+impl WeightElem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load(mask: Mask16, p: *const Self) -> F32x16 {
+        std::arch::x86_64::_mm512_maskz_loadu_ps(mask, p)
+    }
+}
+
+/// 16 half-precision elements from `p`: one unaligned 256-bit load when the mask is full,
+/// else through a zeroed buffer (masked 16-bit loads need AVX-512BW, which the kernels do not
+/// assume; tails are at most one vector per row).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn load_halves(mask: Mask16, p: *const u16) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    if mask == 0xffff {
+        _mm256_loadu_si256(p as *const __m256i)
+    } else {
+        let mut tmp = [0u16; 16];
+        std::ptr::copy_nonoverlapping(p, tmp.as_mut_ptr(), mask.count_ones() as usize);
+        _mm256_loadu_si256(tmp.as_ptr() as *const __m256i)
+    }
+}
+
+impl WeightElem for half::bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        // bf16 is the top half of an f32: widening is exact.
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load(mask: Mask16, p: *const Self) -> F32x16 {
+        use std::arch::x86_64::*;
+        let h = load_halves(mask, p as *const u16);
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    }
+}
+
+impl WeightElem for half::f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self.to_f32()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load(mask: Mask16, p: *const Self) -> F32x16 {
+        std::arch::x86_64::_mm512_cvtph_ps(load_halves(mask, p as *const u16))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn one(p: *const Self) -> f32 {
+        // F16C (every AVX-512F CPU has it) instead of `half`'s per-call feature check.
+        use std::arch::x86_64::*;
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128((*p).to_bits() as i32)))
+    }
+}
+
 /// `y[m, n] = x[m, k] · W (+ b)` with `W` stored `[n, k]` row-major when `transposed`
 /// (`nn.Linear`), `[k, n]` otherwise (GPT-2 `Conv1D`), split over the rayon pool by output
 /// columns. Panics when a slice is shorter than its shape or when the CPU lacks AVX-512F
 /// (callers check [`available`]).
-pub(crate) fn dense(
+pub(crate) fn dense<W: WeightElem>(
     x: &[f32],
     (m, k): (usize, usize),
-    w: &[f32],
+    w: &[W],
     n: usize,
     b: Option<&[f32]>,
     transposed: bool,
@@ -60,10 +147,10 @@ pub(crate) fn dense(
 
 /// [`dense`] on the calling thread into `y: [m, n]`, for callers that run many small products
 /// in parallel themselves (attention heads, a decode step's row groups); any number of rows.
-pub(crate) fn dense_into(
+pub(crate) fn dense_into<W: WeightElem>(
     x: &[f32],
     (m, k): (usize, usize),
-    w: &[f32],
+    w: &[W],
     (n, b): (usize, Option<&[f32]>),
     transposed: bool,
     y: &mut [f32],
@@ -71,10 +158,10 @@ pub(crate) fn dense_into(
     run(x, (m, k), w, (n, b), transposed, y, false);
 }
 
-fn run(
+fn run<W: WeightElem>(
     x: &[f32],
     (m, k): (usize, usize),
-    w: &[f32],
+    w: &[W],
     (n, b): (usize, Option<&[f32]>),
     transposed: bool,
     y: &mut [f32],
@@ -97,7 +184,7 @@ fn run(
     #[cfg(target_arch = "x86_64")]
     {
         // Kernel, and the output columns its tiles cover (task chunks are multiples of it).
-        let (kernel, tile): (unsafe fn(Product, usize, usize), usize) = match (transposed, &xt) {
+        let (kernel, tile): (Kernel<W>, usize) = match (transposed, &xt) {
             (true, Some(_)) => (avx512::xt_wt_cols, avx512::bcast_width(m)),
             (true, None) => (avx512::x_wt_cols, 8),
             (false, _) => (avx512::x_w_cols, 64),
@@ -112,6 +199,10 @@ fn run(
         for_chunks(n, chunk, |n0, n1| unsafe { kernel(p, n0, n1) });
     }
 }
+
+#[cfg(target_arch = "x86_64")]
+/// A kernel over output columns `n0..n1` of a product.
+type Kernel<W> = unsafe fn(Product<W>, usize, usize);
 
 /// `xᵀ` as `[k, m rounded up to 16]`, the padding rows zero.
 fn transpose_padded(x: &[f32], m: usize, k: usize) -> Vec<f32> {
@@ -154,12 +245,11 @@ fn for_chunks(n: usize, chunk: usize, f: impl Fn(usize, usize) + Sync) {
 /// One product's operands as the kernels read them: `y[m, n]` from `x` (`[m, k]`, or for the
 /// broadcast kernel `xᵀ` padded to `[k, 16·⌈m/16⌉]`), the weight `w` (`[n, k]` or `[k, n]`) and
 /// an optional bias `b[n]`. Parallel tasks share it and write disjoint columns of `y`.
-#[derive(Clone, Copy)]
-struct Product {
+struct Product<W> {
     x: *const f32,
     m: usize,
     k: usize,
-    w: *const f32,
+    w: *const W,
     b: Option<*const f32>,
     y: *mut f32,
     n: usize,
@@ -167,15 +257,23 @@ struct Product {
 
 // SAFETY: the pointers outlive every task (the callers above join the tasks before returning),
 // and tasks write disjoint column ranges of `y`.
-unsafe impl Send for Product {}
-unsafe impl Sync for Product {}
+unsafe impl<W> Send for Product<W> {}
+unsafe impl<W> Sync for Product<W> {}
 
-impl Product {
+// Copy whatever `W` is (the derive would ask `W: Copy`): the struct holds only pointers.
+impl<W> Clone for Product<W> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<W> Copy for Product<W> {}
+
+impl<W> Product<W> {
     fn new(
         x: &[f32],
         m: usize,
         k: usize,
-        w: &[f32],
+        w: &[W],
         n: usize,
         b: Option<&[f32]>,
         y: &mut [f32],
@@ -212,7 +310,7 @@ mod avx512 {
     //! address whole matrices of its shapes, with no other thread writing the columns it writes.
     use std::arch::x86_64::*;
 
-    use super::Product;
+    use super::{Product, WeightElem};
 
     /// Lanes of one `__m512`.
     const L: usize = 16;
@@ -229,41 +327,41 @@ mod avx512 {
 
     /// Columns `n0..n1` of `y = x · wᵀ (+ b)`, `w: [n, k]`.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn x_wt_cols(p: Product, n0: usize, n1: usize) {
+    pub(super) unsafe fn x_wt_cols<W: WeightElem>(p: Product<W>, n0: usize, n1: usize) {
         // One row streams the weight with 8 accumulators; more rows share each weight load.
         if p.m == 1 {
-            dot_cols::<8>(p, n0, n1);
+            dot_cols::<W, 8>(p, n0, n1);
         } else {
-            dot_cols::<4>(p, n0, n1);
+            dot_cols::<W, 4>(p, n0, n1);
         }
     }
 
     #[target_feature(enable = "avx512f")]
-    unsafe fn dot_cols<const C: usize>(p: Product, n0: usize, n1: usize) {
+    unsafe fn dot_cols<W: WeightElem, const C: usize>(p: Product<W>, n0: usize, n1: usize) {
         let mut j = n0;
         while j + C <= n1 {
-            dot_rows::<C>(p.at(0, 0, j, p.k));
+            dot_rows::<W, C>(p.at(0, 0, j, p.k));
             j += C;
         }
         while j < n1 {
-            dot_rows::<1>(p.at(0, 0, j, p.k));
+            dot_rows::<W, 1>(p.at(0, 0, j, p.k));
             j += 1;
         }
     }
 
     /// `C` weight rows against every input row, 4 input rows at a time.
     #[target_feature(enable = "avx512f")]
-    unsafe fn dot_rows<const C: usize>(p: Product) {
+    unsafe fn dot_rows<W: WeightElem, const C: usize>(p: Product<W>) {
         let mut i = 0;
         while i + 4 <= p.m {
-            dot_tile::<4, C>(p.at(i * p.k, i, 0, 0));
+            dot_tile::<W, 4, C>(p.at(i * p.k, i, 0, 0));
             i += 4;
         }
         let rest = p.at(i * p.k, i, 0, 0);
         match p.m - i {
-            3 => dot_tile::<3, C>(rest),
-            2 => dot_tile::<2, C>(rest),
-            1 => dot_tile::<1, C>(rest),
+            3 => dot_tile::<W, 3, C>(rest),
+            2 => dot_tile::<W, 2, C>(rest),
+            1 => dot_tile::<W, 1, C>(rest),
             _ => {}
         }
     }
@@ -272,7 +370,7 @@ mod avx512 {
     /// `k` long and contiguous, rows of `y` are `n` apart.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn dot_tile<const R: usize, const C: usize>(p: Product) {
+    unsafe fn dot_tile<W: WeightElem, const R: usize, const C: usize>(p: Product<W>) {
         let (x, k, w) = (p.x, p.k, p.w);
         let mut acc = [[_mm512_setzero_ps(); C]; R];
         let mut kk = 0;
@@ -285,7 +383,7 @@ mod avx512 {
             }
             let mut wv = [_mm512_setzero_ps(); C];
             for (c, v) in wv.iter_mut().enumerate() {
-                *v = _mm512_maskz_loadu_ps(mask, w.add(c * k + kk));
+                *v = W::load(mask, w.add(c * k + kk));
             }
             for (r, row) in acc.iter_mut().enumerate() {
                 let xv = _mm512_maskz_loadu_ps(mask, x.add(r * k + kk));
@@ -306,12 +404,12 @@ mod avx512 {
     /// [`x_wt_cols`] with `p.x = xᵀ: [k, mp]` (`mp` = `m` rounded up to 16, padding zero), for
     /// 17 to 64 rows: `V = mp / 16` row vectors × `C` weight rows per tile.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn xt_wt_cols(p: Product, n0: usize, n1: usize) {
+    pub(super) unsafe fn xt_wt_cols<W: WeightElem>(p: Product<W>, n0: usize, n1: usize) {
         match p.m.div_ceil(L) {
-            1 => bcast_cols::<1, { bcast_width(16) }>(p, n0, n1),
-            2 => bcast_cols::<2, { bcast_width(32) }>(p, n0, n1),
-            3 => bcast_cols::<3, { bcast_width(48) }>(p, n0, n1),
-            4 => bcast_cols::<4, { bcast_width(64) }>(p, n0, n1),
+            1 => bcast_cols::<W, 1, { bcast_width(16) }>(p, n0, n1),
+            2 => bcast_cols::<W, 2, { bcast_width(32) }>(p, n0, n1),
+            3 => bcast_cols::<W, 3, { bcast_width(48) }>(p, n0, n1),
+            4 => bcast_cols::<W, 4, { bcast_width(64) }>(p, n0, n1),
             _ => unreachable!("xt_wt_cols takes at most 64 rows"),
         }
     }
@@ -333,14 +431,18 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f")]
-    unsafe fn bcast_cols<const V: usize, const C: usize>(p: Product, n0: usize, n1: usize) {
+    unsafe fn bcast_cols<W: WeightElem, const V: usize, const C: usize>(
+        p: Product<W>,
+        n0: usize,
+        n1: usize,
+    ) {
         let mut j = n0;
         while j + C <= n1 {
-            bcast_tile::<V, C>(p.at(0, 0, j, p.k));
+            bcast_tile::<W, V, C>(p.at(0, 0, j, p.k));
             j += C;
         }
         while j < n1 {
-            bcast_tile::<V, 1>(p.at(0, 0, j, p.k));
+            bcast_tile::<W, V, 1>(p.at(0, 0, j, p.k));
             j += 1;
         }
     }
@@ -349,7 +451,7 @@ mod avx512 {
     /// `V · 16`-wide rows) and `C` weight rows `k` long; rows of `y` are `n` apart.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn bcast_tile<const V: usize, const C: usize>(p: Product) {
+    unsafe fn bcast_tile<W: WeightElem, const V: usize, const C: usize>(p: Product<W>) {
         let (xt, k, w) = (p.x, p.k, p.w);
         let mp = V * L;
         let mut acc = [[_mm512_setzero_ps(); V]; C];
@@ -366,7 +468,7 @@ mod avx512 {
             for (v, x) in xv.iter_mut().enumerate() {
                 *x = _mm512_loadu_ps(xt.add(kk * mp + v * L));
             }
-            outer_fma(&mut acc, |c| *w.add(c * k + kk), xv);
+            outer_fma(&mut acc, |c| W::one(w.add(c * k + kk)), xv);
         }
         let mut lanes_out = [0f32; L];
         for (c, col) in acc.iter().enumerate() {
@@ -398,21 +500,21 @@ mod avx512 {
 
     /// Columns `n0..n1` of `y = x · w (+ b)`, `w: [k, n]`.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn x_w_cols(p: Product, n0: usize, n1: usize) {
+    pub(super) unsafe fn x_w_cols<W: WeightElem>(p: Product<W>, n0: usize, n1: usize) {
         const C: usize = 4;
         let mut j = n0;
         while j < n1 {
             let width = (n1 - j).min(C * L);
             let mut i = 0;
             while i + 4 <= p.m {
-                axpy_tile::<4, C>(p.at(i * p.k, i, j, 1), width);
+                axpy_tile::<W, 4, C>(p.at(i * p.k, i, j, 1), width);
                 i += 4;
             }
             let rest = p.at(i * p.k, i, j, 1);
             match p.m - i {
-                3 => axpy_tile::<3, C>(rest, width),
-                2 => axpy_tile::<2, C>(rest, width),
-                1 => axpy_tile::<1, C>(rest, width),
+                3 => axpy_tile::<W, 3, C>(rest, width),
+                2 => axpy_tile::<W, 2, C>(rest, width),
+                1 => axpy_tile::<W, 1, C>(rest, width),
                 _ => {}
             }
             j += width;
@@ -423,7 +525,10 @@ mod avx512 {
     /// columns; rows of `w` and `y` are `n` apart, rows of `x` are `k` long.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn axpy_tile<const R: usize, const C: usize>(p: Product, width: usize) {
+    unsafe fn axpy_tile<W: WeightElem, const R: usize, const C: usize>(
+        p: Product<W>,
+        width: usize,
+    ) {
         let (x, k, w, ld) = (p.x, p.k, p.w, p.n);
         let mut masks = [0 as __mmask16; C];
         for (c, mask) in masks.iter_mut().enumerate() {
@@ -439,7 +544,7 @@ mod avx512 {
         for kk in 0..k {
             let mut wv = [_mm512_setzero_ps(); C];
             for (c, v) in wv.iter_mut().enumerate() {
-                *v = _mm512_maskz_loadu_ps(masks[c], w.add(kk * ld + c * L));
+                *v = W::load(masks[c], w.add(kk * ld + c * L));
             }
             outer_fma(&mut acc, |r| *x.add(r * k + kk), wv);
         }
@@ -531,6 +636,41 @@ mod tests {
                                 format!("dense m {m} k {k} n {n} bias {} wt {wt}", bias.is_some());
                             assert_close(&got, &want, &what);
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Weights held in bf16 and f16 give the product of their widened values, on every tile
+    /// shape of both layouts (the full-vector loads and the buffered tails alike).
+    #[test]
+    fn half_precision_weights_match_the_product_of_their_values() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX-512F, so the kernels never run here");
+            return;
+        }
+        for m in [1, 2, 3, 4, 5, 9, 16, 17, 33, 64] {
+            for (k, n) in [(37, 13), (128, 70), (100, 300)] {
+                let x = rand(m * k, 7 + m as u64);
+                let w = rand(k * n, 8);
+                let b = rand(n, 9);
+                let bf: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+                let fh: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+                let widened = [
+                    bf.iter().map(|v| v.to_f32()).collect::<Vec<f32>>(),
+                    fh.iter().map(|v| v.to_f32()).collect(),
+                ];
+                for wt in [true, false] {
+                    for (i, values) in widened.iter().enumerate() {
+                        let want = reference(&x, m, k, values, n, Some(&b), wt);
+                        let got = if i == 0 {
+                            dense(&x, (m, k), &bf, n, Some(&b), wt)
+                        } else {
+                            dense(&x, (m, k), &fh, n, Some(&b), wt)
+                        };
+                        let what = format!("{} m {m} k {k} n {n} wt {wt}", ["bf16", "f16"][i]);
+                        assert_close(&got, &want, &what);
                     }
                 }
             }

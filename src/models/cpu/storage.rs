@@ -50,8 +50,17 @@ pub(crate) fn cpu(s: &Storage) -> Result<&CpuStorage> {
 
 /// Runs `f` on the logical f32 elements of `t` (a CPU tensor).
 pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    with_slice::<f32, R>(t, f)
+}
+
+/// Runs `f` on the logical elements of `t` (a CPU tensor of element type `T`; another dtype
+/// is an error).
+pub(crate) fn with_slice<T: WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> Result<R>,
+) -> Result<R> {
     let (guard, layout) = t.storage_and_layout();
-    let d = data::<f32>(cpu(&guard)?, layout)?;
+    let d = data::<T>(cpu(&guard)?, layout)?;
     f(&d)
 }
 
