@@ -3,7 +3,8 @@
 Measures, with PyTorch (oneDNN/MKL sgemm) on `--threads` threads:
 - f32 matrix-multiply throughput, GFLOP/s, on large square shapes (the practical peak) and on
   the shapes of the rows that multiply big matrices (Pythia-70m's LM head and MLP over 1,024
-  positions, TinyMem's MLP over 4,800);
+  positions, TinyMem's MLP over 4,800, and the MLP and head shapes of the 160m, 410m and 1b
+  rows of the GPT-NeoX scale table);
 - streaming read bandwidth, GB/s, over 1 GiB (DRAM) and over Pythia-70m's 103 MB LM head as
   one matrix-vector product (the batch-1 decode access pattern; the head fits in L3 here).
 
@@ -44,6 +45,13 @@ def main():
         ("Pythia MLP in, 1024 positions", 1024, 512, 2048),
         ("Pythia MLP out, 1024 positions", 1024, 2048, 512),
         ("TinyMem MLP in, 4800 positions", 4800, 128, 512),
+        # The scale table's MLP and head shapes (8 x 128 positions; issue #17).
+        ("Pythia-160m MLP in, 1024 positions", 1024, 768, 3072),
+        ("Pythia-410m MLP in, 1024 positions", 1024, 1024, 4096),
+        ("Pythia-410m MLP out, 1024 positions", 1024, 4096, 1024),
+        ("Pythia-410m LM head, 1024 positions", 1024, 1024, 50304),
+        ("Pythia-1b MLP in, 1024 positions", 1024, 2048, 8192),
+        ("Pythia-1b MLP out, 1024 positions", 1024, 8192, 2048),
     ]
     for name, m, k, n in shapes:
         x, w = torch.randn(m, k), torch.randn(k, n)

@@ -27,9 +27,10 @@ use crate::tokenizer::Tokenizer;
 pub struct AuditArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// tinymem (50/50), pythia (32/48), pythia-40, carlini (50/50) or k=K,n=N.
-    #[arg(long, default_value = "tinymem")]
-    pub definition: Definition,
+    /// tinymem (50/50), pythia (32/48), pythia-40, carlini (50/50) or k=K,n=N (default: pythia
+    /// for GPT-NeoX, tinymem for GPT-2).
+    #[arg(long)]
+    pub definition: Option<Definition>,
     /// Sequences decoded together.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
@@ -68,7 +69,10 @@ pub fn read_rows(
 
 pub fn run(a: AuditArgs) -> anyhow::Result<()> {
     let lm = a.model.load()?;
-    let items: Vec<AuditItem> = read_rows(&a.file, a.definition, &lm.tokenizer)?
+    let def = a
+        .definition
+        .unwrap_or_else(|| Definition::default_for(lm.model.spec().architecture));
+    let items: Vec<AuditItem> = read_rows(&a.file, def, &lm.tokenizer)?
         .into_iter()
         .map(|p| p.item)
         .collect();
@@ -83,7 +87,7 @@ pub fn run(a: AuditArgs) -> anyhow::Result<()> {
     writeln!(
         w,
         "{}",
-        serde_json::json!({"summary": summary, "definition": a.definition})
+        serde_json::json!({"summary": summary, "definition": def})
     )?;
     Ok(())
 }

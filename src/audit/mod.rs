@@ -49,6 +49,16 @@ pub enum Definition {
 }
 
 impl Definition {
+    /// The definition a model family is audited under when a request names none: Pythia's
+    /// (32-token prompt, next 48) for GPT-NeoX, TinyMem's (50, 50) for GPT-2, the family of the
+    /// TinyMem models lethe bundles and trains.
+    pub fn default_for(arch: crate::models::Architecture) -> Self {
+        match arch {
+            crate::models::Architecture::GptNeoX => Self::Pythia,
+            crate::models::Architecture::Gpt2 => Self::Tinymem,
+        }
+    }
+
     /// Prompt length.
     pub fn k(self) -> usize {
         match self {

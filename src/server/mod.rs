@@ -211,6 +211,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         read(&ta.retain_data)?,
         read(&ta.eval_data)?,
         read(&ta.canary_data)?.unwrap_or_default(),
+        lm.model.spec().context_length,
     )?;
     let served = Served::new(lm, name).context("hashing the model files into a version id")?;
     tracing::info!(model = %served.name, version = %served.version, "model loaded");

@@ -534,6 +534,16 @@ fn run_job(td: &Takedowns, job: &str, claimed: &[Takedown], ctl: &JobControl) ->
             report: report_json,
         });
     }
+    if decision.unchanged {
+        // Nothing was extractable: the takedowns are recorded as applied to the live version,
+        // which stays as it is; their sequences stay guarded.
+        td.store
+            .finish_applied(job, &base.version, &report_json)
+            .map_err(|e| store_err(&e))?;
+        return Ok(JobEnd::Applied {
+            version: base.version.clone(),
+        });
+    }
     let model = decision.model;
     let items: Vec<_> = targets
         .iter()
@@ -775,7 +785,8 @@ mod tests {
         let noise = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tinymem-noise");
         let live = versions::resolve_current(&cfg.data_dir, &noise).unwrap();
         let lm = crate::loader::load_dir(&live, "live", &candle_core::Device::Cpu, dtype).unwrap();
-        let data = Datasets::for_model(&live, None, None, Vec::new()).unwrap();
+        let context = lm.model.spec().context_length;
+        let data = Datasets::for_model(&live, None, None, Vec::new(), context).unwrap();
         let live = Arc::new(Live::new(Arc::new(Served::new(lm, None).unwrap())));
         let td = Takedowns::open(cfg, data, live.clone(), Metrics::new()).unwrap();
         (td, live)

@@ -68,7 +68,8 @@ pub struct UnlearnArgs {
     /// does).
     #[arg(long, default_value = "tinymem-clean")]
     pub retain: String,
-    /// Held-out text for perplexity (non-TinyMem models; default: the first 256 retain rows).
+    /// Held-out text for perplexity (non-TinyMem models; no row may also be a retain row;
+    /// default: one retain row in ten, at most 256, set aside and not trained on).
     #[arg(long)]
     pub eval: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "balanced-subnet")]
@@ -98,9 +99,10 @@ pub struct UnlearnArgs {
     pub batch_size: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Memorization definition for the forget set's audit.
-    #[arg(long, default_value = "tinymem")]
-    pub definition: Definition,
+    /// Memorization definition for the forget set's audit (default: pythia for GPT-NeoX,
+    /// tinymem for GPT-2).
+    #[arg(long)]
+    pub definition: Option<Definition>,
     /// Search the paper's grid (ratio × epochs × w, spec §4.4) and keep the best run by the
     /// paper's selection score (§3.6).
     #[arg(long)]
@@ -129,6 +131,8 @@ pub struct UnlearnArgs {
 pub struct Report {
     pub method: &'static str,
     pub mode: &'static str,
+    /// The memorization definition the forget set was audited under.
+    pub definition: String,
     pub ratio: f64,
     pub w: f64,
     pub epochs: usize,
@@ -173,7 +177,10 @@ pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
     let lm = a.model.load()?;
     let card = Card::read(&lm.dir).ok();
     let dataset = card.as_ref().map(Card::dataset).transpose()?;
-    let forget_rows = read_rows(&a.forget, a.definition, &lm.tokenizer)?;
+    let def = a
+        .definition
+        .unwrap_or_else(|| Definition::default_for(lm.model.spec().architecture));
+    let forget_rows = read_rows(&a.forget, def, &lm.tokenizer)?;
     if forget_rows.is_empty() {
         bail!("{}: the forget set is empty", a.forget.display());
     }
@@ -201,22 +208,15 @@ pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
                 .map(|r| r.ids.clone())
                 .collect()
         }
-        file => read_rows(Path::new(file), a.definition, &lm.tokenizer)?
-            .into_iter()
-            .map(|p| p.sequence)
-            .collect(),
+        file => pipeline::read_sequences(Path::new(file), &lm.tokenizer)?,
     };
     let heldout = match &a.eval {
-        Some(f) => Some(
-            read_rows(f, a.definition, &lm.tokenizer)?
-                .into_iter()
-                .map(|p| p.sequence)
-                .collect(),
-        ),
+        Some(f) => Some(pipeline::read_sequences(f, &lm.tokenizer)?),
         None => None,
     };
-    let retain_len = retain.len();
-    let data = Datasets::for_model(&lm.dir, Some(retain), heldout, Vec::new())?;
+    let context = lm.model.spec().context_length;
+    let data = Datasets::for_model(&lm.dir, Some(retain), heldout, Vec::new(), context)?;
+    let retain_len = data.retain.len();
     let gates = if a.no_gates {
         Gates {
             perplexity_budget: f64::INFINITY,
@@ -376,6 +376,7 @@ pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
                 Mode::Balanced => "balanced",
             }
         },
+        definition: def.to_string(),
         ratio: cfg.ratio,
         w: cfg.w,
         epochs: cfg.epochs,

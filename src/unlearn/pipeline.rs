@@ -47,13 +47,22 @@ pub struct Datasets {
 }
 
 impl Datasets {
-    /// TinyMem defaults from the model's card: retain = the clean training rows, held-out =
-    /// the test tasks. Other models need `retain` from a file.
+    /// The data for the model in `dir`, whose context is `context` tokens. TinyMem defaults
+    /// from the model's card: retain = the clean training rows, held-out = the test tasks.
+    /// Other models need `retain` from a file.
+    ///
+    /// Every row longer than the context is cut into consecutive windows of it. The held-out
+    /// rows are never rows the step trains on: given ones that equal a retain row are refused
+    /// (an error naming how many), and without them one retain row in ten (at most 256, at
+    /// least 1) is set aside as the held-out set and taken out of the retain set. A non-empty
+    /// retain set of one row with no held-out rows is refused: the perplexity gate would have
+    /// nothing to measure.
     pub fn for_model(
         dir: &Path,
         retain: Option<Vec<Vec<u32>>>,
         heldout: Option<Vec<Vec<u32>>>,
         canary: Vec<Vec<u32>>,
+        context: usize,
     ) -> Result<Self> {
         let tinymem = Card::read(dir).ok().map(|c| c.dataset()).transpose()?;
         let retain = match (retain, &tinymem) {
@@ -66,18 +75,94 @@ impl Datasets {
                 .collect(),
             (None, None) => Vec::new(),
         };
-        let heldout = heldout.unwrap_or_else(|| retain.iter().take(256).cloned().collect());
+        let retain = windowed(retain, context);
+        let (retain, heldout) = match heldout.map(|h| windowed(h, context)) {
+            Some(h) => {
+                let trained: std::collections::HashSet<&[u32]> =
+                    retain.iter().map(Vec::as_slice).collect();
+                let shared = h.iter().filter(|r| trained.contains(r.as_slice())).count();
+                if shared > 0 {
+                    return Err(crate::Error::invalid(
+                        "held-out data",
+                        format!(
+                            "{shared} of its {} rows are also retain rows; the perplexity gate \
+                             must be measured on rows unlearning never trains on",
+                            h.len()
+                        ),
+                    ));
+                }
+                (retain, h)
+            }
+            // TinyMem's gates measure its test tasks (`quality`), never these rows.
+            None if tinymem.is_some() => (retain, Vec::new()),
+            None => set_aside_heldout(retain)?,
+        };
         Ok(Self {
             retain,
             heldout,
-            canary,
+            canary: windowed(canary, context),
             tinymem,
         })
     }
 }
 
-/// Reads a JSONL file of `{"text"}` or `{"ids"}` rows (a TinyMem data header line is skipped)
-/// into token sequences; errors name the file and line.
+/// Token sequences, one per row.
+type Rows = Vec<Vec<u32>>;
+
+/// `rows` with every row longer than `context` tokens cut into consecutive windows of it (a
+/// last window under 2 tokens, which predicts nothing, is dropped).
+fn windowed(rows: Vec<Vec<u32>>, context: usize) -> Vec<Vec<u32>> {
+    if context < 2 || rows.iter().all(|r| r.len() <= context) {
+        return rows;
+    }
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        if r.len() <= context {
+            out.push(r);
+        } else {
+            out.extend(
+                r.chunks(context)
+                    .filter(|w| w.len() >= 2)
+                    .map(<[u32]>::to_vec),
+            );
+        }
+    }
+    out
+}
+
+/// Splits a held-out set off `retain`: every `stride`-th row, one in ten (at most 256, at
+/// least 1), spread over the file rather than its end; the retain set keeps no row equal to
+/// one of them. `(retain, held-out)`; empty stays empty; one row is refused.
+fn set_aside_heldout(retain: Rows) -> Result<(Rows, Rows)> {
+    match retain.len() {
+        0 => return Ok((retain, Vec::new())),
+        1 => {
+            return Err(crate::Error::invalid(
+                "retain data",
+                "has one row: give at least 2 (one in ten is held out for the perplexity gate) \
+                 or a separate held-out file",
+            ))
+        }
+        _ => {}
+    }
+    let count = (retain.len() / 10).clamp(1, 256);
+    let stride = retain.len() / count;
+    let (mut keep, mut heldout) = (Vec::new(), Vec::new());
+    for (i, r) in retain.into_iter().enumerate() {
+        if i % stride == stride - 1 && heldout.len() < count {
+            heldout.push(r);
+        } else {
+            keep.push(r);
+        }
+    }
+    let held: std::collections::HashSet<&[u32]> = heldout.iter().map(Vec::as_slice).collect();
+    keep.retain(|r| !held.contains(r.as_slice()));
+    Ok((keep, heldout))
+}
+
+/// Reads a JSONL file of `{"text"}`, `{"ids"}` or `{"prompt_ids", "target_ids"}` rows (a TinyMem
+/// data header line is skipped) into token sequences: the one reader of retain, held-out and
+/// canary files for the server and `lethe unlearn`. Errors name the file and line.
 pub fn read_sequences(path: &Path, tk: &Tokenizer) -> Result<Vec<Vec<u32>>> {
     let text = std::fs::read_to_string(path).map_err(|source| crate::Error::Io {
         path: path.to_path_buf(),
@@ -97,12 +182,21 @@ pub fn read_sequences(path: &Path, tk: &Tokenizer) -> Result<Vec<Vec<u32>>> {
         let ids = if let Some(ids) = v.get("ids") {
             serde_json::from_value::<Vec<u32>>(ids.clone())
                 .map_err(|e| crate::Error::invalid(at(), format!("ids: {e}")))?
+        } else if let (Some(p), Some(t)) = (v.get("prompt_ids"), v.get("target_ids")) {
+            // An audit row: the whole sequence is its prompt and target.
+            let part = |x: &Value, name: &str| {
+                serde_json::from_value::<Vec<u32>>(x.clone())
+                    .map_err(|e| crate::Error::invalid(at(), format!("{name}: {e}")))
+            };
+            let mut ids = part(p, "prompt_ids")?;
+            ids.extend(part(t, "target_ids")?);
+            ids
         } else if let Some(t) = v.get("text").and_then(Value::as_str) {
             tk.encode(t)?
         } else {
             return Err(crate::Error::invalid(
                 at(),
-                "expected {\"text\"} or {\"ids\"}",
+                "expected {\"text\"}, {\"ids\"} or {\"prompt_ids\", \"target_ids\"}",
             ));
         };
         if ids.len() >= 2 {
@@ -351,6 +445,9 @@ pub struct Decision {
     pub rejection: Option<String>,
     /// The full report: configuration, every check, before/after/root, per-sequence verdicts.
     pub report: Value,
+    /// Nothing was extractable from the starting model: `model` is it, unmasked, and no gate
+    /// ran (there was nothing to unlearn).
+    pub unchanged: bool,
 }
 
 /// Runs the pipeline on `model` (never mutated), with what `lineage` already knows about it.
@@ -371,6 +468,36 @@ pub fn run(
     let t0 = std::time::Instant::now();
     let (before, before_results) = evaluate(model, tokenizer, targets, data, lineage.parent)?;
     let before_seconds = t0.elapsed().as_secs_f64();
+    if !before.memorized.iter().any(|&m| m) {
+        // No sequence of the request is extractable: masking would change the weights for
+        // nothing, so the starting model stays (the caller keeps the sequences guarded).
+        let sequences: Vec<Value> = targets
+            .iter()
+            .zip(&before_results)
+            .map(|(t, b)| {
+                json!({
+                    "takedown": t.takedown, "index": t.index, "sha256": t.sha256,
+                    "before": {"memorized": false, "matched_prefix": b.matched_prefix, "match_fraction": b.match_fraction},
+                    "after": Value::Null,
+                })
+            })
+            .collect();
+        return Ok(Decision {
+            passed: true,
+            model: model.clone(),
+            quality: None,
+            rejection: None,
+            report: json!({
+                "config": cfg,
+                "ending": "nothing_extractable",
+                "steps": 0,
+                "before_seconds": before_seconds,
+                "before": before,
+                "sequences": sequences,
+            }),
+            unchanged: true,
+        });
+    }
     let mut gate_seconds = Vec::new();
     let root = lineage
         .root
@@ -472,6 +599,7 @@ pub fn run(
         quality,
         rejection,
         report,
+        unchanged: false,
     })
 }
 
@@ -486,6 +614,62 @@ fn ending_text(e: Ending) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Held-out rows are never retain rows: given ones that are refused, and the default set
+    /// aside (one in ten, spread over the file) and taken out of the retain set, duplicates
+    /// included; rows longer than the context are cut into windows of it.
+    #[test]
+    fn held_out_rows_are_never_trained_on_and_rows_fit_the_context() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows: Vec<Vec<u32>> = (0..40u32).map(|i| vec![i, i + 1, i + 2]).collect();
+        let d = Datasets::for_model(dir.path(), Some(rows.clone()), None, Vec::new(), 8).unwrap();
+        assert_eq!(d.heldout.len(), 4);
+        assert_eq!(d.retain.len(), 36);
+        assert_eq!(d.heldout[0], rows[9], "every tenth row, not the first ones");
+        assert!(d.heldout.iter().all(|h| !d.retain.contains(h)));
+        // A retain row duplicated elsewhere in the file leaves with its held-out twin.
+        let mut dup = rows.clone();
+        dup[0] = rows[9].clone();
+        let d = Datasets::for_model(dir.path(), Some(dup), None, Vec::new(), 8).unwrap();
+        assert_eq!(d.retain.len(), 35);
+        assert!(d.heldout.iter().all(|h| !d.retain.contains(h)));
+        // Given held-out rows that are also retain rows are refused, naming how many.
+        let err = Datasets::for_model(
+            dir.path(),
+            Some(rows.clone()),
+            Some(vec![rows[3].clone(), vec![99, 98]]),
+            Vec::new(),
+            8,
+        )
+        .err()
+        .expect("overlap refused")
+        .to_string();
+        assert!(
+            err.contains("1 of its 2 rows are also retain rows"),
+            "{err}"
+        );
+        // One retain row and no held-out file: nothing to gate on.
+        assert!(
+            Datasets::for_model(dir.path(), Some(vec![vec![1, 2]]), None, Vec::new(), 8).is_err()
+        );
+        // No retain data at all (a server that refuses takedowns) is not an error.
+        let d = Datasets::for_model(dir.path(), None, None, Vec::new(), 8).unwrap();
+        assert!(d.retain.is_empty() && d.heldout.is_empty());
+        // Windows: 20 tokens with a context of 8 -> 8, 8, 4; a 1-token tail is dropped.
+        let long: Vec<u32> = (0..20).collect();
+        let d = Datasets::for_model(
+            dir.path(),
+            Some(vec![long.clone(), (0..17).collect()]),
+            Some(vec![(100..109).collect()]),
+            vec![long],
+            8,
+        )
+        .unwrap();
+        let lens = |rows: &[Vec<u32>]| rows.iter().map(Vec::len).collect::<Vec<_>>();
+        assert_eq!(lens(&d.retain), [8, 8, 4, 8, 8]);
+        assert_eq!(lens(&d.heldout), [8]);
+        assert_eq!(lens(&d.canary), [8, 8, 4]);
+    }
 
     fn eval(memorized: &[bool], ppl: f64, acc: f64, canary: Option<f64>) -> Evaluation {
         Evaluation {

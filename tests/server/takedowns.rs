@@ -26,7 +26,7 @@ pub(crate) fn takedown_state(
         cfg,
         &lethe::loader::bundled_model_dir(),
         "tinymem-noise",
-        |live| Datasets::for_model(live, None, None, Vec::new()).unwrap(),
+        |live, ctx| Datasets::for_model(live, None, None, Vec::new(), ctx).unwrap(),
         start_worker,
     )
 }
@@ -37,12 +37,12 @@ pub(crate) fn state_with_takedowns(
     cfg: TakedownConfig,
     model_dir: &Path,
     name: &str,
-    data: impl FnOnce(&Path) -> Datasets,
+    data: impl FnOnce(&Path, usize) -> Datasets,
     start_worker: bool,
 ) -> web::Data<AppState> {
     let live = resolve_current(&cfg.data_dir, model_dir).unwrap();
     let lm = lethe::loader::load_dir(&live, "live", &Device::Cpu, cfg.serve_dtype).unwrap();
-    let data = data(&live);
+    let data = data(&live, lm.model.spec().context_length);
     let served = Served::new(lm, Some(name.into())).unwrap();
     let st = AppState::new(
         served,
@@ -344,6 +344,44 @@ async fn a_takedown_no_candidate_passes_ends_rejected_and_the_live_version_stays
         .json();
     let text = events.to_string();
     assert!(text.contains("validating"), "{events}");
+    st.takedowns.as_ref().unwrap().shutdown();
+}
+
+/// The 202 says which sequences the live model regurgitates now, under which definition; a
+/// takedown of none of them ends applied on the live version, which stays (no new version,
+/// nothing masked), with its sequences guarded and a report that says so.
+#[actix_web::test]
+async fn a_takedown_of_nothing_extractable_is_recorded_and_guarded_without_a_new_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = takedown_state(dir.path(), true, |_| {});
+    let app = at::init_service(make_app(st.clone())).await;
+    let v0 = st.served().version.clone();
+    // 100 pseudo-random symbols: nothing the noise model was trained to continue.
+    let random: Vec<u32> = (0..100u32).map(|i| (i * 37 + 11) % 97 % 12).collect();
+    let r = post(&app, "/v1/takedowns", json!({"sequences": [random]})).await;
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    let t = r.json();
+    assert_eq!(t["extractable_now"], json!([false]), "{t}");
+    assert_eq!(
+        t["definition"], "tinymem",
+        "the GPT-2 family's default: {t}"
+    );
+    assert_eq!(t["model_version"], v0.as_str());
+    let id = t["id"].as_str().unwrap().to_string();
+    let t = wait_for(&app, &id, &["applied", "rejected", "failed"], 120).await;
+    assert_eq!(t["status"], "applied", "{t}");
+    assert_eq!(t["version"], v0.as_str(), "{t}");
+    assert_eq!(t["report"]["ending"], "nothing_extractable", "{t}");
+    assert_eq!(st.served().version, v0);
+    let vs = get(&app, "/v1/admin/versions").await.json();
+    assert_eq!(vs["data"].as_array().map(Vec::len), Some(1), "{vs}");
+    // Mixed: the 202 tells the memorized one from the other.
+    let mut both = memorized_rows(1);
+    both.insert(0, random);
+    let t = post(&app, "/v1/takedowns", json!({"sequences": both}))
+        .await
+        .json();
+    assert_eq!(t["extractable_now"], json!([false, true]), "{t}");
     st.takedowns.as_ref().unwrap().shutdown();
 }
 

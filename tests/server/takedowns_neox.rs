@@ -94,12 +94,13 @@ async fn taken_down_through_the_server(serve_dtype: DType) {
         cfg,
         &model_dir,
         "tiny-neox",
-        |live| {
+        |live, ctx| {
             Datasets::for_model(
                 live,
                 Some(retain.clone()),
                 Some(heldout.clone()),
                 Vec::new(),
+                ctx,
             )
             .unwrap()
         },

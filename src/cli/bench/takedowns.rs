@@ -114,7 +114,13 @@ pub fn run(a: TakedownBenchArgs) -> anyhow::Result<()> {
         "{} sequences are extractable from their own prefix",
         pool.len()
     );
-    let data = Datasets::for_model(&lm.dir, None, None, Vec::new())?;
+    let data = Datasets::for_model(
+        &lm.dir,
+        None,
+        None,
+        Vec::new(),
+        lm.model.spec().context_length,
+    )?;
     let mut cfg = PipelineConfig::default();
     if let Some(j) = &a.controller {
         let mut v = serde_json::to_value(&cfg.controller)?;

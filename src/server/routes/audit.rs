@@ -131,36 +131,13 @@ pub fn parse_sequence(
     Ok(item)
 }
 
-pub async fn audit(
-    req: HttpRequest,
-    payload: web::Payload,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    state.auth.admin(&req)?;
-    let r: AuditRequest = body::json(&req, payload, state.limits.max_body_bytes).await?;
-    let s = state.served();
-    check_model(r.model.as_deref(), &s)?;
-    let max = state.limits.max_audit_sequences;
-    if r.sequences.is_empty() {
-        return Err(ApiError::invalid("sequences", "must not be empty"));
-    }
-    if r.sequences.len() > max {
-        return Err(ApiError::TooLarge {
-            message: format!(
-                "{} sequences in one audit; the limit is {max}",
-                r.sequences.len()
-            ),
-            param: Some("sequences".into()),
-        });
-    }
-    let def = r.definition.unwrap_or(Definition::Tinymem);
-    let items: Vec<AuditItem> = r
-        .sequences
-        .iter()
-        .enumerate()
-        .map(|(i, v)| parse_sequence(i, v, def, &s))
-        .collect::<Result<_, _>>()?;
-    let start = Instant::now();
+/// Audits `items` on the version `s` through the engine's continuous batch (greedy, EOS
+/// banned, no regurgitation guard) and judges each, in order.
+pub(super) async fn on_engine(
+    state: &AppState,
+    s: &std::sync::Arc<crate::engine::served::Served>,
+    items: &[AuditItem],
+) -> Result<Vec<audit::AuditResult>, ApiError> {
     let eos = s.model.spec().eos_token_id;
     let (tx, mut rx) = mpsc::unbounded_channel();
     state.engine.submit(Job::Generate {
@@ -185,6 +162,42 @@ pub async fn audit(
     for (it, g) in items.iter().zip(gens) {
         results.push(audit::judge(it, g.unwrap_or_default(), Some(&s.tokenizer))?);
     }
+    Ok(results)
+}
+
+pub async fn audit(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    state.auth.admin(&req)?;
+    let r: AuditRequest = body::json(&req, payload, state.limits.max_body_bytes).await?;
+    let s = state.served();
+    check_model(r.model.as_deref(), &s)?;
+    let max = state.limits.max_audit_sequences;
+    if r.sequences.is_empty() {
+        return Err(ApiError::invalid("sequences", "must not be empty"));
+    }
+    if r.sequences.len() > max {
+        return Err(ApiError::TooLarge {
+            message: format!(
+                "{} sequences in one audit; the limit is {max}",
+                r.sequences.len()
+            ),
+            param: Some("sequences".into()),
+        });
+    }
+    let def = r
+        .definition
+        .unwrap_or_else(|| Definition::default_for(s.model.spec().architecture));
+    let items: Vec<AuditItem> = r
+        .sequences
+        .iter()
+        .enumerate()
+        .map(|(i, v)| parse_sequence(i, v, def, &s))
+        .collect::<Result<_, _>>()?;
+    let start = Instant::now();
+    let results = on_engine(&state, &s, &items).await?;
     let summary = AuditSummary::of(&results, start.elapsed().as_secs_f64());
     let m = &state.metrics.audit_sequences;
     m.with_label_values(&["memorized"])

@@ -110,7 +110,9 @@ pub async fn create(
         ));
     }
     let s = state.served();
-    let def = r.definition.unwrap_or(Definition::Tinymem);
+    let def = r
+        .definition
+        .unwrap_or_else(|| Definition::default_for(s.model.spec().architecture));
     let max = svc.config.max_sequences;
     if r.sequences.is_empty() {
         return Err(ApiError::invalid("sequences", "must not be empty"));
@@ -190,6 +192,19 @@ pub async fn create(
             "must be 1 to 255 characters",
         ));
     }
+    // What the job will face: each sequence audited on the live version now, so the requester
+    // learns in the 202 which ones it regurgitates (a takedown of none of them is recorded and
+    // guarded, but the weights stay as they are).
+    let items = seqs
+        .iter()
+        .map(|q| def.split(q))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ApiError::invalid("sequences", e.to_string()))?;
+    let extractable_now: Vec<bool> = super::audit::on_engine(&state, &s, &items)
+        .await?
+        .iter()
+        .map(|r| r.memorized)
+        .collect();
     let new = NewTakedown {
         sequences: seqs,
         definition: def.to_string(),
@@ -221,7 +236,14 @@ pub async fn create(
     }
     Ok(HttpResponse::Accepted()
         .insert_header((header::LOCATION, format!("/v1/takedowns/{}", t.id)))
-        .json(json!({"id": t.id, "object": "takedown", "status": t.state.as_str()})))
+        .json(json!({
+            "id": t.id,
+            "object": "takedown",
+            "status": t.state.as_str(),
+            "definition": t.definition,
+            "model_version": s.version,
+            "extractable_now": extractable_now,
+        })))
 }
 
 pub async fn get(
