@@ -32,6 +32,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument(
+        "--bf16",
+        action="store_true",
+        help="also time each shape in bfloat16 (AMX/AVX512-BF16 where the CPU has them)",
+    )
     a = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
     import torch
@@ -47,17 +52,24 @@ def main():
         ("TinyMem MLP in, 4800 positions", 4800, 128, 512),
         # The scale table's MLP and head shapes (8 x 128 positions; issue #17).
         ("Pythia-160m MLP in, 1024 positions", 1024, 768, 3072),
+        ("Pythia-160m LM head, 1024 positions", 1024, 768, 50304),
         ("Pythia-410m MLP in, 1024 positions", 1024, 1024, 4096),
         ("Pythia-410m MLP out, 1024 positions", 1024, 4096, 1024),
         ("Pythia-410m LM head, 1024 positions", 1024, 1024, 50304),
         ("Pythia-1b MLP in, 1024 positions", 1024, 2048, 8192),
         ("Pythia-1b MLP out, 1024 positions", 1024, 8192, 2048),
+        ("Pythia-1b LM head, 1024 positions", 1024, 2048, 50304),
     ]
     for name, m, k, n in shapes:
         x, w = torch.randn(m, k), torch.randn(k, n)
         torch.mm(x, w)
         t = best(lambda: torch.mm(x, w), 5)
-        out["sgemm"].append({"shape": name, "m": m, "k": k, "n": n, "gflops": 2 * m * k * n / t / 1e9})
+        row = {"shape": name, "m": m, "k": k, "n": n, "gflops": 2 * m * k * n / t / 1e9}
+        if a.bf16:
+            xb, wb = x.bfloat16(), w.bfloat16()
+            torch.mm(xb, wb)
+            row["bf16_gflops"] = 2 * m * k * n / best(lambda: torch.mm(xb, wb), 5) / 1e9
+        out["sgemm"].append(row)
     big = torch.randn(256 * 1024 * 1024)  # 1 GiB of f32
     big.sum()
     t = best(lambda: big.sum(), 7)
@@ -71,7 +83,8 @@ def main():
         return
     print(f"torch {out['torch']}, {a.threads} threads (best of several runs)")
     for r in out["sgemm"]:
-        print(f"  sgemm {r['shape']:<34} {r['m']}x{r['k']}x{r['n']}: {r['gflops']:7.1f} GFLOP/s")
+        bf = f", bf16 {r['bf16_gflops']:7.1f}" if "bf16_gflops" in r else ""
+        print(f"  sgemm {r['shape']:<34} {r['m']}x{r['k']}x{r['n']}: {r['gflops']:7.1f} GFLOP/s{bf}")
     for r in out["bandwidth"]:
         print(f"  read  {r['what']:<42}: {r['gb_per_s']:7.1f} GB/s")
 
