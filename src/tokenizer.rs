@@ -128,11 +128,96 @@ impl Tokenizer {
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
     }
+
+    /// Writes `tokenizer.json` to `path` (pretty-printed, via a temporary file and a rename).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let json = self
+            .inner
+            .to_string(true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        crate::util::write_atomic(path, json.as_bytes())
+    }
+}
+
+/// Trains a byte-level BPE tokenizer (GPT-2's scheme: any text encodes, nothing is unknown or
+/// dropped) on `texts`, with at most `vocab_size` entries: `special` first (ids 0, 1, …), the
+/// 256 byte symbols, then merges of pairs seen at least twice, most frequent first.
+///
+/// The same texts and settings give the same `tokenizer.json` byte for byte (pinned by a test):
+/// a model's card can name its tokenizer by content.
+pub fn train_byte_level_bpe<I, S>(
+    texts: I,
+    vocab_size: usize,
+    special: &[&str],
+) -> Result<Tokenizer>
+where
+    I: Iterator<Item = S> + Send,
+    S: AsRef<str> + Send,
+{
+    use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+    use tokenizers::models::TrainerWrapper;
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    use tokenizers::AddedToken;
+    let floor = special.len() + ByteLevel::alphabet().len();
+    if vocab_size < floor {
+        return Err(Error::invalid(
+            "vocab_size",
+            format!("{vocab_size} is below the {floor} entries every byte-level vocabulary holds (256 bytes + {} special)", special.len()),
+        ));
+    }
+    let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+        .vocab_size(vocab_size)
+        .min_frequency(2)
+        .show_progress(false)
+        .special_tokens(special.iter().map(|s| AddedToken::from(*s, true)).collect())
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .build()
+        .into();
+    let mut inner = tokenizers::Tokenizer::new(BPE::default());
+    inner.with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)));
+    inner.with_decoder(Some(ByteLevel::default()));
+    inner
+        .train(&mut trainer, texts)
+        .map_err(|e| Error::Tokenizer(format!("training BPE: {e}")))?;
+    Ok(Tokenizer { inner })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A trained byte-level BPE: reproducible byte for byte, within its vocabulary size, special
+    /// tokens first, merges that shorten what it saw, and a lossless round trip of any text
+    /// (accents, CJK, emoji, tabs and newlines), through a saved `tokenizer.json` too.
+    #[test]
+    fn a_trained_byte_level_bpe_is_reproducible_and_round_trips_any_text() {
+        let corpus: Vec<String> = (0..300)
+            .map(|i| format!("The quick brown fox {i} jumps over the lazy dog.\n    def parse(x): return x + {i}\n"))
+            .collect();
+        let train = |n| train_byte_level_bpe(corpus.iter(), n, &["<|endoftext|>"]);
+        let (a, b) = (train(420).unwrap(), train(420).unwrap());
+        let json = |t: &Tokenizer| t.inner().to_string(false).unwrap();
+        assert_eq!(json(&a), json(&b));
+        assert!((258..=420).contains(&a.vocab_size()), "{}", a.vocab_size());
+        assert_eq!(a.id_to_token(0).as_deref(), Some("<|endoftext|>"));
+        let seen = "The quick brown fox jumps over the lazy dog.";
+        assert!(a.encode(seen).unwrap().len() < 15, "merges learnt");
+        let dir = tempfile::tempdir().unwrap();
+        a.save(&dir.path().join("tokenizer.json")).unwrap();
+        let loaded = Tokenizer::from_file(&dir.path().join("tokenizer.json")).unwrap();
+        for text in [
+            seen,
+            "naïve café — 東京 🚀",
+            "tabs\tand\nnewlines  ",
+            "<|endoftext|>x",
+        ] {
+            let ids = a.encode(text).unwrap();
+            assert_eq!(a.decode(&ids).unwrap(), text);
+            assert_eq!(loaded.encode(text).unwrap(), ids);
+        }
+        let err = train(100).expect_err("too small").to_string();
+        assert!(err.contains("vocab_size"), "{err}");
+    }
     use tokenizers::models::wordlevel::WordLevel;
     use tokenizers::normalizers::{unicode::NFC, utils::Lowercase, Sequence};
     use tokenizers::pre_tokenizers::whitespace::Whitespace;

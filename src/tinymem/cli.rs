@@ -34,6 +34,22 @@ pub enum TinymemCommand {
     Eval(EvalArgs),
     /// Find the sequences a TinyMem model has memorized (the paper's forget set).
     Audit(AuditArgs),
+    /// Train the language TinyMem's byte-level BPE tokenizer on a text corpus
+    /// (`scripts/corpus/fetch` writes the default one) and write its `tokenizer.json`.
+    Tokenizer(TokenizerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenizerArgs {
+    /// UTF-8 text to train on, one document per blank-line-separated paragraph.
+    #[arg(long, default_value = "target/corpus/python-docs.txt")]
+    pub corpus: PathBuf,
+    /// Most vocabulary entries (special tokens and the 256 bytes included).
+    #[arg(long, default_value_t = 4096)]
+    pub vocab_size: usize,
+    /// Output `tokenizer.json`.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -180,7 +196,46 @@ pub fn run(cmd: TinymemCommand) -> anyhow::Result<()> {
         TinymemCommand::Train(a) => train_cmd(a),
         TinymemCommand::Eval(a) => eval_cmd(a),
         TinymemCommand::Audit(a) => audit_cmd(a),
+        TinymemCommand::Tokenizer(a) => tokenizer_cmd(a),
     }
+}
+
+/// The end-of-text token of the language TinyMem (GPT-2's spelling): id 0.
+pub const END_OF_TEXT: &str = "<|endoftext|>";
+
+fn tokenizer_cmd(a: TokenizerArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&a.corpus).with_context(|| {
+        format!(
+            "reading --corpus {} (scripts/corpus/fetch writes the default one)",
+            a.corpus.display()
+        )
+    })?;
+    let paragraphs: Vec<&str> = text
+        .split("\n\n")
+        .filter(|p| !p.trim().is_empty())
+        .collect();
+    anyhow::ensure!(
+        !paragraphs.is_empty(),
+        "--corpus {} has no text",
+        a.corpus.display()
+    );
+    let t0 = std::time::Instant::now();
+    let tk =
+        crate::tokenizer::train_byte_level_bpe(paragraphs.iter(), a.vocab_size, &[END_OF_TEXT])?;
+    tk.save(&a.out)?;
+    let tokens: usize = paragraphs
+        .iter()
+        .map(|p| tk.encode(p).map(|ids| ids.len()))
+        .sum::<crate::Result<usize>>()?;
+    eprintln!(
+        "wrote {} ({} entries) in {:.1} s: {} bytes of text -> {tokens} tokens ({:.2} bytes per token)",
+        a.out.display(),
+        tk.vocab_size(),
+        t0.elapsed().as_secs_f64(),
+        text.len(),
+        text.len() as f64 / tokens.max(1) as f64
+    );
+    Ok(())
 }
 
 fn data_cmd(a: DataArgs) -> anyhow::Result<()> {
