@@ -277,28 +277,65 @@ fn shard_files(index: &Path) -> Result<Vec<std::path::PathBuf>> {
 /// `dtype`, except that with a half-precision `dtype` (bf16, f16: weights held in half
 /// precision, computed in f32) tensors of fewer than 2 dimensions (LayerNorm weights, biases)
 /// become f32: the models compute in their final LayerNorm's dtype.
+///
+/// The file is read one tensor at a time (header first, then each tensor's bytes in file
+/// order), so a load holds the tensors read so far plus one tensor's bytes, never the whole
+/// file besides them. A header that does not parse, offsets outside the file, overlapping or
+/// misaligned data, or a size that does not match a tensor's shape and dtype is an error
+/// naming the file (and the tensor), never a panic.
 pub fn read_safetensors(
     path: &Path,
     dtype: DType,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
+    use std::io::{Read, Seek, SeekFrom};
     let file = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+    let invalid = |message: String| Error::Weights {
+        file: file.clone(),
+        message: format!("not a valid safetensors file: {message}"),
+    };
+    let io = |source| Error::Io {
         path: path.to_path_buf(),
         source,
-    })?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Weights {
-        file: file.clone(),
-        message: format!("not a valid safetensors file: {e}"),
-    })?;
-    let mut out = HashMap::with_capacity(st.len());
-    for (name, view) in st.tensors() {
-        let t = candle_core::safetensors::Load::load(&view, &Device::Cpu).map_err(|e| {
-            Error::Weights {
-                file: file.clone(),
-                message: format!("tensor {name}: {e}"),
-            }
-        })?;
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)
+        .map_err(|_| invalid("shorter than its 8-byte header length".into()))?;
+    let n = u64::from_le_bytes(n);
+    // The format caps headers at 100 MB.
+    if n > 100_000_000 || n > len.saturating_sub(8) {
+        return Err(invalid(format!(
+            "header length {n} does not fit a {len}-byte file"
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(io)?;
+    let entries = parse_header(&header).map_err(invalid)?;
+    let data_len = len - 8 - n;
+    let mut out = HashMap::with_capacity(entries.len());
+    let mut end_so_far = 0;
+    for (name, info) in entries {
+        let (start, end) = info.data_offsets;
+        if start < end_so_far || start > end || end as u64 > data_len {
+            return Err(invalid(format!(
+                "tensor {name}: bytes {start}..{end} overlap another tensor or lie outside the {data_len} data bytes"
+            )));
+        }
+        end_so_far = end;
+        let mut bytes = vec![0u8; end - start];
+        f.seek(SeekFrom::Start(8 + n + start as u64)).map_err(io)?;
+        f.read_exact(&mut bytes).map_err(io)?;
+        let tensor_err = |e: String| Error::Weights {
+            file: file.clone(),
+            message: format!("tensor {name}: {e}"),
+        };
+        let view = safetensors::tensor::TensorView::new(info.dtype, info.shape, &bytes)
+            .map_err(|e| tensor_err(e.to_string()))?;
+        let t = candle_core::safetensors::Load::load(&view, &Device::Cpu)
+            .map_err(|e| tensor_err(e.to_string()))?;
+        drop(bytes);
         let t = if t.dtype().is_float() {
             let half = matches!(dtype, DType::BF16 | DType::F16);
             t.to_dtype(if half && t.rank() < 2 {
@@ -312,6 +349,32 @@ pub fn read_safetensors(
         out.insert(name, t.to_device(device)?);
     }
     Ok(out)
+}
+
+/// One tensor's entry in a safetensors header.
+#[derive(serde::Deserialize)]
+struct TensorEntry {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    data_offsets: (usize, usize),
+}
+
+/// The tensors a safetensors header lists, in the order of their data (the `__metadata__`
+/// entry skipped).
+fn parse_header(header: &[u8]) -> std::result::Result<Vec<(String, TensorEntry)>, String> {
+    let raw: HashMap<String, serde_json::Value> =
+        serde_json::from_slice(header).map_err(|e| format!("header: {e}"))?;
+    let mut entries = Vec::with_capacity(raw.len());
+    for (name, v) in raw {
+        if name == "__metadata__" {
+            continue;
+        }
+        let e: TensorEntry =
+            serde_json::from_value(v).map_err(|e| format!("header entry {name}: {e}"))?;
+        entries.push((name, e));
+    }
+    entries.sort_by_key(|(name, e)| (e.data_offsets, name.clone()));
+    Ok(entries)
 }
 
 /// Writes tensors to `path` as safetensors (f32 unless `dtype` says otherwise), via a temporary
@@ -334,4 +397,77 @@ pub fn write_safetensors(tensors: &[(String, Tensor)], dtype: DType, path: &Path
             message: e.to_string(),
         })?;
     crate::util::write_atomic(path, &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `write_safetensors` wrote reads back exactly, tensor by tensor; damaged files are
+    /// errors naming the file and the problem, never panics.
+    #[test]
+    fn safetensors_read_back_tensor_by_tensor_and_damage_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        let a = Tensor::arange(0f32, 12.0, &Device::Cpu)
+            .unwrap()
+            .reshape((3, 4))
+            .unwrap();
+        let b = Tensor::new(&[1.5f32, -2.0], &Device::Cpu).unwrap();
+        let tensors = vec![("a".to_string(), a.clone()), ("b".to_string(), b.clone())];
+        write_safetensors(&tensors, DType::F32, &path).unwrap();
+        let map = read_safetensors(&path, DType::F32, &Device::Cpu).unwrap();
+        let values = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        assert_eq!(values(&map["a"]), values(&a));
+        assert_eq!(values(&map["b"]), values(&b));
+        let bytes = std::fs::read(&path).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header = String::from_utf8(bytes[8..8 + n].to_vec()).unwrap();
+        let with_header = |h: &str, data: &[u8]| {
+            let mut out = (h.len() as u64).to_le_bytes().to_vec();
+            out.extend(h.as_bytes());
+            out.extend(data);
+            out
+        };
+        let data = &bytes[8 + n..];
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            (
+                "short",
+                bytes[..5].to_vec(),
+                "shorter than its 8-byte header",
+            ),
+            (
+                "huge header",
+                [u64::MAX.to_le_bytes().to_vec(), vec![0; 8]].concat(),
+                "does not fit",
+            ),
+            ("bad json", with_header("{not json", data), "header"),
+            (
+                "truncated data",
+                bytes[..bytes.len() - 4].to_vec(),
+                "outside",
+            ),
+            (
+                "wrong size",
+                with_header(&header.replace("[3,4]", "[4,4]"), data),
+                "tensor a",
+            ),
+            (
+                "overlap",
+                with_header(&header.replace("[48,56]", "[40,48]"), data),
+                "overlap",
+            ),
+        ];
+        for (what, content, want) in cases {
+            std::fs::write(&path, content).unwrap();
+            let e = read_safetensors(&path, DType::F32, &Device::Cpu)
+                .err()
+                .unwrap_or_else(|| panic!("{what}: read"))
+                .to_string();
+            assert!(
+                e.contains("w.safetensors") && e.contains(want),
+                "{what}: {e}"
+            );
+        }
+    }
 }
