@@ -176,9 +176,17 @@ impl ResponseError for ApiError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        if let Self::Internal(m) = self {
-            tracing::error!(error = %m, "internal error");
-        }
+        // An internal error's text (paths, SQL, library messages) stays in the server log; the
+        // client gets an incident id to quote that finds it there.
+        let incident;
+        let message = if let Self::Internal(m) = self {
+            let id = format!("{:08x}", rand::random::<u32>());
+            tracing::error!(incident = %id, error = %m, "internal error");
+            incident = format!("internal error (incident {id}); the details are in the server log");
+            incident.as_str()
+        } else {
+            self.message()
+        };
         let mut resp = HttpResponse::build(self.status_code());
         match self {
             Self::Overloaded {
@@ -198,7 +206,7 @@ impl ResponseError for ApiError {
         }
         resp.json(Body {
             error: Detail {
-                message: self.message(),
+                message,
                 kind: self.kind(),
                 param: self.param(),
                 code: Some(self.code()),
@@ -382,6 +390,21 @@ mod tests {
         assert_eq!(e.param(), Some("prompt[0]"));
         let e: ApiError = Error::Cancelled.into();
         assert_eq!(e.status_code(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    /// A 500's body names an incident id, never the internal text it was made from.
+    #[test]
+    fn internal_errors_answer_an_incident_id_not_their_text() {
+        let r = ApiError::Internal("SQLITE_IOERR at /var/lib/lethe/secret.db".into())
+            .error_response();
+        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = actix_web::body::to_bytes(r.into_body());
+        let body = futures_util::FutureExt::now_or_never(body)
+            .expect("a JSON body is ready")
+            .unwrap();
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        assert!(!text.contains("secret") && !text.contains("SQLITE"), "{text}");
+        assert!(text.contains("internal error (incident "), "{text}");
     }
 
     #[test]
