@@ -395,15 +395,18 @@ mod tests {
     /// A 500's body names an incident id, never the internal text it was made from.
     #[test]
     fn internal_errors_answer_an_incident_id_not_their_text() {
-        let r = ApiError::Internal("SQLITE_IOERR at /var/lib/lethe/secret.db".into())
-            .error_response();
+        let r =
+            ApiError::Internal("SQLITE_IOERR at /var/lib/lethe/secret.db".into()).error_response();
         assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
         let body = actix_web::body::to_bytes(r.into_body());
         let body = futures_util::FutureExt::now_or_never(body)
             .expect("a JSON body is ready")
             .unwrap();
         let text = String::from_utf8(body.to_vec()).unwrap();
-        assert!(!text.contains("secret") && !text.contains("SQLITE"), "{text}");
+        assert!(
+            !text.contains("secret") && !text.contains("SQLITE"),
+            "{text}"
+        );
         assert!(text.contains("internal error (incident "), "{text}");
     }
 

@@ -83,6 +83,10 @@ pub enum Error {
     /// The takedown is already finished (applied, rejected, failed or cancelled).
     #[error("takedown {id} is {state} and can no longer be cancelled")]
     NotCancellable { id: String, state: State },
+    /// A job's result has nothing left to apply: every one of its takedowns was cancelled
+    /// while it ran, so no version is registered for it.
+    #[error("job {job}: every takedown was cancelled; nothing to publish")]
+    NothingToApply { job: String },
     /// Compare-and-swap of the current version lost: the current version is not the expected one.
     #[error("current version is {actual:?}, expected {expected:?}")]
     VersionConflict {

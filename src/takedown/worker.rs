@@ -572,8 +572,9 @@ fn run_job(td: &Takedowns, job: &str, claimed: &[Takedown], ctl: &JobControl) ->
     let Some(version) = publish(td, job, &base, &model, &report_json)? else {
         // The live version moved (a rollback) while the job ran: its result edits a
         // version that is no longer live, so the takedowns go back to the queue and the
-        // next job unlearns them on top of the new live version.
-        tracing::warn!(%job, "the live version changed during the job; re-queued");
+        // next job unlearns them on top of the new live version. (Or every takedown was
+        // cancelled: then nothing is left to re-queue.)
+        tracing::warn!(%job, "the job's result was not published; its live takedowns re-queued");
         return Ok(JobEnd::Interrupted);
     };
     td.metrics
@@ -587,8 +588,9 @@ fn run_job(td: &Takedowns, job: &str, claimed: &[Takedown], ctl: &JobControl) ->
 
 /// Writes, reloads and smoke-tests a new version; then, in one store transaction, registers
 /// it, moves the live pointer from `base` to it (compare-and-swap) and marks the job's takedowns
-/// applied; then publishes it in memory. `None` when the compare-and-swap lost: the live
-/// version is no longer `base` (the new version stays on disk, unreferenced by the pointer).
+/// applied; then publishes it in memory. `None` when the compare-and-swap lost (the live
+/// version is no longer `base`) or every takedown of the job was cancelled meanwhile; either
+/// way the new version stays on disk, unreferenced by the pointer, and nothing goes live.
 fn publish(
     td: &Takedowns,
     job: &str,
@@ -625,6 +627,10 @@ fn publish(
     match promoted {
         Ok(_) => {}
         Err(crate::takedown::Error::VersionConflict { .. }) => return Ok(None),
+        Err(crate::takedown::Error::NothingToApply { .. }) => {
+            tracing::info!(%job, "every takedown was cancelled during the job; nothing published");
+            return Ok(None);
+        }
         Err(e) => return Err(store_err(&e)),
     }
     swap(td, base, Arc::new(served), "promote");
@@ -863,6 +869,35 @@ mod tests {
         assert_eq!(td.store.get(&b).unwrap().state, State::Validating);
         td.store.requeue_job("j2").unwrap();
         assert_eq!(td.store.get(&b).unwrap().state, State::Queued);
+    }
+
+    /// A job whose every takedown was cancelled while it ran publishes nothing: no version is
+    /// registered and the live one stays.
+    #[test]
+    fn a_job_whose_takedowns_were_all_cancelled_publishes_no_version() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (td, live) = takedowns_on_bundled(tmp.path(), DType::F32);
+        let v0 = live.served();
+        let (t, _) = td
+            .store
+            .create(
+                NewTakedown {
+                    sequences: vec![(0..120).map(|i| 1 + i % 12).collect()],
+                    definition: "tinymem".into(),
+                    reason: None,
+                    requester: None,
+                },
+                None,
+            )
+            .unwrap();
+        td.store.claim_queued("j1", 1).unwrap();
+        td.store.mark_validating("j1").unwrap();
+        td.store.cancel(&t.id).unwrap();
+        let out = publish(&td, "j1", &v0, &scaled(&v0.model, 0.5), &json!({})).unwrap();
+        assert_eq!(out, None);
+        assert_eq!(live.served().version, v0.version);
+        assert_eq!(td.store.list_versions().unwrap().len(), 1);
+        assert_eq!(td.store.get(&t.id).unwrap().state, State::Cancelled);
     }
 
     /// A server holding its weights in bf16: a job starts from the live version's f32 copy,

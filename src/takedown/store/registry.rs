@@ -112,7 +112,8 @@ impl Store {
     /// In one transaction: registers `version`, swaps the current version from `expected` to it
     /// (a promote), and moves the validating takedowns of `job_id` to applied by it. The version's
     /// `takedowns` list is replaced by the ids this call applies. Nothing changes on any error
-    /// (a lost compare-and-swap, a takedown in the wrong state). Returns the record and how many
+    /// (a lost compare-and-swap, a takedown in the wrong state, none left to apply:
+    /// [`Error::NothingToApply`]). Returns the record and how many
     /// takedowns were applied.
     pub fn promote(
         &self,
@@ -123,7 +124,14 @@ impl Store {
     ) -> Result<(VersionRecord, usize)> {
         let mut conn = self.conn();
         let tx = immediate(&mut conn)?;
-        version.takedowns = active_of_job(&tx, job_id)?
+        let active = active_of_job(&tx, job_id)?;
+        if active.is_empty() {
+            // Every takedown was cancelled while the job ran: a version would apply nothing.
+            return Err(Error::NothingToApply {
+                job: job_id.to_string(),
+            });
+        }
+        version.takedowns = active
             .into_iter()
             .filter(|(_, s)| *s == State::Validating)
             .map(|(id, _)| id)
