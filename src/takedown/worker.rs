@@ -798,23 +798,26 @@ mod tests {
         (td, live)
     }
 
+    /// A takedown of one sequence claimed by job `job` and moved to validating: its id.
+    fn validating_in_job(td: &Takedowns, job: &str) -> String {
+        let new = NewTakedown {
+            sequences: vec![(0..120).map(|i| 1 + i % 12).collect()],
+            definition: "tinymem".into(),
+            reason: None,
+            requester: None,
+        };
+        let (t, _) = td.store.create(new, None).unwrap();
+        td.store.claim_queued(job, 1).unwrap();
+        td.store.mark_validating(job).unwrap();
+        t.id
+    }
+
     #[test]
     fn a_job_whose_base_is_no_longer_live_is_not_published() {
         let tmp = tempfile::tempdir().unwrap();
         let (td, live) = takedowns_on_bundled(tmp.path(), DType::F32);
         let v0 = live.served();
-        let job = |name: &str| {
-            let new = NewTakedown {
-                sequences: vec![(0..120).map(|i| 1 + i % 12).collect()],
-                definition: "tinymem".into(),
-                reason: None,
-                requester: None,
-            };
-            let (t, _) = td.store.create(new, None).unwrap();
-            td.store.claim_queued(name, 1).unwrap();
-            td.store.mark_validating(name).unwrap();
-            t.id
-        };
+        let job = |name: &str| validating_in_job(&td, name);
         let a = job("j1");
         let v1 = publish(&td, "j1", &v0, &scaled(&v0.model, 0.5), &json!({}))
             .unwrap()
@@ -878,26 +881,13 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (td, live) = takedowns_on_bundled(tmp.path(), DType::F32);
         let v0 = live.served();
-        let (t, _) = td
-            .store
-            .create(
-                NewTakedown {
-                    sequences: vec![(0..120).map(|i| 1 + i % 12).collect()],
-                    definition: "tinymem".into(),
-                    reason: None,
-                    requester: None,
-                },
-                None,
-            )
-            .unwrap();
-        td.store.claim_queued("j1", 1).unwrap();
-        td.store.mark_validating("j1").unwrap();
-        td.store.cancel(&t.id).unwrap();
+        let t = validating_in_job(&td, "j1");
+        td.store.cancel(&t).unwrap();
         let out = publish(&td, "j1", &v0, &scaled(&v0.model, 0.5), &json!({})).unwrap();
         assert_eq!(out, None);
         assert_eq!(live.served().version, v0.version);
         assert_eq!(td.store.list_versions().unwrap().len(), 1);
-        assert_eq!(td.store.get(&t.id).unwrap().state, State::Cancelled);
+        assert_eq!(td.store.get(&t).unwrap().state, State::Cancelled);
     }
 
     /// A server holding its weights in bf16: a job starts from the live version's f32 copy,
@@ -943,19 +933,7 @@ mod tests {
             "{reason}"
         );
 
-        td.store
-            .create(
-                crate::takedown::NewTakedown {
-                    sequences: vec![(0..120).map(|i| 1 + i % 12).collect()],
-                    definition: "tinymem".into(),
-                    reason: None,
-                    requester: None,
-                },
-                None,
-            )
-            .unwrap();
-        td.store.claim_queued("j1", 1).unwrap();
-        td.store.mark_validating("j1").unwrap();
+        validating_in_job(&td, "j1");
         let v1 = publish(&td, "j1", &v0, &scaled(&parent, 0.5), &json!({}))
             .unwrap()
             .expect("published");
