@@ -246,11 +246,10 @@ fn data_cmd(a: DataArgs) -> anyhow::Result<()> {
         }
         None => data::generate(&a.data.config()?)?,
     };
-    let f =
-        std::fs::File::create(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let mut w = std::io::BufWriter::new(f);
+    // Written whole, then renamed into place: a reader never sees half a dataset.
+    let mut w = Vec::new();
     ds.write_jsonl(&mut w)?;
-    w.flush()?;
+    crate::util::write_atomic(&a.out, &w)?;
     eprintln!("wrote {} rows to {}", ds.rows.len(), a.out.display());
     Ok(())
 }
@@ -379,9 +378,8 @@ fn audit_cmd(a: AuditArgs) -> anyhow::Result<()> {
         }
     };
     if let Some(out) = &a.out {
-        let f =
-            std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
-        let mut w = std::io::BufWriter::new(f);
+        // Written whole, then renamed into place (as `data`).
+        let mut w = Vec::new();
         let trigger = match ds.config.artifact {
             Artifact::Backdoor => Some(ds.config.trigger_ids()?),
             Artifact::Noise => None,
@@ -404,7 +402,7 @@ fn audit_cmd(a: AuditArgs) -> anyhow::Result<()> {
                 _ => writeln!(w, "{}", serde_json::to_string(row)?)?,
             }
         }
-        w.flush()?;
+        crate::util::write_atomic(out, &w)?;
     }
     println!(
         "{}",

@@ -222,4 +222,29 @@ mod tests {
         assert_eq!(safe_end("ab\u{FFFD}", &[]), 2);
         assert_eq!(safe_end("a 12", &["123".into(), "2".into()]), 2);
     }
+
+    /// Too many prompts is a 413 before any of them is tokenized: a list whose every prompt
+    /// would fail tokenization still gets the 413 (the count is judged first).
+    #[test]
+    fn the_prompt_count_is_judged_before_any_prompt_is_tokenized() {
+        use actix_web::ResponseError;
+        let lm = crate::loader::load_dir(
+            &crate::loader::bundled_model_dir(),
+            "bundled",
+            &candle_core::Device::Cpu,
+            candle_core::DType::F32,
+        )
+        .unwrap();
+        let s = crate::engine::served::Served::new(lm, None).unwrap();
+        let untokenizable = serde_json::json!(vec!["Ú"; 3]);
+        let e = request::parse_prompts(&untokenizable, &s, 2).err().unwrap();
+        assert_eq!(e.status_code().as_u16(), 413, "{e}");
+        let e = request::parse_prompts(&untokenizable, &s, 3).err().unwrap();
+        assert_eq!(e.status_code().as_u16(), 400, "{e}");
+        let ids = serde_json::json!([[1, 2], [3], [4]]);
+        assert_eq!(request::parse_prompts(&ids, &s, 3).unwrap().len(), 3);
+        assert!(request::parse_prompts(&ids, &s, 2).is_err());
+        let one = serde_json::json!([1, 2, 3]);
+        assert_eq!(request::parse_prompts(&one, &s, 1).unwrap().len(), 1);
+    }
 }

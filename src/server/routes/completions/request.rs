@@ -125,6 +125,18 @@ pub(super) fn parse_prompts(
             ids,
         })
     };
+    // The count is checked before any prompt is tokenized or decoded: an oversized list costs
+    // its parse, nothing more.
+    let count = match v {
+        Value::Array(items) if items.iter().all(|x| x.is_string() || x.is_array()) => items.len(),
+        _ => 1,
+    };
+    if count > max_prompts {
+        return Err(ApiError::TooLarge {
+            message: format!("{count} prompts in one request; the limit is {max_prompts}"),
+            param: Some("prompt".into()),
+        });
+    }
     let prompts = match v {
         Value::String(t) => vec![text_prompt(t, "prompt")?],
         Value::Array(items) if items.is_empty() => {
@@ -148,15 +160,6 @@ pub(super) fn parse_prompts(
             .collect::<Result<_, _>>()?,
         _ => return Err(shape()),
     };
-    if prompts.len() > max_prompts {
-        return Err(ApiError::TooLarge {
-            message: format!(
-                "{} prompts in one request; the limit is {max_prompts}",
-                prompts.len()
-            ),
-            param: Some("prompt".into()),
-        });
-    }
     for (i, p) in prompts.iter().enumerate() {
         if p.ids.is_empty() {
             return Err(ApiError::invalid(
