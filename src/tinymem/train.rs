@@ -186,6 +186,17 @@ impl Card {
         Ok(card)
     }
 
+    /// The card in `dir`, `None` when there is none (not a TinyMem model). A card that exists
+    /// but cannot be read or parsed is an error naming it, never "not TinyMem": that would
+    /// silently drop a TinyMem model's retain set and test-task gates.
+    pub fn read_if_present(dir: &Path) -> Result<Option<Self>> {
+        if dir.join(CARD_FILE).exists() {
+            Self::read(dir).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
     /// Regenerates the exact dataset the model was trained on.
     pub fn dataset(&self) -> Result<Dataset> {
         data::generate(&self.data).map_err(|e| Error::invalid("data", e.to_string()))

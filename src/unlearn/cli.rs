@@ -175,7 +175,7 @@ fn by_task(q: &Quality) -> Option<BTreeMap<String, f64>> {
 
 pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
     let lm = a.model.load()?;
-    let card = Card::read(&lm.dir).ok();
+    let card = Card::read_if_present(&lm.dir)?;
     let dataset = card.as_ref().map(Card::dataset).transpose()?;
     let def = a
         .definition

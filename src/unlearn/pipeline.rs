@@ -64,7 +64,9 @@ impl Datasets {
         canary: Vec<Vec<u32>>,
         context: usize,
     ) -> Result<Self> {
-        let tinymem = Card::read(dir).ok().map(|c| c.dataset()).transpose()?;
+        let tinymem = Card::read_if_present(dir)?
+            .map(|c| c.dataset())
+            .transpose()?;
         let retain = match (retain, &tinymem) {
             (Some(r), _) => r,
             (None, Some(ds)) => ds
@@ -648,6 +650,15 @@ mod tests {
             err.contains("1 of its 2 rows are also retain rows"),
             "{err}"
         );
+        // A TinyMem card that cannot be read is an error naming it, not "no card".
+        let bad = tempfile::tempdir().unwrap();
+        let card = bad.path().join(crate::tinymem::train::CARD_FILE);
+        std::fs::write(&card, "{not json").unwrap();
+        let err = Datasets::for_model(bad.path(), Some(rows.clone()), None, Vec::new(), 8)
+            .err()
+            .expect("a corrupt card is refused")
+            .to_string();
+        assert!(err.contains(crate::tinymem::train::CARD_FILE), "{err}");
         // One retain row and no held-out file: nothing to gate on.
         assert!(
             Datasets::for_model(dir.path(), Some(vec![vec![1, 2]]), None, Vec::new(), 8).is_err()
