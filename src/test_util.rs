@@ -89,6 +89,17 @@ pub fn gpt2_with(
     })
 }
 
+/// The bundled TinyMem noise model, loaded in f32 on the CPU.
+pub fn bundled() -> crate::loader::LoadedModel {
+    crate::loader::load_dir(
+        &crate::loader::bundled_model_dir(),
+        "bundled",
+        &Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap()
+}
+
 /// `‖a − b‖₂ / ‖b‖₂` (absolute when `b` is 0), accumulated in f64.
 pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());

@@ -108,13 +108,7 @@ mod tests {
 
     #[test]
     fn a_replace_from_a_version_that_is_no_longer_live_changes_nothing() {
-        let lm = crate::loader::load_dir(
-            &crate::loader::bundled_model_dir(),
-            "bundled",
-            &candle_core::Device::Cpu,
-            candle_core::DType::F32,
-        )
-        .unwrap();
+        let lm = crate::test_util::bundled();
         let served = |seed: u32| {
             Arc::new(Served {
                 model: lm.model.clone(),

@@ -228,14 +228,7 @@ mod tests {
     #[test]
     fn the_prompt_count_is_judged_before_any_prompt_is_tokenized() {
         use actix_web::ResponseError;
-        let lm = crate::loader::load_dir(
-            &crate::loader::bundled_model_dir(),
-            "bundled",
-            &candle_core::Device::Cpu,
-            candle_core::DType::F32,
-        )
-        .unwrap();
-        let s = crate::engine::served::Served::new(lm, None).unwrap();
+        let s = crate::engine::served::Served::new(crate::test_util::bundled(), None).unwrap();
         let untokenizable = serde_json::json!(vec!["Ú"; 3]);
         let e = request::parse_prompts(&untokenizable, &s, 2).err().unwrap();
         assert_eq!(e.status_code().as_u16(), 413, "{e}");
