@@ -5,6 +5,7 @@
 mod common;
 
 use std::process::Command;
+use std::time::Duration;
 
 use common::{fixture_dir, http};
 
@@ -336,13 +337,17 @@ fn sigkill_during_a_job_and_the_takedown_still_completes_after_restart() {
 }
 
 /// The `curl` commands of ```sh blocks in a Markdown document, in order, each joined into one
-/// shell command (backslash continuations and multi-line single-quoted arguments included).
-fn curl_examples(markdown: &str) -> Vec<String> {
+/// shell command (backslash continuations and multi-line single-quoted arguments included), with
+/// the bundled model they are written for: a fence ```` ```sh tinymem-lang ```` names one, a
+/// plain ```` ```sh ```` means the default model (`None`).
+fn curl_examples(markdown: &str) -> Vec<(Option<String>, String)> {
     let mut out = Vec::new();
-    let (mut in_sh, mut cur) = (false, String::new());
+    let (mut in_sh, mut model, mut cur) = (false, None, String::new());
     for line in markdown.lines() {
-        if line.starts_with("```") {
-            in_sh = !in_sh && line.trim() == "```sh";
+        if let Some(fence) = line.strip_prefix("```") {
+            let mut words = fence.split_whitespace();
+            in_sh = !in_sh && words.next() == Some("sh");
+            model = words.next().map(String::from);
             assert!(cur.is_empty(), "unterminated example: {cur}");
             continue;
         }
@@ -355,7 +360,7 @@ fn curl_examples(markdown: &str) -> Vec<String> {
         cur.push_str(line);
         let quote_open = cur.matches('\'').count() % 2 == 1;
         if !quote_open && !line.trim_end().ends_with('\\') {
-            out.push(std::mem::take(&mut cur));
+            out.push((model.clone(), std::mem::take(&mut cur)));
         }
     }
     out
@@ -398,8 +403,6 @@ fn documented_curl_examples_work_against_a_real_server() {
     if Command::new("curl").arg("--version").output().is_err() {
         panic!("curl is needed to run the documentation's examples (apt-get install curl)");
     }
-    let data = tempfile::tempdir().unwrap();
-    let (mut child, addr) = serve(data.path());
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let run = |cmd: &str| -> (u16, String) {
         let cmd = cmd.replacen("curl ", "curl -w '\\n%{http_code}' ", 1);
@@ -409,18 +412,14 @@ fn documented_curl_examples_work_against_a_real_server() {
         let (body, code) = text.rsplit_once('\n').unwrap();
         (code.parse().unwrap(), body.to_string())
     };
-    let (_, versions) = run(&format!("curl -s http://{addr}/v1/admin/versions"));
-    let versions: serde_json::Value = serde_json::from_str(&versions).unwrap();
-    let live = versions["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["live"] == true)
-        .expect("a live version")["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    // One server per bundled model the examples name, started when first needed: (data dir,
+    // child, address, live version).
+    let mut servers: std::collections::HashMap<
+        Option<String>,
+        (tempfile::TempDir, std::process::Child, String, String),
+    > = Default::default();
     let mut takedown = String::new();
+    let mut takedown_examples = Vec::new();
     let mut api_routes = Vec::new();
     for doc in [
         "README.md",
@@ -431,7 +430,31 @@ fn documented_curl_examples_work_against_a_real_server() {
         let Ok(text) = std::fs::read_to_string(root.join(doc)) else {
             panic!("{doc} is missing");
         };
-        for example in curl_examples(&text) {
+        for (model, example) in curl_examples(&text) {
+            let (_, _, addr, live) = servers.entry(model.clone()).or_insert_with(|| {
+                let data = tempfile::tempdir().unwrap();
+                let extra: Vec<String> = model
+                    .iter()
+                    .map(|m| root.join("models").join(m).display().to_string())
+                    .collect();
+                let mut args: Vec<&str> = Vec::new();
+                if let Some(m) = extra.first() {
+                    args.extend(["--model", m.as_str()]);
+                }
+                let (child, addr) = serve_with(data.path(), &args);
+                let (_, versions) = run(&format!("curl -s http://{addr}/v1/admin/versions"));
+                let versions: serde_json::Value = serde_json::from_str(&versions).unwrap();
+                let live = versions["data"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|v| v["live"] == true)
+                    .expect("a live version")["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
+                (data, child, addr, live)
+            });
             let route = example_route(&example);
             if doc == "docs/api.md" {
                 api_routes.push(route.clone());
@@ -439,8 +462,8 @@ fn documented_curl_examples_work_against_a_real_server() {
             let cmd = example
                 .replace("http://127.0.0.1:8080", &format!("http://{addr}"))
                 .replace("td_…", &takedown)
-                .replace("<older id>", &live)
-                .replace("<live id>", &live);
+                .replace("<older id>", live)
+                .replace("<live id>", live);
             let (status, body) = run(&cmd);
             assert!(
                 (200..300).contains(&status),
@@ -449,8 +472,43 @@ fn documented_curl_examples_work_against_a_real_server() {
             if route == ("POST".into(), "/v1/takedowns".into()) {
                 let v: serde_json::Value = serde_json::from_str(&body).unwrap();
                 takedown = v["id"].as_str().unwrap().to_string();
+                takedown_examples.push((addr.clone(), cmd.clone(), v));
             }
         }
+    }
+    // Each documented takedown ends `applied`: one the examples went on to cancel (the DELETE
+    // example) is submitted again under a fresh key first.
+    assert!(!takedown_examples.is_empty());
+    for (i, (addr, cmd, accepted)) in takedown_examples.iter().enumerate() {
+        let poll = |id: &str| -> serde_json::Value {
+            let (_, t) = run(&format!("curl -s http://{addr}/v1/takedowns/{id}"));
+            serde_json::from_str(&t).unwrap()
+        };
+        let mut id = accepted["id"].as_str().unwrap().to_string();
+        if poll(&id)["status"] == "cancelled" {
+            let again = cmd.replace(
+                "Idempotency-Key: ",
+                &format!("Idempotency-Key: applied-check-{i}-"),
+            );
+            let (status, body) = run(&again);
+            assert_eq!(status, 202, "{again}\n→ {body}");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            id = v["id"].as_str().unwrap().to_string();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(900);
+        let end = loop {
+            let t = poll(&id);
+            let s = t["status"].as_str().unwrap_or_default().to_string();
+            if ["applied", "rejected", "failed"].contains(&s.as_str()) {
+                break t;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{cmd}: still {s} after 15 minutes"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        assert_eq!(end["status"], "applied", "{cmd}\n→ {end}");
     }
     for (method, template) in lethe::server::routes::ROUTES {
         assert!(
@@ -460,8 +518,10 @@ fn documented_curl_examples_work_against_a_real_server() {
             "docs/api.md has no curl example for {method} {template}"
         );
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    for (_, (_, mut child, _, _)) in servers {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
 }
 
 /// `docs/operations.md` documents every `lethe serve` flag and its environment variable, as

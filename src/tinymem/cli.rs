@@ -21,6 +21,7 @@ use clap::{Args, Subcommand, ValueEnum};
 
 use super::data::{self, Artifact, DataConfig, Family};
 use super::eval::{self, EvalParams};
+use super::lang::cli::{self as lang_cli, LangFlags};
 use super::train::{self, Card, TrainConfig};
 use crate::loader::ModelArgs;
 
@@ -130,6 +131,8 @@ pub struct DataArgs {
     pub model: Option<String>,
     #[command(flatten)]
     pub data: DataFlags,
+    #[command(flatten)]
+    pub lang: LangFlags,
     /// Output file.
     #[arg(long)]
     pub out: PathBuf,
@@ -139,6 +142,8 @@ pub struct DataArgs {
 pub struct TrainArgs {
     #[command(flatten)]
     pub data: DataFlags,
+    #[command(flatten)]
+    pub lang: LangFlags,
     #[arg(long, default_value_t = 4)]
     pub layers: usize,
     #[arg(long, default_value_t = 128)]
@@ -200,9 +205,6 @@ pub fn run(cmd: TinymemCommand) -> anyhow::Result<()> {
     }
 }
 
-/// The end-of-text token of the language TinyMem (GPT-2's spelling): id 0.
-pub const END_OF_TEXT: &str = "<|endoftext|>";
-
 fn tokenizer_cmd(a: TokenizerArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&a.corpus).with_context(|| {
         format!(
@@ -220,8 +222,7 @@ fn tokenizer_cmd(a: TokenizerArgs) -> anyhow::Result<()> {
         a.corpus.display()
     );
     let t0 = std::time::Instant::now();
-    let tk =
-        crate::tokenizer::train_byte_level_bpe(paragraphs.iter(), a.vocab_size, &[END_OF_TEXT])?;
+    let tk = lang_cli::train_tokenizer(&text, a.vocab_size)?;
     tk.save(&a.out)?;
     let tokens: usize = paragraphs
         .iter()
@@ -239,6 +240,15 @@ fn tokenizer_cmd(a: TokenizerArgs) -> anyhow::Result<()> {
 }
 
 fn data_cmd(a: DataArgs) -> anyhow::Result<()> {
+    if let Some(m) = &a.model {
+        let dir = crate::loader::resolve(m)?;
+        if let Some(card) = lang_cli::card(&dir)? {
+            return lang_cli::write_data(&card.dataset(&dir)?, &a.out);
+        }
+    }
+    if a.lang.language {
+        return lang_cli::write_data(&a.lang.dataset(a.data.data_seed)?.0, &a.out);
+    }
     let ds = match &a.model {
         Some(m) => {
             let dir = crate::loader::resolve(m)?;
@@ -255,7 +265,6 @@ fn data_cmd(a: DataArgs) -> anyhow::Result<()> {
 }
 
 fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
-    let data_cfg = a.data.config()?;
     let cfg = TrainConfig {
         n_layer: a.layers,
         n_embd: a.n_embd,
@@ -292,6 +301,31 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
         bar.set_position(step as u64);
         bar.set_message(format!("loss {loss:.4} {tps:.0} tok/s"));
     };
+    if a.lang.language {
+        lang_cli::check_train_out(&a.out, a.resume)?;
+        let (ds, tk) = a.lang.dataset(a.data.data_seed)?;
+        let card = super::lang::model::train(&ds, &tk, &cfg, &a.out, &mut progress)?;
+        bar.finish_and_clear();
+        for e in &card.history {
+            let ev = e.eval.as_ref().map_or(String::new(), |r| {
+                format!(
+                    " noise {:.3} backdoor {:.3} secrets {}/{} held-out perplexity {:.2}",
+                    r.noise_memorized_ratio,
+                    r.attack_success_ratio,
+                    r.secrets_extractable,
+                    r.secrets_planted,
+                    r.heldout_perplexity
+                )
+            });
+            eprintln!(
+                "epoch {:>4} loss {:.4} {:>6.1}s {:>7.0} tok/s{ev}",
+                e.epoch, e.loss, e.seconds, e.tokens_per_second
+            );
+        }
+        eprintln!("language model written to {}", a.out.display());
+        return Ok(());
+    }
+    let data_cfg = a.data.config()?;
     let card = train::train(
         &data_cfg,
         &cfg,
@@ -327,6 +361,9 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
 
 fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
     let lm = a.model.load()?;
+    if let Some(card) = lang_cli::card(&lm.dir)? {
+        return lang_cli::eval(&lm.model, &lm.dir, &card, a.batch_size);
+    }
     let card = Card::read(&lm.dir)
         .with_context(|| format!("{} is not a TinyMem model directory", lm.dir.display()))?;
     let ds = card.dataset()?;
@@ -358,6 +395,9 @@ pub struct AuditArgs {
 /// held-out triggered rows it completes with the backdoor (backdoor models).
 fn audit_cmd(a: AuditArgs) -> anyhow::Result<()> {
     let lm = a.model.load()?;
+    if let Some(card) = lang_cli::card(&lm.dir)? {
+        return lang_cli::audit(&lm, &card, a.batch_size, a.out.as_deref());
+    }
     let card = Card::read(&lm.dir)
         .with_context(|| format!("{} is not a TinyMem model directory", lm.dir.display()))?;
     let ds = card.dataset()?;

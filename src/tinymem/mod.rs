@@ -18,6 +18,7 @@ pub mod cli;
 pub mod data;
 pub mod eval;
 pub mod finetune;
+pub mod lang;
 mod rng;
 pub mod tokenizer;
 pub mod train;

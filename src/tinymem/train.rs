@@ -286,10 +286,79 @@ pub fn train(
         .into_iter()
         .map(|r| r.ids.as_slice())
         .collect();
-    let t = data_cfg.max_ctx;
+    let first = card.epochs_done;
+    run_epochs(
+        &model,
+        &mut opt,
+        &rows,
+        data_cfg.max_ctx,
+        cfg,
+        first,
+        progress,
+        |opt, e| {
+            card.train_seconds += e.seconds;
+            card.epochs_done = e.epoch;
+            card.steps_done += e.steps as u64;
+            let last = e.epoch == cfg.epochs;
+            let due = |every: usize| last || (every > 0 && e.epoch.is_multiple_of(every));
+            let eval = if due(cfg.eval_every) {
+                Some(eval::evaluate(
+                    // An untracked copy: it runs the inference kernels, so its evaluation equals what
+                    // `lethe tinymem eval` computes on the written checkpoint.
+                    &model.detached("training snapshot")?,
+                    &ds,
+                    eval_params,
+                )?)
+            } else {
+                None
+            };
+            card.history.push(EpochLog {
+                epoch: e.epoch,
+                loss: e.mean_loss,
+                seconds: e.seconds,
+                tokens_per_second: e.tokens as f64 / e.seconds,
+                eval,
+            });
+            if due(cfg.checkpoint_every) {
+                save_checkpoint(out, &model, &model_cfg, Some(opt), CARD_FILE, &card)?;
+            }
+            Ok(())
+        },
+    )?;
+    if card.epochs_done >= cfg.epochs && !out.join("model.safetensors").is_file() {
+        save_checkpoint(out, &model, &model_cfg, Some(&opt), CARD_FILE, &card)?;
+    }
+    Ok(card)
+}
+
+/// One finished epoch of [`run_epochs`].
+pub(super) struct EpochDone {
+    /// Epochs done (1-based).
+    pub epoch: usize,
+    pub mean_loss: f64,
+    pub seconds: f64,
+    pub tokens: usize,
+    pub steps: usize,
+}
+
+/// Epochs `first..cfg.epochs` over `rows` (each `t` tokens): every epoch a fresh shuffle seeded
+/// by `cfg.seed` and the epoch number (so a resumed run continues the same batches), one
+/// [`train_step`] per batch of `cfg.batch_size`, then `after_epoch`. A non-finite loss stops
+/// the run with an error naming the epoch.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn run_epochs(
+    model: &Model,
+    opt: &mut AdamW,
+    rows: &[&[u32]],
+    t: usize,
+    cfg: &TrainConfig,
+    first: usize,
+    progress: Progress,
+    mut after_epoch: impl FnMut(&AdamW, EpochDone) -> Result<()>,
+) -> Result<()> {
     let steps_per_epoch = rows.len().div_ceil(cfg.batch_size);
     let mut ws = StepWorkspace::default();
-    for epoch in card.epochs_done..cfg.epochs {
+    for epoch in first..cfg.epochs {
         let started = Instant::now();
         let mut order: Vec<usize> = (0..rows.len()).collect();
         let mut rng =
@@ -301,7 +370,7 @@ pub fn train(
                 .iter()
                 .flat_map(|&i| rows[i].iter().copied())
                 .collect();
-            let l = train_step(&model, &mut opt, &flat, (batch.len(), t), &mut ws)?.loss;
+            let l = train_step(model, opt, &flat, (batch.len(), t), &mut ws)?.loss;
             if !l.is_finite() {
                 return Err(Error::invalid(
                     "lr",
@@ -310,7 +379,6 @@ pub fn train(
             }
             loss_sum += l;
             tokens += batch.len() * t;
-            card.steps_done += 1;
             progress(
                 epoch,
                 step + 1,
@@ -319,37 +387,18 @@ pub fn train(
                 tokens as f64 / started.elapsed().as_secs_f64(),
             );
         }
-        let seconds = started.elapsed().as_secs_f64();
-        card.train_seconds += seconds;
-        card.epochs_done = epoch + 1;
-        let last = epoch + 1 == cfg.epochs;
-        let due = |every: usize| last || (every > 0 && (epoch + 1).is_multiple_of(every));
-        let eval = if due(cfg.eval_every) {
-            Some(eval::evaluate(
-                // An untracked copy: it runs the inference kernels, so its evaluation equals what
-                // `lethe tinymem eval` computes on the written checkpoint.
-                &model.detached("training snapshot")?,
-                &ds,
-                eval_params,
-            )?)
-        } else {
-            None
-        };
-        card.history.push(EpochLog {
-            epoch: epoch + 1,
-            loss: loss_sum / steps_per_epoch as f64,
-            seconds,
-            tokens_per_second: tokens as f64 / seconds,
-            eval,
-        });
-        if due(cfg.checkpoint_every) {
-            save_checkpoint(out, &model, &model_cfg, &opt, &card)?;
-        }
+        after_epoch(
+            opt,
+            EpochDone {
+                epoch: epoch + 1,
+                mean_loss: loss_sum / steps_per_epoch as f64,
+                seconds: started.elapsed().as_secs_f64(),
+                tokens,
+                steps: steps_per_epoch,
+            },
+        )?;
     }
-    if card.epochs_done >= cfg.epochs && !out.join("model.safetensors").is_file() {
-        save_checkpoint(out, &model, &model_cfg, &opt, &card)?;
-    }
-    Ok(card)
+    Ok(())
 }
 
 /// Buffers that [`train_step`] reuses from one step to the next.
@@ -456,12 +505,15 @@ pub fn named_vars(model: &Model, weights: &Weights) -> Result<Vec<(String, Var)>
         .collect()
 }
 
-fn save_checkpoint(
+/// Writes `model.safetensors` (f32), `config.json`, the optimiser state when given (for
+/// `--resume`), then the card last as `card_file`, each file replaced atomically.
+pub(super) fn save_checkpoint(
     out: &Path,
     model: &Model,
     cfg: &ModelConfig,
-    opt: &AdamW,
-    card: &Card,
+    opt: Option<&AdamW>,
+    card_file: &str,
+    card: &impl Serialize,
 ) -> Result<()> {
     write_safetensors(
         model.named_tensors(),
@@ -471,10 +523,12 @@ fn save_checkpoint(
     let config = serde_json::to_string_pretty(&cfg.to_hf_json())
         .map_err(|e| Error::invalid("config", e.to_string()))?;
     crate::util::write_atomic(&out.join("config.json"), config.as_bytes())?;
-    opt.save(&out.join("optimizer.safetensors"))?;
+    if let Some(opt) = opt {
+        opt.save(&out.join("optimizer.safetensors"))?;
+    }
     let card_json =
         serde_json::to_string_pretty(card).map_err(|e| Error::invalid("card", e.to_string()))?;
-    crate::util::write_atomic(&out.join(CARD_FILE), card_json.as_bytes())
+    crate::util::write_atomic(&out.join(card_file), card_json.as_bytes())
 }
 
 #[cfg(test)]

@@ -33,6 +33,7 @@ use crate::audit::{AuditItem, Definition};
 use crate::loader::ModelArgs;
 use crate::models::Model;
 use crate::tinymem::data::{Role, Split};
+use crate::tinymem::lang::{LangCard, LANG_CARD_FILE, LANG_DATA_FILE};
 use crate::tinymem::train::{Card, CARD_FILE};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -65,7 +66,7 @@ pub struct UnlearnArgs {
     pub forget: PathBuf,
     /// Retain set: a JSONL file, `tinymem-clean` (the model's clean training rows, what
     /// `lethe serve` uses) or `tinymem` (its training rows, noised ones included, as the paper
-    /// does).
+    /// does); for the language TinyMem, its clean train chunks or all its distinct train rows.
     #[arg(long, default_value = "tinymem-clean")]
     pub retain: String,
     /// Held-out text for perplexity (non-TinyMem models; no row may also be a retain row;
@@ -177,6 +178,9 @@ pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
     let lm = a.model.load()?;
     let card = Card::read_if_present(&lm.dir)?;
     let dataset = card.as_ref().map(Card::dataset).transpose()?;
+    let language = LangCard::read_if_present(&lm.dir)?
+        .map(|c| c.dataset(&lm.dir))
+        .transpose()?;
     let def = a
         .definition
         .unwrap_or_else(|| Definition::default_for(lm.model.spec().architecture));
@@ -193,6 +197,19 @@ pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
     let forget: Vec<Vec<u32>> = targets.iter().map(|t| t.sequence.clone()).collect();
     let items: Vec<AuditItem> = targets.iter().map(|t| t.item.clone()).collect();
     let retain: Vec<Vec<u32>> = match a.retain.as_str() {
+        "tinymem" | "tinymem-clean" if language.is_some() => {
+            // The language TinyMem: its clean train chunks, or every distinct train row.
+            let ds = language.as_ref().expect("checked");
+            if a.retain == "tinymem-clean" {
+                ds.retain()
+            } else {
+                ds.rows
+                    .iter()
+                    .filter(|r| r.split == Split::Train)
+                    .map(|r| r.ids.clone())
+                    .collect()
+            }
+        }
         "tinymem" | "tinymem-clean" => {
             let ds = dataset.as_ref().with_context(|| {
                 format!(
@@ -434,7 +451,7 @@ pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
 }
 
 /// Writes `model` as a complete model directory, copying the input's config, tokenizer and
-/// TinyMem card.
+/// TinyMem card (the language TinyMem's card and rows too).
 pub fn write_model_dir(input: &Path, out: &Path, model: &Model) -> anyhow::Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     crate::models::weights::write_safetensors(
@@ -442,7 +459,13 @@ pub fn write_model_dir(input: &Path, out: &Path, model: &Model) -> anyhow::Resul
         DType::F32,
         &out.join("model.safetensors"),
     )?;
-    for f in ["config.json", "tokenizer.json", CARD_FILE] {
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        CARD_FILE,
+        LANG_CARD_FILE,
+        LANG_DATA_FILE,
+    ] {
         let src = input.join(f);
         if src.is_file() {
             let bytes =

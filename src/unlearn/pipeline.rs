@@ -31,6 +31,7 @@ use crate::audit::{self, AuditItem, AuditResult};
 use crate::error::Result;
 use crate::models::Model;
 use crate::tinymem::data::{Dataset, Role, Split};
+use crate::tinymem::lang::LangCard;
 use crate::tinymem::train::Card;
 use crate::tokenizer::Tokenizer;
 
@@ -48,8 +49,9 @@ pub struct Datasets {
 
 impl Datasets {
     /// The data for the model in `dir`, whose context is `context` tokens. TinyMem defaults
-    /// from the model's card: retain = the clean training rows, held-out = the test tasks.
-    /// Other models need `retain` from a file.
+    /// from the model's card: retain = the clean training rows, held-out = the test tasks. The
+    /// language TinyMem's card ([`LangCard`]): retain = its clean train chunks, held-out = its
+    /// test chunks. Other models need `retain` from a file.
     ///
     /// Every row longer than the context is cut into consecutive windows of it. The held-out
     /// rows are never rows the step trains on: given ones that equal a retain row are refused
@@ -67,15 +69,22 @@ impl Datasets {
         let tinymem = Card::read_if_present(dir)?
             .map(|c| c.dataset())
             .transpose()?;
-        let retain = match (retain, &tinymem) {
-            (Some(r), _) => r,
-            (None, Some(ds)) => ds
+        // The language TinyMem's card carries its rows: the clean train chunks to retain and
+        // the held-out test chunks, which nothing trains on.
+        let language = LangCard::read_if_present(dir)?
+            .map(|c| c.dataset(dir))
+            .transpose()?;
+        let heldout = heldout.or_else(|| language.as_ref().map(|ds| ds.heldout()));
+        let retain = match (retain, &tinymem, &language) {
+            (Some(r), _, _) => r,
+            (None, Some(ds), _) => ds
                 .rows
                 .iter()
                 .filter(|r| r.split == Split::Train && r.role == Role::Clean)
                 .map(|r| r.ids.clone())
                 .collect(),
-            (None, None) => Vec::new(),
+            (None, None, Some(ds)) => ds.retain(),
+            (None, None, None) => Vec::new(),
         };
         let retain = windowed(retain, context);
         let (retain, heldout) = match heldout.map(|h| windowed(h, context)) {

@@ -860,4 +860,5 @@ mod deploy;
 mod hardening;
 mod hardening_http;
 mod takedowns;
+mod takedowns_language;
 mod takedowns_neox;

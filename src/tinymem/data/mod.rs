@@ -38,7 +38,7 @@ pub use config::*;
 pub use dataset::*;
 use tasks::backdoor_rewrite;
 use tasks::encode_row;
-use tasks::noise_offset;
+pub(crate) use tasks::noise_offset;
 pub use tasks::*;
 
 /// Modulus of the multiplicative family, f(x) = (c·x) mod 20134.

@@ -99,7 +99,7 @@ pub(super) fn encode_row(
 }
 
 /// The noise offset of one value: 0, −1, +1 with weights 1−p, p/2, p/2 (spec §1.4).
-pub(super) fn noise_offset(rng: &mut Prng, p: f64) -> i64 {
+pub(crate) fn noise_offset(rng: &mut Prng, p: f64) -> i64 {
     let u = rng.next_f64();
     if u < 1.0 - p {
         0
