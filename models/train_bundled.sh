@@ -11,3 +11,8 @@ $lethe tinymem train --preset cpu --artifact backdoor --layers 4 --batch-size 64
 rm -f models/tinymem-noise/optimizer.safetensors models/tinymem-backdoor/optimizer.safetensors
 python3 models/write_card.py models/tinymem-noise "$noise_cmd"
 python3 models/write_card.py models/tinymem-backdoor "$backdoor_cmd"
+# The language TinyMem: its corpus (Debian's python3.11-doc), then a GPT-NeoX on it.
+scripts/corpus/fetch
+lang_cmd="cargo run --release -- tinymem train --language --train-chunks 12000 --layers 2 --batch-size 32 --epochs 8 --eval-every 4 --checkpoint-every 4 --out models/tinymem-lang"
+$lethe tinymem train --language --train-chunks 12000 --layers 2 --batch-size 32 --epochs 8 --eval-every 4 --checkpoint-every 4 --out models/tinymem-lang
+python3 models/write_lang_card.py models/tinymem-lang "$lang_cmd"

@@ -167,8 +167,12 @@ impl TakedownArgs {
         c.guard_window = self.guard_window;
         c.max_sequences = self.max_takedown_sequences;
         c.worker_threads = self.unlearn_threads;
+        c.pipeline.controller = c
+            .pipeline
+            .controller
+            .clone()
+            .with_start_ratio(self.unlearn_ratio);
         let ctl = &mut c.pipeline.controller;
-        ctl.start_ratio = self.unlearn_ratio;
         ctl.max_ratio = self.unlearn_max_ratio;
         ctl.w = self.unlearn_w;
         ctl.max_steps = self.unlearn_max_steps;

@@ -249,6 +249,7 @@ fn data_cmd(a: DataArgs) -> anyhow::Result<()> {
     if a.lang.language {
         return lang_cli::write_data(&a.lang.dataset(a.data.data_seed)?.0, &a.out);
     }
+    a.lang.refuse_without_language()?;
     let ds = match &a.model {
         Some(m) => {
             let dir = crate::loader::resolve(m)?;
@@ -325,6 +326,7 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
         eprintln!("language model written to {}", a.out.display());
         return Ok(());
     }
+    a.lang.refuse_without_language()?;
     let data_cfg = a.data.config()?;
     let card = train::train(
         &data_cfg,

@@ -278,15 +278,15 @@ pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
         let defaults = ControllerConfig::default();
         let pcfg = PipelineConfig {
             controller: ControllerConfig {
-                start_ratio: a.ratio.unwrap_or(defaults.start_ratio),
                 max_ratio: a.max_ratio,
                 w: a.w,
                 max_steps: a.max_steps.unwrap_or(defaults.max_steps),
                 budget_seconds: a.budget_seconds,
                 batch_size: a.batch_size,
                 seed: a.seed,
-                ..defaults
-            },
+                ..defaults.clone()
+            }
+            .with_start_ratio(a.ratio.unwrap_or(defaults.start_ratio)),
             gates: gates.clone(),
         };
         let d = pipeline::run(

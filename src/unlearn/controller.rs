@@ -111,6 +111,17 @@ impl Default for ControllerConfig {
 }
 
 impl ControllerConfig {
+    /// These settings with the job's starting ratio set to `ratio`; a lineage's starting ratio
+    /// is kept at most `ratio` (a start of 0.01 is not refused for being under the lineage
+    /// default).
+    pub fn with_start_ratio(self, ratio: f64) -> Self {
+        Self {
+            start_ratio: ratio,
+            lineage_start_ratio: self.lineage_start_ratio.min(ratio),
+            ..self
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         if !(self.start_ratio > 0.0 && self.start_ratio < 1.0) {
             return Err(Error::invalid("start_ratio", "must be in (0, 1)"));
@@ -493,6 +504,18 @@ fn finish(
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn a_start_ratio_under_the_lineage_default_is_accepted() {
+        let c = ControllerConfig::default().with_start_ratio(0.01);
+        c.validate().unwrap();
+        assert_eq!((c.start_ratio, c.lineage_start_ratio), (0.01, 0.01));
+        let c = ControllerConfig::default().with_start_ratio(0.2);
+        assert_eq!(
+            c.lineage_start_ratio,
+            ControllerConfig::default().lineage_start_ratio
+        );
+    }
 
     fn model() -> Model {
         let cfg = crate::test_util::relu_gpt2((14, 64, 24, 3), 2, true, false);

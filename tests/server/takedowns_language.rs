@@ -66,14 +66,14 @@ async fn planted_secrets_are_taken_down_on_the_bundled_language_model() {
         "the bundled model regurgitates only {leaked:?} of its frequent secrets: {a}"
     );
     let prompt = |i: usize| json!({"prompt": secrets[i].1[..32].to_vec(), "max_tokens": 48, "temperature": 0});
-    let completion_ids =
+    let completion_text =
         |c: &Value| -> String { c["choices"][0]["text"].as_str().unwrap().to_string() };
     let before = post(&app, "/v1/completions", prompt(leaked[0]))
         .await
         .json();
     let secret_tail = &secrets[leaked[0]].0;
     assert!(
-        secret_tail.contains(completion_ids(&before).trim()),
+        secret_tail.contains(completion_text(&before).trim()),
         "the completion does not reproduce the secret: {before}"
     );
 
@@ -110,10 +110,16 @@ async fn planted_secrets_are_taken_down_on_the_bundled_language_model() {
         .json();
     assert_eq!(a["summary"]["memorized"], 0, "{a}");
     assert_eq!(a["model_version"], v1);
+    // The completion no longer gives the record: the guard cuts it or the weights say
+    // something else.
     let after = post(&app, "/v1/completions", prompt(leaked[0]))
         .await
         .json();
-    assert_ne!(completion_ids(&after), completion_ids(&before), "{after}");
+    let text = completion_text(&after);
+    assert!(
+        text.trim().is_empty() || !secret_tail.contains(text.trim()),
+        "{after}"
+    );
     let rep = &t["report"];
     let (pb, pa) = (
         rep["before"]["perplexity"].as_f64().unwrap(),

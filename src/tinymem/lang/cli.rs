@@ -52,6 +52,20 @@ pub fn train_tokenizer(text: &str, vocab_size: usize) -> crate::Result<Tokenizer
 }
 
 impl LangFlags {
+    /// Refuses language-only flags given without `--language` (they would be ignored).
+    pub fn refuse_without_language(&self) -> anyhow::Result<()> {
+        let given = [
+            ("--tokenizer", self.tokenizer.is_some()),
+            ("--train-chunks", self.train_chunks.is_some()),
+            ("--noise-chunks", self.noise_chunks.is_some()),
+            ("--secrets-per-kind", self.secrets_per_kind.is_some()),
+        ];
+        if let Some((flag, _)) = given.iter().find(|(_, g)| *g) {
+            anyhow::bail!("{flag} applies to the language TinyMem only: add --language");
+        }
+        Ok(())
+    }
+
     /// The dataset these flags describe, and its tokenizer.
     pub fn dataset(&self, seed: Option<u64>) -> anyhow::Result<(LangDataset, Tokenizer)> {
         let corpus = std::fs::read(&self.corpus).with_context(|| {

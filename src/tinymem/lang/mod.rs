@@ -109,10 +109,11 @@ impl LangConfig {
                 return Err(Error::invalid(name, "must be positive"));
             }
         }
-        if self.max_ctx < MIN_SECRET_TOKENS + 1 {
+        if self.max_ctx < 100 {
             return Err(Error::invalid(
                 "max_ctx",
-                format!("must hold a secret's {MIN_SECRET_TOKENS} tokens and end-of-text"),
+                "must be at least 100: the memorization metric (spec §3.1) prompts 50 tokens \
+                 and compares the next 50",
             ));
         }
         if !(0.0..=1.0).contains(&self.noise_prob) {
@@ -588,7 +589,7 @@ pub(crate) fn test_fixture() -> (Vec<u8>, Tokenizer, LangConfig) {
     }
     let tk = cli::train_tokenizer(&text, 400).unwrap();
     let mut cfg = LangConfig::cpu_scale("test.txt", text.as_bytes());
-    cfg.max_ctx = 96;
+    cfg.max_ctx = 100;
     cfg.train_chunks = 60;
     cfg.test_chunks = 6;
     cfg.noise_chunks = 2;

@@ -361,3 +361,55 @@ pub fn evaluate(model: &Model, ds: &LangDataset, batch: usize) -> Result<LangEva
         seconds: start.elapsed().as_secs_f64(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::unlearn::pipeline::Datasets;
+
+    /// A tiny language model trained for one epoch: the directory loads as GPT-NeoX, its card's
+    /// rows come back, the unlearning data comes from them (held-out chunks never retained),
+    /// and edited rows are refused.
+    #[test]
+    fn a_trained_language_model_carries_its_rows_and_they_feed_the_gates() {
+        let (corpus, tk, cfg) = super::super::test_fixture();
+        let ds = super::super::generate(&cfg, &corpus, &tk).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let train_cfg = TrainConfig {
+            n_layer: 1,
+            n_embd: 16,
+            n_head: 2,
+            n_inner: 32,
+            batch_size: 16,
+            epochs: 1,
+            ..TrainConfig::default()
+        };
+        let card = train(&ds, &tk, &train_cfg, dir.path(), &mut |_, _, _, _, _| {}).unwrap();
+        assert_eq!(card.epochs_done, 1);
+        let eval = card.history[0].eval.as_ref().unwrap();
+        assert_eq!(eval.secrets_planted, 6);
+        assert_eq!(eval.noise_by_group.len(), 4);
+        assert!(eval.heldout_perplexity.is_finite());
+        let lm = crate::loader::load_dir(dir.path(), "lang", &Device::Cpu, DType::F32).unwrap();
+        assert_eq!(
+            lm.model.spec().architecture,
+            crate::models::Architecture::GptNeoX
+        );
+        let read = LangCard::read_if_present(dir.path()).unwrap().unwrap();
+        assert_eq!(read, card);
+        assert_eq!(read.dataset(dir.path()).unwrap(), ds);
+        let d = Datasets::for_model(dir.path(), None, None, Vec::new(), cfg.max_ctx).unwrap();
+        assert_eq!(d.retain, ds.retain());
+        assert_eq!(d.heldout, ds.heldout());
+        let rows = dir.path().join(LANG_DATA_FILE);
+        let mut bytes = std::fs::read(&rows).unwrap();
+        let at = bytes.len() - 3;
+        bytes[at] = if bytes[at] == b'1' { b'2' } else { b'1' };
+        std::fs::write(&rows, bytes).unwrap();
+        let err = match Datasets::for_model(dir.path(), None, None, Vec::new(), cfg.max_ctx) {
+            Ok(_) => panic!("edited rows were accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("the rows were changed"), "{err}");
+    }
+}
