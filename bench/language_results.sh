@@ -9,8 +9,11 @@
 # The forget sets are what `lethe tinymem audit --out` finds memorized: the noised rows (judged
 # as spec §3.1: clean 50-token prompt, noised 50 tokens, `--definition tinymem`), the backdoored
 # held-out rows (prompt through the trigger) and the planted secrets (the GPT-NeoX default,
-# pythia: 32 + 48 tokens). Each method runs with `lethe unlearn`'s defaults and `--no-gates`, so
-# the weights are written and measured whether the gates pass or not.
+# pythia: 32 + 48 tokens). Each method runs with `lethe unlearn`'s defaults: BalancedSubnet is
+# the takedown controller, held to the default gates (+2 % held-out perplexity); Subnet and
+# Durable have no controller and run with `--no-gates`, so their weights are written and measured
+# whatever their drift. Durable needs equal-length rows: the secrets are cut to the 80 tokens the
+# pythia definition audits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 lethe=${LETHE:-target/release/lethe}
@@ -27,13 +30,26 @@ for role in noised backdoored secret; do
   [ -s "$out/$role.jsonl" ] || { echo "nothing memorized for $role" >&2; continue; }
   def=()
   [ "$role" = noised ] && def=(--definition tinymem)
-  for method in balanced-subnet subnet durable; do
-    run="$out/$role-$method"
-    start=$(date +%s.%N)
-    "$lethe" unlearn --model "$model" --forget "$out/$role.jsonl" --method "$method" "${def[@]}" \
-      --no-gates --out "$run" > "$run.report.json" 2> "$run.log"
-    end=$(date +%s.%N)
-    echo "{\"seconds\": $(echo "$end - $start" | bc)}" > "$run.time.json"
+  for spec in balanced-subnet subnet:0.01 subnet:0.03 subnet:0.1 subnet:0.3 durable:0.01 durable:0.03 durable:0.1; do
+    method=${spec%%:*}
+    ratio=()
+    [ "$spec" != "$method" ] && ratio=(--ratio "${spec#*:}")
+    run="$out/$role-${spec/:/-}"
+    forget="$out/$role.jsonl"
+    gates=(--no-gates)
+    [ "$method" = balanced-subnet ] && gates=()
+    if [ "$method" = durable ] && [ "$role" = secret ]; then
+      python3 -c 'import json,sys
+for l in open(sys.argv[1]):
+    r = json.loads(l); print(json.dumps({"ids": r["ids"][:80]}))' "$forget" > "$out/secret80.jsonl"
+      forget="$out/secret80.jsonl"
+    fi
+    start=$(date +%s%N)
+    "$lethe" unlearn --model "$model" --forget "$forget" --method "$method" "${ratio[@]}" "${def[@]}" \
+      "${gates[@]}" --out "$run" > "$run.report.json" 2> "$run.log" || failed=1
+    end=$(date +%s%N)
+    echo "{\"seconds\": $(( (end - start) / 1000000 ))e-3}" > "$run.time.json"
+    if [ "${failed:-0}" = 1 ]; then echo "$run: $(tail -1 "$run.log")" >&2; failed=0; continue; fi
     "$lethe" tinymem eval --model "$run" > "$run.eval.json"
   done
 done
@@ -49,13 +65,21 @@ def mem(e, role):
     return 100 * e["secrets_extractable"] / e["secrets_planted"]
 print("| forget set | method | memorized before → after (%) | held-out perplexity change (%) | seconds |")
 print("|---|---|---|---|---|")
+runs = ["balanced-subnet"] + [f"{m}-{r}" for m in ["subnet", "durable"] for r in ["0.01", "0.03", "0.1", "0.3"]]
 for role in ["noised", "backdoored", "secret"]:
-    for method in ["balanced-subnet", "subnet", "durable"]:
+    for run in runs:
+        name = run.replace("-0", " --ratio 0")
         try:
-            e = json.load(open(f"{out}/{role}-{method}.eval.json"))
-            t = json.load(open(f"{out}/{role}-{method}.time.json"))["seconds"]
+            t = json.load(open(f"{out}/{role}-{run}.time.json"))["seconds"]
         except FileNotFoundError:
             continue
+        try:
+            e = json.load(open(f"{out}/{role}-{run}.eval.json"))
+        except FileNotFoundError:
+            # Rejected by the gates: no weights written; its report says why.
+            r = json.load(open(f"{out}/{role}-{run}/report.json"))
+            print(f"| {role} | {name} | rejected: {'; '.join(r['gates_failed'])} | | {t:.0f} |")
+            continue
         dp = 100 * (e["heldout_perplexity"] / base["heldout_perplexity"] - 1)
-        print(f"| {role} | {method} | {mem(base, role):.1f} → {mem(e, role):.1f} | {dp:+.2f} | {t:.0f} |")
+        print(f"| {role} | {name} | {mem(base, role):.1f} → {mem(e, role):.1f} | {dp:+.2f} | {t:.0f} |")
 PY
