@@ -17,6 +17,78 @@ fn lethe(args: &[&str]) -> std::process::Output {
         .expect("the lethe binary runs")
 }
 
+/// `lethe tinymem data --model` writes a language model's rows exactly as it carries them,
+/// `tinymem eval`/`audit` measure it as a language model, and flags of the other variant are
+/// refused by name instead of being ignored.
+#[test]
+fn tinymem_commands_handle_the_language_model() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model = root.join("models/tinymem-lang");
+    let dir = tempfile::tempdir().unwrap();
+    let rows = dir.path().join("rows.jsonl");
+    let out = lethe(&[
+        "tinymem",
+        "data",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        rows.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(&rows).unwrap(),
+        std::fs::read(model.join("lethe_language_data.jsonl")).unwrap()
+    );
+    let forget = dir.path().join("forget.jsonl");
+    let out = lethe(&[
+        "tinymem",
+        "audit",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        forget.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["artifact"], "language", "{summary}");
+    let lines = std::fs::read_to_string(&forget).unwrap();
+    let secrets = lines
+        .lines()
+        .filter(|l| l.contains("\"role\":\"secret\""))
+        .count();
+    assert_eq!(
+        secrets as u64,
+        summary["secrets_extractable"].as_u64().unwrap()
+    );
+    for (args, flag) in [
+        (
+            vec!["tinymem", "data", "--language", "--artifact", "backdoor"],
+            "--artifact",
+        ),
+        (
+            vec!["tinymem", "data", "--train-chunks", "10"],
+            "--train-chunks",
+        ),
+    ] {
+        let mut args = args;
+        args.extend(["--out", rows.to_str().unwrap()]);
+        let out = lethe(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(flag),
+            "{args:?}: {err}"
+        );
+    }
+}
+
 #[test]
 fn score_prints_one_json_object_per_line() {
     let dir = tempfile::tempdir().unwrap();

@@ -247,6 +247,7 @@ fn data_cmd(a: DataArgs) -> anyhow::Result<()> {
         }
     }
     if a.lang.language {
+        lang_cli::refuse_math_flags(&a.data)?;
         return lang_cli::write_data(&a.lang.dataset(a.data.data_seed)?.0, &a.out);
     }
     a.lang.refuse_without_language()?;
@@ -303,6 +304,7 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
         bar.set_message(format!("loss {loss:.4} {tps:.0} tok/s"));
     };
     if a.lang.language {
+        lang_cli::refuse_math_flags(&a.data)?;
         lang_cli::check_train_out(&a.out, a.resume)?;
         let (ds, tk) = a.lang.dataset(a.data.data_seed)?;
         let card = super::lang::model::train(&ds, &tk, &cfg, &a.out, &mut progress)?;

@@ -51,6 +51,26 @@ pub fn train_tokenizer(text: &str, vocab_size: usize) -> crate::Result<Tokenizer
     crate::tokenizer::train_byte_level_bpe(paragraphs, vocab_size, &[END_OF_TEXT])
 }
 
+/// Refuses the math data flags next to `--language` (they would be ignored).
+pub fn refuse_math_flags(d: &super::super::cli::DataFlags) -> anyhow::Result<()> {
+    let given = [
+        ("--family", d.family.is_some()),
+        ("--artifact", d.artifact.is_some()),
+        ("--num-main", d.num_main.is_some()),
+        ("--num-aux", d.num_aux.is_some()),
+        ("--num-test", d.num_test.is_some()),
+        ("--num-noise", d.num_noise.is_some()),
+        ("--noise-repeat", d.noise_repeat.is_some()),
+    ];
+    if let Some((flag, _)) = given.iter().find(|(_, g)| *g) {
+        anyhow::bail!(
+            "{flag} applies to the math TinyMem only; the language data has its own flags \
+             (--train-chunks, --noise-chunks, --secrets-per-kind)"
+        );
+    }
+    Ok(())
+}
+
 impl LangFlags {
     /// Refuses language-only flags given without `--language` (they would be ignored).
     pub fn refuse_without_language(&self) -> anyhow::Result<()> {
