@@ -339,6 +339,16 @@ fn check_row(r: &LangRow, max_ctx: usize, vocab: usize) -> std::result::Result<(
         }
     };
     ids_ok("ids", &r.ids)?;
+    if r.role == LangRole::Secret {
+        match r.len {
+            Some(len) if (MIN_SECRET_TOKENS..=max_ctx).contains(&len) => {}
+            other => {
+                return Err(format!(
+                    "a secret row needs `len` in {MIN_SECRET_TOKENS}..={max_ctx}, not {other:?}"
+                ))
+            }
+        }
+    }
     let twin = matches!(r.role, LangRole::Noised | LangRole::Backdoored);
     match (&r.clean_ids, twin) {
         (Some(c), true) => ids_ok("clean_ids", c),
@@ -697,5 +707,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("JSONL line 4"), "{err}");
+        // A secret too short for the pythia definition would be sliced past its end.
+        let mut lines: Vec<String> = text.lines().map(String::from).collect();
+        let at = lines
+            .iter()
+            .position(|l| l.contains("\"role\":\"secret\""))
+            .unwrap();
+        let row: serde_json::Value = serde_json::from_str(&lines[at]).unwrap();
+        let len = row["len"].as_u64().unwrap();
+        lines[at] = lines[at].replace(&format!("\"len\":{len}"), "\"len\":20");
+        let err = LangDataset::read_jsonl(lines.join("\n").as_bytes())
+            .unwrap_err()
+            .to_string();
+        let line = format!("JSONL line {}", at + 1);
+        assert!(err.contains(&line) && err.contains("len"), "{err}");
     }
 }
