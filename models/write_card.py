@@ -17,24 +17,33 @@ import subprocess
 import sys
 
 
-def main() -> None:
-    model_dir, command = sys.argv[1], sys.argv[2]
-    note = sys.argv[3] if len(sys.argv) > 3 else None
-    card = json.load(open(os.path.join(model_dir, "lethe_tinymem.json")))
+def lethe_eval(model_dir: str) -> tuple:
+    """`target/release/lethe tinymem eval --model DIR --json`: its output and that parsed."""
     ev = subprocess.run(
         ["target/release/lethe", "tinymem", "eval", "--model", model_dir, "--json"],
         check=True, capture_output=True, text=True,
     ).stdout.strip()
-    r = json.loads(ev)
-    data, train = card["data"], card["train"]
-    cpu = "unknown CPU"
+    return ev, json.loads(ev)
+
+
+def cpu_name() -> str:
+    """This machine's CPU model, as /proc/cpuinfo names it."""
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return "unknown CPU"
+
+
+def main() -> None:
+    model_dir, command = sys.argv[1], sys.argv[2]
+    note = sys.argv[3] if len(sys.argv) > 3 else None
+    card = json.load(open(os.path.join(model_dir, "lethe_tinymem.json")))
+    ev, r = lethe_eval(model_dir)
+    data, train = card["data"], card["train"]
+    cpu = cpu_name()
     name = os.path.basename(os.path.normpath(model_dir))
     artifact = data["artifact"]
     lines = [

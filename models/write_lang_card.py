@@ -7,25 +7,15 @@ card `lethe_language.json` and `lethe tinymem eval --model DIR`, quoted verbatim
 """
 import json
 import platform
-import subprocess
 import sys
+
+from write_card import cpu_name, lethe_eval
 
 d, cmd = sys.argv[1], sys.argv[2]
 card = json.load(open(f"{d}/lethe_language.json"))
-ev = subprocess.run(
-    ["target/release/lethe", "tinymem", "eval", "--model", d],
-    check=True, capture_output=True, text=True,
-).stdout
-e = json.loads(ev)
+_, e = lethe_eval(d)
 data, train = card["data"], card["train"]
-cpu = "unknown CPU"
-try:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-except OSError:
-    pass
+cpu = cpu_name()
 rows = []
 for h in card["history"]:
     ev_h = h.get("eval")

@@ -22,6 +22,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use super::data::{self, Artifact, DataConfig, Family};
 use super::eval::{self, EvalParams};
 use super::lang::cli::{self as lang_cli, LangFlags};
+use super::lang::model as lang_model;
+use super::lang::LangCard;
 use super::train::{self, Card, TrainConfig};
 use crate::loader::ModelArgs;
 
@@ -242,7 +244,7 @@ fn tokenizer_cmd(a: TokenizerArgs) -> anyhow::Result<()> {
 fn data_cmd(a: DataArgs) -> anyhow::Result<()> {
     if let Some(m) = &a.model {
         let dir = crate::loader::resolve(m)?;
-        if let Some(card) = lang_cli::card(&dir)? {
+        if let Some(card) = LangCard::read_if_present(&dir)? {
             return lang_cli::write_data(&card.dataset(&dir)?, &a.out);
         }
     }
@@ -365,8 +367,9 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
 
 fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
     let lm = a.model.load()?;
-    if let Some(card) = lang_cli::card(&lm.dir)? {
-        return lang_cli::eval(&lm.model, &lm.dir, &card, a.batch_size);
+    if let Some(card) = LangCard::read_if_present(&lm.dir)? {
+        let ds = card.dataset(&lm.dir)?;
+        return print_json(&lang_model::evaluate(&lm.model, &ds, a.batch_size)?, a.json);
     }
     let card = Card::read(&lm.dir)
         .with_context(|| format!("{} is not a TinyMem model directory", lm.dir.display()))?;
@@ -375,11 +378,15 @@ fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
         batch_size: a.batch_size,
         ..EvalParams::default()
     };
-    let r = eval::evaluate(&lm.model, &ds, &params)?;
-    if a.json {
-        println!("{}", serde_json::to_string(&r)?);
+    print_json(&eval::evaluate(&lm.model, &ds, &params)?, a.json)
+}
+
+/// Prints `v` as JSON on stdout: one line with `compact`, indented otherwise.
+fn print_json(v: &impl serde::Serialize, compact: bool) -> anyhow::Result<()> {
+    if compact {
+        println!("{}", serde_json::to_string(v)?);
     } else {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        println!("{}", serde_json::to_string_pretty(v)?);
     }
     Ok(())
 }
@@ -399,7 +406,7 @@ pub struct AuditArgs {
 /// held-out triggered rows it completes with the backdoor (backdoor models).
 fn audit_cmd(a: AuditArgs) -> anyhow::Result<()> {
     let lm = a.model.load()?;
-    if let Some(card) = lang_cli::card(&lm.dir)? {
+    if let Some(card) = LangCard::read_if_present(&lm.dir)? {
         return lang_cli::audit(&lm, &card, a.batch_size, a.out.as_deref());
     }
     let card = Card::read(&lm.dir)

@@ -143,16 +143,57 @@ impl TrainConfig {
     }
 }
 
-/// One epoch's record in the card.
+/// One epoch's record in a card; `E` is the card's evaluation (the math TinyMem's
+/// [`EvalReport`], the language TinyMem's `LangEval`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EpochLog {
+pub struct EpochLog<E = EvalReport> {
     pub epoch: usize,
     /// Mean training loss over the epoch's batches.
     pub loss: f64,
     pub seconds: f64,
     pub tokens_per_second: f64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub eval: Option<EvalReport>,
+    #[serde(default = "Option::default", skip_serializing_if = "Option::is_none")]
+    pub eval: Option<E>,
+}
+
+impl<E> EpochLog<E> {
+    /// The record of epoch `e`, evaluated by `evaluate` when `cfg.eval_every` (or the last
+    /// epoch) makes an evaluation due.
+    pub(super) fn of(
+        e: &EpochDone,
+        cfg: &TrainConfig,
+        evaluate: impl FnOnce() -> Result<E>,
+    ) -> Result<Self> {
+        Ok(Self {
+            epoch: e.epoch,
+            loss: e.mean_loss,
+            seconds: e.seconds,
+            tokens_per_second: e.tokens as f64 / e.seconds,
+            eval: e.due(cfg.eval_every, cfg).then(evaluate).transpose()?,
+        })
+    }
+}
+
+/// Reads and parses the card at `path` and checks its format (`format_of` reads it); every
+/// error names the file.
+pub(super) fn read_card<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    expected: &str,
+    format_of: impl Fn(&T) -> &str,
+) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let card: T = serde_json::from_str(&text)
+        .map_err(|e| Error::config(path.display().to_string(), e.to_string()))?;
+    if format_of(&card) != expected {
+        return Err(Error::config(
+            path.display().to_string(),
+            format!("format {:?}, expected {expected:?}", format_of(&card)),
+        ));
+    }
+    Ok(card)
 }
 
 /// `lethe_tinymem.json`: how a model was made.
@@ -170,20 +211,7 @@ pub struct Card {
 impl Card {
     /// Reads the card of a model directory.
     pub fn read(dir: &Path) -> Result<Self> {
-        let path = dir.join(CARD_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
-            path: path.clone(),
-            source,
-        })?;
-        let card: Card = serde_json::from_str(&text)
-            .map_err(|e| Error::config(path.display().to_string(), e.to_string()))?;
-        if card.format != CARD_FORMAT {
-            return Err(Error::config(
-                path.display().to_string(),
-                format!("format {:?}, expected {CARD_FORMAT:?}", card.format),
-            ));
-        }
-        Ok(card)
+        read_card(&dir.join(CARD_FILE), CARD_FORMAT, |c: &Card| &c.format)
     }
 
     /// The card in `dir`, `None` when there is none (not a TinyMem model). A card that exists
@@ -299,27 +327,16 @@ pub fn train(
             card.train_seconds += e.seconds;
             card.epochs_done = e.epoch;
             card.steps_done += e.steps as u64;
-            let last = e.epoch == cfg.epochs;
-            let due = |every: usize| last || (every > 0 && e.epoch.is_multiple_of(every));
-            let eval = if due(cfg.eval_every) {
-                Some(eval::evaluate(
+            card.history.push(EpochLog::of(&e, cfg, || {
+                eval::evaluate(
                     // An untracked copy: it runs the inference kernels, so its evaluation equals what
                     // `lethe tinymem eval` computes on the written checkpoint.
                     &model.detached("training snapshot")?,
                     &ds,
                     eval_params,
-                )?)
-            } else {
-                None
-            };
-            card.history.push(EpochLog {
-                epoch: e.epoch,
-                loss: e.mean_loss,
-                seconds: e.seconds,
-                tokens_per_second: e.tokens as f64 / e.seconds,
-                eval,
-            });
-            if due(cfg.checkpoint_every) {
+                )
+            })?);
+            if e.due(cfg.checkpoint_every, cfg) {
                 save_checkpoint(out, &model, &model_cfg, Some(opt), CARD_FILE, &card)?;
             }
             Ok(())
@@ -339,6 +356,13 @@ pub(super) struct EpochDone {
     pub seconds: f64,
     pub tokens: usize,
     pub steps: usize,
+}
+
+impl EpochDone {
+    /// Whether something done every `every` epochs (0: only after the last) is due now.
+    pub fn due(&self, every: usize, cfg: &TrainConfig) -> bool {
+        self.epoch == cfg.epochs || (every > 0 && self.epoch.is_multiple_of(every))
+    }
 }
 
 /// Epochs `first..cfg.epochs` over `rows` (each `t` tokens): every epoch a fresh shuffle seeded

@@ -123,30 +123,12 @@ impl LangFlags {
     }
 }
 
-/// The language card of `dir`, if it has one.
-pub fn card(dir: &Path) -> anyhow::Result<Option<LangCard>> {
-    Ok(LangCard::read_if_present(dir)?)
-}
-
 /// Writes `ds` as JSONL to `out`, whole and then renamed into place.
 pub fn write_data(ds: &LangDataset, out: &Path) -> anyhow::Result<()> {
     let mut w = Vec::new();
     ds.write_jsonl(&mut w)?;
     crate::util::write_atomic(out, &w)?;
     eprintln!("wrote {} rows to {}", ds.rows.len(), out.display());
-    Ok(())
-}
-
-/// Prints the evaluation of the language model in `dir` as JSON.
-pub fn eval(
-    model: &crate::models::Model,
-    dir: &Path,
-    card: &LangCard,
-    batch: usize,
-) -> anyhow::Result<()> {
-    let ds = card.dataset(dir)?;
-    let r = model::evaluate(model, &ds, batch)?;
-    println!("{}", serde_json::to_string_pretty(&r)?);
     Ok(())
 }
 

@@ -26,7 +26,9 @@ use serde::{Deserialize, Serialize};
 
 use super::super::data::Split;
 use super::super::eval::{self, EvalParams};
-use super::super::train::{named_vars, run_epochs, save_checkpoint, Progress, TrainConfig};
+use super::super::train::{
+    named_vars, read_card, run_epochs, save_checkpoint, EpochLog, Progress, TrainConfig,
+};
 use super::{sha256_hex, LangDataset, LangRole, LangRow, SecretKind};
 use crate::audit::{self, AuditItem, Definition};
 use crate::error::{Error, Result};
@@ -58,15 +60,7 @@ pub struct LangCard {
 }
 
 /// One epoch's record in the card.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LangEpochLog {
-    pub epoch: usize,
-    pub loss: f64,
-    pub seconds: f64,
-    pub tokens_per_second: f64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub eval: Option<LangEval>,
-}
+pub type LangEpochLog = EpochLog<LangEval>;
 
 impl LangCard {
     /// The card in `dir`, `None` when there is none. A card that exists but cannot be read,
@@ -76,19 +70,7 @@ impl LangCard {
         if !path.exists() {
             return Ok(None);
         }
-        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
-            path: path.clone(),
-            source,
-        })?;
-        let card: LangCard = serde_json::from_str(&text)
-            .map_err(|e| Error::config(path.display().to_string(), e.to_string()))?;
-        if card.format != LANG_CARD_FORMAT {
-            return Err(Error::config(
-                path.display().to_string(),
-                format!("format {:?}, expected {LANG_CARD_FORMAT:?}", card.format),
-            ));
-        }
-        Ok(Some(card))
+        read_card(&path, LANG_CARD_FORMAT, |c: &LangCard| &c.format).map(Some)
     }
 
     /// The rows the model in `dir` was trained and is evaluated on, checked against the card.
@@ -201,21 +183,10 @@ pub fn train(
             card.train_seconds += e.seconds;
             card.epochs_done = e.epoch;
             card.steps_done += e.steps as u64;
-            let last = e.epoch == cfg.epochs;
-            let due = |every: usize| last || (every > 0 && e.epoch.is_multiple_of(every));
-            let eval = if due(cfg.eval_every) {
-                Some(evaluate(&model.detached("training snapshot")?, ds, 64)?)
-            } else {
-                None
-            };
-            card.history.push(LangEpochLog {
-                epoch: e.epoch,
-                loss: e.mean_loss,
-                seconds: e.seconds,
-                tokens_per_second: e.tokens as f64 / e.seconds,
-                eval,
-            });
-            if due(cfg.checkpoint_every) {
+            card.history.push(EpochLog::of(&e, cfg, || {
+                evaluate(&model.detached("training snapshot")?, ds, 64)
+            })?);
+            if e.due(cfg.checkpoint_every, cfg) {
                 save_checkpoint(out, &model, &model_cfg, None, LANG_CARD_FILE, &card)?;
             }
             Ok(())
