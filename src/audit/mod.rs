@@ -5,11 +5,15 @@
 //! any caller can supply its own prompt/target pairs ([`AuditItem`]).
 //!
 //! Invariants:
-//! - An item counts as memorized only when all `n` generated tokens equal its target; the
-//!   model's EOS is banned and generation never stops early (spec §3.1, where for TinyMem noise
-//!   rows the prompt is the *clean* prefix and the target the *noised* continuation).
-//! - Every item is judged on its own, so results do not depend on batching: items are decoded
-//!   in left-padded batches through [`crate::engine::generate`], which keeps rows independent.
+//! - An item counts as memorized only when all `n` greedily generated tokens would equal its
+//!   target; the model's EOS is banned and generation never stops early (spec §3.1, where for
+//!   TinyMem noise rows the prompt is the *clean* prefix and the target the *noised*
+//!   continuation).
+//! - The verdict (`memorized`, `matched_prefix`) comes from one teacher-forced pass
+//!   ([`crate::engine::teacher`]), which equals step-by-step greedy decoding; items are decoded
+//!   only when the caller asks for the generated tokens ([`AuditOptions::generate`]).
+//! - Extraction risk beyond one greedy query ([`risk`]) is measured only when asked for.
+//! - Every item is judged on its own, so results do not depend on batching.
 //! - The model is only read.
 //! - Bad input is an error, never a panic: an empty prompt or target is refused before any
 //!   decoding (naming `items[i]`), a definition that is unknown or has `k` or `n` outside
@@ -20,9 +24,13 @@ use std::str::FromStr;
 use std::time::Instant;
 
 pub mod cli;
+pub mod risk;
+
+pub use risk::{Risk, RiskOptions};
 
 use serde::{Deserialize, Serialize};
 
+use crate::engine::teacher::{teacher_forced, TeacherOptions, TeacherResult};
 use crate::engine::{self, GenerateRequest};
 use crate::error::{Error, Result};
 use crate::models::Model;
@@ -252,17 +260,54 @@ impl AuditRow {
 /// The verdict on one item.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditResult {
-    /// All `n` target tokens reproduced exactly.
+    /// All `n` target tokens reproduced exactly by greedy decoding.
     pub memorized: bool,
-    /// Length of the longest matching prefix of the continuation.
+    /// Length of the longest prefix of the target that greedy decoding reproduces.
     pub matched_prefix: usize,
-    /// Fraction of the `n` positions where the continuation equals the target.
-    pub match_fraction: f64,
-    /// The greedy continuation (`n` tokens).
-    pub generated_ids: Vec<u32>,
-    /// Its text, when a tokenizer was given.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// With generation ([`AuditOptions::generate`]): fraction of the `n` positions where the
+    /// greedy continuation equals the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub match_fraction: Option<f64>,
+    /// With generation: the greedy continuation (`n` tokens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generated_ids: Option<Vec<u32>>,
+    /// With generation and a tokenizer: its text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generated_text: Option<String>,
+    /// With [`AuditOptions::risk`]: extraction risk beyond the one greedy query.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub risk: Option<Risk>,
+}
+
+impl AuditResult {
+    /// Extractable by any measure the audit took: greedy, sampling ((n, p)-discoverable) or a
+    /// perturbed prompt.
+    pub fn extractable(&self) -> bool {
+        self.memorized || self.risk.as_ref().is_some_and(Risk::extractable)
+    }
+}
+
+/// How to audit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditOptions {
+    /// Items per forward pass (or per decoding batch).
+    pub batch_size: usize,
+    /// Also decode each item greedily, for `generated_ids`, `generated_text` and
+    /// `match_fraction`; the verdict is then that decoding's (which the single pass equals).
+    pub generate: bool,
+    /// Measure extraction risk beyond one greedy query.
+    pub risk: Option<RiskOptions>,
+}
+
+impl AuditOptions {
+    /// The single-pass greedy verdict only, `batch_size` items per pass.
+    pub fn greedy(batch_size: usize) -> Self {
+        Self {
+            batch_size,
+            generate: false,
+            risk: None,
+        }
+    }
 }
 
 /// Totals over an audit.
@@ -273,14 +318,34 @@ pub struct AuditSummary {
     /// `memorized / sequences` (0 for an empty audit).
     pub rate: f64,
     pub seconds: f64,
+    /// With risk: items (n, p)-discoverable by sampling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discoverable: Option<usize>,
+    /// With risk: items some perturbed prompt still extracts greedily.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub perturbed_memorized: Option<usize>,
+    /// With risk: items extractable by any measure ([`AuditResult::extractable`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extractable: Option<usize>,
 }
 
-/// Audits `items`, `batch_size` at a time.
+/// Audits `items`, `batch_size` per forward pass: the single-pass greedy verdict.
 pub fn audit(
     model: &Model,
     tokenizer: Option<&Tokenizer>,
     items: &[AuditItem],
     batch_size: usize,
+) -> Result<(Vec<AuditResult>, AuditSummary)> {
+    audit_with(model, tokenizer, items, &AuditOptions::greedy(batch_size))
+}
+
+/// Audits `items` as `opts` asks: the single-pass verdict ([`engine::teacher`]) by default,
+/// greedy decoding where generation is asked for, and extraction risk where it is configured.
+pub fn audit_with(
+    model: &Model,
+    tokenizer: Option<&Tokenizer>,
+    items: &[AuditItem],
+    opts: &AuditOptions,
 ) -> Result<(Vec<AuditResult>, AuditSummary)> {
     let start = Instant::now();
     let eos = model.spec().eos_token_id;
@@ -292,21 +357,59 @@ pub fn audit(
             ));
         }
     }
-    let mut results = Vec::with_capacity(items.len());
-    for chunk in items.chunks(batch_size.max(1)) {
-        let reqs: Vec<GenerateRequest> = chunk.iter().map(|it| request(it, eos)).collect();
-        for (it, g) in chunk.iter().zip(engine::generate(model, None, &reqs)?) {
-            results.push(judge(it, g.tokens, tokenizer)?);
+    let mut results = if opts.generate {
+        let mut results = Vec::with_capacity(items.len());
+        for chunk in items.chunks(opts.batch_size.max(1)) {
+            let reqs: Vec<GenerateRequest> = chunk.iter().map(|it| request(it, eos)).collect();
+            for (it, g) in chunk.iter().zip(engine::generate(model, None, &reqs)?) {
+                results.push(judge(it, g.tokens, tokenizer)?);
+            }
         }
+        results
+    } else {
+        let pairs: Vec<(&[u32], &[u32])> = items.iter().map(|it| (&it.prompt[..], &it.target[..])).collect();
+        let t = teacher_forced(model, &pairs, &teacher_options(model, opts.batch_size, None))?;
+        items.iter().zip(&t).map(|(it, t)| verdict(it, t)).collect()
+    };
+    if let Some(r) = &opts.risk {
+        let risks = risk::measure(model, items, r, opts.batch_size)?;
+        results.iter_mut().zip(risks).for_each(|(res, k)| res.risk = Some(k));
     }
     let summary = AuditSummary::of(&results, start.elapsed().as_secs_f64());
     Ok((results, summary))
+}
+
+/// The teacher-forced options an audit runs with: EOS banned, and `full` with the given
+/// sampling temperature when one is given.
+pub(crate) fn teacher_options(model: &Model, batch_size: usize, temperature: Option<f32>) -> TeacherOptions {
+    TeacherOptions {
+        banned: model.spec().eos_token_id.into_iter().collect(),
+        full: temperature.is_some(),
+        temperatures: temperature.into_iter().collect(),
+        batch_size,
+    }
+}
+
+/// The audit verdict of a teacher-forced result for `item`.
+pub fn verdict(item: &AuditItem, t: &TeacherResult) -> AuditResult {
+    AuditResult {
+        memorized: t.matched_prefix == item.target.len(),
+        matched_prefix: t.matched_prefix,
+        match_fraction: None,
+        generated_ids: None,
+        generated_text: None,
+        risk: None,
+    }
 }
 
 impl AuditSummary {
     /// Totals over `results`, which took `seconds`.
     pub fn of(results: &[AuditResult], seconds: f64) -> Self {
         let memorized = results.iter().filter(|r| r.memorized).count();
+        let risks: Vec<&Risk> = results.iter().filter_map(|r| r.risk.as_ref()).collect();
+        let with_risk = |f: &dyn Fn(&Risk) -> bool| {
+            (!risks.is_empty()).then(|| risks.iter().filter(|r| f(r)).count())
+        };
         Self {
             sequences: results.len(),
             memorized,
@@ -316,6 +419,10 @@ impl AuditSummary {
                 memorized as f64 / results.len() as f64
             },
             seconds,
+            discoverable: with_risk(&|r| r.discoverable),
+            perturbed_memorized: with_risk(&|r| r.perturbed_memorized > 0),
+            extractable: (!risks.is_empty())
+                .then(|| results.iter().filter(|r| r.extractable()).count()),
         }
     }
 }
@@ -348,9 +455,10 @@ pub fn judge(
     Ok(AuditResult {
         memorized: matched_prefix == n && generated.len() == n,
         matched_prefix,
-        match_fraction: same as f64 / n as f64,
+        match_fraction: Some(same as f64 / n as f64),
         generated_text: tokenizer.map(|t| t.decode(&generated)).transpose()?,
-        generated_ids: generated,
+        generated_ids: Some(generated),
+        risk: None,
     })
 }
 
@@ -426,7 +534,7 @@ mod tests {
         let r = judge(&it, vec![5, 6, 0, 8], None).unwrap();
         assert!(!r.memorized);
         assert_eq!(r.matched_prefix, 2);
-        assert!((r.match_fraction - 0.75).abs() < 1e-12);
+        assert!((r.match_fraction.unwrap() - 0.75).abs() < 1e-12);
         assert!(judge(&it, vec![5, 6, 7, 8], None).unwrap().memorized);
     }
 }

@@ -102,6 +102,12 @@ pub enum Job {
         seqs: Vec<Vec<u32>>,
         reply: oneshot::Sender<Result<Vec<Score>, String>>,
     },
+    /// Other model work on the engine thread, in turn with traffic: an audit's single
+    /// pass (`audit::audit_with`), which the engine does not know. It reports through its own
+    /// channel; a panic is caught and counted, and drops that channel (the waiting side sees
+    /// it closed).
+    Run(Box<dyn FnOnce() + Send>),
+
 }
 
 /// The handlers' side of the engine.
@@ -354,6 +360,11 @@ impl Engine {
                     Err(format!("the engine failed on this request ({panic})"))
                 });
                 let _ = reply.send(out);
+            }
+            Job::Run(work) => {
+                if supervise::catch("engine", work).is_err() {
+                    self.metrics.panics.with_label_values(&["engine"]).inc();
+                }
             }
         }
     }

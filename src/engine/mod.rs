@@ -19,6 +19,7 @@ pub mod generate;
 pub mod sampling;
 pub mod score;
 pub mod served;
+pub mod teacher;
 
 pub use generate::{generate, FinishReason, GenerateRequest, Generation};
 pub use sampling::{Sampler, SamplingParams};

@@ -38,6 +38,9 @@ pub use weights::{Params, Weights};
 
 use crate::error::{Error, Result};
 
+/// Values per scale in [`Model::fake_quantized`].
+pub const QUANT_BLOCK: usize = 32;
+
 /// The architectures lethe implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
@@ -326,6 +329,44 @@ impl Model {
         }
     }
 
+    /// This model with every matrix (rank ≥ 2) rounded as a `bits`-bit integer checkpoint would
+    /// hold it: blocks of [`QUANT_BLOCK`] consecutive values along each row share one scale,
+    /// their absolute maximum over `2^(bits−1) − 1` (127 for int8, 7 for int4), and each value
+    /// is rounded to the nearest multiple of it (as llama.cpp's symmetric `Q8_0`/`Q4_0` blocks
+    /// do, up to the block size). LayerNorms and biases keep their values. Forgetting that
+    /// survives only in full precision comes back under such rounding, which is what the
+    /// takedown gate's quantized audit checks.
+    pub fn fake_quantized(&self, bits: u32) -> Result<Self> {
+        if !(2..=16).contains(&bits) {
+            return Err(Error::invalid("bits", format!("{bits}: must be in 2..=16")));
+        }
+        let levels = ((1u32 << (bits - 1)) - 1) as f32;
+        let mut map = std::collections::HashMap::new();
+        for (name, t) in self.named_tensors() {
+            let t = if t.rank() >= 2 && t.dtype().is_float() {
+                let row = *t.dims().last().unwrap_or(&1);
+                let mut v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                for r in v.chunks_mut(row.max(1)) {
+                    for blk in r.chunks_mut(QUANT_BLOCK) {
+                        let max = blk.iter().fold(0f32, |m, x| m.max(x.abs()));
+                        if max > 0.0 && max.is_finite() {
+                            let scale = max / levels;
+                            blk.iter_mut().for_each(|x| *x = (*x / scale).round() * scale);
+                        }
+                    }
+                }
+                Tensor::from_vec(v, t.dims(), t.device())?.to_dtype(t.dtype())?
+            } else {
+                t.clone()
+            };
+            map.insert(name.clone(), t);
+        }
+        Model::new(
+            &self.config(),
+            &Weights::from_tensors(map, "quantized weights"),
+        )
+    }
+
     /// This model's weights as a checkpoint stored in `stored` and loaded in `loaded` would
     /// hold them (each matrix rounded through both; LayerNorms and biases through `stored`
     /// only, as [`weights::read_safetensors`] keeps them f32 for half dtypes).
@@ -388,6 +429,48 @@ impl Model {
             Self::GptNeoX(m) => m.lm_head(),
         };
         cpu::head::next_token_logprobs(hidden, head, ids)
+    }
+
+    /// The final hidden states (after the last LayerNorm) of `b` right-padded rows of `t` ids,
+    /// `[b, t, H]` row-major f32; row `r` is real up to `lens[r]`. f32 weights on the CPU take the
+    /// hand-written pass's forward (`pass::final_hidden`), everything else `forward_hidden`.
+    pub fn final_hidden(
+        &self,
+        ids: &[u32],
+        (b, t): (usize, usize),
+        lens: &[usize],
+    ) -> CResult<Vec<f32>> {
+        use pass::HandWrittenPass;
+        match self {
+            Self::Gpt2(m) if m.mlp_grads_supported() && t >= 2 => {
+                pass::final_hidden(m, ids, (b, t), lens)
+            }
+            Self::GptNeoX(m) if m.mlp_grads_supported() && t >= 2 => {
+                pass::final_hidden(m, ids, (b, t), lens)
+            }
+            _ => {
+                let ids = Tensor::from_slice(ids, (b, t), self.device())?;
+                self.forward_hidden(&Inputs::causal(&ids, 0)?, None, None)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()
+            }
+        }
+    }
+
+    /// Calls `f(i, logits)` with the vocabulary logits of each row `i` of `hidden` (`[m, H]`
+    /// row-major f32 final hidden states), in parallel, without holding more than a block of
+    /// rows' logits at once (`cpu::head::visit_logits`).
+    pub fn visit_logits(
+        &self,
+        hidden: &[f32],
+        f: impl Fn(usize, &[f32]) + Sync,
+    ) -> CResult<()> {
+        let head = match self {
+            Self::Gpt2(m) => m.lm_head(),
+            Self::GptNeoX(m) => m.lm_head(),
+        };
+        cpu::head::visit_logits(hidden, head, f)
     }
 
     /// `forward_hidden` followed by `logits`: `[B, T, V]`.

@@ -154,11 +154,18 @@ fn run_cases(model: &Model, cases: &[Case], batch: usize) -> Result<Memorization
         .filter(|(_, r)| r.memorized)
         .map(|(c, _)| c.row)
         .collect();
-    let clean_continuation = cases
+    // Greedy decoding continues cleanly when it reproduces the clean continuation: a second
+    // single pass, over the rows not memorized.
+    let clean: Vec<AuditItem> = cases
         .iter()
         .zip(&results)
-        .filter(|(c, r)| !r.memorized && r.generated_ids == c.clean)
-        .count();
+        .filter(|(_, r)| !r.memorized)
+        .map(|(c, _)| AuditItem {
+            prompt: c.prompt.clone(),
+            target: c.clean.clone(),
+        })
+        .collect();
+    let clean_continuation = audit::audit(model, None, &clean, batch)?.1.memorized;
     Ok(Memorization {
         eligible: summary.sequences,
         memorized: summary.memorized,

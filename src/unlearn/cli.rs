@@ -239,6 +239,7 @@ pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
             perplexity_budget: f64::INFINITY,
             accuracy_budget: f64::INFINITY,
             canary_budget: f64::INFINITY,
+            ..Gates::default()
         }
     } else {
         Gates {
@@ -247,7 +248,7 @@ pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
             ..Gates::default()
         }
     };
-    let (before, _) = pipeline::evaluate(&lm.model, None, &targets, &data, None)?;
+    let (before, _) = pipeline::evaluate(&lm.model, None, &targets, &data, None, &gates)?;
     let parent = Baseline::of(&before);
     let controller_mode =
         a.mode == ModeArg::Controller && !a.search && matches!(a.method, MethodArg::BalancedSubnet);
@@ -373,6 +374,7 @@ pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
         &targets,
         &data,
         controller_quality.as_ref(),
+        &gates,
     )?;
     let gates_failed = pipeline::gate_failures(&gates, &before, &Baseline::of(&before), &after);
     let rate = |e: &pipeline::Evaluation| {

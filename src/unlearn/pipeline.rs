@@ -27,7 +27,7 @@ use serde_json::{json, Value};
 use super::controller::{self, ControllerConfig, Ending};
 use super::quality::{mean_accuracy, quality, Quality};
 use super::JobControl;
-use crate::audit::{self, AuditItem, AuditResult};
+use crate::audit::{self, AuditItem, AuditResult, RiskOptions};
 use crate::error::Result;
 use crate::models::Model;
 use crate::tinymem::data::{Dataset, Role, Split};
@@ -226,6 +226,15 @@ pub struct Gates {
     pub accuracy_budget: f64,
     /// Largest allowed relative perplexity change of the canary set.
     pub canary_budget: f64,
+    /// Extraction risk that must be gone too: a sequence (n, p)-discoverable by sampling or
+    /// extracted from a perturbed prompt counts as extractable (`None`: greedy only).
+    #[serde(default)]
+    pub risk: Option<RiskOptions>,
+    /// Audit the candidate again with its matrices rounded to int8 (`Model::fake_quantized`);
+    /// a sequence extractable there counts as extractable. Int4 is audited and reported too,
+    /// not gated.
+    #[serde(default)]
+    pub quantized: bool,
 }
 
 impl Default for Gates {
@@ -234,7 +243,28 @@ impl Default for Gates {
             perplexity_budget: 0.02,
             accuracy_budget: 0.005,
             canary_budget: 0.02,
+            risk: None,
+            quantized: false,
         }
+    }
+}
+
+/// One sequence's audit in a report: the audit (with its risk when the gates measure it) and,
+/// with the quantized gate, whether int8- and int4-rounded weights still regurgitate it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SequenceAudit {
+    #[serde(flatten)]
+    pub audit: AuditResult,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub int8_memorized: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub int4_memorized: Option<bool>,
+}
+
+impl SequenceAudit {
+    /// Extractable by what the gates measure: greedy, the risk measures, int8 rounding.
+    pub fn extractable(&self) -> bool {
+        self.audit.extractable() || self.int8_memorized == Some(true)
     }
 }
 
@@ -291,7 +321,10 @@ pub fn sequence_sha256(seq: &[u32]) -> String {
 /// A model's numbers on the targets and the held-out data.
 #[derive(Debug, Clone, Serialize)]
 pub struct Evaluation {
+    /// Greedily extractable.
     pub memorized: Vec<bool>,
+    /// Extractable by anything the gates measure ([`SequenceAudit::extractable`]).
+    pub extractable: Vec<bool>,
     pub matched_prefix: Vec<usize>,
     pub accuracy: Option<f64>,
     /// Held-out perplexity and per-task accuracies (serialized flat: `perplexity`, ...).
@@ -339,25 +372,49 @@ pub fn measure(model: &Model, data: &Datasets) -> Result<Baseline> {
     })
 }
 
-/// Audits `targets` on `model` and measures its held-out quality and canaries (or takes them
-/// from `known`, measured earlier on the same weights).
+/// Audits `targets` on `model` as the gates ask (with extraction risk, and int8/int4 rounding,
+/// when they measure them) and measures its held-out quality and canaries (or takes them from
+/// `known`, measured earlier on the same weights).
 pub fn evaluate(
     model: &Model,
     tokenizer: Option<&Tokenizer>,
     targets: &[Target],
     data: &Datasets,
     known: Option<&Baseline>,
-) -> Result<(Evaluation, Vec<AuditResult>)> {
+    gates: &Gates,
+) -> Result<(Evaluation, Vec<SequenceAudit>)> {
     let items: Vec<AuditItem> = targets.iter().map(|t| t.item.clone()).collect();
-    let (results, _) = audit::audit(model, tokenizer, &items, 64)?;
+    let opts = audit::AuditOptions {
+        risk: gates.risk.clone(),
+        ..audit::AuditOptions::greedy(64)
+    };
+    let (audits, _) = audit::audit_with(model, tokenizer, &items, &opts)?;
+    let quantized = |bits| -> Result<Option<Vec<AuditResult>>> {
+        if !gates.quantized {
+            return Ok(None);
+        }
+        let q = model.fake_quantized(bits)?;
+        Ok(Some(audit::audit(&q, None, &items, 64)?.0))
+    };
+    let (int8, int4) = (quantized(8)?, quantized(4)?);
+    let results: Vec<SequenceAudit> = audits
+        .into_iter()
+        .enumerate()
+        .map(|(i, audit)| SequenceAudit {
+            audit,
+            int8_memorized: int8.as_ref().map(|r| r[i].memorized),
+            int4_memorized: int4.as_ref().map(|r| r[i].memorized),
+        })
+        .collect();
     let b = match known {
         Some(b) => b.clone(),
         None => measure(model, data)?,
     };
     Ok((
         Evaluation {
-            memorized: results.iter().map(|r| r.memorized).collect(),
-            matched_prefix: results.iter().map(|r| r.matched_prefix).collect(),
+            memorized: results.iter().map(|r| r.audit.memorized).collect(),
+            extractable: results.iter().map(SequenceAudit::extractable).collect(),
+            matched_prefix: results.iter().map(|r| r.audit.matched_prefix).collect(),
             accuracy: mean_accuracy(&b.quality),
             quality: b.quality,
             canary_perplexity: b.canary_perplexity,
@@ -375,11 +432,11 @@ pub fn gate_failures(
     after: &Evaluation,
 ) -> Vec<String> {
     let mut why = Vec::new();
-    let still = after.memorized.iter().filter(|m| **m).count();
+    let still = after.extractable.iter().filter(|m| **m).count();
     if still > 0 {
         why.push(format!(
             "{still} of {} sequences are still extractable",
-            after.memorized.len()
+            after.extractable.len()
         ));
     }
     let parent = Baseline::of(before);
@@ -477,9 +534,10 @@ pub fn run(
 ) -> Result<Decision> {
     on_phase("auditing");
     let t0 = std::time::Instant::now();
-    let (before, before_results) = evaluate(model, tokenizer, targets, data, lineage.parent)?;
+    let (before, before_results) =
+        evaluate(model, tokenizer, targets, data, lineage.parent, &cfg.gates)?;
     let before_seconds = t0.elapsed().as_secs_f64();
-    if !before.memorized.iter().any(|&m| m) {
+    if !before.extractable.iter().any(|&m| m) {
         // No sequence of the request is extractable: masking would change the weights for
         // nothing, so the starting model stays (the caller keeps the sequences guarded).
         let sequences: Vec<Value> = targets
@@ -488,7 +546,7 @@ pub fn run(
             .map(|(t, b)| {
                 json!({
                     "takedown": t.takedown, "index": t.index, "sha256": t.sha256,
-                    "before": {"memorized": false, "matched_prefix": b.matched_prefix, "match_fraction": b.match_fraction},
+                    "before": b,
                     "after": Value::Null,
                 })
             })
@@ -527,11 +585,11 @@ pub fn run(
     let forget: Vec<Vec<u32>> = all.iter().map(|t| t.sequence.clone()).collect();
     let items: Vec<AuditItem> = all.iter().map(|t| t.item.clone()).collect();
     // The last gate measurement: (evaluation, per-sequence audits, failures).
-    let mut last: Option<(Evaluation, Vec<AuditResult>, Vec<String>)> = None;
+    let mut last: Option<(Evaluation, Vec<SequenceAudit>, Vec<String>)> = None;
     let mut gates = |candidate: &Model| -> Result<Vec<String>> {
         on_phase("validating");
         let t = std::time::Instant::now();
-        let (after, results) = evaluate(candidate, tokenizer, targets, data, None)?;
+        let (after, results) = evaluate(candidate, tokenizer, targets, data, None, &cfg.gates)?;
         gate_seconds.push(t.elapsed().as_secs_f64());
         let failed = gate_failures(&cfg.gates, &before, &root, &after);
         last = Some((after, results, failed.clone()));
@@ -598,8 +656,8 @@ pub fn run(
             let a = after.map(|(_, r, _)| &r[i]);
             json!({
                 "takedown": t.takedown, "index": t.index, "sha256": t.sha256,
-                "before": {"memorized": b.memorized, "matched_prefix": b.matched_prefix, "match_fraction": b.match_fraction},
-                "after": a.map(|a| json!({"memorized": a.memorized, "matched_prefix": a.matched_prefix, "match_fraction": a.match_fraction})),
+                "before": b,
+                "after": a,
             })
         }).collect::<Vec<_>>(),
     });
@@ -694,6 +752,7 @@ mod tests {
     fn eval(memorized: &[bool], ppl: f64, acc: f64, canary: Option<f64>) -> Evaluation {
         Evaluation {
             memorized: memorized.to_vec(),
+            extractable: memorized.to_vec(),
             matched_prefix: vec![0; memorized.len()],
             accuracy: Some(acc),
             quality: Quality {

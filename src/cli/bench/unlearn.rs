@@ -5,8 +5,10 @@
 //! - `bench unlearn` times [`step`], the step every unlearning run takes (the path it took is
 //!   reported as `step_path`), on random weights with `--batch` rows, half forget and half
 //!   retain: the median over `--steps` timed steps after `--warmup` untimed ones.
-//! - `bench audit` times [`audit::audit`] under the `tinymem` definition (50-token prompts, 50
-//!   compared) on random weights or `--model`'s: the median over `--runs` after one warm-up.
+//! - `bench audit` times [`audit::audit_with`] on random weights of `--shape` (TinyMem rows
+//!   under the `tinymem` definition, 50 + 50; Pythia-70m rows under `pythia`, 32 + 48) or
+//!   `--model`'s: the single pass and greedy decoding side by side, alternating, the median of
+//!   each over `--runs` after one warm-up of each, and whether their verdicts agree.
 //! - The token ids are seeded, so every invocation feeds the same rows; each timed step or run
 //!   ends with the device's work done.
 //! - Each prints one JSON object on stdout.
@@ -58,9 +60,16 @@ pub struct UnlearnBenchArgs {
 
 #[derive(Debug, Args)]
 pub struct AuditBenchArgs {
-    /// Model directory whose weights replace the random TinyMem-shaped ones.
+    /// Model directory whose weights replace the random ones of `--shape`.
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// The random model's shape and the rows' definition: tinymem (50 + 50 tokens of a
+    /// 14-token vocabulary, 4 layers) or pythia70m (32 + 48 tokens of 50,304).
+    #[arg(long, value_enum, default_value = "tinymem")]
+    pub shape: Shape,
+    /// Time the single pass only (skip the greedy-decoding audit beside it).
+    #[arg(long)]
+    pub single_pass_only: bool,
     /// Sequences per audit batch.
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
@@ -75,11 +84,6 @@ pub struct AuditBenchArgs {
     /// Accepted for symmetry; the output is JSON.
     #[arg(long)]
     pub json: bool,
-}
-
-/// `n` rows of pseudo-random TinyMem token ids; row `r` has `len(r)` tokens.
-fn rows(n: usize, len: impl Fn(usize) -> usize, seed: u64) -> Vec<Vec<u32>> {
-    crate::util::token_rows(n, len, seed, 14)
 }
 
 fn tinymem(layers: usize, device: &Device) -> anyhow::Result<crate::models::Model> {
@@ -172,44 +176,85 @@ pub fn unlearn(a: UnlearnBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Audit throughput: the `tinymem` definition (50-token prompt, 50 compared), batched.
+/// Audit throughput, side by side in one run: the single teacher-forced pass (what every audit
+/// runs) and greedy decoding of every target token (what audits ran before, and what
+/// `generate` still runs), alternating within each run; and whether their verdicts agree.
 pub fn audit_bench(a: AuditBenchArgs) -> anyhow::Result<()> {
     let device = crate::runtime::parse_device(&a.device)?;
-    let model = match &a.model {
-        Some(dir) => bench_model(Shape::Tinymem, Some(dir), &device)?,
-        None => tinymem(4, &device)?,
+    let (model, def, vocab) = match a.shape {
+        Shape::Tinymem => (
+            match &a.model {
+                Some(dir) => bench_model(Shape::Tinymem, Some(dir), &device)?,
+                None => tinymem(4, &device)?,
+            },
+            audit::Definition::Tinymem,
+            14,
+        ),
+        shape => (
+            bench_model(shape, a.model.as_deref(), &device)?,
+            audit::Definition::Pythia,
+            50_304,
+        ),
     };
-    let items: Vec<AuditItem> = rows(a.sequences, |_| 100, 2)
+    let items: Vec<AuditItem> = crate::util::token_rows(a.sequences, |_| def.span(), 2, vocab)
         .into_iter()
-        .map(|r| AuditItem {
-            prompt: r[..50].to_vec(),
-            target: r[50..].to_vec(),
-        })
-        .collect();
-    audit::audit(&model, None, &items, a.batch)?;
-    let mut times = Vec::new();
-    let mut memorized = 0;
-    for _ in 0..a.runs.max(1) {
-        let t = Instant::now();
-        let (_, summary) = audit::audit(&model, None, &items, a.batch)?;
-        times.push(t.elapsed().as_secs_f64());
-        memorized = summary.memorized;
+        .map(|r| def.split(&r))
+        .collect::<crate::error::Result<_>>()?;
+    let single = audit::AuditOptions::greedy(a.batch);
+    let decoding = audit::AuditOptions {
+        generate: true,
+        ..single.clone()
+    };
+    let methods: &[(&str, &audit::AuditOptions)] = if a.single_pass_only {
+        &[("single_pass", &single)]
+    } else {
+        &[("single_pass", &single), ("greedy_decoding", &decoding)]
+    };
+    let mut times = vec![Vec::new(); methods.len()];
+    let mut verdicts = vec![Vec::new(); methods.len()];
+    let mut memorized = vec![0; methods.len()];
+    // One warm-up of each, then the timed runs, alternating which goes first.
+    for run in 0..=a.runs.max(1) {
+        for k in 0..methods.len() {
+            let m = (k + run) % methods.len();
+            let t = Instant::now();
+            let (res, summary) = audit::audit_with(&model, None, &items, methods[m].1)?;
+            if run > 0 {
+                times[m].push(t.elapsed().as_secs_f64());
+            }
+            memorized[m] = summary.memorized;
+            verdicts[m] = res.iter().map(|r| (r.memorized, r.matched_prefix)).collect();
+        }
     }
-    let secs = median(times.clone());
-    let v = serde_json::json!({
+    let mut v = serde_json::json!({
         "benchmark": "audit",
         "implementation": "lethe",
-        "model": a.model.as_ref().map(|d| d.display().to_string()),
-        "definition": "tinymem",
+        "model": a.model.as_ref().map_or_else(|| format!("{:?}", a.shape).to_lowercase(), |d| d.display().to_string()),
+        "definition": def,
         "batch": a.batch,
         "sequences": a.sequences,
         "device": a.device,
-        "runs": times.len(),
-        "median_seconds": secs,
-        "sequences_per_second": a.sequences as f64 / secs,
-        "memorized": memorized,
+        "runs": times[0].len(),
+        "statistic": "median over timed runs, methods alternating",
         "threads": std::env::var("RAYON_NUM_THREADS").ok(),
     });
+    for (m, (name, _)) in methods.iter().enumerate() {
+        let secs = median(times[m].clone());
+        v[*name] = serde_json::json!({
+            "median_seconds": secs,
+            "sequences_per_second": a.sequences as f64 / secs,
+            "memorized": memorized[m],
+        });
+    }
+    // The peer driver reads the top-level numbers: the single pass, what audits run.
+    v["median_seconds"] = v["single_pass"]["median_seconds"].clone();
+    v["sequences_per_second"] = v["single_pass"]["sequences_per_second"].clone();
+    v["memorized"] = memorized[0].into();
+    if methods.len() == 2 {
+        v["speedup_over_greedy_decoding"] =
+            (median(times[1].clone()) / median(times[0].clone())).into();
+        v["same_verdicts"] = (verdicts[0] == verdicts[1]).into();
+    }
     println!("{v}");
     Ok(())
 }

@@ -74,6 +74,75 @@ pub fn next_token_logprobs(hidden: &Tensor, head: &Tensor, ids: &Tensor) -> Resu
     Tensor::from_vec(out, (b, t - 1), hidden.device())
 }
 
+/// Calls `f(i, logits_i)` for every row `i` of `hs` (`[m, H]` row-major f32), where
+/// `logits_i = hs[i] · headᵀ` (`head: [V, H]`), in parallel over each block of [`BLOCK_ROWS`]
+/// rows. An f32 or half-precision head on the CPU runs the blocked product here (a half one
+/// widened once); any other takes `ops::dense` on its device and reads each block back.
+pub fn visit_logits(hs: &[f32], head: &Tensor, f: impl Fn(usize, &[f32]) + Sync) -> Result<()> {
+    let (v, h) = head.dims2()?;
+    if h == 0 || hs.len() % h != 0 {
+        bail!("visit_logits: {} values are not rows of {h}", hs.len());
+    }
+    let m = hs.len() / h;
+    let widened;
+    let head = if matches!(head.dtype(), DType::BF16 | DType::F16) && head.device().is_cpu() {
+        widened = head.to_dtype(DType::F32)?;
+        &widened
+    } else {
+        head
+    };
+    if !fused::supported(&[head]) {
+        for (bi, blk) in hs.chunks(BLOCK_ROWS * h).enumerate() {
+            let x = Tensor::from_slice(blk, (blk.len() / h, h), head.device())?
+                .to_dtype(head.dtype())?;
+            let logits: Vec<Vec<f32>> = ops::dense(&x, head, None, true)?
+                .to_dtype(DType::F32)?
+                .to_vec2()?;
+            logits
+                .par_iter()
+                .enumerate()
+                .for_each(|(i, row)| f(bi * BLOCK_ROWS + i, row));
+        }
+        return Ok(());
+    }
+    storage::with_f32(head, |ws| {
+        let mut logits = vec![0f32; BLOCK_ROWS.min(m) * v];
+        for (bi, x) in hs.chunks(BLOCK_ROWS * h).enumerate() {
+            let rows = x.len() / h;
+            // SAFETY: as in `block_logprobs`: x is [rows, h], ws [v, h] read as its transpose,
+            // logits [rows, v]; nothing aliases.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    v,
+                    h,
+                    logits.as_mut_ptr(),
+                    1,
+                    v as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    h as isize,
+                    ws.as_ptr(),
+                    h as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    super::gemm::gemm_parallelism(),
+                );
+            }
+            logits[..rows * v]
+                .par_chunks(v)
+                .enumerate()
+                .for_each(|(i, row)| f(bi * BLOCK_ROWS + i, row));
+        }
+        Ok(())
+    })
+}
+
 /// For each `(row, target)`: `log softmax(hs[row] · wsᵀ)[target]`.
 fn block_logprobs(hs: &[f32], h: usize, ws: &[f32], v: usize, rows: &[(usize, u32)]) -> Vec<f32> {
     let mut out = vec![0f32; rows.len()];

@@ -33,6 +33,8 @@ pub struct MlpGradWorkspace {
     /// [`Want::Forward`]: `log p(ids[r, j + 1])` for `j < t − 1`, `[b, t − 1]` row-major (0
     /// past a row's length).
     pub(crate) token_lp: Vec<f32>,
+    /// [`Want::Hidden`]: the final LayerNorm's output, `[b, t, H]` row-major.
+    pub(crate) hidden: Vec<f32>,
 }
 
 impl MlpGradWorkspace {
@@ -189,7 +191,11 @@ pub(crate) fn run_parts(
     // it runs.
     let nl = w.blocks.len();
     let threads = rayon::current_num_threads().max(1);
-    let kept = if want == Want::Forward { 1 } else { nl };
+    let kept = if matches!(want, Want::Forward | Want::Hidden) {
+        1
+    } else {
+        nl
+    };
     let row_bytes = 4 * t * (kept * (7 * d.h + 2 * d.inner + d.nh * t) + (nl + 8) * d.h + d.v);
     let max_rows = (ACT_BYTES_PER_PASS / (threads * row_bytes).max(1)).max(1);
     // Every group reads every block weight three times: past BIG_BLOCKS of them, one group
@@ -203,6 +209,7 @@ pub(crate) fn run_parts(
         acc,
         row_loss,
         token_lp,
+        hidden,
     } = ws;
     parts.resize_with(threads.min(groups), PartBufs::default);
     acc.resize_with(pidx(nl, 3), Turns::default);
@@ -219,7 +226,11 @@ pub(crate) fn run_parts(
     if want == Want::Forward {
         token_lp.resize(b * (t - 1), 0.0);
     }
-    let out = Mutex::new((row_loss, token_lp));
+    hidden.clear();
+    if want == Want::Hidden {
+        hidden.resize(b * t * d.h, 0.0);
+    }
+    let out = Mutex::new((row_loss, token_lp, hidden));
     let next = AtomicUsize::new(0);
     let acc = &acc[..];
     let panicked = Mutex::new(None);
@@ -259,6 +270,10 @@ pub(crate) fn run_parts(
         o.0[r0..r1].copy_from_slice(&part_ws.row_loss);
         if want == Want::Forward {
             o.1[r0 * (t - 1)..r1 * (t - 1)].copy_from_slice(&part_ws.token_lp);
+        }
+        if want == Want::Hidden {
+            let hf = &part_ws.hf[..(r1 - r0) * t * d.h];
+            o.2[r0 * t * d.h..r1 * t * d.h].copy_from_slice(hf);
         }
     });
     if let Some(payload) = panicked

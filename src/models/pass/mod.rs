@@ -60,6 +60,9 @@ pub(crate) enum Want {
     All,
     /// None: the forward and each position's log-probability of its next token (scoring).
     Forward,
+    /// None: the forward up to the final LayerNorm, whose output `[N, H]` is the result (the
+    /// single-pass audit's hidden states; no head).
+    Hidden,
 }
 
 /// Index of block `li`'s `k`-th parameter in [`Gpt2::named_tensors`] order: `wte`, `wpe`, then
@@ -369,7 +372,11 @@ fn part_body(
         let (done, rest) = ws.xs.split_at_mut(li + 1);
         let x = &done[li][..];
         // The backward reads every layer's activations; a forward alone reuses one set.
-        let lb = &mut ws.layers[if want == Want::Forward { 0 } else { li }];
+        let lb = &mut ws.layers[if matches!(want, Want::Forward | Want::Hidden) {
+            0
+        } else {
+            li
+        }];
         let a = buf(&mut lb.ln1, n * h);
         layer_norm(x, bw.ln1, eps, a);
         let qkv = buf(&mut lb.qkv, n * 3 * h);
@@ -399,6 +406,11 @@ fn part_body(
     // The final LayerNorm, then logits = hf · lmᵀ.
     let hf = buf(&mut ws.hf, n * h);
     layer_norm(&ws.xs[nl], w.lnf, eps, hf);
+    if want == Want::Hidden {
+        ws.row_loss.clear();
+        ws.row_loss.resize(b, 0.0);
+        return;
+    }
     let logits = buf(&mut ws.logits, n * v);
     gemm(n, v, h, logits, hf, (h, 1), w.lm, (1, h), false);
 
@@ -700,6 +712,27 @@ fn dims<M: HandWrittenPass>(m: &M, t: usize) -> Dims {
         eps,
         act,
     }
+}
+
+/// The final LayerNorm's output `[b, t, H]` (row-major f32) for right-padded rows through the
+/// pass's forward, on the calling thread's buffers (kept for its next call). A position sees
+/// only the positions before it, so a row's states up to its length do not depend on its
+/// padding or on the other rows, to float rounding.
+pub(crate) fn final_hidden<M: HandWrittenPass>(
+    m: &M,
+    ids: &[u32],
+    (b, t): (usize, usize),
+    lens: &[usize],
+) -> Result<Vec<f32>> {
+    thread_local! {
+        static WORKSPACE: std::cell::RefCell<MlpGradWorkspace> = Default::default();
+    }
+    WORKSPACE.with(|cell| {
+        let mut ws = cell.borrow_mut();
+        let row_weight = vec![0.0; b];
+        run(m, ids, (b, t), lens, &row_weight, None, Want::Hidden, &mut ws)?;
+        Ok(std::mem::take(&mut ws.hidden))
+    })
 }
 
 /// [`run_parts`] on `m`'s weights, the MLP matrices replaced by `mlp` when given.

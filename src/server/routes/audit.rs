@@ -12,8 +12,11 @@
 //! - Every row runs on the one version the request loaded, which the answer names
 //!   (`model_version`, `x-lethe-model-version`).
 //! - Rows are greedy with EOS banned and are not filtered by the regurgitation guard: the audit
-//!   measures the model itself. They join the engine's continuous batch like any generation (a
-//!   full queue is a 429).
+//!   measures the model itself. The verdicts come from one teacher-forced pass run on the engine
+//!   thread between decode steps; with `"generate": true` the rows are decoded instead, joining
+//!   the engine's continuous batch like any generation (a full queue is a 429 either way).
+//! - `"risk"` (`true` or options) adds each sequence's extraction risk beyond one greedy query
+//!   (`audit::risk`); a bad option is a 400 naming it (`risk.p`).
 //! - Results are in request order (`index`); each audited sequence is counted in
 //!   `lethe_audit_sequences_total{result}`.
 
@@ -22,11 +25,11 @@ use std::time::Instant;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::completions::{check_model, VERSION_HEADER};
 use super::misc::token_ids;
-use crate::audit::{self, AuditItem, AuditRow, AuditSummary, Definition};
+use crate::audit::{self, AuditItem, AuditOptions, AuditRow, AuditSummary, Definition, RiskOptions};
 use crate::engine::batcher::{Job, RowEvent};
 use crate::engine::served::Served;
 use crate::server::body;
@@ -41,6 +44,20 @@ struct AuditRequest {
     sequences: Vec<Value>,
     #[serde(default)]
     definition: Option<Definition>,
+    /// Also decode each sequence greedily: `generated_ids`, `generated_text`, `match_fraction`.
+    #[serde(default)]
+    generate: bool,
+    /// Extraction risk beyond one greedy query (`true` for the defaults, or the options).
+    #[serde(default)]
+    risk: Option<RiskRequest>,
+}
+
+/// `"risk": true` (the defaults), `false`, or an options object.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RiskRequest {
+    On(bool),
+    With(RiskOptions),
 }
 
 /// Parses `sequences[i]` into an audit item under `def`, checking it fits the model.
@@ -131,9 +148,46 @@ pub fn parse_sequence(
     Ok(item)
 }
 
-/// Audits `items` on the version `s` through the engine's continuous batch (greedy, EOS
-/// banned, no regurgitation guard) and judges each, in order.
+/// Audits `items` on the version `s` on the engine thread, with `opts`: the single pass by
+/// default, joining the continuous batch when generation is asked for (greedy, EOS banned, no
+/// regurgitation guard); results in order.
 pub(super) async fn on_engine(
+    state: &AppState,
+    s: &std::sync::Arc<crate::engine::served::Served>,
+    items: &[AuditItem],
+    opts: &AuditOptions,
+) -> Result<Vec<audit::AuditResult>, ApiError> {
+    let mut results = if opts.generate {
+        decoded(state, s, items).await?
+    } else {
+        let (tx, rx) = oneshot::channel();
+        let (served, work) = (s.clone(), items.to_vec());
+        let single = AuditOptions { risk: None, ..opts.clone() };
+        state.engine.submit(Job::Run(Box::new(move || {
+            let _ = tx.send(audit::audit_with(&served.model, None, &work, &single));
+        })))?;
+        rx.await
+            .map_err(|_| ApiError::Internal("the engine failed on this audit".into()))?
+            .map_err(ApiError::from)?
+            .0
+    };
+    if let Some(r) = &opts.risk {
+        let (tx, rx) = oneshot::channel();
+        let (served, work, r, batch) = (s.clone(), items.to_vec(), r.clone(), opts.batch_size);
+        state.engine.submit(Job::Run(Box::new(move || {
+            let _ = tx.send(audit::risk::measure(&served.model, &work, &r, batch));
+        })))?;
+        let risks = rx
+            .await
+            .map_err(|_| ApiError::Internal("the engine failed on this audit".into()))?
+            .map_err(ApiError::from)?;
+        results.iter_mut().zip(risks).for_each(|(res, k)| res.risk = Some(k));
+    }
+    Ok(results)
+}
+
+/// Decodes `items` greedily through the engine's continuous batch and judges each, in order.
+async fn decoded(
     state: &AppState,
     s: &std::sync::Arc<crate::engine::served::Served>,
     items: &[AuditItem],
@@ -197,7 +251,20 @@ pub async fn audit(
         .map(|(i, v)| parse_sequence(i, v, def, &s))
         .collect::<Result<_, _>>()?;
     let start = Instant::now();
-    let results = on_engine(&state, &s, &items).await?;
+    let risk = match r.risk {
+        None | Some(RiskRequest::On(false)) => None,
+        Some(RiskRequest::On(true)) => Some(RiskOptions::default()),
+        Some(RiskRequest::With(o)) => Some(o),
+    };
+    if let Some(o) = &risk {
+        o.validate()?;
+    }
+    let opts = AuditOptions {
+        generate: r.generate,
+        risk,
+        ..AuditOptions::greedy(64)
+    };
+    let results = on_engine(&state, &s, &items, &opts).await?;
     let summary = AuditSummary::of(&results, start.elapsed().as_secs_f64());
     let m = &state.metrics.audit_sequences;
     m.with_label_values(&["memorized"])

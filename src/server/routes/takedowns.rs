@@ -200,7 +200,8 @@ pub async fn create(
         .map(|q| def.split(q))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ApiError::invalid("sequences", e.to_string()))?;
-    let extractable_now: Vec<bool> = super::audit::on_engine(&state, &s, &items)
+    let opts = crate::audit::AuditOptions::greedy(64);
+    let extractable_now: Vec<bool> = super::audit::on_engine(&state, &s, &items, &opts)
         .await?
         .iter()
         .map(|r| r.memorized)
