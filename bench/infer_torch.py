@@ -22,6 +22,11 @@ and prints one JSON object with the keys lethe prints.
 - audit: TinyMem definition: 50-token prompt, the next 50 tokens are the truth; greedy generation
   of 50 tokens with EOS banned in batches of `--batch`; memorized when all 50 equal the truth.
   Ids from `token_rows` with seed 2 and 100 tokens per row, as `lethe bench audit`.
+- audit-tf: the same verdict teacher-forced, as lethe's single pass decides it: per batch one
+  forward over prompt + truth minus its last token, logits kept for the n target positions only
+  (`logits_to_keep`), EOS at -inf, argmax, memorized when every position's argmax is the truth.
+  `--definition tinymem` (50 + 50) or `pythia` (32 + 48); ids from `token_rows` (seed 2, k + n
+  tokens per row, the model's vocabulary), as `lethe bench audit --shape`.
 """
 
 import argparse
@@ -160,6 +165,35 @@ def audit(a, model) -> dict:
     }
 
 
+def audit_tf(a, model) -> dict:
+    k, n = (50, 50) if a.definition == "tinymem" else (32, 48)
+    rows = torch.tensor(token_rows(a.sequences, k + n, 2, model.config.vocab_size))
+    eos = model.config.eos_token_id
+
+    def run():
+        memorized = 0
+        for chunk in rows.split(a.batch):
+            logits = model(input_ids=chunk[:, : k + n - 1], logits_to_keep=n).logits
+            if eos is not None:
+                logits[..., eos] = float("-inf")
+            memorized += int((logits.argmax(-1) == chunk[:, k:]).all(1).sum())
+        return memorized
+
+    times, memorized = timed(run, a.runs)
+    secs = statistics.median(times)
+    return {
+        "benchmark": "audit-tf",
+        "model": a.model,
+        "definition": a.definition,
+        "batch": a.batch,
+        "sequences": a.sequences,
+        "runs": len(times),
+        "median_seconds": secs,
+        "sequences_per_second": a.sequences / secs,
+        "memorized": memorized,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -167,6 +201,7 @@ def main() -> None:
         ("decode", {"batch": 1, "runs": 5}),
         ("score", {"batch": 32, "runs": 5}),
         ("audit", {"batch": 64, "runs": 3}),
+        ("audit-tf", {"batch": 64, "runs": 3}),
     ]:
         p = sub.add_parser(name)
         p.add_argument("--model", required=True, help="HF-format model directory")
@@ -180,15 +215,17 @@ def main() -> None:
         if name == "score":
             p.add_argument("--sequences", type=int, default=256)
             p.add_argument("--seq-len", type=int, default=150)
-        if name == "audit":
+        if name in ("audit", "audit-tf"):
             p.add_argument("--sequences", type=int, default=128)
+        if name == "audit-tf":
+            p.add_argument("--definition", choices=["tinymem", "pythia"], default="tinymem")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
     with torch.inference_mode():
-        out = {"decode": decode, "score": score, "audit": audit}[a.cmd](a, model)
+        out = {"decode": decode, "score": score, "audit": audit, "audit-tf": audit_tf}[a.cmd](a, model)
     print(json.dumps({**out, **common(a, model)}))
 
 

@@ -85,10 +85,18 @@ def rows(quick: bool) -> list[dict]:
               PYTHIA, 2 if q else 8,
               2 if q else 8, 16 if q else 128, 1),
         dict(
-            name=f"audit TinyMem ({16 if q else 64} sequences, 50+50 tokens, batch {8 if q else 64})", key="sequences_per_second",
-            unit="sequences/s", higher_better=True, check="audit",
-            lethe=["bench", "audit", "--model", TINYMEM, *audit_args, "--json"],
-            peer=["bench/infer_torch.py", "audit", "--model", TINYMEM, *audit_args],
+            name=f"audit TinyMem ({16 if q else 64} sequences, 50+50 tokens, batch {8 if q else 64}), teacher-forced",
+            key="sequences_per_second", unit="sequences/s", higher_better=True, check="audit",
+            lethe=["bench", "audit", "--model", TINYMEM, "--single-pass-only", *audit_args, "--json"],
+            peer=["bench/infer_torch.py", "audit-tf", "--model", TINYMEM, *audit_args],
+        ),
+        dict(
+            name=f"audit Pythia-70m shape ({16 if q else 64} sequences, 32+48 tokens, batch {8 if q else 64}), teacher-forced",
+            key="sequences_per_second", unit="sequences/s", higher_better=True, check="audit",
+            lethe=["bench", "audit", "--shape", "pythia70m", "--model", PYTHIA, "--single-pass-only",
+                   *audit_args, "--json"],
+            peer=["bench/infer_torch.py", "audit-tf", "--definition", "pythia", "--model", PYTHIA,
+                  *audit_args],
         ),
         dict(
             name="BalancedSubnet step (TinyMem shape, 32 x 150)", key="seconds_per_step",

@@ -112,7 +112,13 @@ fn loss_falls_and_a_duplicated_noised_sequence_is_memorized() {
     let (results, summary) =
         audit::audit_with(&lm.model, Some(&lm.tokenizer), &items, &opts).unwrap();
     assert_eq!(summary.memorized, items.len());
-    assert_eq!(audit::audit(&lm.model, None, &items, 3).unwrap().1.memorized, items.len());
+    assert_eq!(
+        audit::audit(&lm.model, None, &items, 3)
+            .unwrap()
+            .1
+            .memorized,
+        items.len()
+    );
     assert!(results
         .iter()
         .all(|r| r.matched_prefix == 12 && r.generated_text.is_some()));

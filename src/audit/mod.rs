@@ -367,13 +367,23 @@ pub fn audit_with(
         }
         results
     } else {
-        let pairs: Vec<(&[u32], &[u32])> = items.iter().map(|it| (&it.prompt[..], &it.target[..])).collect();
-        let t = teacher_forced(model, &pairs, &teacher_options(model, opts.batch_size, None))?;
+        let pairs: Vec<(&[u32], &[u32])> = items
+            .iter()
+            .map(|it| (&it.prompt[..], &it.target[..]))
+            .collect();
+        let t = teacher_forced(
+            model,
+            &pairs,
+            &teacher_options(model, opts.batch_size, None),
+        )?;
         items.iter().zip(&t).map(|(it, t)| verdict(it, t)).collect()
     };
     if let Some(r) = &opts.risk {
         let risks = risk::measure(model, items, r, opts.batch_size)?;
-        results.iter_mut().zip(risks).for_each(|(res, k)| res.risk = Some(k));
+        results
+            .iter_mut()
+            .zip(risks)
+            .for_each(|(res, k)| res.risk = Some(k));
     }
     let summary = AuditSummary::of(&results, start.elapsed().as_secs_f64());
     Ok((results, summary))
@@ -381,7 +391,11 @@ pub fn audit_with(
 
 /// The teacher-forced options an audit runs with: EOS banned, and `full` with the given
 /// sampling temperature when one is given.
-pub(crate) fn teacher_options(model: &Model, batch_size: usize, temperature: Option<f32>) -> TeacherOptions {
+pub(crate) fn teacher_options(
+    model: &Model,
+    batch_size: usize,
+    temperature: Option<f32>,
+) -> TeacherOptions {
     TeacherOptions {
         banned: model.spec().eos_token_id.into_iter().collect(),
         full: temperature.is_some(),

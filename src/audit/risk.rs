@@ -61,7 +61,10 @@ impl RiskOptions {
     /// Refuses an option outside its range, naming it.
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature.is_finite() && self.temperature > 0.0) {
-            return Err(Error::invalid("risk.temperature", "must be a finite number > 0"));
+            return Err(Error::invalid(
+                "risk.temperature",
+                "must be a finite number > 0",
+            ));
         }
         if self.samples == 0 {
             return Err(Error::invalid("risk.samples", "must be at least 1"));
@@ -86,8 +89,9 @@ impl RiskOptions {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Risk {
     /// `log q`: the natural log of the probability that one sample at the temperature
-    /// reproduces the target.
-    pub sequence_logprob: f64,
+    /// reproduces the target; `None` when that probability is 0 (the target holds a banned id,
+    /// EOS, which sampling never produces).
+    pub sequence_logprob: Option<f64>,
     /// `1 − (1 − q)^samples`.
     pub discovery_probability: f64,
     /// `discovery_probability ≥ p`.
@@ -132,7 +136,15 @@ fn mix(x: &mut u64) -> u64 {
 
 /// The `q`-th perturbation of `prompt` (item `i`): `tokens` distinct positions (all of them in a
 /// shorter prompt) each replaced by another id of the vocabulary that is not banned.
-fn perturb(prompt: &[u32], vocab: u32, banned: &[u32], tokens: usize, seed: u64, i: usize, q: usize) -> Vec<u32> {
+fn perturb(
+    prompt: &[u32],
+    vocab: u32,
+    banned: &[u32],
+    tokens: usize,
+    seed: u64,
+    i: usize,
+    q: usize,
+) -> Vec<u32> {
     let mut s = seed ^ (i as u64).wrapping_mul(0x100_0000_01b3) ^ ((q as u64) << 48);
     let mut out = prompt.to_vec();
     let mut positions: Vec<usize> = (0..prompt.len()).collect();
@@ -160,7 +172,10 @@ pub fn measure(
     batch_size: usize,
 ) -> Result<Vec<Risk>> {
     opts.validate()?;
-    let pairs: Vec<(&[u32], &[u32])> = items.iter().map(|it| (&it.prompt[..], &it.target[..])).collect();
+    let pairs: Vec<(&[u32], &[u32])> = items
+        .iter()
+        .map(|it| (&it.prompt[..], &it.target[..]))
+        .collect();
     let full = teacher_forced(
         model,
         &pairs,
@@ -174,7 +189,18 @@ pub fn measure(
         .enumerate()
         .flat_map(|(i, it)| {
             (0..opts.perturbations).map(move |q| {
-                (i, perturb(&it.prompt, vocab, banned, opts.perturbed_tokens, opts.seed, i, q))
+                (
+                    i,
+                    perturb(
+                        &it.prompt,
+                        vocab,
+                        banned,
+                        opts.perturbed_tokens,
+                        opts.seed,
+                        i,
+                        q,
+                    ),
+                )
             })
         })
         .collect();
@@ -183,7 +209,10 @@ pub fn measure(
         .map(|(i, p)| (&p[..], &items[*i].target[..]))
         .collect();
     let mut still = vec![0usize; items.len()];
-    for ((i, _), r) in perturbed.iter().zip(teacher_forced(model, &ppairs, &greedy)?) {
+    for ((i, _), r) in perturbed
+        .iter()
+        .zip(teacher_forced(model, &ppairs, &greedy)?)
+    {
         if r.matched_prefix == items[*i].target.len() {
             still[*i] += 1;
         }
@@ -195,7 +224,7 @@ pub fn measure(
             let logq = f.logprob[0];
             let discovery_probability = discovery(logq, opts.samples);
             Risk {
-                sequence_logprob: logq,
+                sequence_logprob: (logq > f64::NEG_INFINITY).then_some(logq),
                 discovery_probability,
                 discoverable: discovery_probability >= opts.p,
                 longest_match: f.longest_run,
@@ -231,7 +260,10 @@ mod tests {
             assert_eq!(changed.len(), 3, "{a:?}");
             assert!(changed.iter().all(|&j| a[j] != 0 && a[j] < 50));
         }
-        assert_ne!(perturb(&prompt, 50, &[], 3, 7, 2, 0), perturb(&prompt, 50, &[], 3, 7, 2, 1));
+        assert_ne!(
+            perturb(&prompt, 50, &[], 3, 7, 2, 0),
+            perturb(&prompt, 50, &[], 3, 7, 2, 1)
+        );
         // A prompt shorter than the count: every token changes.
         let short = perturb(&[4, 5], 50, &[], 3, 1, 0, 0);
         assert!(short[0] != 4 && short[1] != 5);
@@ -240,11 +272,41 @@ mod tests {
     #[test]
     fn bad_options_are_named() {
         for (o, name) in [
-            (RiskOptions { temperature: 0.0, ..Default::default() }, "risk.temperature"),
-            (RiskOptions { samples: 0, ..Default::default() }, "risk.samples"),
-            (RiskOptions { p: 1.5, ..Default::default() }, "risk.p"),
-            (RiskOptions { perturbed_tokens: 0, ..Default::default() }, "risk.perturbed_tokens"),
-            (RiskOptions { perturbations: 65, ..Default::default() }, "risk.perturbations"),
+            (
+                RiskOptions {
+                    temperature: 0.0,
+                    ..Default::default()
+                },
+                "risk.temperature",
+            ),
+            (
+                RiskOptions {
+                    samples: 0,
+                    ..Default::default()
+                },
+                "risk.samples",
+            ),
+            (
+                RiskOptions {
+                    p: 1.5,
+                    ..Default::default()
+                },
+                "risk.p",
+            ),
+            (
+                RiskOptions {
+                    perturbed_tokens: 0,
+                    ..Default::default()
+                },
+                "risk.perturbed_tokens",
+            ),
+            (
+                RiskOptions {
+                    perturbations: 65,
+                    ..Default::default()
+                },
+                "risk.perturbations",
+            ),
         ] {
             assert!(o.validate().unwrap_err().to_string().contains(name));
         }
@@ -255,7 +317,10 @@ mod tests {
         // The bundled TinyMem's eligible noise rows (clean prompt, noised target), then random
         // sequences of the same shape.
         let lm = crate::test_util::bundled();
-        let ds = crate::tinymem::train::Card::read(&lm.dir).unwrap().dataset().unwrap();
+        let ds = crate::tinymem::train::Card::read(&lm.dir)
+            .unwrap()
+            .dataset()
+            .unwrap();
         let mut items: Vec<AuditItem> = ds
             .eligible_noised_rows(50, 100)
             .iter()
@@ -265,30 +330,47 @@ mod tests {
             })
             .collect();
         let rows = items.len();
-        items.extend(crate::test_util::rows(8, |_| 100, 3).into_iter().map(|r| AuditItem {
-            prompt: r[..50].iter().map(|&t| t % 14).collect(),
-            target: r[50..].iter().map(|&t| t % 14).collect(),
-        }));
+        items.extend(
+            crate::test_util::rows(8, |_| 100, 3)
+                .into_iter()
+                .map(|r| AuditItem {
+                    prompt: r[..50].iter().map(|&t| t % 14).collect(),
+                    target: r[50..].iter().map(|&t| t % 14).collect(),
+                }),
+        );
         let opts = super::super::AuditOptions {
             risk: Some(RiskOptions::default()),
             ..super::super::AuditOptions::greedy(64)
         };
         let (res, summary) = super::super::audit_with(&lm.model, None, &items, &opts).unwrap();
-        let memorized: Vec<&super::super::AuditResult> = res[..rows].iter().filter(|r| r.memorized).collect();
+        let memorized: Vec<&super::super::AuditResult> =
+            res[..rows].iter().filter(|r| r.memorized).collect();
         assert!(memorized.len() >= 20, "{}", memorized.len());
         for r in &res {
             let k = r.risk.as_ref().unwrap();
             assert!(k.longest_match >= r.matched_prefix && k.longest_match <= 50);
-            assert!(k.sequence_logprob <= 1e-9 && (0.0..=1.0).contains(&k.discovery_probability));
+            assert!(k.sequence_logprob.is_none_or(|l| l <= 1e-9));
+            assert!((0.0..=1.0).contains(&k.discovery_probability));
             assert_eq!(k.perturbed, 4);
         }
         // Greedily memorized rows are mostly discoverable by sampling too; random ones never are.
-        let discoverable = memorized.iter().filter(|r| r.risk.as_ref().unwrap().discoverable).count();
-        assert!(discoverable * 2 >= memorized.len(), "{discoverable} of {}", memorized.len());
+        let discoverable = memorized
+            .iter()
+            .filter(|r| r.risk.as_ref().unwrap().discoverable)
+            .count();
+        assert!(
+            discoverable * 2 >= memorized.len(),
+            "{discoverable} of {}",
+            memorized.len()
+        );
         for r in &res[rows..] {
-            assert!(!r.extractable() && r.risk.as_ref().unwrap().sequence_logprob < -20.0, "{r:?}");
+            let logq = r.risk.as_ref().unwrap().sequence_logprob;
+            assert!(!r.extractable() && logq.is_none_or(|l| l < -20.0), "{r:?}");
         }
-        assert_eq!(summary.extractable, Some(res.iter().filter(|r| r.extractable()).count()));
+        assert_eq!(
+            summary.extractable,
+            Some(res.iter().filter(|r| r.extractable()).count())
+        );
         assert!(summary.extractable.unwrap() >= summary.memorized);
     }
 }

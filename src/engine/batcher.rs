@@ -107,7 +107,6 @@ pub enum Job {
     /// channel; a panic is caught and counted, and drops that channel (the waiting side sees
     /// it closed).
     Run(Box<dyn FnOnce() + Send>),
-
 }
 
 /// The handlers' side of the engine.

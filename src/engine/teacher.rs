@@ -76,7 +76,13 @@ struct Position {
 
 /// Reads one position: the greedy pick (banned at −∞, [`argmax`]'s tie rule) against `target`,
 /// whether its winner is near a tie, and the target's log-probability at each temperature.
-fn read_position(logits: &[f32], target: u32, banned: &[u32], temps: &[f32], lp: &mut [f64]) -> Position {
+fn read_position(
+    logits: &[f32],
+    target: u32,
+    banned: &[u32],
+    temps: &[f32],
+    lp: &mut [f64],
+) -> Position {
     thread_local! {
         static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
@@ -113,18 +119,21 @@ fn read_position(logits: &[f32], target: u32, banned: &[u32], temps: &[f32], lp:
     })
 }
 
-/// `matched_prefix` from per-position readings, or `None` when a deciding position (each one up
-/// to and including the first miss) is near a tie.
-fn decide(pos: &[Position]) -> Option<usize> {
+/// `matched_prefix` from per-position readings, or `Err(len)` when a deciding position (each
+/// one up to and including the first miss) is near a tie: then decoding `len` tokens decides
+/// it, `len` reaching the first position past the tie that is a certain miss (decoding that
+/// followed the target so far must leave it there), or the end.
+fn decide(pos: &[Position]) -> Result<usize, usize> {
     for (i, p) in pos.iter().enumerate() {
         if p.close {
-            return None;
+            let certain_miss = pos[i..].iter().position(|p| !p.hit && !p.close);
+            return Err(certain_miss.map_or(pos.len(), |j| i + j + 1));
         }
         if !p.hit {
-            return Some(i);
+            return Ok(i);
         }
     }
-    Some(pos.len())
+    Ok(pos.len())
 }
 
 /// Teacher-forced greedy matching of every `(prompt, target)` pair (module docs).
@@ -155,7 +164,11 @@ pub fn teacher_forced(
             format!("target id {bad} is outside the vocabulary (size {vocab})"),
         ));
     }
-    if let Some(&t) = opts.temperatures.iter().find(|t| !(t.is_finite() && **t > 0.0)) {
+    if let Some(&t) = opts
+        .temperatures
+        .iter()
+        .find(|t| !(t.is_finite() && **t > 0.0))
+    {
         return Err(Error::invalid(
             "temperature",
             format!("{t}: must be a finite number > 0"),
@@ -195,21 +208,28 @@ fn batch(
             logprob: Vec::new(),
         })
         .collect();
-    // Pairs whose whole pass runs, and pairs left to decoding.
+    // Pairs whose whole pass runs, and pairs left to decoding (with the tokens to decode).
     let mut whole: Vec<usize> = Vec::new();
-    let mut undecided: Vec<usize> = Vec::new();
+    let mut undecided: Vec<(usize, usize)> = Vec::new();
     if opts.full {
         whole = (0..pairs.len()).collect();
     } else {
-        // The prompts alone: the first target token's verdict.
+        // The prompts alone: the first target token's verdict. A near-tie there takes the
+        // whole pass too, which bounds how far decoding must go.
         let rows: Vec<&[u32]> = pairs.iter().map(|(p, _)| *p).collect();
-        let firsts = read_rows(model, &rows, &|i| pairs[i].0.len() - 1, &|i, _| pairs[i].1[0], opts)?;
+        let firsts = read_rows(
+            model,
+            &rows,
+            &|i| pairs[i].0.len() - 1,
+            &|i, _| pairs[i].1[0],
+            opts,
+        )?;
         for (i, (pos, _)) in firsts.into_iter().enumerate() {
             match decide(&pos) {
-                None => undecided.push(i),
-                Some(0) => {}
-                Some(_) if pairs[i].1.len() == 1 => results[i].matched_prefix = 1,
-                Some(_) => whole.push(i),
+                Ok(0) => {}
+                Ok(_) if pairs[i].1.len() == 1 => results[i].matched_prefix = 1,
+                Err(len) if pairs[i].1.len() == 1 => undecided.push((i, len)),
+                _ => whole.push(i),
             }
         }
     }
@@ -238,15 +258,26 @@ fn batch(
                 debug_assert_eq!(r.logprob.len(), temps.len());
             }
             match decide(&pos) {
-                Some(m) => r.matched_prefix = m,
-                None => undecided.push(i),
+                Ok(m) => r.matched_prefix = m,
+                Err(len) => undecided.push((i, len)),
             }
         }
     }
     if !undecided.is_empty() {
+        tracing::debug!(
+            pairs = undecided.len(),
+            of = pairs.len(),
+            "near-ties: decoding"
+        );
         undecided.sort_unstable();
-        let dec: Vec<GenerateRequest> = undecided.iter().map(|&i| reqs[i].clone()).collect();
-        for (&i, g) in undecided.iter().zip(generate::generate(model, None, &dec)?) {
+        let dec: Vec<GenerateRequest> = undecided
+            .iter()
+            .map(|&(i, len)| GenerateRequest {
+                max_new_tokens: len,
+                ..reqs[i].clone()
+            })
+            .collect();
+        for (&(i, _), g) in undecided.iter().zip(generate::generate(model, None, &dec)?) {
             let t = pairs[i].1;
             results[i].matched_prefix = g.tokens.iter().zip(t).take_while(|(a, b)| a == b).count();
             results[i].decoded = true;
@@ -284,17 +315,18 @@ fn read_rows(
         ids.extend(r.iter().copied().chain(std::iter::repeat_n(0, t - r.len())));
     }
     let lens: Vec<usize> = rows.iter().map(|r| r.len()).collect();
-    let hidden = model.final_hidden(&ids, (rows.len(), t), &lens)?;
+    let starts: Vec<usize> = (0..rows.len()).map(first).collect();
+    let picked = model.final_hidden(&ids, (rows.len(), t), &lens, &starts)?;
+    debug_assert_eq!(picked.len() % h.max(1), 0);
     // The positions read, row by row: (row, j) for j in 0..(len - first).
-    let mut at: Vec<(usize, usize)> = Vec::new();
-    let mut picked = Vec::new();
-    for (r, row) in rows.iter().enumerate() {
-        for p in first(r)..row.len() {
-            at.push((r, p - first(r)));
-            picked.extend_from_slice(&hidden[(r * t + p) * h..(r * t + p + 1) * h]);
-        }
-    }
-    let temps = if opts.full { &opts.temperatures[..] } else { &[] };
+    let at: Vec<(usize, usize)> = (0..rows.len())
+        .flat_map(|r| (0..lens[r] - starts[r]).map(move |j| (r, j)))
+        .collect();
+    let temps = if opts.full {
+        &opts.temperatures[..]
+    } else {
+        &[]
+    };
     let slots: Vec<std::sync::Mutex<(Position, Vec<f64>)>> = at
         .iter()
         .map(|_| std::sync::Mutex::new((Position::default(), vec![0.0; temps.len()])))
@@ -303,13 +335,19 @@ fn read_rows(
         let (r, j) = at[k];
         let mut lp = vec![0.0; temps.len()];
         let pos = read_position(logits, target(r, j), &opts.banned, temps, &mut lp);
-        let mut s = slots[k].lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut s = slots[k]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         *s = (pos, lp);
     })?;
-    let mut out: Vec<(Vec<Position>, Vec<f64>)> =
-        rows.iter().map(|_| (Vec::new(), vec![0.0; temps.len()])).collect();
+    let mut out: Vec<(Vec<Position>, Vec<f64>)> = rows
+        .iter()
+        .map(|_| (Vec::new(), vec![0.0; temps.len()]))
+        .collect();
     for ((r, _), slot) in at.into_iter().zip(slots) {
-        let (pos, lp) = slot.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (pos, lp) = slot
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         out[r].0.push(pos);
         out[r].1.iter_mut().zip(lp).for_each(|(a, b)| *a += b);
     }
@@ -324,11 +362,17 @@ mod tests {
 
     fn decode_prefix(model: &Model, prompt: &[u32], target: &[u32], banned: &[u32]) -> usize {
         let g = generate::generate(model, None, &[request(prompt, target.len(), banned)]).unwrap();
-        g[0].tokens.iter().zip(target).take_while(|(a, b)| a == b).count()
+        g[0].tokens
+            .iter()
+            .zip(target)
+            .take_while(|(a, b)| a == b)
+            .count()
     }
 
     fn lcg(state: &mut u64) -> u64 {
-        *state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        *state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
         *state >> 33
     }
 
@@ -346,7 +390,8 @@ mod tests {
                 let mut target: Vec<u32> = if i % 4 == 3 {
                     (0..n).map(|_| (lcg(&mut s) % v) as u32).collect()
                 } else {
-                    let g = generate::generate(model, None, &[request(&prompt, n, banned)]).unwrap();
+                    let g =
+                        generate::generate(model, None, &[request(&prompt, n, banned)]).unwrap();
                     g[0].tokens.clone()
                 };
                 if i % 4 == 1 {
@@ -364,7 +409,10 @@ mod tests {
     fn check_equals_decoding(model: &Model, banned: &[u32], seed: u64) -> (usize, usize) {
         let pairs = pairs_for(model, banned, seed);
         let refs: Vec<(&[u32], &[u32])> = pairs.iter().map(|(p, t)| (&p[..], &t[..])).collect();
-        let want: Vec<usize> = pairs.iter().map(|(p, t)| decode_prefix(model, p, t, banned)).collect();
+        let want: Vec<usize> = pairs
+            .iter()
+            .map(|(p, t)| decode_prefix(model, p, t, banned))
+            .collect();
         let mut decoded = 0;
         for (batch_size, full) in [(1, false), (5, false), (24, true)] {
             let opts = TeacherOptions {
@@ -375,7 +423,11 @@ mod tests {
             };
             let got = teacher_forced(model, &refs, &opts).unwrap();
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert_eq!(g.matched_prefix, *w, "pair {i} (batch {batch_size}, full {full}): {:?}", pairs[i]);
+                assert_eq!(
+                    g.matched_prefix, *w,
+                    "pair {i} (batch {batch_size}, full {full}): {:?}",
+                    pairs[i]
+                );
                 if full {
                     assert_eq!(g.hits.len(), pairs[i].1.len());
                     assert!(g.hits[..g.matched_prefix].iter().all(|&h| h));
@@ -395,15 +447,34 @@ mod tests {
         let configs = [
             crate::test_util::gpt2_with(Activation::Relu, (40, 32, 24, 3), 2, true, false),
             crate::test_util::gpt2_with(Activation::Gelu, (40, 32, 24, 3), 2, false, true),
-            crate::test_util::neox((40, 32, 24, 3, 40), 2, 0.25, true, Activation::Gelu, true, false),
-            crate::test_util::neox((40, 32, 24, 3, 40), 2, 1.0, false, Activation::Relu, false, true),
+            crate::test_util::neox(
+                (40, 32, 24, 3, 40),
+                2,
+                0.25,
+                true,
+                Activation::Gelu,
+                true,
+                false,
+            ),
+            crate::test_util::neox(
+                (40, 32, 24, 3, 40),
+                2,
+                1.0,
+                false,
+                Activation::Relu,
+                false,
+                true,
+            ),
         ];
         for (c, cfg) in configs.iter().enumerate() {
             let model = Model::random(cfg, &Device::Cpu).unwrap();
             let (matched, decoded) = check_equals_decoding(&model, &[7, 0], 11 + c as u64);
             // The pairs reach every outcome, and the pass (not decoding) decides almost all.
             assert!(matched >= 12, "config {c}: {matched} pairs matched a token");
-            assert!(decoded <= 6, "config {c}: {decoded} of 72 verdicts fell back to decoding");
+            assert!(
+                decoded <= 6,
+                "config {c}: {decoded} of 72 verdicts fell back to decoding"
+            );
         }
     }
 
@@ -431,7 +502,11 @@ mod tests {
             };
             map.insert(name.clone(), t);
         }
-        let model = Model::new(&cfg, &crate::models::Weights::from_tensors(map, "tied rows")).unwrap();
+        let model = Model::new(
+            &cfg,
+            &crate::models::Weights::from_tensors(map, "tied rows"),
+        )
+        .unwrap();
         let (_, decoded) = check_equals_decoding(&model, &[7], 5);
         // Ties are not rare with two identical rows among 40, and each one was decoded.
         assert!(decoded > 0);
@@ -444,12 +519,18 @@ mod tests {
     /// prefill, then one cached step per token), over every position.
     fn pass_vs_decode_logits(model: &Model, seq: &[u32]) -> f32 {
         let h = model.spec().hidden_size;
-        let hidden = model.final_hidden(seq, (1, seq.len()), &[seq.len()]).unwrap();
+        let hidden = model
+            .final_hidden(seq, (1, seq.len()), &[seq.len()], &[0])
+            .unwrap();
         let v = model.spec().vocab_size;
-        let pass: Vec<std::sync::Mutex<Vec<f32>>> =
-            seq.iter().map(|_| std::sync::Mutex::new(Vec::new())).collect();
+        let pass: Vec<std::sync::Mutex<Vec<f32>>> = seq
+            .iter()
+            .map(|_| std::sync::Mutex::new(Vec::new()))
+            .collect();
         model
-            .visit_logits(&hidden[..seq.len() * h], |i, row| *pass[i].lock().unwrap() = row.to_vec())
+            .visit_logits(&hidden[..seq.len() * h], |i, row| {
+                *pass[i].lock().unwrap() = row.to_vec()
+            })
             .unwrap();
         let mut cache = crate::models::KvCache::new(model.spec().num_layers);
         let mut worst = 0f32;
@@ -483,7 +564,15 @@ mod tests {
         let seq: Vec<u32> = (0..100).map(|i| (i * 7 % 13) as u32).collect();
         let d = pass_vs_decode_logits(&lm.model, &seq);
         assert!(d < TIE_MARGIN / 10.0, "TinyMem: {d}");
-        let cfg = crate::test_util::neox((40, 64, 32, 4, 64), 3, 0.25, true, Activation::Gelu, true, false);
+        let cfg = crate::test_util::neox(
+            (40, 64, 32, 4, 64),
+            3,
+            0.25,
+            true,
+            Activation::Gelu,
+            true,
+            false,
+        );
         let model = Model::random(&cfg, &Device::Cpu).unwrap();
         let seq: Vec<u32> = (0..60).map(|i| (i * 11 % 40) as u32).collect();
         let d = pass_vs_decode_logits(&model, &seq);
@@ -513,35 +602,71 @@ mod tests {
     fn bad_pairs_are_refused_by_name() {
         let cfg = crate::test_util::gpt2_with(Activation::Relu, (40, 32, 24, 3), 1, true, false);
         let model = Model::random(&cfg, &Device::Cpu).unwrap();
-        let opts = TeacherOptions { batch_size: 4, ..Default::default() };
+        let opts = TeacherOptions {
+            batch_size: 4,
+            ..Default::default()
+        };
         let long = vec![1u32; 30];
         for (pairs, want) in [
             (vec![(&[1u32][..], &[][..])], "pairs[0]"),
-            (vec![(&[1u32][..], &[2u32][..]), (&[][..], &[2u32][..])], "prompt"),
+            (
+                vec![(&[1u32][..], &[2u32][..]), (&[][..], &[2u32][..])],
+                "prompt",
+            ),
             (vec![(&[1u32][..], &[40u32][..])], "outside the vocabulary"),
             (vec![(&long[..], &long[..])], "context length"),
         ] {
-            let e = teacher_forced(&model, &pairs, &opts).unwrap_err().to_string();
+            let e = teacher_forced(&model, &pairs, &opts)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want), "{e}");
         }
-        let opts = TeacherOptions { batch_size: 4, full: true, temperatures: vec![0.0], ..Default::default() };
+        let opts = TeacherOptions {
+            batch_size: 4,
+            full: true,
+            temperatures: vec![0.0],
+            ..Default::default()
+        };
         let e = teacher_forced(&model, &[(&[1u32][..], &[2u32][..])], &opts).unwrap_err();
         assert!(e.to_string().contains("temperature"), "{e}");
     }
 
     #[test]
     fn full_passes_give_the_scored_log_probability_at_temperature_one() {
-        let cfg = crate::test_util::neox((40, 32, 24, 3, 40), 2, 0.25, true, Activation::Gelu, true, false);
+        let cfg = crate::test_util::neox(
+            (40, 32, 24, 3, 40),
+            2,
+            0.25,
+            true,
+            Activation::Gelu,
+            true,
+            false,
+        );
         let model = Model::random(&cfg, &Device::Cpu).unwrap();
         let pairs = pairs_for(&model, &[7], 3);
         let refs: Vec<(&[u32], &[u32])> = pairs.iter().map(|(p, t)| (&p[..], &t[..])).collect();
-        let opts = TeacherOptions { full: true, temperatures: vec![1.0], batch_size: 7, ..Default::default() };
+        let opts = TeacherOptions {
+            full: true,
+            temperatures: vec![1.0],
+            batch_size: 7,
+            ..Default::default()
+        };
         let got = teacher_forced(&model, &refs, &opts).unwrap();
-        let seqs: Vec<Vec<u32>> = pairs.iter().map(|(p, t)| p.iter().chain(t).copied().collect()).collect();
+        let seqs: Vec<Vec<u32>> = pairs
+            .iter()
+            .map(|(p, t)| p.iter().chain(t).copied().collect())
+            .collect();
         let scores = crate::engine::score(&model, &seqs, 4).unwrap();
         for ((g, s), (p, _)) in got.iter().zip(&scores).zip(&pairs) {
-            let want: f64 = s.token_logprobs[p.len() - 1..].iter().map(|&x| f64::from(x)).sum();
-            assert!((g.logprob[0] - want).abs() < 1e-3 * want.abs().max(1.0), "{} vs {want}", g.logprob[0]);
+            let want: f64 = s.token_logprobs[p.len() - 1..]
+                .iter()
+                .map(|&x| f64::from(x))
+                .sum();
+            assert!(
+                (g.logprob[0] - want).abs() < 1e-3 * want.abs().max(1.0),
+                "{} vs {want}",
+                g.logprob[0]
+            );
         }
     }
 }

@@ -351,7 +351,8 @@ impl Model {
                         let max = blk.iter().fold(0f32, |m, x| m.max(x.abs()));
                         if max > 0.0 && max.is_finite() {
                             let scale = max / levels;
-                            blk.iter_mut().for_each(|x| *x = (*x / scale).round() * scale);
+                            blk.iter_mut()
+                                .for_each(|x| *x = (*x / scale).round() * scale);
                         }
                     }
                 }
@@ -431,29 +432,45 @@ impl Model {
         cpu::head::next_token_logprobs(hidden, head, ids)
     }
 
-    /// The final hidden states (after the last LayerNorm) of `b` right-padded rows of `t` ids,
-    /// `[b, t, H]` row-major f32; row `r` is real up to `lens[r]`. f32 weights on the CPU take the
-    /// hand-written pass's forward (`pass::final_hidden`), everything else `forward_hidden`.
+    /// The final hidden states (after the last LayerNorm) at positions `from[r]..lens[r]` of
+    /// each of `b` right-padded rows of `t` ids, rows in order: `[Σ (lens[r] − from[r]), H]`
+    /// row-major f32. f32 weights on the CPU take the hand-written pass's forward
+    /// (`pass::final_hidden`, which runs the last block for those positions only), everything
+    /// else `forward_hidden`.
     pub fn final_hidden(
         &self,
         ids: &[u32],
         (b, t): (usize, usize),
         lens: &[usize],
+        from: &[usize],
     ) -> CResult<Vec<f32>> {
         use pass::HandWrittenPass;
+        if from.len() != b || lens.len() != b || from.iter().zip(lens).any(|(f, l)| f > l || *l > t)
+        {
+            candle_core::bail!("final_hidden: rows, lengths and start positions do not fit");
+        }
         match self {
             Self::Gpt2(m) if m.mlp_grads_supported() && t >= 2 => {
-                pass::final_hidden(m, ids, (b, t), lens)
+                pass::final_hidden(m, ids, (b, t), lens, from)
             }
             Self::GptNeoX(m) if m.mlp_grads_supported() && t >= 2 => {
-                pass::final_hidden(m, ids, (b, t), lens)
+                pass::final_hidden(m, ids, (b, t), lens, from)
             }
             _ => {
+                let h = self.spec().hidden_size;
                 let ids = Tensor::from_slice(ids, (b, t), self.device())?;
-                self.forward_hidden(&Inputs::causal(&ids, 0)?, None, None)?
+                let all: Vec<f32> = self
+                    .forward_hidden(&Inputs::causal(&ids, 0)?, None, None)?
                     .to_dtype(DType::F32)?
                     .flatten_all()?
-                    .to_vec1()
+                    .to_vec1()?;
+                Ok((0..b)
+                    .flat_map(|r| {
+                        all[(r * t + from[r]) * h..(r * t + lens[r]) * h]
+                            .iter()
+                            .copied()
+                    })
+                    .collect())
             }
         }
     }
@@ -461,11 +478,7 @@ impl Model {
     /// Calls `f(i, logits)` with the vocabulary logits of each row `i` of `hidden` (`[m, H]`
     /// row-major f32 final hidden states), in parallel, without holding more than a block of
     /// rows' logits at once (`cpu::head::visit_logits`).
-    pub fn visit_logits(
-        &self,
-        hidden: &[f32],
-        f: impl Fn(usize, &[f32]) + Sync,
-    ) -> CResult<()> {
+    pub fn visit_logits(&self, hidden: &[f32], f: impl Fn(usize, &[f32]) + Sync) -> CResult<()> {
         let head = match self {
             Self::Gpt2(m) => m.lm_head(),
             Self::GptNeoX(m) => m.lm_head(),
@@ -601,6 +614,62 @@ impl TokenId {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn fake_quantized_weights_sit_on_each_blocks_grid_and_int4_moves_further() {
+        let cfg = crate::test_util::gpt2_with(
+            crate::models::ops::Activation::Relu,
+            (40, 32, 48, 4),
+            2,
+            false,
+            false,
+        );
+        let m = Model::random(&cfg, &Device::Cpu).unwrap();
+        let (q8, q4) = (m.fake_quantized(8).unwrap(), m.fake_quantized(4).unwrap());
+        let mut err = [0f64; 2];
+        for ((name, a), ((_, b8), (_, b4))) in m
+            .named_tensors()
+            .iter()
+            .zip(q8.named_tensors().iter().zip(q4.named_tensors()))
+        {
+            let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+            for (k, (b, levels)) in [(b8, 127f32), (b4, 7f32)].into_iter().enumerate() {
+                let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+                if m.named_tensors()
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .unwrap()
+                    .1
+                    .rank()
+                    < 2
+                {
+                    assert_eq!(a, b, "{name} is kept");
+                    continue;
+                }
+                let row = *m
+                    .named_tensors()
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .unwrap()
+                    .1
+                    .dims()
+                    .last()
+                    .unwrap();
+                for (ra, rb) in a.chunks(row).zip(b.chunks(row)) {
+                    for (ba, bb) in ra.chunks(QUANT_BLOCK).zip(rb.chunks(QUANT_BLOCK)) {
+                        let scale = ba.iter().fold(0f32, |m, x| m.max(x.abs())) / levels;
+                        for (x, y) in ba.iter().zip(bb) {
+                            assert!((x - y).abs() <= scale / 2.0 + 1e-6, "{name}: {x} -> {y}");
+                            assert!(((y / scale).round() * scale - y).abs() < 1e-5);
+                            err[k] += f64::from((x - y).abs());
+                        }
+                    }
+                }
+            }
+        }
+        assert!(err[1] > 5.0 * err[0], "{err:?}");
+        assert!(m.fake_quantized(1).is_err() && m.fake_quantized(17).is_err());
+    }
     use super::*;
 
     fn step(ids: &[u32], pos: u32, mask: Option<Tensor>) -> Inputs {

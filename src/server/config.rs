@@ -139,6 +139,21 @@ pub struct TakedownArgs {
     /// Gate: largest relative change of the canary set's perplexity.
     #[arg(long, env = "LETHE_CANARY_BUDGET", default_value_t = 0.02)]
     pub canary_budget: f64,
+    /// Gate: a takedown also needs its sequences gone under sampling and nearby prompts: not
+    /// (n, p)-discoverable (`--gate-risk-samples`, `--gate-risk-p`, temperature 1) and not
+    /// extracted from any of 4 prompts with 2 tokens changed.
+    #[arg(long, env = "LETHE_GATE_RISK")]
+    pub gate_risk: bool,
+    /// The risk gate's n: samples an attacker draws.
+    #[arg(long, env = "LETHE_GATE_RISK_SAMPLES", default_value_t = 100)]
+    pub gate_risk_samples: u64,
+    /// The risk gate's p: extraction probability at which a sequence counts as discoverable.
+    #[arg(long, env = "LETHE_GATE_RISK_P", default_value_t = 0.1)]
+    pub gate_risk_p: f64,
+    /// Gate: the candidate is audited again with its matrices rounded to int8 (and int4,
+    /// reported only); a sequence extractable there fails the gate.
+    #[arg(long, env = "LETHE_GATE_QUANTIZED")]
+    pub gate_quantized: bool,
     /// Seconds between continuous audits of applied takedowns (also run after every swap).
     #[arg(long, env = "LETHE_AUDIT_INTERVAL_SECONDS", default_value_t = 300)]
     pub audit_interval_seconds: u64,
@@ -182,6 +197,19 @@ impl TakedownArgs {
         gates.perplexity_budget = self.perplexity_budget;
         gates.accuracy_budget = self.accuracy_budget;
         gates.canary_budget = self.canary_budget;
+        gates.quantized = self.gate_quantized;
+        if self.gate_risk {
+            let risk = crate::audit::RiskOptions {
+                samples: self.gate_risk_samples,
+                p: self.gate_risk_p,
+                ..Default::default()
+            };
+            if self.gate_risk_samples == 0 || !(self.gate_risk_p > 0.0 && self.gate_risk_p <= 1.0) {
+                bail!("--gate-risk-samples must be at least 1 and --gate-risk-p in (0, 1]");
+            }
+            risk.validate()?;
+            gates.risk = Some(risk);
+        }
         c.audit_interval = std::time::Duration::from_secs(self.audit_interval_seconds.max(1));
         Ok(c)
     }

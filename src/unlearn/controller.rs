@@ -86,6 +86,14 @@ pub struct ControllerConfig {
     pub momentum: f64,
     pub weight_decay: f64,
     pub seed: u64,
+    /// Checks count a sequence as extractable by the risk measures too (discoverable by
+    /// sampling, extracted from a perturbed prompt): the pipeline sets it from the risk gate, so
+    /// the forget term keeps working on what that gate would fail.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub risk: Option<crate::audit::RiskOptions>,
+    /// Checks also audit the candidate with int8-rounded matrices (from the quantized gate).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub quantized: bool,
 }
 
 impl Default for ControllerConfig {
@@ -106,6 +114,8 @@ impl Default for ControllerConfig {
             momentum: 0.9,
             weight_decay: 5e-4,
             seed: 0,
+            risk: None,
+            quantized: false,
         }
     }
 }
@@ -411,11 +421,20 @@ pub fn run(
         // next step (the memory bound in docs/unlearning.md).
         ws.release_masked();
         let candidate = from.with_mlp_weights(&scores.apply(&base)?)?;
-        let (results, _) = audit::audit(&candidate, None, items, 64)?;
+        let opts = audit::AuditOptions {
+            risk: cfg.risk.clone(),
+            ..audit::AuditOptions::greedy(64)
+        };
+        let (results, _) = audit::audit_with(&candidate, None, items, &opts)?;
+        let int8 = if cfg.quantized {
+            Some(audit::audit(&candidate.fake_quantized(8)?, None, items, 64)?.0)
+        } else {
+            None
+        };
         let extractable: Vec<usize> = results
             .iter()
             .enumerate()
-            .filter(|(_, r)| r.memorized)
+            .filter(|(i, r)| r.extractable() || int8.as_ref().is_some_and(|q| q[*i].memorized))
             .map(|(i, _)| i)
             .collect();
         let mut check = Check {

@@ -597,13 +597,19 @@ pub fn run(
         Ok(failed)
     };
     on_phase("unlearning");
+    // The controller's checks count as extractable what the gates will.
+    let controller_cfg = ControllerConfig {
+        risk: cfg.gates.risk.clone(),
+        quantized: cfg.gates.quantized,
+        ..cfg.controller.clone()
+    };
     let out = controller::run(
         model,
         lineage.root_model,
         &forget,
         &items,
         &data.retain,
-        &cfg.controller,
+        &controller_cfg,
         ctl,
         &mut gates,
     )?;
@@ -747,6 +753,19 @@ mod tests {
         assert_eq!(lens(&d.retain), [8, 8, 4, 8, 8]);
         assert_eq!(lens(&d.heldout), [8]);
         assert_eq!(lens(&d.canary), [8, 8, 4]);
+    }
+
+    #[test]
+    fn a_sequence_extractable_only_by_a_risk_measure_fails_the_gate() {
+        let before = eval(&[true, true], 10.0, 0.9, None);
+        let mut after = eval(&[false, false], 10.0, 0.9, None);
+        assert!(
+            gate_failures(&Gates::default(), &before, &Baseline::of(&before), &after).is_empty()
+        );
+        // Not greedily memorized, but discoverable by sampling (or extracted after int8 rounding).
+        after.extractable[1] = true;
+        let why = gate_failures(&Gates::default(), &before, &Baseline::of(&before), &after);
+        assert_eq!(why, ["1 of 2 sequences are still extractable"]);
     }
 
     fn eval(memorized: &[bool], ppl: f64, acc: f64, canary: Option<f64>) -> Evaluation {

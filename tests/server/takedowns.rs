@@ -311,6 +311,60 @@ async fn five_memorized_sequences_are_guarded_unlearned_swapped_kept_and_rolled_
     assert_eq!(t["status"], "queued");
 }
 
+/// With the risk and quantized gates on, a takedown is applied only once its sequences are
+/// gone under sampling, perturbed prompts and int8 rounding too, and the receipt shows each
+/// measure before and after.
+#[actix_web::test]
+async fn the_risk_and_quantized_gates_measure_before_and_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = takedown_state(dir.path(), true, |c| {
+        // 10 samples extracting it with probability 0.5 or more: a bar this test can reach
+        // in CI's time (the default, 100 samples and p = 0.1, needs q below about 1e-3).
+        c.pipeline.gates.risk = Some(lethe::audit::RiskOptions {
+            samples: 10,
+            p: 0.5,
+            ..Default::default()
+        });
+        c.pipeline.gates.quantized = true;
+    });
+    let app = at::init_service(make_app(st.clone())).await;
+    let seqs = memorized_rows(2);
+    let t = post(&app, "/v1/takedowns", json!({"sequences": seqs}))
+        .await
+        .json();
+    let id = t["id"].as_str().unwrap().to_string();
+    let t = wait_for(&app, &id, &["applied", "rejected", "failed"], 900).await;
+    assert_eq!(t["status"], "applied", "{t}");
+    let rc = get(&app, &format!("/v1/takedowns/{id}/receipt"))
+        .await
+        .json();
+    let audits = rc["audit"].as_array().unwrap();
+    assert_eq!(audits.len(), 2, "{rc}");
+    for s in audits {
+        let (b, a) = (&s["before"], &s["after"]);
+        assert_eq!(b["memorized"], true, "{s}");
+        assert!(b["risk"]["longest_match"].as_u64().unwrap() >= 50, "{s}");
+        assert!(
+            b["int8_memorized"].is_boolean() && b["int4_memorized"].is_boolean(),
+            "{s}"
+        );
+        assert_eq!(a["memorized"], false, "{s}");
+        assert_eq!(a["risk"]["discoverable"], false, "{s}");
+        assert_eq!(a["risk"]["perturbed_memorized"], 0, "{s}");
+        assert_eq!(a["int8_memorized"], false, "{s}");
+    }
+    // The live model, audited with risk through the API, agrees.
+    let a = post(
+        &app,
+        "/v1/audit",
+        json!({"sequences": seqs, "risk": {"samples": 10, "p": 0.5}}),
+    )
+    .await
+    .json();
+    assert_eq!(a["summary"]["extractable"], 0, "{a}");
+    st.takedowns.as_ref().unwrap().shutdown();
+}
+
 /// A takedown of one sequence that no model can pass the gates for ends `rejected`, with its
 /// reason and report, and the live version stays; it does not stay `running` (the job is
 /// `validating` once the gates decided, the state a rejection leaves from).

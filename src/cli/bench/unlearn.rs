@@ -223,7 +223,10 @@ pub fn audit_bench(a: AuditBenchArgs) -> anyhow::Result<()> {
                 times[m].push(t.elapsed().as_secs_f64());
             }
             memorized[m] = summary.memorized;
-            verdicts[m] = res.iter().map(|r| (r.memorized, r.matched_prefix)).collect();
+            verdicts[m] = res
+                .iter()
+                .map(|r| (r.memorized, r.matched_prefix))
+                .collect();
         }
     }
     let mut v = serde_json::json!({

@@ -33,7 +33,7 @@ pub struct MlpGradWorkspace {
     /// [`Want::Forward`]: `log p(ids[r, j + 1])` for `j < t − 1`, `[b, t − 1]` row-major (0
     /// past a row's length).
     pub(crate) token_lp: Vec<f32>,
-    /// [`Want::Hidden`]: the final LayerNorm's output, `[b, t, H]` row-major.
+    /// [`Want::Hidden`]: the final LayerNorm's output at the wanted positions, rows in order.
     pub(crate) hidden: Vec<f32>,
 }
 
@@ -191,7 +191,7 @@ pub(crate) fn run_parts(
     // it runs.
     let nl = w.blocks.len();
     let threads = rayon::current_num_threads().max(1);
-    let kept = if matches!(want, Want::Forward | Want::Hidden) {
+    let kept = if matches!(want, Want::Forward | Want::Hidden(_)) {
         1
     } else {
         nl
@@ -226,10 +226,18 @@ pub(crate) fn run_parts(
     if want == Want::Forward {
         token_lp.resize(b * (t - 1), 0.0);
     }
-    hidden.clear();
-    if want == Want::Hidden {
-        hidden.resize(b * t * d.h, 0.0);
+    // Want::Hidden: where each row's wanted states start in the output.
+    let mut offset = vec![0usize; b + 1];
+    if let Want::Hidden(from) = want {
+        if from.len() != b || from.iter().zip(lens).any(|(f, l)| f > l) {
+            bail!("mlp_grads: hidden states wanted from past a row's end");
+        }
+        for r in 0..b {
+            offset[r + 1] = offset[r] + lens[r] - from[r];
+        }
     }
+    hidden.clear();
+    hidden.resize(offset[b] * d.h, 0.0);
     let out = Mutex::new((row_loss, token_lp, hidden));
     let next = AtomicUsize::new(0);
     let acc = &acc[..];
@@ -248,7 +256,10 @@ pub(crate) fn run_parts(
                 &ids[r0 * t..r1 * t],
                 &lens[r0..r1],
                 &row_weight[r0..r1],
-                want,
+                match want {
+                    Want::Hidden(from) => Want::Hidden(&from[r0..r1]),
+                    other => other,
+                },
                 part_ws,
                 &sink,
             )
@@ -271,9 +282,9 @@ pub(crate) fn run_parts(
         if want == Want::Forward {
             o.1[r0 * (t - 1)..r1 * (t - 1)].copy_from_slice(&part_ws.token_lp);
         }
-        if want == Want::Hidden {
-            let hf = &part_ws.hf[..(r1 - r0) * t * d.h];
-            o.2[r0 * t * d.h..r1 * t * d.h].copy_from_slice(hf);
+        if let Want::Hidden(_) = want {
+            let (a, z) = (offset[r0] * d.h, offset[r1] * d.h);
+            o.2[a..z].copy_from_slice(&part_ws.hf[..z - a]);
         }
     });
     if let Some(payload) = panicked

@@ -53,16 +53,18 @@ mod groups;
 
 /// Which parameter gradients a pass accumulates.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Want {
+pub(crate) enum Want<'a> {
     /// The MLP weight matrices only (`c_fc`, `c_proj`); the backward stops at layer 0's `c_fc`.
     Mlp,
     /// Every parameter, down to the embeddings (training).
     All,
     /// None: the forward and each position's log-probability of its next token (scoring).
     Forward,
-    /// None: the forward up to the final LayerNorm, whose output `[N, H]` is the result (the
-    /// single-pass audit's hidden states; no head).
-    Hidden,
+    /// None: the forward up to the final LayerNorm, whose output is the result (the
+    /// single-pass audit's hidden states; no head), for positions `from[r]..lens[r]` of each
+    /// row `r` only, rows in order: the last block computes its attention for every position
+    /// (the keys need them) and the rest of the block for those positions alone.
+    Hidden(&'a [usize]),
 }
 
 /// Index of block `li`'s `k`-th parameter in [`Gpt2::named_tensors`] order: `wte`, `wpe`, then
@@ -264,7 +266,7 @@ fn part(
     ids: &[u32],
     lens: &[usize],
     row_weight: &[f32],
-    want: Want,
+    want: Want<'_>,
     ws: &mut PartBufs,
     sink: &Sink,
 ) {
@@ -299,7 +301,7 @@ macro_rules! part_with_features {
             ids: &[u32],
             lens: &[usize],
             row_weight: &[f32],
-            want: Want,
+            want: Want<'_>,
             ws: &mut PartBufs,
             sink: &Sink,
         ) {
@@ -328,7 +330,7 @@ fn part_body(
     ids: &[u32],
     lens: &[usize],
     row_weight: &[f32],
-    want: Want,
+    want: Want<'_>,
     ws: &mut PartBufs,
     sink: &Sink,
 ) {
@@ -352,6 +354,15 @@ fn part_body(
         scale,
     };
     let full = want == Want::All;
+    // Want::Hidden: the (row · t + position) rows whose final states are wanted.
+    let sel: Option<Vec<usize>> = match want {
+        Want::Hidden(from) => Some(
+            (0..b)
+                .flat_map(|r| r * t + from[r]..r * t + lens[r])
+                .collect(),
+        ),
+        _ => None,
+    };
     ws.xs.resize_with(nl + 1, Vec::new);
     ws.layers.resize_with(nl, LayerBufs::default);
 
@@ -372,7 +383,7 @@ fn part_body(
         let (done, rest) = ws.xs.split_at_mut(li + 1);
         let x = &done[li][..];
         // The backward reads every layer's activations; a forward alone reuses one set.
-        let lb = &mut ws.layers[if matches!(want, Want::Forward | Want::Hidden) {
+        let lb = &mut ws.layers[if matches!(want, Want::Forward | Want::Hidden(_)) {
             0
         } else {
             li
@@ -388,6 +399,21 @@ fn part_body(
         let probs = buf(&mut lb.probs, b * nh * t * t);
         let att = buf(&mut lb.att, n * h);
         attention_fwd(qkv, attn(bw.scale), probs, att);
+        // Want::Hidden's last block: the rest of it for the wanted positions only.
+        let (x, att, n) = match sel.as_deref().filter(|_| li + 1 == nl) {
+            Some(sel) => {
+                let (gx, ga) = (
+                    buf(&mut ws.dx, sel.len() * h),
+                    buf(&mut ws.dt, sel.len() * h),
+                );
+                for (k, &r) in sel.iter().enumerate() {
+                    gx[k * h..(k + 1) * h].copy_from_slice(&x[r * h..(r + 1) * h]);
+                    ga[k * h..(k + 1) * h].copy_from_slice(&att[r * h..(r + 1) * h]);
+                }
+                (&*gx, &*ga, sel.len())
+            }
+            None => (x, &*att, n),
+        };
         let xm = buf(&mut lb.xm, n * h);
         rows_plus_bias(Some(x), bw.proj.1, xm);
         dense_fwd(lin, (n, h, h), xm, att, bw.proj.0, true);
@@ -404,9 +430,9 @@ fn part_body(
         dense_fwd(lin, (n, inner, h), next, hh, bw.mproj.0, true);
     }
     // The final LayerNorm, then logits = hf · lmᵀ.
-    let hf = buf(&mut ws.hf, n * h);
+    let hf = buf(&mut ws.hf, ws.xs[nl].len());
     layer_norm(&ws.xs[nl], w.lnf, eps, hf);
-    if want == Want::Hidden {
+    if let Want::Hidden(_) = want {
         ws.row_loss.clear();
         ws.row_loss.resize(b, 0.0);
         return;
@@ -714,23 +740,40 @@ fn dims<M: HandWrittenPass>(m: &M, t: usize) -> Dims {
     }
 }
 
-/// The final LayerNorm's output `[b, t, H]` (row-major f32) for right-padded rows through the
-/// pass's forward, on the calling thread's buffers (kept for its next call). A position sees
-/// only the positions before it, so a row's states up to its length do not depend on its
-/// padding or on the other rows, to float rounding.
+/// The final LayerNorm's output at positions `from[r]..lens[r]` of each right-padded row `r`,
+/// rows in order (`[Σ (lens[r] − from[r]), H]` row-major f32), through the pass's forward on
+/// the calling thread's buffers (kept for its next call). A position sees only the positions
+/// before it, so a row's states do not depend on its padding or on the other rows, to float
+/// rounding.
 pub(crate) fn final_hidden<M: HandWrittenPass>(
     m: &M,
     ids: &[u32],
     (b, t): (usize, usize),
     lens: &[usize],
+    from: &[usize],
 ) -> Result<Vec<f32>> {
+    if from.len() != b || from.iter().zip(lens).any(|(f, l)| f > l) {
+        bail!(
+            "final_hidden: {} start positions for {b} rows, or one past its row's end",
+            from.len()
+        );
+    }
     thread_local! {
         static WORKSPACE: std::cell::RefCell<MlpGradWorkspace> = Default::default();
     }
     WORKSPACE.with(|cell| {
         let mut ws = cell.borrow_mut();
         let row_weight = vec![0.0; b];
-        run(m, ids, (b, t), lens, &row_weight, None, Want::Hidden, &mut ws)?;
+        run(
+            m,
+            ids,
+            (b, t),
+            lens,
+            &row_weight,
+            None,
+            Want::Hidden(from),
+            &mut ws,
+        )?;
         Ok(std::mem::take(&mut ws.hidden))
     })
 }
@@ -744,7 +787,7 @@ pub(crate) fn run<M: HandWrittenPass>(
     lens: &[usize],
     row_weight: &[f32],
     mlp: Option<&[(Vec<f32>, Vec<f32>)]>,
-    want: Want,
+    want: Want<'_>,
     ws: &mut MlpGradWorkspace,
 ) -> Result<(f64, Vec<f64>)> {
     if !m.mlp_grads_supported() {

@@ -29,7 +29,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::completions::{check_model, VERSION_HEADER};
 use super::misc::token_ids;
-use crate::audit::{self, AuditItem, AuditOptions, AuditRow, AuditSummary, Definition, RiskOptions};
+use crate::audit::{
+    self, AuditItem, AuditOptions, AuditRow, AuditSummary, Definition, RiskOptions,
+};
 use crate::engine::batcher::{Job, RowEvent};
 use crate::engine::served::Served;
 use crate::server::body;
@@ -162,7 +164,10 @@ pub(super) async fn on_engine(
     } else {
         let (tx, rx) = oneshot::channel();
         let (served, work) = (s.clone(), items.to_vec());
-        let single = AuditOptions { risk: None, ..opts.clone() };
+        let single = AuditOptions {
+            risk: None,
+            ..opts.clone()
+        };
         state.engine.submit(Job::Run(Box::new(move || {
             let _ = tx.send(audit::audit_with(&served.model, None, &work, &single));
         })))?;
@@ -181,7 +186,10 @@ pub(super) async fn on_engine(
             .await
             .map_err(|_| ApiError::Internal("the engine failed on this audit".into()))?
             .map_err(ApiError::from)?;
-        results.iter_mut().zip(risks).for_each(|(res, k)| res.risk = Some(k));
+        results
+            .iter_mut()
+            .zip(risks)
+            .for_each(|(res, k)| res.risk = Some(k));
     }
     Ok(results)
 }
