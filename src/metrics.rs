@@ -38,6 +38,13 @@ pub struct Metrics {
     pub model_info: IntGaugeVec,
     pub audit_sequences: IntCounterVec,
     pub memorization_ratio: GaugeVec,
+    /// `lethe_corpus_memorization_ratio{definition}`: the continuous corpus audit's last ratio.
+    pub corpus_ratio: GaugeVec,
+    /// `lethe_corpus_audit_sample_size`: sequences in its last sample.
+    pub corpus_sample: Gauge,
+    /// `lethe_corpus_memorization_increase{definition}`: the live version's ratio minus the
+    /// previous version's.
+    pub corpus_increase: GaugeVec,
     pub perplexity: GaugeVec,
     pub perplexity_drift: Gauge,
     pub takedowns: IntGaugeVec,
@@ -139,6 +146,27 @@ impl Metrics {
             &["set"],
         )
         .expect("valid metric");
+        let corpus_ratio = GaugeVec::new(
+            Opts::new(
+                "lethe_corpus_memorization_ratio",
+                "Fraction of the last corpus sample the live model regurgitates (continuous corpus audit)",
+            ),
+            &["definition"],
+        )
+        .expect("valid metric");
+        let corpus_sample = Gauge::new(
+            "lethe_corpus_audit_sample_size",
+            "Sequences in the last continuous corpus audit's sample",
+        )
+        .expect("valid metric");
+        let corpus_increase = GaugeVec::new(
+            Opts::new(
+                "lethe_corpus_memorization_increase",
+                "Corpus memorization ratio of the live version minus that of the version before it (0 before any swap)",
+            ),
+            &["definition"],
+        )
+        .expect("valid metric");
         let perplexity = GaugeVec::new(
             Opts::new(
                 "lethe_perplexity",
@@ -211,6 +239,9 @@ impl Metrics {
             ready,
             panics,
             memorization_ratio,
+            corpus_ratio,
+            corpus_sample,
+            corpus_increase,
             perplexity,
             perplexity_drift,
             takedowns,
@@ -255,6 +286,9 @@ impl Metrics {
             Box::new(self.model_info.clone()),
             Box::new(self.audit_sequences.clone()),
             Box::new(self.memorization_ratio.clone()),
+            Box::new(self.corpus_ratio.clone()),
+            Box::new(self.corpus_sample.clone()),
+            Box::new(self.corpus_increase.clone()),
             Box::new(self.perplexity.clone()),
             Box::new(self.perplexity_drift.clone()),
             Box::new(self.takedowns.clone()),

@@ -102,7 +102,9 @@ fn read_position(
             .enumerate()
             .filter(|&(i, v)| i != pick && !v.is_nan())
             .fold(f32::NEG_INFINITY, |m, (_, &v)| m.max(v));
-        let close = !(top - second > TIE_MARGIN * top.abs().max(1.0));
+        // NaN gaps (a NaN logit can only be a winner's neighbour here) count as close.
+        let gap = top - second;
+        let close = gap.is_nan() || gap <= TIE_MARGIN * top.abs().max(1.0);
         for (o, &t) in lp.iter_mut().zip(temps) {
             let y = x[target as usize];
             *o = if y == f32::NEG_INFINITY {
@@ -606,7 +608,7 @@ mod tests {
             batch_size: 4,
             ..Default::default()
         };
-        let long = vec![1u32; 30];
+        let long = [1u32; 30];
         for (pairs, want) in [
             (vec![(&[1u32][..], &[][..])], "pairs[0]"),
             (

@@ -154,6 +154,14 @@ pub struct TakedownArgs {
     /// reported only); a sequence extractable there fails the gate.
     #[arg(long, env = "LETHE_GATE_QUANTIZED")]
     pub gate_quantized: bool,
+    /// JSONL corpus (the rows `lethe audit` reads) the continuous auditor samples every pass,
+    /// audited under the model's default definition; exported as
+    /// `lethe_corpus_memorization_ratio{definition}`.
+    #[arg(long, env = "LETHE_AUDIT_CORPUS")]
+    pub audit_corpus: Option<PathBuf>,
+    /// Sequences of `--audit-corpus` audited per pass (a fresh random sample each time).
+    #[arg(long, env = "LETHE_AUDIT_SAMPLE", default_value_t = 256)]
+    pub audit_sample: usize,
     /// Seconds between continuous audits of applied takedowns (also run after every swap).
     #[arg(long, env = "LETHE_AUDIT_INTERVAL_SECONDS", default_value_t = 300)]
     pub audit_interval_seconds: u64,
@@ -211,6 +219,16 @@ impl TakedownArgs {
             gates.risk = Some(risk);
         }
         c.audit_interval = std::time::Duration::from_secs(self.audit_interval_seconds.max(1));
+        if self.audit_sample == 0 {
+            bail!("--audit-sample must be at least 1");
+        }
+        c.corpus = self
+            .audit_corpus
+            .as_ref()
+            .map(|path| crate::takedown::corpus::CorpusConfig {
+                path: path.clone(),
+                sample: self.audit_sample,
+            });
         Ok(c)
     }
 }

@@ -29,6 +29,7 @@
 //! start-up resolution of the live version; [`worker`], the worker, auditor and rollback that
 //! publish versions to the live pointer.
 
+pub mod corpus;
 pub mod guard;
 pub mod store;
 pub mod versions;

@@ -71,6 +71,8 @@ pub struct TakedownConfig {
     /// The dtype served versions are loaded in (`lethe serve --dtype`, resolved): a new
     /// version is reloaded in it and must pass the forget check in it before it goes live.
     pub serve_dtype: DType,
+    /// The corpus the auditor samples every pass (`--audit-corpus`), if any.
+    pub corpus: Option<crate::takedown::corpus::CorpusConfig>,
     /// Fault injection for tests (never set in production).
     pub faults: Faults,
 }
@@ -85,6 +87,7 @@ impl TakedownConfig {
             pipeline: PipelineConfig::default(),
             audit_interval: Duration::from_secs(300),
             serve_dtype: DType::F32,
+            corpus: None,
             faults: Faults::default(),
         }
     }
@@ -119,6 +122,8 @@ pub struct Takedowns {
     /// The live version this subsystem publishes to and audits.
     live: Arc<Live>,
     metrics: Metrics,
+    /// The corpus the auditor samples every pass (`--audit-corpus`).
+    corpus: Option<crate::takedown::corpus::CorpusAudit>,
 }
 
 impl Takedowns {
@@ -141,6 +146,21 @@ impl Takedowns {
         for seq in store.sequences_to_guard().map_err(|e| store_err(&e))? {
             guard.add(&seq);
         }
+        let corpus = match &config.corpus {
+            Some(c) => {
+                let served = live.served();
+                let def = audit::Definition::default_for(served.model.spec().architecture);
+                let corpus = crate::takedown::corpus::CorpusAudit::load(
+                    &c.path,
+                    c.sample,
+                    &served.tokenizer,
+                    def,
+                )?;
+                tracing::info!(rows = corpus.len(), sample = c.sample, definition = %def, "audit corpus loaded");
+                Some(corpus)
+            }
+            None => None,
+        };
         Ok(Self {
             store,
             guard,
@@ -155,6 +175,7 @@ impl Takedowns {
             root_model: Mutex::new(None),
             live,
             metrics,
+            corpus,
         })
     }
 
@@ -673,8 +694,13 @@ fn auditor_loop(td: &Takedowns) {
     }
 }
 
-/// Re-audits every applied takedown (and the canaries) on the live version; sets the gauges.
+/// Re-audits every applied takedown (and the canaries, and a sample of the audit corpus) on the
+/// live version; sets the gauges.
 fn audit_once(td: &Takedowns, live: &Served) -> Result<()> {
+    if let Some(c) = &td.corpus {
+        let ratio = c.audit(live, &td.metrics)?;
+        tracing::debug!(ratio, version = %live.version, "corpus audited");
+    }
     let applied = td
         .store
         .list(None, usize::MAX, Some(State::Applied))

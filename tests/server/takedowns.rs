@@ -365,6 +365,42 @@ async fn the_risk_and_quantized_gates_measure_before_and_after() {
     st.takedowns.as_ref().unwrap().shutdown();
 }
 
+/// `--audit-corpus`: the auditor audits a sample of the corpus on the live version at start
+/// and exports the ratio, the sample size and the change since the previous version.
+#[actix_web::test]
+async fn the_auditor_samples_the_audit_corpus_and_exports_its_ratio() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus.jsonl");
+    let rows = memorized_rows(3);
+    let lines: Vec<String> = rows.iter().map(|r| json!({"ids": r}).to_string()).collect();
+    std::fs::write(&corpus, lines.join("\n")).unwrap();
+    let data = dir.path().join("data");
+    let st = takedown_state(&data, true, |c| {
+        c.corpus = Some(lethe::takedown::corpus::CorpusConfig {
+            path: corpus.clone(),
+            sample: 2,
+        });
+    });
+    let app = at::init_service(make_app(st.clone())).await;
+    let mut text = String::new();
+    for _ in 0..120 {
+        let m = get(&app, "/metrics").await;
+        text = String::from_utf8_lossy(&m.body).to_string();
+        if text.contains("lethe_corpus_audit_sample_size 2") {
+            break;
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(text.contains("lethe_corpus_audit_sample_size 2"), "{text}");
+    // Every row is memorized (whole noised rows, prompted with their own prefix).
+    assert!(
+        text.contains("lethe_corpus_memorization_ratio{definition=\"tinymem\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("lethe_corpus_memorization_increase{definition=\"tinymem\"} 0"));
+    st.takedowns.as_ref().unwrap().shutdown();
+}
+
 /// A takedown of one sequence that no model can pass the gates for ends `rejected`, with its
 /// reason and report, and the live version stays; it does not stay `running` (the job is
 /// `validating` once the gates decided, the state a rejection leaves from).

@@ -80,7 +80,7 @@ pub fn next_token_logprobs(hidden: &Tensor, head: &Tensor, ids: &Tensor) -> Resu
 /// widened once); any other takes `ops::dense` on its device and reads each block back.
 pub fn visit_logits(hs: &[f32], head: &Tensor, f: impl Fn(usize, &[f32]) + Sync) -> Result<()> {
     let (v, h) = head.dims2()?;
-    if h == 0 || hs.len() % h != 0 {
+    if h == 0 || !hs.len().is_multiple_of(h) {
         bail!("visit_logits: {} values are not rows of {h}", hs.len());
     }
     let m = hs.len() / h;
