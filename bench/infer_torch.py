@@ -167,7 +167,14 @@ def audit(a, model) -> dict:
 
 def audit_tf(a, model) -> dict:
     k, n = (50, 50) if a.definition == "tinymem" else (32, 48)
-    rows = torch.tensor(token_rows(a.sequences, k + n, 2, model.config.vocab_size))
+    if a.rows:
+        # Rows as `lethe audit` reads them: ids, with clean_ids as the prompt's source when given.
+        lines = [json.loads(l) for l in open(a.rows) if l.strip()]
+        lines = [r for r in lines if "ids" in r]
+        rows = torch.tensor([(r.get("clean_ids") or r["ids"])[:k] + r["ids"][k : k + n] for r in lines])
+        a.sequences = len(lines)
+    else:
+        rows = torch.tensor(token_rows(a.sequences, k + n, 2, model.config.vocab_size))
     eos = model.config.eos_token_id
 
     def run():
@@ -219,6 +226,7 @@ def main() -> None:
             p.add_argument("--sequences", type=int, default=128)
         if name == "audit-tf":
             p.add_argument("--definition", choices=["tinymem", "pythia"], default="tinymem")
+            p.add_argument("--rows", default=None, help="JSONL rows (ids, optional clean_ids) instead of random ones")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)

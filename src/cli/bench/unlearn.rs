@@ -70,6 +70,10 @@ pub struct AuditBenchArgs {
     /// Time the single pass only (skip the greedy-decoding audit beside it).
     #[arg(long)]
     pub single_pass_only: bool,
+    /// Audit these rows (JSONL, as `lethe audit` reads them, under the shape's definition)
+    /// instead of `--sequences` random ones, e.g. rows the model memorized.
+    #[arg(long)]
+    pub rows: Option<PathBuf>,
     /// Sequences per audit batch.
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
@@ -196,10 +200,20 @@ pub fn audit_bench(a: AuditBenchArgs) -> anyhow::Result<()> {
             50_304,
         ),
     };
-    let items: Vec<AuditItem> = crate::util::token_rows(a.sequences, |_| def.span(), 2, vocab)
-        .into_iter()
-        .map(|r| def.split(&r))
-        .collect::<crate::error::Result<_>>()?;
+    let items: Vec<AuditItem> = match &a.rows {
+        Some(path) => {
+            let tk = crate::tinymem::tokenizer::build()?;
+            audit::cli::read_rows(path, def, &tk)?
+                .into_iter()
+                .map(|p| p.item)
+                .collect()
+        }
+        None => crate::util::token_rows(a.sequences, |_| def.span(), 2, vocab)
+            .into_iter()
+            .map(|r| def.split(&r))
+            .collect::<crate::error::Result<_>>()?,
+    };
+    let sequences = items.len();
     let single = audit::AuditOptions::greedy(a.batch);
     let decoding = audit::AuditOptions {
         generate: true,
@@ -235,7 +249,8 @@ pub fn audit_bench(a: AuditBenchArgs) -> anyhow::Result<()> {
         "model": a.model.as_ref().map_or_else(|| format!("{:?}", a.shape).to_lowercase(), |d| d.display().to_string()),
         "definition": def,
         "batch": a.batch,
-        "sequences": a.sequences,
+        "sequences": sequences,
+        "rows": a.rows.as_ref().map(|p| p.display().to_string()),
         "device": a.device,
         "runs": times[0].len(),
         "statistic": "median over timed runs, methods alternating",
@@ -245,7 +260,7 @@ pub fn audit_bench(a: AuditBenchArgs) -> anyhow::Result<()> {
         let secs = median(times[m].clone());
         v[*name] = serde_json::json!({
             "median_seconds": secs,
-            "sequences_per_second": a.sequences as f64 / secs,
+            "sequences_per_second": sequences as f64 / secs,
             "memorized": memorized[m],
         });
     }
