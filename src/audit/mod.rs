@@ -357,7 +357,7 @@ pub fn audit_with(
             ));
         }
     }
-    let mut results = if opts.generate {
+    let results = if opts.generate {
         let mut results = Vec::with_capacity(items.len());
         for chunk in items.chunks(opts.batch_size.max(1)) {
             let reqs: Vec<GenerateRequest> = chunk.iter().map(|it| request(it, eos)).collect();
@@ -365,7 +365,19 @@ pub fn audit_with(
                 results.push(judge(it, g.tokens, tokenizer)?);
             }
         }
-        results
+        match &opts.risk {
+            Some(r) => with_risk(results, risk::measure(model, items, r, opts.batch_size)?),
+            None => results,
+        }
+    } else if let Some(r) = &opts.risk {
+        // The risk's full pass gives the greedy verdict too.
+        let (full, risks) = risk::measure_with_verdicts(model, items, r, opts.batch_size)?;
+        let verdicts = items
+            .iter()
+            .zip(&full)
+            .map(|(it, t)| verdict(it, t))
+            .collect();
+        with_risk(verdicts, risks)
     } else {
         let pairs: Vec<(&[u32], &[u32])> = items
             .iter()
@@ -378,15 +390,17 @@ pub fn audit_with(
         )?;
         items.iter().zip(&t).map(|(it, t)| verdict(it, t)).collect()
     };
-    if let Some(r) = &opts.risk {
-        let risks = risk::measure(model, items, r, opts.batch_size)?;
-        results
-            .iter_mut()
-            .zip(risks)
-            .for_each(|(res, k)| res.risk = Some(k));
-    }
     let summary = AuditSummary::of(&results, start.elapsed().as_secs_f64());
     Ok((results, summary))
+}
+
+/// `results` with each item's risk attached.
+fn with_risk(mut results: Vec<AuditResult>, risks: Vec<Risk>) -> Vec<AuditResult> {
+    results
+        .iter_mut()
+        .zip(risks)
+        .for_each(|(res, k)| res.risk = Some(k));
+    results
 }
 
 /// The teacher-forced options an audit runs with: EOS banned, and `full` with the given

@@ -22,7 +22,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{teacher_options, AuditItem};
-use crate::engine::teacher::teacher_forced;
+use crate::engine::teacher::{teacher_forced, TeacherResult};
 use crate::error::{Error, Result};
 use crate::models::Model;
 
@@ -171,6 +171,17 @@ pub fn measure(
     opts: &RiskOptions,
     batch_size: usize,
 ) -> Result<Vec<Risk>> {
+    Ok(measure_with_verdicts(model, items, opts, batch_size)?.1)
+}
+
+/// [`measure`], also returning the full teacher-forced results it read the risk from: their
+/// `matched_prefix` is the greedy verdict, so an audit with risk needs no pass of its own.
+pub(crate) fn measure_with_verdicts(
+    model: &Model,
+    items: &[AuditItem],
+    opts: &RiskOptions,
+    batch_size: usize,
+) -> Result<(Vec<TeacherResult>, Vec<Risk>)> {
     opts.validate()?;
     let pairs: Vec<(&[u32], &[u32])> = items
         .iter()
@@ -217,7 +228,7 @@ pub fn measure(
             still[*i] += 1;
         }
     }
-    Ok(full
+    let risks = full
         .iter()
         .zip(still)
         .map(|(f, still)| {
@@ -232,7 +243,8 @@ pub fn measure(
                 perturbed_memorized: still,
             }
         })
-        .collect())
+        .collect();
+    Ok((full, risks))
 }
 
 #[cfg(test)]

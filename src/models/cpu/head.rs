@@ -117,31 +117,7 @@ pub fn visit_logits(hs: &[f32], head: &Tensor, f: impl Fn(usize, &[f32]) + Sync)
             logits.resize(need, 0.0);
             for (bi, x) in hs.chunks(BLOCK_ROWS * h).enumerate() {
                 let rows = x.len() / h;
-                // SAFETY: as in `block_logprobs`: x is [rows, h], ws [v, h] read as its transpose,
-                // logits [rows, v]; nothing aliases.
-                unsafe {
-                    gemm::gemm(
-                        rows,
-                        v,
-                        h,
-                        logits.as_mut_ptr(),
-                        1,
-                        v as isize,
-                        false,
-                        x.as_ptr(),
-                        1,
-                        h as isize,
-                        ws.as_ptr(),
-                        h as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        super::gemm::gemm_parallelism(),
-                    );
-                }
+                head_product(x, h, ws, v, &mut logits);
                 logits[..rows * v]
                     .par_chunks(v)
                     .enumerate()
@@ -150,6 +126,39 @@ pub fn visit_logits(hs: &[f32], head: &Tensor, f: impl Fn(usize, &[f32]) + Sync)
             Ok(())
         })
     })
+}
+
+/// `logits[..m × v] = x · wsᵀ` for `x: [m, h]` and `ws: [v, h]` (the heads' `nn.Linear` layout,
+/// read as its transpose), row-major, on `gemm` over the calling thread's rayon pool.
+fn head_product(x: &[f32], h: usize, ws: &[f32], v: usize, logits: &mut [f32]) {
+    let m = x.len() / h;
+    assert!(x.len() == m * h && ws.len() == v * h && logits.len() >= m * v);
+    // SAFETY: the sizes were checked just above: x is [m, h], ws is [v, h] read as its
+    // transpose [h, v] (row stride 1, column stride h), logits holds [m, v]; the three are
+    // distinct borrows, so nothing aliases.
+    unsafe {
+        gemm::gemm(
+            m,
+            v,
+            h,
+            logits.as_mut_ptr(),
+            1,
+            v as isize,
+            false,
+            x.as_ptr(),
+            1,
+            h as isize,
+            ws.as_ptr(),
+            h as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            super::gemm::gemm_parallelism(),
+        );
+    }
 }
 
 /// For each `(row, target)`: `log softmax(hs[row] · wsᵀ)[target]`.
@@ -162,31 +171,7 @@ fn block_logprobs(hs: &[f32], h: usize, ws: &[f32], v: usize, rows: &[(usize, u3
         for (xr, &(r, _)) in x.chunks_exact_mut(h).zip(blk) {
             xr.copy_from_slice(&hs[r * h..(r + 1) * h]);
         }
-        // SAFETY: x is [m, h] row-major, ws is [v, h] row-major read as its transpose [h, v]
-        // (row stride 1, column stride h), logits is [m, v] row-major and aliases neither.
-        unsafe {
-            gemm::gemm(
-                m,
-                v,
-                h,
-                logits.as_mut_ptr(),
-                1,
-                v as isize,
-                false,
-                x.as_ptr(),
-                1,
-                h as isize,
-                ws.as_ptr(),
-                h as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                super::gemm::gemm_parallelism(),
-            );
-        }
+        head_product(&x[..m * h], h, ws, v, &mut logits);
         dst.par_iter_mut()
             .zip(logits.par_chunks(v))
             .zip(blk)

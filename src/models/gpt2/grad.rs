@@ -16,9 +16,7 @@ use super::Gpt2;
 use crate::models::cpu::attention::QkvLayout;
 use crate::models::cpu::storage::view;
 use crate::models::ops::Activation;
-use crate::models::pass::{
-    run, BlockWeights, HandWrittenPass, Mlp, MlpGradWorkspace, Want, Weights,
-};
+use crate::models::pass::{BlockWeights, HandWrittenPass, Mlp, Want, Weights};
 use crate::models::ModelSpec;
 
 impl Gpt2 {
@@ -37,23 +35,8 @@ impl Gpt2 {
         (b, t): (usize, usize),
         lens: &[usize],
     ) -> Result<Vec<f32>> {
-        thread_local! {
-            static WORKSPACE: std::cell::RefCell<MlpGradWorkspace> = Default::default();
-        }
-        WORKSPACE.with(|cell| {
-            let mut ws = cell.borrow_mut();
-            let row_weight = vec![0.0; b];
-            run(
-                self,
-                ids,
-                (b, t),
-                lens,
-                &row_weight,
-                None,
-                Want::Forward,
-                &mut ws,
-            )?;
-            Ok(ws.token_lp.clone())
+        crate::models::pass::forward_only(self, ids, (b, t), lens, Want::Forward, |ws| {
+            ws.token_lp.clone()
         })
     }
 

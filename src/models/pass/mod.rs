@@ -758,23 +758,30 @@ pub(crate) fn final_hidden<M: HandWrittenPass>(
             from.len()
         );
     }
+    forward_only(m, ids, (b, t), lens, Want::Hidden(from), |ws| {
+        std::mem::take(&mut ws.hidden)
+    })
+}
+
+/// A forward-only pass (`Want::Forward` or `Want::Hidden`) of `m` on the calling thread's
+/// workspace, kept for its next call (a new one would fault in fresh zeroed pages, which took
+/// as long as the arithmetic), then `read` of what it left there.
+pub(crate) fn forward_only<M: HandWrittenPass, R>(
+    m: &M,
+    ids: &[u32],
+    (b, t): (usize, usize),
+    lens: &[usize],
+    want: Want<'_>,
+    read: impl FnOnce(&mut MlpGradWorkspace) -> R,
+) -> Result<R> {
     thread_local! {
         static WORKSPACE: std::cell::RefCell<MlpGradWorkspace> = Default::default();
     }
     WORKSPACE.with(|cell| {
         let mut ws = cell.borrow_mut();
         let row_weight = vec![0.0; b];
-        run(
-            m,
-            ids,
-            (b, t),
-            lens,
-            &row_weight,
-            None,
-            Want::Hidden(from),
-            &mut ws,
-        )?;
-        Ok(std::mem::take(&mut ws.hidden))
+        run(m, ids, (b, t), lens, &row_weight, None, want, &mut ws)?;
+        Ok(read(&mut ws))
     })
 }
 

@@ -159,39 +159,42 @@ pub(super) async fn on_engine(
     items: &[AuditItem],
     opts: &AuditOptions,
 ) -> Result<Vec<audit::AuditResult>, ApiError> {
-    let mut results = if opts.generate {
-        decoded(state, s, items).await?
-    } else {
-        let (tx, rx) = oneshot::channel();
-        let (served, work) = (s.clone(), items.to_vec());
-        let single = AuditOptions {
-            risk: None,
-            ..opts.clone()
-        };
-        state.engine.submit(Job::Run(Box::new(move || {
-            let _ = tx.send(audit::audit_with(&served.model, None, &work, &single));
-        })))?;
-        rx.await
-            .map_err(|_| ApiError::Internal("the engine failed on this audit".into()))?
-            .map_err(ApiError::from)?
-            .0
-    };
+    if !opts.generate {
+        // The single pass, with the risk when asked (one job: the risk's pass gives the verdict).
+        return on_engine_thread(state, s, items, opts.clone()).await;
+    }
+    let mut results = decoded(state, s, items).await?;
     if let Some(r) = &opts.risk {
-        let (tx, rx) = oneshot::channel();
-        let (served, work, r, batch) = (s.clone(), items.to_vec(), r.clone(), opts.batch_size);
-        state.engine.submit(Job::Run(Box::new(move || {
-            let _ = tx.send(audit::risk::measure(&served.model, &work, &r, batch));
-        })))?;
-        let risks = rx
-            .await
-            .map_err(|_| ApiError::Internal("the engine failed on this audit".into()))?
-            .map_err(ApiError::from)?;
+        let risk_only = AuditOptions {
+            risk: Some(r.clone()),
+            ..AuditOptions::greedy(opts.batch_size)
+        };
+        let risks = on_engine_thread(state, s, items, risk_only).await?;
         results
             .iter_mut()
             .zip(risks)
-            .for_each(|(res, k)| res.risk = Some(k));
+            .for_each(|(res, k)| res.risk = k.risk);
     }
     Ok(results)
+}
+
+/// `audit::audit_with(items, opts)` on the version `s`, run on the engine thread.
+async fn on_engine_thread(
+    state: &AppState,
+    s: &std::sync::Arc<crate::engine::served::Served>,
+    items: &[AuditItem],
+    opts: AuditOptions,
+) -> Result<Vec<audit::AuditResult>, ApiError> {
+    let (tx, rx) = oneshot::channel();
+    let (served, work) = (s.clone(), items.to_vec());
+    state.engine.submit(Job::Run(Box::new(move || {
+        let _ = tx.send(audit::audit_with(&served.model, None, &work, &opts));
+    })))?;
+    Ok(rx
+        .await
+        .map_err(|_| ApiError::Internal("the engine failed on this audit".into()))?
+        .map_err(ApiError::from)?
+        .0)
 }
 
 /// Decodes `items` greedily through the engine's continuous batch and judges each, in order.
