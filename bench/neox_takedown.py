@@ -134,7 +134,7 @@ def main():
     out = subprocess.run(
         [a.lethe, "--threads", str(a.threads), "audit", "--model", model, "--definition",
          "pythia", paths["secrets"]], env=env, check=True, stdout=subprocess.PIPE, text=True)
-    before = json.loads(out.stdout.strip().splitlines()[-1])["summary"]["memorized"]
+    before = json.loads(out.stdout.strip().splitlines()[-1])["summary"]["by_definition"]["pythia"]["memorized"]
 
     # 4. Serve and take down.
     data_dir = os.path.join(work, "data-" + hashlib.sha256(str(time.time()).encode()).hexdigest()[:8])

@@ -1,5 +1,5 @@
-//! Small helpers every layer may use: an atomic file write, hex encoding, and the seeded token
-//! rows the benchmarks and tests share.
+//! Small helpers every layer may use: an atomic file write, hex encoding, the wall clock as Unix
+//! seconds, random ids, and the seeded token rows the benchmarks and tests share.
 //!
 //! Invariants:
 //! - [`write_atomic`] writes a temporary file beside `path`, fsyncs it and renames it over
@@ -47,6 +47,21 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// Seconds since the Unix epoch, with sub-second precision (0 on a clock before 1970).
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// `bytes` random bytes as lower-case hex (ids and temporary names).
+pub fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    rand::Rng::fill(&mut rand::rng(), buf.as_mut_slice());
+    hex(&buf)
 }
 
 /// Lower-case hex of `bytes`.

@@ -469,7 +469,9 @@ fn matches_template(template: &str, path: &str) -> bool {
 /// Every `curl` example in the README and docs runs, in document order, against a real server
 /// on the bundled model and gets a 2xx answer; `docs/api.md` has one for every route.
 /// Placeholders are filled from earlier answers: `td_…` with the takedown the last example
-/// created, `<older id>` / `<live id>` with the live version (a no-op rollback).
+/// created, `audit_…` with the audit job the last example started, `<older id>` / `<live id>`
+/// with the live version (a no-op rollback). Cancelling an audit job may also answer 409
+/// `not_cancellable`: the example's small job may have finished first.
 #[test]
 fn documented_curl_examples_work_against_a_real_server() {
     if Command::new("curl").arg("--version").output().is_err() {
@@ -491,6 +493,7 @@ fn documented_curl_examples_work_against_a_real_server() {
         (tempfile::TempDir, std::process::Child, String, String),
     > = Default::default();
     let mut takedown = String::new();
+    let mut audit_job = String::new();
     let mut takedown_examples = Vec::new();
     let mut api_routes = Vec::new();
     for doc in [
@@ -534,13 +537,22 @@ fn documented_curl_examples_work_against_a_real_server() {
             let cmd = example
                 .replace("http://127.0.0.1:8080", &format!("http://{addr}"))
                 .replace("td_…", &takedown)
+                .replace("audit_…", &audit_job)
                 .replace("<older id>", live)
                 .replace("<live id>", live);
             let (status, body) = run(&cmd);
+            let finished_first = route.0 == "DELETE"
+                && route.1.starts_with("/v1/audits/")
+                && status == 409
+                && body.contains("not_cancellable");
             assert!(
-                (200..300).contains(&status),
+                (200..300).contains(&status) || finished_first,
                 "{doc}: {example}\n→ {status} {body}"
             );
+            if route == ("POST".into(), "/v1/audits".into()) {
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                audit_job = v["id"].as_str().unwrap().to_string();
+            }
             if route == ("POST".into(), "/v1/takedowns".into()) {
                 let v: serde_json::Value = serde_json::from_str(&body).unwrap();
                 takedown = v["id"].as_str().unwrap().to_string();
@@ -746,4 +758,152 @@ fn finetune_writes_a_model_that_learnt_the_rows_and_refuses_bad_ids() {
         "a refused run wrote {}",
         bad_dir.display()
     );
+}
+
+/// A 20,000-row audit job uploaded to a real server reports its progress, is resumed after
+/// `kill -9` where it stopped (no row audited twice or lost), and its summary and per-row
+/// results equal `lethe audit`'s on the same file.
+#[test]
+fn a_corpus_audit_job_resumes_after_kill_9_and_equals_the_cli() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model = root.join("models/tinymem-noise");
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("rows.jsonl");
+    let out = lethe(&[
+        "tinymem",
+        "data",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        base.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Five copies of the model's 4,000 training and test rows, told apart by a `copy` field.
+    let text = std::fs::read_to_string(&base).unwrap();
+    let mut corpus = String::new();
+    for copy in 0..5 {
+        for line in text.lines().filter(|l| !l.contains("\"format\"")) {
+            let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+            v["copy"] = copy.into();
+            corpus.push_str(&v.to_string());
+            corpus.push('\n');
+        }
+    }
+    assert_eq!(corpus.lines().count(), 20_000);
+    let file = dir.path().join("corpus.jsonl");
+    std::fs::write(&file, &corpus).unwrap();
+    let curl = |addr: &str, args: &[&str]| -> serde_json::Value {
+        let out = Command::new("curl")
+            .args(["-sS", "--fail-with-body"])
+            .args(&args[..args.len() - 1])
+            .arg(format!("http://{addr}{}", args.last().unwrap()))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let get = |addr: &str, path: &str| curl(addr, &["-X", "GET", path]);
+
+    let data = dir.path().join("data");
+    let (mut child, addr) = serve_with(&data, &["--audit-threads", "2"]);
+    let query = "/v1/audits?definition=k%3D16%2Cn%3D8&group_by=role&group_by=split";
+    let job = curl(
+        &addr,
+        &[
+            "-H",
+            "Content-Type: application/jsonl",
+            "--data-binary",
+            &format!("@{}", file.display()),
+            query,
+        ],
+    );
+    let id = job["id"].as_str().unwrap().to_string();
+    assert_eq!(job["progress"]["rows_total"], 20_000);
+    // Progress with a rate and an ETA while it runs; then no graceful anything.
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    let seen = loop {
+        let v = get(&addr, &format!("/v1/audits/{id}"));
+        let done = v["progress"]["rows_done"].as_u64().unwrap();
+        if done >= 2048 {
+            break v;
+        }
+        assert!(std::time::Instant::now() < deadline, "no progress: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(seen["status"], "running", "{seen}");
+    assert!(
+        seen["progress"]["rows_per_second"].as_f64().unwrap() > 0.0,
+        "{seen}"
+    );
+    assert!(
+        seen["progress"]["eta_seconds"].as_f64().unwrap() > 0.0,
+        "{seen}"
+    );
+    let fraction = seen["progress"]["fraction"].as_f64().unwrap();
+    assert!(fraction > 0.0 && fraction < 1.0, "{seen}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let (mut child, addr) = serve_with(&data, &["--audit-threads", "2"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    let done = loop {
+        let v = get(&addr, &format!("/v1/audits/{id}"));
+        if v["status"] != "running" && v["status"] != "queued" {
+            break v;
+        }
+        assert!(std::time::Instant::now() < deadline, "not finished: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["resumes"], 1, "{done}");
+    assert_eq!(done["summary"]["rows"], 20_000);
+    let mut api_rows = Vec::new();
+    let mut after = String::new();
+    loop {
+        let page = get(&addr, &format!("/v1/audits/{id}/results?limit=1000{after}"));
+        api_rows.extend(page["data"].as_array().unwrap().iter().cloned());
+        if page["has_more"] == false {
+            break;
+        }
+        after = format!("&after={}", page["last_row"]);
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(api_rows.len(), 20_000);
+    for (i, r) in api_rows.iter().enumerate() {
+        assert_eq!(r["row"], i, "row {i} audited twice or lost across the kill");
+    }
+
+    let out = lethe(&[
+        "audit",
+        "--definition",
+        "k=16,n=8",
+        "--group-by",
+        "role",
+        "--group-by",
+        "split",
+        "--quiet",
+        file.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let (last, cli_rows) = lines.split_last().unwrap();
+    assert_eq!(last["summary"], done["summary"]);
+    assert_eq!(cli_rows, &api_rows[..]);
+    let memorized = done["summary"]["by_definition"]["k=16,n=8"]["memorized"]
+        .as_u64()
+        .unwrap();
+    assert!(memorized > 0 && memorized < 20_000, "{done}");
 }

@@ -24,6 +24,7 @@ use std::str::FromStr;
 use std::time::Instant;
 
 pub mod cli;
+pub mod jobs;
 pub mod risk;
 
 pub use risk::{Risk, RiskOptions};

@@ -87,6 +87,91 @@ async fn read_within(
     }
 }
 
+/// Streams the body into a new file at `path`, refusing more than `limit` bytes (413, at once
+/// when `Content-Length` announces more) and a body that stalls for longer than the body read
+/// timeout between two chunks (408): an upload may take longer than one timeout in all, but
+/// never stall for one. The file is fsync'd before this returns `Ok`, and removed on any error.
+/// Returns the bytes written.
+pub async fn stream_to_file(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: u64,
+    path: std::path::PathBuf,
+) -> Result<u64, ApiError> {
+    use std::io::Write;
+    let too_large = || ApiError::TooLarge {
+        message: format!("the upload is larger than the limit of {limit} bytes"),
+        param: None,
+    };
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|len| len > limit) {
+        return Err(too_large());
+    }
+    let timeout = req
+        .app_data::<web::Data<AppState>>()
+        .map(|s| s.limits.body_read_timeout)
+        .unwrap_or_else(|| Limits::default().body_read_timeout);
+    let io = |e: std::io::Error| ApiError::Internal(format!("writing the upload: {e}"));
+    let p = path.clone();
+    let mut file = web::block(move || std::fs::File::create(&p))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(io)?;
+    let mut written = 0u64;
+    let mut pending = web::BytesMut::new();
+    let result = async move {
+        loop {
+            let next = actix_web::rt::time::timeout(timeout, payload.next())
+                .await
+                .map_err(|_| timed_out(timeout))?;
+            let chunk = match next {
+                None => None,
+                Some(Err(e)) => {
+                    return Err(ApiError::Invalid {
+                        message: format!("could not read the request body: {e}"),
+                        param: None,
+                        code: "invalid_body",
+                    })
+                }
+                Some(Ok(c)) => Some(c),
+            };
+            let last = chunk.is_none();
+            if let Some(c) = chunk {
+                written += c.len() as u64;
+                if written > limit {
+                    return Err(too_large());
+                }
+                pending.extend_from_slice(&c);
+            }
+            if pending.len() >= 1 << 20 || last {
+                let bytes = std::mem::take(&mut pending);
+                file = web::block(move || {
+                    file.write_all(&bytes)?;
+                    if last {
+                        file.sync_all()?;
+                    }
+                    Ok::<_, std::io::Error>(file)
+                })
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))?
+                .map_err(io)?;
+            }
+            if last {
+                return Ok(written);
+            }
+        }
+    }
+    .await;
+    if result.is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
+    result
+}
+
 /// The 408 for a body that did not arrive in time.
 fn timed_out(timeout: std::time::Duration) -> ApiError {
     ApiError::Timeout(format!(

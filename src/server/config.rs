@@ -23,6 +23,7 @@ use clap::Args;
 
 use super::auth::{Auth, Secret};
 use super::state::Limits;
+use crate::audit::jobs::JobsConfig;
 use crate::engine::batcher::EngineConfig;
 use crate::loader::{ModelArgs, WeightDtype};
 use crate::takedown::worker::TakedownConfig;
@@ -86,6 +87,16 @@ pub struct ServeArgs {
     /// dropped.
     #[arg(long, env = "LETHE_DISCONNECT_TIMEOUT_SECONDS", default_value_t = 1)]
     pub disconnect_timeout_seconds: u64,
+    /// Directory whose JSONL files `POST /v1/audits` may audit by name (`{"file": …}`);
+    /// without it, audit jobs take uploaded bodies only.
+    #[arg(long, env = "LETHE_AUDIT_DIR")]
+    pub audit_dir: Option<PathBuf>,
+    /// Threads of the audit jobs' own pool (jobs never run on the engine thread).
+    #[arg(long, env = "LETHE_AUDIT_THREADS", default_value_t = 1)]
+    pub audit_threads: usize,
+    /// Largest JSONL dataset uploaded to `POST /v1/audits`, in bytes.
+    #[arg(long, env = "LETHE_MAX_AUDIT_UPLOAD_BYTES", default_value_t = 1 << 30)]
+    pub max_audit_upload_bytes: u64,
     #[command(flatten)]
     pub takedown: TakedownArgs,
 }
@@ -275,6 +286,7 @@ pub struct Config {
     pub timeouts: HttpTimeouts,
     pub takedown: TakedownConfig,
     pub takedown_args: TakedownArgs,
+    pub audits: JobsConfig,
 }
 
 impl Config {
@@ -293,6 +305,11 @@ impl Config {
             ("--max-body-bytes", a.max_body_bytes),
             ("--max-audit-sequences", a.max_audit_sequences),
             ("--http-workers", a.http_workers),
+            ("--audit-threads", a.audit_threads),
+            (
+                "--max-audit-upload-bytes",
+                a.max_audit_upload_bytes as usize,
+            ),
         ] {
             if v == 0 {
                 bail!("{flag} must be at least 1");
@@ -334,6 +351,17 @@ impl Config {
         let _ = std::fs::remove_file(probe);
         let loopback_only = bind.iter().all(|s| s.ip().is_loopback());
         let takedown = a.takedown.config(&a.data_dir)?;
+        if let Some(d) = &a.audit_dir {
+            if !d.is_dir() {
+                bail!("--audit-dir {}: not a directory", d.display());
+            }
+        }
+        let audits = JobsConfig {
+            data_dir: a.data_dir.clone(),
+            threads: a.audit_threads,
+            allowed_dir: a.audit_dir,
+            max_upload_bytes: a.max_audit_upload_bytes,
+        };
         Ok(Self {
             model: a.model,
             dtype: a.dtype,
@@ -365,6 +393,7 @@ impl Config {
             },
             takedown,
             takedown_args: a.takedown,
+            audits,
         })
     }
 }

@@ -174,8 +174,8 @@ pub fn http_server(
 }
 
 /// Loads the live version, starts the engine and the takedown worker, and serves until
-/// SIGTERM/SIGINT; then drains in-flight requests, stops the worker (a running job goes back
-/// to the queue) and exits.
+/// SIGTERM/SIGINT; then drains in-flight requests, stops the worker and the audit jobs (a running job goes
+/// back to the queue) and exits.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = Config::from_args(args)?;
     tracing::info!(?config, "starting");
@@ -230,9 +230,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if !td.can_unlearn() {
         tracing::warn!("no retain set (--retain-data): takedowns are refused until one is given");
     }
-    let state = web::Data::new(state.with_takedowns(td));
+    let jobs = crate::audit::jobs::AuditJobs::open(config.audits.clone(), state.live.clone())
+        .with_context(|| format!("opening the audit jobs in {}", config.data_dir.display()))?;
+    let state = web::Data::new(state.with_takedowns(td).with_audits(jobs));
     if let Some(td) = &state.takedowns {
         td.start();
+    }
+    if let Some(jobs) = &state.audits {
+        jobs.start();
     }
     if let Some(warning) = config.auth.open_admin_warning() {
         tracing::warn!("{warning}");
@@ -253,6 +258,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!("HTTP server stopped; stopping the worker and draining the engine");
         if let Some(td) = &state.takedowns {
             td.shutdown();
+        }
+        if let Some(jobs) = &state.audits {
+            jobs.shutdown();
         }
         state.engine.shutdown();
         anyhow::Ok(())

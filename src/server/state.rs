@@ -9,12 +9,15 @@
 //!   `POST /v1/admin/rollback` calls), and both move the store's pointer before the live one.
 //! - [`AppState::new`] sets the model metrics for the version it publishes, so `/metrics` names
 //!   the live version from the first scrape on.
+//! - [`AppState::audits`] is `None` unless audit jobs are enabled (`lethe serve` enables them);
+//!   the `/v1/audits` routes then answer 503.
 //! - [`AppState::takedowns`] is `None` unless takedowns are enabled; the takedown and version
 //!   routes then answer 503, and completions run without the regurgitation guard.
 
 use std::sync::Arc;
 
 use super::auth::Auth;
+use crate::audit::jobs::AuditJobs;
 use crate::engine::batcher::{EngineConfig, EngineHandle};
 use crate::engine::served::{Live, Served};
 use crate::metrics::Metrics;
@@ -57,6 +60,8 @@ pub struct AppState {
     pub limits: Limits,
     /// The takedown subsystem (durable queue, guard, worker), when enabled.
     pub takedowns: Option<Arc<Takedowns>>,
+    /// Audit jobs over whole datasets (`/v1/audits`), when enabled.
+    pub audits: Option<Arc<AuditJobs>>,
 }
 
 impl AppState {
@@ -73,7 +78,15 @@ impl AppState {
             auth,
             limits,
             takedowns: None,
+            audits: None,
         }
+    }
+
+    /// Enables audit jobs (call before serving, then [`AuditJobs::start`]); `audits` must have
+    /// been opened on this state's [`AppState::live`].
+    pub fn with_audits(mut self, audits: AuditJobs) -> Self {
+        self.audits = Some(Arc::new(audits));
+        self
     }
 
     /// Enables takedowns (call before serving, then [`Takedowns::start`]). `takedowns` must have

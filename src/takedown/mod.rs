@@ -133,20 +133,7 @@ impl Error {
     }
 }
 
-/// Seconds since the Unix epoch, with sub-second precision.
-pub(crate) fn now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
-/// `len` random bytes as lower-case hex (ids and temporary names).
-pub(crate) fn random_hex(bytes: usize) -> String {
-    let mut buf = vec![0u8; bytes];
-    rand::Rng::fill(&mut rand::rng(), buf.as_mut_slice());
-    crate::util::hex(&buf)
-}
+pub(crate) use crate::util::{random_hex, unix_now as now};
 
 /// Every sequence of `tds` as a forget target of the unlearning pipeline, split under its
 /// takedown's definition.

@@ -897,6 +897,7 @@ async fn serves_over_a_real_socket_on_port_0() {
     assert!(stream.contains("data: [DONE]"), "{stream}");
     handle.stop(true).await;
 }
+mod audits;
 mod contract_fixes;
 mod deploy;
 mod hardening;

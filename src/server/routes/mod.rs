@@ -18,6 +18,7 @@ use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use super::error::ApiError;
 
 pub mod audit;
+pub mod audits;
 pub mod completions;
 pub mod misc;
 pub mod takedowns;
@@ -60,6 +61,11 @@ routes! {
     POST "/v1/tokenize" => misc::tokenize,
     POST "/v1/detokenize" => misc::detokenize,
     POST "/v1/audit" => audit::audit,
+    POST "/v1/audits" => audits::create,
+    GET "/v1/audits" => audits::list,
+    GET "/v1/audits/{id}" => audits::get,
+    DELETE "/v1/audits/{id}" => audits::cancel,
+    GET "/v1/audits/{id}/results" => audits::results,
     GET "/livez" => misc::livez,
     GET "/readyz" => misc::readyz,
     GET "/metrics" => misc::metrics,

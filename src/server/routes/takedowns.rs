@@ -334,6 +334,15 @@ impl ListQuery {
 /// The percent-decoded (`%6C` is `l`, `+` is a space) `key=value` pairs of a query string,
 /// each key one of `known` and given at most once; anything else is a 400 naming the key.
 fn query_pairs(q: &str, known: &[&str]) -> Result<Vec<(String, String)>, ApiError> {
+    query_pairs_with(q, known, &[])
+}
+
+/// [`query_pairs`] where the keys in `repeatable` may be given more than once.
+pub(super) fn query_pairs_with(
+    q: &str,
+    known: &[&str],
+    repeatable: &[&str],
+) -> Result<Vec<(String, String)>, ApiError> {
     let pairs = web::Query::<Vec<(String, String)>>::from_query(q)
         .map_err(|e| ApiError::Invalid {
             message: format!("malformed query string: {e}"),
@@ -351,7 +360,7 @@ fn query_pairs(q: &str, known: &[&str]) -> Result<Vec<(String, String)>, ApiErro
                 ),
             ));
         }
-        if pairs[..i].iter().any(|(p, _)| p == k) {
+        if !repeatable.contains(&k.as_str()) && pairs[..i].iter().any(|(p, _)| p == k) {
             return Err(ApiError::invalid(k.clone(), "is given more than once"));
         }
     }
