@@ -48,6 +48,10 @@ pub struct Metrics {
     pub perplexity: GaugeVec,
     pub perplexity_drift: Gauge,
     pub takedowns: IntGaugeVec,
+    /// `lethe_audit_jobs{state}`: audit jobs (`/v1/audits`) by state.
+    pub audit_jobs: IntGaugeVec,
+    /// `lethe_audit_job_rows_total`: dataset rows audit jobs have audited and committed.
+    pub audit_job_rows: IntCounter,
     pub unlearn_job_duration: Histogram,
     pub unlearn_job_progress: Gauge,
     pub model_swap_duration: Histogram,
@@ -185,6 +189,16 @@ impl Metrics {
             &["state"],
         )
         .expect("valid metric");
+        let audit_jobs = IntGaugeVec::new(
+            Opts::new("lethe_audit_jobs", "Audit jobs over datasets by state"),
+            &["state"],
+        )
+        .expect("valid metric");
+        let audit_job_rows = IntCounter::new(
+            "lethe_audit_job_rows_total",
+            "Dataset rows audited and committed by audit jobs",
+        )
+        .expect("valid metric");
         let unlearn_job_duration = Histogram::with_opts(
             HistogramOpts::new(
                 "lethe_unlearn_job_duration_seconds",
@@ -245,6 +259,8 @@ impl Metrics {
             perplexity,
             perplexity_drift,
             takedowns,
+            audit_jobs,
+            audit_job_rows,
             unlearn_job_duration,
             unlearn_job_progress,
             model_swap_duration,
@@ -292,6 +308,8 @@ impl Metrics {
             Box::new(self.perplexity.clone()),
             Box::new(self.perplexity_drift.clone()),
             Box::new(self.takedowns.clone()),
+            Box::new(self.audit_jobs.clone()),
+            Box::new(self.audit_job_rows.clone()),
             Box::new(self.unlearn_job_duration.clone()),
             Box::new(self.unlearn_job_progress.clone()),
             Box::new(self.model_swap_duration.clone()),

@@ -230,8 +230,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if !td.can_unlearn() {
         tracing::warn!("no retain set (--retain-data): takedowns are refused until one is given");
     }
-    let jobs = crate::audit::jobs::AuditJobs::open(config.audits.clone(), state.live.clone())
-        .with_context(|| format!("opening the audit jobs in {}", config.data_dir.display()))?;
+    let jobs = crate::audit::jobs::AuditJobs::open(
+        config.audits.clone(),
+        state.live.clone(),
+        state.metrics.clone(),
+    )
+    .with_context(|| format!("opening the audit jobs in {}", config.data_dir.display()))?;
     let state = web::Data::new(state.with_takedowns(td).with_audits(jobs));
     if let Some(td) = &state.takedowns {
         td.start();

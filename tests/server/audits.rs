@@ -23,6 +23,7 @@ fn jobs_state(data: &Path, allowed: Option<&Path>, max_upload: u64) -> web::Data
             max_upload_bytes: max_upload,
         },
         st.live.clone(),
+        st.metrics.clone(),
     )
     .unwrap();
     let st = web::Data::new(st.with_audits(jobs));
@@ -274,6 +275,19 @@ async fn audit_jobs_run_in_the_background_page_their_results_and_agree_with_v1_a
     get(&app, &format!("/v1/audits/{id}/results?after=x"))
         .await
         .error(400);
+    // The job gauges and the rows counter.
+    let metrics = String::from_utf8(get(&app, "/metrics").await.body.to_vec()).unwrap();
+    let sample = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
+    };
+    assert_eq!(sample("lethe_audit_jobs{state=\"completed\"}"), 2.0);
+    assert_eq!(sample("lethe_audit_jobs{state=\"cancelled\"}"), 1.0);
+    assert!(sample("lethe_audit_job_rows_total") >= 2.0 * n as f64);
     let list = get(&app, "/v1/audits?limit=2").await.json();
     assert_eq!(list["data"].as_array().unwrap().len(), 2);
     st.audits.as_ref().unwrap().shutdown();

@@ -22,6 +22,7 @@ use super::{for_each_row, sha256_file, DataRow, JobSpec, CHUNK_ROWS};
 use crate::audit::{audit_with, AuditOptions, AuditResult};
 use crate::engine::served::{Live, Served};
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 
 /// How the server runs audit jobs.
 #[derive(Debug, Clone, PartialEq)]
@@ -188,27 +189,58 @@ pub struct AuditJobs {
     pub store: JobStore,
     pub config: JobsConfig,
     live: Arc<Live>,
+    metrics: Metrics,
     stopping: AtomicBool,
     wake: (Mutex<u64>, Condvar),
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl AuditJobs {
-    /// Opens the store in `config.data_dir` and requeues the jobs a crash interrupted.
-    pub fn open(config: JobsConfig, live: Arc<Live>) -> Result<Self> {
+    /// Opens the store in `config.data_dir` and requeues the jobs a crash interrupted;
+    /// `lethe_audit_jobs{state}` and `lethe_audit_job_rows_total` go to `metrics`.
+    pub fn open(config: JobsConfig, live: Arc<Live>, metrics: Metrics) -> Result<Self> {
         let store = JobStore::open(&config.data_dir)?;
         let n = store.requeue_interrupted()?;
         if n > 0 {
             tracing::info!(jobs = n, "audit jobs interrupted by a restart resume");
         }
-        Ok(Self {
+        let me = Self {
             store,
             config,
             live,
+            metrics,
             stopping: AtomicBool::new(false),
             wake: (Mutex::new(0), Condvar::new()),
             thread: Mutex::new(None),
-        })
+        };
+        me.refresh_counts();
+        Ok(me)
+    }
+
+    /// Sets `lethe_audit_jobs{state}` from the store.
+    pub fn refresh_counts(&self) {
+        match self.store.counts() {
+            Ok(counts) => {
+                for s in JobState::ALL {
+                    let n = counts.iter().find(|(c, _)| *c == s).map_or(0, |(_, n)| *n);
+                    self.metrics
+                        .audit_jobs
+                        .with_label_values(&[s.as_str()])
+                        .set(n as i64);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "counting audit jobs failed"),
+        }
+    }
+
+    /// Cancels a queued or running job ([`JobStore::cancel`]).
+    pub fn cancel(
+        &self,
+        id: &str,
+    ) -> Result<Option<std::result::Result<AuditJob, super::store::NotCancellable>>> {
+        let out = self.store.cancel(id);
+        self.refresh_counts();
+        out
     }
 
     /// Where uploads are kept.
@@ -258,6 +290,7 @@ impl AuditJobs {
             spec,
             rows_total: scanned.rows,
         })?;
+        self.refresh_counts();
         self.notify();
         Ok(job)
     }
@@ -290,6 +323,16 @@ impl AuditJobs {
         if let Ok(mut t) = self.thread.lock() {
             *t = Some(handle);
         }
+    }
+
+    /// Whether the job thread, once started, is still running (`/livez` reports it).
+    pub fn thread_alive(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+            || self
+                .thread
+                .lock()
+                .map(|t| t.as_ref().is_none_or(|h| !h.is_finished()))
+                .unwrap_or(false)
     }
 
     /// Stops the job thread after its current chunk; a running job stays queued.
@@ -328,10 +371,21 @@ impl AuditJobs {
                 }
             };
             tracing::info!(job = %job.id, rows = job.rows_total, from = job.rows_done, "audit job started");
+            self.refresh_counts();
             let served = self.live.served();
             let stop = || self.stopping.load(Ordering::SeqCst);
+            let mut counted: Option<u64> = None;
+            let mut count_rows = |j: &AuditJob| {
+                // The first call reports where the run starts; later ones the rows committed.
+                if let Some(before) = counted {
+                    self.metrics
+                        .audit_job_rows
+                        .inc_by(j.rows_done.saturating_sub(before));
+                }
+                counted = Some(j.rows_done);
+            };
             let outcome = crate::supervise::catch("audit-job", || {
-                pool.install(|| run_job(&self.store, &job, &served, &stop, &mut |_| {}))
+                pool.install(|| run_job(&self.store, &job, &served, &stop, &mut count_rows))
             });
             let failed = match outcome {
                 Ok(Ok(end)) => {
@@ -352,6 +406,7 @@ impl AuditJobs {
                     tracing::error!(job = %job.id, error = %e, "recording a failed audit job failed");
                 }
             }
+            self.refresh_counts();
         }
     }
 }

@@ -262,7 +262,7 @@ pub async fn cancel(
     let svc = service(&state)?.clone();
     let id = path.into_inner();
     let i = id.clone();
-    match blocking(move || svc.store.cancel(&i)).await? {
+    match blocking(move || svc.cancel(&i)).await? {
         None => Err(not_found(&id)),
         Some(Ok(job)) => Ok(HttpResponse::Ok().json(view(&job))),
         Some(Err(NotCancellable(s))) => Err(ApiError::Conflict {

@@ -148,6 +148,11 @@ pub async fn livez(state: web::Data<AppState>) -> Result<HttpResponse, ApiError>
             "the unlearning worker or the auditor thread has stopped; restart the process".into(),
         ));
     }
+    if state.audits.as_ref().is_some_and(|a| !a.thread_alive()) {
+        return Err(ApiError::Unavailable(
+            "the audit-job thread has stopped; restart the process".into(),
+        ));
+    }
     Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ok" })))
 }
 
