@@ -228,7 +228,9 @@ pub fn for_each_row(
         if trimmed.is_empty() {
             continue;
         }
-        if rows < skip && !(rows == 0 && trimmed.contains("\"format\"")) {
+        // Rows before `skip` are counted unparsed, unless the line could be a header: those are
+        // parsed, so that skipping counts exactly the rows a full read counts.
+        if rows < skip && !trimmed.contains("\"format\"") {
             rows += 1;
             continue;
         }
@@ -365,6 +367,30 @@ mod tests {
         assert_eq!(scan(&p, &s, &tk, 1024).unwrap().rows, 3);
         let e = scan(&p, &s, &tk, 3).unwrap_err();
         assert!(e.to_string().contains("context is 3"), "{e}");
+    }
+
+    #[test]
+    fn skipping_counts_rows_as_a_full_read_does_with_a_header_midway() {
+        // Two data files concatenated: the second header sits between data rows.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.jsonl");
+        std::fs::write(
+            &p,
+            "{\"format\":\"x\"}\n{\"ids\":[1,1,1,1]}\n{\"format\":\"x\"}\n{\"ids\":[2,2,2,2]}\n{\"ids\":[3,3,3,3]}\n",
+        )
+        .unwrap();
+        let s = spec(&["k=2,n=2"], &[]);
+        let tk = tiny_tokenizer();
+        for skip in 0..3u64 {
+            let mut first = None;
+            let n = for_each_row(&p, &s, &tk, 1024, skip, |r| {
+                first.get_or_insert(r.items[0].prompt[0]);
+                Ok(true)
+            })
+            .unwrap();
+            assert_eq!(n, 3, "skip {skip}");
+            assert_eq!(first, Some(skip as u32 + 1), "skip {skip}");
+        }
     }
 
     #[test]
