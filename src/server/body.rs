@@ -30,11 +30,15 @@ pub async fn read(
     payload: web::Payload,
     limit: usize,
 ) -> Result<web::Bytes, ApiError> {
-    let timeout = req
-        .app_data::<web::Data<AppState>>()
-        .map(|s| s.limits.body_read_timeout)
-        .unwrap_or_else(|| Limits::default().body_read_timeout);
+    let timeout = body_read_timeout(req);
     read_within(req, payload, limit, timeout).await
+}
+
+/// The app's `--body-read-timeout-seconds` (the default outside an app).
+fn body_read_timeout(req: &HttpRequest) -> std::time::Duration {
+    req.app_data::<web::Data<AppState>>()
+        .map(|s| s.limits.body_read_timeout)
+        .unwrap_or_else(|| Limits::default().body_read_timeout)
 }
 
 /// [`read`] with an explicit timeout for the whole body.
@@ -111,10 +115,7 @@ pub async fn stream_to_file(
     if announced.is_some_and(|len| len > limit) {
         return Err(too_large());
     }
-    let timeout = req
-        .app_data::<web::Data<AppState>>()
-        .map(|s| s.limits.body_read_timeout)
-        .unwrap_or_else(|| Limits::default().body_read_timeout);
+    let timeout = body_read_timeout(req);
     let io = |e: std::io::Error| ApiError::Internal(format!("writing the upload: {e}"));
     let p = path.clone();
     let mut file = web::block(move || std::fs::File::create(&p))

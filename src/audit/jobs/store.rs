@@ -178,32 +178,36 @@ const COLS: &str = "id, state, dataset, uploaded, dataset_sha256, spec, rows_tot
     version, summary, error, created_at, started_at, finished_at, run_started_at, run_rows_start, \
     seconds, resumes, restarts";
 
-fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(AuditJob, String)> {
-    let state: String = r.get(1)?;
-    Ok((
-        AuditJob {
-            id: r.get(0)?,
-            state: JobState::Queued,
-            dataset: r.get(2)?,
-            uploaded: r.get(3)?,
-            dataset_sha256: r.get(4)?,
-            spec: parse_json(&r.get::<_, String>(5)?)?,
-            rows_total: r.get::<_, i64>(6)? as u64,
-            rows_done: r.get::<_, i64>(7)? as u64,
-            version: r.get(8)?,
-            summary: parse_json(&r.get::<_, String>(9)?)?,
-            error: r.get(10)?,
-            created_at: r.get(11)?,
-            started_at: r.get(12)?,
-            finished_at: r.get(13)?,
-            run_started_at: r.get(14)?,
-            run_rows_start: r.get::<_, i64>(15)? as u64,
-            seconds: r.get(16)?,
-            resumes: r.get::<_, i64>(17)? as u64,
-            restarts: r.get::<_, i64>(18)? as u64,
-        },
-        state,
-    ))
+/// The state in column `i`; an unknown one is a conversion error naming it.
+fn state_col(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<JobState> {
+    let s: String = r.get(i)?;
+    JobState::parse(&s).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditJob> {
+    Ok(AuditJob {
+        id: r.get(0)?,
+        state: state_col(r, 1)?,
+        dataset: r.get(2)?,
+        uploaded: r.get(3)?,
+        dataset_sha256: r.get(4)?,
+        spec: parse_json(&r.get::<_, String>(5)?)?,
+        rows_total: r.get::<_, i64>(6)? as u64,
+        rows_done: r.get::<_, i64>(7)? as u64,
+        version: r.get(8)?,
+        summary: parse_json(&r.get::<_, String>(9)?)?,
+        error: r.get(10)?,
+        created_at: r.get(11)?,
+        started_at: r.get(12)?,
+        finished_at: r.get(13)?,
+        run_started_at: r.get(14)?,
+        run_rows_start: r.get::<_, i64>(15)? as u64,
+        seconds: r.get(16)?,
+        resumes: r.get::<_, i64>(17)? as u64,
+        restarts: r.get::<_, i64>(18)? as u64,
+    })
 }
 
 impl JobStore {
@@ -316,19 +320,13 @@ impl JobStore {
     /// One job.
     pub fn get(&self, id: &str) -> Result<Option<AuditJob>> {
         let conn = self.conn();
-        let row = conn
-            .query_row(
-                &format!("SELECT {COLS} FROM audit_jobs WHERE id = ?1"),
-                [id],
-                job_row,
-            )
-            .optional()
-            .map_err(sql("read job"))?;
-        row.map(|(mut j, s)| {
-            j.state = JobState::parse(&s)?;
-            Ok(j)
-        })
-        .transpose()
+        conn.query_row(
+            &format!("SELECT {COLS} FROM audit_jobs WHERE id = ?1"),
+            [id],
+            job_row,
+        )
+        .optional()
+        .map_err(sql("read job"))
     }
 
     /// An unfinished job (queued or running) of the same dataset, content and spec, if any: what
@@ -368,12 +366,7 @@ impl JobStore {
         let rows = st
             .query_map([limit as i64], job_row)
             .map_err(sql("list jobs"))?;
-        rows.map(|r| {
-            let (mut j, s) = r.map_err(sql("list jobs"))?;
-            j.state = JobState::parse(&s)?;
-            Ok(j)
-        })
-        .collect()
+        rows.map(|r| r.map_err(sql("list jobs"))).collect()
     }
 
     /// Claims the oldest queued job: it becomes `running`, starting a run at its `rows_done`.
@@ -589,13 +582,9 @@ impl JobStore {
             .prepare("SELECT state, COUNT(*) FROM audit_jobs GROUP BY state")
             .map_err(sql("count jobs"))?;
         let rows = st
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .query_map([], |r| Ok((state_col(r, 0)?, r.get::<_, i64>(1)? as u64)))
             .map_err(sql("count jobs"))?;
-        rows.map(|r| {
-            let (s, n) = r.map_err(sql("count jobs"))?;
-            Ok((JobState::parse(&s)?, n as u64))
-        })
-        .collect()
+        rows.map(|r| r.map_err(sql("count jobs"))).collect()
     }
 }
 
