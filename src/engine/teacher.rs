@@ -11,7 +11,8 @@
 //!   decoding ([`super::generate`] with the same banned ids, EOS not stopping it) would reach:
 //!   where a position that decides it is within [`TIE_MARGIN`] of a tie (top two logits, banned
 //!   ids excluded) — where the pass and a decode step, which round differently, could disagree —
-//!   the pair is decoded instead and `decoded` says so. The property test below compares it with
+//!   decoding decides instead (the first token alone when the tie is there; a hit then goes on
+//!   to the pass with that position settled) and `decoded` says so. The property test below compares it with
 //!   decoding over random models of both families, padded batches, banned EOS and exact ties.
 //! - Without [`TeacherOptions::full`] a pair costs a forward over its prompt (the first target
 //!   token's verdict), and only pairs whose first token matches take the whole pass; with it,
@@ -56,7 +57,8 @@ pub struct TeacherResult {
     /// Target tokens greedy decoding reproduces before its first miss (the target's length when
     /// it reproduces all of it).
     pub matched_prefix: usize,
-    /// The pass was too close to a tie to decide, so the pair was decoded.
+    /// A deciding position was too close to a tie for the pass, so decoding decided it (one
+    /// token when it was the first, else the whole pair up to its verdict).
     pub decoded: bool,
     /// With `full`: per target position, whether the argmax given the true prefix is the target.
     pub hits: Vec<bool>,
@@ -213,11 +215,14 @@ fn batch(
     // Pairs whose whole pass runs, and pairs left to decoding (with the tokens to decode).
     let mut whole: Vec<usize> = Vec::new();
     let mut undecided: Vec<(usize, usize)> = Vec::new();
+    // Pairs whose first target token decoding has already reproduced.
+    let mut first_decoded = vec![false; pairs.len()];
     if opts.full {
         whole = (0..pairs.len()).collect();
     } else {
-        // The prompts alone: the first target token's verdict. A near-tie there takes the
-        // whole pass too, which bounds how far decoding must go.
+        // The prompts alone: the first target token's verdict. A near-tie there is decoded
+        // for that one token (a prefill), which most such pairs miss; a hit takes the whole
+        // pass with its first position settled.
         let rows: Vec<&[u32]> = pairs.iter().map(|(p, _)| *p).collect();
         let firsts = read_rows(
             model,
@@ -226,13 +231,39 @@ fn batch(
             &|i, _| pairs[i].1[0],
             opts,
         )?;
+        let mut close = Vec::new();
         for (i, (pos, _)) in firsts.into_iter().enumerate() {
             match decide(&pos) {
                 Ok(0) => {}
                 Ok(_) if pairs[i].1.len() == 1 => results[i].matched_prefix = 1,
-                Err(len) if pairs[i].1.len() == 1 => undecided.push((i, len)),
-                _ => whole.push(i),
+                Ok(_) => whole.push(i),
+                Err(_) => close.push(i),
             }
+        }
+        if !close.is_empty() {
+            tracing::debug!(
+                pairs = close.len(),
+                of = pairs.len(),
+                "near-ties: decoding one token"
+            );
+            let dec: Vec<GenerateRequest> = close
+                .iter()
+                .map(|&i| GenerateRequest {
+                    max_new_tokens: 1,
+                    ..reqs[i].clone()
+                })
+                .collect();
+            for (&i, g) in close.iter().zip(generate::generate(model, None, &dec)?) {
+                results[i].decoded = true;
+                if g.tokens.first() == Some(&pairs[i].1[0]) {
+                    results[i].matched_prefix = 1;
+                    first_decoded[i] = true;
+                    if pairs[i].1.len() > 1 {
+                        whole.push(i);
+                    }
+                }
+            }
+            whole.sort_unstable();
         }
     }
     if !whole.is_empty() {
@@ -251,7 +282,13 @@ fn batch(
             &|r, j| pairs[whole[r]].1[j],
             opts,
         )?;
-        for (&i, (pos, lp)) in whole.iter().zip(read) {
+        for (&i, (mut pos, lp)) in whole.iter().zip(read) {
+            if first_decoded[i] {
+                pos[0] = Position {
+                    hit: true,
+                    close: false,
+                };
+            }
             let r = &mut results[i];
             if opts.full {
                 r.hits = pos.iter().map(|p| p.hit).collect();
@@ -512,6 +549,42 @@ mod tests {
         let (_, decoded) = check_equals_decoding(&model, &[7], 5);
         // Ties are not rare with two identical rows among 40, and each one was decoded.
         assert!(decoded > 0);
+
+        // Pairs whose *first* target token is such a tie and which go on matching: decoding
+        // settles that token, the pass the rest.
+        let mut s = 99u64;
+        let mut pairs = Vec::new();
+        for _ in 0..400 {
+            let k = 1 + (lcg(&mut s) % 12) as usize;
+            let prompt: Vec<u32> = (0..k).map(|_| (lcg(&mut s) % 40) as u32).collect();
+            let g = generate::generate(&model, None, &[request(&prompt, 5, &[7])]).unwrap();
+            if g[0].tokens[0] == 0 {
+                pairs.push((prompt, g[0].tokens.clone()));
+            }
+            if pairs.len() == 6 {
+                break;
+            }
+        }
+        assert!(!pairs.is_empty(), "no prompt's greedy pick is the tie");
+        let refs: Vec<(&[u32], &[u32])> = pairs.iter().map(|(p, t)| (&p[..], &t[..])).collect();
+        let opts = TeacherOptions {
+            banned: vec![7],
+            batch_size: 4,
+            ..Default::default()
+        };
+        for (g, (p, t)) in teacher_forced(&model, &refs, &opts)
+            .unwrap()
+            .iter()
+            .zip(&pairs)
+        {
+            assert_eq!(
+                g.matched_prefix,
+                decode_prefix(&model, p, t, &[7]),
+                "{p:?} {t:?}"
+            );
+            assert_eq!(g.matched_prefix, 5);
+            assert!(g.decoded);
+        }
     }
 
     use candle_core::Tensor;
