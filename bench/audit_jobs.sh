@@ -35,6 +35,11 @@ port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0));
 RUST_LOG=warn "$bin" serve --bind 127.0.0.1:$port --data-dir "$work/data" --audit-threads "$threads" 2>"$work/serve.log" &
 pid=$!
 for _ in $(seq 1 120); do curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break; sleep 0.5; done
+# Ready is not idle: right after start-up the auditor measures the live version's quality (a few
+# CPU-seconds on this model), which a job started at once would share the cores with. Wait until
+# the server has used under 0.05 CPU-seconds in a second (at most 60 s).
+cpu() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
+for _ in $(seq 1 60); do a=$(cpu); sleep 1; [ $(( $(cpu) - a )) -le 5 ] && break; done
 for i in $(seq 1 "$runs"); do
   s=$(date +%s.%N)
   id=$(curl -fsS "http://127.0.0.1:$port/v1/audits?group_by=role" -H 'Content-Type: application/jsonl' \

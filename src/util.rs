@@ -1,5 +1,6 @@
 //! Small helpers every layer may use: an atomic file write, hex encoding, the wall clock as Unix
-//! seconds, random ids, and the seeded token rows the benchmarks and tests share.
+//! seconds, random ids, the seeded token rows the benchmarks and tests share, and
+//! ([`sqlite`]) opening the stores' databases.
 //!
 //! Invariants:
 //! - [`write_atomic`] writes a temporary file beside `path`, fsyncs it and renames it over
@@ -10,6 +11,8 @@
 //! - [`hex`] is lower-case, two characters per byte.
 //! - [`token_rows`] is a pure function of its arguments; `bench/infer_torch.py` rebuilds the
 //!   same rows, and a test pins the values it printed.
+
+pub mod sqlite;
 
 use std::io::Write;
 use std::path::Path;

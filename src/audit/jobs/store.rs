@@ -16,7 +16,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::{Deserialize, Serialize};
@@ -213,29 +212,11 @@ fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditJob> {
 impl JobStore {
     /// Opens (creating if needed) `data_dir/audits.sqlite3`.
     pub fn open(data_dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(data_dir).map_err(|source| Error::Write {
-            path: data_dir.to_path_buf(),
-            source,
+        use crate::util::sqlite::{open_durable, OpenError};
+        let (conn, path, _) = open_durable(data_dir, DB_FILE).map_err(|e| match e {
+            OpenError::Io { path, source, .. } => Error::Write { path, source },
+            e => corrupt(e),
         })?;
-        let path = data_dir.join(DB_FILE);
-        let conn = Connection::open(&path).map_err(sql("open database"))?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
-        }
-        conn.busy_timeout(Duration::from_secs(5))
-            .map_err(sql("set busy_timeout"))?;
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
-            .map_err(sql("set journal_mode"))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(corrupt(format!(
-                "journal_mode is {mode}, WAL could not be enabled"
-            )));
-        }
-        conn.execute_batch("PRAGMA synchronous=FULL;")
-            .map_err(sql("set pragmas"))?;
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(sql("read user_version"))?;

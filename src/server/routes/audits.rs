@@ -18,7 +18,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::takedowns::query_pairs_with;
+use super::query_pairs_with;
 use crate::audit::jobs::store::NotCancellable;
 use crate::audit::jobs::{AuditJob, AuditJobs, JobSpec};
 use crate::audit::{Definition, RiskOptions};

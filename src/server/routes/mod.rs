@@ -108,6 +108,38 @@ async fn method_not_allowed(req: HttpRequest, allow: String) -> HttpResponse {
     resp
 }
 
+/// The percent-decoded (`%6C` is `l`, `+` is a space) `key=value` pairs of a query string,
+/// each key one of `known`, and given at most once unless it is in `repeatable`; anything else
+/// is a 400 naming the key.
+pub(super) fn query_pairs_with(
+    q: &str,
+    known: &[&str],
+    repeatable: &[&str],
+) -> Result<Vec<(String, String)>, ApiError> {
+    let pairs = web::Query::<Vec<(String, String)>>::from_query(q)
+        .map_err(|e| ApiError::Invalid {
+            message: format!("malformed query string: {e}"),
+            param: None,
+            code: "invalid_query",
+        })?
+        .into_inner();
+    for (i, (k, _)) in pairs.iter().enumerate() {
+        if !known.contains(&k.as_str()) {
+            return Err(ApiError::invalid(
+                k.clone(),
+                format!(
+                    "unknown query parameter {k:?}; this route takes {}",
+                    known.join(", ")
+                ),
+            ));
+        }
+        if !repeatable.contains(&k.as_str()) && pairs[..i].iter().any(|(p, _)| p == k) {
+            return Err(ApiError::invalid(k.clone(), "is given more than once"));
+        }
+    }
+    Ok(pairs)
+}
+
 /// The answer for paths no route matches.
 pub async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
     Err(ApiError::NotFound {

@@ -29,6 +29,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::completions::VERSION_HEADER;
+use super::query_pairs_with;
 use crate::audit::Definition;
 use crate::server::body;
 use crate::server::error::api_error as store_error;
@@ -255,7 +256,7 @@ pub async fn get(
     state.auth.admin(&req)?;
     let svc = service(&state)?;
     let mut with = false;
-    for (_, v) in query_pairs(req.query_string(), &["include"])? {
+    for (_, v) in query_pairs_with(req.query_string(), &["include"], &[])? {
         if v != "sequences" {
             return Err(ApiError::invalid(
                 "include",
@@ -286,7 +287,7 @@ impl ListQuery {
             limit: 50,
             status: None,
         };
-        for (k, v) in query_pairs(q, &["after", "limit", "status"])? {
+        for (k, v) in query_pairs_with(q, &["after", "limit", "status"], &[])? {
             match k.as_str() {
                 "after" if v.is_empty() => {
                     return Err(ApiError::invalid(
@@ -329,42 +330,6 @@ impl ListQuery {
         }
         Ok(out)
     }
-}
-
-/// The percent-decoded (`%6C` is `l`, `+` is a space) `key=value` pairs of a query string,
-/// each key one of `known` and given at most once; anything else is a 400 naming the key.
-fn query_pairs(q: &str, known: &[&str]) -> Result<Vec<(String, String)>, ApiError> {
-    query_pairs_with(q, known, &[])
-}
-
-/// [`query_pairs`] where the keys in `repeatable` may be given more than once.
-pub(super) fn query_pairs_with(
-    q: &str,
-    known: &[&str],
-    repeatable: &[&str],
-) -> Result<Vec<(String, String)>, ApiError> {
-    let pairs = web::Query::<Vec<(String, String)>>::from_query(q)
-        .map_err(|e| ApiError::Invalid {
-            message: format!("malformed query string: {e}"),
-            param: None,
-            code: "invalid_query",
-        })?
-        .into_inner();
-    for (i, (k, _)) in pairs.iter().enumerate() {
-        if !known.contains(&k.as_str()) {
-            return Err(ApiError::invalid(
-                k.clone(),
-                format!(
-                    "unknown query parameter {k:?}; this route takes {}",
-                    known.join(", ")
-                ),
-            ));
-        }
-        if !repeatable.contains(&k.as_str()) && pairs[..i].iter().any(|(p, _)| p == k) {
-            return Err(ApiError::invalid(k.clone(), "is given more than once"));
-        }
-    }
-    Ok(pairs)
 }
 
 pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {

@@ -30,7 +30,7 @@
 //!
 //! Here: opening the database and the takedown queue (create, claim, progress, finish, cancel,
 //! requeue). `records`: the state machine and the records; `schema`: migrations (keyed on
-//! `PRAGMA user_version`) and the data directory's permissions; `rows`: SQL row mapping;
+//! `PRAGMA user_version`); `rows`: SQL row mapping;
 //! `registry`: versions, the current-version pointer and its history (promote, rollback).
 
 use std::path::{Path, PathBuf};
@@ -48,8 +48,8 @@ mod schema;
 
 pub use records::{Event, NewTakedown, NewVersion, State, Swap, SwapKind, Takedown, VersionRecord};
 use rows::{json_col, request_hash, sql, takedown_row, to_json, TD_COLS};
+use schema::migrate;
 pub use schema::SCHEMA_VERSION;
-use schema::{migrate, restrict_permissions, BUSY_TIMEOUT};
 
 /// The database file inside the data directory.
 pub const DB_FILE: &str = "lethe.sqlite3";
@@ -65,31 +65,8 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) `data_dir/lethe.sqlite3` and migrates it to the current schema.
     pub fn open(data_dir: &Path) -> Result<Store> {
-        std::fs::create_dir_all(data_dir).map_err(Error::io("create", data_dir))?;
-        let path = data_dir.join(DB_FILE);
-        let existed = path.exists();
-        restrict_permissions(data_dir, &path)?;
-        let mut conn = Connection::open(&path).map_err(sql("open database"))?;
-        conn.busy_timeout(BUSY_TIMEOUT)
-            .map_err(sql("set busy_timeout"))?;
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
-            .map_err(sql("set journal_mode"))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(Error::Corrupt {
-                what: path.display().to_string(),
-                message: format!("journal_mode is {mode}, WAL could not be enabled"),
-            });
-        }
-        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
-            .map_err(sql("set pragmas"))?;
+        let (mut conn, path, _) = crate::util::sqlite::open_durable(data_dir, DB_FILE)?;
         migrate(&mut conn, &path)?;
-        if !existed {
-            // The new file's directory entry must survive a crash too.
-            if let Ok(d) = std::fs::File::open(data_dir) {
-                d.sync_all().map_err(Error::io("fsync", data_dir))?;
-            }
-        }
         Ok(Store {
             conn: Mutex::new(conn),
             path,

@@ -1,5 +1,4 @@
-//! The database schema: numbered migrations keyed on `PRAGMA user_version`, and the data
-//! directory's permissions.
+//! The database schema: numbered migrations keyed on `PRAGMA user_version`.
 //!
 //! Invariants:
 //! - Migration `i` upgrades `user_version` `i → i + 1` in one transaction with the version
@@ -10,23 +9,34 @@
 //! - The schema enforces what it can: unique takedown ids and idempotency keys, known state and
 //!   swap-kind names, one current-version row pointing at a registered version, parents and
 //!   events referencing existing rows (foreign keys are on).
-//! - On Unix, before SQLite opens the database: the data directory is made 0700, a new database
-//!   file is created 0600, and an existing database, `-wal`, `-shm` or `-journal` file more
-//!   open than 0600 is tightened with a warning.
+//! - The file is opened by [`crate::util::sqlite::open_durable`] (WAL, `synchronous=FULL`,
+//!   the data directory 0700 and the database's files 0600), whose failures map onto this
+//!   module's [`Error`] here.
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
 
 use rusqlite::Connection;
 
 use super::super::{Error, Result};
 use super::immediate;
 use super::rows::sql;
+use crate::util::sqlite::OpenError;
+
+impl From<OpenError> for Error {
+    fn from(e: OpenError) -> Self {
+        match e {
+            OpenError::Io { op, path, source } => Error::Io { op, path, source },
+            OpenError::Sql { op, source } => Error::Sql { op, source },
+            OpenError::NotWal { ref path, .. } => Error::Corrupt {
+                what: path.display().to_string(),
+                message: e.to_string(),
+            },
+        }
+    }
+}
 
 /// The schema version this code writes (`PRAGMA user_version`).
 pub const SCHEMA_VERSION: i64 = 2;
-/// How long a writer waits for another connection's lock before failing.
-pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Migrations, index i upgrading user_version i → i + 1.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -92,46 +102,6 @@ CREATE TABLE swaps (
 ALTER TABLE takedowns ADD COLUMN solo INTEGER NOT NULL DEFAULT 0;
 "#,
 ];
-
-/// The data directory holds the sequences people asked to be forgotten: it is made private to
-/// the user lethe runs as (0700), and the database with its WAL and shared-memory files 0600
-/// (SQLite creates `-wal` and `-shm` with the database file's mode). A directory or file that
-/// was more open is tightened, with a warning.
-pub(super) fn restrict_permissions(data_dir: &Path, db: &Path) -> Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-        let tighten = |path: &Path, mode: u32| -> Result<()> {
-            let meta = std::fs::metadata(path).map_err(Error::io("stat", path))?;
-            let old = meta.permissions().mode() & 0o777;
-            if old & !mode != 0 {
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-                    .map_err(Error::io("chmod", path))?;
-                tracing::warn!(path = %path.display(), old = format!("{old:o}"),
-                    new = format!("{mode:o}"), "tightened permissions of the data directory");
-            }
-            Ok(())
-        };
-        tighten(data_dir, 0o700)?;
-        if !db.exists() {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(db)
-                .map_err(Error::io("create", db))?;
-        }
-        for suffix in ["", "-wal", "-shm", "-journal"] {
-            let f = PathBuf::from(format!("{}{suffix}", db.display()));
-            if f.exists() {
-                tighten(&f, 0o600)?;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = (data_dir, db);
-    Ok(())
-}
 
 pub(super) fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
     let version: i64 = conn
