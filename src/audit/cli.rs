@@ -112,6 +112,12 @@ pub fn run(a: AuditArgs) -> anyhow::Result<()> {
         None => {
             let d =
                 std::env::temp_dir().join(format!("lethe-audit-{}", crate::util::random_hex(8)));
+            // Private from the start, as the store wants its directory (no warning to tighten).
+            let mut b = std::fs::DirBuilder::new();
+            #[cfg(unix)]
+            std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+            b.create(&d)
+                .with_context(|| format!("creating {}", d.display()))?;
             _tmp = RemoveOnDrop(d.clone());
             d
         }
