@@ -257,3 +257,4 @@ pub fn assert_matches_autograd(
         assert!(e <= 1e-4, "case {case}: {name}: relative L2 error {e}");
     }
 }
+pub mod pg;

@@ -53,6 +53,15 @@ pub enum Error {
         #[source]
         source: rusqlite::Error,
     },
+    /// A PostgreSQL operation failed (fleet mode); `op` says which.
+    #[error("takedown store (PostgreSQL): {op}: {message}")]
+    Postgres {
+        op: &'static str,
+        /// The server's message when it sent one (`postgres::Error` displays only "db error").
+        message: String,
+        #[source]
+        source: postgres::Error,
+    },
     /// A file or directory operation failed.
     #[error("{op} {path}: {source}")]
     Io {

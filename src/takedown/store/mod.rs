@@ -41,6 +41,7 @@ use serde_json::{json, Value};
 
 use super::{now, random_hex, Error, Result};
 
+pub mod postgres;
 mod records;
 mod registry;
 mod rows;
