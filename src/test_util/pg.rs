@@ -108,18 +108,24 @@ impl PgServer {
         Some(s)
     }
 
-    fn run(&self, tool: &str, args: &[&str]) {
+    /// `tool` from the cluster's binaries, as the `postgres` user when lethe's tests run as root.
+    fn command(&self, tool: &str) -> Command {
         let exe = self.bin.join(tool);
-        let out = if self.as_postgres {
-            Command::new("runuser")
-                .args(["-u", "postgres", "--"])
-                .arg(&exe)
-                .args(args)
-                .output()
+        if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(exe);
+            c
         } else {
-            Command::new(&exe).args(args).output()
+            Command::new(exe)
         }
-        .unwrap_or_else(|e| panic!("{}: {e}", exe.display()));
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let out = self
+            .command(tool)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{tool}: {e}"));
         assert!(
             out.status.success(),
             "{tool} failed: {}{}",
@@ -150,16 +156,9 @@ impl PgServer {
 impl Drop for PgServer {
     fn drop(&mut self) {
         let data = self.dir.path().join("data");
-        let exe = self.bin.join("pg_ctl");
-        let args = ["-D", data.to_str().unwrap_or(""), "-m", "immediate", "stop"];
-        let _ = if self.as_postgres {
-            Command::new("runuser")
-                .args(["-u", "postgres", "--"])
-                .arg(&exe)
-                .args(args)
-                .output()
-        } else {
-            Command::new(&exe).args(args).output()
-        };
+        let _ = self
+            .command("pg_ctl")
+            .args(["-D", data.to_str().unwrap_or(""), "-m", "immediate", "stop"])
+            .output();
     }
 }
