@@ -41,6 +41,7 @@ use serde_json::{json, Value};
 
 use super::{now, random_hex, Error, Result};
 
+mod db;
 pub mod postgres;
 mod records;
 mod registry;
