@@ -19,8 +19,17 @@ use rusqlite::ToSql;
 use super::super::{Error, Result};
 use super::rows::sql;
 
+/// Which database a [`Tx`] runs on, for the few expressions the dialects spell differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
 /// A transaction on either database.
 pub(super) trait Tx {
+    /// The database's dialect.
+    fn dialect(&self) -> Dialect;
     /// Runs a statement; returns the number of rows it changed.
     fn execute(&mut self, sql: &str, params: &[&dyn ToSql]) -> Result<usize>;
     /// Runs a query; returns every row's values in column order.
@@ -71,6 +80,10 @@ fn values(params: &[&dyn ToSql]) -> Result<Vec<Value>> {
 }
 
 impl Tx for rusqlite::Transaction<'_> {
+    fn dialect(&self) -> Dialect {
+        Dialect::Sqlite
+    }
+
     fn execute(&mut self, q: &str, params: &[&dyn ToSql]) -> Result<usize> {
         let mut stmt = self.prepare_cached(q).map_err(sql("prepare"))?;
         stmt.execute(params).map_err(sql("execute"))
@@ -132,7 +145,7 @@ impl PgToSql for PgParam {
     postgres::types::to_sql_checked!();
 }
 
-fn pg(op: &'static str) -> impl FnOnce(postgres::Error) -> Error {
+pub(super) fn pg(op: &'static str) -> impl FnOnce(postgres::Error) -> Error {
     move |source| Error::Postgres {
         op,
         message: source
@@ -175,6 +188,10 @@ fn pg_row(row: &postgres::Row) -> Result<Vec<Value>> {
 }
 
 impl Tx for postgres::Transaction<'_> {
+    fn dialect(&self) -> Dialect {
+        Dialect::Postgres
+    }
+
     fn execute(&mut self, q: &str, params: &[&dyn ToSql]) -> Result<usize> {
         let vals: Vec<PgParam> = values(params)?.into_iter().map(PgParam).collect();
         let refs: Vec<&(dyn PgToSql + Sync)> =

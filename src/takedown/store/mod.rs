@@ -36,7 +36,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use rusqlite::{Connection, TransactionBehavior};
 use serde_json::{json, Value};
 
 use super::{now, random_hex, Error, Result};
@@ -48,6 +48,7 @@ mod registry;
 mod rows;
 mod schema;
 
+use db::{get, Dialect, Tx};
 pub use records::{Event, NewTakedown, NewVersion, State, Swap, SwapKind, Takedown, VersionRecord};
 use rows::{json_col, request_hash, sql, takedown_row, to_json, TD_COLS};
 use schema::migrate;
@@ -57,10 +58,19 @@ pub use schema::SCHEMA_VERSION;
 pub const DB_FILE: &str = "lethe.sqlite3";
 /// Crash interruptions of a takedown's jobs after which it is marked failed, not re-queued.
 pub const MAX_INTERRUPTIONS: i64 = 3;
+/// The advisory-lock key every PostgreSQL write transaction holds, so writers serialize as
+/// SQLite's do ("lethe" in ASCII, then 2).
+const PG_WRITE_LOCK: i64 = 0x6c65_7468_6502;
+
+/// The database behind a [`Store`].
+enum Backend {
+    Sqlite(Connection),
+    Postgres(::postgres::Client),
+}
 
 /// The durable store. `Send + Sync`: one connection behind a mutex, so writers serialize.
 pub struct Store {
-    conn: Mutex<Connection>,
+    conn: Mutex<Backend>,
     path: PathBuf,
 }
 
@@ -70,20 +80,78 @@ impl Store {
         let (mut conn, path, _) = crate::util::sqlite::open_durable(data_dir, DB_FILE)?;
         migrate(&mut conn, &path)?;
         Ok(Store {
-            conn: Mutex::new(conn),
+            conn: Mutex::new(Backend::Sqlite(conn)),
             path,
         })
     }
 
-    /// The database file.
+    /// Connects to the PostgreSQL database at `url` (fleet mode) and migrates it under the
+    /// migration lock ([`postgres::migrate`]).
+    pub fn open_postgres(url: &str) -> Result<Store> {
+        let mut client =
+            ::postgres::Client::connect(url, ::postgres::NoTls).map_err(db::pg("connect"))?;
+        postgres::migrate(&mut client)?;
+        // Never the password: the path names the database for logs and errors.
+        let shown = url.rsplit('@').next().unwrap_or(url);
+        Ok(Store {
+            conn: Mutex::new(Backend::Postgres(client)),
+            path: PathBuf::from(format!("postgres://{shown}")),
+        })
+    }
+
+    /// The database file (SQLite), or `postgres://host:port/db` (PostgreSQL).
     pub fn path(&self) -> &Path {
         &self.path
     }
 
     /// The connection. A panic in another thread cannot leave a transaction open (a dropped
-    /// `Transaction` rolls back), so a poisoned lock is safe to take over.
-    fn conn(&self) -> MutexGuard<'_, Connection> {
+    /// transaction rolls back), so a poisoned lock is safe to take over.
+    fn conn(&self) -> MutexGuard<'_, Backend> {
         self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `f` in one write transaction (SQLite: `IMMEDIATE`; PostgreSQL: holding
+    /// [`PG_WRITE_LOCK`]) and commits it when `f` succeeds; an error rolls everything back.
+    fn write<T>(&self, f: impl FnOnce(&mut dyn Tx) -> Result<T>) -> Result<T> {
+        let mut guard = self.conn();
+        match &mut *guard {
+            Backend::Sqlite(c) => {
+                let mut tx = c
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(sql("begin transaction"))?;
+                let out = f(&mut tx)?;
+                tx.commit().map_err(sql("commit"))?;
+                Ok(out)
+            }
+            Backend::Postgres(c) => {
+                let mut tx = c.transaction().map_err(db::pg("begin transaction"))?;
+                tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PG_WRITE_LOCK])
+                    .map_err(db::pg("take the write lock"))?;
+                let out = f(&mut tx)?;
+                tx.commit().map_err(db::pg("commit"))?;
+                Ok(out)
+            }
+        }
+    }
+
+    /// Runs `f` in one read transaction: its queries see one snapshot.
+    fn read<T>(&self, f: impl FnOnce(&mut dyn Tx) -> Result<T>) -> Result<T> {
+        let mut guard = self.conn();
+        match &mut *guard {
+            Backend::Sqlite(c) => {
+                let mut tx = c.transaction().map_err(sql("begin transaction"))?;
+                f(&mut tx)
+            }
+            Backend::Postgres(c) => {
+                let mut tx = c
+                    .build_transaction()
+                    .isolation_level(::postgres::IsolationLevel::RepeatableRead)
+                    .read_only(true)
+                    .start()
+                    .map_err(db::pg("begin transaction"))?;
+                f(&mut tx)
+            }
+        }
     }
 
     /// Accepts a takedown. Returns it and whether it was created (`false`: the idempotency key
@@ -107,56 +175,49 @@ impl Store {
         }
         let hash = request_hash(&new)?;
         let sequences = to_json("sequences", &new.sequences)?;
-        let mut conn = self.conn();
-        let tx = immediate(&mut conn)?;
-        if let Some(key) = idempotency_key {
-            let found: Option<(String, String)> = tx
-                .query_row(
+        self.write(|tx| {
+            if let Some(key) = idempotency_key {
+                let found = tx.query_opt(
                     "SELECT id, request_hash FROM takedowns WHERE idempotency_key = ?1",
-                    [key],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()
-                .map_err(sql("look up idempotency key"))?;
-            if let Some((id, existing_hash)) = found {
-                if existing_hash != hash {
-                    return Err(Error::IdempotencyConflict {
-                        key: key.to_string(),
-                        existing_id: id,
-                    });
+                    &[&key],
+                )?;
+                if let Some(r) = found {
+                    let (id, existing_hash): (String, String) = (get(&r, 0)?, get(&r, 1)?);
+                    if existing_hash != hash {
+                        return Err(Error::IdempotencyConflict {
+                            key: key.to_string(),
+                            existing_id: id,
+                        });
+                    }
+                    return Ok((get_tx(tx, &id)?, false));
                 }
-                let td = get_tx(&tx, &id)?;
-                return Ok((td, false));
             }
-        }
-        let id = format!("td_{}", random_hex(8));
-        let at = now();
-        tx.execute(
-            "INSERT INTO takedowns (id, state, sequences, definition, reason, requester, \
-             created_at, updated_at, attempts, idempotency_key, request_hash) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, 0, ?8, ?9)",
-            params![
-                id,
-                State::Queued,
-                sequences,
-                new.definition,
-                new.reason,
-                new.requester,
-                at,
-                idempotency_key,
-                hash
-            ],
-        )
-        .map_err(sql("insert takedown"))?;
-        event(&tx, &id, at, State::Queued, &Value::Null)?;
-        let td = get_tx(&tx, &id)?;
-        tx.commit().map_err(sql("commit takedown"))?;
-        Ok((td, true))
+            let id = format!("td_{}", random_hex(8));
+            let at = now();
+            tx.execute(
+                "INSERT INTO takedowns (id, state, sequences, definition, reason, requester, \
+                 created_at, updated_at, attempts, idempotency_key, request_hash) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, 0, ?8, ?9)",
+                &[
+                    &id,
+                    &State::Queued,
+                    &sequences,
+                    &new.definition,
+                    &new.reason,
+                    &new.requester,
+                    &at,
+                    &idempotency_key,
+                    &hash,
+                ],
+            )?;
+            event(tx, &id, at, State::Queued, &Value::Null)?;
+            Ok((get_tx(tx, &id)?, true))
+        })
     }
 
     /// The takedown `id`.
     pub fn get(&self, id: &str) -> Result<Takedown> {
-        get_tx(&self.conn(), id)
+        self.read(|tx| get_tx(tx, id))
     }
 
     /// Takedowns in creation order (then id), optionally of one state, after the cursor `after_id`
@@ -167,42 +228,39 @@ impl Store {
         limit: usize,
         state: Option<State>,
     ) -> Result<Vec<Takedown>> {
-        let conn = self.conn();
-        let after_seq: i64 = match after_id {
-            None => 0,
-            Some(id) => conn
-                .query_row("SELECT seq FROM takedowns WHERE id = ?1", [id], |r| {
-                    r.get(0)
-                })
-                .optional()
-                .map_err(sql("look up cursor"))?
-                .ok_or_else(|| Error::NotFound(id.to_string()))?,
-        };
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let mut stmt = conn
-            .prepare_cached(&format!(
-                "SELECT {TD_COLS} FROM takedowns WHERE seq > ?1 AND (?2 IS NULL OR state = ?2) \
-                 ORDER BY seq LIMIT ?3"
-            ))
-            .map_err(sql("list takedowns"))?;
-        let rows = stmt
-            .query_map(params![after_seq, state, limit], takedown_row)
-            .map_err(sql("list takedowns"))?;
-        rows.collect::<rusqlite::Result<_>>()
-            .map_err(sql("read takedown"))
+        self.read(|tx| {
+            let after_seq: i64 = match after_id {
+                None => 0,
+                Some(id) => {
+                    let r = tx
+                        .query_opt("SELECT seq FROM takedowns WHERE id = ?1", &[&id])?
+                        .ok_or_else(|| Error::NotFound(id.to_string()))?;
+                    get(&r, 0)?
+                }
+            };
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let state = state.map(|s| s.as_str().to_string());
+            tx.query(
+                &format!(
+                    "SELECT {TD_COLS} FROM takedowns WHERE seq > ?1 \
+                     AND (CAST(?2 AS TEXT) IS NULL OR state = ?2) ORDER BY seq LIMIT ?3"
+                ),
+                &[&after_seq, &state, &limit],
+            )?
+            .iter()
+            .map(|r| takedown_row(r))
+            .collect()
+        })
     }
 
     /// How many takedowns are in each state (every state, zeros included, in lifecycle order).
     pub fn counts_by_state(&self) -> Result<Vec<(State, u64)>> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached("SELECT state, COUNT(*) FROM takedowns GROUP BY state")
-            .map_err(sql("count takedowns"))?;
-        let found: Vec<(State, i64)> = stmt
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(sql("count takedowns"))?
-            .collect::<rusqlite::Result<_>>()
-            .map_err(sql("count takedowns"))?;
+        let found: Vec<(State, i64)> = self.read(|tx| {
+            tx.query("SELECT state, COUNT(*) FROM takedowns GROUP BY state", &[])?
+                .iter()
+                .map(|r| Ok((get(r, 0)?, get(r, 1)?)))
+                .collect::<Result<_>>()
+        })?;
         Ok(State::ALL
             .into_iter()
             .map(|s| {
@@ -214,25 +272,23 @@ impl Store {
 
     /// The state-change history of takedown `id`, oldest first.
     pub fn events(&self, id: &str) -> Result<Vec<Event>> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached(
+        self.read(|tx| {
+            tx.query(
                 "SELECT takedown_id, at, state, detail FROM events WHERE takedown_id = ?1 \
                  ORDER BY seq",
-            )
-            .map_err(sql("read events"))?;
-        let rows = stmt
-            .query_map([id], |r| {
+                &[&id],
+            )?
+            .iter()
+            .map(|r| {
                 Ok(Event {
-                    takedown_id: r.get(0)?,
-                    at: r.get(1)?,
-                    state: r.get(2)?,
+                    takedown_id: get(r, 0)?,
+                    at: get(r, 1)?,
+                    state: get(r, 2)?,
                     detail: json_col(r, 3)?,
                 })
             })
-            .map_err(sql("read events"))?;
-        rows.collect::<rusqlite::Result<_>>()
-            .map_err(sql("read events"))
+            .collect()
+        })
     }
 
     /// Atomically moves queued takedowns, oldest first, to running under `job_id`, counting an
@@ -242,50 +298,40 @@ impl Store {
         if job_id.is_empty() {
             return Err(Error::invalid("job_id", "must not be empty"));
         }
-        let mut conn = self.conn();
-        let tx = immediate(&mut conn)?;
-        let oldest: Option<(String, bool)> = tx
-            .query_row(
+        self.write(|tx| {
+            let oldest = tx.query_opt(
                 "SELECT id, solo FROM takedowns WHERE state = ?1 ORDER BY seq LIMIT 1",
-                [State::Queued],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
-            .map_err(sql("select queued"))?;
-        let ids: Vec<String> = match oldest {
-            None => Vec::new(),
-            Some((id, true)) => vec![id],
-            Some(_) => {
-                let mut stmt = tx
-                    .prepare_cached(
+                &[&State::Queued],
+            )?;
+            let ids: Vec<String> = match oldest {
+                None => Vec::new(),
+                Some(r) if get::<i64>(&r, 1)? != 0 => vec![get(&r, 0)?],
+                Some(_) => {
+                    let limit = i64::try_from(max).unwrap_or(i64::MAX);
+                    tx.query(
                         "SELECT id FROM takedowns WHERE state = ?1 AND solo = 0 ORDER BY seq \
                          LIMIT ?2",
-                    )
-                    .map_err(sql("select queued"))?;
-                let limit = i64::try_from(max).unwrap_or(i64::MAX);
-                let v = stmt
-                    .query_map(params![State::Queued, limit], |r| r.get(0))
-                    .map_err(sql("select queued"))?
-                    .collect::<rusqlite::Result<_>>()
-                    .map_err(sql("select queued"))?;
-                v
+                        &[&State::Queued, &limit],
+                    )?
+                    .iter()
+                    .map(|r| get(r, 0))
+                    .collect::<Result<_>>()?
+                }
+            };
+            let at = now();
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                tx.execute(
+                    "UPDATE takedowns SET state = ?2, job_id = ?3, attempts = attempts + 1, \
+                     phase = NULL, progress = NULL, eta_seconds = NULL, error = NULL, \
+                     updated_at = ?4 WHERE id = ?1",
+                    &[&id, &State::Running, &job_id, &at],
+                )?;
+                event(tx, &id, at, State::Running, &json!({ "job_id": job_id }))?;
+                out.push(get_tx(tx, &id)?);
             }
-        };
-        let at = now();
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            tx.execute(
-                "UPDATE takedowns SET state = ?2, job_id = ?3, attempts = attempts + 1, \
-                 phase = NULL, progress = NULL, eta_seconds = NULL, error = NULL, \
-                 updated_at = ?4 WHERE id = ?1",
-                params![id, State::Running, job_id, at],
-            )
-            .map_err(sql("claim takedown"))?;
-            event(&tx, &id, at, State::Running, &json!({ "job_id": job_id }))?;
-            out.push(get_tx(&tx, &id)?);
-        }
-        tx.commit().map_err(sql("commit claim"))?;
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// Records the phase, progress (0..=1) and estimated seconds left of every running or
@@ -311,28 +357,26 @@ impl Store {
                 ));
             }
         }
-        let mut conn = self.conn();
-        let tx = immediate(&mut conn)?;
-        let rows = active_of_job(&tx, job_id)?;
-        let at = now();
-        for (id, state) in &rows {
-            let old: Option<String> = tx
-                .query_row("SELECT phase FROM takedowns WHERE id = ?1", [id], |r| {
-                    r.get(0)
-                })
-                .map_err(sql("read phase"))?;
-            tx.execute(
-                "UPDATE takedowns SET phase = ?2, progress = ?3, eta_seconds = ?4, \
-                 updated_at = ?5 WHERE id = ?1",
-                params![id, phase, progress, eta_seconds, at],
-            )
-            .map_err(sql("set progress"))?;
-            if old.as_deref() != Some(phase) {
-                event(&tx, id, at, *state, &json!({ "phase": phase }))?;
+        self.write(|tx| {
+            let rows = active_of_job(tx, job_id)?;
+            let at = now();
+            for (id, state) in &rows {
+                let old: Option<String> =
+                    match tx.query_opt("SELECT phase FROM takedowns WHERE id = ?1", &[id])? {
+                        Some(r) => get(&r, 0)?,
+                        None => None,
+                    };
+                tx.execute(
+                    "UPDATE takedowns SET phase = ?2, progress = ?3, eta_seconds = ?4, \
+                     updated_at = ?5 WHERE id = ?1",
+                    &[id, &phase, &progress, &eta_seconds, &at],
+                )?;
+                if old.as_deref() != Some(phase) {
+                    event(tx, id, at, *state, &json!({ "phase": phase }))?;
+                }
             }
-        }
-        tx.commit().map_err(sql("commit progress"))?;
-        Ok(rows.len())
+            Ok(rows.len())
+        })
     }
 
     /// Moves the running takedowns of `job_id` to validating.
@@ -341,9 +385,8 @@ impl Store {
             tx.execute(
                 "UPDATE takedowns SET state = ?2, phase = 'validate', updated_at = ?3 \
                  WHERE id = ?1",
-                params![id, State::Validating, at],
-            )
-            .map_err(sql("mark validating"))?;
+                &[&id, &State::Validating, &at],
+            )?;
             Ok(json!({ "job_id": job_id }))
         })
     }
@@ -355,9 +398,8 @@ impl Store {
             tx.execute(
                 "UPDATE takedowns SET state = ?2, phase = 'unlearn', updated_at = ?3 \
                  WHERE id = ?1",
-                params![id, State::Running, at],
-            )
-            .map_err(sql("mark running"))?;
+                &[&id, &State::Running, &at],
+            )?;
             Ok(json!({ "job_id": job_id, "reason": "next candidate" }))
         })
     }
@@ -365,11 +407,7 @@ impl Store {
     /// Moves the validating takedowns of `job_id` to applied by `version`, with the validation
     /// report. Cancelled takedowns of the job stay cancelled.
     pub fn finish_applied(&self, job_id: &str, version: &str, report: &Value) -> Result<usize> {
-        let mut conn = self.conn();
-        let tx = immediate(&mut conn)?;
-        let n = finish_applied_tx(&tx, job_id, version, report)?;
-        tx.commit().map_err(sql("commit applied"))?;
-        Ok(n)
+        self.write(|tx| finish_applied_tx(tx, job_id, version, report))
     }
 
     /// Moves the validating takedowns of `job_id` to rejected: validation refused the new
@@ -380,9 +418,8 @@ impl Store {
             tx.execute(
                 "UPDATE takedowns SET state = ?2, error = ?3, report = ?4, progress = NULL, \
                  eta_seconds = NULL, updated_at = ?5 WHERE id = ?1",
-                params![id, State::Rejected, reason, report_text, at],
-            )
-            .map_err(sql("mark rejected"))?;
+                &[&id, &State::Rejected, &reason, &report_text, &at],
+            )?;
             Ok(json!({ "job_id": job_id, "reason": reason }))
         })
     }
@@ -411,8 +448,7 @@ impl Store {
     pub fn split_job(&self, job_id: &str, why: &str) -> Result<usize> {
         self.job_transition(job_id, State::Queued, |tx, id, at| {
             clear_to_queued(tx, id, at)?;
-            tx.execute("UPDATE takedowns SET solo = 1 WHERE id = ?1", [id])
-                .map_err(sql("mark solo"))?;
+            tx.execute("UPDATE takedowns SET solo = 1 WHERE id = ?1", &[&id])?;
             Ok(json!({ "job_id": job_id, "reason": "split", "error": why }))
         })
     }
@@ -420,38 +456,33 @@ impl Store {
     /// Cancels takedown `id` (queued, running or validating). A running job notices through
     /// [`Store::is_cancelled`]. Its sequences stop being guarded.
     pub fn cancel(&self, id: &str) -> Result<Takedown> {
-        let mut conn = self.conn();
-        let tx = immediate(&mut conn)?;
-        let td = get_tx(&tx, id)?;
-        if !td.state.can_go_to(State::Cancelled) {
-            return Err(Error::NotCancellable {
-                id: id.to_string(),
-                state: td.state,
-            });
-        }
-        let at = now();
-        tx.execute(
-            "UPDATE takedowns SET state = ?2, progress = NULL, eta_seconds = NULL, \
-             updated_at = ?3 WHERE id = ?1",
-            params![id, State::Cancelled, at],
-        )
-        .map_err(sql("cancel takedown"))?;
-        event(&tx, id, at, State::Cancelled, &json!({ "from": td.state }))?;
-        let td = get_tx(&tx, id)?;
-        tx.commit().map_err(sql("commit cancel"))?;
-        Ok(td)
+        self.write(|tx| {
+            let td = get_tx(tx, id)?;
+            if !td.state.can_go_to(State::Cancelled) {
+                return Err(Error::NotCancellable {
+                    id: id.to_string(),
+                    state: td.state,
+                });
+            }
+            let at = now();
+            tx.execute(
+                "UPDATE takedowns SET state = ?2, progress = NULL, eta_seconds = NULL, \
+                 updated_at = ?3 WHERE id = ?1",
+                &[&id, &State::Cancelled, &at],
+            )?;
+            event(tx, id, at, State::Cancelled, &json!({ "from": td.state }))?;
+            get_tx(tx, id)
+        })
     }
 
     /// Whether takedown `id` is cancelled.
     pub fn is_cancelled(&self, id: &str) -> Result<bool> {
-        let state: State = self
-            .conn()
-            .query_row("SELECT state FROM takedowns WHERE id = ?1", [id], |r| {
-                r.get(0)
-            })
-            .optional()
-            .map_err(sql("read state"))?
-            .ok_or_else(|| Error::NotFound(id.to_string()))?;
+        let state: State = self.read(|tx| {
+            let r = tx
+                .query_opt("SELECT state FROM takedowns WHERE id = ?1", &[&id])?
+                .ok_or_else(|| Error::NotFound(id.to_string()))?;
+            get(&r, 0)
+        })?;
         Ok(state == State::Cancelled)
     }
 
@@ -462,90 +493,82 @@ impl Store {
     /// failed instead (it stays guarded): a job that kills the process, e.g. out of memory,
     /// must not crash-loop it. Graceful interruptions (shutdown, rollback) do not count.
     pub fn requeue_interrupted(&self) -> Result<usize> {
-        let mut conn = self.conn();
-        let tx = immediate(&mut conn)?;
-        let rows: Vec<(String, Option<String>)> = {
-            let mut stmt = tx
-                .prepare_cached(
+        self.write(|tx| {
+            let rows: Vec<(String, Option<String>)> = tx
+                .query(
                     "SELECT id, job_id FROM takedowns WHERE state IN (?1, ?2) ORDER BY seq",
-                )
-                .map_err(sql("select interrupted"))?;
-            let v = stmt
-                .query_map(params![State::Running, State::Validating], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })
-                .map_err(sql("select interrupted"))?
-                .collect::<rusqlite::Result<_>>()
-                .map_err(sql("select interrupted"))?;
-            v
-        };
-        let at = now();
-        let mut requeued = 0;
-        for (id, job) in &rows {
-            let before: i64 = tx
-                .query_row(
-                    "SELECT COUNT(*) FROM events WHERE takedown_id = ?1 AND state = ?2 \
-                     AND json_extract(detail, '$.reason') = 'interrupted'",
-                    params![id, State::Queued],
-                    |r| r.get(0),
-                )
-                .map_err(sql("count interruptions"))?;
-            if before + 1 >= MAX_INTERRUPTIONS {
-                let error = format!(
-                    "the process stopped during {} attempts of this takedown's job (a crash or \
-                     a kill, e.g. out of memory); not retried again: check the logs, then \
-                     resubmit it",
-                    before + 1
-                );
-                fail_tx(&tx, id, &error, at)?;
-                event(
-                    &tx,
-                    id,
-                    at,
-                    State::Failed,
-                    &json!({ "job_id": job, "error": error }),
-                )?;
-            } else {
-                clear_to_queued(&tx, id, at)?;
-                // Whatever stopped the process may be this takedown: it runs alone from now on.
-                tx.execute("UPDATE takedowns SET solo = 1 WHERE id = ?1", [id])
-                    .map_err(sql("mark solo"))?;
-                event(
-                    &tx,
-                    id,
-                    at,
-                    State::Queued,
-                    &json!({ "reason": "interrupted", "job_id": job }),
-                )?;
-                requeued += 1;
+                    &[&State::Running, &State::Validating],
+                )?
+                .iter()
+                .map(|r| Ok((get(r, 0)?, get(r, 1)?)))
+                .collect::<Result<_>>()?;
+            let reason = match tx.dialect() {
+                Dialect::Sqlite => "json_extract(detail, '$.reason')",
+                Dialect::Postgres => "(detail::json ->> 'reason')",
+            };
+            let at = now();
+            let mut requeued = 0;
+            for (id, job) in &rows {
+                let r = tx
+                    .query_opt(
+                        &format!(
+                            "SELECT COUNT(*) FROM events WHERE takedown_id = ?1 AND state = ?2 \
+                             AND {reason} = 'interrupted'"
+                        ),
+                        &[id, &State::Queued],
+                    )?
+                    .unwrap_or_default();
+                let before: i64 = get(&r, 0)?;
+                if before + 1 >= MAX_INTERRUPTIONS {
+                    let error = format!(
+                        "the process stopped during {} attempts of this takedown's job (a crash \
+                         or a kill, e.g. out of memory); not retried again: check the logs, then \
+                         resubmit it",
+                        before + 1
+                    );
+                    fail_tx(tx, id, &error, at)?;
+                    event(
+                        tx,
+                        id,
+                        at,
+                        State::Failed,
+                        &json!({ "job_id": job, "error": error }),
+                    )?;
+                } else {
+                    clear_to_queued(tx, id, at)?;
+                    // Whatever stopped the process may be this takedown: it runs alone from now on.
+                    tx.execute("UPDATE takedowns SET solo = 1 WHERE id = ?1", &[id])?;
+                    event(
+                        tx,
+                        id,
+                        at,
+                        State::Queued,
+                        &json!({ "reason": "interrupted", "job_id": job }),
+                    )?;
+                    requeued += 1;
+                }
             }
-        }
-        tx.commit().map_err(sql("commit requeue"))?;
-        Ok(requeued)
+            Ok(requeued)
+        })
     }
 
     /// Rollback of `version`: the takedowns it applied go back to queued (version, job, report
     /// and progress cleared; the events keep the history). Returns how many.
     pub fn requeue_applied_by(&self, version: &str) -> Result<usize> {
-        let mut conn = self.conn();
-        let tx = immediate(&mut conn)?;
-        let n = requeue_applied_tx(&tx, version)?;
-        tx.commit().map_err(sql("commit rollback requeue"))?;
-        Ok(n)
+        self.write(|tx| requeue_applied_tx(tx, version))
     }
 
     /// Sequences of every takedown that is not cancelled, whatever its state, in creation order.
     pub fn sequences_to_guard(&self) -> Result<Vec<Vec<u32>>> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached("SELECT sequences FROM takedowns WHERE state != ?1 ORDER BY seq")
-            .map_err(sql("read sequences"))?;
-        let rows = stmt
-            .query_map([State::Cancelled], |r| json_col::<Vec<Vec<u32>>>(r, 0))
-            .map_err(sql("read sequences"))?;
+        let rows = self.read(|tx| {
+            tx.query(
+                "SELECT sequences FROM takedowns WHERE state != ?1 ORDER BY seq",
+                &[&State::Cancelled],
+            )
+        })?;
         let mut out = Vec::new();
-        for r in rows {
-            out.extend(r.map_err(sql("read sequences"))?);
+        for r in &rows {
+            out.extend(json_col::<Vec<Vec<u32>>>(r, 0)?);
         }
         Ok(out)
     }
@@ -556,62 +579,48 @@ impl Store {
         &self,
         job_id: &str,
         to: State,
-        update: impl Fn(&Transaction<'_>, &str, f64) -> Result<Value>,
+        update: impl Fn(&mut dyn Tx, &str, f64) -> Result<Value>,
     ) -> Result<usize> {
-        let mut conn = self.conn();
-        let tx = immediate(&mut conn)?;
-        let rows = active_of_job(&tx, job_id)?;
-        check_all(&rows, to)?;
-        let at = now();
-        for (id, _) in &rows {
-            let detail = update(&tx, id, at)?;
-            event(&tx, id, at, to, &detail)?;
-        }
-        tx.commit().map_err(sql("commit transition"))?;
-        Ok(rows.len())
+        self.write(|tx| {
+            let rows = active_of_job(tx, job_id)?;
+            check_all(&rows, to)?;
+            let at = now();
+            for (id, _) in &rows {
+                let detail = update(tx, id, at)?;
+                event(tx, id, at, to, &detail)?;
+            }
+            Ok(rows.len())
+        })
     }
 }
 
-fn immediate(conn: &mut Connection) -> Result<Transaction<'_>> {
-    conn.transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(sql("begin transaction"))
+fn get_tx(tx: &mut dyn Tx, id: &str) -> Result<Takedown> {
+    let r = tx
+        .query_opt(
+            &format!("SELECT {TD_COLS} FROM takedowns WHERE id = ?1"),
+            &[&id],
+        )?
+        .ok_or_else(|| Error::NotFound(id.to_string()))?;
+    takedown_row(&r)
 }
 
-fn get_tx(conn: &Connection, id: &str) -> Result<Takedown> {
-    conn.query_row(
-        &format!("SELECT {TD_COLS} FROM takedowns WHERE id = ?1"),
-        [id],
-        takedown_row,
-    )
-    .optional()
-    .map_err(sql("read takedown"))?
-    .ok_or_else(|| Error::NotFound(id.to_string()))
-}
-
-fn event(tx: &Transaction<'_>, id: &str, at: f64, state: State, detail: &Value) -> Result<()> {
+fn event(tx: &mut dyn Tx, id: &str, at: f64, state: State, detail: &Value) -> Result<()> {
     tx.execute(
         "INSERT INTO events (takedown_id, at, state, detail) VALUES (?1, ?2, ?3, ?4)",
-        params![id, at, state, to_json("detail", detail)?],
-    )
-    .map_err(sql("insert event"))?;
+        &[&id, &at, &state, &to_json("detail", detail)?],
+    )?;
     Ok(())
 }
 
 /// The running or validating takedowns of `job_id` (cancelled ones are no longer the job's).
-fn active_of_job(tx: &Transaction<'_>, job_id: &str) -> Result<Vec<(String, State)>> {
-    let mut stmt = tx
-        .prepare_cached(
-            "SELECT id, state FROM takedowns WHERE job_id = ?1 AND state IN (?2, ?3) \
-             ORDER BY seq",
-        )
-        .map_err(sql("select job"))?;
-    let rows = stmt
-        .query_map(params![job_id, State::Running, State::Validating], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .map_err(sql("select job"))?;
-    rows.collect::<rusqlite::Result<_>>()
-        .map_err(sql("select job"))
+fn active_of_job(tx: &mut dyn Tx, job_id: &str) -> Result<Vec<(String, State)>> {
+    tx.query(
+        "SELECT id, state FROM takedowns WHERE job_id = ?1 AND state IN (?2, ?3) ORDER BY seq",
+        &[&job_id, &State::Running, &State::Validating],
+    )?
+    .iter()
+    .map(|r| Ok((get(r, 0)?, get(r, 1)?)))
+    .collect()
 }
 
 fn check_all(rows: &[(String, State)], to: State) -> Result<()> {
@@ -626,28 +635,26 @@ fn check_all(rows: &[(String, State)], to: State) -> Result<()> {
 }
 
 /// Marks takedown `id` failed with `error` (its job id and phase stay, to show what failed).
-fn fail_tx(tx: &Transaction<'_>, id: &str, error: &str, at: f64) -> Result<()> {
+fn fail_tx(tx: &mut dyn Tx, id: &str, error: &str, at: f64) -> Result<()> {
     tx.execute(
         "UPDATE takedowns SET state = ?2, error = ?3, progress = NULL, eta_seconds = NULL, \
          updated_at = ?4 WHERE id = ?1",
-        params![id, State::Failed, error, at],
-    )
-    .map_err(sql("mark failed"))?;
+        &[&id, &State::Failed, &error, &at],
+    )?;
     Ok(())
 }
 
-fn clear_to_queued(tx: &Transaction<'_>, id: &str, at: f64) -> Result<()> {
+fn clear_to_queued(tx: &mut dyn Tx, id: &str, at: f64) -> Result<()> {
     tx.execute(
         "UPDATE takedowns SET state = ?2, job_id = NULL, phase = NULL, progress = NULL, \
          eta_seconds = NULL, updated_at = ?3 WHERE id = ?1",
-        params![id, State::Queued, at],
-    )
-    .map_err(sql("requeue takedown"))?;
+        &[&id, &State::Queued, &at],
+    )?;
     Ok(())
 }
 
 fn finish_applied_tx(
-    tx: &Transaction<'_>,
+    tx: &mut dyn Tx,
     job_id: &str,
     version: &str,
     report: &Value,
@@ -660,9 +667,8 @@ fn finish_applied_tx(
         tx.execute(
             "UPDATE takedowns SET state = ?2, version = ?3, report = ?4, error = NULL, \
              progress = 1.0, eta_seconds = NULL, updated_at = ?5 WHERE id = ?1",
-            params![id, State::Applied, version, report_text, at],
-        )
-        .map_err(sql("mark applied"))?;
+            &[id, &State::Applied, &version, &report_text, &at],
+        )?;
         event(
             tx,
             id,
@@ -674,29 +680,23 @@ fn finish_applied_tx(
     Ok(rows.len())
 }
 
-fn requeue_applied_tx(tx: &Transaction<'_>, version: &str) -> Result<usize> {
-    let ids: Vec<String> = {
-        let mut stmt = tx
-            .prepare_cached(
-                "SELECT id FROM takedowns WHERE state = ?1 AND version = ?2 ORDER BY seq",
-            )
-            .map_err(sql("select applied"))?;
-        let v = stmt
-            .query_map(params![State::Applied, version], |r| r.get(0))
-            .map_err(sql("select applied"))?
-            .collect::<rusqlite::Result<_>>()
-            .map_err(sql("select applied"))?;
-        v
-    };
+fn requeue_applied_tx(tx: &mut dyn Tx, version: &str) -> Result<usize> {
+    let ids: Vec<String> = tx
+        .query(
+            "SELECT id FROM takedowns WHERE state = ?1 AND version = ?2 ORDER BY seq",
+            &[&State::Applied, &version],
+        )?
+        .iter()
+        .map(|r| get(r, 0))
+        .collect::<Result<_>>()?;
     let at = now();
     for id in &ids {
         tx.execute(
             "UPDATE takedowns SET state = ?2, version = NULL, report = NULL, error = NULL, \
              job_id = NULL, phase = NULL, progress = NULL, eta_seconds = NULL, \
              updated_at = ?3 WHERE id = ?1",
-            params![id, State::Queued, at],
-        )
-        .map_err(sql("requeue applied"))?;
+            &[id, &State::Queued, &at],
+        )?;
         event(
             tx,
             id,
@@ -891,16 +891,16 @@ mod tests {
             .unwrap();
         assert!(!created);
         assert_eq!(again.id, td.id);
-        let v: i64 = s
-            .conn()
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
+        let r = s
+            .read(|tx| tx.query_opt("PRAGMA user_version", &[]))
+            .unwrap()
             .unwrap();
-        assert_eq!(v, SCHEMA_VERSION);
-        let mode: String = s
-            .conn()
-            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        assert_eq!(get::<i64>(&r, 0).unwrap(), SCHEMA_VERSION);
+        let r = s
+            .read(|tx| tx.query_opt("PRAGMA journal_mode", &[]))
+            .unwrap()
             .unwrap();
-        assert_eq!(mode, "wal");
+        assert_eq!(get::<String>(&r, 0).unwrap(), "wal");
     }
 
     #[test]

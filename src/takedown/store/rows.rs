@@ -2,41 +2,42 @@
 //!
 //! Invariants:
 //! - `TD_COLS` and `VERSION_COLS` list the columns in the order the row readers index them.
-//! - A JSON column that does not decode is a column conversion error (reported as the store's
-//!   `Sql` error with its operation), never a panic; a value that does not encode is
-//!   `InvalidInput` naming it.
+//! - Rows are the values [`super::db::Tx`] returns, from either database. A column of the wrong
+//!   type or a JSON column that does not decode is `Corrupt` naming the column, never a panic;
+//!   a value that does not encode is `InvalidInput` naming it.
 //! - `request_hash` depends only on the request's content: sha256 of its canonical JSON, a
 //!   version tag (`v: 1`) then the fields in a fixed order with no maps, so equal requests always
 //!   hash equal.
 
-use rusqlite::types::Type;
-use rusqlite::Row;
+use rusqlite::types::Value as SqlValue;
 use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::super::{Error, Result};
+use super::db::get;
 use super::records::{NewTakedown, Takedown, VersionRecord};
 
 pub(super) fn sql(op: &'static str) -> impl FnOnce(rusqlite::Error) -> Error {
     move |source| Error::Sql { op, source }
 }
 
-/// Reads a JSON text column.
-pub(super) fn json_col<T: serde::de::DeserializeOwned>(
-    row: &Row<'_>,
-    idx: usize,
-) -> rusqlite::Result<T> {
-    let text: String = row.get(idx)?;
-    serde_json::from_str(&text)
-        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, Type::Text, Box::new(e)))
+/// Reads a JSON text column; one that does not decode is `Corrupt`, naming the column.
+pub(super) fn json_col<T: serde::de::DeserializeOwned>(row: &[SqlValue], idx: usize) -> Result<T> {
+    let text: String = get(row, idx)?;
+    serde_json::from_str(&text).map_err(|e| Error::Corrupt {
+        what: format!("JSON column {idx}"),
+        message: e.to_string(),
+    })
 }
 
-pub(super) fn opt_json_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<Option<Value>> {
-    let text: Option<String> = row.get(idx)?;
+pub(super) fn opt_json_col(row: &[SqlValue], idx: usize) -> Result<Option<Value>> {
+    let text: Option<String> = get(row, idx)?;
     text.map(|t| {
-        serde_json::from_str(&t)
-            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, Type::Text, Box::new(e)))
+        serde_json::from_str(&t).map_err(|e| Error::Corrupt {
+            what: format!("JSON column {idx}"),
+            message: e.to_string(),
+        })
     })
     .transpose()
 }
@@ -49,38 +50,38 @@ pub(super) const TD_COLS: &str =
     "id, state, sequences, definition, reason, requester, created_at, \
      updated_at, phase, progress, eta_seconds, version, report, error, job_id, attempts";
 
-pub(super) fn takedown_row(row: &Row<'_>) -> rusqlite::Result<Takedown> {
+pub(super) fn takedown_row(row: &[SqlValue]) -> Result<Takedown> {
     Ok(Takedown {
-        id: row.get(0)?,
-        state: row.get(1)?,
+        id: get(row, 0)?,
+        state: get(row, 1)?,
         sequences: json_col(row, 2)?,
-        definition: row.get(3)?,
-        reason: row.get(4)?,
-        requester: row.get(5)?,
-        created_at: row.get(6)?,
-        updated_at: row.get(7)?,
-        phase: row.get(8)?,
-        progress: row.get(9)?,
-        eta_seconds: row.get(10)?,
-        version: row.get(11)?,
+        definition: get(row, 3)?,
+        reason: get(row, 4)?,
+        requester: get(row, 5)?,
+        created_at: get(row, 6)?,
+        updated_at: get(row, 7)?,
+        phase: get(row, 8)?,
+        progress: get(row, 9)?,
+        eta_seconds: get(row, 10)?,
+        version: get(row, 11)?,
         report: opt_json_col(row, 12)?,
-        error: row.get(13)?,
-        job_id: row.get(14)?,
-        attempts: row.get(15)?,
+        error: get(row, 13)?,
+        job_id: get(row, 14)?,
+        attempts: get(row, 15)?,
     })
 }
 
 pub(super) const VERSION_COLS: &str = "id, seq, parent, created_at, takedowns, metrics, path";
 
-pub(super) fn version_row(row: &Row<'_>) -> rusqlite::Result<VersionRecord> {
+pub(super) fn version_row(row: &[SqlValue]) -> Result<VersionRecord> {
     Ok(VersionRecord {
-        id: row.get(0)?,
-        seq: row.get(1)?,
-        parent: row.get(2)?,
-        created_at: row.get(3)?,
+        id: get(row, 0)?,
+        seq: get(row, 1)?,
+        parent: get(row, 2)?,
+        created_at: get(row, 3)?,
         takedowns: json_col(row, 4)?,
         metrics: json_col(row, 5)?,
-        path: row.get(6)?,
+        path: get(row, 6)?,
     })
 }
 

@@ -18,7 +18,6 @@ use std::path::Path;
 use rusqlite::Connection;
 
 use super::super::{Error, Result};
-use super::immediate;
 use super::rows::sql;
 use crate::util::sqlite::OpenError;
 
@@ -116,7 +115,9 @@ pub(super) fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
         });
     }
     for (i, step) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
-        let tx = immediate(conn)?;
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql("begin migration"))?;
         tx.execute_batch(step).map_err(sql("migrate schema"))?;
         tx.pragma_update(None, "user_version", (i + 1) as i64)
             .map_err(sql("set user_version"))?;
