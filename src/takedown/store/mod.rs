@@ -727,6 +727,17 @@ mod tests {
         (d, s)
     }
 
+    /// Runs `f` on a fresh SQLite store and, when PostgreSQL is installed (required in CI), on
+    /// a fresh PostgreSQL database: one suite for both backends.
+    fn on_both(name: &str, f: impl Fn(&Store)) {
+        let (_d, s) = open();
+        f(&s);
+        if let Some(server) = crate::test_util::pg::PgServer::start() {
+            let s = Store::open_postgres(&server.new_database(name)).unwrap();
+            f(&s);
+        }
+    }
+
     fn states(s: &Store, id: &str) -> Vec<State> {
         s.events(id).unwrap().into_iter().map(|e| e.state).collect()
     }
@@ -743,31 +754,35 @@ mod tests {
 
     #[test]
     fn a_split_job_runs_each_takedown_alone_and_the_rest_coalesce_again() {
-        let (_d, s) = open();
-        let ids: Vec<String> = (0..4u32)
-            .map(|i| s.create(new_td(vec![vec![i; 3]]), None).unwrap().0.id)
-            .collect();
-        // The first job takes three; it fails and is split.
-        let claimed = s.claim_queued("job_1", 3).unwrap();
-        assert_eq!(claimed.len(), 3);
-        assert_eq!(s.split_job("job_1", "gates failed").unwrap(), 3);
-        // Each of the three is now claimed alone, oldest first; the fourth, never split, waits
-        // for them and is then claimed as usual.
-        for (j, id) in ids[..3].iter().enumerate() {
-            let job = format!("solo_{j}");
-            let c = s.claim_queued(&job, 10).unwrap();
-            assert_eq!(c.iter().map(|t| &t.id).collect::<Vec<_>>(), [id], "{j}");
-            assert_eq!(c[0].attempts, 2);
-            s.finish_failed(&job, "x").unwrap();
-        }
-        let c = s.claim_queued("job_2", 10).unwrap();
-        assert_eq!(c.iter().map(|t| &t.id).collect::<Vec<_>>(), [&ids[3]]);
-        let ev = s.events(&ids[0]).unwrap();
-        assert!(ev
-            .iter()
-            .any(|e| e.detail["reason"] == "split" && e.detail["error"] == "gates failed"));
-        // A split is only allowed from running or validating.
-        assert_eq!(s.split_job("job_1", "again").unwrap(), 0);
+        on_both(
+            "a_split_job_runs_each_takedown_alone_and_the_rest_coalesce_again",
+            |s| {
+                let ids: Vec<String> = (0..4u32)
+                    .map(|i| s.create(new_td(vec![vec![i; 3]]), None).unwrap().0.id)
+                    .collect();
+                // The first job takes three; it fails and is split.
+                let claimed = s.claim_queued("job_1", 3).unwrap();
+                assert_eq!(claimed.len(), 3);
+                assert_eq!(s.split_job("job_1", "gates failed").unwrap(), 3);
+                // Each of the three is now claimed alone, oldest first; the fourth, never split, waits
+                // for them and is then claimed as usual.
+                for (j, id) in ids[..3].iter().enumerate() {
+                    let job = format!("solo_{j}");
+                    let c = s.claim_queued(&job, 10).unwrap();
+                    assert_eq!(c.iter().map(|t| &t.id).collect::<Vec<_>>(), [id], "{j}");
+                    assert_eq!(c[0].attempts, 2);
+                    s.finish_failed(&job, "x").unwrap();
+                }
+                let c = s.claim_queued("job_2", 10).unwrap();
+                assert_eq!(c.iter().map(|t| &t.id).collect::<Vec<_>>(), [&ids[3]]);
+                let ev = s.events(&ids[0]).unwrap();
+                assert!(ev
+                    .iter()
+                    .any(|e| e.detail["reason"] == "split" && e.detail["error"] == "gates failed"));
+                // A split is only allowed from running or validating.
+                assert_eq!(s.split_job("job_1", "again").unwrap(), 0);
+            },
+        );
     }
 
     #[test]
@@ -832,6 +847,67 @@ mod tests {
         assert!(write.is_disk_full());
         assert!(write.to_string().starts_with("cannot write /x"), "{write}");
         assert!(!Error::NotFound("x".into()).is_disk_full());
+    }
+
+    /// Two replicas on one PostgreSQL database: claims are exclusive, an idempotency key
+    /// creates one takedown, and the compare-and-swap of the current version has one winner.
+    #[test]
+    fn replicas_sharing_a_postgres_database_claim_exclusively() {
+        let Some(server) = crate::test_util::pg::PgServer::start() else {
+            return;
+        };
+        let url = server.new_database("replicas");
+        let a = Store::open_postgres(&url).unwrap();
+        let b = Store::open_postgres(&url).unwrap();
+        for i in 0..40u32 {
+            a.create(new_td(vec![vec![i, i + 1]]), None).unwrap();
+        }
+        fn claim(s: &Store, who: &str) -> Vec<String> {
+            let mut got = Vec::new();
+            for j in 0.. {
+                let c = s.claim_queued(&format!("{who}_{j}"), 3).unwrap();
+                if c.is_empty() {
+                    break;
+                }
+                got.extend(c.into_iter().map(|t| t.id));
+            }
+            got
+        }
+        let (ca, cb, created) = std::thread::scope(|sc| {
+            let ha = sc.spawn(|| claim(&a, "a"));
+            let hb = sc.spawn(|| claim(&b, "b"));
+            let hk: Vec<_> = [&a, &b]
+                .map(|s| {
+                    sc.spawn(move || s.create(new_td(vec![vec![9, 9]]), Some("same")).unwrap())
+                })
+                .into_iter()
+                .collect();
+            let created: Vec<bool> = hk.into_iter().map(|h| h.join().unwrap().1).collect();
+            (ha.join().unwrap(), hb.join().unwrap(), created)
+        });
+        let mut all: Vec<&String> = ca.iter().chain(&cb).collect();
+        let n = all.len();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), n, "a takedown was claimed twice");
+        assert!(n >= 40, "{n}");
+        assert_eq!(created.iter().filter(|&&c| c).count(), 1, "{created:?}");
+        a.insert_version(version("v0", None)).unwrap();
+        a.set_current(None, "v0").unwrap();
+        b.insert_version(version("v1", Some("v0"))).unwrap();
+        let wins = std::thread::scope(|sc| {
+            let hs: Vec<_> = [&a, &b]
+                .map(|s| sc.spawn(move || s.set_current(Some("v0"), "v1").is_ok()))
+                .into_iter()
+                .collect();
+            hs.into_iter()
+                .filter(|_| true)
+                .map(|h| h.join().unwrap())
+                .filter(|&w| w)
+                .count()
+        });
+        assert_eq!(wins, 1);
+        assert_eq!(b.current_version().unwrap().as_deref(), Some("v1"));
     }
 
     #[test]
@@ -916,56 +992,59 @@ mod tests {
 
     #[test]
     fn idempotency_key_same_body_returns_the_original() {
-        let (_d, s) = open();
-        let (a, created_a) = s.create(new_td(vec![vec![1, 2]]), Some("key")).unwrap();
-        let (b, created_b) = s.create(new_td(vec![vec![1, 2]]), Some("key")).unwrap();
-        assert!(created_a && !created_b);
-        assert_eq!(a, b);
-        assert_eq!(s.list(None, 10, None).unwrap().len(), 1);
-        // Without a key, every call is a new takedown.
-        let (c, _) = s.create(new_td(vec![vec![1, 2]]), None).unwrap();
-        let (d, _) = s.create(new_td(vec![vec![1, 2]]), None).unwrap();
-        assert_ne!(c.id, d.id);
-        assert!(c.id.starts_with("td_") && c.id.len() == 19);
+        on_both("idempotency_key_same_body_returns_the_original", |s| {
+            let (a, created_a) = s.create(new_td(vec![vec![1, 2]]), Some("key")).unwrap();
+            let (b, created_b) = s.create(new_td(vec![vec![1, 2]]), Some("key")).unwrap();
+            assert!(created_a && !created_b);
+            assert_eq!(a, b);
+            assert_eq!(s.list(None, 10, None).unwrap().len(), 1);
+            // Without a key, every call is a new takedown.
+            let (c, _) = s.create(new_td(vec![vec![1, 2]]), None).unwrap();
+            let (d, _) = s.create(new_td(vec![vec![1, 2]]), None).unwrap();
+            assert_ne!(c.id, d.id);
+            assert!(c.id.starts_with("td_") && c.id.len() == 19);
+        });
     }
 
     #[test]
     fn idempotency_key_different_body_conflicts() {
-        let (_d, s) = open();
-        let (a, _) = s.create(new_td(vec![vec![1, 2]]), Some("key")).unwrap();
-        for other in [
-            new_td(vec![vec![1, 3]]),
-            new_td(vec![vec![1], vec![2]]),
-            NewTakedown {
-                reason: None,
-                ..new_td(vec![vec![1, 2]])
-            },
-            NewTakedown {
-                definition: "semantic".into(),
-                ..new_td(vec![vec![1, 2]])
-            },
-        ] {
-            match s.create(other, Some("key")) {
-                Err(Error::IdempotencyConflict { key, existing_id }) => {
-                    assert_eq!((key.as_str(), existing_id.as_str()), ("key", a.id.as_str()));
+        on_both("idempotency_key_different_body_conflicts", |s| {
+            let (a, _) = s.create(new_td(vec![vec![1, 2]]), Some("key")).unwrap();
+            for other in [
+                new_td(vec![vec![1, 3]]),
+                new_td(vec![vec![1], vec![2]]),
+                NewTakedown {
+                    reason: None,
+                    ..new_td(vec![vec![1, 2]])
+                },
+                NewTakedown {
+                    definition: "semantic".into(),
+                    ..new_td(vec![vec![1, 2]])
+                },
+            ] {
+                match s.create(other, Some("key")) {
+                    Err(Error::IdempotencyConflict { key, existing_id }) => {
+                        assert_eq!((key.as_str(), existing_id.as_str()), ("key", a.id.as_str()));
+                    }
+                    other => panic!("expected a conflict, got {other:?}"),
                 }
-                other => panic!("expected a conflict, got {other:?}"),
             }
-        }
-        assert_eq!(s.list(None, 10, None).unwrap().len(), 1);
+            assert_eq!(s.list(None, 10, None).unwrap().len(), 1);
+        });
     }
 
     #[test]
     fn empty_requests_are_refused() {
-        let (_d, s) = open();
-        assert!(matches!(
-            s.create(new_td(vec![]), None),
-            Err(Error::InvalidInput { .. })
-        ));
-        match s.create(new_td(vec![vec![1], vec![]]), None) {
-            Err(Error::InvalidInput { field, .. }) => assert_eq!(field, "sequences[1]"),
-            other => panic!("{other:?}"),
-        }
+        on_both("empty_requests_are_refused", |s| {
+            assert!(matches!(
+                s.create(new_td(vec![]), None),
+                Err(Error::InvalidInput { .. })
+            ));
+            match s.create(new_td(vec![vec![1], vec![]]), None) {
+                Err(Error::InvalidInput { field, .. }) => assert_eq!(field, "sequences[1]"),
+                other => panic!("{other:?}"),
+            }
+        });
     }
 
     #[test]
@@ -1003,219 +1082,224 @@ mod tests {
 
     #[test]
     fn the_happy_path_records_every_transition() {
-        let (_d, s) = open();
-        let (a, _) = s.create(new_td(vec![vec![1, 2]]), None).unwrap();
-        let claimed = s.claim_queued("j", 10).unwrap();
-        assert_eq!(claimed.len(), 1);
-        assert_eq!(claimed[0].state, State::Running);
-        assert_eq!(claimed[0].job_id.as_deref(), Some("j"));
-        assert_eq!(s.set_progress("j", "search", Some(0.1), None).unwrap(), 1);
-        assert_eq!(
-            s.set_progress("j", "search", Some(0.2), Some(3.0)).unwrap(),
-            1
-        );
-        let td = s.get(&a.id).unwrap();
-        assert_eq!(
-            (td.phase.as_deref(), td.progress, td.eta_seconds),
-            (Some("search"), Some(0.2), Some(3.0))
-        );
-        assert_eq!(s.mark_validating("j").unwrap(), 1);
-        assert_eq!(s.finish_applied("j", "v9", &json!({"m": 1})).unwrap(), 1);
-        let td = s.get(&a.id).unwrap();
-        assert_eq!(td.state, State::Applied);
-        assert_eq!(td.version.as_deref(), Some("v9"));
-        // queued, running, phase change (only once for two updates), validating, applied
-        assert_eq!(
-            states(&s, &a.id),
-            vec![
-                State::Queued,
-                State::Running,
-                State::Running,
-                State::Validating,
-                State::Applied
-            ]
-        );
-        let ev = s.events(&a.id).unwrap();
-        assert_eq!(ev[2].detail, json!({"phase": "search"}));
-        assert!(ev.windows(2).all(|w| w[0].at <= w[1].at));
+        on_both("the_happy_path_records_every_transition", |s| {
+            let (a, _) = s.create(new_td(vec![vec![1, 2]]), None).unwrap();
+            let claimed = s.claim_queued("j", 10).unwrap();
+            assert_eq!(claimed.len(), 1);
+            assert_eq!(claimed[0].state, State::Running);
+            assert_eq!(claimed[0].job_id.as_deref(), Some("j"));
+            assert_eq!(s.set_progress("j", "search", Some(0.1), None).unwrap(), 1);
+            assert_eq!(
+                s.set_progress("j", "search", Some(0.2), Some(3.0)).unwrap(),
+                1
+            );
+            let td = s.get(&a.id).unwrap();
+            assert_eq!(
+                (td.phase.as_deref(), td.progress, td.eta_seconds),
+                (Some("search"), Some(0.2), Some(3.0))
+            );
+            assert_eq!(s.mark_validating("j").unwrap(), 1);
+            assert_eq!(s.finish_applied("j", "v9", &json!({"m": 1})).unwrap(), 1);
+            let td = s.get(&a.id).unwrap();
+            assert_eq!(td.state, State::Applied);
+            assert_eq!(td.version.as_deref(), Some("v9"));
+            // queued, running, phase change (only once for two updates), validating, applied
+            assert_eq!(
+                states(s, &a.id),
+                vec![
+                    State::Queued,
+                    State::Running,
+                    State::Running,
+                    State::Validating,
+                    State::Applied
+                ]
+            );
+            let ev = s.events(&a.id).unwrap();
+            assert_eq!(ev[2].detail, json!({"phase": "search"}));
+            assert!(ev.windows(2).all(|w| w[0].at <= w[1].at));
+        });
     }
 
     #[test]
     fn rejected_and_failed_paths() {
-        let (_d, s) = open();
-        let (a, _) = s.create(new_td(vec![vec![1]]), None).unwrap();
-        s.claim_queued("j1", 1).unwrap();
-        s.mark_validating("j1").unwrap();
-        assert_eq!(
-            s.finish_rejected("j1", "perplexity rose 40%", &json!({"ppl": 9}))
-                .unwrap(),
-            1
-        );
-        let td = s.get(&a.id).unwrap();
-        assert_eq!(td.state, State::Rejected);
-        assert_eq!(td.error.as_deref(), Some("perplexity rose 40%"));
-        assert_eq!(td.report, Some(json!({"ppl": 9})));
+        on_both("rejected_and_failed_paths", |s| {
+            let (a, _) = s.create(new_td(vec![vec![1]]), None).unwrap();
+            s.claim_queued("j1", 1).unwrap();
+            s.mark_validating("j1").unwrap();
+            assert_eq!(
+                s.finish_rejected("j1", "perplexity rose 40%", &json!({"ppl": 9}))
+                    .unwrap(),
+                1
+            );
+            let td = s.get(&a.id).unwrap();
+            assert_eq!(td.state, State::Rejected);
+            assert_eq!(td.error.as_deref(), Some("perplexity rose 40%"));
+            assert_eq!(td.report, Some(json!({"ppl": 9})));
 
-        let (b, _) = s.create(new_td(vec![vec![2]]), None).unwrap();
-        s.claim_queued("j2", 1).unwrap();
-        assert_eq!(s.finish_failed("j2", "out of memory").unwrap(), 1);
-        assert_eq!(s.get(&b.id).unwrap().state, State::Failed);
+            let (b, _) = s.create(new_td(vec![vec![2]]), None).unwrap();
+            s.claim_queued("j2", 1).unwrap();
+            assert_eq!(s.finish_failed("j2", "out of memory").unwrap(), 1);
+            assert_eq!(s.get(&b.id).unwrap().state, State::Failed);
 
-        let (c, _) = s.create(new_td(vec![vec![3]]), None).unwrap();
-        s.claim_queued("j3", 1).unwrap();
-        s.mark_validating("j3").unwrap();
-        assert_eq!(s.finish_failed("j3", "load failed").unwrap(), 1);
-        assert_eq!(s.get(&c.id).unwrap().state, State::Failed);
+            let (c, _) = s.create(new_td(vec![vec![3]]), None).unwrap();
+            s.claim_queued("j3", 1).unwrap();
+            s.mark_validating("j3").unwrap();
+            assert_eq!(s.finish_failed("j3", "load failed").unwrap(), 1);
+            assert_eq!(s.get(&c.id).unwrap().state, State::Failed);
 
-        // Requeue of a job from running and from validating.
-        let (d, _) = s.create(new_td(vec![vec![4]]), None).unwrap();
-        s.claim_queued("j4", 1).unwrap();
-        assert_eq!(s.requeue_job("j4").unwrap(), 1);
-        s.claim_queued("j5", 1).unwrap();
-        s.mark_validating("j5").unwrap();
-        assert_eq!(s.requeue_job("j5").unwrap(), 1);
-        let td = s.get(&d.id).unwrap();
-        assert_eq!(
-            (td.state, td.job_id.clone(), td.attempts),
-            (State::Queued, None, 2)
-        );
+            // Requeue of a job from running and from validating.
+            let (d, _) = s.create(new_td(vec![vec![4]]), None).unwrap();
+            s.claim_queued("j4", 1).unwrap();
+            assert_eq!(s.requeue_job("j4").unwrap(), 1);
+            s.claim_queued("j5", 1).unwrap();
+            s.mark_validating("j5").unwrap();
+            assert_eq!(s.requeue_job("j5").unwrap(), 1);
+            let td = s.get(&d.id).unwrap();
+            assert_eq!(
+                (td.state, td.job_id.clone(), td.attempts),
+                (State::Queued, None, 2)
+            );
+        });
     }
 
     #[test]
     fn illegal_transitions_are_refused_and_change_nothing() {
-        let (_d, s) = open();
-        let (a, _) = s.create(new_td(vec![vec![1]]), None).unwrap();
-        s.claim_queued("j", 1).unwrap();
-        // running -> applied / rejected skip validation.
-        for r in [
-            s.finish_applied("j", "v", &Value::Null),
-            s.finish_rejected("j", "x", &Value::Null),
-        ] {
-            match r {
-                Err(Error::InvalidTransition { id, from, to }) => {
-                    assert_eq!((id.as_str(), from), (a.id.as_str(), State::Running));
-                    assert!(matches!(to, State::Applied | State::Rejected));
+        on_both("illegal_transitions_are_refused_and_change_nothing", |s| {
+            let (a, _) = s.create(new_td(vec![vec![1]]), None).unwrap();
+            s.claim_queued("j", 1).unwrap();
+            // running -> applied / rejected skip validation.
+            for r in [
+                s.finish_applied("j", "v", &Value::Null),
+                s.finish_rejected("j", "x", &Value::Null),
+            ] {
+                match r {
+                    Err(Error::InvalidTransition { id, from, to }) => {
+                        assert_eq!((id.as_str(), from), (a.id.as_str(), State::Running));
+                        assert!(matches!(to, State::Applied | State::Rejected));
+                    }
+                    other => panic!("{other:?}"),
                 }
-                other => panic!("{other:?}"),
             }
-        }
-        s.mark_validating("j").unwrap();
-        // validating -> validating.
-        assert!(matches!(
-            s.mark_validating("j"),
-            Err(Error::InvalidTransition { .. })
-        ));
-        assert_eq!(s.get(&a.id).unwrap().state, State::Validating);
-        s.finish_applied("j", "v", &Value::Null).unwrap();
-        // applied is finished for the job: nothing of it is active any more.
-        assert_eq!(s.finish_failed("j", "late").unwrap(), 0);
-        assert_eq!(s.get(&a.id).unwrap().state, State::Applied);
-        // A job that never existed touches nothing.
-        assert_eq!(s.mark_validating("nope").unwrap(), 0);
-        assert!(matches!(
-            s.claim_queued("", 1),
-            Err(Error::InvalidInput { .. })
-        ));
-        assert!(matches!(
-            s.set_progress("j", "x", Some(f64::NAN), None),
-            Err(Error::InvalidInput { .. })
-        ));
-        assert!(matches!(
-            s.set_progress("j", "x", Some(1.5), None),
-            Err(Error::InvalidInput { .. })
-        ));
-        assert!(matches!(
-            s.set_progress("j", "x", None, Some(-1.0)),
-            Err(Error::InvalidInput { .. })
-        ));
+            s.mark_validating("j").unwrap();
+            // validating -> validating.
+            assert!(matches!(
+                s.mark_validating("j"),
+                Err(Error::InvalidTransition { .. })
+            ));
+            assert_eq!(s.get(&a.id).unwrap().state, State::Validating);
+            s.finish_applied("j", "v", &Value::Null).unwrap();
+            // applied is finished for the job: nothing of it is active any more.
+            assert_eq!(s.finish_failed("j", "late").unwrap(), 0);
+            assert_eq!(s.get(&a.id).unwrap().state, State::Applied);
+            // A job that never existed touches nothing.
+            assert_eq!(s.mark_validating("nope").unwrap(), 0);
+            assert!(matches!(
+                s.claim_queued("", 1),
+                Err(Error::InvalidInput { .. })
+            ));
+            assert!(matches!(
+                s.set_progress("j", "x", Some(f64::NAN), None),
+                Err(Error::InvalidInput { .. })
+            ));
+            assert!(matches!(
+                s.set_progress("j", "x", Some(1.5), None),
+                Err(Error::InvalidInput { .. })
+            ));
+            assert!(matches!(
+                s.set_progress("j", "x", None, Some(-1.0)),
+                Err(Error::InvalidInput { .. })
+            ));
+        });
     }
 
     #[test]
     fn cancel_rules() {
-        let (_d, s) = open();
-        let ids: Vec<String> = (0..4)
-            .map(|i| s.create(new_td(vec![vec![i]]), None).unwrap().0.id)
-            .collect();
-        // queued
-        assert_eq!(s.cancel(&ids[0]).unwrap().state, State::Cancelled);
-        assert!(s.is_cancelled(&ids[0]).unwrap());
-        // running
-        s.claim_queued("j", 1).unwrap();
-        assert_eq!(s.cancel(&ids[1]).unwrap().state, State::Cancelled);
-        // validating
-        s.claim_queued("k", 2).unwrap();
-        s.mark_validating("k").unwrap();
-        s.cancel(&ids[2]).unwrap();
-        // The job's other takedown applies; the cancelled one stays cancelled.
-        assert_eq!(s.finish_applied("k", "v", &Value::Null).unwrap(), 1);
-        assert_eq!(s.get(&ids[2]).unwrap().state, State::Cancelled);
-        assert_eq!(s.get(&ids[3]).unwrap().state, State::Applied);
-        assert!(!s.is_cancelled(&ids[3]).unwrap());
-        for id in [&ids[0], &ids[3]] {
-            match s.cancel(id) {
-                Err(Error::NotCancellable { id: got, state }) => {
-                    assert_eq!(&got, id);
-                    assert!(state.is_finished());
+        on_both("cancel_rules", |s| {
+            let ids: Vec<String> = (0..4)
+                .map(|i| s.create(new_td(vec![vec![i]]), None).unwrap().0.id)
+                .collect();
+            // queued
+            assert_eq!(s.cancel(&ids[0]).unwrap().state, State::Cancelled);
+            assert!(s.is_cancelled(&ids[0]).unwrap());
+            // running
+            s.claim_queued("j", 1).unwrap();
+            assert_eq!(s.cancel(&ids[1]).unwrap().state, State::Cancelled);
+            // validating
+            s.claim_queued("k", 2).unwrap();
+            s.mark_validating("k").unwrap();
+            s.cancel(&ids[2]).unwrap();
+            // The job's other takedown applies; the cancelled one stays cancelled.
+            assert_eq!(s.finish_applied("k", "v", &Value::Null).unwrap(), 1);
+            assert_eq!(s.get(&ids[2]).unwrap().state, State::Cancelled);
+            assert_eq!(s.get(&ids[3]).unwrap().state, State::Applied);
+            assert!(!s.is_cancelled(&ids[3]).unwrap());
+            for id in [&ids[0], &ids[3]] {
+                match s.cancel(id) {
+                    Err(Error::NotCancellable { id: got, state }) => {
+                        assert_eq!(&got, id);
+                        assert!(state.is_finished());
+                    }
+                    other => panic!("{other:?}"),
                 }
-                other => panic!("{other:?}"),
             }
-        }
-        assert!(matches!(s.cancel("td_missing"), Err(Error::NotFound(_))));
-        assert!(matches!(
-            s.is_cancelled("td_missing"),
-            Err(Error::NotFound(_))
-        ));
+            assert!(matches!(s.cancel("td_missing"), Err(Error::NotFound(_))));
+            assert!(matches!(
+                s.is_cancelled("td_missing"),
+                Err(Error::NotFound(_))
+            ));
+        });
     }
 
     #[test]
     fn claim_is_oldest_first_and_exclusive() {
-        let (_d, s) = open();
-        let ids: Vec<String> = (0..5)
-            .map(|i| s.create(new_td(vec![vec![i]]), None).unwrap().0.id)
-            .collect();
-        assert!(s.claim_queued("j0", 0).unwrap().is_empty());
-        let a: Vec<String> = s
-            .claim_queued("j1", 2)
-            .unwrap()
-            .into_iter()
-            .map(|t| t.id)
-            .collect();
-        assert_eq!(a, ids[..2]);
-        let b: Vec<String> = s
-            .claim_queued("j2", 10)
-            .unwrap()
-            .into_iter()
-            .map(|t| t.id)
-            .collect();
-        assert_eq!(b, ids[2..]);
-        assert!(s.claim_queued("j3", 10).unwrap().is_empty());
-        // Concurrent claimers never share a takedown.
-        let more: Vec<String> = (0..40)
-            .map(|i| s.create(new_td(vec![vec![i]]), None).unwrap().0.id)
-            .collect();
-        let got: Vec<Vec<String>> = std::thread::scope(|sc| {
-            let hs: Vec<_> = (0..4)
-                .map(|w| {
-                    let s = &s;
-                    sc.spawn(move || {
-                        let mut mine = Vec::new();
-                        loop {
-                            let c = s.claim_queued(&format!("w{w}"), 3).unwrap();
-                            if c.is_empty() {
-                                break mine;
-                            }
-                            mine.extend(c.into_iter().map(|t| t.id));
-                        }
-                    })
-                })
+        on_both("claim_is_oldest_first_and_exclusive", |s| {
+            let ids: Vec<String> = (0..5)
+                .map(|i| s.create(new_td(vec![vec![i]]), None).unwrap().0.id)
                 .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
+            assert!(s.claim_queued("j0", 0).unwrap().is_empty());
+            let a: Vec<String> = s
+                .claim_queued("j1", 2)
+                .unwrap()
+                .into_iter()
+                .map(|t| t.id)
+                .collect();
+            assert_eq!(a, ids[..2]);
+            let b: Vec<String> = s
+                .claim_queued("j2", 10)
+                .unwrap()
+                .into_iter()
+                .map(|t| t.id)
+                .collect();
+            assert_eq!(b, ids[2..]);
+            assert!(s.claim_queued("j3", 10).unwrap().is_empty());
+            // Concurrent claimers never share a takedown.
+            let more: Vec<String> = (0..40)
+                .map(|i| s.create(new_td(vec![vec![i]]), None).unwrap().0.id)
+                .collect();
+            let got: Vec<Vec<String>> = std::thread::scope(|sc| {
+                let hs: Vec<_> = (0..4)
+                    .map(|w| {
+                        let s = &s;
+                        sc.spawn(move || {
+                            let mut mine = Vec::new();
+                            loop {
+                                let c = s.claim_queued(&format!("w{w}"), 3).unwrap();
+                                if c.is_empty() {
+                                    break mine;
+                                }
+                                mine.extend(c.into_iter().map(|t| t.id));
+                            }
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let mut all: Vec<String> = got.into_iter().flatten().collect();
+            all.sort();
+            let mut want = more;
+            want.sort();
+            assert_eq!(all, want);
         });
-        let mut all: Vec<String> = got.into_iter().flatten().collect();
-        all.sort();
-        let mut want = more;
-        want.sort();
-        assert_eq!(all, want);
     }
 
     #[test]
@@ -1292,270 +1376,277 @@ mod tests {
 
     #[test]
     fn paging_and_filters() {
-        let (_d, s) = open();
-        let ids: Vec<String> = (0..7)
-            .map(|i| s.create(new_td(vec![vec![i]]), None).unwrap().0.id)
-            .collect();
-        s.cancel(&ids[1]).unwrap();
-        s.cancel(&ids[4]).unwrap();
-        let mut seen = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let page = s.list(after.as_deref(), 3, None).unwrap();
-            if page.is_empty() {
-                break;
+        on_both("paging_and_filters", |s| {
+            let ids: Vec<String> = (0..7)
+                .map(|i| s.create(new_td(vec![vec![i]]), None).unwrap().0.id)
+                .collect();
+            s.cancel(&ids[1]).unwrap();
+            s.cancel(&ids[4]).unwrap();
+            let mut seen = Vec::new();
+            let mut after: Option<String> = None;
+            loop {
+                let page = s.list(after.as_deref(), 3, None).unwrap();
+                if page.is_empty() {
+                    break;
+                }
+                assert!(page.len() <= 3);
+                after = page.last().map(|t| t.id.clone());
+                seen.extend(page.into_iter().map(|t| t.id));
             }
-            assert!(page.len() <= 3);
-            after = page.last().map(|t| t.id.clone());
-            seen.extend(page.into_iter().map(|t| t.id));
-        }
-        assert_eq!(seen, ids);
-        let queued: Vec<String> = s
-            .list(None, 100, Some(State::Queued))
-            .unwrap()
-            .into_iter()
-            .map(|t| t.id)
-            .collect();
-        assert_eq!(
-            queued,
-            vec![
-                ids[0].clone(),
-                ids[2].clone(),
-                ids[3].clone(),
-                ids[5].clone(),
-                ids[6].clone()
-            ]
-        );
-        let page = s.list(Some(&ids[2]), 2, Some(State::Queued)).unwrap();
-        assert_eq!(
-            page.iter().map(|t| &t.id).collect::<Vec<_>>(),
-            vec![&ids[3], &ids[5]]
-        );
-        assert!(s.list(None, 0, None).unwrap().is_empty());
-        assert!(matches!(
-            s.list(Some("td_nope"), 3, None),
-            Err(Error::NotFound(_))
-        ));
-        let counts = s.counts_by_state().unwrap();
-        assert_eq!(counts.len(), State::ALL.len());
-        assert_eq!(counts[0], (State::Queued, 5));
-        assert_eq!(counts[6], (State::Cancelled, 2));
-        assert_eq!(counts[3], (State::Applied, 0));
+            assert_eq!(seen, ids);
+            let queued: Vec<String> = s
+                .list(None, 100, Some(State::Queued))
+                .unwrap()
+                .into_iter()
+                .map(|t| t.id)
+                .collect();
+            assert_eq!(
+                queued,
+                vec![
+                    ids[0].clone(),
+                    ids[2].clone(),
+                    ids[3].clone(),
+                    ids[5].clone(),
+                    ids[6].clone()
+                ]
+            );
+            let page = s.list(Some(&ids[2]), 2, Some(State::Queued)).unwrap();
+            assert_eq!(
+                page.iter().map(|t| &t.id).collect::<Vec<_>>(),
+                vec![&ids[3], &ids[5]]
+            );
+            assert!(s.list(None, 0, None).unwrap().is_empty());
+            assert!(matches!(
+                s.list(Some("td_nope"), 3, None),
+                Err(Error::NotFound(_))
+            ));
+            let counts = s.counts_by_state().unwrap();
+            assert_eq!(counts.len(), State::ALL.len());
+            assert_eq!(counts[0], (State::Queued, 5));
+            assert_eq!(counts[6], (State::Cancelled, 2));
+            assert_eq!(counts[3], (State::Applied, 0));
+        });
     }
 
     #[test]
     fn every_accepted_takedown_is_guarded_until_cancelled() {
-        let (_d, s) = open();
-        let a = s.create(new_td(vec![vec![1, 1]]), None).unwrap().0.id;
-        s.create(new_td(vec![vec![2, 2], vec![3, 3]]), None)
-            .unwrap();
-        let c = s.create(new_td(vec![vec![4, 4]]), None).unwrap().0.id;
-        s.claim_queued("j", 1).unwrap();
-        s.finish_failed("j", "boom").unwrap();
-        assert_eq!(s.get(&a).unwrap().state, State::Failed);
-        s.cancel(&c).unwrap();
-        assert_eq!(
-            s.sequences_to_guard().unwrap(),
-            vec![vec![1, 1], vec![2, 2], vec![3, 3]]
-        );
+        on_both("every_accepted_takedown_is_guarded_until_cancelled", |s| {
+            let a = s.create(new_td(vec![vec![1, 1]]), None).unwrap().0.id;
+            s.create(new_td(vec![vec![2, 2], vec![3, 3]]), None)
+                .unwrap();
+            let c = s.create(new_td(vec![vec![4, 4]]), None).unwrap().0.id;
+            s.claim_queued("j", 1).unwrap();
+            s.finish_failed("j", "boom").unwrap();
+            assert_eq!(s.get(&a).unwrap().state, State::Failed);
+            s.cancel(&c).unwrap();
+            assert_eq!(
+                s.sequences_to_guard().unwrap(),
+                vec![vec![1, 1], vec![2, 2], vec![3, 3]]
+            );
+        });
     }
 
     #[test]
     fn current_version_is_compare_and_swap() {
-        let (_d, s) = open();
-        assert_eq!(s.current_version().unwrap(), None);
-        let (root, created) = s.insert_version(version("root", None)).unwrap();
-        assert!(created && root.seq >= 1);
-        let (again, created) = s.insert_version(version("root", None)).unwrap();
-        assert!(!created);
-        assert_eq!(again, root);
-        assert!(matches!(
-            s.insert_version(version("orphan", Some("missing"))),
-            Err(Error::VersionNotFound(_))
-        ));
-        let (v1, _) = s.insert_version(version("v1", Some("root"))).unwrap();
-        assert!(v1.seq > root.seq);
-        // Unknown target.
-        assert!(matches!(
-            s.set_current(None, "nope"),
-            Err(Error::VersionNotFound(_))
-        ));
-        s.set_current(None, "root").unwrap();
-        // Wrong expectation: None while root is current.
-        match s.set_current(None, "v1") {
-            Err(Error::VersionConflict { expected, actual }) => {
-                assert_eq!((expected, actual.as_deref()), (None, Some("root")));
+        on_both("current_version_is_compare_and_swap", |s| {
+            assert_eq!(s.current_version().unwrap(), None);
+            let (root, created) = s.insert_version(version("root", None)).unwrap();
+            assert!(created && root.seq >= 1);
+            let (again, created) = s.insert_version(version("root", None)).unwrap();
+            assert!(!created);
+            assert_eq!(again, root);
+            assert!(matches!(
+                s.insert_version(version("orphan", Some("missing"))),
+                Err(Error::VersionNotFound(_))
+            ));
+            let (v1, _) = s.insert_version(version("v1", Some("root"))).unwrap();
+            assert!(v1.seq > root.seq);
+            // Unknown target.
+            assert!(matches!(
+                s.set_current(None, "nope"),
+                Err(Error::VersionNotFound(_))
+            ));
+            s.set_current(None, "root").unwrap();
+            // Wrong expectation: None while root is current.
+            match s.set_current(None, "v1") {
+                Err(Error::VersionConflict { expected, actual }) => {
+                    assert_eq!((expected, actual.as_deref()), (None, Some("root")));
+                }
+                other => panic!("{other:?}"),
             }
-            other => panic!("{other:?}"),
-        }
-        assert!(matches!(
-            s.set_current(Some("v1"), "v1"),
-            Err(Error::VersionConflict { .. })
-        ));
-        s.set_current(Some("root"), "v1").unwrap();
-        s.set_current(Some("v1"), "root").unwrap();
-        s.set_current_as(Some("root"), "v1", SwapKind::Promote)
-            .unwrap();
-        assert_eq!(s.current_version().unwrap().as_deref(), Some("v1"));
-        let kinds: Vec<(Option<String>, String, SwapKind)> = s
-            .swaps()
-            .unwrap()
-            .into_iter()
-            .map(|w| (w.from, w.to, w.kind))
-            .collect();
-        assert_eq!(
-            kinds,
-            vec![
-                (Some("root".into()), "v1".into(), SwapKind::Promote),
-                (Some("v1".into()), "root".into(), SwapKind::Rollback),
-                (Some("root".into()), "v1".into(), SwapKind::Promote),
-                (None, "root".into(), SwapKind::Promote),
-            ]
-        );
-        let ids: Vec<String> = s
-            .list_versions()
-            .unwrap()
-            .into_iter()
-            .map(|v| v.id)
-            .collect();
-        assert_eq!(ids, vec!["v1", "root"]);
-        assert!(matches!(
-            s.get_version("zz"),
-            Err(Error::VersionNotFound(_))
-        ));
+            assert!(matches!(
+                s.set_current(Some("v1"), "v1"),
+                Err(Error::VersionConflict { .. })
+            ));
+            s.set_current(Some("root"), "v1").unwrap();
+            s.set_current(Some("v1"), "root").unwrap();
+            s.set_current_as(Some("root"), "v1", SwapKind::Promote)
+                .unwrap();
+            assert_eq!(s.current_version().unwrap().as_deref(), Some("v1"));
+            let kinds: Vec<(Option<String>, String, SwapKind)> = s
+                .swaps()
+                .unwrap()
+                .into_iter()
+                .map(|w| (w.from, w.to, w.kind))
+                .collect();
+            assert_eq!(
+                kinds,
+                vec![
+                    (Some("root".into()), "v1".into(), SwapKind::Promote),
+                    (Some("v1".into()), "root".into(), SwapKind::Rollback),
+                    (Some("root".into()), "v1".into(), SwapKind::Promote),
+                    (None, "root".into(), SwapKind::Promote),
+                ]
+            );
+            let ids: Vec<String> = s
+                .list_versions()
+                .unwrap()
+                .into_iter()
+                .map(|v| v.id)
+                .collect();
+            assert_eq!(ids, vec!["v1", "root"]);
+            assert!(matches!(
+                s.get_version("zz"),
+                Err(Error::VersionNotFound(_))
+            ));
+        });
     }
 
     #[test]
     fn concurrent_compare_and_swap_has_one_winner() {
-        let (_d, s) = open();
-        s.insert_version(version("root", None)).unwrap();
-        for i in 0..8 {
-            s.insert_version(version(&format!("c{i}"), Some("root")))
-                .unwrap();
-        }
-        s.set_current(None, "root").unwrap();
-        let wins: usize = std::thread::scope(|sc| {
-            let hs: Vec<_> = (0..8)
-                .map(|i| {
-                    let s = &s;
-                    sc.spawn(move || {
-                        usize::from(s.set_current(Some("root"), &format!("c{i}")).is_ok())
+        on_both("concurrent_compare_and_swap_has_one_winner", |s| {
+            s.insert_version(version("root", None)).unwrap();
+            for i in 0..8 {
+                s.insert_version(version(&format!("c{i}"), Some("root")))
+                    .unwrap();
+            }
+            s.set_current(None, "root").unwrap();
+            let wins: usize = std::thread::scope(|sc| {
+                let hs: Vec<_> = (0..8)
+                    .map(|i| {
+                        let s = &s;
+                        sc.spawn(move || {
+                            usize::from(s.set_current(Some("root"), &format!("c{i}")).is_ok())
+                        })
                     })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).sum()
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).sum()
+            });
+            assert_eq!(wins, 1);
         });
-        assert_eq!(wins, 1);
     }
 
     #[test]
     fn promote_is_all_or_nothing() {
-        let (_d, s) = open();
-        s.insert_version(version("root", None)).unwrap();
-        s.set_current(None, "root").unwrap();
-        let a = s.create(new_td(vec![vec![1]]), None).unwrap().0.id;
-        s.claim_queued("j", 1).unwrap();
-        // Still running: promote refuses and registers nothing.
-        assert!(matches!(
-            s.promote("j", Some("root"), version("v1", Some("root")), &Value::Null),
-            Err(Error::InvalidTransition { .. })
-        ));
-        assert!(matches!(
-            s.get_version("v1"),
-            Err(Error::VersionNotFound(_))
-        ));
-        s.mark_validating("j").unwrap();
-        // Lost CAS: nothing changes either.
-        assert!(matches!(
-            s.promote(
-                "j",
-                Some("other"),
-                version("v1", Some("root")),
-                &Value::Null
-            ),
-            Err(Error::VersionConflict { .. })
-        ));
-        assert_eq!(s.get(&a).unwrap().state, State::Validating);
-        assert!(s.get_version("v1").is_err());
-        let (rec, n) = s
-            .promote(
-                "j",
-                Some("root"),
-                version("v1", Some("root")),
-                &json!({"ok": 1}),
-            )
-            .unwrap();
-        assert_eq!((rec.takedowns, n), (vec![a.clone()], 1));
-        assert_eq!(s.current_version().unwrap().as_deref(), Some("v1"));
+        on_both("promote_is_all_or_nothing", |s| {
+            s.insert_version(version("root", None)).unwrap();
+            s.set_current(None, "root").unwrap();
+            let a = s.create(new_td(vec![vec![1]]), None).unwrap().0.id;
+            s.claim_queued("j", 1).unwrap();
+            // Still running: promote refuses and registers nothing.
+            assert!(matches!(
+                s.promote("j", Some("root"), version("v1", Some("root")), &Value::Null),
+                Err(Error::InvalidTransition { .. })
+            ));
+            assert!(matches!(
+                s.get_version("v1"),
+                Err(Error::VersionNotFound(_))
+            ));
+            s.mark_validating("j").unwrap();
+            // Lost CAS: nothing changes either.
+            assert!(matches!(
+                s.promote(
+                    "j",
+                    Some("other"),
+                    version("v1", Some("root")),
+                    &Value::Null
+                ),
+                Err(Error::VersionConflict { .. })
+            ));
+            assert_eq!(s.get(&a).unwrap().state, State::Validating);
+            assert!(s.get_version("v1").is_err());
+            let (rec, n) = s
+                .promote(
+                    "j",
+                    Some("root"),
+                    version("v1", Some("root")),
+                    &json!({"ok": 1}),
+                )
+                .unwrap();
+            assert_eq!((rec.takedowns, n), (vec![a.clone()], 1));
+            assert_eq!(s.current_version().unwrap().as_deref(), Some("v1"));
+        });
     }
 
     #[test]
     fn rollback_requeues_what_the_undone_versions_applied() {
-        let (_d, s) = open();
-        s.insert_version(version("root", None)).unwrap();
-        s.set_current(None, "root").unwrap();
-        let mut applied = Vec::new();
-        for (job, v, parent) in [("j1", "v1", "root"), ("j2", "v2", "v1")] {
-            let id = s.create(new_td(vec![vec![1]]), None).unwrap().0.id;
-            s.claim_queued(job, 1).unwrap();
-            s.mark_validating(job).unwrap();
-            s.promote(job, Some(parent), version(v, Some(parent)), &Value::Null)
-                .unwrap();
-            applied.push(id);
-        }
-        // requeue_applied_by on its own.
-        let extra = s.create(new_td(vec![vec![7]]), None).unwrap().0.id;
-        assert_eq!(s.requeue_applied_by("nothing").unwrap(), 0);
-        // Not an ancestor.
-        assert!(matches!(
-            s.rollback("v2", "v3"),
-            Err(Error::VersionNotFound(_))
-        ));
-        s.insert_version(version("side", Some("root"))).unwrap();
-        assert!(matches!(
-            s.rollback("v2", "side"),
-            Err(Error::InvalidInput { .. })
-        ));
-        // Stale expectation.
-        assert!(matches!(
-            s.rollback("v1", "root"),
-            Err(Error::VersionConflict { .. })
-        ));
-        assert_eq!(s.get(&applied[0]).unwrap().state, State::Applied);
-        assert_eq!(s.rollback("v2", "root").unwrap(), 2);
-        assert_eq!(s.current_version().unwrap().as_deref(), Some("root"));
-        for id in &applied {
-            let td = s.get(id).unwrap();
-            assert_eq!((td.state, td.version), (State::Queued, None));
-            assert_eq!(
-                s.events(id).unwrap().last().unwrap().detail["reason"],
-                "rollback"
-            );
-        }
-        assert_eq!(s.swaps().unwrap()[0].kind, SwapKind::Rollback);
-        // Requeued takedowns are claimed again in creation order.
-        let order: Vec<String> = s
-            .claim_queued("j3", 10)
-            .unwrap()
-            .into_iter()
-            .map(|t| t.id)
-            .collect();
-        assert_eq!(order, vec![applied[0].clone(), applied[1].clone(), extra]);
+        on_both("rollback_requeues_what_the_undone_versions_applied", |s| {
+            s.insert_version(version("root", None)).unwrap();
+            s.set_current(None, "root").unwrap();
+            let mut applied = Vec::new();
+            for (job, v, parent) in [("j1", "v1", "root"), ("j2", "v2", "v1")] {
+                let id = s.create(new_td(vec![vec![1]]), None).unwrap().0.id;
+                s.claim_queued(job, 1).unwrap();
+                s.mark_validating(job).unwrap();
+                s.promote(job, Some(parent), version(v, Some(parent)), &Value::Null)
+                    .unwrap();
+                applied.push(id);
+            }
+            // requeue_applied_by on its own.
+            let extra = s.create(new_td(vec![vec![7]]), None).unwrap().0.id;
+            assert_eq!(s.requeue_applied_by("nothing").unwrap(), 0);
+            // Not an ancestor.
+            assert!(matches!(
+                s.rollback("v2", "v3"),
+                Err(Error::VersionNotFound(_))
+            ));
+            s.insert_version(version("side", Some("root"))).unwrap();
+            assert!(matches!(
+                s.rollback("v2", "side"),
+                Err(Error::InvalidInput { .. })
+            ));
+            // Stale expectation.
+            assert!(matches!(
+                s.rollback("v1", "root"),
+                Err(Error::VersionConflict { .. })
+            ));
+            assert_eq!(s.get(&applied[0]).unwrap().state, State::Applied);
+            assert_eq!(s.rollback("v2", "root").unwrap(), 2);
+            assert_eq!(s.current_version().unwrap().as_deref(), Some("root"));
+            for id in &applied {
+                let td = s.get(id).unwrap();
+                assert_eq!((td.state, td.version), (State::Queued, None));
+                assert_eq!(
+                    s.events(id).unwrap().last().unwrap().detail["reason"],
+                    "rollback"
+                );
+            }
+            assert_eq!(s.swaps().unwrap()[0].kind, SwapKind::Rollback);
+            // Requeued takedowns are claimed again in creation order.
+            let order: Vec<String> = s
+                .claim_queued("j3", 10)
+                .unwrap()
+                .into_iter()
+                .map(|t| t.id)
+                .collect();
+            assert_eq!(order, vec![applied[0].clone(), applied[1].clone(), extra]);
+        });
     }
 
     #[test]
     fn requeue_applied_by_only_touches_that_version() {
-        let (_d, s) = open();
-        let a = s.create(new_td(vec![vec![1]]), None).unwrap().0.id;
-        let b = s.create(new_td(vec![vec![2]]), None).unwrap().0.id;
-        s.claim_queued("j1", 1).unwrap();
-        s.mark_validating("j1").unwrap();
-        s.finish_applied("j1", "va", &Value::Null).unwrap();
-        s.claim_queued("j2", 1).unwrap();
-        s.mark_validating("j2").unwrap();
-        s.finish_applied("j2", "vb", &Value::Null).unwrap();
-        assert_eq!(s.requeue_applied_by("vb").unwrap(), 1);
-        assert_eq!(s.get(&a).unwrap().state, State::Applied);
-        assert_eq!(s.get(&b).unwrap().state, State::Queued);
+        on_both("requeue_applied_by_only_touches_that_version", |s| {
+            let a = s.create(new_td(vec![vec![1]]), None).unwrap().0.id;
+            let b = s.create(new_td(vec![vec![2]]), None).unwrap().0.id;
+            s.claim_queued("j1", 1).unwrap();
+            s.mark_validating("j1").unwrap();
+            s.finish_applied("j1", "va", &Value::Null).unwrap();
+            s.claim_queued("j2", 1).unwrap();
+            s.mark_validating("j2").unwrap();
+            s.finish_applied("j2", "vb", &Value::Null).unwrap();
+            assert_eq!(s.requeue_applied_by("vb").unwrap(), 1);
+            assert_eq!(s.get(&a).unwrap().state, State::Applied);
+            assert_eq!(s.get(&b).unwrap().state, State::Queued);
+        });
     }
 }
