@@ -1,10 +1,14 @@
-//! The durable takedown store: one SQLite database, `data_dir/lethe.sqlite3`, holding the
-//! takedowns, their events, the version registry and the current-version pointer.
+//! The durable takedown store: one database holding the takedowns, their events, the version
+//! registry and the current-version pointer. SQLite, `data_dir/lethe.sqlite3`, on one machine
+//! ([`Store::open`]); PostgreSQL for a fleet of replicas ([`Store::open_postgres`]). Every
+//! query is written once, against `db::Tx`.
 //!
-//! Invariants:
-//! - Every write is one `IMMEDIATE` transaction committed in WAL mode with `synchronous=FULL`:
-//!   what a call changed is on disk when it returns, and a crash or error mid-call changes
-//!   nothing. A takedown exists once [`Store::create`] returns, before the caller answers 202.
+//! Invariants (both databases):
+//! - Every write is one transaction that serializes with every other writer (SQLite:
+//!   `IMMEDIATE`, WAL, `synchronous=FULL`; PostgreSQL: it first takes an advisory lock, so
+//!   replicas on one database write one after the other): what a call changed is committed
+//!   when it returns, and a crash or error mid-call changes nothing. A takedown exists once
+//!   [`Store::create`] returns, before the caller answers 202.
 //! - The state machine ([`State::can_go_to`]) is enforced inside the transaction that changes
 //!   the state: `queued → running | cancelled`; `running → validating | queued | failed |
 //!   cancelled`; `validating → running | applied | rejected | failed | queued | cancelled`;
@@ -29,8 +33,8 @@
 //!   data directory is made 0700 and the database files 0600: they hold the sequences to forget.
 //!
 //! Here: opening the database and the takedown queue (create, claim, progress, finish, cancel,
-//! requeue). `records`: the state machine and the records; `schema`: migrations (keyed on
-//! `PRAGMA user_version`); `rows`: SQL row mapping;
+//! requeue). `db`: the transaction interface; `records`: the state machine and the records;
+//! `schema` and `postgres`: each database's migrations; `rows`: SQL row mapping;
 //! `registry`: versions, the current-version pointer and its history (promote, rollback).
 
 use std::path::{Path, PathBuf};
