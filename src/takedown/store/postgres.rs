@@ -13,6 +13,7 @@
 //!   before anything is written: older code never writes a newer schema's tables.
 
 use super::super::{Error, Result};
+use super::db::pg;
 
 /// The schema version this code writes (`lethe_schema.version`).
 pub const SCHEMA_VERSION: i64 = 1;
@@ -78,16 +79,6 @@ CREATE TABLE swaps (
     kind         TEXT NOT NULL CHECK (kind IN ('promote','rollback'))
 );
 "#];
-
-fn pg(op: &'static str) -> impl FnOnce(postgres::Error) -> Error {
-    move |source| Error::Postgres {
-        op,
-        message: source
-            .as_db_error()
-            .map_or_else(|| source.to_string(), ToString::to_string),
-        source,
-    }
-}
 
 /// Brings the database to [`SCHEMA_VERSION`] (module docs). Returns the version found before.
 pub fn migrate(client: &mut postgres::Client) -> Result<i64> {
