@@ -246,16 +246,10 @@ fn batch(
                 of = pairs.len(),
                 "near-ties: decoding one token"
             );
-            let dec: Vec<GenerateRequest> = close
-                .iter()
-                .map(|&i| GenerateRequest {
-                    max_new_tokens: 1,
-                    ..reqs[i].clone()
-                })
-                .collect();
-            for (&i, g) in close.iter().zip(generate::generate(model, None, &dec)?) {
+            let todo: Vec<(usize, usize)> = close.iter().map(|&i| (i, 1)).collect();
+            for (&i, tokens) in close.iter().zip(decode(model, reqs, &todo)?) {
                 results[i].decoded = true;
-                if g.tokens.first() == Some(&pairs[i].1[0]) {
+                if tokens.first() == Some(&pairs[i].1[0]) {
                     results[i].matched_prefix = 1;
                     first_decoded[i] = true;
                     if pairs[i].1.len() > 1 {
@@ -309,20 +303,33 @@ fn batch(
             "near-ties: decoding"
         );
         undecided.sort_unstable();
-        let dec: Vec<GenerateRequest> = undecided
-            .iter()
-            .map(|&(i, len)| GenerateRequest {
-                max_new_tokens: len,
-                ..reqs[i].clone()
-            })
-            .collect();
-        for (&(i, _), g) in undecided.iter().zip(generate::generate(model, None, &dec)?) {
+        for (&(i, _), tokens) in undecided.iter().zip(decode(model, reqs, &undecided)?) {
             let t = pairs[i].1;
-            results[i].matched_prefix = g.tokens.iter().zip(t).take_while(|(a, b)| a == b).count();
+            results[i].matched_prefix = tokens.iter().zip(t).take_while(|(a, b)| a == b).count();
             results[i].decoded = true;
         }
     }
     Ok(results)
+}
+
+/// Greedy decoding of `len` tokens for each `(pair, len)` of `todo` (their requests in
+/// `reqs`), batched: the fallback where the pass is too close to a tie. The tokens, in order.
+fn decode(
+    model: &Model,
+    reqs: &[GenerateRequest],
+    todo: &[(usize, usize)],
+) -> Result<Vec<Vec<u32>>> {
+    let dec: Vec<GenerateRequest> = todo
+        .iter()
+        .map(|&(i, len)| GenerateRequest {
+            max_new_tokens: len,
+            ..reqs[i].clone()
+        })
+        .collect();
+    Ok(generate::generate(model, None, &dec)?
+        .into_iter()
+        .map(|g| g.tokens)
+        .collect())
 }
 
 /// The longest run of `true` in `hits`.

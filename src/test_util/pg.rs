@@ -5,7 +5,7 @@
 //! skipped) when the binaries are missing, unless `LETHE_REQUIRE_POSTGRES` is set, as `.ci/run`
 //! sets it: then a missing PostgreSQL fails the test, naming what to install.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 pub struct PgServer {
@@ -144,12 +144,6 @@ impl PgServer {
         let mut c = postgres::Client::connect(&self.url("postgres"), postgres::NoTls).unwrap();
         c.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
         self.url(name)
-    }
-
-    /// The cluster's directory.
-    #[allow(dead_code)]
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 }
 
