@@ -58,12 +58,23 @@ pub struct Metrics {
     pub model_version_info: IntGaugeVec,
     pub guard_blocks: IntCounter,
     pub ready: IntGauge,
-    /// Panics caught by a supervisor, by component (`http`, `engine`, `worker`, `auditor`).
+    /// Panics caught by a supervisor, by component (`http`, `engine`, `worker`, `auditor`,
+    /// `fleet`).
     pub panics: IntCounterVec,
+    /// `lethe_fleet_version_lag_seconds`: how long the store's live version has been ahead of
+    /// this replica's (0 when they agree; fleet mode).
+    pub fleet_version_lag: Gauge,
+    /// `lethe_fleet_version_propagation_seconds`: from the store's pointer moving to this
+    /// replica serving the version, per followed change.
+    pub fleet_version_propagation: Histogram,
+    /// `lethe_fleet_store_staleness_seconds`: since this replica last read the shared store.
+    pub fleet_staleness: Gauge,
+    /// `lethe_fleet_worker`: 1 on the replica holding the fleet's worker lock.
+    pub fleet_worker: IntGauge,
 }
 
 /// The components whose panics are caught and counted in `lethe_panics_total`.
-pub const PANIC_COMPONENTS: &[&str] = &["http", "engine", "worker", "auditor"];
+pub const PANIC_COMPONENTS: &[&str] = &["http", "engine", "worker", "auditor", "fleet"];
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -248,8 +259,35 @@ impl Metrics {
             &["component"],
         )
         .expect("valid metric");
+        let fleet_version_lag = Gauge::new(
+            "lethe_fleet_version_lag_seconds",
+            "Fleet mode: seconds the shared store's live version has been ahead of this replica's (0 when equal)",
+        )
+        .expect("valid metric");
+        let fleet_version_propagation = Histogram::with_opts(
+            HistogramOpts::new(
+                "lethe_fleet_version_propagation_seconds",
+                "Fleet mode: time from the store's live-version pointer moving to this replica serving that version",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        let fleet_staleness = Gauge::new(
+            "lethe_fleet_store_staleness_seconds",
+            "Fleet mode: seconds since this replica last read the shared store (over --guard-staleness: not ready)",
+        )
+        .expect("valid metric");
+        let fleet_worker = IntGauge::new(
+            "lethe_fleet_worker",
+            "Fleet mode: 1 on the replica that holds the worker lock and runs unlearning jobs",
+        )
+        .expect("valid metric");
         let m = Self {
             registry,
+            fleet_version_lag,
+            fleet_version_propagation,
+            fleet_staleness,
+            fleet_worker,
             ready,
             panics,
             memorization_ratio,
@@ -317,6 +355,10 @@ impl Metrics {
             Box::new(self.guard_blocks.clone()),
             Box::new(self.ready.clone()),
             Box::new(self.panics.clone()),
+            Box::new(self.fleet_version_lag.clone()),
+            Box::new(self.fleet_version_propagation.clone()),
+            Box::new(self.fleet_staleness.clone()),
+            Box::new(self.fleet_worker.clone()),
         ]
     }
 

@@ -38,7 +38,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the model over HTTP (OpenAI-compatible completions, audits, metrics).
-    Serve(crate::server::ServeArgs),
+    Serve(Box<crate::server::ServeArgs>),
     /// Continue a prompt.
     Generate(GenerateArgs),
     /// Per-line mean negative log-likelihood and perplexity of a text file.
@@ -118,7 +118,7 @@ pub struct InspectArgs {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     runtime::configure_threads(cli.threads);
     match cli.command {
-        Command::Serve(a) => crate::server::run(a),
+        Command::Serve(a) => crate::server::run(*a),
         Command::Generate(a) => generate(a),
         Command::Score(a) => score(a),
         Command::Inspect(a) => inspect(a),

@@ -26,6 +26,7 @@ use super::state::Limits;
 use crate::audit::jobs::JobsConfig;
 use crate::engine::batcher::EngineConfig;
 use crate::loader::{ModelArgs, WeightDtype};
+use crate::takedown::fleet::FleetConfig;
 use crate::takedown::worker::TakedownConfig;
 
 #[derive(Debug, Args)]
@@ -99,6 +100,51 @@ pub struct ServeArgs {
     pub max_audit_upload_bytes: u64,
     #[command(flatten)]
     pub takedown: TakedownArgs,
+    #[command(flatten)]
+    pub fleet: FleetArgs,
+}
+
+/// Fleet mode: several replicas sharing one PostgreSQL store and one version store.
+#[derive(Debug, Args, Clone)]
+pub struct FleetArgs {
+    /// Fleet mode: the shared takedown store, `postgres://user:password@host:port/db`, instead
+    /// of the SQLite file in --data-dir. Needs --versions-url.
+    #[arg(long, env = "LETHE_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Fleet mode: the shared version store, `file:///shared/dir` (a volume every replica
+    /// mounts); --data-dir stays this replica's local cache of it.
+    #[arg(long, env = "LETHE_VERSIONS_URL")]
+    pub versions_url: Option<String>,
+    /// Fleet mode: seconds without reading the shared store after which this replica reports
+    /// not-ready (it might miss a takedown accepted by another replica).
+    #[arg(long, env = "LETHE_GUARD_STALENESS", default_value_t = 5.0)]
+    pub guard_staleness: f64,
+}
+
+impl FleetArgs {
+    /// The validated fleet configuration; `None` without --database-url.
+    pub fn config(&self) -> anyhow::Result<Option<FleetConfig>> {
+        let Some(url) = &self.database_url else {
+            if self.versions_url.is_some() {
+                bail!("--versions-url needs --database-url (fleet mode)");
+            }
+            return Ok(None);
+        };
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            bail!("--database-url must be a postgres:// or postgresql:// URL");
+        }
+        let Some(versions_url) = self.versions_url.clone() else {
+            bail!("--database-url needs --versions-url: replicas share versions through it");
+        };
+        if !(self.guard_staleness.is_finite() && self.guard_staleness >= 1.0) {
+            bail!("--guard-staleness must be at least 1 second");
+        }
+        Ok(Some(FleetConfig {
+            database_url: crate::takedown::fleet::Secret(url.clone()),
+            versions_url,
+            guard_staleness: Duration::from_secs_f64(self.guard_staleness),
+        }))
+    }
 }
 
 /// Takedown worker, gates and auditor flags.
@@ -350,7 +396,8 @@ impl Config {
             .with_context(|| format!("--data-dir {}: not writable", a.data_dir.display()))?;
         let _ = std::fs::remove_file(probe);
         let loopback_only = bind.iter().all(|s| s.ip().is_loopback());
-        let takedown = a.takedown.config(&a.data_dir)?;
+        let mut takedown = a.takedown.config(&a.data_dir)?;
+        takedown.fleet = a.fleet.config()?;
         if let Some(d) = &a.audit_dir {
             if !d.is_dir() {
                 bail!("--audit-dir {}: not a directory", d.display());

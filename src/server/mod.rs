@@ -183,9 +183,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let spec = config.model.spec()?;
     let model_dir = crate::loader::resolve(&spec).with_context(|| format!("--model {spec}"))?;
     // The data dir remembers which version is live; a first start imports --model as the root.
-    let live_dir =
-        crate::takedown::versions::resolve_current(&config.takedown.data_dir, &model_dir)
-            .with_context(|| format!("opening --data-dir {}", config.data_dir.display()))?;
+    let live_dir = match &config.takedown.fleet {
+        Some(f) => crate::takedown::versions::resolve_current_fleet(
+            &config.takedown.data_dir,
+            &model_dir,
+            f,
+        )
+        .with_context(|| format!("joining the fleet at {:?}", f.database_url))?,
+        None => crate::takedown::versions::resolve_current(&config.takedown.data_dir, &model_dir)
+            .with_context(|| format!("opening --data-dir {}", config.data_dir.display()))?,
+    };
     let dtype = config
         .dtype
         .resolve(&live_dir)

@@ -30,6 +30,7 @@
 //! publish versions to the live pointer.
 
 pub mod corpus;
+pub mod fleet;
 pub mod guard;
 pub mod store;
 pub mod versions;
@@ -62,6 +63,10 @@ pub enum Error {
         #[source]
         source: postgres::Error,
     },
+    /// The shared version store (fleet mode, `--versions-url`) failed; `op` says which
+    /// operation, `message` the object and the store's error.
+    #[error("shared version store: {op} {message}")]
+    Remote { op: &'static str, message: String },
     /// A file or directory operation failed.
     #[error("{op} {path}: {source}")]
     Io {

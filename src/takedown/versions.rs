@@ -20,6 +20,8 @@
 //!   version without its directory is an error, never silently replaced. A crash during the
 //!   first start is completed by the next one.
 
+pub mod remote;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -317,6 +319,29 @@ pub fn smoke_test(model: &crate::models::Model) -> crate::Result<()> {
 /// a restored or moved data directory works from any path.
 pub fn resolve_current(data_dir: &Path, model_dir: &Path) -> crate::Result<PathBuf> {
     let store = super::Store::open(data_dir).map_err(|e| store_err(&e))?;
+    resolve_in(&store, None, data_dir, model_dir)
+}
+
+/// [`resolve_current`] for a fleet replica: the live version is the shared store's, fetched
+/// into `data_dir` (the local cache) from the shared version store when it is not there. The
+/// first replica ever to start imports `model_dir`, uploads it and sets it live; replicas
+/// starting at the same moment find its pointer and follow it.
+pub fn resolve_current_fleet(
+    data_dir: &Path,
+    model_dir: &Path,
+    fleet: &super::fleet::FleetConfig,
+) -> crate::Result<PathBuf> {
+    let store = super::Store::open_postgres(&fleet.database_url.0).map_err(|e| store_err(&e))?;
+    let shared = remote::SharedVersions::open(&fleet.versions_url).map_err(|e| store_err(&e))?;
+    resolve_in(&store, Some(&shared), data_dir, model_dir)
+}
+
+fn resolve_in(
+    store: &super::Store,
+    shared: Option<&remote::SharedVersions>,
+    data_dir: &Path,
+    model_dir: &Path,
+) -> crate::Result<PathBuf> {
     if let Some(cur) = store.current_version().map_err(|e| store_err(&e))? {
         let versions = store.list_versions().map_err(|e| store_err(&e))?;
         let base = content_hash(model_dir)?;
@@ -333,7 +358,10 @@ pub fn resolve_current(data_dir: &Path, model_dir: &Path) -> crate::Result<PathB
                 });
             }
         }
-        let dir = version_dir(data_dir, &cur);
+        let dir = match shared {
+            Some(s) => s.fetch(data_dir, &cur).map_err(|e| store_err(&e))?,
+            None => version_dir(data_dir, &cur),
+        };
         if !dir.is_dir() {
             return Err(crate::Error::Config {
                 file: dir.display().to_string(),
@@ -345,6 +373,9 @@ pub fn resolve_current(data_dir: &Path, model_dir: &Path) -> crate::Result<PathB
         return Ok(dir);
     }
     let (id, path) = import_base(data_dir, model_dir).map_err(|e| store_err(&e))?;
+    if let Some(s) = shared {
+        s.upload(&id, &path).map_err(|e| store_err(&e))?;
+    }
     store
         .insert_version(super::NewVersion {
             id: id.clone(),
@@ -354,8 +385,14 @@ pub fn resolve_current(data_dir: &Path, model_dir: &Path) -> crate::Result<PathB
             path: path.display().to_string(),
         })
         .map_err(|e| store_err(&e))?;
-    store.set_current(None, &id).map_err(|e| store_err(&e))?;
-    Ok(path)
+    match store.set_current(None, &id) {
+        Ok(()) => Ok(path),
+        // Another replica of the fleet set the root live first: follow it.
+        Err(Error::VersionConflict { .. }) if shared.is_some() => {
+            resolve_in(store, shared, data_dir, model_dir)
+        }
+        Err(e) => Err(store_err(&e)),
+    }
 }
 
 /// A store failure where a `crate::Error` is expected (start-up), named as the store's.

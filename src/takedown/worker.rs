@@ -41,18 +41,22 @@ use std::time::{Duration, Instant};
 use candle_core::DType;
 use serde_json::{json, Value};
 
-use crate::audit::{self, AuditItem};
+use crate::audit;
 use crate::engine::generate::Filter;
 use crate::engine::served::{Live, Served};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::supervise::{self, FaultPoint, Faults, SetOnDrop};
+use crate::takedown::fleet::{Fleet, FleetConfig, WorkerLock};
 use crate::takedown::{versions, Guard, NewVersion, State, Store, Takedown};
 use crate::unlearn::pipeline::{self, Baseline, Datasets, PipelineConfig};
 use crate::unlearn::JobControl;
 
+mod auditor;
+mod follow;
 mod lineage;
-use lineage::{ancestry, job_parent, lineage_of, load_version, root_baseline};
+use auditor::auditor_loop;
+use lineage::{job_parent, lineage_of, load_version, root_baseline};
 
 /// Takedown settings (flags of `lethe serve`).
 #[derive(Debug, Clone)]
@@ -73,6 +77,8 @@ pub struct TakedownConfig {
     pub serve_dtype: DType,
     /// The corpus the auditor samples every pass (`--audit-corpus`), if any.
     pub corpus: Option<crate::takedown::corpus::CorpusConfig>,
+    /// Fleet mode (`--database-url`, `--versions-url`): the shared store and version store.
+    pub fleet: Option<FleetConfig>,
     /// Fault injection for tests (never set in production).
     pub faults: Faults,
 }
@@ -88,6 +94,7 @@ impl TakedownConfig {
             audit_interval: Duration::from_secs(300),
             serve_dtype: DType::F32,
             corpus: None,
+            fleet: None,
             faults: Faults::default(),
         }
     }
@@ -124,6 +131,11 @@ pub struct Takedowns {
     metrics: Metrics,
     /// The corpus the auditor samples every pass (`--audit-corpus`).
     corpus: Option<crate::takedown::corpus::CorpusAudit>,
+    /// Fleet mode: the worker lock, the shared version store, the store's freshness.
+    pub fleet: Option<Fleet>,
+    /// Held while the live version moves (a publish, a rollback, following the fleet), so a
+    /// replica never loads one version twice at once.
+    moving: Mutex<()>,
 }
 
 impl Takedowns {
@@ -136,11 +148,21 @@ impl Takedowns {
         live: Arc<Live>,
         metrics: Metrics,
     ) -> Result<Self> {
-        let store = Store::open(&config.data_dir).map_err(|e| store_err(&e))?;
+        let fleet = config.fleet.clone().map(Fleet::open).transpose();
+        let fleet = fleet.map_err(|e| store_err(&e))?;
+        let store = match &config.fleet {
+            Some(f) => Store::open_postgres(&f.database_url.0),
+            None => Store::open(&config.data_dir),
+        }
+        .map_err(|e| store_err(&e))?;
         versions::clean_temp(&config.data_dir).map_err(|e| store_err(&e))?;
-        let requeued = store.requeue_interrupted().map_err(|e| store_err(&e))?;
-        if requeued > 0 {
-            tracing::warn!(requeued, "re-queued takedowns interrupted by a restart");
+        // In a fleet, the replica that takes the worker lock re-queues what the last worker
+        // left running (worker_loop): other replicas' jobs may be running right now.
+        if fleet.is_none() {
+            let requeued = store.requeue_interrupted().map_err(|e| store_err(&e))?;
+            if requeued > 0 {
+                tracing::warn!(requeued, "re-queued takedowns interrupted by a restart");
+            }
         }
         let guard = Guard::new(config.guard_window).map_err(|e| store_err(&e))?;
         for seq in store.sequences_to_guard().map_err(|e| store_err(&e))? {
@@ -176,6 +198,8 @@ impl Takedowns {
             live,
             metrics,
             corpus,
+            fleet,
+            moving: Mutex::new(()),
         })
     }
 
@@ -261,11 +285,15 @@ impl Takedowns {
                 })
                 .expect("spawning a takedown thread")
         };
-        let worker = spawn("lethe-unlearn", worker_loop);
-        let auditor = spawn(AUDITOR_THREAD, auditor_loop);
+        let mut started = vec![
+            spawn("lethe-unlearn", worker_loop),
+            spawn(AUDITOR_THREAD, auditor_loop),
+        ];
+        if self.fleet.is_some() {
+            started.push(spawn(follow::THREAD, follow::follow_loop));
+        }
         if let Ok(mut t) = self.threads.lock() {
-            t.push(worker);
-            t.push(auditor);
+            t.extend(started);
         }
         self.refresh_counts();
         self.notify();
@@ -317,6 +345,13 @@ impl Takedowns {
         self.stop.load(Ordering::SeqCst)
     }
 
+    /// In a fleet, how long since the store was last read when that is longer than
+    /// `--guard-staleness` (the replica is then not ready); `None` when fresh or not in a fleet.
+    pub fn fleet_stale(&self) -> Option<Duration> {
+        let f = self.fleet.as_ref()?;
+        (!f.fresh()).then(|| f.staleness())
+    }
+
     /// False when the worker or the auditor thread ended while the service was not stopping
     /// (it should never happen: jobs and audits run supervised). Before [`Takedowns::start`]
     /// there are no threads to lose, and this is true.
@@ -349,6 +384,37 @@ fn store_err(e: &dyn std::fmt::Display) -> Error {
     }
 }
 
+/// Whether this replica may claim jobs: always on one machine; in a fleet, only while it holds
+/// the worker lock. Taking the lock re-queues what the previous worker left running.
+fn fleet_worker(td: &Takedowns) -> bool {
+    let Some(f) = &td.fleet else {
+        return true;
+    };
+    let state = f.worker_lock();
+    td.metrics
+        .fleet_worker
+        .set(i64::from(state != WorkerLock::Elsewhere));
+    match state {
+        WorkerLock::Held => true,
+        WorkerLock::Elsewhere => false,
+        WorkerLock::Acquired => {
+            tracing::info!("this replica holds the fleet's worker lock and now runs the jobs");
+            match td.store.requeue_interrupted() {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(
+                    requeued = n,
+                    "re-queued the takedowns the previous worker left running"
+                ),
+                Err(e) => {
+                    tracing::error!(error = %e, "re-queueing the previous worker's takedowns failed")
+                }
+            }
+            td.refresh_counts();
+            true
+        }
+    }
+}
+
 fn worker_loop(td: &Takedowns) {
     let pool = match rayon::ThreadPoolBuilder::new()
         .num_threads(td.config.worker_threads.max(1))
@@ -366,6 +432,10 @@ fn worker_loop(td: &Takedowns) {
         td.config.faults.at(FaultPoint::WorkerLoop);
         if !td.can_unlearn() {
             td.wait(&mut seen, Duration::from_secs(5));
+            continue;
+        }
+        if !fleet_worker(td) {
+            td.wait(&mut seen, Duration::from_secs(1));
             continue;
         }
         let job = format!("job_{:016x}", rand::random::<u64>());
@@ -512,6 +582,10 @@ fn run_job(td: &Takedowns, job: &str, claimed: &[Takedown], ctl: &JobControl) ->
                 let time = t0.elapsed().as_secs_f64() / cfg.controller.budget_seconds.max(1.0);
                 report(steps.max(time).min(1.0) * 0.9);
                 td.cancel_check();
+                if td.fleet.as_ref().is_some_and(|f| !f.still_worker()) {
+                    tracing::error!(%job, "lost the fleet's worker lock; cancelling the job (the next worker re-runs it)");
+                    ctl.cancel();
+                }
             }
         });
         // Set even if the pipeline panics, so the reporter ends and the scope can unwind.
@@ -621,6 +695,13 @@ fn publish(
 ) -> Result<Option<String>> {
     let (id, path) = versions::write_version(&td.config.data_dir, &base.dir, model.named_tensors())
         .map_err(|e| store_err(&e))?;
+    if let Some(f) = &td.fleet {
+        // Every replica must be able to fetch the version before the pointer names it.
+        f.versions.upload(&id, &path).map_err(|e| store_err(&e))?;
+        if !f.still_worker() {
+            return Err(store_err(&"lost the fleet's worker lock before publishing"));
+        }
+    }
     let dtype = td.config.serve_dtype;
     let lm = crate::loader::load_dir(&path, &path.display().to_string(), model.device(), dtype)?;
     versions::smoke_test(&lm.model)?;
@@ -633,6 +714,7 @@ fn publish(
     }
     let mut report = report.clone();
     report["version"] = json!(id);
+    let _moving = td.moving.lock().unwrap_or_else(|e| e.into_inner());
     let promoted = td.store.promote(
         job,
         Some(&base.version),
@@ -671,90 +753,6 @@ fn swap(td: &Takedowns, expected: &Arc<Served>, new: Arc<Served>, kind: &str) {
     td.notify();
 }
 
-fn auditor_loop(td: &Takedowns) {
-    let mut seen = 0;
-    let mut last_version = String::new();
-    let mut last_run: Option<Instant> = None;
-    while !td.stopping() {
-        let live = td.live.served();
-        let due = last_run.is_none_or(|t| t.elapsed() >= td.config.audit_interval);
-        if due || live.version != last_version {
-            match supervise::catch("auditor", || audit_once(td, &live)) {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::error!(error = %e, "continuous audit failed"),
-                Err(_) => td.metrics.panics.with_label_values(&["auditor"]).inc(),
-            }
-            last_version = live.version.clone();
-            last_run = Some(Instant::now());
-        }
-        td.wait(
-            &mut seen,
-            Duration::from_secs(1).min(td.config.audit_interval),
-        );
-    }
-}
-
-/// Re-audits every applied takedown (and the canaries, and a sample of the audit corpus) on the
-/// live version; sets the gauges.
-fn audit_once(td: &Takedowns, live: &Served) -> Result<()> {
-    if let Some(c) = &td.corpus {
-        let ratio = c.audit(live, &td.metrics)?;
-        tracing::debug!(ratio, version = %live.version, "corpus audited");
-    }
-    let applied = td
-        .store
-        .list(None, usize::MAX, Some(State::Applied))
-        .map_err(|e| store_err(&e))?;
-    let t = crate::takedown::targets(&applied)?;
-    let m = &td.metrics;
-    if !t.is_empty() {
-        let items: Vec<AuditItem> = t.iter().map(|x| x.item.clone()).collect();
-        let (_, summary) = audit::audit(&live.model, None, &items, 64)?;
-        m.memorization_ratio
-            .with_label_values(&["takedowns"])
-            .set(summary.rate);
-    } else {
-        m.memorization_ratio
-            .with_label_values(&["takedowns"])
-            .set(0.0);
-    }
-    if !td.data.heldout.is_empty() || td.data.tinymem.is_some() {
-        let b = match td.cached_quality(&live.version) {
-            Some(b) => b,
-            None => {
-                let b = pipeline::measure(&live.model, &td.data)?;
-                td.cache_quality(&live.version, b.clone());
-                b
-            }
-        };
-        m.perplexity
-            .with_label_values(&["heldout"])
-            .set(b.quality.perplexity);
-        if let Some(root_ppl) = root_perplexity(td, &live.version) {
-            m.perplexity_drift
-                .set(b.quality.perplexity / root_ppl - 1.0);
-        }
-        if let Some(c) = b.canary_perplexity {
-            m.perplexity.with_label_values(&["canary"]).set(c);
-        }
-    }
-    Ok(())
-}
-
-/// Held-out perplexity of the root version: recorded as `before.perplexity` in the report of
-/// the first version promoted on the live version's lineage. `None` while the root is live
-/// and nothing was measured yet (the drift gauge then stays at 0).
-fn root_perplexity(td: &Takedowns, live: &str) -> Option<f64> {
-    let all = td.store.list_versions().ok()?;
-    let chain = ancestry(&all, live)?;
-    // The edits, root excluded, nearest the root last.
-    let (_, edits) = chain.split_last()?;
-    edits
-        .iter()
-        .rev()
-        .find_map(|v| v.metrics["before"]["perplexity"].as_f64())
-}
-
 /// Makes the ancestor version `to` live if `expected` is live now (compare-and-swap), for
 /// `POST /v1/admin/rollback`. Takedowns applied by the versions left behind return to `queued`
 /// in the same store transaction; the guard keeps protecting them and the worker re-applies
@@ -780,6 +778,7 @@ pub fn rollback(
     let lm = load_version(td, &target.id, live.model.device(), td.config.serve_dtype)?;
     versions::smoke_test(&lm.model)?;
     let new = Arc::new(Served::new(lm, Some(live.name.clone()))?);
+    let _moving = td.moving.lock().unwrap_or_else(|e| e.into_inner());
     let requeued = td.store.rollback(expected, to)?;
     swap(td, &live, new, "rollback");
     td.metrics
@@ -793,6 +792,7 @@ pub fn rollback(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::AuditItem;
     use std::path::Path;
 
     use crate::engine::generate::{generate, GenerateRequest};

@@ -5,6 +5,10 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod contract;
+/// A real PostgreSQL for the fleet test (the same helper the library's store tests use).
+#[allow(dead_code)]
+#[path = "../../src/test_util/pg.rs"]
+mod pg;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -900,6 +904,7 @@ async fn serves_over_a_real_socket_on_port_0() {
 mod audits;
 mod contract_fixes;
 mod deploy;
+mod fleet;
 mod hardening;
 mod hardening_http;
 mod takedowns;

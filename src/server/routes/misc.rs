@@ -12,7 +12,8 @@
 //! - `/livez` is 200 while the engine thread and (with takedowns) the unlearning worker and the
 //!   auditor run, else 503; it never depends on the model, the load or a running job.
 //! - `/readyz` is 200 (naming the model and its version) only when the engine answers a probe
-//!   within 2 s, else 503; it and every `/metrics` scrape update `lethe_ready`.
+//!   within 2 s and, in fleet mode, the shared store was read within `--guard-staleness`; else
+//!   503. It and every `/metrics` scrape update `lethe_ready`.
 //! - `/livez`, `/readyz`, `/metrics` and `/openapi.yaml` need no key; `/openapi.yaml` is the
 //!   contract compiled into the binary, served as written.
 
@@ -156,32 +157,38 @@ pub async fn livez(state: web::Data<AppState>) -> Result<HttpResponse, ApiError>
     Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ok" })))
 }
 
-/// Whether the engine answers a probe within 2 s; recorded as `lethe_ready`.
-async fn probe_ready(state: &AppState) -> bool {
-    let ready = state.engine.probe(Duration::from_secs(2)).await;
-    state.metrics.ready.set(i64::from(ready));
+/// Whether this replica is ready: the engine answers a probe within 2 s and, in fleet mode,
+/// the shared store was read within `--guard-staleness`; recorded as `lethe_ready`. `Err` says
+/// why not.
+async fn probe_ready(state: &AppState) -> Result<(), String> {
+    let ready = match state.takedowns.as_ref().and_then(|t| t.fleet_stale()) {
+        Some(stale) => Err(format!(
+            "fleet mode: the shared store was last read {:.1} s ago (over --guard-staleness); \
+             this replica might not guard a takedown accepted elsewhere",
+            stale.as_secs_f64()
+        )),
+        None if state.engine.probe(Duration::from_secs(2)).await => Ok(()),
+        None => Err("the engine did not answer a probe within 2 s".into()),
+    };
+    state.metrics.ready.set(i64::from(ready.is_ok()));
     ready
 }
 
-/// Readiness: a model is loaded and the engine thread answers a probe.
+/// Readiness: a model is loaded, the engine thread answers a probe and (fleet mode) the shared
+/// store is fresh.
 pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let s = state.served();
-    if probe_ready(&state).await {
-        Ok(HttpResponse::Ok().json(serde_json::json!({
-            "status": "ready",
-            "model": s.name,
-            "version": s.version,
-        })))
-    } else {
-        Err(ApiError::Unavailable(
-            "the engine did not answer a probe within 2 s".into(),
-        ))
-    }
+    probe_ready(&state).await.map_err(ApiError::Unavailable)?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "status": "ready",
+        "model": s.name,
+        "version": s.version,
+    })))
 }
 
 /// The exposition; readiness is probed first so `lethe_ready` is current at every scrape.
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
-    probe_ready(&state).await;
+    let _ = probe_ready(&state).await;
     HttpResponse::Ok()
         .insert_header((header::CONTENT_TYPE, prometheus::TEXT_FORMAT))
         .body(state.metrics.render())

@@ -145,7 +145,8 @@ impl PgToSql for PgParam {
     postgres::types::to_sql_checked!();
 }
 
-pub(super) fn pg(op: &'static str) -> impl FnOnce(postgres::Error) -> Error {
+/// Maps a PostgreSQL error to the store's, naming the operation and the server's message.
+pub(crate) fn pg(op: &'static str) -> impl FnOnce(postgres::Error) -> Error {
     move |source| Error::Postgres {
         op,
         message: source

@@ -46,13 +46,16 @@ use serde_json::{json, Value};
 use super::{now, random_hex, Error, Result};
 
 mod db;
+mod fleet;
 pub mod postgres;
 mod records;
 mod registry;
 mod rows;
 mod schema;
 
+pub(crate) use db::pg as pg_error;
 use db::{get, Dialect, Tx};
+pub use fleet::{FleetView, NOTIFY_CHANNEL};
 pub use records::{Event, NewTakedown, NewVersion, State, Swap, SwapKind, Takedown, VersionRecord};
 use rows::{json_col, request_hash, sql, takedown_row, to_json, TD_COLS};
 use schema::migrate;
@@ -66,6 +69,21 @@ pub const MAX_INTERRUPTIONS: i64 = 3;
 /// SQLite's do ("lethe" in ASCII, then 2).
 const PG_WRITE_LOCK: i64 = 0x6c65_7468_6502;
 
+/// Runs `f`, on a thread of its own when called from an async runtime's thread (an HTTP
+/// handler): the synchronous PostgreSQL client drives its connection with a runtime of its own,
+/// which cannot be entered from another runtime's thread. Off a runtime (the worker, the
+/// auditor, tests) `f` runs in place.
+fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return f();
+    }
+    std::thread::scope(|s| {
+        s.spawn(f)
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
 /// The database behind a [`Store`].
 enum Backend {
     Sqlite(Connection),
@@ -76,6 +94,8 @@ enum Backend {
 pub struct Store {
     conn: Mutex<Backend>,
     path: PathBuf,
+    /// PostgreSQL: the URL to reconnect to when the connection closed.
+    url: Option<String>,
 }
 
 impl Store {
@@ -86,6 +106,7 @@ impl Store {
         Ok(Store {
             conn: Mutex::new(Backend::Sqlite(conn)),
             path,
+            url: None,
         })
     }
 
@@ -100,6 +121,7 @@ impl Store {
         Ok(Store {
             conn: Mutex::new(Backend::Postgres(client)),
             path: PathBuf::from(format!("postgres://{shown}")),
+            url: Some(url.to_string()),
         })
     }
 
@@ -110,13 +132,29 @@ impl Store {
 
     /// The connection. A panic in another thread cannot leave a transaction open (a dropped
     /// transaction rolls back), so a poisoned lock is safe to take over.
+    /// A PostgreSQL connection that closed (the server restarted, the network dropped it) is
+    /// replaced by a new one here; if that fails, the call fails and the next one tries again.
     fn conn(&self) -> MutexGuard<'_, Backend> {
-        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+        let mut guard = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        if let (Backend::Postgres(c), Some(url)) = (&mut *guard, &self.url) {
+            if c.is_closed() {
+                match off_runtime(|| ::postgres::Client::connect(url, ::postgres::NoTls)) {
+                    Ok(fresh) => {
+                        tracing::warn!(store = %self.path.display(), "reconnected to the takedown store");
+                        *c = fresh;
+                    }
+                    Err(e) => {
+                        tracing::error!(store = %self.path.display(), error = %e, "cannot reconnect to the takedown store")
+                    }
+                }
+            }
+        }
+        guard
     }
 
     /// Runs `f` in one write transaction (SQLite: `IMMEDIATE`; PostgreSQL: holding
     /// [`PG_WRITE_LOCK`]) and commits it when `f` succeeds; an error rolls everything back.
-    fn write<T>(&self, f: impl FnOnce(&mut dyn Tx) -> Result<T>) -> Result<T> {
+    fn write<T: Send>(&self, f: impl FnOnce(&mut dyn Tx) -> Result<T> + Send) -> Result<T> {
         let mut guard = self.conn();
         match &mut *guard {
             Backend::Sqlite(c) => {
@@ -127,26 +165,27 @@ impl Store {
                 tx.commit().map_err(sql("commit"))?;
                 Ok(out)
             }
-            Backend::Postgres(c) => {
+            Backend::Postgres(c) => off_runtime(|| {
                 let mut tx = c.transaction().map_err(db::pg("begin transaction"))?;
                 tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PG_WRITE_LOCK])
                     .map_err(db::pg("take the write lock"))?;
                 let out = f(&mut tx)?;
+                fleet::notify(&mut tx)?;
                 tx.commit().map_err(db::pg("commit"))?;
                 Ok(out)
-            }
+            }),
         }
     }
 
     /// Runs `f` in one read transaction: its queries see one snapshot.
-    fn read<T>(&self, f: impl FnOnce(&mut dyn Tx) -> Result<T>) -> Result<T> {
+    fn read<T: Send>(&self, f: impl FnOnce(&mut dyn Tx) -> Result<T> + Send) -> Result<T> {
         let mut guard = self.conn();
         match &mut *guard {
             Backend::Sqlite(c) => {
                 let mut tx = c.transaction().map_err(sql("begin transaction"))?;
                 f(&mut tx)
             }
-            Backend::Postgres(c) => {
+            Backend::Postgres(c) => off_runtime(|| {
                 let mut tx = c
                     .build_transaction()
                     .isolation_level(::postgres::IsolationLevel::RepeatableRead)
@@ -154,7 +193,7 @@ impl Store {
                     .start()
                     .map_err(db::pg("begin transaction"))?;
                 f(&mut tx)
-            }
+            }),
         }
     }
 
@@ -583,7 +622,7 @@ impl Store {
         &self,
         job_id: &str,
         to: State,
-        update: impl Fn(&mut dyn Tx, &str, f64) -> Result<Value>,
+        update: impl Fn(&mut dyn Tx, &str, f64) -> Result<Value> + Sync,
     ) -> Result<usize> {
         self.write(|tx| {
             let rows = active_of_job(tx, job_id)?;

@@ -70,14 +70,22 @@ pub(super) fn ancestry<'a>(all: &'a [VersionRecord], live: &str) -> Option<Vec<&
     Some(chain)
 }
 
-/// The registered version `id`, loaded from its directory under the data directory.
+/// The registered version `id`, loaded from its directory under the data directory (fetched
+/// there first from the shared version store in a fleet).
 pub(super) fn load_version(
     td: &Takedowns,
     id: &str,
     device: &candle_core::Device,
     dtype: DType,
 ) -> Result<crate::loader::LoadedModel> {
-    let dir = versions::version_dir(&td.config.data_dir, id);
+    let dir = match &td.fleet {
+        // In a fleet, a version this replica never saw comes from the shared version store.
+        Some(f) => f
+            .versions
+            .fetch(&td.config.data_dir, id)
+            .map_err(|e| store_err(&e))?,
+        None => versions::version_dir(&td.config.data_dir, id),
+    };
     crate::loader::load_dir(&dir, &dir.display().to_string(), device, dtype)
 }
 
