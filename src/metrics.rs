@@ -69,7 +69,8 @@ pub struct Metrics {
     pub fleet_version_propagation: Histogram,
     /// `lethe_fleet_store_staleness_seconds`: since this replica last read the shared store.
     pub fleet_staleness: Gauge,
-    /// `lethe_fleet_worker`: 1 on the replica holding the fleet's worker lock.
+    /// `lethe_fleet_worker`: 1 on the process running unlearning jobs (fleet mode: the replica
+    /// holding the worker lock).
     pub fleet_worker: IntGauge,
 }
 
@@ -279,7 +280,7 @@ impl Metrics {
         .expect("valid metric");
         let fleet_worker = IntGauge::new(
             "lethe_fleet_worker",
-            "Fleet mode: 1 on the replica that holds the worker lock and runs unlearning jobs",
+            "1 on the process that runs unlearning jobs (fleet mode: the replica holding the worker lock)",
         )
         .expect("valid metric");
         let m = Self {

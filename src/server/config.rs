@@ -112,7 +112,8 @@ pub struct FleetArgs {
     #[arg(long, env = "LETHE_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
     /// Fleet mode: the shared version store, `file:///shared/dir` (a volume every replica
-    /// mounts); --data-dir stays this replica's local cache of it.
+    /// mounts) or `s3://bucket/prefix` (any S3-compatible service; settings and credentials
+    /// from AWS_… variables); --data-dir stays this replica's local cache of it.
     #[arg(long, env = "LETHE_VERSIONS_URL")]
     pub versions_url: Option<String>,
     /// Fleet mode: seconds without reading the shared store after which this replica reports
@@ -136,6 +137,9 @@ impl FleetArgs {
         let Some(versions_url) = self.versions_url.clone() else {
             bail!("--database-url needs --versions-url: replicas share versions through it");
         };
+        if !(versions_url.starts_with("file:///") || versions_url.starts_with("s3://")) {
+            bail!("--versions-url must be file:///absolute/dir or s3://bucket/prefix, not {versions_url:?}");
+        }
         if !(self.guard_staleness.is_finite() && self.guard_staleness >= 1.0) {
             bail!("--guard-staleness must be at least 1 second");
         }

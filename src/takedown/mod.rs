@@ -24,10 +24,12 @@
 //! - Failures are [`Error`] values naming the takedown, version, file or SQL operation at fault;
 //!   [`Error::is_disk_full`] tells a full disk from a bug.
 //!
-//! Submodules: [`store`], the durable record (SQLite) and its state machine, version registry
-//! and swap history; [`guard`], the regurgitation guard; [`versions`], version directories and
-//! start-up resolution of the live version; [`worker`], the worker, auditor and rollback that
-//! publish versions to the live pointer.
+//! Submodules: [`store`], the durable record (SQLite, or PostgreSQL in fleet mode) and its
+//! state machine, version registry and swap history; [`guard`], the regurgitation guard;
+//! [`versions`], version directories, the shared version store of a fleet and start-up
+//! resolution of the live version; [`fleet`], fleet mode's worker lock and store freshness;
+//! [`worker`], the worker, auditor, rollback and fleet follower that publish versions to the
+//! live pointer.
 
 pub mod corpus;
 pub mod fleet;

@@ -295,6 +295,10 @@ impl Takedowns {
         if let Ok(mut t) = self.threads.lock() {
             t.extend(started);
         }
+        // On one machine this process is its own worker (fleet mode: worker_loop sets it).
+        if self.fleet.is_none() {
+            self.metrics.fleet_worker.set(1);
+        }
         self.refresh_counts();
         self.notify();
     }

@@ -733,13 +733,19 @@ const NON_FLAG_ENV: [&str; 1] = ["LETHE_MODELS_DIR"];
 /// Parses `lethe <args>` with `env` given as the flags they stand for; every `LETHE_…`
 /// variable must be a flag's or one of [`NON_FLAG_ENV`]. Returns (bind, data dir).
 fn parse_serve(args: &[String], env: &BTreeMap<String, String>) -> (String, String) {
-    try_parse_serve(args, env).unwrap_or_else(|e| panic!("{e}"))
+    let p = try_parse_serve(args, env).unwrap_or_else(|e| panic!("{e}"));
+    (p.bind, p.data_dir)
 }
 
-fn try_parse_serve(
-    args: &[String],
-    env: &BTreeMap<String, String>,
-) -> Result<(String, String), String> {
+/// What a `lethe serve` command line sets.
+struct Serve {
+    bind: String,
+    data_dir: String,
+    database_url: Option<String>,
+    versions_url: Option<String>,
+}
+
+fn try_parse_serve(args: &[String], env: &BTreeMap<String, String>) -> Result<Serve, String> {
     let cmd = serve_command();
     let by_env: BTreeMap<String, String> = cmd
         .get_arguments()
@@ -774,7 +780,12 @@ fn try_parse_serve(
         .unwrap()
         .display()
         .to_string();
-    Ok((get("bind"), data_dir))
+    Ok(Serve {
+        bind: get("bind"),
+        data_dir,
+        database_url: serve.get_one::<String>("database_url").cloned(),
+        versions_url: serve.get_one::<String>("versions_url").cloned(),
+    })
 }
 
 fn port_of(bind: &str) -> u16 {
@@ -1213,4 +1224,159 @@ fn the_kubernetes_manifests_fit_lethe_and_each_other() {
     assert!(alert_rules()
         .iter()
         .any(|r| s(&r["expr"]).contains(r#"up{job="lethe"}"#)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fleet mode (docker/compose.fleet.yaml, docker/k8s/fleet)
+
+#[test]
+fn the_fleet_compose_file_runs_replicas_on_one_database_and_one_version_volume() {
+    let c = yaml("docker/compose.fleet.yaml");
+    let services = c["services"].as_object().unwrap();
+    let replicas: Vec<&String> = services
+        .keys()
+        .filter(|k| k.starts_with("lethe-"))
+        .collect();
+    assert_eq!(replicas.len(), 3, "{replicas:?}");
+    assert!(read("docker/.gitignore").lines().any(|l| l == "fleet.env"));
+    let (mut caches, mut stores, mut targets) = (BTreeSet::new(), BTreeSet::new(), Vec::new());
+    for name in &replicas {
+        let r = &services[name.as_str()];
+        assert_eq!(
+            strings(&r["env_file"]),
+            ["lethe.env", "fleet.env"],
+            "{name}"
+        );
+        let mut env = env_file("docker/lethe.env.example");
+        env.extend(env_file("docker/fleet.env.example"));
+        env.extend(compose_env(r));
+        let p = try_parse_serve(&strings(&r["command"]), &env).unwrap_or_else(|e| panic!("{e}"));
+        let db = p.database_url.expect("--database-url");
+        assert!(db.contains("@postgres:5432/"), "{name}: {db}");
+        let versions = p.versions_url.expect("--versions-url");
+        let dir = versions
+            .strip_prefix("file://")
+            .expect("a file:// version store");
+        let volumes = strings(&r["volumes"]);
+        let at = |path: &str| {
+            volumes
+                .iter()
+                .find_map(|v| v.strip_suffix(&format!(":{path}")).map(String::from))
+                .unwrap_or_else(|| panic!("{name}: no volume at {path}: {volumes:?}"))
+        };
+        stores.insert(at(dir));
+        caches.insert(at(&p.data_dir));
+        assert!(
+            r["depends_on"]["postgres"]["condition"] == "service_healthy",
+            "{name}"
+        );
+        targets.push(format!("{name}:{}", port_of(&p.bind)));
+    }
+    assert_eq!(stores.len(), 1, "one shared version volume: {stores:?}");
+    assert_eq!(caches.len(), 3, "a cache per replica: {caches:?}");
+    for v in stores.iter().chain(&caches) {
+        assert!(c["volumes"].get(v).is_some(), "named volume {v}");
+    }
+    // The database's password is the one in the URL (both from fleet.env).
+    let fleet_env = env_file("docker/fleet.env.example");
+    let pg = &services["postgres"];
+    assert_eq!(strings(&pg["env_file"]), ["fleet.env"]);
+    let user = s(&pg["environment"]["POSTGRES_USER"]);
+    let db = s(&pg["environment"]["POSTGRES_DB"]);
+    assert_eq!(
+        fleet_env["LETHE_DATABASE_URL"],
+        format!(
+            "postgres://{user}:{}@postgres:5432/{db}",
+            fleet_env["POSTGRES_PASSWORD"]
+        )
+    );
+    // Prometheus scrapes every replica.
+    let prom = &services["prometheus"];
+    assert!(strings(&prom["volumes"])
+        .contains(&"./prometheus/prometheus.fleet.yml:/etc/prometheus/prometheus.yml:ro".into()));
+    let config = yaml("docker/prometheus/prometheus.fleet.yml");
+    let job = &arr(&config["scrape_configs"])[0];
+    assert_eq!(strings(&job["static_configs"][0]["targets"]), targets);
+    if let Some(out) = tool(
+        "promtool",
+        &[
+            "check",
+            "config",
+            &repo()
+                .join("docker/prometheus/prometheus.fleet.yml")
+                .display()
+                .to_string(),
+        ],
+    ) {
+        assert_ok("promtool check config prometheus.fleet.yml", &out);
+    }
+}
+
+#[test]
+fn the_fleet_kubernetes_manifests_run_n_replicas_on_the_shared_database_and_volume() {
+    let dir = repo().join("docker/k8s/fleet");
+    let mut k: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        for doc in yaml_docs(&format!("docker/k8s/fleet/{name}")) {
+            let mut doc = doc;
+            doc["_file"] = json!(name);
+            k.entry(s(&doc["kind"]).to_string()).or_default().push(doc);
+        }
+    }
+    let one = |kind: &str| -> &Value { &k[kind][0] };
+    let listed: BTreeSet<String> = strings(&one("Kustomization")["resources"])
+        .into_iter()
+        .collect();
+    let files: BTreeSet<String> = k
+        .values()
+        .flatten()
+        .map(|o| s(&o["_file"]).to_string())
+        .filter(|f| f != "kustomization.yaml" && f != "secret.example.yaml")
+        .collect();
+    assert_eq!(listed, files);
+    let spec = &one("Deployment")["spec"];
+    assert!(spec["replicas"].as_u64().unwrap() >= 2, "several replicas");
+    assert_eq!(spec["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
+    let pod = &spec["template"]["spec"];
+    let c = &arr(&pod["containers"])[0];
+    let mut env = BTreeMap::new();
+    for e in arr(&c["env"]) {
+        let name = s(&e["name"]).to_string();
+        let value = match e["valueFrom"]["secretKeyRef"].as_object() {
+            Some(r) if name == "LETHE_DATABASE_URL" => {
+                // The URL comes from the lethe-db Secret whose example holds key `url`.
+                let secret = one("Secret");
+                assert_eq!(r["name"], secret["metadata"]["name"]);
+                s(&secret["stringData"][s(&r["key"])]).to_string()
+            }
+            Some(_) => "placeholder-from-secret".to_string(),
+            None => s(&e["value"]).to_string(),
+        };
+        env.insert(name, value);
+    }
+    let p = try_parse_serve(&strings(&c["args"]), &env).unwrap_or_else(|e| panic!("{e}"));
+    assert!(p.database_url.is_some_and(|u| u.starts_with("postgres://")));
+    let versions = p.versions_url.expect("--versions-url");
+    let mount = |path: &str| {
+        let m = arr(&c["volumeMounts"])
+            .iter()
+            .find(|m| m["mountPath"] == path)
+            .unwrap_or_else(|| panic!("nothing mounted at {path}"));
+        arr(&pod["volumes"])
+            .iter()
+            .find(|v| v["name"] == m["name"])
+            .unwrap()
+            .clone()
+    };
+    // The version store is the ReadWriteMany claim; the data dir a per-pod cache.
+    let shared = mount(versions.strip_prefix("file://").unwrap());
+    let pvc = one("PersistentVolumeClaim");
+    assert_eq!(
+        shared["persistentVolumeClaim"]["claimName"],
+        pvc["metadata"]["name"]
+    );
+    assert!(strings(&pvc["spec"]["accessModes"]).contains(&"ReadWriteMany".to_string()));
+    assert!(mount(&p.data_dir)["emptyDir"].is_object());
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
 }

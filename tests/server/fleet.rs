@@ -31,7 +31,10 @@ impl Drop for Replica {
 
 impl Replica {
     fn start(db: &str, shared: &str, data: &std::path::Path) -> Replica {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_lethe"))
+        // The benchmark may run another build (`LETHE_FLEET_BENCH_BIN=target/release/lethe`).
+        let bin = std::env::var("LETHE_FLEET_BENCH_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_lethe").to_string());
+        let mut child = Command::new(bin)
             .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
             .arg(data)
             .args(["--database-url", db, "--versions-url", shared])
@@ -274,4 +277,118 @@ fn three_replicas_guard_within_a_second_survive_the_workers_death_and_flip_toget
         assert!(!log.iter().any(|l| l.contains("panicked")), "{log:?}");
     }
     drop(dead);
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// The fleet benchmark (docs/benchmarks.md, "Fleet mode"): rounds of a takedown sent to one
+/// replica, its worker SIGKILLed mid-unlearning and restarted, the new version followed by the
+/// others. Reports the guard delay, the worker fail-over time and the version propagation lag
+/// (each follower's `lethe_fleet_version_propagation_seconds`, from the store's pointer moving
+/// to it serving the version). Run:
+/// `LETHE_FLEET_BENCH_BIN=target/release/lethe cargo test --test server fleet::benchmark -- --ignored --nocapture`
+#[test]
+#[ignore = "a benchmark: minutes; run by the command in its doc comment"]
+fn benchmark() {
+    let rounds: usize = std::env::var("LETHE_FLEET_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(5);
+    let pg = PgServer::start().expect("PostgreSQL (Debian package postgresql)");
+    let db = pg.new_database("fleet_bench");
+    let dirs = tempfile::tempdir().unwrap();
+    let shared = format!("file://{}", dirs.path().join("shared").display());
+    let data = |i: usize| dirs.path().join(format!("r{i}"));
+    let seqs = memorized_rows(rounds);
+    assert_eq!(seqs.len(), rounds, "memorized sequences for every round");
+    let mut replicas: Vec<Replica> = (0..3)
+        .map(|i| Replica::start(&db, &shared, &data(i)))
+        .collect();
+    let (mut guard, mut failover, mut lag) = (Vec::new(), Vec::new(), Vec::new());
+    for (round, seq) in seqs.iter().enumerate() {
+        let worker = wait_until("one worker", 30, || {
+            let w: Vec<usize> = (0..3)
+                .filter(|&i| replicas[i].metric("lethe_fleet_worker") == Some(1.0))
+                .collect();
+            (w.len() == 1).then(|| w[0])
+        });
+        let (to, watch) = ((worker + 1) % 3, (worker + 2) % 3);
+        let sums: Vec<f64> = replicas
+            .iter()
+            .map(|r| {
+                r.metric("lethe_fleet_version_propagation_seconds_sum")
+                    .unwrap_or(0.0)
+            })
+            .collect();
+        let body = json!({"sequences": [seq]}).to_string();
+        let (status, resp) = http(&replicas[to].addr, "POST", "/v1/takedowns", &body);
+        assert_eq!(status, 202, "{resp}");
+        let accepted = Instant::now();
+        let id = serde_json::from_str::<Value>(&resp).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let prompt = seq[..50].to_vec();
+        let g = wait_until("guarded", 5, || {
+            let (_, c) = complete(&replicas[watch].addr, &prompt);
+            (c["choices"][0]["finish_reason"] == "content_filter").then(|| accepted.elapsed())
+        });
+        guard.push(g.as_secs_f64());
+        wait_until("unlearning", 300, || {
+            let t = replicas[worker].get(&format!("/v1/takedowns/{id}"));
+            (t["phase"] == "unlearning").then_some(())
+        });
+        replicas[worker].child.kill().unwrap();
+        replicas[worker].child.wait().unwrap();
+        let killed = Instant::now();
+        let next = wait_until("fail-over", 30, || {
+            [to, watch]
+                .into_iter()
+                .find(|&i| replicas[i].metric("lethe_fleet_worker") == Some(1.0))
+        });
+        failover.push(killed.elapsed().as_secs_f64());
+        let t = wait_until("applied", 900, || {
+            let t = replicas[next].get(&format!("/v1/takedowns/{id}"));
+            (t["status"] != "running" && t["status"] != "queued" && t["status"] != "validating")
+                .then_some(t)
+        });
+        assert_eq!(t["status"], "applied", "{t}");
+        let v = t["version"].as_str().unwrap().to_string();
+        let follower = if next == to { watch } else { to };
+        wait_until("followed", 30, || {
+            (replicas[follower].version() == v).then_some(())
+        });
+        let l = replicas[follower]
+            .metric("lethe_fleet_version_propagation_seconds_sum")
+            .unwrap()
+            - sums[follower];
+        lag.push(l);
+        eprintln!(
+            "fleet bench round {round}: guard {:.3} s, fail-over {:.3} s, propagation {l:.3} s",
+            g.as_secs_f64(),
+            failover[round]
+        );
+        // The killed replica comes back on its own cache and follows the live version.
+        let restarted = Replica::start(&db, &shared, &data(worker));
+        assert_eq!(restarted.version(), v);
+        replicas[worker] = restarted;
+    }
+    let max = |v: &[f64]| v.iter().cloned().fold(f64::MIN, f64::max);
+    eprintln!(
+        "fleet bench ({rounds} rounds): guard median {:.3} s max {:.3} s; fail-over median {:.3} s max {:.3} s; propagation median {:.3} s max {:.3} s",
+        median(&mut guard.clone()),
+        max(&guard),
+        median(&mut failover.clone()),
+        max(&failover),
+        median(&mut lag.clone()),
+        max(&lag)
+    );
 }

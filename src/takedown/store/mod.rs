@@ -34,7 +34,8 @@
 //!
 //! Here: opening the database and the takedown queue (create, claim, progress, finish, cancel,
 //! requeue). `db`: the transaction interface; `records`: the state machine and the records;
-//! `schema` and `postgres`: each database's migrations; `rows`: SQL row mapping;
+//! `schema` and `postgres`: each database's migrations; `rows`: SQL row mapping; `fleet`: what
+//! a fleet replica reads to follow the store, and the notification every PostgreSQL write sends;
 //! `registry`: versions, the current-version pointer and its history (promote, rollback).
 
 use std::path::{Path, PathBuf};

@@ -1,5 +1,5 @@
 //! The PostgreSQL side of the takedown store (fleet mode, `--database-url postgres://…`): the
-//! schema and its migrations. The queries follow in the next steps of issue #20.
+//! schema and its migrations. The queries are the SQLite store's, through `db::Tx`.
 //!
 //! Invariants:
 //! - The schema is the SQLite schema's, in PostgreSQL's types: `seq` columns are identities,

@@ -71,10 +71,21 @@ fn remote_err(
 }
 
 impl SharedVersions {
-    /// Opens the store at `url`: `file:///absolute/dir` (created if missing), or a cloud URL
-    /// (`s3://bucket/prefix`, `gs://…`, `az://…`) when lethe is built with that backend;
-    /// credentials come from the environment (`AWS_…`, `GOOGLE_…`, `AZURE_…`).
+    /// Opens the store at `url`: `file:///absolute/dir` (created if missing) or
+    /// `s3://bucket/prefix` (any S3-compatible service), with its settings and credentials from
+    /// the environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
+    /// `AWS_ENDPOINT` for a service other than AWS, `AWS_ALLOW_HTTP`, …).
     pub fn open(url: &str) -> Result<SharedVersions> {
+        Self::open_with(url, std::env::vars())
+    }
+
+    /// [`SharedVersions::open`] with the settings given as `(key, value)` pairs (the
+    /// `object_store` crate's configuration keys, e.g. `aws_endpoint`; case does not matter,
+    /// unknown keys are ignored) instead of the environment.
+    pub fn open_with(
+        url: &str,
+        options: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<SharedVersions> {
         let parsed = url::Url::parse(url)
             .map_err(|e| Error::invalid("--versions-url", format!("{url:?}: {e}")))?;
         if parsed.scheme() == "file" {
@@ -83,7 +94,7 @@ impl SharedVersions {
             })?;
             std::fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
         }
-        let (store, prefix) = object_store::parse_url_opts(&parsed, std::env::vars())
+        let (store, prefix) = object_store::parse_url_opts(&parsed, options)
             .map_err(|e| Error::invalid("--versions-url", format!("{url:?}: {e}")))?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -313,6 +324,106 @@ mod tests {
             .unwrap()
             .collect();
         assert!(left.is_empty(), "the temporary download is removed");
+    }
+
+    /// An S3-compatible server for the test: moto's (`scripts/s3/requirements.txt`), from
+    /// `LETHE_MOTO_SERVER` or `target/moto-venv`. `None` (the test prints that it skipped) when
+    /// it is missing, unless `LETHE_REQUIRE_S3` is set, as `.ci/run` sets it.
+    struct Moto(std::process::Child, u16);
+
+    impl Drop for Moto {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn moto() -> Option<Moto> {
+        let bin = std::env::var("LETHE_MOTO_SERVER")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("target/moto-venv/bin/moto_server")
+            });
+        if !bin.exists() {
+            assert!(
+                std::env::var_os("LETHE_REQUIRE_S3").is_none(),
+                "LETHE_REQUIRE_S3 is set but {} is missing (pip install -r scripts/s3/requirements.txt)",
+                bin.display()
+            );
+            eprintln!(
+                "skipped: no S3-compatible server ({} missing)",
+                bin.display()
+            );
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new(bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let moto = Moto(child, port);
+        // Ready when it answers; then create the bucket (PUT /bucket).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                write!(
+                    s,
+                    "PUT /lethe-versions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+                     Content-Length: 0\r\nConnection: close\r\n\r\n"
+                )
+                .unwrap();
+                let mut out = String::new();
+                let _ = s.read_to_string(&mut out);
+                if out.starts_with("HTTP/1.1 200") {
+                    return Some(moto);
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "moto_server did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    #[test]
+    fn a_version_round_trips_through_an_s3_compatible_store() {
+        let Some(server) = moto() else {
+            return;
+        };
+        let options = [
+            ("aws_endpoint", format!("http://127.0.0.1:{}", server.1)),
+            ("aws_allow_http", "true".into()),
+            ("aws_access_key_id", "test".into()),
+            ("aws_secret_access_key", "test".into()),
+            ("aws_region", "us-east-1".into()),
+        ]
+        .map(|(k, v)| (k.to_string(), v));
+        let remote = SharedVersions::open_with("s3://lethe-versions/fleet", options).unwrap();
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (id, dir) = super::super::import_base(a.path(), &base()).unwrap();
+        assert!(!remote.contains(&id).unwrap());
+        assert!(remote.upload(&id, &dir).unwrap());
+        assert!(
+            !remote.upload(&id, &dir).unwrap(),
+            "a second upload writes nothing"
+        );
+        let got = remote.fetch(b.path(), &id).unwrap();
+        assert_eq!(crate::loader::content_hash(&got).unwrap(), id);
+        for (name, path) in super::super::top_files(&dir).unwrap() {
+            assert_eq!(
+                std::fs::read(&path).unwrap(),
+                std::fs::read(got.join(&name)).unwrap()
+            );
+        }
+        let missing = remote.fetch(b.path(), "0000000000000000").unwrap_err();
+        assert!(matches!(missing, Error::VersionNotFound(_)), "{missing}");
     }
 
     #[test]
