@@ -67,13 +67,21 @@ pub enum WorkerLock {
     Elsewhere,
 }
 
+/// The worker lock's database session.
+struct LockSession {
+    client: postgres::Client,
+    /// Whether this session holds the lock.
+    held: bool,
+}
+
 /// A replica's fleet state: the shared version store, the worker lock's session, and when the
 /// store was last read.
 pub struct Fleet {
     pub config: FleetConfig,
     pub versions: SharedVersions,
-    /// The session holding [`WORKER_LOCK`], while this replica is the worker.
-    lock: Mutex<Option<postgres::Client>>,
+    /// The session that asks for [`WORKER_LOCK`] (and holds it while this replica is the
+    /// worker).
+    lock: Mutex<Option<LockSession>>,
     last_read: Mutex<Instant>,
 }
 
@@ -97,38 +105,48 @@ impl Fleet {
         })
     }
 
-    /// Whether this replica is the fleet's worker, taking the lock if it is free.
+    /// Whether this replica is the fleet's worker, taking the lock if it is free. A replica
+    /// that is not keeps its session and asks again on it at the next call.
     pub fn worker_lock(&self) -> WorkerLock {
         let mut lock = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = lock.as_mut() {
-            if c.is_valid(LOCK_CHECK_TIMEOUT).is_ok() {
+        if let Some(s) = lock.as_mut() {
+            if s.client.is_valid(LOCK_CHECK_TIMEOUT).is_err() {
+                if s.held {
+                    tracing::error!("the worker lock's database session is gone; this replica stops being the worker");
+                }
+                *lock = None;
+            } else if s.held {
                 return WorkerLock::Held;
             }
-            tracing::error!(
-                "the worker lock's database session is gone; this replica stops being the worker"
-            );
-            *lock = None;
         }
-        match self.try_lock() {
-            Ok(Some(c)) => {
-                *lock = Some(c);
+        let s = match lock.as_mut() {
+            Some(s) => s,
+            None => match postgres::Client::connect(&self.config.database_url.0, postgres::NoTls) {
+                Ok(client) => lock.insert(LockSession {
+                    client,
+                    held: false,
+                }),
+                Err(e) => {
+                    tracing::warn!(error = %pg("connect for the worker lock")(e), "cannot reach the database for the worker lock");
+                    return WorkerLock::Elsewhere;
+                }
+            },
+        };
+        match s
+            .client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&WORKER_LOCK])
+        {
+            Ok(row) if row.get::<_, bool>(0) => {
+                s.held = true;
                 WorkerLock::Acquired
             }
-            Ok(None) => WorkerLock::Elsewhere,
+            Ok(_) => WorkerLock::Elsewhere,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot reach the database for the worker lock");
+                tracing::warn!(error = %pg("try the worker lock")(e), "cannot take the worker lock");
+                *lock = None;
                 WorkerLock::Elsewhere
             }
         }
-    }
-
-    fn try_lock(&self) -> Result<Option<postgres::Client>> {
-        let mut c = postgres::Client::connect(&self.config.database_url.0, postgres::NoTls)
-            .map_err(pg("connect for the worker lock"))?;
-        let row = c
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&WORKER_LOCK])
-            .map_err(pg("try the worker lock"))?;
-        Ok(row.get::<_, bool>(0).then_some(c))
     }
 
     /// Whether this replica still holds the worker lock (its session answers); a job checks it
@@ -137,8 +155,8 @@ impl Fleet {
         let mut lock = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let alive = lock
             .as_mut()
-            .is_some_and(|c| c.is_valid(LOCK_CHECK_TIMEOUT).is_ok());
-        if !alive {
+            .is_some_and(|s| s.held && s.client.is_valid(LOCK_CHECK_TIMEOUT).is_ok());
+        if !alive && lock.as_ref().is_some_and(|s| s.held) {
             *lock = None;
         }
         alive
@@ -146,7 +164,9 @@ impl Fleet {
 
     /// Whether this replica holds the worker lock (without checking its session).
     pub fn is_worker(&self) -> bool {
-        self.lock.lock().is_ok_and(|l| l.is_some())
+        self.lock
+            .lock()
+            .is_ok_and(|l| l.as_ref().is_some_and(|s| s.held))
     }
 
     /// Records a successful read of the store.
