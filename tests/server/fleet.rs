@@ -273,6 +273,43 @@ fn three_replicas_guard_within_a_second_survive_the_workers_death_and_flip_toget
     assert_eq!(a["model_version"], v1.as_str());
     for r in &replicas {
         assert_eq!(r.metric("lethe_fleet_version_lag_seconds"), Some(0.0));
+    }
+
+    // A rollback on one replica propagates the same way: the other serves the root again
+    // within 2 s.
+    let body = json!({"to_version": v0, "expected_current": v1}).to_string();
+    let (status, resp) = http(&replicas[0].addr, "POST", "/v1/admin/rollback", &body);
+    assert_eq!(status, 200, "{resp}");
+    let rolled = Instant::now();
+    wait_until("the rollback reaches the other replica", 2, || {
+        (replicas[1].version() == v0).then_some(())
+    });
+    eprintln!(
+        "fleet: rollback on one replica served by the other after {:?}",
+        rolled.elapsed()
+    );
+
+    // The store goes away: after --guard-staleness (5 s) each replica is not ready, so a load
+    // balancer stops sending it traffic it might answer unguarded; it still answers.
+    drop(pg);
+    let gone = Instant::now();
+    for r in &replicas {
+        let (status, body) = wait_until("not ready without the store", 15, || {
+            let (status, body) = http(&r.addr, "GET", "/readyz", "");
+            (status == 503).then_some((status, body))
+        });
+        assert!(body.contains("--guard-staleness"), "{status} {body}");
+        assert_eq!(r.metric("lethe_ready"), Some(0.0));
+    }
+    let stale = gone.elapsed();
+    eprintln!("fleet: not ready {stale:?} after the database stopped");
+    assert!(
+        stale >= Duration::from_secs(3),
+        "not ready only after the staleness limit: {stale:?}"
+    );
+    let (s, c) = complete(&replicas[0].addr, &seqs[2][..20]);
+    assert_eq!(s, 200, "{c}");
+    for r in &replicas {
         let log = r.log.lock().unwrap();
         assert!(!log.iter().any(|l| l.contains("panicked")), "{log:?}");
     }
