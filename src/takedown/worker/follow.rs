@@ -9,8 +9,10 @@
 //!   is rebuilt from the read (what a cancel does on one machine).
 //! - When the store's live version is not this replica's, the version is fetched (local cache
 //!   or the shared version store, verified by hash), loaded in the serving dtype, smoke-tested
-//!   and swapped in exactly as a local promote or rollback is; a failure leaves the old version
-//!   serving and is retried at the next read (`lethe_fleet_version_lag_seconds` keeps growing).
+//!   and swapped in exactly as a local promote or rollback is, on a thread of its own: reads of
+//!   the store (the guard, freshness) go on while a large model loads. A failure leaves the old
+//!   version serving and is retried at the next read (`lethe_fleet_version_lag_seconds` keeps
+//!   growing).
 //! - Each successful read marks the fleet fresh; a lost connection is reopened at the next
 //!   iteration, and the replica turns not-ready after `--guard-staleness` without a read.
 
@@ -80,40 +82,63 @@ pub(super) fn follow_loop(td: &Takedowns) {
     let url = fleet.config.database_url.0.clone();
     let mut session: Option<Session> = None;
     let mut seen = Seen::default();
-    while !td.stopping() {
-        let s = match session.as_mut() {
-            Some(s) => s,
-            None => match Session::open(&url) {
-                Ok(s) => session.insert(s),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot reach the fleet's database; retrying");
+    // A version is loaded on a thread of its own, so the guard keeps following the store (and
+    // the replica stays ready) while a large model loads.
+    std::thread::scope(|scope| {
+        let mut loading: Option<std::thread::ScopedJoinHandle<'_, ()>> = None;
+        while !td.stopping() {
+            let s = match session.as_mut() {
+                Some(s) => s,
+                None => match Session::open(&url) {
+                    Ok(s) => session.insert(s),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot reach the fleet's database; retrying");
+                        std::thread::sleep(POLL);
+                        continue;
+                    }
+                },
+            };
+            let outcome = crate::supervise::catch("fleet", || sync(td, &s.store, &mut seen));
+            match outcome {
+                Ok(Ok(Some((to, moved_at)))) => {
+                    if loading.as_ref().is_none_or(|h| h.is_finished()) {
+                        loading = Some(scope.spawn(move || {
+                            if crate::supervise::catch("fleet", || {
+                                follow_version(td, &to, moved_at)
+                            })
+                            .is_err()
+                            {
+                                td.metrics.panics.with_label_values(&["fleet"]).inc();
+                            }
+                        }));
+                    }
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "reading the fleet's store failed; reconnecting");
+                    session = None;
                     std::thread::sleep(POLL);
                     continue;
                 }
-            },
-        };
-        let outcome = crate::supervise::catch("fleet", || sync(td, &s.store, &mut seen));
-        match outcome {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "reading the fleet's store failed; reconnecting");
-                session = None;
-                std::thread::sleep(POLL);
-                continue;
+                Err(_) => td.metrics.panics.with_label_values(&["fleet"]).inc(),
             }
-            Err(_) => td.metrics.panics.with_label_values(&["fleet"]).inc(),
+            td.metrics
+                .fleet_staleness
+                .set(fleet.staleness().as_secs_f64());
+            if !s.wait(POLL) {
+                session = None;
+            }
         }
-        td.metrics
-            .fleet_staleness
-            .set(fleet.staleness().as_secs_f64());
-        if !s.wait(POLL) {
-            session = None;
-        }
-    }
+    });
 }
 
-/// One read of the store: the guard, then the live version.
-fn sync(td: &Takedowns, store: &Store, seen: &mut Seen) -> crate::takedown::Result<()> {
+/// One read of the store: the guard is brought up to date; returns the store's live version
+/// (and when its pointer moved) when this replica serves another one.
+fn sync(
+    td: &Takedowns,
+    store: &Store,
+    seen: &mut Seen,
+) -> crate::takedown::Result<Option<(String, f64)>> {
     let view = store.fleet_view(seen.last_seq)?;
     let fleet = td.fleet.as_ref().expect("fleet mode");
     if seen.cancelled != Some(view.cancelled) {
@@ -134,28 +159,34 @@ fn sync(td: &Takedowns, store: &Store, seen: &mut Seen) -> crate::takedown::Resu
         td.notify();
     }
     let Some((current, moved_at)) = view.current else {
-        return Ok(());
+        return Ok(None);
     };
-    let live = td.live.served();
-    if live.version == current {
+    if td.live.served().version == current {
         td.metrics.fleet_version_lag.set(0.0);
-        return Ok(());
+        return Ok(None);
     }
-    let lag = (crate::takedown::now() - moved_at).max(0.0);
-    td.metrics.fleet_version_lag.set(lag);
-    match follow(td, &live, &current) {
+    td.metrics
+        .fleet_version_lag
+        .set((crate::takedown::now() - moved_at).max(0.0));
+    Ok(Some((current, moved_at)))
+}
+
+/// Follows the store's live version `to` (its pointer moved at `moved_at`); a failure is
+/// logged and retried at the next read.
+fn follow_version(td: &Takedowns, to: &str, moved_at: f64) {
+    let live = td.live.served();
+    match follow(td, &live, to) {
         Ok(true) => {
             let lag = (crate::takedown::now() - moved_at).max(0.0);
             td.metrics.fleet_version_propagation.observe(lag);
             td.metrics.fleet_version_lag.set(0.0);
-            tracing::info!(version = %current, lag_seconds = lag, "following the fleet's live version");
+            tracing::info!(version = %to, lag_seconds = lag, "following the fleet's live version");
         }
         Ok(false) => {}
         Err(e) => {
-            tracing::error!(version = %current, error = %e, "cannot load the fleet's live version; still serving {}", live.version)
+            tracing::error!(version = %to, error = %e, "cannot load the fleet's live version; still serving {}", live.version)
         }
     }
-    Ok(())
 }
 
 /// Loads `to` and swaps it in for `live`. False when the live version moved meanwhile (this
