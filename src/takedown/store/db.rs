@@ -85,17 +85,78 @@ impl Tx for rusqlite::Transaction<'_> {
     }
 
     fn execute(&mut self, q: &str, params: &[&dyn ToSql]) -> Result<usize> {
-        let mut stmt = self.prepare_cached(q).map_err(sql("prepare"))?;
-        stmt.execute(params).map_err(sql("execute"))
+        let mut stmt = self.prepare_cached(q).map_err(sql(op_of(q)))?;
+        stmt.execute(params).map_err(sql(op_of(q)))
     }
 
     fn query(&mut self, q: &str, params: &[&dyn ToSql]) -> Result<Vec<Vec<Value>>> {
-        let mut stmt = self.prepare_cached(q).map_err(sql("prepare"))?;
+        let mut stmt = self.prepare_cached(q).map_err(sql(op_of(q)))?;
         let n = stmt.column_count();
         let rows = stmt
             .query_map(params, |r| (0..n).map(|i| r.get::<_, Value>(i)).collect())
-            .map_err(sql("query"))?;
-        rows.collect::<rusqlite::Result<_>>().map_err(sql("query"))
+            .map_err(sql(op_of(q)))?;
+        rows.collect::<rusqlite::Result<_>>().map_err(sql(op_of(q)))
+    }
+}
+
+/// The operation a statement performs, for its errors ("insert takedown", "read versions"):
+/// its verb and the table it names.
+pub(super) fn op_of(q: &str) -> &'static str {
+    const TABLES: [(&str, &str, &str, &str); 6] = [
+        // (table, insert, update, read)
+        (
+            "takedowns",
+            "insert takedown",
+            "update takedown",
+            "read takedowns",
+        ),
+        ("events", "insert event", "update event", "read events"),
+        (
+            "versions",
+            "insert version",
+            "update version",
+            "read versions",
+        ),
+        (
+            "current_version",
+            "set the current version",
+            "move the current version",
+            "read the current version",
+        ),
+        ("swaps", "record a swap", "update a swap", "read swaps"),
+        (
+            "lethe_schema",
+            "set the schema version",
+            "set the schema version",
+            "read the schema version",
+        ),
+    ];
+    let words: Vec<String> = q
+        .split(|c: char| c.is_whitespace() || c == '(' || c == ',')
+        .filter(|w| !w.is_empty())
+        .map(str::to_ascii_lowercase)
+        .collect();
+    let after = |kw: &str| {
+        words
+            .iter()
+            .position(|w| w == kw)
+            .and_then(|i| words.get(i + 1))
+    };
+    let verb = words.first().map_or("", String::as_str);
+    let table = match verb {
+        "insert" => after("into"),
+        "update" => words.get(1),
+        "select" => after("from"),
+        "notify" => return "notify the replicas",
+        _ => None,
+    };
+    let Some(t) = table.and_then(|t| TABLES.iter().find(|e| e.0 == t)) else {
+        return if verb == "select" { "query" } else { "execute" };
+    };
+    match verb {
+        "insert" => t.1,
+        "update" => t.2,
+        _ => t.3,
     }
 }
 
@@ -197,8 +258,8 @@ impl Tx for postgres::Transaction<'_> {
         let vals: Vec<PgParam> = values(params)?.into_iter().map(PgParam).collect();
         let refs: Vec<&(dyn PgToSql + Sync)> =
             vals.iter().map(|v| v as &(dyn PgToSql + Sync)).collect();
-        let n = postgres::Transaction::execute(self, to_pg(q).as_str(), &refs)
-            .map_err(pg("execute"))?;
+        let n =
+            postgres::Transaction::execute(self, to_pg(q).as_str(), &refs).map_err(pg(op_of(q)))?;
         Ok(n as usize)
     }
 
@@ -207,7 +268,7 @@ impl Tx for postgres::Transaction<'_> {
         let refs: Vec<&(dyn PgToSql + Sync)> =
             vals.iter().map(|v| v as &(dyn PgToSql + Sync)).collect();
         postgres::Transaction::query(self, to_pg(q).as_str(), &refs)
-            .map_err(pg("query"))?
+            .map_err(pg(op_of(q)))?
             .iter()
             .map(pg_row)
             .collect()
@@ -217,6 +278,38 @@ impl Tx for postgres::Transaction<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_name_the_statements_operation() {
+        for (q, op) in [
+            (
+                "INSERT INTO takedowns (id, state) VALUES (?1, ?2)",
+                "insert takedown",
+            ),
+            (
+                "UPDATE takedowns SET state = ?1 WHERE id = ?2",
+                "update takedown",
+            ),
+            (
+                "SELECT seq, sequences FROM takedowns WHERE seq > ?1",
+                "read takedowns",
+            ),
+            ("SELECT COUNT(*) FROM events", "read events"),
+            (
+                "INSERT INTO swaps(from_version) VALUES (?1)",
+                "record a swap",
+            ),
+            (
+                "select version from current_version where one = 1",
+                "read the current version",
+            ),
+            ("NOTIFY lethe_store", "notify the replicas"),
+            ("SELECT 1", "query"),
+            ("VACUUM", "execute"),
+        ] {
+            assert_eq!(op_of(q), op, "{q}");
+        }
+    }
 
     #[test]
     fn placeholders_are_rewritten_outside_literals_only() {
