@@ -112,8 +112,9 @@ pub struct FleetArgs {
     #[arg(long, env = "LETHE_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
     /// Fleet mode: the shared version store, `file:///shared/dir` (a volume every replica
-    /// mounts) or `s3://bucket/prefix` (any S3-compatible service; settings and credentials
-    /// from AWS_… variables); --data-dir stays this replica's local cache of it.
+    /// mounts), `s3://bucket/prefix` (any S3-compatible service; settings and credentials from
+    /// AWS_… variables) or `gs://bucket/prefix` (GOOGLE_… variables); --data-dir stays this
+    /// replica's local cache of it.
     #[arg(long, env = "LETHE_VERSIONS_URL")]
     pub versions_url: Option<String>,
     /// Fleet mode: seconds without reading the shared store after which this replica reports
@@ -137,8 +138,11 @@ impl FleetArgs {
         let Some(versions_url) = self.versions_url.clone() else {
             bail!("--database-url needs --versions-url: replicas share versions through it");
         };
-        if !(versions_url.starts_with("file:///") || versions_url.starts_with("s3://")) {
-            bail!("--versions-url must be file:///absolute/dir or s3://bucket/prefix, not {versions_url:?}");
+        if !["file:///", "s3://", "gs://"]
+            .iter()
+            .any(|p| versions_url.starts_with(p))
+        {
+            bail!("--versions-url must be file:///absolute/dir, s3://bucket/prefix or gs://bucket/prefix, not {versions_url:?}");
         }
         if !(self.guard_staleness.is_finite() && self.guard_staleness >= 1.0) {
             bail!("--guard-staleness must be at least 1 second");
@@ -536,5 +540,67 @@ mod tests {
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("sk-inference-123456"), "{dbg}");
         assert!(!dbg.contains("sk-admin-654321"), "{dbg}");
+    }
+
+    #[test]
+    fn fleet_flags_go_together_and_the_database_password_never_shows() {
+        let d = tempfile::tempdir().unwrap();
+        let dd = d.path().to_str().unwrap();
+        let db = "postgres://lethe:s3cret-pw@db:5432/lethe";
+        assert!(parse(&["--data-dir", dd]).unwrap().takedown.fleet.is_none());
+        for (args, flag) in [
+            (vec!["--database-url", db], "--versions-url"),
+            (vec!["--versions-url", "file:///v"], "--database-url"),
+            (
+                vec![
+                    "--database-url",
+                    "mysql://x/y",
+                    "--versions-url",
+                    "file:///v",
+                ],
+                "--database-url",
+            ),
+            (
+                vec!["--database-url", db, "--versions-url", "ftp://h/v"],
+                "--versions-url",
+            ),
+            (
+                vec![
+                    "--database-url",
+                    db,
+                    "--versions-url",
+                    "file:///v",
+                    "--guard-staleness",
+                    "0.5",
+                ],
+                "--guard-staleness",
+            ),
+        ] {
+            let mut argv = vec!["--data-dir", dd];
+            argv.extend(args);
+            let e = parse(&argv).unwrap_err().to_string();
+            assert!(e.contains(flag), "{argv:?}: {e}");
+        }
+        for versions in ["file:///shared/v", "s3://bucket/v", "gs://bucket/v"] {
+            let c = parse(&[
+                "--data-dir",
+                dd,
+                "--database-url",
+                db,
+                "--versions-url",
+                versions,
+            ])
+            .unwrap();
+            let f = c.takedown.fleet.clone().unwrap();
+            assert_eq!(
+                (f.versions_url.as_str(), f.guard_staleness),
+                (versions, Duration::from_secs(5))
+            );
+            let logged = format!("{c:?}");
+            assert!(
+                !logged.contains("s3cret-pw") && logged.contains("db:5432/lethe"),
+                "{logged}"
+            );
+        }
     }
 }

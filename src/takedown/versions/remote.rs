@@ -1,6 +1,6 @@
 //! Versions in shared storage (fleet mode, `lethe serve --versions-url`): every version
-//! directory, content-addressed, in an object store (a shared directory as `file:///…`; S3,
-//! GCS and Azure through the `object_store` crate), and each replica's local copy under
+//! directory, content-addressed, in an object store (a shared directory as `file:///…`, S3 and
+//! GCS, through the `object_store` crate), and each replica's local copy under
 //! `data_dir/versions/` as a cache.
 //!
 //! Invariants:
@@ -71,10 +71,11 @@ fn remote_err(
 }
 
 impl SharedVersions {
-    /// Opens the store at `url`: `file:///absolute/dir` (created if missing) or
-    /// `s3://bucket/prefix` (any S3-compatible service), with its settings and credentials from
-    /// the environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
-    /// `AWS_ENDPOINT` for a service other than AWS, `AWS_ALLOW_HTTP`, …).
+    /// Opens the store at `url`: `file:///absolute/dir` (created if missing),
+    /// `s3://bucket/prefix` (any S3-compatible service) or `gs://bucket/prefix` (Google Cloud
+    /// Storage), with its settings and credentials from the environment (`AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT` for a service other than AWS,
+    /// `AWS_ALLOW_HTTP`, …; `GOOGLE_SERVICE_ACCOUNT`, `GOOGLE_BUCKET`, …).
     pub fn open(url: &str) -> Result<SharedVersions> {
         Self::open_with(url, std::env::vars())
     }
