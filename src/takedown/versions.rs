@@ -310,6 +310,29 @@ pub fn smoke_test(model: &crate::models::Model) -> crate::Result<()> {
     }
 }
 
+/// Loads the version directory `dir` as the version `id` is served: in `dtype` on `device`,
+/// smoke-tested, and named `name`. A directory whose content does not hash to `id` is an error:
+/// what goes live is exactly the version the store names.
+pub fn load_served(
+    dir: &Path,
+    id: &str,
+    device: &candle_core::Device,
+    dtype: DType,
+    name: Option<String>,
+) -> crate::Result<crate::engine::served::Served> {
+    let lm = crate::loader::load_dir(dir, &dir.display().to_string(), device, dtype)?;
+    smoke_test(&lm.model)?;
+    let served = crate::engine::served::Served::new(lm, name)?;
+    if served.version != id {
+        return Err(store_err(&format!(
+            "version {id} loaded from {} with a different hash {}",
+            dir.display(),
+            served.version
+        )));
+    }
+    Ok(served)
+}
+
 /// Registers the served base model as the root version (first start), or loads the current
 /// version recorded in the store (restarts). Returns the directory to serve.
 ///

@@ -56,7 +56,7 @@ mod auditor;
 mod follow;
 mod lineage;
 use auditor::auditor_loop;
-use lineage::{job_parent, lineage_of, load_version, root_baseline};
+use lineage::{job_parent, lineage_of, root_baseline, version_dir_of};
 
 /// Takedown settings (flags of `lethe serve`).
 #[derive(Debug, Clone)]
@@ -706,16 +706,13 @@ fn publish(
             return Err(store_err(&"lost the fleet's worker lock before publishing"));
         }
     }
-    let dtype = td.config.serve_dtype;
-    let lm = crate::loader::load_dir(&path, &path.display().to_string(), model.device(), dtype)?;
-    versions::smoke_test(&lm.model)?;
-    let served = Served::new(lm, Some(base.name.clone()))?;
-    if served.version != id {
-        return Err(store_err(&format!(
-            "version {id} reloaded with a different hash {}",
-            served.version
-        )));
-    }
+    let served = versions::load_served(
+        &path,
+        &id,
+        model.device(),
+        td.config.serve_dtype,
+        Some(base.name.clone()),
+    )?;
     let mut report = report.clone();
     report["version"] = json!(id);
     let _moving = td.moving.lock().unwrap_or_else(|e| e.into_inner());
@@ -779,9 +776,13 @@ pub fn rollback(
         return Ok((to.to_string(), expected.to_string(), 0));
     }
     let target = td.store.get_version(to)?;
-    let lm = load_version(td, &target.id, live.model.device(), td.config.serve_dtype)?;
-    versions::smoke_test(&lm.model)?;
-    let new = Arc::new(Served::new(lm, Some(live.name.clone()))?);
+    let new = Arc::new(versions::load_served(
+        &version_dir_of(td, &target.id)?,
+        &target.id,
+        live.model.device(),
+        td.config.serve_dtype,
+        Some(live.name.clone()),
+    )?);
     let _moving = td.moving.lock().unwrap_or_else(|e| e.into_inner());
     let requeued = td.store.rollback(expected, to)?;
     swap(td, &live, new, "rollback");

@@ -1074,12 +1074,17 @@ fn compose_wires_lethe_prometheus_and_grafana_together() {
 
 /// Every object in docker/k8s, by kind.
 fn k8s_objects() -> BTreeMap<String, Vec<Value>> {
+    k8s_objects_in("docker/k8s")
+}
+
+/// Every object in the manifests directly in `rel` (a directory of the repository), by kind;
+/// each carries its file's name as `_file`.
+fn k8s_objects_in(rel: &str) -> BTreeMap<String, Vec<Value>> {
     let mut out: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-    let dir = repo().join("docker/k8s");
-    for entry in std::fs::read_dir(&dir).unwrap() {
+    for entry in std::fs::read_dir(repo().join(rel)).unwrap() {
         let name = entry.unwrap().file_name().to_string_lossy().into_owned();
         if name.ends_with(".yaml") || name.ends_with(".yml") {
-            for doc in yaml_docs(&format!("docker/k8s/{name}")) {
+            for doc in yaml_docs(&format!("{rel}/{name}")) {
                 let kind = s(&doc["kind"]).to_string();
                 let mut doc = doc;
                 doc["_file"] = json!(name);
@@ -1088,6 +1093,20 @@ fn k8s_objects() -> BTreeMap<String, Vec<Value>> {
         }
     }
     out
+}
+
+/// kustomization.yaml lists every manifest of its directory but the Secret example.
+fn assert_kustomization_lists_every_manifest(k: &BTreeMap<String, Vec<Value>>) {
+    let listed: BTreeSet<String> = strings(&k["Kustomization"][0]["resources"])
+        .into_iter()
+        .collect();
+    let files: BTreeSet<String> = k
+        .values()
+        .flatten()
+        .map(|o| s(&o["_file"]).to_string())
+        .filter(|f| f != "kustomization.yaml" && f != "secret.example.yaml")
+        .collect();
+    assert_eq!(listed, files);
 }
 
 fn labels_match(selector: &Value, labels: &Value) -> bool {
@@ -1103,16 +1122,8 @@ fn the_kubernetes_manifests_fit_lethe_and_each_other() {
         assert_eq!(v.len(), 1, "one {kind}");
         &v[0]
     };
-    // kustomization.yaml lists every manifest but the Secret example.
     let kust = one("Kustomization");
-    let listed: BTreeSet<String> = strings(&kust["resources"]).into_iter().collect();
-    let files: BTreeSet<String> = k
-        .values()
-        .flatten()
-        .map(|o| s(&o["_file"]).to_string())
-        .filter(|f| f != "kustomization.yaml" && f != "secret.example.yaml")
-        .collect();
-    assert_eq!(listed, files);
+    assert_kustomization_lists_every_manifest(&k);
     let ns = s(&kust["namespace"]);
     assert_eq!(one("Namespace")["metadata"]["name"], ns);
 
@@ -1314,27 +1325,9 @@ fn the_fleet_compose_file_runs_replicas_on_one_database_and_one_version_volume()
 
 #[test]
 fn the_fleet_kubernetes_manifests_run_n_replicas_on_the_shared_database_and_volume() {
-    let dir = repo().join("docker/k8s/fleet");
-    let mut k: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
-        for doc in yaml_docs(&format!("docker/k8s/fleet/{name}")) {
-            let mut doc = doc;
-            doc["_file"] = json!(name);
-            k.entry(s(&doc["kind"]).to_string()).or_default().push(doc);
-        }
-    }
+    let k = k8s_objects_in("docker/k8s/fleet");
     let one = |kind: &str| -> &Value { &k[kind][0] };
-    let listed: BTreeSet<String> = strings(&one("Kustomization")["resources"])
-        .into_iter()
-        .collect();
-    let files: BTreeSet<String> = k
-        .values()
-        .flatten()
-        .map(|o| s(&o["_file"]).to_string())
-        .filter(|f| f != "kustomization.yaml" && f != "secret.example.yaml")
-        .collect();
-    assert_eq!(listed, files);
+    assert_kustomization_lists_every_manifest(&k);
     let spec = &one("Deployment")["spec"];
     assert!(spec["replicas"].as_u64().unwrap() >= 2, "several replicas");
     assert_eq!(spec["strategy"]["rollingUpdate"]["maxUnavailable"], 0);

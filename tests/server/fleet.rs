@@ -113,6 +113,17 @@ fn wait_until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// The index of the one replica reporting `lethe_fleet_worker 1` (waits up to 30 s for exactly
+/// one).
+fn the_worker(replicas: &[Replica]) -> usize {
+    wait_until("exactly one replica holds the worker lock", 30, || {
+        let w: Vec<usize> = (0..replicas.len())
+            .filter(|&i| replicas[i].metric("lethe_fleet_worker") == Some(1.0))
+            .collect();
+        (w.len() == 1).then(|| w[0])
+    })
+}
+
 #[test]
 fn three_replicas_guard_within_a_second_survive_the_workers_death_and_flip_together() {
     let Some(pg) = PgServer::start() else {
@@ -134,12 +145,7 @@ fn three_replicas_guard_within_a_second_survive_the_workers_death_and_flip_toget
         assert_eq!(r.version(), v0, "every replica serves the root");
     }
     // Exactly one worker.
-    let worker = wait_until("one replica holds the worker lock", 30, || {
-        let w: Vec<usize> = (0..3)
-            .filter(|&i| replicas[i].metric("lethe_fleet_worker") == Some(1.0))
-            .collect();
-        (w.len() == 1).then(|| w[0])
-    });
+    let worker = the_worker(&replicas);
     // Before: replica 3 regurgitates the first sequence (so the guard check below can fail).
     let prompt = seqs[0][..50].to_vec();
     let (s, c) = complete(&replicas[2].addr, &prompt);
@@ -358,12 +364,7 @@ fn benchmark() {
         let pick = arr_index(&a["results"], |r| r["memorized"] == true)
             .expect("a still-memorized candidate");
         let seq = candidates.remove(pick);
-        let worker = wait_until("one worker", 30, || {
-            let w: Vec<usize> = (0..3)
-                .filter(|&i| replicas[i].metric("lethe_fleet_worker") == Some(1.0))
-                .collect();
-            (w.len() == 1).then(|| w[0])
-        });
+        let worker = the_worker(&replicas);
         let (to, watch) = ((worker + 1) % 3, (worker + 2) % 3);
         let sums: Vec<f64> = replicas
             .iter()

@@ -277,13 +277,12 @@ mod tests {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tinymem-noise")
     }
 
-    #[test]
-    fn a_version_round_trips_through_a_shared_directory_and_corruption_is_refused() {
-        let shared = tempfile::tempdir().unwrap();
-        let url = format!("file://{}", shared.path().join("versions").display());
+    /// Uploads the bundled base model's version to `remote` (a second upload writes nothing),
+    /// fetches it into another replica's cache (same content hash, same files) and checks that
+    /// an unknown version is `VersionNotFound`. Returns the version's id.
+    fn round_trip(remote: &SharedVersions) -> String {
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let (id, dir) = super::super::import_base(a.path(), &base()).unwrap();
-        let remote = SharedVersions::open(&url).unwrap();
         assert!(!remote.contains(&id).unwrap());
         assert!(remote.upload(&id, &dir).unwrap());
         assert!(
@@ -291,7 +290,6 @@ mod tests {
             "a second upload writes nothing"
         );
         assert!(remote.contains(&id).unwrap());
-        // Another replica fetches it into its own cache: same content hash, same files.
         let got = remote.fetch(b.path(), &id).unwrap();
         assert_eq!(got, version_dir(b.path(), &id));
         assert_eq!(crate::loader::content_hash(&got).unwrap(), id);
@@ -301,9 +299,17 @@ mod tests {
                 std::fs::read(got.join(&name)).unwrap()
             );
         }
-        // An unknown version is VersionNotFound.
         let missing = remote.fetch(b.path(), "0000000000000000").unwrap_err();
         assert!(matches!(missing, Error::VersionNotFound(_)), "{missing}");
+        id
+    }
+
+    #[test]
+    fn a_version_round_trips_through_a_shared_directory_and_corruption_is_refused() {
+        let shared = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", shared.path().join("versions").display());
+        let remote = SharedVersions::open(&url).unwrap();
+        let id = round_trip(&remote);
         // A flipped byte in the stored weights fails the sha256 check and leaves no directory.
         let c = tempfile::tempdir().unwrap();
         let stored = shared
@@ -407,24 +413,7 @@ mod tests {
         ]
         .map(|(k, v)| (k.to_string(), v));
         let remote = SharedVersions::open_with("s3://lethe-versions/fleet", options).unwrap();
-        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let (id, dir) = super::super::import_base(a.path(), &base()).unwrap();
-        assert!(!remote.contains(&id).unwrap());
-        assert!(remote.upload(&id, &dir).unwrap());
-        assert!(
-            !remote.upload(&id, &dir).unwrap(),
-            "a second upload writes nothing"
-        );
-        let got = remote.fetch(b.path(), &id).unwrap();
-        assert_eq!(crate::loader::content_hash(&got).unwrap(), id);
-        for (name, path) in super::super::top_files(&dir).unwrap() {
-            assert_eq!(
-                std::fs::read(&path).unwrap(),
-                std::fs::read(got.join(&name)).unwrap()
-            );
-        }
-        let missing = remote.fetch(b.path(), "0000000000000000").unwrap_err();
-        assert!(matches!(missing, Error::VersionNotFound(_)), "{missing}");
+        round_trip(&remote);
     }
 
     #[test]

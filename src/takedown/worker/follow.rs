@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use postgres::fallible_iterator::FallibleIterator;
 
-use super::{store_err, swap, Takedowns};
+use super::{swap, version_dir_of, Takedowns};
 use crate::engine::served::Served;
 use crate::error::Result;
 use crate::takedown::fleet::POLL;
@@ -193,29 +193,17 @@ fn follow_version(td: &Takedowns, to: &str, moved_at: f64) {
 /// replica published or rolled back itself).
 fn follow(td: &Takedowns, live: &Arc<Served>, to: &str) -> Result<bool> {
     let started = Instant::now();
-    let fleet = td.fleet.as_ref().expect("fleet mode");
     let _moving = td.moving.lock().unwrap_or_else(|e| e.into_inner());
     if td.live.served().version != live.version {
         return Ok(false);
     }
-    let dir = fleet
-        .versions
-        .fetch(&td.config.data_dir, to)
-        .map_err(|e| store_err(&e))?;
-    let lm = crate::loader::load_dir(
-        &dir,
-        &dir.display().to_string(),
+    let new = versions::load_served(
+        &version_dir_of(td, to)?,
+        to,
         live.model.device(),
         td.config.serve_dtype,
+        Some(live.name.clone()),
     )?;
-    versions::smoke_test(&lm.model)?;
-    let new = Served::new(lm, Some(live.name.clone()))?;
-    if new.version != to {
-        return Err(store_err(&format!(
-            "version {to} loaded with a different hash {}",
-            new.version
-        )));
-    }
     swap(td, live, Arc::new(new), "follow");
     td.metrics
         .model_swap_duration

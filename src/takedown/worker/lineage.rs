@@ -70,22 +70,27 @@ pub(super) fn ancestry<'a>(all: &'a [VersionRecord], live: &str) -> Option<Vec<&
     Some(chain)
 }
 
-/// The registered version `id`, loaded from its directory under the data directory (fetched
-/// there first from the shared version store in a fleet).
-pub(super) fn load_version(
-    td: &Takedowns,
-    id: &str,
-    device: &candle_core::Device,
-    dtype: DType,
-) -> Result<crate::loader::LoadedModel> {
-    let dir = match &td.fleet {
+/// The directory of the registered version `id` under the data directory (fetched there first
+/// from the shared version store in a fleet).
+pub(super) fn version_dir_of(td: &Takedowns, id: &str) -> Result<std::path::PathBuf> {
+    Ok(match &td.fleet {
         // In a fleet, a version this replica never saw comes from the shared version store.
         Some(f) => f
             .versions
             .fetch(&td.config.data_dir, id)
             .map_err(|e| store_err(&e))?,
         None => versions::version_dir(&td.config.data_dir, id),
-    };
+    })
+}
+
+/// The registered version `id`, loaded from its directory ([`version_dir_of`]).
+fn load_version(
+    td: &Takedowns,
+    id: &str,
+    device: &candle_core::Device,
+    dtype: DType,
+) -> Result<crate::loader::LoadedModel> {
+    let dir = version_dir_of(td, id)?;
     crate::loader::load_dir(&dir, &dir.display().to_string(), device, dtype)
 }
 
