@@ -183,11 +183,6 @@ impl Fleet {
             .map(|t| t.elapsed())
             .unwrap_or(Duration::MAX)
     }
-
-    /// Whether the store was read within `--guard-staleness`.
-    pub fn fresh(&self) -> bool {
-        self.staleness() <= self.config.guard_staleness
-    }
 }
 
 #[cfg(test)]

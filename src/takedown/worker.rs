@@ -351,9 +351,12 @@ impl Takedowns {
 
     /// In a fleet, how long since the store was last read when that is longer than
     /// `--guard-staleness` (the replica is then not ready); `None` when fresh or not in a fleet.
+    /// Sets `lethe_fleet_store_staleness_seconds` (each probe and scrape calls it).
     pub fn fleet_stale(&self) -> Option<Duration> {
         let f = self.fleet.as_ref()?;
-        (!f.fresh()).then(|| f.staleness())
+        let staleness = f.staleness();
+        self.metrics.fleet_staleness.set(staleness.as_secs_f64());
+        (staleness > f.config.guard_staleness).then_some(staleness)
     }
 
     /// False when the worker or the auditor thread ended while the service was not stopping

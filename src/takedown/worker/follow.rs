@@ -122,9 +122,6 @@ pub(super) fn follow_loop(td: &Takedowns) {
                 }
                 Err(_) => td.metrics.panics.with_label_values(&["fleet"]).inc(),
             }
-            td.metrics
-                .fleet_staleness
-                .set(fleet.staleness().as_secs_f64());
             if !s.wait(POLL) {
                 session = None;
             }
