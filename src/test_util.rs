@@ -258,3 +258,118 @@ pub fn assert_matches_autograd(
     }
 }
 pub mod pg;
+
+/// A tiny model that regurgitates planted rows, for unlearning tests: a ReLU GPT-2 (vocab 14,
+/// 32 positions, width 32, 2 heads, 2 layers, MLP 64, tied) trained with AdamW on 96 rows of
+/// a counting rule (the retain set) and 4 random rows repeated 8× (the forget set), all 24
+/// tokens. Trained once per test binary; a clone is returned.
+pub struct Memorizing {
+    pub model: crate::models::Model,
+    pub forget: Vec<Vec<u32>>,
+    pub retain: Vec<Vec<u32>>,
+}
+
+impl Memorizing {
+    /// Prompt 8 tokens, the next 16 compared.
+    pub const DEFINITION: crate::audit::Definition =
+        crate::audit::Definition::Custom { k: 8, n: 16 };
+
+    /// How many of `rows` `model` regurgitates under [`Self::DEFINITION`].
+    pub fn extractable(model: &crate::models::Model, rows: &[Vec<u32>]) -> usize {
+        let items: Vec<_> = rows
+            .iter()
+            .map(|r| Self::DEFINITION.split(r).unwrap())
+            .collect();
+        crate::audit::audit(model, None, &items, 16)
+            .unwrap()
+            .1
+            .memorized
+    }
+}
+
+pub fn memorizing() -> Memorizing {
+    use crate::models::{Model, Weights};
+    use crate::optim::{AdamW, AdamWParams};
+    use crate::tinymem::train::{named_vars, train_step, StepWorkspace};
+    type Trained = (Vec<(String, Tensor)>, Vec<Vec<u32>>, Vec<Vec<u32>>);
+    static TRAINED: std::sync::OnceLock<Trained> = std::sync::OnceLock::new();
+    let config = crate::models::ModelConfig::Gpt2(crate::models::gpt2::Config {
+        n_inner: 64,
+        initializer_range: 0.05,
+        ..match gpt2_with(
+            crate::models::ops::Activation::Relu,
+            (14, 32, 32, 2),
+            2,
+            true,
+            false,
+        ) {
+            crate::models::ModelConfig::Gpt2(c) => c,
+            _ => unreachable!(),
+        }
+    });
+    let (tensors, forget, retain) = TRAINED.get_or_init(|| {
+        let len = 24;
+        let retain: Vec<Vec<u32>> = (0..96u32)
+            .map(|r| {
+                (0..len as u32)
+                    .map(|k| (r + k * (1 + r % 7)) % 10)
+                    .collect()
+            })
+            .collect();
+        let forget = rows(4, |_| len, 7);
+        let model = Model::random(&config, &Device::Cpu).unwrap();
+        let map = model
+            .named_tensors()
+            .iter()
+            .map(|(n, t)| (n.clone(), t.clone()))
+            .collect();
+        let weights = Weights::vars_from_tensors(map, 0).unwrap();
+        let model = Model::new(&config, &weights).unwrap();
+        let params = AdamWParams {
+            lr: 3e-3,
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        };
+        let mut opt = AdamW::new(named_vars(&model, &weights).unwrap(), params).unwrap();
+        let mut train: Vec<&Vec<u32>> = retain.iter().collect();
+        for _ in 0..8 {
+            train.extend(forget.iter());
+        }
+        let mut ws = StepWorkspace::default();
+        let mut order: Vec<usize> = (0..train.len()).collect();
+        let mut s = 1u64;
+        for _epoch in 0..60 {
+            for i in (1..order.len()).rev() {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
+                order.swap(i, (s >> 33) as usize % (i + 1));
+            }
+            for batch in order.chunks(16) {
+                let ids: Vec<u32> = batch.iter().flat_map(|&i| train[i].clone()).collect();
+                train_step(&model, &mut opt, &ids, (batch.len(), len), &mut ws).unwrap();
+            }
+        }
+        let tensors = model
+            .named_tensors()
+            .iter()
+            .map(|(n, t)| (n.clone(), t.detach().copy().unwrap()))
+            .collect();
+        (tensors, forget, retain)
+    });
+    let weights = Weights::from_tensors(tensors.iter().cloned().collect(), "memorizing");
+    Memorizing {
+        model: Model::new(&config, &weights).unwrap(),
+        forget: forget.clone(),
+        retain: retain.clone(),
+    }
+}
+
+#[cfg(test)]
+mod memorizing_tests {
+    #[test]
+    fn the_memorizing_model_regurgitates_its_planted_rows() {
+        let m = super::memorizing();
+        assert_eq!(super::Memorizing::extractable(&m.model, &m.forget), 4);
+    }
+}

@@ -28,7 +28,9 @@
 pub mod cli;
 pub mod controller;
 pub mod durable;
+pub mod greedy;
 pub mod mask;
+pub mod neurons;
 pub mod pipeline;
 pub mod quality;
 pub mod search;
@@ -198,6 +200,30 @@ pub struct Outcome {
     pub seconds: f64,
     /// Balanced mode: whether it stopped because nothing was extractable any more.
     pub stopped_early: bool,
+}
+
+/// Rows right-padded with id 0 to the longest one: what the hand-written pass takes.
+pub(crate) struct Padded {
+    /// `[b, t]` row-major.
+    pub ids: Vec<u32>,
+    pub bt: (usize, usize),
+    pub lens: Vec<usize>,
+}
+
+impl Padded {
+    pub(crate) fn rows<'a>(rows: impl Iterator<Item = &'a [u32]> + Clone) -> Self {
+        let t = rows.clone().map(<[u32]>::len).max().unwrap_or(0);
+        let (mut ids, mut lens) = (Vec::new(), Vec::new());
+        for r in rows {
+            ids.extend(r.iter().copied().chain(std::iter::repeat_n(0, t - r.len())));
+            lens.push(r.len());
+        }
+        Self {
+            bt: (lens.len(), t),
+            ids,
+            lens,
+        }
+    }
 }
 
 /// One training row: token ids and whether it belongs to the forget set.
@@ -441,16 +467,7 @@ fn fast_score_grads(
     if width < 2 {
         return Err(Error::invalid("sequences", "need at least 2 tokens each"));
     }
-    let mut ids = Vec::with_capacity(batch.len() * width);
-    for e in batch {
-        ids.extend(
-            e.ids
-                .iter()
-                .copied()
-                .chain(std::iter::repeat_n(0, width - e.ids.len())),
-        );
-    }
-    let lens: Vec<usize> = batch.iter().map(|e| e.ids.len()).collect();
+    let Padded { ids, lens, .. } = Padded::rows(batch.iter().map(|e| e.ids));
     let count = |f: bool| batch.iter().filter(|e| e.forget == f).count();
     let (nf, nr) = (count(true), count(false));
     let (wf, wr) = (-(1.0 - w), w);
@@ -547,17 +564,7 @@ pub fn batch_loss(
     if width < 2 {
         return Err(Error::invalid("sequences", "need at least 2 tokens each"));
     }
-    let mut ids = Vec::with_capacity(batch.len() * width);
-    let mut lens = Vec::with_capacity(batch.len());
-    for e in batch {
-        ids.extend(
-            e.ids
-                .iter()
-                .copied()
-                .chain(std::iter::repeat_n(0, width - e.ids.len())),
-        );
-        lens.push(e.ids.len());
-    }
+    let Padded { ids, lens, .. } = Padded::rows(batch.iter().map(|e| e.ids));
     let ids = Tensor::from_vec(ids, (batch.len(), width), dev)?;
     let logits = model.forward(&Inputs::causal(&ids, 0)?, None, Some(mlp))?;
     let per_row = per_sequence_loss(&logits, &ids, &lens)?;

@@ -35,6 +35,8 @@ pub struct MlpGradWorkspace {
     pub(crate) token_lp: Vec<f32>,
     /// [`Want::Hidden`]: the final LayerNorm's output at the wanted positions, rows in order.
     pub(crate) hidden: Vec<f32>,
+    /// [`Want::Activations`]: per row, each block's MLP activation sums, `[b, L, I]`.
+    pub(crate) act: Vec<f32>,
 }
 
 impl MlpGradWorkspace {
@@ -191,7 +193,7 @@ pub(crate) fn run_parts(
     // it runs.
     let nl = w.blocks.len();
     let threads = rayon::current_num_threads().max(1);
-    let kept = if matches!(want, Want::Forward | Want::Hidden(_)) {
+    let kept = if matches!(want, Want::Forward | Want::Hidden(_) | Want::Activations(_)) {
         1
     } else {
         nl
@@ -210,6 +212,7 @@ pub(crate) fn run_parts(
         row_loss,
         token_lp,
         hidden,
+        act,
     } = ws;
     parts.resize_with(threads.min(groups), PartBufs::default);
     acc.resize_with(pidx(nl, 3), Turns::default);
@@ -238,7 +241,15 @@ pub(crate) fn run_parts(
     }
     hidden.clear();
     hidden.resize(offset[b] * d.h, 0.0);
-    let out = Mutex::new((row_loss, token_lp, hidden));
+    let per_row_act = nl * d.inner;
+    act.clear();
+    if let Want::Activations(from) = want {
+        if from.len() != b || from.iter().zip(lens).any(|(f, l)| f > l) {
+            bail!("mlp_grads: activations wanted from past a row's end");
+        }
+        act.resize(b * per_row_act, 0.0);
+    }
+    let out = Mutex::new((row_loss, token_lp, hidden, act));
     let next = AtomicUsize::new(0);
     let acc = &acc[..];
     let panicked = Mutex::new(None);
@@ -258,6 +269,7 @@ pub(crate) fn run_parts(
                 &row_weight[r0..r1],
                 match want {
                     Want::Hidden(from) => Want::Hidden(&from[r0..r1]),
+                    Want::Activations(from) => Want::Activations(&from[r0..r1]),
                     other => other,
                 },
                 part_ws,
@@ -285,6 +297,9 @@ pub(crate) fn run_parts(
         if let Want::Hidden(_) = want {
             let (a, z) = (offset[r0] * d.h, offset[r1] * d.h);
             o.2[a..z].copy_from_slice(&part_ws.hf[..z - a]);
+        }
+        if let Want::Activations(_) = want {
+            o.3[r0 * per_row_act..r1 * per_row_act].copy_from_slice(&part_ws.act);
         }
     });
     if let Some(payload) = panicked

@@ -45,10 +45,12 @@ use super::cpu::vmath::{layer_norm, logsumexp};
 use super::fused::{self, softmax_row};
 use super::ops::Activation;
 use super::ModelSpec;
+pub(crate) use forward::{final_hidden, forward_only};
 pub(crate) use groups::run_parts;
 pub use groups::MlpGradWorkspace;
 use groups::{sums, Sink};
 
+pub(crate) mod forward;
 mod groups;
 
 /// Which parameter gradients a pass accumulates.
@@ -65,6 +67,10 @@ pub(crate) enum Want<'a> {
     /// row `r` only, rows in order: the last block computes its attention for every position
     /// (the keys need them) and the rest of the block for those positions alone.
     Hidden(&'a [usize]),
+    /// None: the forward, summing each block's MLP activations (after the nonlinearity) over
+    /// positions `from[r]..lens[r] − 1` of each row `r` (the positions that predict a token of
+    /// the row), per row: what attribution by activations reads ([`forward::mlp_activation_sums`]).
+    Activations(&'a [usize]),
 }
 
 /// Index of block `li`'s `k`-th parameter in [`Gpt2::named_tensors`] order: `wte`, `wpe`, then
@@ -106,6 +112,8 @@ pub(crate) struct PartBufs {
     /// The group's rows' mean losses and ([`Want::Forward`]) next-token log-probabilities.
     row_loss: Vec<f64>,
     token_lp: Vec<f32>,
+    /// [`Want::Activations`]: per row, each block's activation sums, `[rows, L, I]`.
+    act: Vec<f32>,
 }
 
 /// What one block's backward reads.
@@ -174,8 +182,11 @@ pub struct MlpGrads<'w> {
 
 /// Output of [`HandWrittenPass::train_grads`], borrowing the workspace's buffers.
 pub struct TrainGrads<'w> {
-    /// The causal-LM loss ([`crate::models::ops::lm_loss`]).
+    /// The causal-LM loss ([`crate::models::ops::lm_loss`]), or the weighted sum of
+    /// [`HandWrittenPass::weighted_grads`].
     pub loss: f64,
+    /// Each row's mean cross-entropy over its own `len − 1` predictions.
+    pub row_loss: Vec<f64>,
     /// `∂loss/∂p` for every parameter, in the model's `named_tensors` order, each row-major in
     /// the parameter's shape. Tied embeddings get both uses' gradient in `wte`.
     pub grads: Vec<&'w [f32]>,
@@ -383,7 +394,10 @@ fn part_body(
         let (done, rest) = ws.xs.split_at_mut(li + 1);
         let x = &done[li][..];
         // The backward reads every layer's activations; a forward alone reuses one set.
-        let lb = &mut ws.layers[if matches!(want, Want::Forward | Want::Hidden(_)) {
+        let lb = &mut ws.layers[if matches!(
+            want,
+            Want::Forward | Want::Hidden(_) | Want::Activations(_)
+        ) {
             0
         } else {
             li
@@ -425,6 +439,20 @@ fn part_body(
         dense_fwd(lin, (n, h, inner), hpre, m_in, bw.fc.0, true);
         let hh = buf(&mut lb.h, n * inner);
         activation::forward(act, hpre, hh);
+        if let Want::Activations(from) = want {
+            let sums = if li == 0 {
+                zbuf(&mut ws.act, b * nl * inner)
+            } else {
+                &mut ws.act[..]
+            };
+            for r in 0..b {
+                let out = &mut sums[(r * nl + li) * inner..(r * nl + li + 1) * inner];
+                for p in from[r]..lens[r].saturating_sub(1) {
+                    let row = &hh[(r * t + p) * inner..(r * t + p + 1) * inner];
+                    out.iter_mut().zip(row).for_each(|(o, &a)| *o += a);
+                }
+            }
+        }
         let next = buf(&mut rest[0], n * h);
         rows_plus_bias(Some(xm), bw.mproj.1, next);
         dense_fwd(lin, (n, inner, h), next, hh, bw.mproj.0, true);
@@ -432,7 +460,7 @@ fn part_body(
     // The final LayerNorm, then logits = hf · lmᵀ.
     let hf = buf(&mut ws.hf, ws.xs[nl].len());
     layer_norm(&ws.xs[nl], w.lnf, eps, hf);
-    if let Want::Hidden(_) = want {
+    if let Want::Hidden(_) | Want::Activations(_) = want {
         ws.row_loss.clear();
         ws.row_loss.resize(b, 0.0);
         return;
@@ -714,12 +742,30 @@ pub(crate) trait HandWrittenPass {
     {
         let lens = vec![t; b];
         let row_weight = vec![1.0 / b.max(1) as f32; b];
-        let (_, row_loss) = run(self, ids, (b, t), &lens, &row_weight, None, Want::All, ws)?;
-        let loss = row_loss.iter().sum::<f64>() / b as f64;
+        let mut out = self.weighted_grads(ids, (b, t), &lens, &row_weight, ws)?;
+        out.loss = out.row_loss.iter().sum::<f64>() / b as f64;
+        Ok(out)
+    }
+
+    /// `L = Σ_r row_weight[r] · ℓ_r` over right-padded rows (as [`Self::mlp_grads`]) and its
+    /// gradient with respect to every parameter, in the model's `named_tensors` order.
+    fn weighted_grads<'w>(
+        &self,
+        ids: &[u32],
+        bt: (usize, usize),
+        lens: &[usize],
+        row_weight: &[f32],
+        ws: &'w mut MlpGradWorkspace,
+    ) -> Result<TrainGrads<'w>>
+    where
+        Self: Sized,
+    {
+        let (loss, row_loss) = run(self, ids, bt, lens, row_weight, None, Want::All, ws)?;
         let slots = self.param_slots();
         let mut all = sums(ws);
         Ok(TrainGrads {
             loss,
+            row_loss,
             grads: slots.iter().map(|&i| std::mem::take(&mut all[i])).collect(),
         })
     }
@@ -738,51 +784,6 @@ fn dims<M: HandWrittenPass>(m: &M, t: usize) -> Dims {
         eps,
         act,
     }
-}
-
-/// The final LayerNorm's output at positions `from[r]..lens[r]` of each right-padded row `r`,
-/// rows in order (`[Σ (lens[r] − from[r]), H]` row-major f32), through the pass's forward on
-/// the calling thread's buffers (kept for its next call). A position sees only the positions
-/// before it, so a row's states do not depend on its padding or on the other rows, to float
-/// rounding.
-pub(crate) fn final_hidden<M: HandWrittenPass>(
-    m: &M,
-    ids: &[u32],
-    (b, t): (usize, usize),
-    lens: &[usize],
-    from: &[usize],
-) -> Result<Vec<f32>> {
-    if from.len() != b || from.iter().zip(lens).any(|(f, l)| f > l) {
-        bail!(
-            "final_hidden: {} start positions for {b} rows, or one past its row's end",
-            from.len()
-        );
-    }
-    forward_only(m, ids, (b, t), lens, Want::Hidden(from), |ws| {
-        std::mem::take(&mut ws.hidden)
-    })
-}
-
-/// A forward-only pass (`Want::Forward` or `Want::Hidden`) of `m` on the calling thread's
-/// workspace, kept for its next call (a new one would fault in fresh zeroed pages, which took
-/// as long as the arithmetic), then `read` of what it left there.
-pub(crate) fn forward_only<M: HandWrittenPass, R>(
-    m: &M,
-    ids: &[u32],
-    (b, t): (usize, usize),
-    lens: &[usize],
-    want: Want<'_>,
-    read: impl FnOnce(&mut MlpGradWorkspace) -> R,
-) -> Result<R> {
-    thread_local! {
-        static WORKSPACE: std::cell::RefCell<MlpGradWorkspace> = Default::default();
-    }
-    WORKSPACE.with(|cell| {
-        let mut ws = cell.borrow_mut();
-        let row_weight = vec![0.0; b];
-        run(m, ids, (b, t), lens, &row_weight, None, want, &mut ws)?;
-        Ok(read(&mut ws))
-    })
 }
 
 /// [`run_parts`] on `m`'s weights, the MLP matrices replaced by `mlp` when given.
