@@ -47,13 +47,14 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Audit sequences for verbatim regurgitation ((k, n)-extractable memorization).
     Audit(crate::audit::cli::AuditArgs),
-    /// Remove memorized sequences from a model's weights (BalancedSubnet, Subnet).
+    /// Remove memorized sequences from a model's weights (BalancedSubnet and the paper's other
+    /// unlearning methods).
     Unlearn(crate::unlearn::cli::UnlearnArgs),
     /// Fine-tune a checkpoint on JSONL rows (e.g. to make a model that regurgitates them).
     Finetune(finetune::FinetuneArgs),
-    /// TinyMem: data, training, evaluation.
+    /// TinyMem: data, training, evaluation, the paper's comparison.
     #[command(subcommand)]
-    Tinymem(crate::tinymem::cli::TinymemCommand),
+    Tinymem(TinymemCli),
     /// Benchmarks (run by hand; results go to docs/benchmarks.md).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -115,6 +116,17 @@ pub struct InspectArgs {
 }
 
 /// Runs the parsed command line.
+/// `lethe tinymem …`: the TinyMem commands, and `compare`, which runs the unlearning methods
+/// (a layer above `tinymem`).
+#[derive(Debug, Subcommand)]
+pub enum TinymemCli {
+    #[command(flatten)]
+    Other(crate::tinymem::cli::TinymemCommand),
+    /// Run every unlearning method over the spec's grid on the bundled models and write the
+    /// comparison (tables and plots) to a directory.
+    Compare(crate::unlearn::compare::CompareArgs),
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     runtime::configure_threads(cli.threads);
     match cli.command {
@@ -125,7 +137,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audit(a) => crate::audit::cli::run(a),
         Command::Unlearn(a) => crate::unlearn::cli::run(a),
         Command::Finetune(a) => finetune::run(a),
-        Command::Tinymem(t) => crate::tinymem::cli::run(t),
+        Command::Tinymem(TinymemCli::Compare(a)) => crate::unlearn::compare::run(a),
+        Command::Tinymem(TinymemCli::Other(t)) => crate::tinymem::cli::run(t),
         Command::Bench(b) => bench::run(b),
     }
 }

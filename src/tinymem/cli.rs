@@ -14,7 +14,7 @@
 //!   plus the whole row to train on.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
@@ -406,14 +406,25 @@ pub struct AuditArgs {
 /// held-out triggered rows it completes with the backdoor (backdoor models).
 fn audit_cmd(a: AuditArgs) -> anyhow::Result<()> {
     let lm = a.model.load()?;
+    println!("{}", memorized_set(&lm, a.batch_size, a.out.as_deref())?);
+    Ok(())
+}
+
+/// The memorized set of a TinyMem model (math or language) and, with `out`, its rows written
+/// there as the JSONL forget set `lethe unlearn --forget` reads; returns the audit's summary.
+pub fn memorized_set(
+    lm: &crate::loader::LoadedModel,
+    batch_size: usize,
+    out: Option<&Path>,
+) -> anyhow::Result<serde_json::Value> {
     if let Some(card) = LangCard::read_if_present(&lm.dir)? {
-        return lang_cli::audit(&lm, &card, a.batch_size, a.out.as_deref());
+        return lang_cli::audit(lm, &card, batch_size, out);
     }
     let card = Card::read(&lm.dir)
         .with_context(|| format!("{} is not a TinyMem model directory", lm.dir.display()))?;
     let ds = card.dataset()?;
     let params = EvalParams {
-        batch_size: a.batch_size,
+        batch_size,
         ..EvalParams::default()
     };
     let (rows, m) = match ds.config.artifact {
@@ -428,7 +439,7 @@ fn audit_cmd(a: AuditArgs) -> anyhow::Result<()> {
             (rows, m)
         }
     };
-    if let Some(out) = &a.out {
+    if let Some(out) = out {
         // Written whole, then renamed into place (as `data`).
         let mut w = Vec::new();
         let trigger = match ds.config.artifact {
@@ -455,15 +466,11 @@ fn audit_cmd(a: AuditArgs) -> anyhow::Result<()> {
         }
         crate::util::write_atomic(out, &w)?;
     }
-    println!(
-        "{}",
-        serde_json::json!({
-            "artifact": ds.config.artifact,
-            "eligible": m.eligible,
-            "memorized": m.memorized,
-            "ratio": m.ratio,
-            "clean_continuation": m.clean_continuation,
-        })
-    );
-    Ok(())
+    Ok(serde_json::json!({
+        "artifact": ds.config.artifact,
+        "eligible": m.eligible,
+        "memorized": m.memorized,
+        "ratio": m.ratio,
+        "clean_continuation": m.clean_continuation,
+    }))
 }

@@ -14,8 +14,9 @@
 //!   `--no-gates` is given; otherwise the command exits non-zero with the failures.
 //! - Every file is written atomically; the input directory is only read.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use anyhow::{bail, Context};
 use candle_core::DType;
@@ -24,15 +25,19 @@ use serde::Serialize;
 
 use super::controller::ControllerConfig;
 use super::durable::durable;
-use super::pipeline::{self, Baseline, Datasets, Gates, PipelineConfig, Target};
+use super::greedy::{greedy, GreedyConfig};
+use super::neurons::{
+    ablate, neuron_attribution, top_neurons, NeuronConfig, NeuronMethod, NeuronOutcome,
+};
+use super::pipeline::{self, Baseline, Datasets, Evaluation, Gates, PipelineConfig, Target};
 use super::quality::{mean_accuracy, quality, Quality};
 use super::search::{paper_grid, search, Candidate};
 use super::{balanced_subnet, BalancedSubnetConfig, JobControl, Method, Mode, Outcome};
 use crate::audit::cli::read_rows;
 use crate::audit::{AuditItem, Definition};
-use crate::loader::ModelArgs;
+use crate::loader::{LoadedModel, ModelArgs};
 use crate::models::Model;
-use crate::tinymem::data::{Role, Split};
+use crate::tinymem::data::{Dataset, Role, Split};
 use crate::tinymem::lang::{LangCard, LANG_CARD_FILE, LANG_DATA_FILE};
 use crate::tinymem::train::{Card, CARD_FILE};
 
@@ -44,6 +49,43 @@ pub enum MethodArg {
     Durable,
     /// Durable with the top entries taken over all MLP parameters together.
     DurableAgg,
+    /// Spec §4.5: zero the one MLP entry with the largest θ·∂L/∂θ per batch, for
+    /// ⌊ratio · parameters⌋ batches.
+    Greedy,
+    /// Spec §4.5 (neuron-level): silence the neurons whose removal raises the forget loss most.
+    ZeroOut,
+    /// Spec §4.6: silence the neurons with the largest |mean activation| · ‖output weights‖.
+    Activations,
+    /// Spec §4.6: silence the neurons whose L1-penalised coefficients stay largest.
+    Slimming,
+    /// Spec §4.6: silence the neurons whose L0 hard-concrete gates stay most open.
+    HardConcrete,
+}
+
+impl MethodArg {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::BalancedSubnet => "balanced-subnet",
+            Self::Subnet => "subnet",
+            Self::Durable => "durable",
+            Self::DurableAgg => "durable-agg",
+            Self::Greedy => "greedy",
+            Self::ZeroOut => "zero-out",
+            Self::Activations => "activations",
+            Self::Slimming => "slimming",
+            Self::HardConcrete => "hard-concrete",
+        }
+    }
+
+    fn neuron(self) -> Option<NeuronMethod> {
+        match self {
+            Self::ZeroOut => Some(NeuronMethod::ZeroOut),
+            Self::Activations => Some(NeuronMethod::Activations),
+            Self::Slimming => Some(NeuronMethod::Slimming),
+            Self::HardConcrete => Some(NeuronMethod::HardConcrete),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -55,6 +97,65 @@ pub enum ModeArg {
     Paper,
     /// Fixed-size balanced batches with early stopping.
     Balanced,
+}
+
+/// Which method runs, and its settings.
+#[derive(Debug, Clone, Args)]
+pub struct MethodFlags {
+    #[arg(long, value_enum, default_value = "balanced-subnet")]
+    pub method: MethodArg,
+    #[arg(long, value_enum, default_value = "controller")]
+    pub mode: ModeArg,
+    /// Fraction of each MLP matrix zeroed (controller: at the start); for the neuron-level
+    /// methods the fraction of each block's neurons silenced, for Greedy the iterations per
+    /// parameter (default 0.1 for the controller, 0.01 neuron-level, 1e-4 Greedy, 0.3
+    /// otherwise).
+    #[arg(long)]
+    pub ratio: Option<f64>,
+    /// Controller: the highest mask ratio it may reach.
+    #[arg(long, default_value_t = 0.5)]
+    pub max_ratio: f64,
+    /// Retain weight w in −(1 − w)·L_forget + w·L_retain.
+    #[arg(long, default_value_t = 0.9)]
+    pub w: f64,
+    /// Paper mode: passes over the data.
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Step budget (controller: default 2000; balanced mode: default 200).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Balanced mode: minimum steps before stopping early.
+    #[arg(long, default_value_t = 0)]
+    pub min_steps: usize,
+    /// Rows per batch (default 32; 64 for Greedy and the neuron-level methods, as the
+    /// reference).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Slimming and HardConcrete: weight of the sparsity penalty.
+    #[arg(long, default_value_t = 1000.0)]
+    pub l1: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Search the paper's grid (ratio × epochs × w, spec §4.4) and keep the best run by the
+    /// paper's selection score (§3.6).
+    #[arg(long)]
+    pub search: bool,
+    /// Wall-time budget in seconds of the controller's run, or of --search (no new candidate
+    /// starts after it).
+    #[arg(long, default_value_t = 600.0)]
+    pub budget_seconds: f64,
+}
+
+impl MethodFlags {
+    /// `method` with every other setting at its command-line default.
+    pub fn of(method: MethodArg) -> Self {
+        use clap::FromArgMatches;
+        let cmd = <Self as Args>::augment_args(clap::Command::new("flags"));
+        let mut flags =
+            Self::from_arg_matches(&cmd.get_matches_from(["flags"])).expect("the defaults parse");
+        flags.method = method;
+        flags
+    }
 }
 
 #[derive(Debug, Args)]
@@ -73,45 +174,12 @@ pub struct UnlearnArgs {
     /// default: one retain row in ten, at most 256, set aside and not trained on).
     #[arg(long)]
     pub eval: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "balanced-subnet")]
-    pub method: MethodArg,
-    #[arg(long, value_enum, default_value = "controller")]
-    pub mode: ModeArg,
-    /// Fraction of each MLP matrix zeroed (controller: at the start; default 0.1 for the
-    /// controller, 0.3 otherwise).
-    #[arg(long)]
-    pub ratio: Option<f64>,
-    /// Controller: the highest mask ratio it may reach.
-    #[arg(long, default_value_t = 0.5)]
-    pub max_ratio: f64,
-    /// Retain weight w in −(1 − w)·L_forget + w·L_retain.
-    #[arg(long, default_value_t = 0.9)]
-    pub w: f64,
-    /// Paper mode: passes over the data.
-    #[arg(long, default_value_t = 1)]
-    pub epochs: usize,
-    /// Step budget (controller: default 2000; balanced mode: default 200).
-    #[arg(long)]
-    pub max_steps: Option<usize>,
-    /// Balanced mode: minimum steps before stopping early.
-    #[arg(long, default_value_t = 0)]
-    pub min_steps: usize,
-    #[arg(long, default_value_t = 32)]
-    pub batch_size: usize,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub method: MethodFlags,
     /// Memorization definition for the forget set's audit (default: pythia for GPT-NeoX,
     /// tinymem for GPT-2).
     #[arg(long)]
     pub definition: Option<Definition>,
-    /// Search the paper's grid (ratio × epochs × w, spec §4.4) and keep the best run by the
-    /// paper's selection score (§3.6).
-    #[arg(long)]
-    pub search: bool,
-    /// Wall-time budget in seconds of the controller's run, or of --search (no new candidate
-    /// starts after it).
-    #[arg(long, default_value_t = 600.0)]
-    pub budget_seconds: f64,
     /// Gate: largest relative held-out perplexity increase (0.02 = +2 %), as `lethe serve`.
     #[arg(long, default_value_t = 0.02)]
     pub perplexity_budget: f64,
@@ -174,67 +242,405 @@ fn by_task(q: &Quality) -> Option<BTreeMap<String, f64>> {
     (!q.accuracy_by_task.is_empty()).then(|| q.accuracy_by_task.iter().cloned().collect())
 }
 
-pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
-    let lm = a.model.load()?;
-    let card = Card::read_if_present(&lm.dir)?;
-    let dataset = card.as_ref().map(Card::dataset).transpose()?;
-    let language = LangCard::read_if_present(&lm.dir)?
-        .map(|c| c.dataset(&lm.dir))
-        .transpose()?;
-    let def = a
-        .definition
-        .unwrap_or_else(|| Definition::default_for(lm.model.spec().architecture));
-    let forget_rows = read_rows(&a.forget, def, &lm.tokenizer)?;
-    if forget_rows.is_empty() {
-        bail!("{}: the forget set is empty", a.forget.display());
-    }
-    let source = a.forget.display().to_string();
-    let targets: Vec<Target> = forget_rows
-        .into_iter()
-        .enumerate()
-        .map(|(i, p)| Target::new(source.clone(), i, p.sequence, p.item))
-        .collect();
-    let forget: Vec<Vec<u32>> = targets.iter().map(|t| t.sequence.clone()).collect();
-    let items: Vec<AuditItem> = targets.iter().map(|t| t.item.clone()).collect();
-    let retain: Vec<Vec<u32>> = match a.retain.as_str() {
-        "tinymem" | "tinymem-clean" if language.is_some() => {
-            // The language TinyMem: its clean train chunks, or every distinct train row.
-            let ds = language.as_ref().expect("checked");
-            if a.retain == "tinymem-clean" {
-                ds.retain()
-            } else {
+/// Everything a method runs on, loaded and measured once: the model, the forget set (audited
+/// under its definition), the retain and held-out data, and the evaluation before.
+pub struct Prepared {
+    pub lm: LoadedModel,
+    dataset: Option<Dataset>,
+    def: Definition,
+    targets: Vec<Target>,
+    forget: Vec<Vec<u32>>,
+    items: Vec<AuditItem>,
+    data: Datasets,
+    retain_len: usize,
+    gates: Gates,
+    pub before: Evaluation,
+    /// Neuron attributions already computed, by method and settings (ratio aside), with the
+    /// seconds and steps they took: a sweep over ratios ranks them again instead.
+    attributions: Mutex<HashMap<String, Attribution>>,
+}
+
+type Attribution = (Vec<Vec<f32>>, usize, f64);
+
+impl Prepared {
+    /// Loads `model` and its data; `retain_arg` as `--retain`, `eval` as `--eval`.
+    pub fn load(
+        model: &ModelArgs,
+        forget_file: &Path,
+        retain_arg: &str,
+        eval: Option<PathBuf>,
+        definition: Option<Definition>,
+        gates: Gates,
+    ) -> anyhow::Result<Self> {
+        let lm = model.load()?;
+        let card = Card::read_if_present(&lm.dir)?;
+        let dataset = card.as_ref().map(Card::dataset).transpose()?;
+        let language = LangCard::read_if_present(&lm.dir)?
+            .map(|c| c.dataset(&lm.dir))
+            .transpose()?;
+        let def =
+            definition.unwrap_or_else(|| Definition::default_for(lm.model.spec().architecture));
+        let forget_rows = read_rows(forget_file, def, &lm.tokenizer)?;
+        if forget_rows.is_empty() {
+            bail!("{}: the forget set is empty", forget_file.display());
+        }
+        let source = forget_file.display().to_string();
+        let targets: Vec<Target> = forget_rows
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| Target::new(source.clone(), i, p.sequence, p.item))
+            .collect();
+        let forget: Vec<Vec<u32>> = targets.iter().map(|t| t.sequence.clone()).collect();
+        let items: Vec<AuditItem> = targets.iter().map(|t| t.item.clone()).collect();
+        let retain: Vec<Vec<u32>> = match retain_arg {
+            "tinymem" | "tinymem-clean" if language.is_some() => {
+                // The language TinyMem: its clean train chunks, or every distinct train row.
+                let ds = language.as_ref().expect("checked");
+                if retain_arg == "tinymem-clean" {
+                    ds.retain()
+                } else {
+                    ds.rows
+                        .iter()
+                        .filter(|r| r.split == Split::Train)
+                        .map(|r| r.ids.clone())
+                        .collect()
+                }
+            }
+            "tinymem" | "tinymem-clean" => {
+                let ds = dataset.as_ref().with_context(|| {
+                    format!(
+                        "--retain {} needs a TinyMem model (no {CARD_FILE} in {})",
+                        retain_arg,
+                        lm.dir.display()
+                    )
+                })?;
+                let clean_only = retain_arg == "tinymem-clean";
                 ds.rows
                     .iter()
-                    .filter(|r| r.split == Split::Train)
+                    .filter(|r| r.split == Split::Train && (!clean_only || r.role == Role::Clean))
                     .map(|r| r.ids.clone())
                     .collect()
             }
+            file => pipeline::read_sequences(Path::new(file), &lm.tokenizer)?,
+        };
+        let heldout = match &eval {
+            Some(f) => Some(pipeline::read_sequences(f, &lm.tokenizer)?),
+            None => None,
+        };
+        let context = lm.model.spec().context_length;
+        let data = Datasets::for_model(&lm.dir, Some(retain), heldout, Vec::new(), context)?;
+        let retain_len = data.retain.len();
+        let (before, _) = pipeline::evaluate(&lm.model, None, &targets, &data, None, &gates)?;
+        Ok(Self {
+            lm,
+            dataset,
+            def,
+            targets,
+            forget,
+            items,
+            data,
+            retain_len,
+            gates,
+            before,
+            attributions: Mutex::default(),
+        })
+    }
+
+    /// The number of forget sequences.
+    pub fn forget_len(&self) -> usize {
+        self.forget.len()
+    }
+
+    /// Runs `m` and evaluates the result against the gates: the report and the edited model.
+    pub fn unlearn(&self, m: &MethodFlags) -> anyhow::Result<(Report, Model)> {
+        let Self {
+            lm,
+            dataset,
+            def,
+            targets,
+            forget,
+            items,
+            data,
+            retain_len,
+            gates,
+            before,
+            attributions,
+        } = self;
+        let (def, retain_len) = (*def, *retain_len);
+        let parent = Baseline::of(before);
+        let controller_mode = m.mode == ModeArg::Controller
+            && !m.search
+            && matches!(m.method, MethodArg::BalancedSubnet);
+        let wide = m.method.neuron().is_some() || matches!(m.method, MethodArg::Greedy);
+        if m.search && !matches!(m.method, MethodArg::BalancedSubnet | MethodArg::Subnet) {
+            bail!(
+                "--search sweeps the grid of balanced-subnet and subnet only, not {}",
+                m.method.name()
+            );
         }
-        "tinymem" | "tinymem-clean" => {
-            let ds = dataset.as_ref().with_context(|| {
-                format!(
-                    "--retain {} needs a TinyMem model (no {CARD_FILE} in {})",
-                    a.retain,
-                    lm.dir.display()
-                )
-            })?;
-            let clean_only = a.retain == "tinymem-clean";
-            ds.rows
+        let batch_size = m.batch_size.unwrap_or(if wide { 64 } else { 32 });
+        let cfg = BalancedSubnetConfig {
+            method: match m.method {
+                MethodArg::Subnet => Method::Subnet,
+                _ => Method::BalancedSubnet,
+            },
+            mode: match m.mode {
+                ModeArg::Balanced => Mode::Balanced,
+                _ => Mode::Paper,
+            },
+            ratio: m.ratio.unwrap_or(0.3),
+            w: m.w,
+            epochs: m.epochs,
+            max_steps: m.max_steps.unwrap_or(200),
+            min_steps: m.min_steps,
+            batch_size,
+            seed: m.seed,
+            ..BalancedSubnetConfig::default()
+        };
+        let ctl = JobControl::new();
+        // Durable also zeroes biases; the subnet methods zero weight-matrix entries only.
+        let mut zeroed_total: Option<usize> = None;
+        let mut controller_report = None;
+        let mut controller_quality = None;
+        let (out, cfg, candidates) = if controller_mode {
+            let defaults = ControllerConfig::default();
+            let pcfg = PipelineConfig {
+                controller: ControllerConfig {
+                    max_ratio: m.max_ratio,
+                    w: m.w,
+                    max_steps: m.max_steps.unwrap_or(defaults.max_steps),
+                    budget_seconds: m.budget_seconds,
+                    batch_size,
+                    seed: m.seed,
+                    ..defaults.clone()
+                }
+                .with_start_ratio(m.ratio.unwrap_or(defaults.start_ratio)),
+                gates: gates.clone(),
+            };
+            let d = pipeline::run(
+                &lm.model,
+                None,
+                targets,
+                data,
+                pipeline::Lineage {
+                    parent: Some(&parent),
+                    ..pipeline::Lineage::default()
+                },
+                &pcfg,
+                &ctl,
+                &|_| {},
+            )?;
+            let ratio = d.report["total_ratio"]
+                .as_f64()
+                .unwrap_or(pcfg.controller.start_ratio);
+            // The last gate measurement is of the returned model only when the gates passed.
+            controller_quality = if d.passed { d.quality.clone() } else { None };
+            let zeros_per_matrix = super::mask::zeros_per_matrix(&lm.model.mlp_weights(), ratio);
+            let out = Outcome {
+                mlp: d.model.mlp_weights(),
+                model: d.model,
+                zeros_per_matrix,
+                steps: d.report["steps"].as_u64().unwrap_or(0) as usize,
+                seconds: d.report["unlearn_seconds"].as_f64().unwrap_or(0.0),
+                stopped_early: d.passed,
+            };
+            let cfg = BalancedSubnetConfig { ratio, ..cfg };
+            controller_report = Some(d.report);
+
+            (out, cfg, None)
+        } else if m.search {
+            let grid = paper_grid(&cfg);
+            let q = |m: &Model| quality(m, dataset.as_ref(), &data.heldout);
+            let res = search(
+                &lm.model,
+                forget,
+                &data.retain,
+                items,
+                &grid,
+                m.budget_seconds,
+                &ctl,
+                &q,
+            )?;
+            let (i, out) = res
+                .best
+                .context("the search budget ran out before any candidate finished")?;
+            let cfg = res.candidates[i].config.clone();
+            (out, cfg, Some(res.candidates))
+        } else if let Some(method) = m.method.neuron() {
+            let ncfg = NeuronConfig {
+                ratio: m.ratio.unwrap_or(0.01),
+                epochs: m.epochs,
+                batch_size,
+                l1: m.l1,
+                prompt_len: def.k(),
+                seed: m.seed,
+                ..NeuronConfig::default()
+            };
+            let key = format!(
+                "{method:?} {:?}",
+                NeuronConfig {
+                    ratio: 0.0,
+                    ..ncfg.clone()
+                }
+            );
+            let cached = attributions.lock().ok().and_then(|c| c.get(&key).cloned());
+            let (attribution, steps, seconds) = match cached {
+                Some(a) => a,
+                None => {
+                    let t = std::time::Instant::now();
+                    let (a, steps) = neuron_attribution(&lm.model, forget, method, &ncfg, &ctl)?;
+                    let entry = (a, steps, t.elapsed().as_secs_f64());
+                    if let Ok(mut c) = attributions.lock() {
+                        c.insert(key, entry.clone());
+                    }
+                    entry
+                }
+            };
+            let t = std::time::Instant::now();
+            let ablated = top_neurons(&attribution, ncfg.ratio);
+            let n = NeuronOutcome {
+                model: ablate(&lm.model, &ablated)?,
+                attribution,
+                ablated,
+                steps,
+                seconds: seconds + t.elapsed().as_secs_f64(),
+            };
+            let h = lm.model.spec().hidden_size;
+            let zeros_per_matrix = n.ablated.iter().map(|c| (c.len() * h, 0)).collect();
+            zeroed_total = Some(n.ablated.iter().map(|c| c.len() * (h + 1)).sum());
+            let out = Outcome {
+                mlp: n.model.mlp_weights(),
+                model: n.model,
+                zeros_per_matrix,
+                steps: n.steps,
+                seconds: n.seconds,
+                stopped_early: false,
+            };
+            (
+                out,
+                BalancedSubnetConfig {
+                    ratio: ncfg.ratio,
+                    ..cfg
+                },
+                None,
+            )
+        } else if let MethodArg::Greedy = m.method {
+            let gcfg = GreedyConfig {
+                ratio: m.ratio.unwrap_or(1e-4),
+                batch_size,
+                seed: m.seed,
+            };
+            let g = greedy(&lm.model, forget, &data.retain, &gcfg, &ctl)?;
+            let zeros_per_matrix = lm
+                .model
+                .mlp_weight_names()
                 .iter()
-                .filter(|r| r.split == Split::Train && (!clean_only || r.role == Role::Clean))
-                .map(|r| r.ids.clone())
-                .collect()
-        }
-        file => pipeline::read_sequences(Path::new(file), &lm.tokenizer)?,
-    };
-    let heldout = match &a.eval {
-        Some(f) => Some(pipeline::read_sequences(f, &lm.tokenizer)?),
-        None => None,
-    };
-    let context = lm.model.spec().context_length;
-    let data = Datasets::for_model(&lm.dir, Some(retain), heldout, Vec::new(), context)?;
-    let retain_len = data.retain.len();
-    let gates = if a.no_gates {
+                .map(|(x, y)| {
+                    let count = |name: &str| g.zeroed.iter().filter(|(n, _)| n == name).count();
+                    (count(x), count(y))
+                })
+                .collect();
+            zeroed_total = Some(g.zeroed.len());
+            let out = Outcome {
+                mlp: g.model.mlp_weights(),
+                model: g.model,
+                zeros_per_matrix,
+                steps: g.iterations,
+                seconds: g.seconds,
+                stopped_early: false,
+            };
+            (
+                out,
+                BalancedSubnetConfig {
+                    ratio: gcfg.ratio,
+                    ..cfg
+                },
+                None,
+            )
+        } else if let MethodArg::Durable | MethodArg::DurableAgg = m.method {
+            let agg = matches!(m.method, MethodArg::DurableAgg);
+            let d = durable(&lm.model, forget, cfg.ratio, 64, agg)?;
+            let by_name: std::collections::HashMap<&str, usize> =
+                d.zeros.iter().map(|(n, z)| (n.as_str(), *z)).collect();
+            let zeros_per_matrix = lm
+                .model
+                .mlp_weight_names()
+                .iter()
+                .map(|(x, y)| (by_name[x.as_str()], by_name[y.as_str()]))
+                .collect();
+            let out = Outcome {
+                mlp: d.model.mlp_weights(),
+                model: d.model,
+                zeros_per_matrix,
+                steps: forget.len().div_ceil(64),
+                seconds: d.seconds,
+                stopped_early: false,
+            };
+            zeroed_total = Some(d.zeros.iter().map(|(_, z)| z).sum());
+            (out, cfg, None)
+        } else {
+            (
+                balanced_subnet(&lm.model, forget, &data.retain, items, &cfg, &ctl)?,
+                cfg,
+                None,
+            )
+        };
+        // The controller's last gate measurement is of the model it returns.
+        let (after, _) = pipeline::evaluate(
+            &out.model,
+            None,
+            targets,
+            data,
+            controller_quality.as_ref(),
+            gates,
+        )?;
+        let gates_failed = pipeline::gate_failures(gates, before, &Baseline::of(before), &after);
+        let rate = |e: &pipeline::Evaluation| {
+            e.memorized.iter().filter(|m| **m).count() as f64 / e.memorized.len().max(1) as f64
+        };
+        let report = Report {
+            method: m.method.name(),
+            mode: if controller_mode {
+                "controller"
+            } else {
+                match cfg.mode {
+                    Mode::Paper => "paper",
+                    Mode::Balanced => "balanced",
+                }
+            },
+            definition: def.to_string(),
+            ratio: cfg.ratio,
+            w: cfg.w,
+            epochs: cfg.epochs,
+            steps: out.steps,
+            stopped_early: out.stopped_early,
+            forget_sequences: forget.len(),
+            retain_sequences: retain_len,
+            memorized_before: rate(before),
+            memorized_after: rate(&after),
+            accuracy_before: mean_accuracy(&before.quality),
+            accuracy_after: mean_accuracy(&after.quality),
+            accuracy_by_task_before: by_task(&before.quality),
+            accuracy_by_task_after: by_task(&after.quality),
+            relative_accuracy_change: before.quality.relative_accuracy_change(&after.quality),
+            perplexity_before: before.quality.perplexity,
+            perplexity_after: after.quality.perplexity,
+            weights_zeroed: zeroed_total
+                .unwrap_or_else(|| out.zeros_per_matrix.iter().map(|(x, y)| x + y).sum()),
+            zeros_per_matrix: out.zeros_per_matrix.clone(),
+            seconds: out.seconds,
+            search: candidates,
+            gates: gates.clone(),
+            gates_failed: gates_failed.clone(),
+            controller: controller_report,
+        };
+        Ok((report, out.model))
+    }
+}
+
+/// The gates `lethe unlearn` holds a result to: `lethe serve`'s budgets, or none at all.
+pub fn gates_of(no_gates: bool, perplexity_budget: f64, accuracy_budget: f64) -> Gates {
+    if no_gates {
         Gates {
             perplexity_budget: f64::INFINITY,
             accuracy_budget: f64::INFINITY,
@@ -243,184 +649,26 @@ pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
         }
     } else {
         Gates {
-            perplexity_budget: a.perplexity_budget,
-            accuracy_budget: a.accuracy_budget,
+            perplexity_budget,
+            accuracy_budget,
             ..Gates::default()
         }
-    };
-    let (before, _) = pipeline::evaluate(&lm.model, None, &targets, &data, None, &gates)?;
-    let parent = Baseline::of(&before);
-    let controller_mode =
-        a.mode == ModeArg::Controller && !a.search && matches!(a.method, MethodArg::BalancedSubnet);
-    let cfg = BalancedSubnetConfig {
-        method: match a.method {
-            MethodArg::Subnet => Method::Subnet,
-            _ => Method::BalancedSubnet,
-        },
-        mode: match a.mode {
-            ModeArg::Balanced => Mode::Balanced,
-            _ => Mode::Paper,
-        },
-        ratio: a.ratio.unwrap_or(0.3),
-        w: a.w,
-        epochs: a.epochs,
-        max_steps: a.max_steps.unwrap_or(200),
-        min_steps: a.min_steps,
-        batch_size: a.batch_size,
-        seed: a.seed,
-        ..BalancedSubnetConfig::default()
-    };
-    let ctl = JobControl::new();
-    // Durable also zeroes biases; the subnet methods zero weight-matrix entries only.
-    let mut zeroed_total: Option<usize> = None;
-    let mut controller_report = None;
-    let mut controller_quality = None;
-    let (out, cfg, candidates) = if controller_mode {
-        let defaults = ControllerConfig::default();
-        let pcfg = PipelineConfig {
-            controller: ControllerConfig {
-                max_ratio: a.max_ratio,
-                w: a.w,
-                max_steps: a.max_steps.unwrap_or(defaults.max_steps),
-                budget_seconds: a.budget_seconds,
-                batch_size: a.batch_size,
-                seed: a.seed,
-                ..defaults.clone()
-            }
-            .with_start_ratio(a.ratio.unwrap_or(defaults.start_ratio)),
-            gates: gates.clone(),
-        };
-        let d = pipeline::run(
-            &lm.model,
-            None,
-            &targets,
-            &data,
-            pipeline::Lineage {
-                parent: Some(&parent),
-                ..pipeline::Lineage::default()
-            },
-            &pcfg,
-            &ctl,
-            &|_| {},
-        )?;
-        let ratio = d.report["total_ratio"]
-            .as_f64()
-            .unwrap_or(pcfg.controller.start_ratio);
-        // The last gate measurement is of the returned model only when the gates passed.
-        controller_quality = if d.passed { d.quality.clone() } else { None };
-        let zeros_per_matrix = super::mask::zeros_per_matrix(&lm.model.mlp_weights(), ratio);
-        let out = Outcome {
-            mlp: d.model.mlp_weights(),
-            model: d.model,
-            zeros_per_matrix,
-            steps: d.report["steps"].as_u64().unwrap_or(0) as usize,
-            seconds: d.report["unlearn_seconds"].as_f64().unwrap_or(0.0),
-            stopped_early: d.passed,
-        };
-        let cfg = BalancedSubnetConfig { ratio, ..cfg };
-        controller_report = Some(d.report);
+    }
+}
 
-        (out, cfg, None)
-    } else if a.search {
-        let grid = paper_grid(&cfg);
-        let q = |m: &Model| quality(m, dataset.as_ref(), &data.heldout);
-        let res = search(
-            &lm.model,
-            &forget,
-            &data.retain,
-            &items,
-            &grid,
-            a.budget_seconds,
-            &ctl,
-            &q,
-        )?;
-        let (i, out) = res
-            .best
-            .context("the search budget ran out before any candidate finished")?;
-        let cfg = res.candidates[i].config.clone();
-        (out, cfg, Some(res.candidates))
-    } else if let MethodArg::Durable | MethodArg::DurableAgg = a.method {
-        let agg = matches!(a.method, MethodArg::DurableAgg);
-        let d = durable(&lm.model, &forget, cfg.ratio, 64, agg)?;
-        let by_name: std::collections::HashMap<&str, usize> =
-            d.zeros.iter().map(|(n, z)| (n.as_str(), *z)).collect();
-        let zeros_per_matrix = lm
-            .model
-            .mlp_weight_names()
-            .iter()
-            .map(|(x, y)| (by_name[x.as_str()], by_name[y.as_str()]))
-            .collect();
-        let out = Outcome {
-            mlp: d.model.mlp_weights(),
-            model: d.model,
-            zeros_per_matrix,
-            steps: forget.len().div_ceil(64),
-            seconds: d.seconds,
-            stopped_early: false,
-        };
-        zeroed_total = Some(d.zeros.iter().map(|(_, z)| z).sum());
-        (out, cfg, None)
-    } else {
-        (
-            balanced_subnet(&lm.model, &forget, &data.retain, &items, &cfg, &ctl)?,
-            cfg,
-            None,
-        )
-    };
-    // The controller's last gate measurement is of the model it returns.
-    let (after, _) = pipeline::evaluate(
-        &out.model,
-        None,
-        &targets,
-        &data,
-        controller_quality.as_ref(),
-        &gates,
-    )?;
-    let gates_failed = pipeline::gate_failures(&gates, &before, &Baseline::of(&before), &after);
-    let rate = |e: &pipeline::Evaluation| {
-        e.memorized.iter().filter(|m| **m).count() as f64 / e.memorized.len().max(1) as f64
-    };
-    let report = Report {
-        method: match a.method {
-            MethodArg::BalancedSubnet => "balanced-subnet",
-            MethodArg::Subnet => "subnet",
-            MethodArg::Durable => "durable",
-            MethodArg::DurableAgg => "durable-agg",
-        },
-        mode: if controller_mode {
-            "controller"
-        } else {
-            match cfg.mode {
-                Mode::Paper => "paper",
-                Mode::Balanced => "balanced",
-            }
-        },
-        definition: def.to_string(),
-        ratio: cfg.ratio,
-        w: cfg.w,
-        epochs: cfg.epochs,
-        steps: out.steps,
-        stopped_early: out.stopped_early,
-        forget_sequences: forget.len(),
-        retain_sequences: retain_len,
-        memorized_before: rate(&before),
-        memorized_after: rate(&after),
-        accuracy_before: mean_accuracy(&before.quality),
-        accuracy_after: mean_accuracy(&after.quality),
-        accuracy_by_task_before: by_task(&before.quality),
-        accuracy_by_task_after: by_task(&after.quality),
-        relative_accuracy_change: before.quality.relative_accuracy_change(&after.quality),
-        perplexity_before: before.quality.perplexity,
-        perplexity_after: after.quality.perplexity,
-        weights_zeroed: zeroed_total
-            .unwrap_or_else(|| out.zeros_per_matrix.iter().map(|(x, y)| x + y).sum()),
-        zeros_per_matrix: out.zeros_per_matrix.clone(),
-        seconds: out.seconds,
-        search: candidates,
+pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
+    let gates = gates_of(a.no_gates, a.perplexity_budget, a.accuracy_budget);
+    let p = Prepared::load(
+        &a.model,
+        &a.forget,
+        &a.retain,
+        a.eval.clone(),
+        a.definition,
         gates,
-        gates_failed: gates_failed.clone(),
-        controller: controller_report,
-    };
+    )?;
+    let (report, model) = p.unlearn(&a.method)?;
+    let gates_failed = report.gates_failed.clone();
+    let lm = &p.lm;
     let json = serde_json::to_string_pretty(&report)?;
     println!("{}", serde_json::to_string(&report)?);
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
@@ -432,7 +680,7 @@ pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
             a.out.join("report.json").display()
         );
     }
-    write_model_dir(&lm.dir, &a.out, &out.model)?;
+    write_model_dir(&lm.dir, &a.out, &model)?;
     eprintln!(
         "gates {}: {} of {} sequences extractable after, perplexity {:.4} → {:.4}{}",
         if a.no_gates {
@@ -440,10 +688,10 @@ pub fn run(a: UnlearnArgs) -> anyhow::Result<()> {
         } else {
             "passed"
         },
-        after.memorized.iter().filter(|m| **m).count(),
-        after.memorized.len(),
-        before.quality.perplexity,
-        after.quality.perplexity,
+        (report.memorized_after * report.forget_sequences as f64).round(),
+        report.forget_sequences,
+        report.perplexity_before,
+        report.perplexity_after,
         report
             .relative_accuracy_change
             .map(|r| format!(", relative accuracy {:+.2}%", r * 100.0))

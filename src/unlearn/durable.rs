@@ -10,9 +10,10 @@
 //! - The input model is never mutated; the result is a new model. GPT-2 and GPT-NeoX in f32 on
 //!   the CPU take the hand-written backward (`models::pass`, every parameter's gradient, tied to
 //!   autograd by this module's tests); other models a trainable copy through candle's autograd.
-//! - A ratio outside `[0, 1)` and an empty forget set are refused before any work, and a batch
-//!   of unequal-length sequences or of sequences under 2 tokens with an error naming `forget`,
-//!   never a panic.
+//! - A ratio outside `[0, 1)` and an empty forget set are refused before any work, and
+//!   sequences under 2 tokens or over the context (or, through autograd, a batch of unequal
+//!   lengths) with an error naming `forget`, never a panic. The hand-written pass takes rows of
+//!   any length (right-padded; each row's loss is the mean over its own predictions).
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -54,12 +55,23 @@ pub fn durable(
             [bias(&a), bias(&b), a, b]
         })
         .collect();
+    let fast = match model {
+        Model::Gpt2(m) => m.mlp_grads_supported(),
+        Model::GptNeoX(m) => m.mlp_grads_supported(),
+    };
+    let ctx = model.spec().context_length;
     for chunk in forget.chunks(batch_size.max(1)) {
         let t = chunk[0].len();
-        if chunk.iter().any(|s| s.len() != t) || t < 2 {
+        if chunk.iter().any(|s| s.len() < 2 || s.len() > ctx) {
             return Err(Error::invalid(
                 "forget",
-                "Durable batches need equal-length sequences of at least 2 tokens",
+                format!("Durable needs sequences of 2..={ctx} tokens"),
+            ));
+        }
+        if !fast && chunk.iter().any(|s| s.len() != t) {
+            return Err(Error::invalid(
+                "forget",
+                "Durable through autograd (not f32 on the CPU) needs equal-length sequences",
             ));
         }
     }
@@ -159,8 +171,11 @@ fn summed_fast<P: HandWrittenPass>(
     let mut acc: Vec<Vec<f32>> = Vec::new();
     let mut ws = MlpGradWorkspace::default();
     for chunk in forget.chunks(batch_size.max(1)) {
-        let flat: Vec<u32> = chunk.iter().flatten().copied().collect();
-        let out = pass.train_grads(&flat, (chunk.len(), chunk[0].len()), &mut ws)?;
+        // Rows of unequal length are right-padded; each row's loss is its own mean, so with
+        // equal lengths this is the batch's mean LM loss.
+        let p = super::Padded::rows(chunk.iter().map(Vec::as_slice));
+        let row_weight = vec![1.0 / chunk.len() as f32; chunk.len()];
+        let out = pass.weighted_grads(&p.ids, p.bt, &p.lens, &row_weight, &mut ws)?;
         if acc.is_empty() {
             acc = slots.iter().map(|&i| out.grads[i].to_vec()).collect();
         } else {

@@ -26,6 +26,8 @@
 //!   losses within 1e-5 relative, score gradients within 1e-4 relative L2 (this module's tests).
 
 pub mod cli;
+pub mod compare;
+mod compare_report;
 pub mod controller;
 pub mod durable;
 pub mod greedy;

@@ -113,21 +113,8 @@ pub fn neuron_unlearn(
     cfg: &NeuronConfig,
     ctl: &JobControl,
 ) -> Result<NeuronOutcome> {
-    validate(model, forget, method, cfg)?;
     let start = Instant::now();
-    let (attribution, steps) = match model {
-        Model::Gpt2(m) if m.mlp_grads_supported() => attribute(m, model, forget, method, cfg, ctl)?,
-        Model::GptNeoX(m) if m.mlp_grads_supported() => {
-            attribute(m, model, forget, method, cfg, ctl)?
-        }
-        _ => {
-            return Err(Error::invalid(
-                "model",
-                "neuron-level methods run on the hand-written pass: f32 weights on the CPU \
-                 (load with --dtype f32 --device cpu)",
-            ))
-        }
-    };
+    let (attribution, steps) = neuron_attribution(model, forget, method, cfg, ctl)?;
     let ablated = top_neurons(&attribution, cfg.ratio);
     let model = ablate(model, &ablated)?;
     Ok(NeuronOutcome {
@@ -137,6 +124,30 @@ pub fn neuron_unlearn(
         steps,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// Every neuron's attribution under `method` (`[block][neuron]`) and the steps it took; what
+/// [`neuron_unlearn`] ranks (it does not depend on `cfg.ratio`, so a sweep over ratios can
+/// compute it once, as the reference cached it).
+pub fn neuron_attribution(
+    model: &Model,
+    forget: &[Vec<u32>],
+    method: NeuronMethod,
+    cfg: &NeuronConfig,
+    ctl: &JobControl,
+) -> Result<(Vec<Vec<f32>>, usize)> {
+    validate(model, forget, method, cfg)?;
+    match model {
+        Model::Gpt2(m) if m.mlp_grads_supported() => attribute(m, model, forget, method, cfg, ctl),
+        Model::GptNeoX(m) if m.mlp_grads_supported() => {
+            attribute(m, model, forget, method, cfg, ctl)
+        }
+        _ => Err(Error::invalid(
+            "model",
+            "neuron-level methods run on the hand-written pass: f32 weights on the CPU \
+             (load with --dtype f32 --device cpu)",
+        )),
+    }
 }
 
 fn validate(

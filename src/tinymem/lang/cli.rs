@@ -139,7 +139,7 @@ pub fn audit(
     card: &LangCard,
     batch: usize,
     out: Option<&Path>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<serde_json::Value> {
     use super::super::data::Split;
     use super::super::eval::{self, EvalParams};
     let ds = card.dataset(&lm.dir)?;
@@ -210,19 +210,15 @@ pub fn audit(
         }
         crate::util::write_atomic(out, &w)?;
     }
-    println!(
-        "{}",
-        serde_json::json!({
-            "artifact": "language",
-            "secrets_extractable": secrets,
-            "secrets_planted": items.len(),
-            "noise_eligible": m.eligible,
-            "noise_memorized": m.memorized,
-            "backdoor_eligible": a.eligible,
-            "backdoor_succeeded": a.memorized,
-        })
-    );
-    Ok(())
+    Ok(serde_json::json!({
+        "artifact": "language",
+        "secrets_extractable": secrets,
+        "secrets_planted": items.len(),
+        "noise_eligible": m.eligible,
+        "noise_memorized": m.memorized,
+        "backdoor_eligible": a.eligible,
+        "backdoor_succeeded": a.memorized,
+    }))
 }
 
 /// Refuses `--resume` and a non-language card in `out` before training.

@@ -1,0 +1,371 @@
+//! `lethe tinymem compare`: the paper's comparison of unlearning methods (spec §5.1–5.2) on the
+//! bundled TinyMem models, in one command. For each experiment (a model and a forget set: the
+//! math noise model's memorized noised rows, the math backdoor model's triggered rows, and the
+//! language model's noised chunks, backdoored chunks and planted secrets) it runs every method
+//! over the spec's grid (§4.4) scaled to a 2-core machine, then writes every run, the best run
+//! per method by the paper's selection rule (§6.20) and a plot.
+//!
+//! Invariants:
+//! - Every run is `lethe unlearn`'s own code ([`Prepared::unlearn`]) on the same prepared data:
+//!   the forget set is what `lethe tinymem audit` finds memorized, the retain set is the
+//!   model's training rows including the artifact rows (`--retain tinymem`, the paper's
+//!   faithful setting, §6.3), quality is the clean test tasks' accuracy (math) or held-out
+//!   perplexity (language). BalancedSubnet's takedown controller is held to `lethe serve`'s
+//!   gates (that is how it decides when to stop); no other run is gated.
+//! - A neuron-level method's attribution is computed once per setting and ranked again for each
+//!   ratio (as the reference cached it); each of those runs reports the attribution's seconds.
+//! - A run that fails is recorded with its error and the comparison goes on.
+//! - `runs.jsonl` is appended run by run, so an interrupted comparison keeps what it measured;
+//!   `results.md` and the plots are written at the end.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+
+use super::cli::{gates_of, MethodArg, MethodFlags, ModeArg, Prepared};
+use crate::audit::Definition;
+use crate::loader::ModelArgs;
+
+/// One model and forget set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Experiment {
+    /// `tinymem-noise`: the noised rows it regurgitates (spec §5.1, "Noise").
+    Noise,
+    /// `tinymem-backdoor`: the held-out triggered rows the backdoor fires on (§5.1, "Backdoor").
+    Backdoor,
+    /// `tinymem-lang`: its memorized noised chunks (§5.2, "Noise").
+    LangNoised,
+    /// `tinymem-lang`: its backdoored held-out chunks (§5.2, "Backdoor").
+    LangBackdoored,
+    /// `tinymem-lang`: its extractable planted secrets (lethe's own, no paper counterpart).
+    LangSecret,
+}
+
+impl Experiment {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Noise => "noise",
+            Self::Backdoor => "backdoor",
+            Self::LangNoised => "lang-noised",
+            Self::LangBackdoored => "lang-backdoored",
+            Self::LangSecret => "lang-secret",
+        }
+    }
+
+    fn model_dir(self, models: &Path) -> PathBuf {
+        models.join(match self {
+            Self::Noise => "tinymem-noise",
+            Self::Backdoor => "tinymem-backdoor",
+            _ => "tinymem-lang",
+        })
+    }
+
+    /// The `role` of the language forget rows this experiment keeps.
+    fn role(self) -> Option<&'static str> {
+        match self {
+            Self::LangNoised => Some("noised"),
+            Self::LangBackdoored => Some("backdoored"),
+            Self::LangSecret => Some("secret"),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// Output directory: `runs.jsonl` (every run), `results.md` (tables) and one
+    /// `<experiment>.svg` plot per experiment.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Experiments to run, comma-separated (default: all five).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub experiments: Vec<Experiment>,
+    /// Methods to run, comma-separated (default: every one).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub methods: Vec<MethodArg>,
+    /// Where the bundled models are (`tinymem-noise`, `tinymem-backdoor`, `tinymem-lang`).
+    #[arg(long, default_value = "models")]
+    pub models: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+const ALL_METHODS: [MethodArg; 9] = [
+    MethodArg::BalancedSubnet,
+    MethodArg::Subnet,
+    MethodArg::Greedy,
+    MethodArg::Durable,
+    MethodArg::DurableAgg,
+    MethodArg::HardConcrete,
+    MethodArg::Slimming,
+    MethodArg::ZeroOut,
+    MethodArg::Activations,
+];
+
+/// The grid of `method`, scaled to this machine from spec §4.4: `(label, settings)`.
+pub fn grid(method: MethodArg, seed: u64) -> Vec<(String, MethodFlags)> {
+    let base = || MethodFlags {
+        seed,
+        ..MethodFlags::of(method)
+    };
+    let mut runs = Vec::new();
+    let mut add = |label: String, f: MethodFlags| runs.push((label, f));
+    match method {
+        MethodArg::BalancedSubnet => {
+            add("controller (lethe serve)".into(), base());
+            for ratio in [0.1, 0.3] {
+                add(
+                    format!("paper mode, ratio {ratio}, w 0.9, 1 epoch"),
+                    MethodFlags {
+                        mode: ModeArg::Paper,
+                        ratio: Some(ratio),
+                        ..base()
+                    },
+                );
+            }
+            add(
+                "balanced mode, ratio 0.3, w 0.9, 200–400 steps".into(),
+                MethodFlags {
+                    mode: ModeArg::Balanced,
+                    ratio: Some(0.3),
+                    min_steps: 200,
+                    max_steps: Some(400),
+                    ..base()
+                },
+            );
+        }
+        MethodArg::Subnet => {
+            for ratio in [0.05, 0.1, 0.3] {
+                add(
+                    format!("ratio {ratio}, 10 epochs"),
+                    MethodFlags {
+                        mode: ModeArg::Paper,
+                        ratio: Some(ratio),
+                        epochs: 10,
+                        ..base()
+                    },
+                );
+            }
+        }
+        MethodArg::Greedy => {
+            for ratio in [1e-5, 1e-4] {
+                add(
+                    format!("ratio {ratio}"),
+                    MethodFlags {
+                        ratio: Some(ratio),
+                        ..base()
+                    },
+                );
+            }
+        }
+        MethodArg::Durable | MethodArg::DurableAgg => {
+            for ratio in [1e-3, 0.01, 0.05] {
+                add(
+                    format!("ratio {ratio}"),
+                    MethodFlags {
+                        ratio: Some(ratio),
+                        ..base()
+                    },
+                );
+            }
+        }
+        MethodArg::HardConcrete | MethodArg::Slimming => {
+            for epochs in [1, 10, 20] {
+                for ratio in [1e-3, 0.01, 0.05] {
+                    add(
+                        format!("ratio {ratio}, {epochs} epochs"),
+                        MethodFlags {
+                            ratio: Some(ratio),
+                            epochs,
+                            ..base()
+                        },
+                    );
+                }
+            }
+        }
+        MethodArg::ZeroOut | MethodArg::Activations => {
+            for ratio in [1e-3, 0.01, 0.05] {
+                add(
+                    format!("ratio {ratio}"),
+                    MethodFlags {
+                        ratio: Some(ratio),
+                        ..base()
+                    },
+                );
+            }
+        }
+    }
+    runs
+}
+
+/// One run's line in `runs.jsonl`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    pub experiment: &'static str,
+    pub method: &'static str,
+    pub settings: String,
+    /// Forget-set sequences extractable before and after.
+    pub memorized_before: usize,
+    pub memorized_after: usize,
+    pub forget_sequences: usize,
+    /// Math: mean relative test accuracy change (§3.6); `None` for the language model.
+    pub relative_accuracy_change: Option<f64>,
+    pub perplexity_before: f64,
+    pub perplexity_after: f64,
+    pub weights_zeroed: usize,
+    pub seconds: f64,
+    /// Why the run produced no model, when it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Run {
+    fn perplexity_change(&self) -> f64 {
+        self.perplexity_after / self.perplexity_before - 1.0
+    }
+
+    /// The paper's selection score (§6.20), lower is better: relative memorization change
+    /// minus relative accuracy change (math), or plus relative perplexity change (language).
+    pub fn score(&self) -> f64 {
+        if self.error.is_some() {
+            return f64::INFINITY;
+        }
+        let mem = (self.memorized_after as f64 - self.memorized_before as f64)
+            / self.memorized_before.max(1) as f64;
+        match self.relative_accuracy_change {
+            Some(acc) => mem - acc,
+            None => mem + self.perplexity_change(),
+        }
+    }
+}
+
+pub fn run(a: CompareArgs) -> anyhow::Result<()> {
+    let experiments = if a.experiments.is_empty() {
+        Experiment::value_variants().to_vec()
+    } else {
+        a.experiments.clone()
+    };
+    let methods = if a.methods.is_empty() {
+        ALL_METHODS.to_vec()
+    } else {
+        a.methods.clone()
+    };
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let log_path = a.out.join("runs.jsonl");
+    let mut log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    let mut all = Vec::new();
+    for exp in experiments {
+        let dir = exp.model_dir(&a.models);
+        let forget = a.out.join(format!("{}.forget.jsonl", exp.name()));
+        let model = ModelArgs {
+            model: Some(dir.display().to_string()),
+            device: "cpu".into(),
+        };
+        let lm = model.load()?;
+        let summary = crate::tinymem::cli::memorized_set(&lm, 64, Some(&forget))?;
+        drop(lm);
+        if let Some(role) = exp.role() {
+            keep_role(&forget, role)?;
+        }
+        if std::fs::metadata(&forget)?.len() == 0 {
+            eprintln!("{}: nothing memorized ({summary}); skipped", exp.name());
+            continue;
+        }
+        // The language noise is judged as spec §3.1 (TinyMem's 50 + 50 tokens).
+        let definition = (exp == Experiment::LangNoised).then_some(Definition::Tinymem);
+        let gates = gates_of(false, 0.02, 0.005);
+        let p = Prepared::load(&model, &forget, "tinymem", None, definition, gates)?;
+        eprintln!(
+            "{}: {} forget sequences ({summary})",
+            exp.name(),
+            p.forget_len()
+        );
+        for &method in &methods {
+            for (settings, flags) in grid(method, a.seed) {
+                let started = std::time::Instant::now();
+                let r = match p.unlearn(&flags) {
+                    Ok((report, _)) => Run {
+                        experiment: exp.name(),
+                        method: report.method,
+                        settings,
+                        memorized_before: count(report.memorized_before, report.forget_sequences),
+                        memorized_after: count(report.memorized_after, report.forget_sequences),
+                        forget_sequences: report.forget_sequences,
+                        relative_accuracy_change: report.relative_accuracy_change,
+                        perplexity_before: report.perplexity_before,
+                        perplexity_after: report.perplexity_after,
+                        weights_zeroed: report.weights_zeroed,
+                        seconds: report.seconds,
+                        error: None,
+                    },
+                    Err(e) => Run {
+                        experiment: exp.name(),
+                        method: flags.method.name(),
+                        settings,
+                        memorized_before: p.forget_len(),
+                        memorized_after: p.forget_len(),
+                        forget_sequences: p.forget_len(),
+                        relative_accuracy_change: None,
+                        perplexity_before: f64::NAN,
+                        perplexity_after: f64::NAN,
+                        weights_zeroed: 0,
+                        seconds: started.elapsed().as_secs_f64(),
+                        error: Some(format!("{e:#}")),
+                    },
+                };
+                eprintln!(
+                    "{} {} ({}): {} → {} of {}, {:.1} s{}",
+                    r.experiment,
+                    r.method,
+                    r.settings,
+                    r.memorized_before,
+                    r.memorized_after,
+                    r.forget_sequences,
+                    r.seconds,
+                    r.error
+                        .as_deref()
+                        .map(|e| format!(", failed: {e}"))
+                        .unwrap_or_default()
+                );
+                writeln!(log, "{}", serde_json::to_string(&r)?)?;
+                log.flush()?;
+                all.push(r);
+            }
+        }
+    }
+    let md = super::compare_report::markdown(&all);
+    crate::util::write_atomic(&a.out.join("results.md"), md.as_bytes())?;
+    for exp in Experiment::value_variants() {
+        let runs: Vec<&Run> = all.iter().filter(|r| r.experiment == exp.name()).collect();
+        if !runs.is_empty() {
+            let svg = super::compare_report::plot(exp.name(), &runs);
+            crate::util::write_atomic(&a.out.join(format!("{}.svg", exp.name())), svg.as_bytes())?;
+        }
+    }
+    eprintln!("wrote {}", a.out.display());
+    Ok(())
+}
+
+/// `rate · n`, rounded: a report's count back from its fraction.
+fn count(rate: f64, n: usize) -> usize {
+    (rate * n as f64).round() as usize
+}
+
+/// Keeps only the lines of `path` whose `role` is `role`.
+fn keep_role(path: &Path, role: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path)?;
+    let mut kept = String::new();
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        if v["role"] == role {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    crate::util::write_atomic(path, kept.as_bytes())?;
+    Ok(())
+}
