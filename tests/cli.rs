@@ -688,6 +688,51 @@ fn unlearn_exits_non_zero_without_a_model_when_the_gates_fail() {
     assert!(out.join("config.json").is_file());
 }
 
+/// `lethe tinymem compare` runs each method's grid on an experiment and writes every run, the
+/// tables and a plot; every run here finishes (Durable takes the secrets' unequal lengths).
+#[test]
+fn tinymem_compare_writes_runs_tables_and_a_plot() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = concat!(env!("CARGO_MANIFEST_DIR"), "/models");
+    let o = lethe(&[
+        "tinymem",
+        "compare",
+        "--experiments",
+        "lang-secret",
+        "--methods",
+        "activations,durable",
+        "--models",
+        models,
+        "--out",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let runs: Vec<serde_json::Value> = std::fs::read_to_string(dir.path().join("runs.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(runs.len(), 6, "three ratios each");
+    for r in &runs {
+        assert!(r.get("error").is_none(), "{r}");
+        assert_eq!(r["experiment"], "lang-secret");
+        assert!(r["memorized_before"].as_u64().unwrap() > 0, "{r}");
+    }
+    // Silencing 5 % of the neurons by activation forgets at least one secret.
+    assert!(runs.iter().any(|r| r["method"] == "activations"
+        && r["memorized_after"].as_u64() < r["memorized_before"].as_u64()));
+    let md = std::fs::read_to_string(dir.path().join("results.md")).unwrap();
+    assert!(
+        md.contains("## lang-secret") && md.contains("held-out perplexity change"),
+        "{md}"
+    );
+    let svg = std::fs::read_to_string(dir.path().join("lang-secret.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("activations"));
+    let o = lethe(&["tinymem", "compare", "--methods", "no-such", "--out", "x"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no-such"));
+}
+
 /// `lethe finetune` trains the NeoX fixture on JSONL rows and writes a directory that loads and
 /// scores the trained row better; a token id outside the vocabulary is refused, naming the row,
 /// and nothing is written.

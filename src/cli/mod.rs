@@ -118,6 +118,8 @@ pub struct InspectArgs {
 /// Runs the parsed command line.
 /// `lethe tinymem …`: the TinyMem commands, and `compare`, which runs the unlearning methods
 /// (a layer above `tinymem`).
+// Parsed once per process: the size difference of the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum TinymemCli {
     #[command(flatten)]
