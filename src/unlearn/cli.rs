@@ -32,6 +32,7 @@ use super::neurons::{
 use super::pipeline::{self, Baseline, Datasets, Evaluation, Gates, PipelineConfig, Target};
 use super::quality::{mean_accuracy, quality, Quality};
 use super::search::{paper_grid, search, Candidate};
+use super::sou::{sou, SouConfig};
 use super::{balanced_subnet, BalancedSubnetConfig, JobControl, Method, Mode, Outcome};
 use crate::audit::cli::read_rows;
 use crate::audit::{AuditItem, Definition};
@@ -52,6 +53,9 @@ pub enum MethodArg {
     /// Spec §4.5: zero the one MLP entry with the largest θ·∂L/∂θ per batch, for
     /// ⌊ratio · parameters⌋ batches.
     Greedy,
+    /// Spec §4.5: Second-Order Unlearning, zero the MLP entries with the largest OBS saliency
+    /// under the forget set's empirical Fisher.
+    Sou,
     /// Spec §4.5 (neuron-level): silence the neurons whose removal raises the forget loss most.
     ZeroOut,
     /// Spec §4.6: silence the neurons with the largest |mean activation| · ‖output weights‖.
@@ -70,6 +74,7 @@ impl MethodArg {
             Self::Durable => "durable",
             Self::DurableAgg => "durable-agg",
             Self::Greedy => "greedy",
+            Self::Sou => "sou",
             Self::ZeroOut => "zero-out",
             Self::Activations => "activations",
             Self::Slimming => "slimming",
@@ -557,17 +562,35 @@ impl Prepared {
                 },
                 None,
             )
+        } else if let MethodArg::Sou = m.method {
+            let scfg = SouConfig {
+                ratio: m.ratio.unwrap_or(0.01),
+                seed: m.seed,
+                ..SouConfig::default()
+            };
+            let d = sou(&lm.model, forget, &scfg, &ctl)?;
+            let zeros_per_matrix = per_matrix(&lm.model, &d.zeros);
+            zeroed_total = Some(d.zeros.iter().map(|(_, z)| z).sum());
+            let out = Outcome {
+                mlp: d.model.mlp_weights(),
+                model: d.model,
+                zeros_per_matrix,
+                steps: scfg.samples,
+                seconds: d.seconds,
+                stopped_early: false,
+            };
+            (
+                out,
+                BalancedSubnetConfig {
+                    ratio: scfg.ratio,
+                    ..cfg
+                },
+                None,
+            )
         } else if let MethodArg::Durable | MethodArg::DurableAgg = m.method {
             let agg = matches!(m.method, MethodArg::DurableAgg);
             let d = durable(&lm.model, forget, cfg.ratio, 64, agg)?;
-            let by_name: std::collections::HashMap<&str, usize> =
-                d.zeros.iter().map(|(n, z)| (n.as_str(), *z)).collect();
-            let zeros_per_matrix = lm
-                .model
-                .mlp_weight_names()
-                .iter()
-                .map(|(x, y)| (by_name[x.as_str()], by_name[y.as_str()]))
-                .collect();
+            let zeros_per_matrix = per_matrix(&lm.model, &d.zeros);
             let out = Outcome {
                 mlp: d.model.mlp_weights(),
                 model: d.model,
@@ -636,6 +659,17 @@ impl Prepared {
         };
         Ok((report, out.model))
     }
+}
+
+/// Zeroed entries per MLP matrix, `(in, out)` per block, from counts by tensor name.
+fn per_matrix(model: &Model, zeros: &[(String, usize)]) -> Vec<(usize, usize)> {
+    let by_name: HashMap<&str, usize> = zeros.iter().map(|(n, z)| (n.as_str(), *z)).collect();
+    let of = |n: &String| by_name.get(n.as_str()).copied().unwrap_or(0);
+    model
+        .mlp_weight_names()
+        .iter()
+        .map(|(x, y)| (of(x), of(y)))
+        .collect()
 }
 
 /// The gates `lethe unlearn` holds a result to: `lethe serve`'s budgets, or none at all.

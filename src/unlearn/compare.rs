@@ -93,10 +93,11 @@ pub struct CompareArgs {
     pub seed: u64,
 }
 
-const ALL_METHODS: [MethodArg; 9] = [
+const ALL_METHODS: [MethodArg; 10] = [
     MethodArg::BalancedSubnet,
     MethodArg::Subnet,
     MethodArg::Greedy,
+    MethodArg::Sou,
     MethodArg::Durable,
     MethodArg::DurableAgg,
     MethodArg::HardConcrete,
@@ -161,7 +162,7 @@ pub fn grid(method: MethodArg, seed: u64) -> Vec<(String, MethodFlags)> {
                 );
             }
         }
-        MethodArg::Durable | MethodArg::DurableAgg => {
+        MethodArg::Durable | MethodArg::DurableAgg | MethodArg::Sou => {
             for ratio in [1e-3, 0.01, 0.05] {
                 add(
                     format!("ratio {ratio}"),

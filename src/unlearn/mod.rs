@@ -36,6 +36,7 @@ pub mod neurons;
 pub mod pipeline;
 pub mod quality;
 pub mod search;
+pub mod sou;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
