@@ -55,20 +55,10 @@ pub fn durable(
             [bias(&a), bias(&b), a, b]
         })
         .collect();
-    let fast = match model {
-        Model::Gpt2(m) => m.mlp_grads_supported(),
-        Model::GptNeoX(m) => m.mlp_grads_supported(),
-    };
-    let ctx = model.spec().context_length;
+    let fast = super::on_hand_written_pass(model);
+    super::check_rows("forget", forget, model.spec().context_length)?;
     for chunk in forget.chunks(batch_size.max(1)) {
-        let t = chunk[0].len();
-        if chunk.iter().any(|s| s.len() < 2 || s.len() > ctx) {
-            return Err(Error::invalid(
-                "forget",
-                format!("Durable needs sequences of 2..={ctx} tokens"),
-            ));
-        }
-        if !fast && chunk.iter().any(|s| s.len() != t) {
+        if !fast && chunk.iter().any(|s| s.len() != chunk[0].len()) {
             return Err(Error::invalid(
                 "forget",
                 "Durable through autograd (not f32 on the CPU) needs equal-length sequences",

@@ -77,19 +77,9 @@ pub fn greedy(
         return Err(Error::invalid("retain", "the retain set is empty"));
     }
     let ctx = model.spec().context_length;
-    for (field, rows) in [("forget", forget), ("retain", retain)] {
-        if let Some(s) = rows.iter().find(|s| s.len() < 2 || s.len() > ctx) {
-            return Err(Error::invalid(
-                field,
-                format!("a sequence of {} tokens; each needs 2..={ctx}", s.len()),
-            ));
-        }
-    }
-    let supported = match model {
-        Model::Gpt2(m) => m.mlp_grads_supported(),
-        Model::GptNeoX(m) => m.mlp_grads_supported(),
-    };
-    if !supported {
+    super::check_rows("forget", forget, ctx)?;
+    super::check_rows("retain", retain, ctx)?;
+    if !super::on_hand_written_pass(model) {
         return Err(Error::invalid(
             "model",
             "Greedy runs on the hand-written pass: f32 weights on the CPU",

@@ -205,6 +205,29 @@ pub struct Outcome {
     pub stopped_early: bool,
 }
 
+/// Refuses (naming `field`) a row of fewer than 2 tokens or more than `context`: what every
+/// method on the hand-written pass checks before any work.
+pub(crate) fn check_rows(field: &str, rows: &[Vec<u32>], context: usize) -> Result<()> {
+    match rows.iter().find(|s| s.len() < 2 || s.len() > context) {
+        Some(s) => Err(Error::invalid(
+            field,
+            format!(
+                "a sequence of {} tokens; each needs 2..={context} (the context)",
+                s.len()
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Whether `model` runs on the hand-written pass (f32 weights on the CPU).
+pub(crate) fn on_hand_written_pass(model: &Model) -> bool {
+    match model {
+        Model::Gpt2(m) => m.mlp_grads_supported(),
+        Model::GptNeoX(m) => m.mlp_grads_supported(),
+    }
+}
+
 /// Rows right-padded with id 0 to the longest one: what the hand-written pass takes.
 pub(crate) struct Padded {
     /// `[b, t]` row-major.

@@ -179,16 +179,7 @@ fn validate(
     if forget.is_empty() {
         return Err(Error::invalid("forget", "the forget set is empty"));
     }
-    let ctx = model.spec().context_length;
-    if let Some(s) = forget.iter().find(|s| s.len() < 2 || s.len() > ctx) {
-        return Err(Error::invalid(
-            "forget",
-            format!(
-                "a sequence of {} tokens; each needs 2..={ctx} (the context)",
-                s.len()
-            ),
-        ));
-    }
+    super::check_rows("forget", forget, model.spec().context_length)?;
     Ok(())
 }
 

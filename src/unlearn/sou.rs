@@ -138,13 +138,7 @@ pub fn sou(
     if forget.is_empty() {
         return Err(Error::invalid("forget", "the forget set is empty"));
     }
-    let ctx = model.spec().context_length;
-    if let Some(s) = forget.iter().find(|s| s.len() < 2 || s.len() > ctx) {
-        return Err(Error::invalid(
-            "forget",
-            format!("a sequence of {} tokens; each needs 2..={ctx}", s.len()),
-        ));
-    }
+    super::check_rows("forget", forget, model.spec().context_length)?;
     match model {
         Model::Gpt2(m) if m.mlp_grads_supported() => run(m, model, forget, cfg, ctl),
         Model::GptNeoX(m) if m.mlp_grads_supported() => run(m, model, forget, cfg, ctl),

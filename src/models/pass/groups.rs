@@ -229,12 +229,14 @@ pub(crate) fn run_parts(
     if want == Want::Forward {
         token_lp.resize(b * (t - 1), 0.0);
     }
+    if let Want::Hidden(from) | Want::Activations(from) = want {
+        if from.len() != b || from.iter().zip(lens).any(|(f, l)| f > l) {
+            bail!("mlp_grads: positions wanted from past a row's end");
+        }
+    }
     // Want::Hidden: where each row's wanted states start in the output.
     let mut offset = vec![0usize; b + 1];
     if let Want::Hidden(from) = want {
-        if from.len() != b || from.iter().zip(lens).any(|(f, l)| f > l) {
-            bail!("mlp_grads: hidden states wanted from past a row's end");
-        }
         for r in 0..b {
             offset[r + 1] = offset[r] + lens[r] - from[r];
         }
@@ -243,10 +245,7 @@ pub(crate) fn run_parts(
     hidden.resize(offset[b] * d.h, 0.0);
     let per_row_act = nl * d.inner;
     act.clear();
-    if let Want::Activations(from) = want {
-        if from.len() != b || from.iter().zip(lens).any(|(f, l)| f > l) {
-            bail!("mlp_grads: activations wanted from past a row's end");
-        }
+    if let Want::Activations(_) = want {
         act.resize(b * per_row_act, 0.0);
     }
     let out = Mutex::new((row_loss, token_lp, hidden, act));
