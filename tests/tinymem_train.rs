@@ -186,6 +186,62 @@ fn resuming_continues_exactly_where_training_stopped() {
 }
 
 #[test]
+fn each_regularizer_trains_on_the_card_and_example_tied_dropout_writes_evaluation_weights() {
+    use lethe::tinymem::regularize::Regularizer;
+    let data = tiny_data();
+    let mut quiet = |_: usize, _: usize, _: usize, _: f64, _: f64| {};
+    for reg in [
+        Regularizer::SpectralNorm { lambda: 0.01 },
+        // A window under one epoch's samples, so the truncation is active for the second.
+        Regularizer::LossTruncation {
+            dropc: 0.1,
+            window: 100,
+        },
+        Regularizer::ExampleTiedDropout {
+            p_fixed: 0.2,
+            p_mem: 0.1,
+        },
+    ] {
+        let cfg = TrainConfig {
+            n_embd: 32,
+            n_inner: 64,
+            regularizer: Some(reg),
+            ..tiny_train(2)
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let card = train::train(&data, &cfg, dir.path(), false, &PARAMS, &mut quiet).unwrap();
+        assert_eq!(card.epochs_done, 2, "{reg:?}");
+        assert!(card.history.iter().all(|e| e.loss.is_finite()), "{reg:?}");
+        assert_eq!(Card::read(dir.path()).unwrap().train.regularizer, Some(reg));
+        let weights = lethe::models::weights::read_safetensors(
+            &dir.path().join("model.safetensors"),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        // Example-tied dropout's checkpoint drops the memorization neurons: the output
+        // projection's rows past the first ⌊0.2·64⌋ = 12 are zero. The others train them.
+        let proj: Vec<Vec<f32>> = weights["transformer.h.0.mlp.c_proj.weight"]
+            .to_vec2()
+            .unwrap();
+        let zero_rows = proj.iter().filter(|r| r.iter().all(|&x| x == 0.0)).count();
+        let want = if matches!(reg, Regularizer::ExampleTiedDropout { .. }) {
+            64 - 12
+        } else {
+            0
+        };
+        assert_eq!(zero_rows, want, "{reg:?}");
+        // A regularized run is not resumed (its state is not checkpointed).
+        let more = TrainConfig {
+            epochs: 3,
+            ..cfg.clone()
+        };
+        let e = train::train(&data, &more, dir.path(), true, &PARAMS, &mut quiet).unwrap_err();
+        assert!(e.to_string().contains("regularized"), "{e}");
+    }
+}
+
+#[test]
 fn balanced_subnet_forgets_the_memorized_rows_and_keeps_accuracy() {
     let t = trained();
     let lm = lethe::loader::load_dir(t.dir.path(), "tiny", &Device::Cpu, DType::F32).unwrap();

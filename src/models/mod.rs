@@ -282,6 +282,56 @@ impl Model {
         Self::new(&self.config(), &Weights::from_tensors(map, origin))
     }
 
+    /// An untracked copy of this model, named `origin`, with the parameters in `edits`
+    /// (checkpoint name → row-major f32 values of the parameter's shape) replaced, each kept in
+    /// its own dtype and device: how every weight edit (Greedy, SOU, Durable, neuron ablation,
+    /// example-tied dropout's evaluation weights) builds its result. A name the model does not
+    /// have, or values of another size, is an error naming it.
+    pub fn with_edits(
+        &self,
+        origin: &str,
+        edits: impl IntoIterator<Item = (String, Vec<f32>)>,
+    ) -> Result<Self> {
+        let mut map: std::collections::HashMap<String, Tensor> = self
+            .named_tensors()
+            .iter()
+            .map(|(n, t)| (n.clone(), t.detach()))
+            .collect();
+        for (name, values) in edits {
+            let Some(old) = map.get(&name) else {
+                return Err(Error::invalid("edit", format!("the model has no {name}")));
+            };
+            if values.len() != old.elem_count() {
+                return Err(Error::invalid(
+                    "edit",
+                    format!(
+                        "{} values for {name}, which has {}",
+                        values.len(),
+                        old.elem_count()
+                    ),
+                ));
+            }
+            let new = Tensor::from_vec(values, old.dims(), &Device::Cpu)?
+                .to_dtype(old.dtype())?
+                .to_device(old.device())?;
+            map.insert(name, new);
+        }
+        Self::new(&self.config(), &Weights::from_tensors(map, origin))
+    }
+
+    /// Parameter `name`'s values as row-major f32 on the CPU (`None`: no such parameter).
+    pub fn param_values(&self, name: &str) -> Result<Option<Vec<f32>>> {
+        let Some((_, t)) = self.named_tensors().iter().find(|(n, _)| n == name) else {
+            return Ok(None);
+        };
+        Ok(Some(
+            t.to_device(&Device::Cpu)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()?,
+        ))
+    }
+
     /// Builds the model from `weights` (a checkpoint, or fresh initialisation for training).
     pub fn new(config: &ModelConfig, weights: &Weights) -> Result<Self> {
         crate::runtime::ensure_threads();

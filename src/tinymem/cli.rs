@@ -24,6 +24,7 @@ use super::eval::{self, EvalParams};
 use super::lang::cli::{self as lang_cli, LangFlags};
 use super::lang::model as lang_model;
 use super::lang::LangCard;
+use super::regularize::Regularizer;
 use super::train::{self, Card, TrainConfig};
 use crate::loader::ModelArgs;
 
@@ -175,6 +176,8 @@ pub struct TrainArgs {
     /// Checkpoint every N epochs (0: only at the end).
     #[arg(long, default_value_t = 1)]
     pub checkpoint_every: usize,
+    #[command(flatten)]
+    pub regularizer: RegularizerFlags,
     /// Continue from the checkpoint in --out.
     #[arg(long)]
     pub resume: bool,
@@ -184,6 +187,50 @@ pub struct TrainArgs {
     /// Output model directory.
     #[arg(long)]
     pub out: PathBuf,
+}
+
+/// Training-time regularizers (spec §4.7), at most one per run.
+#[derive(Debug, Clone, Args)]
+pub struct RegularizerFlags {
+    /// Spectral-norm regularization with this λ: (λ/2)·Σσ_max over the weight matrices (the
+    /// paper's grid: 0.001, 0.01, 0.1).
+    #[arg(long, value_name = "LAMBDA", conflicts_with_all = ["loss_truncation", "example_tied_dropout"])]
+    pub spectral_norm: Option<f64>,
+    /// Loss truncation: drop samples at or above the (1 − DROPC) loss percentile (the paper's
+    /// grid: 0.01, 0.05, 0.1).
+    #[arg(long, value_name = "DROPC", conflicts_with = "example_tied_dropout")]
+    pub loss_truncation: Option<f64>,
+    /// Samples in loss truncation's buffer, and how often its percentile is recomputed.
+    #[arg(long, default_value_t = 10_000, requires = "loss_truncation")]
+    pub truncation_window: usize,
+    /// Example-tied dropout: per-example masks over the MLP neurons.
+    #[arg(long)]
+    pub example_tied_dropout: bool,
+    /// Example-tied dropout's always-on ("generalization") share of the neurons.
+    #[arg(long, default_value_t = 0.2, requires = "example_tied_dropout")]
+    pub p_fixed: f64,
+    /// Example-tied dropout's per-example share of the other ("memorization") neurons.
+    #[arg(long, default_value_t = 0.1, requires = "example_tied_dropout")]
+    pub p_mem: f64,
+}
+
+impl RegularizerFlags {
+    pub fn regularizer(&self) -> Option<Regularizer> {
+        if let Some(lambda) = self.spectral_norm {
+            Some(Regularizer::SpectralNorm { lambda })
+        } else if let Some(dropc) = self.loss_truncation {
+            Some(Regularizer::LossTruncation {
+                dropc,
+                window: self.truncation_window,
+            })
+        } else {
+            self.example_tied_dropout
+                .then_some(Regularizer::ExampleTiedDropout {
+                    p_fixed: self.p_fixed,
+                    p_mem: self.p_mem,
+                })
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -284,6 +331,7 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
         seed: a.seed,
         eval_every: a.eval_every,
         checkpoint_every: a.checkpoint_every,
+        regularizer: a.regularizer.regularizer(),
     };
     let bar = if a.quiet {
         indicatif::ProgressBar::hidden()

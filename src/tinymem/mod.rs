@@ -11,6 +11,7 @@
 //!   the default) the module concerned says so, as does `docs/tinymem.md`.
 //! - [`train`] writes Hugging Face checkpoints, each file replaced atomically, with a card from
 //!   which [`data`] regenerates the exact training data.
+//! - [`regularize`] holds the training-time regularizers (spec §4.7) that [`train`] applies.
 //! - [`finetune`] trains any supported checkpoint on given rows (how tests and benchmarks make a
 //!   GPT-NeoX that regurgitates chosen sequences).
 
@@ -19,6 +20,7 @@ pub mod data;
 pub mod eval;
 pub mod finetune;
 pub mod lang;
+pub mod regularize;
 mod rng;
 pub mod tokenizer;
 pub mod train;

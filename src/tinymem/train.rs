@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use super::data::{self, DataConfig, Dataset};
 use super::eval::{self, EvalParams, EvalReport};
+use super::regularize::{Regularize, Regularizer};
 use super::vocab;
 use crate::error::{Error, Result};
 use crate::models::ops::{self, Activation};
@@ -65,6 +66,9 @@ pub struct TrainConfig {
     pub eval_every: usize,
     /// Write a checkpoint every this many epochs (0: only after the last).
     pub checkpoint_every: usize,
+    /// A training-time regularizer (spec §4.7); `None`: the paper's plain training.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub regularizer: Option<Regularizer>,
 }
 
 impl Default for TrainConfig {
@@ -84,6 +88,7 @@ impl Default for TrainConfig {
             seed: 0,
             eval_every: 1,
             checkpoint_every: 1,
+            regularizer: None,
         }
     }
 }
@@ -118,7 +123,9 @@ impl TrainConfig {
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             return Err(Error::invalid("weight_decay", "must be >= 0"));
         }
-        Ok(())
+        self.regularizer
+            .as_ref()
+            .map_or(Ok(()), Regularizer::validate)
     }
 
     /// The GPT-2 config of the model this trains (spec §2.1).
@@ -252,6 +259,13 @@ pub fn train(
     let model_cfg = ModelConfig::Gpt2(cfg.model_config(data_cfg));
     let dev = Device::Cpu;
     let resuming = resume && out.join(CARD_FILE).is_file();
+    if resuming && cfg.regularizer.is_some() {
+        return Err(Error::invalid(
+            "resume",
+            "a regularized run cannot be resumed: the regularizer's state (power-iteration \
+             vectors, loss buffer, example masks) is not checkpointed",
+        ));
+    }
     let (weights, mut card) = if resuming {
         let card = Card::read(out)?;
         if &card.data != data_cfg {
@@ -323,21 +337,17 @@ pub fn train(
         cfg,
         first,
         progress,
-        |opt, e| {
+        |opt, e, snapshot| {
             card.train_seconds += e.seconds;
             card.epochs_done = e.epoch;
             card.steps_done += e.steps as u64;
+            // An untracked copy: it runs the inference kernels, so its evaluation equals what
+            // `lethe tinymem eval` computes on the written checkpoint.
             card.history.push(EpochLog::of(&e, cfg, || {
-                eval::evaluate(
-                    // An untracked copy: it runs the inference kernels, so its evaluation equals what
-                    // `lethe tinymem eval` computes on the written checkpoint.
-                    &model.detached("training snapshot")?,
-                    &ds,
-                    eval_params,
-                )
+                eval::evaluate(&snapshot()?, &ds, eval_params)
             })?);
             if e.due(cfg.checkpoint_every, cfg) {
-                save_checkpoint(out, &model, &model_cfg, Some(opt), CARD_FILE, &card)?;
+                save_checkpoint(out, &snapshot()?, &model_cfg, Some(opt), CARD_FILE, &card)?;
             }
             Ok(())
         },
@@ -367,8 +377,10 @@ impl EpochDone {
 
 /// Epochs `first..cfg.epochs` over `rows` (each `t` tokens): every epoch a fresh shuffle seeded
 /// by `cfg.seed` and the epoch number (so a resumed run continues the same batches), one
-/// [`train_step`] per batch of `cfg.batch_size`, then `after_epoch`. A non-finite loss stops
-/// the run with an error naming the epoch.
+/// [`train_step`] per batch of `cfg.batch_size` (with `cfg.regularizer`, its regularized step),
+/// then `after_epoch` with a builder of the model as evaluated and written (an untracked copy;
+/// example-tied dropout's evaluation weights). A non-finite loss stops the run with an error
+/// naming the epoch.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn run_epochs(
     model: &Model,
@@ -378,10 +390,14 @@ pub(super) fn run_epochs(
     cfg: &TrainConfig,
     first: usize,
     progress: Progress,
-    mut after_epoch: impl FnMut(&AdamW, EpochDone) -> Result<()>,
+    mut after_epoch: impl FnMut(&AdamW, EpochDone, &dyn Fn() -> Result<Model>) -> Result<()>,
 ) -> Result<()> {
     let steps_per_epoch = rows.len().div_ceil(cfg.batch_size);
     let mut ws = StepWorkspace::default();
+    let mut reg = cfg
+        .regularizer
+        .map(|r| Regularize::new(r, model, cfg.seed))
+        .transpose()?;
     for epoch in first..cfg.epochs {
         let started = Instant::now();
         let mut order: Vec<usize> = (0..rows.len()).collect();
@@ -394,7 +410,12 @@ pub(super) fn run_epochs(
                 .iter()
                 .flat_map(|&i| rows[i].iter().copied())
                 .collect();
-            let l = train_step(model, opt, &flat, (batch.len(), t), &mut ws)?.loss;
+            let bt = (batch.len(), t);
+            let l = match &mut reg {
+                Some(r) => r.step(model, opt, &flat, bt, batch, &mut ws)?,
+                None => train_step(model, opt, &flat, bt, &mut ws)?,
+            }
+            .loss;
             if !l.is_finite() {
                 return Err(Error::invalid(
                     "lr",
@@ -411,6 +432,10 @@ pub(super) fn run_epochs(
                 tokens as f64 / started.elapsed().as_secs_f64(),
             );
         }
+        let snapshot = || match &reg {
+            Some(r) => r.evaluated(model),
+            None => model.detached("training snapshot"),
+        };
         after_epoch(
             opt,
             EpochDone {
@@ -420,6 +445,7 @@ pub(super) fn run_epochs(
                 tokens,
                 steps: steps_per_epoch,
             },
+            &snapshot,
         )?;
     }
     Ok(())
@@ -428,7 +454,7 @@ pub(super) fn run_epochs(
 /// Buffers that [`train_step`] reuses from one step to the next.
 #[derive(Default)]
 pub struct StepWorkspace {
-    grad: MlpGradWorkspace,
+    pub(super) grad: MlpGradWorkspace,
 }
 
 /// What one [`train_step`] did.

@@ -117,21 +117,17 @@ pub fn durable(
             keep_masks.push(m);
         }
     }
-    let mut edited: HashMap<String, Tensor> = model
-        .named_tensors()
-        .iter()
-        .map(|(n, t)| (n.clone(), t.detach()))
-        .collect();
     let mut zeros = Vec::new();
-    for ((name, dims), m) in tracked.into_iter().zip(keep_masks) {
+    let mut edits = Vec::with_capacity(tracked.len());
+    for ((name, _), m) in tracked.into_iter().zip(keep_masks) {
         zeros.push((name.clone(), m.iter().filter(|&&x| x == 0.0).count()));
-        let mask = Tensor::from_vec(m, dims, model.device())?;
-        edited.insert(name.clone(), (&edited[name] * mask)?);
+        let mut w = model
+            .param_values(name)?
+            .expect("tracked names are the model's");
+        w.iter_mut().zip(&m).for_each(|(w, m)| *w *= m);
+        edits.push((name.clone(), w));
     }
-    let model = Model::new(
-        &model.config(),
-        &Weights::from_tensors(edited, "Durable edit"),
-    )?;
+    let model = model.with_edits("Durable edit", edits)?;
     Ok(DurableOutcome {
         model,
         zeros,

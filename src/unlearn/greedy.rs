@@ -19,7 +19,6 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -27,7 +26,7 @@ use rand::SeedableRng;
 use super::{JobControl, Padded};
 use crate::error::{Error, Result};
 use crate::models::pass::{HandWrittenPass, MlpGradWorkspace};
-use crate::models::{Model, Weights};
+use crate::models::Model;
 
 /// Greedy's settings (the reference: batch 64).
 #[derive(Debug, Clone, PartialEq)]
@@ -141,7 +140,8 @@ pub fn greedy(
             if let Some((k, i)) = best {
                 mlp[k].1[i] = 0.0;
                 zeroed.push((mlp[k].0.clone(), i));
-                current = with_params(&current, &mlp[k].0, &mlp[k].1)?;
+                current =
+                    current.with_edits("Greedy edit", [(mlp[k].0.clone(), mlp[k].1.clone())])?;
             }
         }
     }
@@ -151,21 +151,6 @@ pub fn greedy(
         zeroed,
         seconds: start.elapsed().as_secs_f64(),
     })
-}
-
-/// `model` with the parameter `name` replaced by `values`.
-fn with_params(model: &Model, name: &str, values: &[f32]) -> Result<Model> {
-    let mut map: HashMap<String, Tensor> = model
-        .named_tensors()
-        .iter()
-        .map(|(n, t)| (n.clone(), t.detach()))
-        .collect();
-    let dims = map[name].dims().to_vec();
-    map.insert(
-        name.to_string(),
-        Tensor::from_slice(values, dims, &Device::Cpu)?.to_dtype(DType::F32)?,
-    );
-    Model::new(&model.config(), &Weights::from_tensors(map, "Greedy edit"))
 }
 
 #[cfg(test)]

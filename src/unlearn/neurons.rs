@@ -42,7 +42,7 @@ use super::{JobControl, Padded};
 use crate::error::{Error, Result};
 use crate::models::pass::forward::{mlp_activation_sums, row_losses};
 use crate::models::pass::{HandWrittenPass, MlpGradWorkspace};
-use crate::models::{Model, Weights};
+use crate::models::Model;
 use crate::optim::{AdamW, AdamWParams};
 
 /// Which attribution chooses the neurons.
@@ -549,49 +549,27 @@ pub fn ablate(model: &Model, neurons: &[Vec<usize>]) -> Result<Model> {
             ),
         ));
     }
-    let mut map: HashMap<String, Tensor> = model
-        .named_tensors()
-        .iter()
-        .map(|(n, t)| (n.clone(), t.detach()))
-        .collect();
-    let edit = |map: &mut HashMap<String, Tensor>, name: &str, f: &dyn Fn(&mut [f32])| {
-        let Some(t) = map.get(name) else {
-            return Ok(());
-        };
-        let mut v: Vec<f32> = t
-            .to_device(&Device::Cpu)?
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
-        f(&mut v);
-        let new = Tensor::from_vec(v, t.dims(), &Device::Cpu)?
-            .to_dtype(t.dtype())?
-            .to_device(t.device())?;
-        map.insert(name.to_string(), new);
-        Ok::<_, Error>(())
-    };
+    let mut edits = Vec::new();
     for ((fc, _), chosen) in names.iter().zip(neurons) {
         if chosen.is_empty() {
             continue;
         }
-        edit(&mut map, fc, &|w: &mut [f32]| {
-            for &i in chosen {
-                for j in 0..lay.h {
-                    w[lay.input(i, j)] = 0.0;
-                }
+        let mut w = model.param_values(fc)?.expect("an MLP weight of the model");
+        for &i in chosen {
+            for j in 0..lay.h {
+                w[lay.input(i, j)] = 0.0;
             }
-        })?;
+        }
+        edits.push((fc.clone(), w));
         let bias = fc.trim_end_matches(".weight").to_string() + ".bias";
-        edit(&mut map, &bias, &|b: &mut [f32]| {
+        if let Some(mut b) = model.param_values(&bias)? {
             for &i in chosen {
                 b[i] = 0.0;
             }
-        })?;
+            edits.push((bias, b));
+        }
     }
-    Model::new(
-        &model.config(),
-        &Weights::from_tensors(map, "neuron ablation"),
-    )
+    model.with_edits("neuron ablation", edits)
 }
 
 #[cfg(test)]

@@ -17,10 +17,8 @@
 //!   says so otherwise; bad settings and an empty forget set are refused before any work;
 //!   [`JobControl::cancel`] stops it between two samples with [`Error::Cancelled`].
 
-use std::collections::HashMap;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -28,7 +26,7 @@ use rand::SeedableRng;
 use super::JobControl;
 use crate::error::{Error, Result};
 use crate::models::pass::{HandWrittenPass, MlpGradWorkspace};
-use crate::models::{Model, Weights};
+use crate::models::Model;
 
 /// SOU's settings: the reference's block 50, 512 gradient samples and damping 1e-7.
 #[derive(Debug, Clone, PartialEq)]
@@ -185,11 +183,7 @@ fn run<P: HandWrittenPass>(
             f.update(out.grads[*slot], cfg.samples as f64);
         }
     }
-    let mut map: HashMap<String, Tensor> = model
-        .named_tensors()
-        .iter()
-        .map(|(n, t)| (n.clone(), t.detach()))
-        .collect();
+    let mut edits = Vec::new();
     let mut zeros = Vec::new();
     for ((_, name, w), f) in tracked.iter().zip(&fisher) {
         let d = f.diagonal();
@@ -205,12 +199,11 @@ fn run<P: HandWrittenPass>(
         for &i in &idx[..k] {
             edited[i] = 0.0;
         }
-        let dims = map[name].dims().to_vec();
-        map.insert(name.clone(), Tensor::from_vec(edited, dims, &Device::Cpu)?);
+        edits.push((name.clone(), edited));
         zeros.push((name.clone(), k));
     }
     Ok(SouOutcome {
-        model: Model::new(&model.config(), &Weights::from_tensors(map, "SOU edit"))?,
+        model: model.with_edits("SOU edit", edits)?,
         zeros,
         seconds: start.elapsed().as_secs_f64(),
     })

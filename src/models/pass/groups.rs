@@ -229,6 +229,15 @@ pub(crate) fn run_parts(
     if want == Want::Forward {
         token_lp.resize(b * (t - 1), 0.0);
     }
+    if let Want::Dropped(mask) = want {
+        if mask.len() != b * d.inner {
+            bail!(
+                "dropped_grads: a neuron mask of {} values for {b} rows of {} neurons",
+                mask.len(),
+                d.inner
+            );
+        }
+    }
     if let Want::Hidden(from) | Want::Activations(from) = want {
         if from.len() != b || from.iter().zip(lens).any(|(f, l)| f > l) {
             bail!("mlp_grads: positions wanted from past a row's end");
@@ -269,6 +278,7 @@ pub(crate) fn run_parts(
                 match want {
                     Want::Hidden(from) => Want::Hidden(&from[r0..r1]),
                     Want::Activations(from) => Want::Activations(&from[r0..r1]),
+                    Want::Dropped(mask) => Want::Dropped(&mask[r0 * d.inner..r1 * d.inner]),
                     other => other,
                 },
                 part_ws,

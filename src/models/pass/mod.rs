@@ -54,7 +54,7 @@ pub(crate) mod forward;
 mod groups;
 
 /// Which parameter gradients a pass accumulates.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq)]
 pub(crate) enum Want<'a> {
     /// The MLP weight matrices only (`c_fc`, `c_proj`); the backward stops at layer 0's `c_fc`.
     Mlp,
@@ -71,6 +71,10 @@ pub(crate) enum Want<'a> {
     /// positions `from[r]..lens[r] − 1` of each row `r` (the positions that predict a token of
     /// the row), per row: what attribution by activations reads ([`forward::mlp_activation_sums`]).
     Activations(&'a [usize]),
+    /// Every parameter, as [`Want::All`], with each row's MLP activations (after the
+    /// nonlinearity, in every block) multiplied by that row's neuron mask: `[b, I]` row-major.
+    /// Example-tied dropout's training pass.
+    Dropped(&'a [f32]),
 }
 
 /// Index of block `li`'s `k`-th parameter in [`Gpt2::named_tensors`] order: `wte`, `wpe`, then
@@ -364,7 +368,7 @@ fn part_body(
         t,
         scale,
     };
-    let full = want == Want::All;
+    let full = matches!(want, Want::All | Want::Dropped(_));
     // Want::Hidden: the (row · t + position) rows whose final states are wanted.
     let sel: Option<Vec<usize>> = match want {
         Want::Hidden(from) => Some(
@@ -439,6 +443,9 @@ fn part_body(
         dense_fwd(lin, (n, h, inner), hpre, m_in, bw.fc.0, true);
         let hh = buf(&mut lb.h, n * inner);
         activation::forward(act, hpre, hh);
+        if let Want::Dropped(mask) = want {
+            times_row_mask(hh, mask, t, inner);
+        }
         if let Want::Activations(from) = want {
             let sums = if li == 0 {
                 zbuf(&mut ws.act, b * nl * inner)
@@ -564,6 +571,9 @@ fn part_body(
         }
         let dh = buf(&mut ws.dh, n * inner);
         dense_fwd(!lin, (n, h, inner), dh, dx, bw.mproj.0, false);
+        if let Want::Dropped(mask) = want {
+            times_row_mask(dh, mask, t, inner);
+        }
         activation::backward(act, &lb.hpre, dh);
         // c_fc: ∂W1 from m_in and ∂hpre.
         let gw = scratch(&mut ws.gw, h * inner);
@@ -760,14 +770,63 @@ pub(crate) trait HandWrittenPass {
     where
         Self: Sized,
     {
-        let (loss, row_loss) = run(self, ids, bt, lens, row_weight, None, Want::All, ws)?;
-        let slots = self.param_slots();
-        let mut all = sums(ws);
-        Ok(TrainGrads {
-            loss,
-            row_loss,
-            grads: slots.iter().map(|&i| std::mem::take(&mut all[i])).collect(),
-        })
+        every_grad(self, ids, bt, lens, row_weight, Want::All, ws)
+    }
+
+    /// [`Self::train_grads`] with each row's MLP activations, in every block, multiplied by
+    /// that row's neuron mask (`mask`: `[b, I]` row-major): example-tied dropout's step.
+    fn dropped_grads<'w>(
+        &self,
+        ids: &[u32],
+        (b, t): (usize, usize),
+        mask: &[f32],
+        ws: &'w mut MlpGradWorkspace,
+    ) -> Result<TrainGrads<'w>>
+    where
+        Self: Sized,
+    {
+        let lens = vec![t; b];
+        let row_weight = vec![1.0 / b.max(1) as f32; b];
+        let mut out = every_grad(
+            self,
+            ids,
+            (b, t),
+            &lens,
+            &row_weight,
+            Want::Dropped(mask),
+            ws,
+        )?;
+        out.loss = out.row_loss.iter().sum::<f64>() / b as f64;
+        Ok(out)
+    }
+}
+
+/// The weighted loss's gradient with respect to every parameter (`want`: [`Want::All`] or
+/// [`Want::Dropped`]), in the model's `named_tensors` order.
+fn every_grad<'w, M: HandWrittenPass>(
+    m: &M,
+    ids: &[u32],
+    bt: (usize, usize),
+    lens: &[usize],
+    row_weight: &[f32],
+    want: Want<'_>,
+    ws: &'w mut MlpGradWorkspace,
+) -> Result<TrainGrads<'w>> {
+    let (loss, row_loss) = run(m, ids, bt, lens, row_weight, None, want, ws)?;
+    let slots = m.param_slots();
+    let mut all = sums(ws);
+    Ok(TrainGrads {
+        loss,
+        row_loss,
+        grads: slots.iter().map(|&i| std::mem::take(&mut all[i])).collect(),
+    })
+}
+
+/// Multiplies each position of row `r` of `x` (`[b, t, inner]`) by `mask[r]` (`[b, inner]`).
+fn times_row_mask(x: &mut [f32], mask: &[f32], t: usize, inner: usize) {
+    for (i, pos) in x.chunks_exact_mut(inner).enumerate() {
+        let m = &mask[(i / t) * inner..(i / t + 1) * inner];
+        pos.iter_mut().zip(m).for_each(|(x, &m)| *x *= m);
     }
 }
 

@@ -179,15 +179,14 @@ pub fn train(
         cfg,
         0,
         progress,
-        |_, e| {
+        |_, e, snapshot| {
             card.train_seconds += e.seconds;
             card.epochs_done = e.epoch;
             card.steps_done += e.steps as u64;
-            card.history.push(EpochLog::of(&e, cfg, || {
-                evaluate(&model.detached("training snapshot")?, ds, 64)
-            })?);
+            card.history
+                .push(EpochLog::of(&e, cfg, || evaluate(&snapshot()?, ds, 64))?);
             if e.due(cfg.checkpoint_every, cfg) {
-                save_checkpoint(out, &model, &model_cfg, None, LANG_CARD_FILE, &card)?;
+                save_checkpoint(out, &snapshot()?, &model_cfg, None, LANG_CARD_FILE, &card)?;
             }
             Ok(())
         },
