@@ -297,3 +297,55 @@ fn balanced_subnet_forgets_the_memorized_rows_and_keeps_accuracy() {
     let (a0, a1) = (acc(&lm.model), acc(&out.model));
     assert!(a1 >= a0 - 0.01, "accuracy {a0:.4} -> {a1:.4}");
 }
+
+#[test]
+fn clean_fine_tuning_resumes_the_optimiser_and_forgets_the_noise() {
+    use lethe::unlearn::finetune::{fine_tune, FtData};
+    let t = trained();
+    let lm = lethe::loader::load_dir(t.dir.path(), "tiny", &Device::Cpu, DType::F32).unwrap();
+    let ds = t.card.dataset().unwrap();
+    let noised = ds.noised_rows();
+    let before = eval::memorization(&lm.model, &noised, &PARAMS).unwrap();
+    assert!(before.memorized >= 1);
+    let out = fine_tune(&lm.model, t.dir.path(), FtData::Clean, 5).unwrap();
+    assert!(
+        out.optimizer_resumed,
+        "training wrote optimizer.safetensors"
+    );
+    assert_eq!(out.rows, 4, "the 4 noised rows' clean twins, once each");
+    // Batches of 32: one step per epoch.
+    assert_eq!(out.steps, 5);
+    let after = eval::memorization(&out.model, &noised, &PARAMS).unwrap();
+    assert!(
+        after.memorized < before.memorized,
+        "{} → {} memorized",
+        before.memorized,
+        after.memorized
+    );
+    // The loaded model is not changed.
+    let again = eval::memorization(&lm.model, &noised, &PARAMS).unwrap();
+    assert_eq!(again.memorized, before.memorized);
+    // Without the optimiser state the moments start from zero, and the run says so.
+    let copy = tempfile::tempdir().unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "lethe_tinymem.json",
+        "tokenizer.json",
+    ] {
+        std::fs::copy(t.dir.path().join(f), copy.path().join(f)).unwrap();
+    }
+    let fresh = fine_tune(&lm.model, copy.path(), FtData::Extra, 1).unwrap();
+    assert!(!fresh.optimizer_resumed);
+    assert_eq!(fresh.rows, ds.train_rows().len() - 4 * 40);
+    // A directory without a math card is refused by name.
+    let e = fine_tune(
+        &lm.model,
+        tempfile::tempdir().unwrap().path(),
+        FtData::Both,
+        1,
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("no math TinyMem card"), "{e}");
+}

@@ -358,6 +358,91 @@ pub fn train(
     Ok(card)
 }
 
+/// What [`continue_training`] did.
+pub struct Continued {
+    /// The trained model, untracked.
+    pub model: Model,
+    pub steps: usize,
+    pub seconds: f64,
+    /// Whether the AdamW state came from the checkpoint's `optimizer.safetensors` (else it
+    /// started from zero moments).
+    pub optimizer_resumed: bool,
+}
+
+/// Continues training `model` (trained with `cfg`) for `epochs` more passes over `rows`
+/// (each `t` tokens) with `cfg`'s optimiser, batch size and seed, no regularizer: the
+/// fine-tuning baselines (spec §4.8). The AdamW state is read from `optimizer` when that file
+/// exists (what `lethe tinymem train` writes beside its checkpoints), else it starts from
+/// zero. `model` is not changed.
+pub fn continue_training(
+    model: &Model,
+    optimizer: Option<&Path>,
+    cfg: &TrainConfig,
+    rows: &[&[u32]],
+    t: usize,
+    epochs: usize,
+) -> Result<Continued> {
+    if rows.is_empty() {
+        return Err(Error::invalid("rows", "no rows to fine-tune on"));
+    }
+    if let Some(r) = rows.iter().find(|r| r.len() != t) {
+        return Err(Error::invalid(
+            "rows",
+            format!("a row of {} tokens, expected {t}", r.len()),
+        ));
+    }
+    let map = model
+        .named_tensors()
+        .iter()
+        .map(|(n, t)| (n.clone(), t.detach()))
+        .collect();
+    let weights = Weights::vars_from_tensors(map, cfg.seed)?;
+    let trained = Model::new(&model.config(), &weights)?;
+    let mut opt = AdamW::new(
+        named_vars(&trained, &weights)?,
+        AdamWParams {
+            lr: cfg.lr,
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.eps,
+            weight_decay: cfg.weight_decay,
+        },
+    )?;
+    let resumed = match optimizer {
+        Some(path) if path.is_file() => {
+            opt.load(path)?;
+            true
+        }
+        _ => false,
+    };
+    let cfg = TrainConfig {
+        epochs,
+        regularizer: None,
+        ..cfg.clone()
+    };
+    let started = Instant::now();
+    let mut steps = 0;
+    run_epochs(
+        &trained,
+        &mut opt,
+        rows,
+        t,
+        &cfg,
+        0,
+        &mut |_, _, _, _, _| {},
+        |_, e, _| {
+            steps += e.steps;
+            Ok(())
+        },
+    )?;
+    Ok(Continued {
+        model: trained.detached("fine-tuned")?,
+        steps,
+        seconds: started.elapsed().as_secs_f64(),
+        optimizer_resumed: resumed,
+    })
+}
+
 /// One finished epoch of [`run_epochs`].
 pub(super) struct EpochDone {
     /// Epochs done (1-based).

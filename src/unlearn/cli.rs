@@ -25,6 +25,7 @@ use serde::Serialize;
 
 use super::controller::ControllerConfig;
 use super::durable::durable;
+use super::finetune::{fine_tune, FtData};
 use super::greedy::{greedy, GreedyConfig};
 use super::neurons::{
     ablate, neuron_attribution, top_neurons, NeuronConfig, NeuronMethod, NeuronOutcome,
@@ -64,6 +65,12 @@ pub enum MethodArg {
     Slimming,
     /// Spec §4.6: silence the neurons whose L0 hard-concrete gates stay most open.
     HardConcrete,
+    /// Spec §4.8: continue training on the clean versions of the artifact rows.
+    FtClean,
+    /// Spec §4.8: continue training on every training row but the artifact rows.
+    FtExtra,
+    /// Spec §4.8: continue training on both.
+    FtBoth,
 }
 
 impl MethodArg {
@@ -79,6 +86,18 @@ impl MethodArg {
             Self::Activations => "activations",
             Self::Slimming => "slimming",
             Self::HardConcrete => "hard-concrete",
+            Self::FtClean => "ft-clean",
+            Self::FtExtra => "ft-extra",
+            Self::FtBoth => "ft-both",
+        }
+    }
+
+    fn ft(self) -> Option<FtData> {
+        match self {
+            Self::FtClean => Some(FtData::Clean),
+            Self::FtExtra => Some(FtData::Extra),
+            Self::FtBoth => Some(FtData::Both),
+            _ => None,
         }
     }
 
@@ -123,9 +142,10 @@ pub struct MethodFlags {
     /// Retain weight w in −(1 − w)·L_forget + w·L_retain.
     #[arg(long, default_value_t = 0.9)]
     pub w: f64,
-    /// Paper mode: passes over the data.
-    #[arg(long, default_value_t = 1)]
-    pub epochs: usize,
+    /// Passes over the data: paper mode and the neuron-level methods (default 1), fine-tuning
+    /// (default 5, the paper's).
+    #[arg(long)]
+    pub epochs: Option<usize>,
     /// Step budget (controller: default 2000; balanced mode: default 200).
     #[arg(long)]
     pub max_steps: Option<usize>,
@@ -395,7 +415,7 @@ impl Prepared {
             },
             ratio: m.ratio.unwrap_or(0.3),
             w: m.w,
-            epochs: m.epochs,
+            epochs: m.epochs.unwrap_or(1),
             max_steps: m.max_steps.unwrap_or(200),
             min_steps: m.min_steps,
             batch_size,
@@ -474,7 +494,7 @@ impl Prepared {
         } else if let Some(method) = m.method.neuron() {
             let ncfg = NeuronConfig {
                 ratio: m.ratio.unwrap_or(0.01),
-                epochs: m.epochs,
+                epochs: m.epochs.unwrap_or(1),
                 batch_size,
                 l1: m.l1,
                 prompt_len: def.k(),
@@ -587,6 +607,30 @@ impl Prepared {
                 },
                 None,
             )
+        } else if let Some(data) = m.method.ft() {
+            let f = fine_tune(&lm.model, &lm.dir, data, m.epochs.unwrap_or(5))?;
+            let out = Outcome {
+                mlp: f.model.mlp_weights(),
+                model: f.model,
+                zeros_per_matrix: vec![(0, 0); lm.model.spec().num_layers],
+                steps: f.steps,
+                seconds: f.seconds,
+                stopped_early: false,
+            };
+            zeroed_total = Some(0);
+            let epochs = m.epochs.unwrap_or(5);
+            eprintln!(
+                "{}: {} rows, {epochs} epochs, {} steps, AdamW state {}",
+                data.name(),
+                f.rows,
+                f.steps,
+                if f.optimizer_resumed {
+                    "resumed from optimizer.safetensors"
+                } else {
+                    "started from zero (the directory has no optimizer.safetensors)"
+                }
+            );
+            (out, BalancedSubnetConfig { epochs, ..cfg }, None)
         } else if let MethodArg::Durable | MethodArg::DurableAgg = m.method {
             let agg = matches!(m.method, MethodArg::DurableAgg);
             let d = durable(&lm.model, forget, cfg.ratio, 64, agg)?;

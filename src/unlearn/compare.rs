@@ -28,6 +28,9 @@ use serde::Serialize;
 use super::cli::{gates_of, MethodArg, MethodFlags, ModeArg, Prepared};
 use crate::audit::Definition;
 use crate::loader::ModelArgs;
+use crate::tinymem::eval::{self, EvalParams, EvalReport};
+use crate::tinymem::regularize::Regularizer;
+use crate::tinymem::train::{self, Card, TrainConfig};
 
 /// One model and forget set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -91,9 +94,56 @@ pub struct CompareArgs {
     pub models: PathBuf,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Training-time regularizers to compare too, comma-separated (math experiments only):
+    /// each trains a model like the bundled one, with the regularizer.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub regularizers: Vec<RegularizerArg>,
+    /// The regularizers' settings: `middle` (one each: λ 0.01, dropc 0.05, p_mem 0.1) or
+    /// `paper` (spec §4.7's three each).
+    #[arg(long, value_enum, default_value = "middle")]
+    pub regularizer_grid: RegularizerGrid,
 }
 
-const ALL_METHODS: [MethodArg; 10] = [
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RegularizerArg {
+    SpectralNorm,
+    LossTruncation,
+    ExampleTiedDropout,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RegularizerGrid {
+    Middle,
+    Paper,
+}
+
+/// The settings of `which` in `grid` (spec §4.7).
+pub fn regularizer_grid(which: RegularizerArg, grid: RegularizerGrid) -> Vec<Regularizer> {
+    let strengths: &[f64] = match (which, grid) {
+        (RegularizerArg::SpectralNorm, RegularizerGrid::Middle) => &[0.01],
+        (RegularizerArg::SpectralNorm, RegularizerGrid::Paper) => &[0.001, 0.01, 0.1],
+        (RegularizerArg::LossTruncation, RegularizerGrid::Middle) => &[0.05],
+        (RegularizerArg::LossTruncation, RegularizerGrid::Paper) => &[0.01, 0.05, 0.1],
+        // The paper fixes example-tied dropout's settings (p_fixed 0.2, p_mem 0.1).
+        (RegularizerArg::ExampleTiedDropout, _) => &[0.1],
+    };
+    strengths
+        .iter()
+        .map(|&x| match which {
+            RegularizerArg::SpectralNorm => Regularizer::SpectralNorm { lambda: x },
+            RegularizerArg::LossTruncation => Regularizer::LossTruncation {
+                dropc: x,
+                window: 10_000,
+            },
+            RegularizerArg::ExampleTiedDropout => Regularizer::ExampleTiedDropout {
+                p_fixed: 0.2,
+                p_mem: x,
+            },
+        })
+        .collect()
+}
+
+const ALL_METHODS: [MethodArg; 13] = [
     MethodArg::BalancedSubnet,
     MethodArg::Subnet,
     MethodArg::Greedy,
@@ -104,6 +154,9 @@ const ALL_METHODS: [MethodArg; 10] = [
     MethodArg::Slimming,
     MethodArg::ZeroOut,
     MethodArg::Activations,
+    MethodArg::FtClean,
+    MethodArg::FtExtra,
+    MethodArg::FtBoth,
 ];
 
 /// The grid of `method`, scaled to this machine from spec §4.4: `(label, settings)`.
@@ -145,7 +198,7 @@ pub fn grid(method: MethodArg, seed: u64) -> Vec<(String, MethodFlags)> {
                     MethodFlags {
                         mode: ModeArg::Paper,
                         ratio: Some(ratio),
-                        epochs: 10,
+                        epochs: Some(10),
                         ..base()
                     },
                 );
@@ -180,12 +233,21 @@ pub fn grid(method: MethodArg, seed: u64) -> Vec<(String, MethodFlags)> {
                         format!("ratio {ratio}, {epochs} epochs"),
                         MethodFlags {
                             ratio: Some(ratio),
-                            epochs,
+                            epochs: Some(epochs),
                             ..base()
                         },
                     );
                 }
             }
+        }
+        MethodArg::FtClean | MethodArg::FtExtra | MethodArg::FtBoth => {
+            add(
+                "5 epochs".into(),
+                MethodFlags {
+                    epochs: Some(5),
+                    ..base()
+                },
+            );
         }
         MethodArg::ZeroOut | MethodArg::Activations => {
             for ratio in [1e-3, 0.01, 0.05] {
@@ -285,7 +347,56 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
             exp.name(),
             p.forget_len()
         );
+        let mut record = |r: Run| -> anyhow::Result<()> {
+            eprintln!(
+                "{} {} ({}): {} → {} of {}, {:.1} s{}",
+                r.experiment,
+                r.method,
+                r.settings,
+                r.memorized_before,
+                r.memorized_after,
+                r.forget_sequences,
+                r.seconds,
+                r.error
+                    .as_deref()
+                    .map(|e| format!(", failed: {e}"))
+                    .unwrap_or_default()
+            );
+            writeln!(log, "{}", serde_json::to_string(&r)?)?;
+            log.flush()?;
+            all.push(r);
+            Ok(())
+        };
+        if !a.regularizers.is_empty() {
+            if exp.role().is_some() {
+                eprintln!(
+                    "{}: regularizers are compared on the math models only",
+                    exp.name()
+                );
+            } else {
+                let base = Baseline::of_model(&dir)?;
+                for &which in &a.regularizers {
+                    for reg in regularizer_grid(which, a.regularizer_grid) {
+                        let out = a.out.join("regularized").join(format!(
+                            "{}-{}-{}",
+                            exp.name(),
+                            reg.name(),
+                            reg.strength()
+                        ));
+                        record(base.regularized(exp, reg, &out))?;
+                    }
+                }
+            }
+        }
         for &method in &methods {
+            if method.name().starts_with("ft-") && exp.role().is_some() {
+                eprintln!(
+                    "{}: {} retrains on a math card's data; skipped",
+                    exp.name(),
+                    method.name()
+                );
+                continue;
+            }
             for (settings, flags) in grid(method, a.seed) {
                 let started = std::time::Instant::now();
                 let r = match p.unlearn(&flags) {
@@ -318,23 +429,7 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
                         error: Some(format!("{e:#}")),
                     },
                 };
-                eprintln!(
-                    "{} {} ({}): {} → {} of {}, {:.1} s{}",
-                    r.experiment,
-                    r.method,
-                    r.settings,
-                    r.memorized_before,
-                    r.memorized_after,
-                    r.forget_sequences,
-                    r.seconds,
-                    r.error
-                        .as_deref()
-                        .map(|e| format!(", failed: {e}"))
-                        .unwrap_or_default()
-                );
-                writeln!(log, "{}", serde_json::to_string(&r)?)?;
-                log.flush()?;
-                all.push(r);
+                record(r)?;
             }
         }
     }
@@ -349,6 +444,119 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
     }
     eprintln!("wrote {}", a.out.display());
     Ok(())
+}
+
+/// A bundled math model and its evaluation: what a regularized model is compared with.
+struct Baseline {
+    card: Card,
+    eval: EvalReport,
+}
+
+impl Baseline {
+    fn of_model(dir: &Path) -> anyhow::Result<Self> {
+        let card = Card::read(dir)?;
+        let lm = ModelArgs {
+            model: Some(dir.display().to_string()),
+            device: "cpu".into(),
+        }
+        .load()?;
+        let eval = eval::evaluate(&lm.model, &card.dataset()?, &EvalParams::default())?;
+        Ok(Self { card, eval })
+    }
+
+    /// The artifact rows memorized (noise) or completed with the backdoor, and of how many.
+    fn memorized(e: &EvalReport) -> (usize, usize) {
+        match (
+            e.memorized,
+            e.eligible,
+            e.attack_success_ratio,
+            e.attack_eligible,
+        ) {
+            (Some(m), Some(n), _, _) => (m, n),
+            (_, _, Some(r), Some(n)) => (count(r, n), n),
+            _ => (0, 0),
+        }
+    }
+
+    /// Trains a model as the bundled one was (its card's data and settings, no evaluation
+    /// until the end) with `reg` into `out`, and compares it with the bundled model: the
+    /// memorized count over the artifact's eligible rows, the relative accuracy change and the
+    /// training seconds.
+    fn regularized(&self, exp: Experiment, reg: Regularizer, out: &Path) -> Run {
+        let (before, eligible) = Self::memorized(&self.eval);
+        let settings = format!(
+            "{} {}, {} epochs (training)",
+            match reg {
+                Regularizer::SpectralNorm { .. } => "λ",
+                Regularizer::LossTruncation { .. } => "dropc",
+                Regularizer::ExampleTiedDropout { .. } => "p_mem",
+            },
+            reg.strength(),
+            self.card.train.epochs
+        );
+        let cfg = TrainConfig {
+            regularizer: Some(reg),
+            eval_every: 0,
+            checkpoint_every: 0,
+            ..self.card.train.clone()
+        };
+        let started = std::time::Instant::now();
+        let trained = train::train(
+            &self.card.data,
+            &cfg,
+            out,
+            false,
+            &EvalParams::default(),
+            &mut |_, _, _, _, _| {},
+        );
+        let failed = |e: String| Run {
+            experiment: exp.name(),
+            method: reg.name(),
+            settings: settings.clone(),
+            memorized_before: before,
+            memorized_after: before,
+            forget_sequences: eligible,
+            relative_accuracy_change: None,
+            perplexity_before: f64::NAN,
+            perplexity_after: f64::NAN,
+            weights_zeroed: 0,
+            seconds: started.elapsed().as_secs_f64(),
+            error: Some(e),
+        };
+        let card = match trained {
+            Ok(c) => c,
+            Err(e) => return failed(format!("{e:#}")),
+        };
+        let Some(after) = card.history.last().and_then(|e| e.eval.clone()) else {
+            return failed("training ended without an evaluation".into());
+        };
+        let acc = self
+            .eval
+            .accuracy_by_task
+            .iter()
+            .map(|(task, b)| {
+                after
+                    .accuracy_by_task
+                    .get(task)
+                    .map_or(f64::NAN, |a| (a - b) / b)
+            })
+            .sum::<f64>()
+            / self.eval.accuracy_by_task.len().max(1) as f64;
+        Run {
+            experiment: exp.name(),
+            method: reg.name(),
+            settings,
+            memorized_before: before,
+            memorized_after: Self::memorized(&after).0,
+            forget_sequences: eligible,
+            relative_accuracy_change: Some(acc),
+            perplexity_before: self.eval.perplexity,
+            perplexity_after: after.perplexity,
+            weights_zeroed: 0,
+            seconds: card.train_seconds,
+            error: None,
+        }
+    }
 }
 
 /// `rate · n`, rounded: a report's count back from its fraction.

@@ -30,6 +30,7 @@ pub mod compare;
 mod compare_report;
 pub mod controller;
 pub mod durable;
+pub mod finetune;
 pub mod greedy;
 pub mod mask;
 pub mod neurons;
