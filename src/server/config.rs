@@ -28,6 +28,7 @@ use crate::engine::batcher::EngineConfig;
 use crate::loader::{ModelArgs, WeightDtype};
 use crate::takedown::fleet::FleetConfig;
 use crate::takedown::worker::TakedownConfig;
+use crate::unlearn::cli::{MethodArg, MethodFlags};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -182,6 +183,21 @@ pub struct TakedownArgs {
     /// it raises the ratio only while sequences stay extractable.
     #[arg(long, env = "LETHE_UNLEARN_RATIO", default_value_t = 0.1)]
     pub unlearn_ratio: f64,
+    /// The unlearning method a takedown runs: `balanced-subnet` (the default) is the takedown
+    /// controller; any other method of `lethe unlearn --method` (but the fine-tuning
+    /// baselines) runs once with its defaults (`--unlearn-method-ratio` sets its ratio), and its
+    /// model is held to the same gates.
+    #[arg(
+        long,
+        env = "LETHE_UNLEARN_METHOD",
+        value_enum,
+        default_value = "balanced-subnet"
+    )]
+    pub unlearn_method: MethodArg,
+    /// The ratio of an --unlearn-method other than balanced-subnet (default: that method's,
+    /// as `lethe unlearn`).
+    #[arg(long, env = "LETHE_UNLEARN_METHOD_RATIO")]
+    pub unlearn_method_ratio: Option<f64>,
     /// The highest mask ratio the controller may reach.
     #[arg(long, env = "LETHE_UNLEARN_MAX_RATIO", default_value_t = 0.5)]
     pub unlearn_max_ratio: f64,
@@ -266,6 +282,29 @@ impl TakedownArgs {
         ctl.max_steps = self.unlearn_max_steps;
         ctl.budget_seconds = self.unlearn_budget_seconds;
         ctl.validate()?;
+        if self.unlearn_method.name().starts_with("ft-") {
+            bail!(
+                "--unlearn-method {} is a fine-tuning baseline (it retrains on a TinyMem card's \
+                 data), not a takedown method",
+                self.unlearn_method.name()
+            );
+        }
+        if let Some(r) = self.unlearn_method_ratio {
+            if matches!(self.unlearn_method, MethodArg::BalancedSubnet) {
+                bail!(
+                    "--unlearn-method-ratio sets another method's ratio; the controller's is \
+                     --unlearn-ratio"
+                );
+            }
+            if !(0.0..1.0).contains(&r) {
+                bail!("--unlearn-method-ratio must be in [0, 1)");
+            }
+        }
+        c.pipeline.method = MethodFlags {
+            ratio: self.unlearn_method_ratio,
+            ..MethodFlags::of(self.unlearn_method)
+        }
+        .spec(50);
         let gates = &mut c.pipeline.gates;
         gates.perplexity_budget = self.perplexity_budget;
         gates.accuracy_budget = self.accuracy_budget;
@@ -485,6 +524,47 @@ mod tests {
         let e = parse(&["--data-dir", dd, "--api-key", "a", "--admin-key", "a"]).unwrap_err();
         assert!(e.to_string().contains("must differ"), "{e}");
         assert!(parse(&["--data-dir", dd, "--api-key", ""]).is_err());
+    }
+
+    #[test]
+    fn the_unlearning_method_flag_picks_the_controller_or_a_one_shot_method() {
+        use crate::unlearn::method::MethodSpec;
+        let d = tempfile::tempdir().unwrap();
+        let dd = d.path().to_str().unwrap();
+        let method = |args: &[&str]| {
+            let mut all = vec!["--data-dir", dd];
+            all.extend_from_slice(args);
+            parse(&all).map(|c| c.takedown.pipeline.method)
+        };
+        assert_eq!(method(&[]).unwrap(), None, "the controller");
+        match method(&["--unlearn-method", "sou", "--unlearn-method-ratio", "0.05"]).unwrap() {
+            Some(MethodSpec::Sou(c)) => assert_eq!(c.ratio, 0.05),
+            other => panic!("{other:?}"),
+        }
+        match method(&["--unlearn-method", "activations"]).unwrap() {
+            Some(MethodSpec::Neuron { config, .. }) => assert_eq!(config.ratio, 0.01),
+            other => panic!("{other:?}"),
+        }
+        for (args, says) in [
+            (
+                &["--unlearn-method", "ft-clean"][..],
+                "fine-tuning baseline",
+            ),
+            (&["--unlearn-method-ratio", "0.1"][..], "--unlearn-ratio"),
+            (
+                &[
+                    "--unlearn-method",
+                    "greedy",
+                    "--unlearn-method-ratio",
+                    "1.5",
+                ][..],
+                "--unlearn-method-ratio",
+            ),
+        ] {
+            let e = method(args).unwrap_err();
+            assert!(e.to_string().contains(says), "{args:?}: {e}");
+        }
+        assert!(method(&["--unlearn-method", "nope"]).is_err());
     }
 
     #[test]

@@ -14,9 +14,8 @@
 //!   `--no-gates` is given; otherwise the command exits non-zero with the failures.
 //! - Every file is written atomically; the input directory is only read.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use anyhow::{bail, Context};
 use candle_core::DType;
@@ -24,17 +23,15 @@ use clap::{Args, ValueEnum};
 use serde::Serialize;
 
 use super::controller::ControllerConfig;
-use super::durable::durable;
-use super::finetune::{fine_tune, FtData};
-use super::greedy::{greedy, GreedyConfig};
-use super::neurons::{
-    ablate, neuron_attribution, top_neurons, NeuronConfig, NeuronMethod, NeuronOutcome,
-};
+use super::finetune::FtData;
+use super::greedy::GreedyConfig;
+use super::method::{Attributions, MethodData, MethodSpec};
+use super::neurons::{NeuronConfig, NeuronMethod};
 use super::pipeline::{self, Baseline, Datasets, Evaluation, Gates, PipelineConfig, Target};
 use super::quality::{mean_accuracy, quality, Quality};
 use super::search::{paper_grid, search, Candidate};
-use super::sou::{sou, SouConfig};
-use super::{balanced_subnet, BalancedSubnetConfig, JobControl, Method, Mode, Outcome};
+use super::sou::SouConfig;
+use super::{BalancedSubnetConfig, JobControl, Method, Mode, Outcome};
 use crate::audit::cli::read_rows;
 use crate::audit::{AuditItem, Definition};
 use crate::loader::{LoadedModel, ModelArgs};
@@ -172,6 +169,81 @@ pub struct MethodFlags {
 }
 
 impl MethodFlags {
+    /// Rows per batch: `--batch-size`, else 64 for Greedy and the neuron-level methods (as
+    /// the reference), 32 otherwise.
+    pub fn batch_size(&self) -> usize {
+        let wide = self.method.neuron().is_some() || matches!(self.method, MethodArg::Greedy);
+        self.batch_size.unwrap_or(if wide { 64 } else { 32 })
+    }
+
+    /// The masking methods' settings (BalancedSubnet or Subnet; paper mode unless balanced).
+    fn masked(&self) -> BalancedSubnetConfig {
+        BalancedSubnetConfig {
+            method: match self.method {
+                MethodArg::Subnet => Method::Subnet,
+                _ => Method::BalancedSubnet,
+            },
+            mode: match self.mode {
+                ModeArg::Balanced => Mode::Balanced,
+                _ => Mode::Paper,
+            },
+            ratio: self.ratio.unwrap_or(0.3),
+            w: self.w,
+            epochs: self.epochs.unwrap_or(1),
+            max_steps: self.max_steps.unwrap_or(200),
+            min_steps: self.min_steps,
+            batch_size: self.batch_size(),
+            seed: self.seed,
+            ..BalancedSubnetConfig::default()
+        }
+    }
+
+    /// The method these flags run once (`None`: BalancedSubnet's takedown controller, which
+    /// `pipeline::run` drives). `prompt_len` is the forget set's definition's prompt length
+    /// (what Activations averages after).
+    pub fn spec(&self, prompt_len: usize) -> Option<MethodSpec> {
+        let ratio = |default| self.ratio.unwrap_or(default);
+        let batch_size = self.batch_size();
+        Some(match self.method {
+            MethodArg::BalancedSubnet if self.mode == ModeArg::Controller => return None,
+            MethodArg::BalancedSubnet | MethodArg::Subnet => MethodSpec::Masked(self.masked()),
+            MethodArg::Durable | MethodArg::DurableAgg => MethodSpec::Durable {
+                ratio: ratio(0.3),
+                aggregate: matches!(self.method, MethodArg::DurableAgg),
+                batch_size: 64,
+            },
+            MethodArg::Greedy => MethodSpec::Greedy(GreedyConfig {
+                ratio: ratio(1e-4),
+                batch_size,
+                seed: self.seed,
+            }),
+            MethodArg::Sou => MethodSpec::Sou(SouConfig {
+                ratio: ratio(0.01),
+                seed: self.seed,
+                ..SouConfig::default()
+            }),
+            MethodArg::FtClean | MethodArg::FtExtra | MethodArg::FtBoth => MethodSpec::FineTune {
+                data: self.method.ft().expect("a fine-tuning method"),
+                epochs: self.epochs.unwrap_or(5),
+            },
+            MethodArg::ZeroOut
+            | MethodArg::Activations
+            | MethodArg::Slimming
+            | MethodArg::HardConcrete => MethodSpec::Neuron {
+                neuron: self.method.neuron().expect("a neuron-level method"),
+                config: NeuronConfig {
+                    ratio: ratio(0.01),
+                    epochs: self.epochs.unwrap_or(1),
+                    batch_size,
+                    l1: self.l1,
+                    prompt_len,
+                    seed: self.seed,
+                    ..NeuronConfig::default()
+                },
+            },
+        })
+    }
+
     /// `method` with every other setting at its command-line default.
     pub fn of(method: MethodArg) -> Self {
         use clap::FromArgMatches;
@@ -282,10 +354,8 @@ pub struct Prepared {
     pub before: Evaluation,
     /// Neuron attributions already computed, by method and settings (ratio aside), with the
     /// seconds and steps they took: a sweep over ratios ranks them again instead.
-    attributions: Mutex<HashMap<String, Attribution>>,
+    attributions: Attributions,
 }
-
-type Attribution = (Vec<Vec<f32>>, usize, f64);
 
 impl Prepared {
     /// Loads `model` and its data; `retain_arg` as `--retain`, `eval` as `--eval`.
@@ -367,7 +437,7 @@ impl Prepared {
             retain_len,
             gates,
             before,
-            attributions: Mutex::default(),
+            attributions: Attributions::default(),
         })
     }
 
@@ -396,32 +466,14 @@ impl Prepared {
         let controller_mode = m.mode == ModeArg::Controller
             && !m.search
             && matches!(m.method, MethodArg::BalancedSubnet);
-        let wide = m.method.neuron().is_some() || matches!(m.method, MethodArg::Greedy);
         if m.search && !matches!(m.method, MethodArg::BalancedSubnet | MethodArg::Subnet) {
             bail!(
                 "--search sweeps the grid of balanced-subnet and subnet only, not {}",
                 m.method.name()
             );
         }
-        let batch_size = m.batch_size.unwrap_or(if wide { 64 } else { 32 });
-        let cfg = BalancedSubnetConfig {
-            method: match m.method {
-                MethodArg::Subnet => Method::Subnet,
-                _ => Method::BalancedSubnet,
-            },
-            mode: match m.mode {
-                ModeArg::Balanced => Mode::Balanced,
-                _ => Mode::Paper,
-            },
-            ratio: m.ratio.unwrap_or(0.3),
-            w: m.w,
-            epochs: m.epochs.unwrap_or(1),
-            max_steps: m.max_steps.unwrap_or(200),
-            min_steps: m.min_steps,
-            batch_size,
-            seed: m.seed,
-            ..BalancedSubnetConfig::default()
-        };
+        let batch_size = m.batch_size();
+        let cfg = m.masked();
         let ctl = JobControl::new();
         // Durable also zeroes biases; the subnet methods zero weight-matrix entries only.
         let mut zeroed_total: Option<usize> = None;
@@ -441,6 +493,7 @@ impl Prepared {
                 }
                 .with_start_ratio(m.ratio.unwrap_or(defaults.start_ratio)),
                 gates: gates.clone(),
+                method: None,
             };
             let d = pipeline::run(
                 &lm.model,
@@ -491,164 +544,32 @@ impl Prepared {
                 .context("the search budget ran out before any candidate finished")?;
             let cfg = res.candidates[i].config.clone();
             (out, cfg, Some(res.candidates))
-        } else if let Some(method) = m.method.neuron() {
-            let ncfg = NeuronConfig {
-                ratio: m.ratio.unwrap_or(0.01),
-                epochs: m.epochs.unwrap_or(1),
-                batch_size,
-                l1: m.l1,
-                prompt_len: def.k(),
-                seed: m.seed,
-                ..NeuronConfig::default()
-            };
-            let key = format!(
-                "{method:?} {:?}",
-                NeuronConfig {
-                    ratio: 0.0,
-                    ..ncfg.clone()
-                }
-            );
-            let cached = attributions.lock().ok().and_then(|c| c.get(&key).cloned());
-            let (attribution, steps, seconds) = match cached {
-                Some(a) => a,
-                None => {
-                    let t = std::time::Instant::now();
-                    let (a, steps) = neuron_attribution(&lm.model, forget, method, &ncfg, &ctl)?;
-                    let entry = (a, steps, t.elapsed().as_secs_f64());
-                    if let Ok(mut c) = attributions.lock() {
-                        c.insert(key, entry.clone());
-                    }
-                    entry
-                }
-            };
-            let t = std::time::Instant::now();
-            let ablated = top_neurons(&attribution, ncfg.ratio);
-            let n = NeuronOutcome {
-                model: ablate(&lm.model, &ablated)?,
-                attribution,
-                ablated,
-                steps,
-                seconds: seconds + t.elapsed().as_secs_f64(),
-            };
-            let h = lm.model.spec().hidden_size;
-            let zeros_per_matrix = n.ablated.iter().map(|c| (c.len() * h, 0)).collect();
-            zeroed_total = Some(n.ablated.iter().map(|c| c.len() * (h + 1)).sum());
-            let out = Outcome {
-                mlp: n.model.mlp_weights(),
-                model: n.model,
-                zeros_per_matrix,
-                steps: n.steps,
-                seconds: n.seconds,
-                stopped_early: false,
-            };
-            (
-                out,
-                BalancedSubnetConfig {
-                    ratio: ncfg.ratio,
-                    ..cfg
-                },
-                None,
-            )
-        } else if let MethodArg::Greedy = m.method {
-            let gcfg = GreedyConfig {
-                ratio: m.ratio.unwrap_or(1e-4),
-                batch_size,
-                seed: m.seed,
-            };
-            let g = greedy(&lm.model, forget, &data.retain, &gcfg, &ctl)?;
-            let zeros_per_matrix = lm
-                .model
-                .mlp_weight_names()
-                .iter()
-                .map(|(x, y)| {
-                    let count = |name: &str| g.zeroed.iter().filter(|(n, _)| n == name).count();
-                    (count(x), count(y))
-                })
-                .collect();
-            zeroed_total = Some(g.zeroed.len());
-            let out = Outcome {
-                mlp: g.model.mlp_weights(),
-                model: g.model,
-                zeros_per_matrix,
-                steps: g.iterations,
-                seconds: g.seconds,
-                stopped_early: false,
-            };
-            (
-                out,
-                BalancedSubnetConfig {
-                    ratio: gcfg.ratio,
-                    ..cfg
-                },
-                None,
-            )
-        } else if let MethodArg::Sou = m.method {
-            let scfg = SouConfig {
-                ratio: m.ratio.unwrap_or(0.01),
-                seed: m.seed,
-                ..SouConfig::default()
-            };
-            let d = sou(&lm.model, forget, &scfg, &ctl)?;
-            let zeros_per_matrix = per_matrix(&lm.model, &d.zeros);
-            zeroed_total = Some(d.zeros.iter().map(|(_, z)| z).sum());
-            let out = Outcome {
-                mlp: d.model.mlp_weights(),
-                model: d.model,
-                zeros_per_matrix,
-                steps: scfg.samples,
-                seconds: d.seconds,
-                stopped_early: false,
-            };
-            (
-                out,
-                BalancedSubnetConfig {
-                    ratio: scfg.ratio,
-                    ..cfg
-                },
-                None,
-            )
-        } else if let Some(data) = m.method.ft() {
-            let f = fine_tune(&lm.model, &lm.dir, data, m.epochs.unwrap_or(5))?;
-            let out = Outcome {
-                mlp: f.model.mlp_weights(),
-                model: f.model,
-                zeros_per_matrix: vec![(0, 0); lm.model.spec().num_layers],
-                steps: f.steps,
-                seconds: f.seconds,
-                stopped_early: false,
-            };
-            zeroed_total = Some(0);
-            let epochs = m.epochs.unwrap_or(5);
-            eprintln!(
-                "{}: {} rows, {epochs} epochs, {} steps, AdamW state {}",
-                data.name(),
-                f.rows,
-                f.steps,
-                if f.optimizer_resumed {
-                    "resumed from optimizer.safetensors"
-                } else {
-                    "started from zero (the directory has no optimizer.safetensors)"
-                }
-            );
-            (out, BalancedSubnetConfig { epochs, ..cfg }, None)
-        } else if let MethodArg::Durable | MethodArg::DurableAgg = m.method {
-            let agg = matches!(m.method, MethodArg::DurableAgg);
-            let d = durable(&lm.model, forget, cfg.ratio, 64, agg)?;
-            let zeros_per_matrix = per_matrix(&lm.model, &d.zeros);
-            let out = Outcome {
-                mlp: d.model.mlp_weights(),
-                model: d.model,
-                zeros_per_matrix,
-                steps: forget.len().div_ceil(64),
-                seconds: d.seconds,
-                stopped_early: false,
-            };
-            zeroed_total = Some(d.zeros.iter().map(|(_, z)| z).sum());
-            (out, cfg, None)
         } else {
+            let spec = m
+                .spec(def.k())
+                .expect("every method but the controller has a spec");
+            let r = spec.run(
+                &lm.model,
+                &MethodData {
+                    forget,
+                    retain: &data.retain,
+                    items,
+                    dir: Some(&lm.dir),
+                },
+                Some(attributions),
+                &ctl,
+            )?;
+            if let Some(note) = &r.note {
+                eprintln!("{note}");
+            }
+            zeroed_total = Some(r.weights_zeroed);
             (
-                balanced_subnet(&lm.model, forget, &data.retain, items, &cfg, &ctl)?,
-                cfg,
+                r.outcome,
+                BalancedSubnetConfig {
+                    ratio: spec.ratio(),
+                    epochs: spec.epochs(),
+                    ..cfg
+                },
                 None,
             )
         };
@@ -703,17 +624,6 @@ impl Prepared {
         };
         Ok((report, out.model))
     }
-}
-
-/// Zeroed entries per MLP matrix, `(in, out)` per block, from counts by tensor name.
-fn per_matrix(model: &Model, zeros: &[(String, usize)]) -> Vec<(usize, usize)> {
-    let by_name: HashMap<&str, usize> = zeros.iter().map(|(n, z)| (n.as_str(), *z)).collect();
-    let of = |n: &String| by_name.get(n.as_str()).copied().unwrap_or(0);
-    model
-        .mlp_weight_names()
-        .iter()
-        .map(|(x, y)| (of(x), of(y)))
-        .collect()
 }
 
 /// The gates `lethe unlearn` holds a result to: `lethe serve`'s budgets, or none at all.

@@ -578,3 +578,67 @@ fn keep_role(path: &Path, role: &str) -> anyhow::Result<()> {
     crate::util::write_atomic(path, kept.as_bytes())?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tinymem::data::DataConfig;
+
+    #[test]
+    fn a_regularized_run_trains_like_the_baseline_and_compares_with_it() {
+        let models = tempfile::tempdir().unwrap();
+        let dir = models.path().join("tinymem-noise");
+        let data = DataConfig {
+            num_main: 60,
+            num_aux: 20,
+            num_test: 10,
+            num_noise: 4,
+            noise_repeat: 3,
+            ..DataConfig::cpu_scale()
+        };
+        let cfg = TrainConfig {
+            n_layer: 1,
+            n_embd: 16,
+            n_head: 2,
+            n_inner: 40,
+            batch_size: 32,
+            epochs: 2,
+            eval_every: 0,
+            checkpoint_every: 0,
+            ..TrainConfig::default()
+        };
+        train::train(
+            &data,
+            &cfg,
+            &dir,
+            false,
+            &EvalParams::default(),
+            &mut |_, _, _, _, _| {},
+        )
+        .unwrap();
+        let base = Baseline::of_model(&dir).unwrap();
+        let reg = Regularizer::ExampleTiedDropout {
+            p_fixed: 0.2,
+            p_mem: 0.1,
+        };
+        let out = models.path().join("regularized");
+        let r = base.regularized(Experiment::Noise, reg, &out);
+        assert!(r.error.is_none(), "{r:?}");
+        assert_eq!(r.method, "example-tied-dropout");
+        assert_eq!(r.settings, "p_mem 0.1, 2 epochs (training)");
+        let (before, eligible) = Baseline::memorized(&base.eval);
+        assert_eq!((r.memorized_before, r.forget_sequences), (before, eligible));
+        assert!(eligible > 0);
+        assert!(r.relative_accuracy_change.is_some_and(f64::is_finite));
+        // The model trained is the regularized one, with the baseline's settings.
+        let card = Card::read(&out).unwrap();
+        assert_eq!(card.train.regularizer, Some(reg));
+        assert_eq!(card.data, base.card.data);
+        assert_eq!((card.epochs_done, card.train.n_inner), (2, 40));
+        // The card's seconds went through JSON (its last digit may differ).
+        assert!(r.seconds > 0.0 && (r.seconds - card.train_seconds).abs() <= 1e-9 * r.seconds);
+        // A directory without a card is an error naming the file.
+        let e = Baseline::of_model(models.path()).err().unwrap();
+        assert!(format!("{e:#}").contains("lethe_tinymem.json"), "{e:#}");
+    }
+}

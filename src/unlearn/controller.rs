@@ -271,6 +271,8 @@ pub enum Ending {
     Budget,
     /// The step budget ran out.
     Steps,
+    /// A one-shot method's (`lethe serve --unlearn-method`) only candidate failed the gates.
+    GatesFailed,
 }
 
 /// What a controlled run produced.

@@ -22,7 +22,8 @@ use crate::tinymem::data::{Dataset, Role, Row};
 use crate::tinymem::train::{continue_training, Card};
 
 /// Which rows Fine-tuning trains on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum FtData {
     /// The clean versions of the artifact rows.
     Clean,

@@ -29,7 +29,7 @@ use crate::models::pass::{HandWrittenPass, MlpGradWorkspace};
 use crate::models::Model;
 
 /// Greedy's settings (the reference: batch 64).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct GreedyConfig {
     /// Iterations = `⌊ratio · parameters⌋`.
     pub ratio: f64,

@@ -33,6 +33,7 @@ pub mod durable;
 pub mod finetune;
 pub mod greedy;
 pub mod mask;
+pub mod method;
 pub mod neurons;
 pub mod pipeline;
 pub mod quality;

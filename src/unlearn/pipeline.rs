@@ -24,7 +24,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::controller::{self, ControllerConfig, Ending};
+use super::controller::{self, Check, Controlled, ControllerConfig, Ending};
+use super::method::{MethodData, MethodSpec};
+use super::neurons::NeuronConfig;
 use super::quality::{mean_accuracy, quality, Quality};
 use super::JobControl;
 use crate::audit::{self, AuditItem, AuditResult, RiskOptions};
@@ -273,6 +275,10 @@ impl SequenceAudit {
 pub struct PipelineConfig {
     pub controller: ControllerConfig,
     pub gates: Gates,
+    /// The method a takedown runs once instead of the controller (`lethe serve
+    /// --unlearn-method`); `None`: the controller.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<MethodSpec>,
 }
 
 /// One sequence to forget, parsed under its definition.
@@ -603,19 +609,35 @@ pub fn run(
         quantized: cfg.gates.quantized,
         ..cfg.controller.clone()
     };
-    let out = controller::run(
-        model,
-        lineage.root_model,
-        &forget,
-        &items,
-        &data.retain,
-        &controller_cfg,
-        ctl,
-        &mut gates,
-    )?;
+    let out = match &cfg.method {
+        None => controller::run(
+            model,
+            lineage.root_model,
+            &forget,
+            &items,
+            &data.retain,
+            &controller_cfg,
+            ctl,
+            &mut gates,
+        )?,
+        Some(spec) => {
+            let mut out = one_shot(model, spec, &forget, &items, &data.retain, ctl, &mut gates)?;
+            if let (Some(check), Some((after, _, _))) = (out.checks.last_mut(), &last) {
+                check.extractable = after.extractable.iter().filter(|&&m| m).count();
+            }
+            out
+        }
+    };
     let passed = out.ending == Ending::Passed;
     let rejection = match (passed, &last) {
         (true, _) => None,
+        (false, Some((_, _, failed))) if out.ending == Ending::GatesFailed => Some(format!(
+            "{} ({} candidate after {} steps, {:.0} s)",
+            failed.join("; "),
+            cfg.method.as_ref().map_or("the method's", MethodSpec::name),
+            out.steps,
+            out.seconds
+        )),
         (false, Some((_, _, failed))) => Some(format!(
             "{} ({} after {} steps, {:.0} s; the last candidate with nothing extractable failed the gates)",
             failed.join("; "),
@@ -678,11 +700,78 @@ pub fn run(
     })
 }
 
+/// Runs `spec` once on `model` (the takedown's sequences as its forget set; Activations
+/// averages after the shortest prompt of `items`) and measures the gates on its model: the
+/// run as the controller would report it, with one check.
+fn one_shot(
+    model: &Model,
+    spec: &MethodSpec,
+    forget: &[Vec<u32>],
+    items: &[AuditItem],
+    retain: &[Vec<u32>],
+    ctl: &JobControl,
+    gates: &mut dyn FnMut(&Model) -> Result<Vec<String>>,
+) -> Result<Controlled> {
+    let spec = match spec {
+        MethodSpec::Neuron { neuron, config } => MethodSpec::Neuron {
+            neuron: *neuron,
+            config: NeuronConfig {
+                prompt_len: items
+                    .iter()
+                    .map(|i| i.prompt.len())
+                    .min()
+                    .unwrap_or(1)
+                    .max(1),
+                ..config.clone()
+            },
+        },
+        other => other.clone(),
+    };
+    let data = MethodData {
+        forget,
+        retain,
+        items,
+        dir: None,
+    };
+    let r = spec.run(model, &data, None, ctl)?;
+    let failed = gates(&r.outcome.model)?;
+    let o = r.outcome;
+    let mlp: (usize, usize) = o.mlp.0.iter().fold((0, 0), |(z, n), (a, b)| {
+        let zeros = |t: &candle_core::Tensor| {
+            t.flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_or(0, |v| v.iter().filter(|&&x| x == 0.0).count())
+        };
+        (z + zeros(a) + zeros(b), n + a.elem_count() + b.elem_count())
+    });
+    Ok(Controlled {
+        model: o.model,
+        ending: if failed.is_empty() {
+            Ending::Passed
+        } else {
+            Ending::GatesFailed
+        },
+        checks: vec![Check {
+            step: o.steps,
+            seconds: o.seconds,
+            ratio: spec.ratio(),
+            extractable: 0,
+            gates_failed: Some(failed),
+        }],
+        steps: o.steps,
+        seconds: o.seconds,
+        ratio: spec.ratio(),
+        total_ratio: mlp.0 as f64 / mlp.1.max(1) as f64,
+        zeros_per_matrix: o.zeros_per_matrix,
+    })
+}
+
 fn ending_text(e: Ending) -> &'static str {
     match e {
         Ending::Passed => "gates passed",
         Ending::Budget => "the time budget ran out",
         Ending::Steps => "the step budget ran out",
+        Ending::GatesFailed => "the method's candidate failed the gates",
     }
 }
 

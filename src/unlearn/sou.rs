@@ -29,7 +29,7 @@ use crate::models::pass::{HandWrittenPass, MlpGradWorkspace};
 use crate::models::Model;
 
 /// SOU's settings: the reference's block 50, 512 gradient samples and damping 1e-7.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct SouConfig {
     pub ratio: f64,
     pub block: usize,

@@ -437,6 +437,70 @@ async fn a_takedown_no_candidate_passes_ends_rejected_and_the_live_version_stays
     st.takedowns.as_ref().unwrap().shutdown();
 }
 
+/// `--unlearn-method`: another method runs once and its model meets the same gates. Durable at
+/// ratio 0.3 (gates loosened to extractability alone) removes the sequence and is swapped in;
+/// Activations at ratio 0 changes nothing, so its one candidate is rejected with the reason.
+#[actix_web::test]
+async fn another_unlearning_method_serves_a_takedown_through_the_same_gates() {
+    use lethe::unlearn::method::MethodSpec;
+    use lethe::unlearn::neurons::{NeuronConfig, NeuronMethod};
+    let dir = tempfile::tempdir().unwrap();
+    let st = takedown_state(dir.path(), true, |c| {
+        c.pipeline.method = Some(MethodSpec::Durable {
+            ratio: 0.3,
+            aggregate: false,
+            batch_size: 64,
+        });
+        c.pipeline.gates.perplexity_budget = f64::INFINITY;
+        c.pipeline.gates.accuracy_budget = f64::INFINITY;
+        c.pipeline.gates.canary_budget = f64::INFINITY;
+    });
+    let app = at::init_service(make_app(st.clone())).await;
+    let v0 = st.served().version.clone();
+    let seq = memorized_rows(1);
+    let t = post(&app, "/v1/takedowns", json!({"sequences": seq}))
+        .await
+        .json();
+    let id = t["id"].as_str().unwrap().to_string();
+    let t = wait_for(&app, &id, &["applied", "rejected", "failed"], 180).await;
+    assert_eq!(t["status"], "applied", "{t}");
+    let report = &t["report"];
+    assert_eq!(report["config"]["method"]["method"], "durable", "{t}");
+    assert_eq!(report["ending"], "passed", "{t}");
+    assert_eq!(report["checks"].as_array().map(Vec::len), Some(1), "{t}");
+    assert_eq!(report["checks"][0]["extractable"], 0, "{t}");
+    assert!(report["weights_zeroed"].as_u64().unwrap() > 0, "{t}");
+    assert_ne!(st.served().version, v0, "the method's model is live");
+    st.takedowns.as_ref().unwrap().shutdown();
+
+    let dir = tempfile::tempdir().unwrap();
+    let st = takedown_state(dir.path(), true, |c| {
+        c.pipeline.method = Some(MethodSpec::Neuron {
+            neuron: NeuronMethod::Activations,
+            config: NeuronConfig {
+                ratio: 0.0,
+                ..NeuronConfig::default()
+            },
+        });
+    });
+    let app = at::init_service(make_app(st.clone())).await;
+    let v0 = st.served().version.clone();
+    let t = post(&app, "/v1/takedowns", json!({"sequences": seq}))
+        .await
+        .json();
+    let id = t["id"].as_str().unwrap().to_string();
+    let t = wait_for(&app, &id, &["applied", "rejected", "failed"], 180).await;
+    assert_eq!(t["status"], "rejected", "{t}");
+    assert_eq!(t["report"]["ending"], "gates_failed", "{t}");
+    let why = t["rejection_reason"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("still extractable") && why.contains("activations candidate"),
+        "{why}"
+    );
+    assert_eq!(st.served().version, v0);
+    st.takedowns.as_ref().unwrap().shutdown();
+}
+
 /// The 202 says which sequences the live model regurgitates now, under which definition; a
 /// takedown of none of them ends applied on the live version, which stays (no new version,
 /// nothing masked), with its sequences guarded and a report that says so.
