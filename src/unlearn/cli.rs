@@ -62,6 +62,9 @@ pub enum MethodArg {
     Slimming,
     /// Spec §4.6: silence the neurons whose L0 hard-concrete gates stay most open.
     HardConcrete,
+    /// Spec §4.6: silence the neurons with the largest integrated gradient of the memorized
+    /// tokens' probability.
+    IntegratedGradients,
     /// Spec §4.8: continue training on the clean versions of the artifact rows.
     FtClean,
     /// Spec §4.8: continue training on every training row but the artifact rows.
@@ -83,6 +86,7 @@ impl MethodArg {
             Self::Activations => "activations",
             Self::Slimming => "slimming",
             Self::HardConcrete => "hard-concrete",
+            Self::IntegratedGradients => "integrated-gradients",
             Self::FtClean => "ft-clean",
             Self::FtExtra => "ft-extra",
             Self::FtBoth => "ft-both",
@@ -104,6 +108,7 @@ impl MethodArg {
             Self::Activations => Some(NeuronMethod::Activations),
             Self::Slimming => Some(NeuronMethod::Slimming),
             Self::HardConcrete => Some(NeuronMethod::HardConcrete),
+            Self::IntegratedGradients => Some(NeuronMethod::IntegratedGradients),
             _ => None,
         }
     }
@@ -229,7 +234,8 @@ impl MethodFlags {
             MethodArg::ZeroOut
             | MethodArg::Activations
             | MethodArg::Slimming
-            | MethodArg::HardConcrete => MethodSpec::Neuron {
+            | MethodArg::HardConcrete
+            | MethodArg::IntegratedGradients => MethodSpec::Neuron {
                 neuron: self.method.neuron().expect("a neuron-level method"),
                 config: NeuronConfig {
                     ratio: ratio(0.01),

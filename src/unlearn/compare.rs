@@ -143,7 +143,7 @@ pub fn regularizer_grid(which: RegularizerArg, grid: RegularizerGrid) -> Vec<Reg
         .collect()
 }
 
-const ALL_METHODS: [MethodArg; 13] = [
+const ALL_METHODS: [MethodArg; 14] = [
     MethodArg::BalancedSubnet,
     MethodArg::Subnet,
     MethodArg::Greedy,
@@ -154,6 +154,7 @@ const ALL_METHODS: [MethodArg; 13] = [
     MethodArg::Slimming,
     MethodArg::ZeroOut,
     MethodArg::Activations,
+    MethodArg::IntegratedGradients,
     MethodArg::FtClean,
     MethodArg::FtExtra,
     MethodArg::FtBoth,
@@ -249,7 +250,7 @@ pub fn grid(method: MethodArg, seed: u64) -> Vec<(String, MethodFlags)> {
                 },
             );
         }
-        MethodArg::ZeroOut | MethodArg::Activations => {
+        MethodArg::ZeroOut | MethodArg::Activations | MethodArg::IntegratedGradients => {
             for ratio in [1e-3, 0.01, 0.05] {
                 add(
                     format!("ratio {ratio}"),

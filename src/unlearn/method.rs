@@ -100,6 +100,7 @@ impl MethodSpec {
                 NeuronMethod::Activations => "activations",
                 NeuronMethod::Slimming => "slimming",
                 NeuronMethod::HardConcrete => "hard-concrete",
+                NeuronMethod::IntegratedGradients => "integrated-gradients",
             },
             Self::FineTune { data, .. } => data.name(),
         }

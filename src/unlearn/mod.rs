@@ -32,6 +32,7 @@ pub mod controller;
 pub mod durable;
 pub mod finetune;
 pub mod greedy;
+mod ig;
 pub mod mask;
 pub mod method;
 pub mod neurons;

@@ -53,6 +53,7 @@ pub enum NeuronMethod {
     Activations,
     Slimming,
     HardConcrete,
+    IntegratedGradients,
 }
 
 /// Neuron-level settings; defaults are the reference's (batch 64, Adam lr 0.1, L1 weight 1000,
@@ -69,8 +70,11 @@ pub struct NeuronConfig {
     pub lr: f64,
     /// Slimming and HardConcrete: weight of the sparsity penalty.
     pub l1: f64,
-    /// Activations: prompt length `P` (positions `P − 1 … T − 2` are averaged).
+    /// Activations and Integrated Gradients: prompt length `P` (positions `P − 1 … T − 2` are
+    /// averaged).
     pub prompt_len: usize,
+    /// Integrated Gradients: values of the activation's scale, evenly over `[0, 1]`.
+    pub ig_steps: usize,
     pub seed: u64,
 }
 
@@ -83,6 +87,7 @@ impl Default for NeuronConfig {
             lr: 0.1,
             l1: 1000.0,
             prompt_len: 50,
+            ig_steps: 20,
             seed: 0,
         }
     }
@@ -173,7 +178,11 @@ fn validate(
             return Err(Error::invalid("l1", "must be a non-negative number"));
         }
     }
-    if method == NeuronMethod::Activations && cfg.prompt_len == 0 {
+    if matches!(
+        method,
+        NeuronMethod::Activations | NeuronMethod::IntegratedGradients
+    ) && cfg.prompt_len == 0
+    {
         return Err(Error::invalid("prompt_len", "must be positive"));
     }
     if forget.is_empty() {
@@ -270,6 +279,14 @@ fn attribute<P: HandWrittenPass>(
     match method {
         NeuronMethod::ZeroOut => zero_out(pass, &base, lay, &data, ctl),
         NeuronMethod::Activations => activations(pass, &base, lay, &data, cfg.prompt_len),
+        NeuronMethod::IntegratedGradients => super::ig::integrated_gradients(
+            pass,
+            (base.len(), lay.inner),
+            forget,
+            cfg.prompt_len,
+            cfg.ig_steps,
+            ctl,
+        ),
         NeuronMethod::Slimming | NeuronMethod::HardConcrete => {
             train_gates(pass, &base, lay, &data, method, cfg, ctl)
         }
@@ -654,6 +671,25 @@ mod tests {
             1 + 2 * 64,
             "one pass per neuron plus the baseline"
         );
+        assert!(Memorizing::extractable(&out.model, &m.forget) < 4);
+    }
+
+    #[test]
+    fn integrated_gradients_silences_the_neurons_that_carry_the_memorized_tokens() {
+        let (m, out) = run(NeuronMethod::IntegratedGradients, 0.25, 1);
+        assert!(out.ablated.iter().all(|a| a.len() == 16));
+        assert_exactly_silenced(&m.model, &out.model, &out.ablated);
+        // The chosen neurons are the largest attributions of their block.
+        for (attr, chosen) in out.attribution.iter().zip(&out.ablated) {
+            let least = chosen
+                .iter()
+                .map(|&i| attr[i])
+                .fold(f32::INFINITY, f32::min);
+            let others = (0..attr.len()).filter(|i| !chosen.contains(i));
+            assert!(others.map(|i| attr[i]).all(|a| a <= least));
+        }
+        // One activation pass and one patched pass per block, for each of the 4 rows.
+        assert_eq!(out.steps, 4 * 3);
         assert!(Memorizing::extractable(&out.model, &m.forget) < 4);
     }
 

@@ -89,3 +89,28 @@ pub(crate) fn mlp_activation_sums<M: HandWrittenPass>(
         std::mem::take(&mut ws.act)
     })
 }
+
+/// Integrated Gradients' pass: for each right-padded row `r`, with block `layer`'s MLP
+/// activation at the row's last predicting position (`lens[r] − 2`) multiplied by `scale[r]`,
+/// the probability of the row's last token there (per row) and its gradient with respect to
+/// that scaled activation (`[b, I]` row-major), on the calling thread's workspace.
+pub(crate) fn patched_grads<M: HandWrittenPass>(
+    m: &M,
+    ids: &[u32],
+    (b, t): (usize, usize),
+    lens: &[usize],
+    layer: usize,
+    scale: &[f32],
+) -> Result<(Vec<f64>, Vec<f32>)> {
+    thread_local! {
+        static WORKSPACE: std::cell::RefCell<MlpGradWorkspace> = Default::default();
+    }
+    WORKSPACE.with(|cell| {
+        let mut ws = cell.borrow_mut();
+        let row_weight = vec![1.0; b];
+        let want = Want::Patch { layer, scale };
+        let (_, ce) = run(m, ids, (b, t), lens, &row_weight, None, want, &mut ws)?;
+        let probs = ce.iter().map(|&c| (-c).exp()).collect();
+        Ok((probs, std::mem::take(&mut ws.act)))
+    })
+}

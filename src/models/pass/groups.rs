@@ -238,6 +238,11 @@ pub(crate) fn run_parts(
             );
         }
     }
+    if let Want::Patch { layer, scale } = want {
+        if layer >= nl || scale.len() != b || lens.iter().any(|&l| l < 2) {
+            bail!("mlp_grads: a patch at block {layer} of {nl}, {} scales for {b} rows, or a row under 2 tokens", scale.len());
+        }
+    }
     if let Want::Hidden(from) | Want::Activations(from) = want {
         if from.len() != b || from.iter().zip(lens).any(|(f, l)| f > l) {
             bail!("mlp_grads: positions wanted from past a row's end");
@@ -254,7 +259,11 @@ pub(crate) fn run_parts(
     hidden.resize(offset[b] * d.h, 0.0);
     let per_row_act = nl * d.inner;
     act.clear();
-    if let Want::Activations(_) = want {
+    let per_row_act = match want {
+        Want::Patch { .. } => d.inner,
+        _ => per_row_act,
+    };
+    if let Want::Activations(_) | Want::Patch { .. } = want {
         act.resize(b * per_row_act, 0.0);
     }
     let out = Mutex::new((row_loss, token_lp, hidden, act));
@@ -279,6 +288,10 @@ pub(crate) fn run_parts(
                     Want::Hidden(from) => Want::Hidden(&from[r0..r1]),
                     Want::Activations(from) => Want::Activations(&from[r0..r1]),
                     Want::Dropped(mask) => Want::Dropped(&mask[r0 * d.inner..r1 * d.inner]),
+                    Want::Patch { layer, scale } => Want::Patch {
+                        layer,
+                        scale: &scale[r0..r1],
+                    },
                     other => other,
                 },
                 part_ws,
@@ -307,7 +320,7 @@ pub(crate) fn run_parts(
             let (a, z) = (offset[r0] * d.h, offset[r1] * d.h);
             o.2[a..z].copy_from_slice(&part_ws.hf[..z - a]);
         }
-        if let Want::Activations(_) = want {
+        if let Want::Activations(_) | Want::Patch { .. } = want {
             o.3[r0 * per_row_act..r1 * per_row_act].copy_from_slice(&part_ws.act);
         }
     });

@@ -45,7 +45,7 @@ use super::cpu::vmath::{layer_norm, logsumexp};
 use super::fused::{self, softmax_row};
 use super::ops::Activation;
 use super::ModelSpec;
-pub(crate) use forward::{final_hidden, forward_only};
+pub(crate) use forward::{final_hidden, forward_only, patched_grads};
 pub(crate) use groups::run_parts;
 pub use groups::MlpGradWorkspace;
 use groups::{sums, Sink};
@@ -75,6 +75,11 @@ pub(crate) enum Want<'a> {
     /// nonlinearity, in every block) multiplied by that row's neuron mask: `[b, I]` row-major.
     /// Example-tied dropout's training pass.
     Dropped(&'a [f32]),
+    /// None: Integrated Gradients' pass. At block `layer`, each row's MLP activation at its
+    /// last predicting position (`lens[r] − 2`) is multiplied by `scale[r]`; the loss is
+    /// `Σ_r row_weight[r] · p_r`, `p_r` the probability of the row's last token there, and
+    /// the result is `∂L/∂(that scaled activation)` per row, `[b, I]`.
+    Patch { layer: usize, scale: &'a [f32] },
 }
 
 /// Index of block `li`'s `k`-th parameter in [`Gpt2::named_tensors`] order: `wte`, `wpe`, then
@@ -446,6 +451,16 @@ fn part_body(
         if let Want::Dropped(mask) = want {
             times_row_mask(hh, mask, t, inner);
         }
+        if let Want::Patch { layer, scale } = want {
+            if li == layer {
+                for (r, &s) in scale.iter().enumerate() {
+                    let p = r * t + lens[r] - 2;
+                    hh[p * inner..(p + 1) * inner]
+                        .iter_mut()
+                        .for_each(|x| *x *= s);
+                }
+            }
+        }
         if let Want::Activations(from) = want {
             let sums = if li == 0 {
                 zbuf(&mut ws.act, b * nl * inner)
@@ -500,7 +515,9 @@ fn part_body(
         return;
     }
 
-    // Loss and its gradient, in place: logits become ∂L/∂logits.
+    // Loss and its gradient, in place: logits become ∂L/∂logits. Want::Patch: only the last
+    // prediction, and the gradient of its probability `p = e^{−ce}`, `−p·(softmax − onehot)`.
+    let patch = matches!(want, Want::Patch { .. });
     for (r, lg) in logits.chunks_exact_mut(t * v).enumerate() {
         // A row of fewer than 2 tokens predicts nothing: loss 0, no gradient (as the composed
         // path's zero position weights give).
@@ -513,19 +530,27 @@ fn part_body(
         let mut total = 0f64;
         for j in 0..t {
             let row = &mut lg[j * v..(j + 1) * v];
-            if j + 1 >= len {
+            if j + 1 >= len || (patch && j + 2 != len) {
                 row.fill(0.0);
                 continue;
             }
             let tg = ids[r * t + j + 1] as usize;
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let lse = max + row.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
-            total += f64::from(lse - row[tg]);
+            let ce = lse - row[tg];
+            total += f64::from(ce);
             softmax_row(row);
             row[tg] -= 1.0;
+            let c = if patch {
+                -(-ce).exp() * row_weight[r]
+            } else {
+                c
+            };
             row.iter_mut().for_each(|d| *d *= c);
         }
-        ws.row_loss.push(if len > 1 {
+        ws.row_loss.push(if patch {
+            total
+        } else if len > 1 {
             total / (len - 1) as f64
         } else {
             0.0
@@ -561,9 +586,11 @@ fn part_body(
         let lb = &ws.layers[li];
         let dx = &mut ws.dx;
         // mlp.c_proj: ∂W2 from h and dx, ∂h = dx through W2, then the activation's derivative.
-        let gw = scratch(&mut ws.gw, inner * h);
-        dense_bwd_w(lin, (n, inner, h), gw, &lb.h, dx);
-        sink.add(pidx(li, P_MPROJ), gw);
+        if !patch {
+            let gw = scratch(&mut ws.gw, inner * h);
+            dense_bwd_w(lin, (n, inner, h), gw, &lb.h, dx);
+            sink.add(pidx(li, P_MPROJ), gw);
+        }
         if full {
             let gb = scratch(&mut ws.gb, h);
             col_sum(dx, gb);
@@ -574,11 +601,23 @@ fn part_body(
         if let Want::Dropped(mask) = want {
             times_row_mask(dh, mask, t, inner);
         }
+        if let Want::Patch { layer, .. } = want {
+            if li == layer {
+                let out = buf(&mut ws.act, b * inner);
+                for (r, o) in out.chunks_exact_mut(inner).enumerate() {
+                    let p = r * t + lens[r] - 2;
+                    o.copy_from_slice(&dh[p * inner..(p + 1) * inner]);
+                }
+                break;
+            }
+        }
         activation::backward(act, &lb.hpre, dh);
         // c_fc: ∂W1 from m_in and ∂hpre.
-        let gw = scratch(&mut ws.gw, h * inner);
-        dense_bwd_w(lin, (n, h, inner), gw, &lb.m_in, dh);
-        sink.add(pidx(li, P_FC), gw);
+        if !patch {
+            let gw = scratch(&mut ws.gw, h * inner);
+            dense_bwd_w(lin, (n, h, inner), gw, &lb.m_in, dh);
+            sink.add(pidx(li, P_FC), gw);
+        }
         if full {
             let gb = scratch(&mut ws.gb, inner);
             col_sum(dh, gb);
