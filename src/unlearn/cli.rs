@@ -161,6 +161,9 @@ pub struct MethodFlags {
     /// Slimming and HardConcrete: weight of the sparsity penalty.
     #[arg(long, default_value_t = 1000.0)]
     pub l1: f64,
+    /// Integrated Gradients: values of the activation's scale, evenly over [0, 1].
+    #[arg(long, default_value_t = 20)]
+    pub ig_steps: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Search the paper's grid (ratio × epochs × w, spec §4.4) and keep the best run by the
@@ -242,6 +245,7 @@ impl MethodFlags {
                     epochs: self.epochs.unwrap_or(1),
                     batch_size,
                     l1: self.l1,
+                    ig_steps: self.ig_steps,
                     prompt_len,
                     seed: self.seed,
                     ..NeuronConfig::default()
