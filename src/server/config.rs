@@ -184,9 +184,9 @@ pub struct TakedownArgs {
     #[arg(long, env = "LETHE_UNLEARN_RATIO", default_value_t = 0.1)]
     pub unlearn_ratio: f64,
     /// The unlearning method a takedown runs: `balanced-subnet` (the default) is the takedown
-    /// controller; any other method of `lethe unlearn --method` (but the fine-tuning
-    /// baselines) runs once with its defaults (`--unlearn-method-ratio` sets its ratio), and its
-    /// model is held to the same gates.
+    /// controller; any other method `lethe unlearn` runs (but the fine-tuning baselines) runs
+    /// once with its defaults (`--unlearn-method-ratio` sets its ratio), and its model is held
+    /// to the same gates.
     #[arg(
         long,
         env = "LETHE_UNLEARN_METHOD",
