@@ -317,14 +317,10 @@ pub fn memorizing() -> Memorizing {
             })
             .collect();
         let forget = rows(4, |_| len, 7);
-        let model = Model::random(&config, &Device::Cpu).unwrap();
-        let map = model
-            .named_tensors()
-            .iter()
-            .map(|(n, t)| (n.clone(), t.clone()))
-            .collect();
-        let weights = Weights::vars_from_tensors(map, 0).unwrap();
-        let model = Model::new(&config, &weights).unwrap();
+        let (model, weights) = Model::random(&config, &Device::Cpu)
+            .unwrap()
+            .trainable_copy(0)
+            .unwrap();
         let params = AdamWParams {
             lr: 3e-3,
             beta1: 0.9,

@@ -76,6 +76,22 @@ fn trained() -> &'static Trained {
     })
 }
 
+/// The shared tiny model, loaded from its directory, its data, and what it memorizes of its
+/// noised rows (at least one).
+fn trained_memorizing() -> (
+    &'static Trained,
+    lethe::loader::LoadedModel,
+    lethe::tinymem::data::Dataset,
+    eval::Memorization,
+) {
+    let t = trained();
+    let lm = lethe::loader::load_dir(t.dir.path(), "tiny", &Device::Cpu, DType::F32).unwrap();
+    let ds = t.card.dataset().unwrap();
+    let before = eval::memorization(&lm.model, &ds.noised_rows(), &PARAMS).unwrap();
+    assert!(before.memorized >= 1);
+    (t, lm, ds, before)
+}
+
 #[test]
 fn loss_falls_and_a_duplicated_noised_sequence_is_memorized() {
     let Trained { dir, card, losses } = trained();
@@ -243,12 +259,8 @@ fn each_regularizer_trains_on_the_card_and_example_tied_dropout_writes_evaluatio
 
 #[test]
 fn balanced_subnet_forgets_the_memorized_rows_and_keeps_accuracy() {
-    let t = trained();
-    let lm = lethe::loader::load_dir(t.dir.path(), "tiny", &Device::Cpu, DType::F32).unwrap();
-    let ds = t.card.dataset().unwrap();
+    let (_, lm, ds, before) = trained_memorizing();
     let noised = ds.noised_rows();
-    let before = eval::memorization(&lm.model, &noised, &PARAMS).unwrap();
-    assert!(before.memorized >= 1);
     let forget_rows: Vec<&lethe::tinymem::data::Row> =
         before.memorized_rows.iter().map(|&i| noised[i]).collect();
     let forget: Vec<Vec<u32>> = forget_rows.iter().map(|r| r.ids.clone()).collect();
@@ -301,12 +313,8 @@ fn balanced_subnet_forgets_the_memorized_rows_and_keeps_accuracy() {
 #[test]
 fn clean_fine_tuning_resumes_the_optimiser_and_forgets_the_noise() {
     use lethe::unlearn::finetune::{fine_tune, FtData};
-    let t = trained();
-    let lm = lethe::loader::load_dir(t.dir.path(), "tiny", &Device::Cpu, DType::F32).unwrap();
-    let ds = t.card.dataset().unwrap();
+    let (t, lm, ds, before) = trained_memorizing();
     let noised = ds.noised_rows();
-    let before = eval::memorization(&lm.model, &noised, &PARAMS).unwrap();
-    assert!(before.memorized >= 1);
     let out = fine_tune(&lm.model, t.dir.path(), FtData::Clean, 5).unwrap();
     assert!(
         out.optimizer_resumed,

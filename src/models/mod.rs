@@ -319,6 +319,18 @@ impl Model {
         Self::new(&self.config(), &Weights::from_tensors(map, origin))
     }
 
+    /// A trainable copy: every parameter a variable (a copy of this model's, seeded with `seed`
+    /// for anything the builder initialises), with the weights that hold them.
+    pub fn trainable_copy(&self, seed: u64) -> Result<(Self, Weights)> {
+        let map = self
+            .named_tensors()
+            .iter()
+            .map(|(n, t)| (n.clone(), t.detach()))
+            .collect();
+        let weights = Weights::vars_from_tensors(map, seed)?;
+        Ok((Self::new(&self.config(), &weights)?, weights))
+    }
+
     /// Parameter `name`'s values as row-major f32 on the CPU (`None`: no such parameter).
     pub fn param_values(&self, name: &str) -> Result<Option<Vec<f32>>> {
         let Some((_, t)) = self.named_tensors().iter().find(|(n, _)| n == name) else {

@@ -24,6 +24,7 @@
 //!   the CPU), and a regularized run cannot be resumed (its state is not checkpointed): both are
 //!   errors naming the setting, never a panic.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -31,7 +32,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::train::{StepReport, StepWorkspace};
+use super::train::{apply_grads, StepReport, StepWorkspace};
 use crate::error::{Error, Result};
 use crate::models::pass::{run, HandWrittenPass, MlpGradWorkspace, TrainGrads, Want};
 use crate::models::Model;
@@ -169,34 +170,25 @@ impl Regularize {
         if let (Regularizer::SpectralNorm { lambda }, State::Spectral(blocks)) =
             (self.kind, &mut self.state)
         {
+            // Each weight is read once per step, however many blocks it is cut into.
+            let mut weights: HashMap<usize, Vec<f32>> = HashMap::new();
             for blk in blocks.iter_mut() {
-                let name = &model.named_tensors()[blk.param].0;
-                let w = model.param_values(name)?.expect("a parameter of the model");
+                let w = match weights.entry(blk.param) {
+                    Entry::Occupied(e) => e.into_mut(),
+                    Entry::Vacant(e) => {
+                        let name = &model.named_tensors()[blk.param].0;
+                        e.insert(model.param_values(name)?.expect("a parameter of the model"))
+                    }
+                };
                 let g = extra
                     .entry(blk.param)
                     .or_insert_with(|| out.grads[blk.param].to_vec());
-                blk.power_step(&w);
+                blk.power_step(w);
                 blk.add_grad(g, (lambda / 2.0) as f32);
             }
         }
-        let t1 = Instant::now();
-        let index: HashMap<&str, usize> = model
-            .named_tensors()
-            .iter()
-            .enumerate()
-            .map(|(i, (n, _))| (n.as_str(), i))
-            .collect();
-        opt.step_slices(|name| {
-            index
-                .get(name)
-                .map(|&i| extra.get(&i).map_or(out.grads[i], Vec::as_slice))
-        })?;
-        Ok(StepReport {
-            loss: out.loss,
-            grad_seconds: (t1 - t0).as_secs_f64(),
-            optimizer_seconds: t1.elapsed().as_secs_f64(),
-            fast: true,
-        })
+        let grad = |i: usize| extra.get(&i).map_or(out.grads[i], Vec::as_slice);
+        apply_grads(model, opt, grad, out.loss, t0)
     }
 
     /// The regularized loss's LM part and every parameter's gradient of it.

@@ -128,6 +128,17 @@ impl TrainConfig {
             .map_or(Ok(()), Regularizer::validate)
     }
 
+    /// The optimiser these settings train with.
+    pub fn adamw(&self) -> AdamWParams {
+        AdamWParams {
+            lr: self.lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+        }
+    }
+
     /// The GPT-2 config of the model this trains (spec §2.1).
     pub fn model_config(&self, data: &DataConfig) -> gpt2::Config {
         gpt2::Config {
@@ -308,16 +319,7 @@ pub fn train(
     };
     let model = Model::new(&model_cfg, &weights)?;
     let vars = named_vars(&model, &weights)?;
-    let mut opt = AdamW::new(
-        vars,
-        AdamWParams {
-            lr: cfg.lr,
-            beta1: cfg.beta1,
-            beta2: cfg.beta2,
-            eps: cfg.eps,
-            weight_decay: cfg.weight_decay,
-        },
-    )?;
+    let mut opt = AdamW::new(vars, cfg.adamw())?;
     if resuming {
         opt.load(&out.join("optimizer.safetensors"))?;
     }
@@ -391,23 +393,8 @@ pub fn continue_training(
             format!("a row of {} tokens, expected {t}", r.len()),
         ));
     }
-    let map = model
-        .named_tensors()
-        .iter()
-        .map(|(n, t)| (n.clone(), t.detach()))
-        .collect();
-    let weights = Weights::vars_from_tensors(map, cfg.seed)?;
-    let trained = Model::new(&model.config(), &weights)?;
-    let mut opt = AdamW::new(
-        named_vars(&trained, &weights)?,
-        AdamWParams {
-            lr: cfg.lr,
-            beta1: cfg.beta1,
-            beta2: cfg.beta2,
-            eps: cfg.eps,
-            weight_decay: cfg.weight_decay,
-        },
-    )?;
+    let (trained, weights) = model.trainable_copy(cfg.seed)?;
+    let mut opt = AdamW::new(named_vars(&trained, &weights)?, cfg.adamw())?;
     let resumed = match optimizer {
         Some(path) if path.is_file() => {
             opt.load(path)?;
@@ -579,6 +566,19 @@ pub fn train_step(
         }
         _ => return train_step_autograd(model, opt, ids, (b, t)),
     };
+    apply_grads(model, opt, |i| out.grads[i], out.loss, t0)
+}
+
+/// One step of `opt` with `grad(i)`, the gradient of `model.named_tensors()[i]`, after the
+/// hand-written pass that started at `t0` and found `loss`: what [`train_step`] and the
+/// regularized step report.
+pub(super) fn apply_grads<'g>(
+    model: &Model,
+    opt: &mut AdamW,
+    grad: impl Fn(usize) -> &'g [f32] + Sync,
+    loss: f64,
+    t0: Instant,
+) -> Result<StepReport> {
     let t1 = Instant::now();
     let index: HashMap<&str, usize> = model
         .named_tensors()
@@ -586,9 +586,9 @@ pub fn train_step(
         .enumerate()
         .map(|(i, (n, _))| (n.as_str(), i))
         .collect();
-    opt.step_slices(|name| index.get(name).map(|&i| out.grads[i]))?;
+    opt.step_slices(|name| index.get(name).map(|&i| grad(i)))?;
     Ok(StepReport {
-        loss: out.loss,
+        loss,
         grad_seconds: (t1 - t0).as_secs_f64(),
         optimizer_seconds: t1.elapsed().as_secs_f64(),
         fast: true,

@@ -22,7 +22,7 @@ use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::models::pass::{HandWrittenPass, MlpGradWorkspace};
-use crate::models::{ops, Inputs, Model, Weights};
+use crate::models::{ops, Inputs, Model};
 
 /// What Durable changed.
 pub struct DurableOutcome {
@@ -181,13 +181,7 @@ fn summed_autograd(
     batch_size: usize,
 ) -> Result<Vec<Vec<f32>>> {
     // A trainable copy: every parameter a variable, so the MLP biases get gradients too.
-    let map: HashMap<String, Tensor> = model
-        .named_tensors()
-        .iter()
-        .map(|(n, t)| (n.clone(), t.detach()))
-        .collect();
-    let vars = Weights::vars_from_tensors(map, 0)?;
-    let trainable = Model::new(&model.config(), &vars)?;
+    let (trainable, vars) = model.trainable_copy(0)?;
     let all: HashMap<String, candle_core::Var> =
         crate::tinymem::train::named_vars(&trainable, &vars)?
             .into_iter()

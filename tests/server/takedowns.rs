@@ -329,11 +329,7 @@ async fn the_risk_and_quantized_gates_measure_before_and_after() {
     });
     let app = at::init_service(make_app(st.clone())).await;
     let seqs = memorized_rows(2);
-    let t = post(&app, "/v1/takedowns", json!({"sequences": seqs}))
-        .await
-        .json();
-    let id = t["id"].as_str().unwrap().to_string();
-    let t = wait_for(&app, &id, &["applied", "rejected", "failed"], 900).await;
+    let (id, t) = take_down(&app, &seqs, 900).await;
     assert_eq!(t["status"], "applied", "{t}");
     let rc = get(&app, &format!("/v1/takedowns/{id}/receipt"))
         .await
@@ -404,6 +400,21 @@ async fn the_auditor_samples_the_audit_corpus_and_exports_its_ratio() {
 /// A takedown of one sequence that no model can pass the gates for ends `rejected`, with its
 /// reason and report, and the live version stays; it does not stay `running` (the job is
 /// `validating` once the gates decided, the state a rejection leaves from).
+/// Posts a takedown of `sequences` and waits (as [`wait_for`]) until it ends: its id and last
+/// state.
+pub(crate) async fn take_down<S, B>(app: &S, sequences: &[Vec<u32>], secs: u64) -> (String, Value)
+where
+    S: Service<actix_http::Request, Response = ServiceResponse<B>, Error = actix_web::Error>,
+    B: MessageBody,
+{
+    let t = post(app, "/v1/takedowns", json!({ "sequences": sequences }))
+        .await
+        .json();
+    let id = t["id"].as_str().unwrap().to_string();
+    let t = wait_for(app, &id, &["applied", "rejected", "failed"], secs).await;
+    (id, t)
+}
+
 #[actix_web::test]
 async fn a_takedown_no_candidate_passes_ends_rejected_and_the_live_version_stays() {
     let dir = tempfile::tempdir().unwrap();
@@ -415,11 +426,7 @@ async fn a_takedown_no_candidate_passes_ends_rejected_and_the_live_version_stays
     let app = at::init_service(make_app(st.clone())).await;
     let v0 = st.served().version.clone();
     let seq = memorized_rows(1);
-    let t = post(&app, "/v1/takedowns", json!({"sequences": seq}))
-        .await
-        .json();
-    let id = t["id"].as_str().unwrap().to_string();
-    let t = wait_for(&app, &id, &["applied", "rejected", "failed"], 120).await;
+    let (id, t) = take_down(&app, &seq, 120).await;
     assert_eq!(t["status"], "rejected", "{t}");
     assert!(
         t["rejection_reason"]
@@ -458,11 +465,7 @@ async fn another_unlearning_method_serves_a_takedown_through_the_same_gates() {
     let app = at::init_service(make_app(st.clone())).await;
     let v0 = st.served().version.clone();
     let seq = memorized_rows(1);
-    let t = post(&app, "/v1/takedowns", json!({"sequences": seq}))
-        .await
-        .json();
-    let id = t["id"].as_str().unwrap().to_string();
-    let t = wait_for(&app, &id, &["applied", "rejected", "failed"], 180).await;
+    let (_, t) = take_down(&app, &seq, 180).await;
     assert_eq!(t["status"], "applied", "{t}");
     let report = &t["report"];
     assert_eq!(report["config"]["method"]["method"], "durable", "{t}");
@@ -485,11 +488,7 @@ async fn another_unlearning_method_serves_a_takedown_through_the_same_gates() {
     });
     let app = at::init_service(make_app(st.clone())).await;
     let v0 = st.served().version.clone();
-    let t = post(&app, "/v1/takedowns", json!({"sequences": seq}))
-        .await
-        .json();
-    let id = t["id"].as_str().unwrap().to_string();
-    let t = wait_for(&app, &id, &["applied", "rejected", "failed"], 180).await;
+    let (_, t) = take_down(&app, &seq, 180).await;
     assert_eq!(t["status"], "rejected", "{t}");
     assert_eq!(t["report"]["ending"], "gates_failed", "{t}");
     let why = t["rejection_reason"].as_str().unwrap_or_default();

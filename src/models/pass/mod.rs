@@ -789,11 +789,7 @@ pub(crate) trait HandWrittenPass {
     where
         Self: Sized,
     {
-        let lens = vec![t; b];
-        let row_weight = vec![1.0 / b.max(1) as f32; b];
-        let mut out = self.weighted_grads(ids, (b, t), &lens, &row_weight, ws)?;
-        out.loss = out.row_loss.iter().sum::<f64>() / b as f64;
-        Ok(out)
+        mean_grads(self, ids, (b, t), Want::All, ws)
     }
 
     /// `L = Σ_r row_weight[r] · ℓ_r` over right-padded rows (as [`Self::mlp_grads`]) and its
@@ -824,20 +820,24 @@ pub(crate) trait HandWrittenPass {
     where
         Self: Sized,
     {
-        let lens = vec![t; b];
-        let row_weight = vec![1.0 / b.max(1) as f32; b];
-        let mut out = every_grad(
-            self,
-            ids,
-            (b, t),
-            &lens,
-            &row_weight,
-            Want::Dropped(mask),
-            ws,
-        )?;
-        out.loss = out.row_loss.iter().sum::<f64>() / b as f64;
-        Ok(out)
+        mean_grads(self, ids, (b, t), Want::Dropped(mask), ws)
     }
+}
+
+/// The mean over unpadded rows of each row's mean loss and its gradient with respect to every
+/// parameter (`want`: [`Want::All`] or [`Want::Dropped`]): the training step's.
+fn mean_grads<'w, M: HandWrittenPass>(
+    m: &M,
+    ids: &[u32],
+    (b, t): (usize, usize),
+    want: Want<'_>,
+    ws: &'w mut MlpGradWorkspace,
+) -> Result<TrainGrads<'w>> {
+    let lens = vec![t; b];
+    let row_weight = vec![1.0 / b.max(1) as f32; b];
+    let mut out = every_grad(m, ids, (b, t), &lens, &row_weight, want, ws)?;
+    out.loss = out.row_loss.iter().sum::<f64>() / b as f64;
+    Ok(out)
 }
 
 /// The weighted loss's gradient with respect to every parameter (`want`: [`Want::All`] or

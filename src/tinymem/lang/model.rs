@@ -34,7 +34,7 @@ use crate::audit::{self, AuditItem, Definition};
 use crate::error::{Error, Result};
 use crate::models::ops::Activation;
 use crate::models::{gpt_neox, Model, ModelConfig, Weights};
-use crate::optim::{AdamW, AdamWParams};
+use crate::optim::AdamW;
 use crate::tokenizer::Tokenizer;
 
 /// The card's file name inside a language model's directory.
@@ -141,16 +141,7 @@ pub fn train(
     let model_cfg = ModelConfig::GptNeoX(model_config(cfg, ds));
     let weights = Weights::init_seeded(cfg.seed, DType::F32, &Device::Cpu);
     let model = Model::new(&model_cfg, &weights)?;
-    let mut opt = AdamW::new(
-        named_vars(&model, &weights)?,
-        AdamWParams {
-            lr: cfg.lr,
-            beta1: cfg.beta1,
-            beta2: cfg.beta2,
-            eps: cfg.eps,
-            weight_decay: cfg.weight_decay,
-        },
-    )?;
+    let mut opt = AdamW::new(named_vars(&model, &weights)?, cfg.adamw())?;
     tokenizer.save(&out.join("tokenizer.json"))?;
     let mut rows_file = Vec::new();
     ds.write_jsonl(&mut rows_file)?;
