@@ -136,6 +136,10 @@ pub struct Takedowns {
     /// Held while the live version moves (a publish, a rollback, following the fleet), so a
     /// replica never loads one version twice at once.
     moving: Mutex<()>,
+    /// Held (for writing) across a store commit that moves the live version and the
+    /// in-memory swap after it, so a reader under [`Takedowns::settled`] never sees a takedown
+    /// `applied`, or a rollback done, while this replica still serves the version before it.
+    committing: std::sync::RwLock<()>,
 }
 
 impl Takedowns {
@@ -200,7 +204,16 @@ impl Takedowns {
             corpus,
             fleet,
             moving: Mutex::new(()),
+            committing: std::sync::RwLock::new(()),
         })
+    }
+
+    /// Reads the store once no publish or rollback is between its commit and its in-memory
+    /// swap: what the read says is live is what this replica serves (read your writes). The
+    /// HTTP views of takedowns and versions read through it.
+    pub fn settled<T>(&self, read: impl FnOnce(&Store) -> T) -> T {
+        let _settled = self.committing.read().unwrap_or_else(|e| e.into_inner());
+        read(&self.store)
     }
 
     /// The guard as an engine output filter for completions.
@@ -719,6 +732,7 @@ fn publish(
     let mut report = report.clone();
     report["version"] = json!(id);
     let _moving = td.moving.lock().unwrap_or_else(|e| e.into_inner());
+    let _committing = td.committing.write().unwrap_or_else(|e| e.into_inner());
     let promoted = td.store.promote(
         job,
         Some(&base.version),
@@ -787,8 +801,10 @@ pub fn rollback(
         Some(live.name.clone()),
     )?);
     let _moving = td.moving.lock().unwrap_or_else(|e| e.into_inner());
+    let committing = td.committing.write().unwrap_or_else(|e| e.into_inner());
     let requeued = td.store.rollback(expected, to)?;
     swap(td, &live, new, "rollback");
+    drop(committing);
     td.metrics
         .model_swap_duration
         .observe(started.elapsed().as_secs_f64());
@@ -906,6 +922,40 @@ mod tests {
         assert_eq!(td.store.get(&b).unwrap().state, State::Validating);
         td.store.requeue_job("j2").unwrap();
         assert_eq!(td.store.get(&b).unwrap().state, State::Queued);
+    }
+
+    /// A reader under `settled` never sees a publish between its store commit and its swap:
+    /// while a read is open the publish waits, and once it is done the store and the served
+    /// model agree. (The GET views read through `settled`; without it a client could see its
+    /// takedown `applied` while this replica still served the version before it.)
+    #[test]
+    fn a_settled_read_sees_the_store_and_the_served_model_agree() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (td, live) = takedowns_on_bundled(tmp.path(), DType::F32);
+        let v0 = live.served();
+        let a = validating_in_job(&td, "j1");
+        let next = scaled(&v0.model, 0.5);
+        std::thread::scope(|s| {
+            let publisher = td.settled(|store| {
+                let publisher = s.spawn(|| publish(&td, "j1", &v0, &next, &json!({})));
+                // Long past what writing, loading and committing the small model takes.
+                std::thread::sleep(Duration::from_millis(1500));
+                assert_eq!(
+                    store.current_version().unwrap().as_deref(),
+                    Some(v0.version.as_str()),
+                    "the publish committed while a settled read was open"
+                );
+                assert_eq!(store.get(&a).unwrap().state, State::Validating);
+                assert_eq!(live.served().version, v0.version);
+                publisher
+            });
+            let v1 = publisher.join().unwrap().unwrap().expect("published");
+            td.settled(|store| {
+                assert_eq!(store.current_version().unwrap(), Some(v1.clone()));
+                assert_eq!(store.get(&a).unwrap().state, State::Applied);
+                assert_eq!(live.served().version, v1);
+            });
+        });
     }
 
     /// A job whose every takedown was cancelled while it ran publishes nothing: no version is

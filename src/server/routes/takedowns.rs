@@ -265,7 +265,7 @@ pub async fn get(
         }
         with = true;
     }
-    let t = svc.store.get(&path).map_err(store_error)?;
+    let t = svc.settled(|s| s.get(&path)).map_err(store_error)?;
     Ok(HttpResponse::Ok().json(view(&t, with)))
 }
 
@@ -338,8 +338,7 @@ pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
     let q = ListQuery::parse(req.query_string())?;
     let limit = q.limit;
     let page = svc
-        .store
-        .list(q.after.as_deref(), limit + 1, q.status)
+        .settled(|s| s.list(q.after.as_deref(), limit + 1, q.status))
         .map_err(|e| match e {
             // A cursor that names no takedown is a bad parameter, not a missing page.
             crate::takedown::Error::NotFound(id) => ApiError::invalid(
@@ -379,8 +378,13 @@ pub async fn receipt(
 ) -> Result<HttpResponse, ApiError> {
     state.auth.admin(&req)?;
     let svc = service(&state)?;
-    let t = svc.store.get(&path).map_err(store_error)?;
-    let events = svc.store.events(&t.id).map_err(store_error)?;
+    let (t, events) = svc
+        .settled(|s| {
+            let t = s.get(&path)?;
+            let events = s.events(&t.id)?;
+            Ok((t, events))
+        })
+        .map_err(store_error)?;
     let report = t.report.clone().unwrap_or(Value::Null);
     let mine: Vec<Value> = report["sequences"]
         .as_array()
@@ -416,8 +420,8 @@ pub async fn versions(
 ) -> Result<HttpResponse, ApiError> {
     state.auth.admin(&req)?;
     let svc = service(&state)?;
-    let live = state.served();
-    let list = svc.store.list_versions().map_err(store_error)?;
+    let (live, list) = svc.settled(|s| (state.served(), s.list_versions()));
+    let list = list.map_err(store_error)?;
     let data: Vec<Value> = list
         .iter()
         .map(|v| {
