@@ -29,6 +29,8 @@ use super::cli::{gates_of, MethodArg, MethodFlags, ModeArg, Prepared};
 use crate::audit::Definition;
 use crate::loader::ModelArgs;
 use crate::tinymem::eval::{self, EvalParams, EvalReport};
+use crate::tinymem::lang::model::{self as lang_model, LangEval};
+use crate::tinymem::lang::LangCard;
 use crate::tinymem::regularize::Regularizer;
 use crate::tinymem::train::{self, Card, TrainConfig};
 
@@ -94,8 +96,9 @@ pub struct CompareArgs {
     pub models: PathBuf,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Training-time regularizers to compare too, comma-separated (math experiments only):
-    /// each trains a model like the bundled one, with the regularizer.
+    /// Training-time regularizers to compare too, comma-separated: each trains a model like
+    /// the bundled one, with the regularizer (one language model serves the three language
+    /// experiments).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub regularizers: Vec<RegularizerArg>,
     /// The regularizers' settings: `middle` (one each: λ 0.01, dropc 0.05, p_mem 0.1) or
@@ -369,23 +372,18 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
             Ok(())
         };
         if !a.regularizers.is_empty() {
-            if exp.role().is_some() {
-                eprintln!(
-                    "{}: regularizers are compared on the math models only",
-                    exp.name()
-                );
-            } else {
-                let base = Baseline::of_model(&dir)?;
-                for &which in &a.regularizers {
-                    for reg in regularizer_grid(which, a.regularizer_grid) {
-                        let out = a.out.join("regularized").join(format!(
-                            "{}-{}-{}",
-                            exp.name(),
-                            reg.name(),
-                            reg.strength()
-                        ));
-                        record(base.regularized(exp, reg, &out))?;
-                    }
+            let base = Baseline::of_model(&dir)?;
+            for &which in &a.regularizers {
+                for reg in regularizer_grid(which, a.regularizer_grid) {
+                    // Named after the model, not the experiment: the three language
+                    // experiments measure one regularized language model, trained once.
+                    let out = a.out.join("regularized").join(format!(
+                        "{}-{}-{}",
+                        dir.file_name().unwrap_or_default().to_string_lossy(),
+                        reg.name(),
+                        reg.strength()
+                    ));
+                    record(base.regularized(exp, reg, &out))?;
                 }
             }
         }
@@ -447,25 +445,57 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A bundled math model and its evaluation: what a regularized model is compared with.
-struct Baseline {
-    card: Card,
-    eval: EvalReport,
+/// A bundled model and its evaluation: what a regularized model is compared with.
+enum Baseline {
+    Math {
+        card: Card,
+        eval: EvalReport,
+    },
+    Lang {
+        dir: PathBuf,
+        card: LangCard,
+        eval: LangEval,
+    },
+}
+
+/// What a regularized run measured: the artifact rows memorized before and after, of how many,
+/// the relative accuracy change (math) and the perplexities.
+struct Measured {
+    before: usize,
+    after: usize,
+    eligible: usize,
+    accuracy_change: Option<f64>,
+    perplexity: (f64, f64),
+    seconds: f64,
 }
 
 impl Baseline {
+    /// The model in `dir` (a math TinyMem or a language TinyMem, by its card) and its
+    /// evaluation now.
     fn of_model(dir: &Path) -> anyhow::Result<Self> {
-        let card = Card::read(dir)?;
-        let lm = ModelArgs {
-            model: Some(dir.display().to_string()),
-            device: "cpu".into(),
+        let load = || {
+            ModelArgs {
+                model: Some(dir.display().to_string()),
+                device: "cpu".into(),
+            }
+            .load()
+        };
+        if let Some(card) = LangCard::read_if_present(dir)? {
+            let eval = lang_model::evaluate(&load()?.model, &card.dataset(dir)?, 64)?;
+            return Ok(Self::Lang {
+                dir: dir.to_path_buf(),
+                card,
+                eval,
+            });
         }
-        .load()?;
+        let card = Card::read(dir)?;
+        let lm = load()?;
         let eval = eval::evaluate(&lm.model, &card.dataset()?, &EvalParams::default())?;
-        Ok(Self { card, eval })
+        Ok(Self::Math { card, eval })
     }
 
-    /// The artifact rows memorized (noise) or completed with the backdoor, and of how many.
+    /// The math artifact rows memorized (noise) or completed with the backdoor, and of how
+    /// many.
     fn memorized(e: &EvalReport) -> (usize, usize) {
         match (
             e.memorized,
@@ -479,12 +509,36 @@ impl Baseline {
         }
     }
 
+    /// The language rows of `exp`'s artifact that are memorized (noised chunks, §3.1),
+    /// completed with the backdoor (§3.2) or extractable (planted secrets), and of how many.
+    fn lang_memorized(exp: Experiment, e: &LangEval) -> (usize, usize) {
+        match exp {
+            Experiment::LangBackdoored => (
+                count(e.attack_success_ratio, e.attack_eligible),
+                e.attack_eligible,
+            ),
+            Experiment::LangSecret => (e.secrets_extractable, e.secrets_planted),
+            _ => e
+                .noise_by_group
+                .iter()
+                .fold((0, 0), |(m, n), g| (m + g.memorized, n + g.eligible)),
+        }
+    }
+
+    fn train_config(&self) -> &TrainConfig {
+        match self {
+            Self::Math { card, .. } => &card.train,
+            Self::Lang { card, .. } => &card.train,
+        }
+    }
+
     /// Trains a model as the bundled one was (its card's data and settings, no evaluation
-    /// until the end) with `reg` into `out`, and compares it with the bundled model: the
-    /// memorized count over the artifact's eligible rows, the relative accuracy change and the
-    /// training seconds.
+    /// until the end) with `reg` into `out`, and compares it with the bundled model on `exp`'s
+    /// artifact: the memorized count over the artifact's eligible rows, the relative accuracy
+    /// change (math) or the perplexities, and the training seconds. A language model already
+    /// trained into `out` with the same settings (by another language experiment) is measured
+    /// again, not retrained.
     fn regularized(&self, exp: Experiment, reg: Regularizer, out: &Path) -> Run {
-        let (before, eligible) = Self::memorized(&self.eval);
         let settings = format!(
             "{} {}, {} epochs (training)",
             match reg {
@@ -493,69 +547,117 @@ impl Baseline {
                 Regularizer::ExampleTiedDropout { .. } => "p_mem",
             },
             reg.strength(),
-            self.card.train.epochs
+            self.train_config().epochs
         );
         let cfg = TrainConfig {
             regularizer: Some(reg),
             eval_every: 0,
             checkpoint_every: 0,
-            ..self.card.train.clone()
+            ..self.train_config().clone()
         };
         let started = std::time::Instant::now();
-        let trained = train::train(
-            &self.card.data,
-            &cfg,
-            out,
-            false,
-            &EvalParams::default(),
-            &mut |_, _, _, _, _| {},
-        );
-        let failed = |e: String| Run {
+        let run = |m: Measured, error: Option<String>| Run {
             experiment: exp.name(),
             method: reg.name(),
             settings: settings.clone(),
-            memorized_before: before,
-            memorized_after: before,
-            forget_sequences: eligible,
-            relative_accuracy_change: None,
-            perplexity_before: f64::NAN,
-            perplexity_after: f64::NAN,
+            memorized_before: m.before,
+            memorized_after: m.after,
+            forget_sequences: m.eligible,
+            relative_accuracy_change: m.accuracy_change,
+            perplexity_before: m.perplexity.0,
+            perplexity_after: m.perplexity.1,
             weights_zeroed: 0,
-            seconds: started.elapsed().as_secs_f64(),
-            error: Some(e),
+            seconds: m.seconds,
+            error,
         };
-        let card = match trained {
-            Ok(c) => c,
-            Err(e) => return failed(format!("{e:#}")),
+        let (before, eligible) = match self {
+            Self::Math { eval, .. } => Self::memorized(eval),
+            Self::Lang { eval, .. } => Self::lang_memorized(exp, eval),
         };
-        let Some(after) = card.history.last().and_then(|e| e.eval.clone()) else {
-            return failed("training ended without an evaluation".into());
-        };
-        let acc = self
-            .eval
-            .accuracy_by_task
-            .iter()
-            .map(|(task, b)| {
-                after
+        match self.train_and_measure(exp, &cfg, out) {
+            Ok(m) => run(m, None),
+            Err(e) => run(
+                Measured {
+                    before,
+                    after: before,
+                    eligible,
+                    accuracy_change: None,
+                    perplexity: (f64::NAN, f64::NAN),
+                    seconds: started.elapsed().as_secs_f64(),
+                },
+                Some(format!("{e:#}")),
+            ),
+        }
+    }
+
+    fn train_and_measure(
+        &self,
+        exp: Experiment,
+        cfg: &TrainConfig,
+        out: &Path,
+    ) -> anyhow::Result<Measured> {
+        let quiet = &mut |_, _, _, _, _| {};
+        match self {
+            Self::Math { card, eval } => {
+                let trained =
+                    train::train(&card.data, cfg, out, false, &EvalParams::default(), quiet)?;
+                let after = trained
+                    .history
+                    .last()
+                    .and_then(|e| e.eval.clone())
+                    .context("training ended without an evaluation")?;
+                let acc = eval
                     .accuracy_by_task
-                    .get(task)
-                    .map_or(f64::NAN, |a| (a - b) / b)
-            })
-            .sum::<f64>()
-            / self.eval.accuracy_by_task.len().max(1) as f64;
-        Run {
-            experiment: exp.name(),
-            method: reg.name(),
-            settings,
-            memorized_before: before,
-            memorized_after: Self::memorized(&after).0,
-            forget_sequences: eligible,
-            relative_accuracy_change: Some(acc),
-            perplexity_before: self.eval.perplexity,
-            perplexity_after: after.perplexity,
-            weights_zeroed: 0,
-            seconds: card.train_seconds,
-            error: None,
+                    .iter()
+                    .map(|(task, b)| {
+                        after
+                            .accuracy_by_task
+                            .get(task)
+                            .map_or(f64::NAN, |a| (a - b) / b)
+                    })
+                    .sum::<f64>()
+                    / eval.accuracy_by_task.len().max(1) as f64;
+                let ((before, eligible), (after_n, _)) =
+                    (Self::memorized(eval), Self::memorized(&after));
+                Ok(Measured {
+                    before,
+                    after: after_n,
+                    eligible,
+                    accuracy_change: Some(acc),
+                    perplexity: (eval.perplexity, after.perplexity),
+                    seconds: trained.train_seconds,
+                })
+            }
+            Self::Lang { dir, card, eval } => {
+                let done = LangCard::read_if_present(out).ok().flatten().filter(|c| {
+                    &c.train == cfg && c.epochs_done == cfg.epochs && c.data == card.data
+                });
+                let trained = match done {
+                    Some(c) => c,
+                    None => {
+                        let tk =
+                            crate::tokenizer::Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+                        lang_model::train(&card.dataset(dir)?, &tk, cfg, out, quiet)?
+                    }
+                };
+                let after = trained
+                    .history
+                    .last()
+                    .and_then(|e| e.eval.clone())
+                    .context("training ended without an evaluation")?;
+                let ((before, eligible), (after_n, _)) = (
+                    Self::lang_memorized(exp, eval),
+                    Self::lang_memorized(exp, &after),
+                );
+                Ok(Measured {
+                    before,
+                    after: after_n,
+                    eligible,
+                    accuracy_change: None,
+                    perplexity: (eval.heldout_perplexity, after.heldout_perplexity),
+                    seconds: trained.train_seconds,
+                })
+            }
         }
     }
 }
@@ -618,6 +720,13 @@ mod tests {
         )
         .unwrap();
         let base = Baseline::of_model(&dir).unwrap();
+        let Baseline::Math {
+            card: base_card,
+            eval: base_eval,
+        } = &base
+        else {
+            panic!("a math model");
+        };
         let reg = Regularizer::ExampleTiedDropout {
             p_fixed: 0.2,
             p_mem: 0.1,
@@ -627,19 +736,88 @@ mod tests {
         assert!(r.error.is_none(), "{r:?}");
         assert_eq!(r.method, "example-tied-dropout");
         assert_eq!(r.settings, "p_mem 0.1, 2 epochs (training)");
-        let (before, eligible) = Baseline::memorized(&base.eval);
+        let (before, eligible) = Baseline::memorized(base_eval);
         assert_eq!((r.memorized_before, r.forget_sequences), (before, eligible));
         assert!(eligible > 0);
         assert!(r.relative_accuracy_change.is_some_and(f64::is_finite));
         // The model trained is the regularized one, with the baseline's settings.
         let card = Card::read(&out).unwrap();
         assert_eq!(card.train.regularizer, Some(reg));
-        assert_eq!(card.data, base.card.data);
+        assert_eq!(card.data, base_card.data);
         assert_eq!((card.epochs_done, card.train.n_inner), (2, 40));
         // The card's seconds went through JSON (its last digit may differ).
         assert!(r.seconds > 0.0 && (r.seconds - card.train_seconds).abs() <= 1e-9 * r.seconds);
         // A directory without a card is an error naming the file.
         let e = Baseline::of_model(models.path()).err().unwrap();
         assert!(format!("{e:#}").contains("lethe_tinymem.json"), "{e:#}");
+    }
+
+    /// The language model's regularized run is trained once and measured for each language
+    /// experiment on its own artifact, with perplexity as the quality.
+    #[test]
+    fn a_regularized_language_model_is_trained_once_and_measured_per_artifact() {
+        let (corpus, tk, data) = crate::tinymem::lang::test_fixture();
+        let ds = crate::tinymem::lang::generate(&data, &corpus, &tk).unwrap();
+        let models = tempfile::tempdir().unwrap();
+        let dir = models.path().join("tinymem-lang");
+        let cfg = TrainConfig {
+            n_layer: 1,
+            n_embd: 16,
+            n_head: 2,
+            n_inner: 32,
+            batch_size: 16,
+            epochs: 1,
+            ..TrainConfig::default()
+        };
+        lang_model::train(&ds, &tk, &cfg, &dir, &mut |_, _, _, _, _| {}).unwrap();
+        let base = Baseline::of_model(&dir).unwrap();
+        let Baseline::Lang { eval, .. } = &base else {
+            panic!("a language model");
+        };
+        let reg = Regularizer::SpectralNorm { lambda: 0.01 };
+        let out = models.path().join("regularized");
+        let secret = base.regularized(Experiment::LangSecret, reg, &out);
+        assert!(secret.error.is_none(), "{secret:?}");
+        assert_eq!(secret.method, "spectral-norm");
+        assert_eq!(secret.settings, "λ 0.01, 1 epochs (training)");
+        assert_eq!(
+            (secret.memorized_before, secret.forget_sequences),
+            (eval.secrets_extractable, 6)
+        );
+        assert_eq!(secret.relative_accuracy_change, None);
+        assert_eq!(secret.perplexity_before, eval.heldout_perplexity);
+        assert!(secret.perplexity_after.is_finite());
+        let card = LangCard::read_if_present(&out).unwrap().unwrap();
+        assert_eq!(card.train.regularizer, Some(reg));
+        assert_eq!(card.data, ds.config);
+        let written = std::fs::metadata(out.join("model.safetensors"))
+            .unwrap()
+            .modified()
+            .unwrap();
+        // The noise experiment measures the same model: no second training.
+        let noised = base.regularized(Experiment::LangNoised, reg, &out);
+        assert!(noised.error.is_none(), "{noised:?}");
+        // (The seconds went through the card's JSON: the last digit may differ.)
+        assert!((noised.seconds - secret.seconds).abs() <= 1e-9 * secret.seconds);
+        let eligible: usize = eval.noise_by_group.iter().map(|g| g.eligible).sum();
+        assert_eq!(noised.forget_sequences, eligible);
+        assert!(eligible > 0);
+        let again = std::fs::metadata(out.join("model.safetensors"))
+            .unwrap()
+            .modified()
+            .unwrap();
+        assert_eq!(written, again, "the language model was trained again");
+        // Another strength is another model.
+        let other = Regularizer::SpectralNorm { lambda: 0.1 };
+        let r = base.regularized(Experiment::LangNoised, other, &out);
+        assert!(r.error.is_none(), "{r:?}");
+        assert_eq!(
+            LangCard::read_if_present(&out)
+                .unwrap()
+                .unwrap()
+                .train
+                .regularizer,
+            Some(other)
+        );
     }
 }
