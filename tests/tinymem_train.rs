@@ -355,5 +355,45 @@ fn clean_fine_tuning_resumes_the_optimiser_and_forgets_the_noise() {
     )
     .err()
     .unwrap();
-    assert!(e.to_string().contains("no math TinyMem card"), "{e}");
+    let e = e.to_string();
+    assert!(
+        e.contains("no TinyMem card")
+            && e.contains("lethe_tinymem.json")
+            && e.contains("lethe_language.json"),
+        "{e}"
+    );
+}
+
+/// The bundled language model fine-tunes on its card's rows: the noised and backdoored chunks'
+/// clean twins, in the card's batches, the loaded model unchanged.
+#[test]
+fn clean_fine_tuning_runs_on_the_bundled_language_model() {
+    use lethe::tinymem::lang::LangCard;
+    use lethe::unlearn::finetune::{fine_tune, lang_ft_rows, FtData};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tinymem-lang");
+    let card = LangCard::read_if_present(&dir).unwrap().unwrap();
+    let rows = lang_ft_rows(&card.dataset(&dir).unwrap(), FtData::Clean);
+    assert!(!rows.is_empty());
+    let lm = lethe::loader::load_dir(&dir, "lang", &candle_core::Device::Cpu, DType::F32).unwrap();
+    let before = lm.model.named_tensors()[0].1.flatten_all().unwrap();
+    let out = fine_tune(&lm.model, &dir, FtData::Clean, 1).unwrap();
+    assert_eq!(out.rows, rows.len());
+    assert_eq!(out.steps, rows.len().div_ceil(card.train.batch_size));
+    assert!(
+        !out.optimizer_resumed,
+        "the bundled model ships no optimiser state"
+    );
+    let changed = |m: &lethe::models::Model| {
+        let w = m.named_tensors()[0].1.flatten_all().unwrap();
+        (w - &before)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    assert!(changed(&out.model) > 0.0, "fine-tuning changed nothing");
+    assert_eq!(changed(&lm.model), 0.0, "the loaded model was changed");
 }

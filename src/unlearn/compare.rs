@@ -388,14 +388,6 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
             }
         }
         for &method in &methods {
-            if method.name().starts_with("ft-") && exp.role().is_some() {
-                eprintln!(
-                    "{}: {} retrains on a math card's data; skipped",
-                    exp.name(),
-                    method.name()
-                );
-                continue;
-            }
             for (settings, flags) in grid(method, a.seed) {
                 let started = std::time::Instant::now();
                 let r = match p.unlearn(&flags) {

@@ -3,22 +3,25 @@
 //! but it retrains).
 //!
 //! Invariants:
-//! - The data comes from the model's card, regenerated exactly: Clean-FT trains on the clean
-//!   versions of the artifact rows (the noised or backdoored training rows, each once),
-//!   Extra-FT on every training row that is not an artifact row, Both-FT on the union.
+//! - The data comes from the model's card, regenerated exactly (math) or read back checked
+//!   (language): Clean-FT trains on the clean versions of the artifact rows (the noised or
+//!   backdoored training rows, each once), Extra-FT on every training row that is not an
+//!   artifact row (the language model's planted secrets are artifact rows without a clean
+//!   version), Both-FT on the union.
 //! - Training continues as the model was trained (the card's AdamW settings, batch size and
 //!   seed, no regularizer) for `epochs` more passes (the paper's 5), resuming the AdamW state
 //!   from `optimizer.safetensors` when the directory has it; the bundled models ship without
 //!   it (to keep the repository small), so there the moments start from zero, and the report
 //!   says which.
-//! - The input model is never mutated; the result is a new model. A model without a math
-//!   TinyMem card is refused with an error naming it.
+//! - The input model is never mutated; the result is a new model. A model without a TinyMem
+//!   card (math or language) is refused with an error naming both.
 
 use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::models::Model;
-use crate::tinymem::data::{Dataset, Role, Row};
+use crate::tinymem::data::{Dataset, Role, Row, Split};
+use crate::tinymem::lang::{LangCard, LangDataset, LangRole};
 use crate::tinymem::train::{continue_training, Card};
 
 /// Which rows Fine-tuning trains on.
@@ -52,54 +55,94 @@ pub struct FtOutcome {
     pub optimizer_resumed: bool,
 }
 
-/// The rows of `data` for the dataset `ds` (training rows only).
-pub fn ft_rows(ds: &Dataset, data: FtData) -> Vec<Vec<u32>> {
-    let train = ds.train_rows();
-    let artifact = |r: &Row| matches!(r.role, Role::Noised | Role::Backdoored);
+/// The rows of `data` among training rows given as `(is an artifact row, ids, clean twin)`,
+/// repetition applied.
+fn select<'a>(
+    train: impl Iterator<Item = (bool, &'a [u32], Option<&'a [u32]>)> + Clone,
+    data: FtData,
+) -> Vec<Vec<u32>> {
     let mut rows = Vec::new();
     if matches!(data, FtData::Clean | FtData::Both) {
-        // Each artifact row once (the training set repeats them `noise_repeat` times).
+        // Each artifact row's twin once (the training set repeats the artifact rows).
         let mut seen = std::collections::HashSet::new();
-        for r in train.iter().filter(|r| artifact(r)) {
-            if let Some(clean) = &r.clean_ids {
-                if seen.insert(clean.clone()) {
-                    rows.push(clean.clone());
+        for (_, _, clean) in train.clone().filter(|r| r.0) {
+            if let Some(clean) = clean {
+                if seen.insert(clean) {
+                    rows.push(clean.to_vec());
                 }
             }
         }
     }
     if matches!(data, FtData::Extra | FtData::Both) {
-        rows.extend(train.iter().filter(|r| !artifact(r)).map(|r| r.ids.clone()));
+        rows.extend(train.filter(|r| !r.0).map(|r| r.1.to_vec()));
     }
     rows
 }
 
-/// Fine-tunes the TinyMem model in `dir` (`model` is its loaded weights) on `data` for
-/// `epochs` passes.
+/// The rows of `data` for the math dataset `ds` (training rows only).
+pub fn ft_rows(ds: &Dataset, data: FtData) -> Vec<Vec<u32>> {
+    let train = ds.train_rows();
+    let artifact = |r: &Row| matches!(r.role, Role::Noised | Role::Backdoored);
+    select(
+        train
+            .into_iter()
+            .map(|r| (artifact(r), r.ids.as_slice(), r.clean_ids.as_deref())),
+        data,
+    )
+}
+
+/// The rows of `data` for the language dataset `ds` (training rows only). Its artifact rows
+/// are the noised chunks, the backdoored chunks and the planted secrets; a secret has no clean
+/// version, so Clean-FT trains on the noised and backdoored chunks' twins only.
+pub fn lang_ft_rows(ds: &LangDataset, data: FtData) -> Vec<Vec<u32>> {
+    let train = ds.rows.iter().filter(|r| r.split == Split::Train);
+    select(
+        train.flat_map(|r| {
+            std::iter::repeat_n(
+                (
+                    r.role != LangRole::Clean,
+                    r.ids.as_slice(),
+                    r.clean_ids.as_deref(),
+                ),
+                r.repeat as usize,
+            )
+        }),
+        data,
+    )
+}
+
+/// Fine-tunes the TinyMem model (math or language) in `dir` (`model` is its loaded weights)
+/// on `data` for `epochs` passes.
 pub fn fine_tune(model: &Model, dir: &Path, data: FtData, epochs: usize) -> Result<FtOutcome> {
     if epochs == 0 {
         return Err(Error::invalid("epochs", "must be positive"));
     }
-    let card = Card::read_if_present(dir)?.ok_or_else(|| {
-        Error::invalid(
-            "model",
-            format!(
-                "{} has no math TinyMem card ({}): the fine-tuning baselines retrain on the \
-                 card's data",
-                dir.display(),
-                crate::tinymem::train::CARD_FILE
-            ),
-        )
-    })?;
-    let ds = card.dataset()?;
-    let rows = ft_rows(&ds, data);
+    let (rows, train, t) = if let Some(card) = LangCard::read_if_present(dir)? {
+        let ds = card.dataset(dir)?;
+        (lang_ft_rows(&ds, data), card.train, ds.config.max_ctx)
+    } else {
+        let card = Card::read_if_present(dir)?.ok_or_else(|| {
+            Error::invalid(
+                "model",
+                format!(
+                    "{} has no TinyMem card ({} or {}): the fine-tuning baselines retrain on \
+                     the card's data",
+                    dir.display(),
+                    crate::tinymem::train::CARD_FILE,
+                    crate::tinymem::lang::LANG_CARD_FILE
+                ),
+            )
+        })?;
+        let ds = card.dataset()?;
+        (ft_rows(&ds, data), card.train, ds.config.max_ctx)
+    };
     let refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
     let c = continue_training(
         model,
         Some(&dir.join("optimizer.safetensors")),
-        &card.train,
+        &train,
         &refs,
-        ds.config.max_ctx,
+        t,
         epochs,
     )?;
     Ok(FtOutcome {
@@ -141,5 +184,38 @@ mod tests {
         assert_eq!(extra.len(), train.len() - 15);
         assert!(extra.iter().all(|e| !noised.iter().any(|r| &r.ids == e)));
         assert_eq!(ft_rows(&ds, FtData::Both), [clean, extra].concat());
+    }
+
+    #[test]
+    fn the_language_variants_leave_out_every_artifact_row() {
+        let (corpus, tk, cfg) = crate::tinymem::lang::test_fixture();
+        let ds = crate::tinymem::lang::generate(&cfg, &corpus, &tk).unwrap();
+        let train = |role| ds.rows_of(Split::Train, role);
+        let twins: Vec<Vec<u32>> = [LangRole::Noised, LangRole::Backdoored]
+            .into_iter()
+            .flat_map(train)
+            .map(|r| r.clean_ids.clone().expect("a twin"))
+            .collect();
+        assert!(!twins.is_empty());
+        let clean = lang_ft_rows(&ds, FtData::Clean);
+        let unique: std::collections::HashSet<_> = twins.iter().collect();
+        assert_eq!(clean.len(), unique.len(), "each twin once");
+        assert!(clean.iter().all(|c| unique.contains(c)));
+        let extra = lang_ft_rows(&ds, FtData::Extra);
+        let plain: Vec<Vec<u32>> = train(LangRole::Clean)
+            .into_iter()
+            .flat_map(|r| std::iter::repeat_n(r.ids.clone(), r.repeat as usize))
+            .collect();
+        assert_eq!(extra, plain);
+        // No secret, noised or backdoored row is trained on.
+        for role in [LangRole::Secret, LangRole::Noised, LangRole::Backdoored] {
+            for r in train(role) {
+                assert!(
+                    !extra.contains(&r.ids) && !clean.contains(&r.ids),
+                    "{role:?}"
+                );
+            }
+        }
+        assert_eq!(lang_ft_rows(&ds, FtData::Both), [clean, extra].concat());
     }
 }
