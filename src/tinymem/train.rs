@@ -504,9 +504,18 @@ pub(super) fn run_epochs(
                 tokens as f64 / started.elapsed().as_secs_f64(),
             );
         }
-        let snapshot = || match &reg {
-            Some(r) => r.evaluated(model),
-            None => model.detached("training snapshot"),
+        // Built at most once per epoch: the evaluation and the checkpoint share it.
+        let built = std::cell::RefCell::new(None::<Model>);
+        let snapshot = || -> Result<Model> {
+            if let Some(m) = built.borrow().as_ref() {
+                return Ok(m.clone());
+            }
+            let m = match &reg {
+                Some(r) => r.evaluated(model),
+                None => model.detached("training snapshot"),
+            }?;
+            *built.borrow_mut() = Some(m.clone());
+            Ok(m)
         };
         after_epoch(
             opt,
