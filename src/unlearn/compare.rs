@@ -778,15 +778,7 @@ mod tests {
         let ds = crate::tinymem::lang::generate(&data, &corpus, &tk).unwrap();
         let models = tempfile::tempdir().unwrap();
         let dir = models.path().join("tinymem-lang");
-        let cfg = TrainConfig {
-            n_layer: 1,
-            n_embd: 16,
-            n_head: 2,
-            n_inner: 32,
-            batch_size: 16,
-            epochs: 1,
-            ..TrainConfig::default()
-        };
+        let cfg = crate::tinymem::lang::test_train_config();
         lang_model::train(&ds, &tk, &cfg, &dir, &mut |_, _, _, _, _| {}).unwrap();
         let base = Baseline::of_model(&dir).unwrap();
         let Baseline::Lang { eval, .. } = &base else {

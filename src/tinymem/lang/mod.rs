@@ -551,6 +551,21 @@ pub fn generate(cfg: &LangConfig, corpus: &[u8], tk: &Tokenizer) -> Result<LangD
     })
 }
 
+/// A one-layer, 16-wide training config that trains on [`test_fixture`]'s data in a second,
+/// for tests across the crate.
+#[cfg(test)]
+pub(crate) fn test_train_config() -> super::train::TrainConfig {
+    super::train::TrainConfig {
+        n_layer: 1,
+        n_embd: 16,
+        n_head: 2,
+        n_inner: 32,
+        batch_size: 16,
+        epochs: 1,
+        ..super::train::TrainConfig::default()
+    }
+}
+
 /// A small corpus, its tokenizer and a config sized for it, for tests across the crate.
 #[cfg(test)]
 pub(crate) fn test_fixture() -> (Vec<u8>, Tokenizer, LangConfig) {

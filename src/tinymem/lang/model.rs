@@ -336,15 +336,7 @@ mod tests {
         let (corpus, tk, cfg) = super::super::test_fixture();
         let ds = super::super::generate(&cfg, &corpus, &tk).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let train_cfg = TrainConfig {
-            n_layer: 1,
-            n_embd: 16,
-            n_head: 2,
-            n_inner: 32,
-            batch_size: 16,
-            epochs: 1,
-            ..TrainConfig::default()
-        };
+        let train_cfg = super::super::test_train_config();
         let card = train(&ds, &tk, &train_cfg, dir.path(), &mut |_, _, _, _, _| {}).unwrap();
         assert_eq!(card.epochs_done, 1);
         let eval = card.history[0].eval.as_ref().unwrap();
