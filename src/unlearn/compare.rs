@@ -440,14 +440,12 @@ enum Baseline {
     },
 }
 
-/// What a regularized run measured: the artifact rows memorized before and after, of how many,
-/// the relative accuracy change (math) and the perplexities.
+/// What a regularized model measured: the artifact rows memorized, the relative accuracy
+/// change (math), the perplexity and the training seconds.
 struct Measured {
-    before: usize,
     after: usize,
-    eligible: usize,
     accuracy_change: Option<f64>,
-    perplexity: (f64, f64),
+    perplexity: f64,
     seconds: f64,
 }
 
@@ -538,35 +536,40 @@ impl Baseline {
             ..self.train_config().clone()
         };
         let started = std::time::Instant::now();
-        let run = |m: Measured, error: Option<String>| Run {
+        let (before, eligible, perplexity) = match self {
+            Self::Math { eval, .. } => {
+                let (m, n) = Self::memorized(eval);
+                (m, n, eval.perplexity)
+            }
+            Self::Lang { eval, .. } => {
+                let (m, n) = Self::lang_memorized(exp, eval);
+                (m, n, eval.heldout_perplexity)
+            }
+        };
+        let run = |m: Measured, perplexity_before: f64, error: Option<String>| Run {
             experiment: exp.name(),
             method: reg.name(),
             settings: settings.clone(),
-            memorized_before: m.before,
+            memorized_before: before,
             memorized_after: m.after,
-            forget_sequences: m.eligible,
+            forget_sequences: eligible,
             relative_accuracy_change: m.accuracy_change,
-            perplexity_before: m.perplexity.0,
-            perplexity_after: m.perplexity.1,
+            perplexity_before,
+            perplexity_after: m.perplexity,
             weights_zeroed: 0,
             seconds: m.seconds,
             error,
         };
-        let (before, eligible) = match self {
-            Self::Math { eval, .. } => Self::memorized(eval),
-            Self::Lang { eval, .. } => Self::lang_memorized(exp, eval),
-        };
         match self.train_and_measure(exp, &cfg, out) {
-            Ok(m) => run(m, None),
+            Ok(m) => run(m, perplexity, None),
             Err(e) => run(
                 Measured {
-                    before,
                     after: before,
-                    eligible,
                     accuracy_change: None,
-                    perplexity: (f64::NAN, f64::NAN),
+                    perplexity: f64::NAN,
                     seconds: started.elapsed().as_secs_f64(),
                 },
+                f64::NAN,
                 Some(format!("{e:#}")),
             ),
         }
@@ -599,18 +602,14 @@ impl Baseline {
                     })
                     .sum::<f64>()
                     / eval.accuracy_by_task.len().max(1) as f64;
-                let ((before, eligible), (after_n, _)) =
-                    (Self::memorized(eval), Self::memorized(&after));
                 Ok(Measured {
-                    before,
-                    after: after_n,
-                    eligible,
+                    after: Self::memorized(&after).0,
                     accuracy_change: Some(acc),
-                    perplexity: (eval.perplexity, after.perplexity),
+                    perplexity: after.perplexity,
                     seconds: trained.train_seconds,
                 })
             }
-            Self::Lang { dir, card, eval } => {
+            Self::Lang { dir, card, .. } => {
                 let done = LangCard::read_if_present(out).ok().flatten().filter(|c| {
                     &c.train == cfg && c.epochs_done == cfg.epochs && c.data == card.data
                 });
@@ -627,16 +626,10 @@ impl Baseline {
                     .last()
                     .and_then(|e| e.eval.clone())
                     .context("training ended without an evaluation")?;
-                let ((before, eligible), (after_n, _)) = (
-                    Self::lang_memorized(exp, eval),
-                    Self::lang_memorized(exp, &after),
-                );
                 Ok(Measured {
-                    before,
-                    after: after_n,
-                    eligible,
+                    after: Self::lang_memorized(exp, &after).0,
                     accuracy_change: None,
-                    perplexity: (eval.heldout_perplexity, after.heldout_perplexity),
+                    perplexity: after.heldout_perplexity,
                     seconds: trained.train_seconds,
                 })
             }
