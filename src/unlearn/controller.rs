@@ -211,7 +211,6 @@ fn mark_pruned(
 ) -> Result<f64> {
     let mut rng = StdRng::seed_from_u64(seed ^ 0x9e37_79b9);
     let mut least = 1.0f64;
-    let mut scratch = Vec::new();
     for ((w1, w2), (s1, s2)) in start.0.iter().zip(&scores.vars) {
         for (w, s) in [(w1, s1), (w2, s2)] {
             let wv: Vec<f32> = w
@@ -238,7 +237,7 @@ fn mark_pruned(
                         .map(|(s, _)| *s)
                         .collect();
                     let k = mask::zeros_for(wv.len(), extra).clamp(1, others.len().max(1));
-                    let below = mask::smallest_abs(&others, k, &mut scratch);
+                    let below = mask::smallest_abs(&others, k);
                     below
                         .iter()
                         .map(|&i| others[i].abs())

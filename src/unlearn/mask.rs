@@ -209,48 +209,32 @@ pub fn hard_mask_where_they_are(scores: &Tensor, ratio: f64) -> Result<Tensor> {
 /// [`hard_mask`] of flattened scores, as values.
 pub fn hard_mask_values(flat: &[f32], ratio: f64) -> Vec<f32> {
     let mut mask = vec![1f32; flat.len()];
-    let mut scratch = Vec::new();
-    for i in smallest_abs(flat, zeros_for(flat.len(), ratio), &mut scratch) {
-        mask[i] = 0.0;
-    }
+    for_each_smallest_abs(flat, zeros_for(flat.len(), ratio), |i| mask[i] = 0.0);
     mask
 }
 
 /// The positions of the `j` smallest `|x|`, ties broken by position (lower first), in
-/// ascending position order. `scratch` is reused between calls.
+/// ascending position order.
 ///
-/// O(n): one selection over the bit patterns of `|x|` (for non-negative floats, including NaN
-/// above +∞, the unsigned order of the bits is `f32::total_cmp`'s order) finds the threshold `τ`,
-/// the `j`-th smallest; every entry below `τ` is taken, then entries equal to `τ` in position
-/// order until `j` are taken.
-pub fn smallest_abs(x: &[f32], j: usize, scratch: &mut Vec<f32>) -> Vec<usize> {
+/// O(n), read-only: [`abs_threshold`] finds the threshold `τ`, the `j`-th smallest; every
+/// entry below `τ` is taken, then entries equal to `τ` in position order until `j` are taken.
+pub fn smallest_abs(x: &[f32], j: usize) -> Vec<usize> {
     let mut out = Vec::with_capacity(j.min(x.len()));
-    for_each_smallest_abs(x, j, scratch, |i| out.push(i));
+    for_each_smallest_abs(x, j, |i| out.push(i));
     out
 }
 
 /// Calls `f` on each of [`smallest_abs`]'s positions, in ascending order, without collecting
-/// them. `scratch` holds the keys (`|x|`'s bit patterns, as f32 bits) during the selection;
-/// its contents afterwards are unspecified.
-pub fn for_each_smallest_abs(
-    x: &[f32],
-    j: usize,
-    scratch: &mut Vec<f32>,
-    mut f: impl FnMut(usize),
-) {
+/// them.
+pub fn for_each_smallest_abs(x: &[f32], j: usize, mut f: impl FnMut(usize)) {
     let j = j.min(x.len());
     if j == 0 {
         return;
     }
-    let key = |v: f32| v.to_bits() & 0x7fff_ffff;
-    scratch.clear();
-    scratch.extend(x.iter().map(|&v| f32::from_bits(key(v))));
-    let (_, tau, _) = scratch.select_nth_unstable_by_key(j - 1, |v| v.to_bits());
-    let tau = tau.to_bits();
-    let below = x.iter().filter(|&&v| key(v) < tau).count();
+    let (tau, below, _) = abs_threshold(x, j);
     let mut ties = j - below;
     for (i, &v) in x.iter().enumerate() {
-        let k = key(v);
+        let k = abs_key(v);
         if k < tau {
             f(i);
         } else if k == tau && ties > 0 {
@@ -258,6 +242,89 @@ pub fn for_each_smallest_abs(
             ties -= 1;
         }
     }
+}
+
+/// `out ← w` with the entries at [`smallest_abs`]`(s, j)`'s positions set to 0: the masked
+/// weights `W ⊙ hard(s)` of one matrix, built in one pass after the threshold's two.
+pub fn masked_copy(w: &[f32], s: &[f32], j: usize, out: &mut Vec<f32>) {
+    assert_eq!(
+        w.len(),
+        s.len(),
+        "masked_copy: weights and scores differ in size"
+    );
+    out.clear();
+    let j = j.min(s.len());
+    if j == 0 {
+        out.extend_from_slice(w);
+        return;
+    }
+    let (tau, below, equal) = abs_threshold(s, j);
+    let ties = j - below;
+    if ties == equal {
+        // Every entry at τ is zeroed: one comparison per entry, which vectorises.
+        out.extend(
+            w.iter()
+                .zip(s)
+                .map(|(&w, &s)| if abs_key(s) <= tau { 0.0 } else { w }),
+        );
+    } else {
+        let mut ties = ties;
+        out.extend(w.iter().zip(s).map(|(&w, &s)| {
+            let k = abs_key(s);
+            if k < tau || (k == tau && ties > 0) {
+                ties -= usize::from(k == tau);
+                0.0
+            } else {
+                w
+            }
+        }));
+    }
+}
+
+/// `|v|`'s bit pattern: for non-negative floats, including NaN above +∞, the unsigned order of
+/// the bits is `f32::total_cmp`'s order.
+#[inline(always)]
+fn abs_key(v: f32) -> u32 {
+    v.to_bits() & 0x7fff_ffff
+}
+
+/// For `1 ≤ j ≤ x.len()`: the `j`-th smallest [`abs_key`] `τ`, how many keys lie below it and
+/// how many equal it. A radix selection over the 31-bit keys: one histogram of the high 15 bits
+/// finds `τ`'s bucket, a second of the low 16 bits, over that bucket's entries only, finds `τ`.
+/// Two read-only passes over `x`, whatever the distribution.
+fn abs_threshold(x: &[f32], j: usize) -> (u32, usize, usize) {
+    debug_assert!(j >= 1 && j <= x.len());
+    let mut high = vec![0usize; 1 << 15];
+    for &v in x {
+        high[(abs_key(v) >> 16) as usize] += 1;
+    }
+    let (top, below_top) = nth_bucket(&high, j);
+    let mut low = vec![0usize; 1 << 16];
+    for &v in x {
+        let k = abs_key(v);
+        if k >> 16 == top {
+            low[(k & 0xffff) as usize] += 1;
+        }
+    }
+    let (bottom, below_bottom) = nth_bucket(&low, j - below_top);
+    (
+        (top << 16) | bottom,
+        below_top + below_bottom,
+        low[bottom as usize],
+    )
+}
+
+/// The bucket holding the `j`-th entry (1-based) of a histogram, and how many entries the
+/// buckets before it hold.
+fn nth_bucket(counts: &[usize], j: usize) -> (u32, usize) {
+    let mut below = 0;
+    for (b, &c) in counts.iter().enumerate() {
+        if below + c >= j {
+            return (b as u32, below);
+        }
+        below += c;
+    }
+    unreachable!("a histogram of at least {j} entries holds {below}")
 }
 
 #[cfg(test)]
@@ -332,7 +399,6 @@ mod tests {
 
     #[test]
     fn selection_equals_a_full_sort_with_ties_zeros_and_signs() {
-        let mut scratch = Vec::new();
         let mut s = 0x2545_f491_4f6c_dd1du64;
         for case in 0..40 {
             let n = 1 + case * 37 % 301;
@@ -351,11 +417,62 @@ mod tests {
                 })
                 .collect();
             for j in [0, 1, n / 3, n / 2, n - 1, n] {
-                assert_eq!(
-                    smallest_abs(&x, j, &mut scratch),
-                    by_sort(&x, j),
-                    "n {n} j {j}"
+                let want = by_sort(&x, j);
+                assert_eq!(smallest_abs(&x, j), want, "n {n} j {j}");
+                let w: Vec<f32> = (0..n).map(|i| 1.0 + i as f32).collect();
+                let mut masked = Vec::new();
+                masked_copy(&w, &x, j, &mut masked);
+                let zeroed: Vec<usize> = (0..n).filter(|&i| masked[i] == 0.0).collect();
+                assert_eq!(zeroed, want, "masked_copy: n {n} j {j}");
+                assert!(
+                    (0..n).all(|i| masked[i] == 0.0 || masked[i] == w[i]),
+                    "masked_copy keeps the other weights: n {n} j {j}"
                 );
+            }
+        }
+    }
+
+    /// The radix selection's two levels: magnitudes spread over many high-bit buckets, and
+    /// magnitudes that share their high bits and differ only in the low 16, with NaN and ±∞.
+    #[test]
+    fn radix_selection_matches_a_sort_within_and_across_buckets() {
+        let mut s = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let wide: Vec<f32> = (0..5000)
+            .map(|_| {
+                let r = next();
+                let v = f32::from_bits((r as u32) & 0x7f7f_ffff);
+                if r >> 63 == 1 {
+                    -v
+                } else {
+                    v
+                }
+            })
+            .collect();
+        let narrow: Vec<f32> = (0..5000)
+            .map(|_| {
+                let r = next();
+                // One high-bit bucket (1.0's), low bits from a few values: ties inside it.
+                let v = f32::from_bits(0x3f80_0000 | ((r as u32) & 0x7) << 3);
+                if r >> 63 == 1 {
+                    -v
+                } else {
+                    v
+                }
+            })
+            .collect();
+        let mut odd = narrow.clone();
+        odd[17] = f32::NAN;
+        odd[18] = f32::INFINITY;
+        odd[19] = -0.0;
+        for (what, x) in [("wide", wide), ("narrow", narrow), ("odd", odd)] {
+            for j in [1, 7, 999, 2500, 4999, 5000] {
+                assert_eq!(smallest_abs(&x, j), by_sort(&x, j), "{what} j {j}");
             }
         }
     }

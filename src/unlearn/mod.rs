@@ -519,21 +519,15 @@ fn fast_score_grads(
         .flat_map(|((w1, w2), (s1, s2))| [(w1, s1), (w2, s2)])
         .collect();
     ws.eff.resize_with(pairs.len() / 2, Default::default);
-    ws.grad.reserve_mlp(pairs.len() / 2);
-    // The masked weights W ⊙ hard, one matrix per task, into the workspace's buffers; the
-    // selection's scratch is the matrix's gradient buffer, which the pass overwrites next.
+    // The masked weights W ⊙ hard, one matrix per task, into the workspace's buffers.
     let ratio = scores.ratio;
     let mut eff: Vec<&mut Vec<f32>> = ws.eff.iter_mut().flat_map(|(a, b)| [a, b]).collect();
     eff.par_iter_mut()
-        .zip(ws.grad.mlp_grads_mut().into_par_iter())
         .zip(pairs.par_iter())
-        .try_for_each(|((eff, scratch), (wt, s))| {
+        .try_for_each(|(eff, (wt, s))| {
             with_values(wt, |wv| {
                 with_values(s.as_tensor(), |sv| {
-                    eff.clear();
-                    eff.extend_from_slice(wv);
-                    let j = mask::zeros_for(sv.len(), ratio);
-                    mask::for_each_smallest_abs(sv, j, scratch, |i| eff[i] = 0.0);
+                    mask::masked_copy(wv, sv, mask::zeros_for(sv.len(), ratio), eff)
                 })
             })
             .and_then(|r| r)

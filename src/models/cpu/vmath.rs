@@ -107,6 +107,26 @@ pub(crate) fn softmax_term(z: f32) -> f32 {
     }
 }
 
+/// `row[i] ← softmax_term(row[i] − shift)` in place, returning `Σ row[i]` with [`LANES`] partial
+/// sums: a softmax's numerators and denominator in one vectorised pass (`shift` is the row's
+/// maximum).
+#[inline(always)]
+pub(crate) fn exp_shifted_in_place(row: &mut [f32], shift: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut c = row.chunks_exact_mut(LANES);
+    for xs in c.by_ref() {
+        for i in 0..LANES {
+            xs[i] = softmax_term(xs[i] - shift);
+            acc[i] += xs[i];
+        }
+    }
+    for (i, x) in c.into_remainder().iter_mut().enumerate() {
+        *x = softmax_term(*x - shift);
+        acc[i] += *x;
+    }
+    lanes_total(acc)
+}
+
 /// `ln Σ exp(row)`, stable (shifted by the maximum); NaN in, NaN out; `−∞` for an empty row or
 /// one that is all `−∞`.
 pub(crate) fn logsumexp(row: &[f32]) -> f32 {

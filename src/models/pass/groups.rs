@@ -42,8 +42,8 @@ pub struct MlpGradWorkspace {
 impl MlpGradWorkspace {
     /// The last [`HandWrittenPass::mlp_grads`]' `(∂L/∂c_fc, ∂L/∂c_proj)` buffers per block, to
     /// read or to reuse in place. Between passes their contents are free for any use (the next
-    /// pass overwrites them): the unlearning step selects its mask in them, then turns them into
-    /// the scores' gradients. Empty before the first pass.
+    /// pass overwrites them): the unlearning step turns them into the scores' gradients. Empty
+    /// before the first pass.
     pub(crate) fn mlp_grads_mut(&mut self) -> Vec<&mut Vec<f32>> {
         let nl = self.acc.len().saturating_sub(pidx(0, 3)) / 12;
         self.acc
@@ -52,14 +52,6 @@ impl MlpGradWorkspace {
             .filter(|(i, _)| (0..nl).any(|li| *i == pidx(li, P_FC) || *i == pidx(li, P_MPROJ)))
             .map(|(_, t)| &mut t.state.get_mut().unwrap_or_else(PoisonError::into_inner).v)
             .collect()
-    }
-
-    /// Makes room for `nl` blocks' MLP gradients before the first pass, so that
-    /// [`Self::mlp_grads_mut`] has a buffer per matrix to lend.
-    pub(crate) fn reserve_mlp(&mut self, nl: usize) {
-        if self.acc.len() < pidx(nl, 3) {
-            self.acc.resize_with(pidx(nl, 3), Turns::default);
-        }
     }
 }
 

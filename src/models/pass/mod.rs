@@ -41,8 +41,8 @@ use super::cpu::attention::{attention_bwd, attention_fwd, AttnShape, QkvLayout};
 use super::cpu::gemm::{dense_bwd_w, dense_fwd, gemm};
 use super::cpu::norm::{col_sum, layer_norm_bwd_add, rows_plus_bias};
 use super::cpu::rotary::rotate_packed;
-use super::cpu::vmath::{layer_norm, logsumexp};
-use super::fused::{self, softmax_row};
+use super::cpu::vmath::{exp_shifted_in_place, layer_norm, logsumexp, max_lanes};
+use super::fused;
 use super::ops::Activation;
 use super::ModelSpec;
 pub(crate) use forward::{final_hidden, forward_only, patched_grads};
@@ -534,18 +534,24 @@ fn part_body(
                 row.fill(0.0);
                 continue;
             }
+            // One pass for the softmax's numerators and their sum; then
+            // ∂ce/∂logit = softmax − onehot(target), times the row's weight `c`.
             let tg = ids[r * t + j + 1] as usize;
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let lse = max + row.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
-            let ce = lse - row[tg];
+            let target = row[tg];
+            let max = max_lanes(row);
+            let sum = exp_shifted_in_place(row, max);
+            let ce = max + sum.ln() - target;
             total += f64::from(ce);
-            softmax_row(row);
-            row[tg] -= 1.0;
             let c = if patch {
                 -(-ce).exp() * row_weight[r]
             } else {
                 c
             };
+            // `1/sum · e − onehot` before scaling, as a softmax then a subtraction: near a
+            // certain prediction `p_target − 1` is exact, where `c/sum − c` would cancel.
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|d| *d *= inv);
+            row[tg] -= 1.0;
             row.iter_mut().for_each(|d| *d *= c);
         }
         ws.row_loss.push(if patch {
