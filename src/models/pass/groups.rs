@@ -139,8 +139,9 @@ pub(super) fn sums(ws: &mut MlpGradWorkspace) -> Vec<&[f32]> {
         .collect()
 }
 
-/// Block weight bytes past which a pass runs one row group per thread instead of four.
-const BIG_BLOCKS: usize = 256 << 20;
+/// Weight bytes (blocks and head) past which a pass runs one row group per thread instead of
+/// four.
+const BIG_WEIGHTS: usize = 64 << 20;
 
 /// Activation bytes the row groups running at once may hold together: a group gets fewer rows
 /// (never fewer than one) when more would exceed it.
@@ -177,7 +178,7 @@ pub(crate) fn run_parts(
             d.v
         );
     }
-    // Row groups: four per thread (one for big models, see BIG_BLOCKS), so that a thread
+    // Row groups: four per thread (one for big models, see BIG_WEIGHTS), so that a thread
     // slowed down by another process leaves work for the other to take, and each group's
     // activations stay closer to the core's L2;
     // fewer rows per group where the groups running at once would hold more than
@@ -192,10 +193,11 @@ pub(crate) fn run_parts(
     };
     let row_bytes = 4 * t * (kept * (7 * d.h + 2 * d.inner + d.nh * t) + (nl + 8) * d.h + d.v);
     let max_rows = (ACT_BYTES_PER_PASS / (threads * row_bytes).max(1)).max(1);
-    // Every group reads every block weight three times: past BIG_BLOCKS of them, one group
-    // per thread reads them fewer times, which gains more than the balance loses.
-    let block_bytes = 4 * nl * (4 * d.h * d.h + 2 * d.h * d.inner);
-    let per_thread = if block_bytes > BIG_BLOCKS { 1 } else { 4 };
+    // Every group reads every block weight three times and the head twice: past BIG_WEIGHTS
+    // of them, one group per thread reads them fewer times, which gains more than the
+    // balance loses.
+    let weight_bytes = 4 * (nl * (4 * d.h * d.h + 2 * d.h * d.inner) + d.v * d.h);
+    let per_thread = if weight_bytes > BIG_WEIGHTS { 1 } else { 4 };
     let per = b.div_ceil(per_thread * threads).clamp(1, max_rows);
     let groups = b.div_ceil(per);
     let MlpGradWorkspace {
