@@ -231,15 +231,10 @@ pub fn for_each_smallest_abs(x: &[f32], j: usize, mut f: impl FnMut(usize)) {
     if j == 0 {
         return;
     }
-    let (tau, below, _) = abs_threshold(x, j);
-    let mut ties = j - below;
+    let mut sel = Selection::new(x, j);
     for (i, &v) in x.iter().enumerate() {
-        let k = abs_key(v);
-        if k < tau {
+        if sel.takes(v) {
             f(i);
-        } else if k == tau && ties > 0 {
-            f(i);
-            ties -= 1;
         }
     }
 }
@@ -258,26 +253,62 @@ pub fn masked_copy(w: &[f32], s: &[f32], j: usize, out: &mut Vec<f32>) {
         out.extend_from_slice(w);
         return;
     }
-    let (tau, below, equal) = abs_threshold(s, j);
-    let ties = j - below;
-    if ties == equal {
-        // Every entry at τ is zeroed: one comparison per entry, which vectorises.
+    let mut sel = Selection::new(s, j);
+    if sel.takes_every_tie() {
+        // One comparison per entry and no state, which vectorises.
+        let tau = sel.tau;
         out.extend(
             w.iter()
                 .zip(s)
                 .map(|(&w, &s)| if abs_key(s) <= tau { 0.0 } else { w }),
         );
     } else {
-        let mut ties = ties;
-        out.extend(w.iter().zip(s).map(|(&w, &s)| {
-            let k = abs_key(s);
-            if k < tau || (k == tau && ties > 0) {
-                ties -= usize::from(k == tau);
-                0.0
-            } else {
-                w
-            }
-        }));
+        out.extend(
+            w.iter()
+                .zip(s)
+                .map(|(&w, &s)| if sel.takes(s) { 0.0 } else { w }),
+        );
+    }
+}
+
+/// The rule of [`smallest_abs`] for one scan in position order: every entry whose key is
+/// below the threshold `τ`, then entries at `τ` until `j` are taken.
+struct Selection {
+    tau: u32,
+    /// Entries at `τ` still to take.
+    ties: usize,
+    /// Entries at `τ` in all.
+    at_tau: usize,
+}
+
+impl Selection {
+    /// For `1 ≤ j ≤ x.len()`.
+    fn new(x: &[f32], j: usize) -> Self {
+        let (tau, below, at_tau) = abs_threshold(x, j);
+        Self {
+            tau,
+            ties: j - below,
+            at_tau,
+        }
+    }
+
+    /// Whether every entry at `τ` is taken, so that `key ≤ τ` alone decides.
+    fn takes_every_tie(&self) -> bool {
+        self.ties == self.at_tau
+    }
+
+    /// Whether the next entry in position order, `v`, is taken.
+    #[inline(always)]
+    fn takes(&mut self, v: f32) -> bool {
+        let k = abs_key(v);
+        if k < self.tau {
+            true
+        } else if k == self.tau && self.ties > 0 {
+            self.ties -= 1;
+            true
+        } else {
+            false
+        }
     }
 }
 

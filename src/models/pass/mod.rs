@@ -547,12 +547,12 @@ fn part_body(
             } else {
                 c
             };
-            // `1/sum · e − onehot` before scaling, as a softmax then a subtraction: near a
+            // `(e/sum − onehot)·c`, the target's term as a softmax then a subtraction: near a
             // certain prediction `p_target − 1` is exact, where `c/sum − c` would cancel.
             let inv = 1.0 / sum;
-            row.iter_mut().for_each(|d| *d *= inv);
-            row[tg] -= 1.0;
-            row.iter_mut().for_each(|d| *d *= c);
+            let p_target = row[tg] * inv;
+            row.iter_mut().for_each(|d| *d = *d * inv * c);
+            row[tg] = (p_target - 1.0) * c;
         }
         ws.row_loss.push(if patch {
             total
